@@ -1,0 +1,475 @@
+"""LoRA files: the `LoRAAdapter` container and its on-disk formats.
+
+Native format = PEFT's layout, so PEFT loads our files into the same timm model and we load PEFT's:
+
+* ``adapter_config.json``: a PEFT ``LoraConfig`` (``target_modules`` regex, ``r``, ``lora_alpha``, patterns,
+  ``modules_to_save=["head"]``, ``base_model_name_or_path`` = the timm backbone).
+* ``adapter_model.safetensors``: ``base_model.model.blocks.{i}.attn.qkv.lora_A.weight`` etc., plus
+  ``base_model.model.head.{weight,bias}``. Its metadata header carries ``recycle``: JSON with what PEFT has no field
+  for (our targets, the class names, provenance).
+
+A q/v LoRA of rank r is stored fused on timm's ``qkv``: ``lora_A = cat(A_q, A_v)`` ``(2r, D)`` and ``lora_B`` block
+diagonal ``(3D, 2r)`` with zero k rows; ``lora_alpha = 2r·s`` keeps PEFT's scaling ``alpha / r`` equal to ``s``.
+
+The head is a Linear on the backbone's pre-logits feature, i.e. exactly the ``head`` of
+``timm.create_model(backbone, num_classes=N)``. For CLIP, a head on the 512-d projected embedding (the paper's)
+is the composition ``fc ∘ proj``, which is again one Linear on the pre-logits; importers compose it.
+
+Also imported: PEFT adapters saved for timm ViTs (raw keys, or transformers' ``timm_model.`` wrapper prefix) and the
+official LoRA Recycle files (``w_a_XXX``/``w_b_XXX`` q/v LoRAs on HF CLIP plus ``fc_{in}in_{out}out``).
+Refused with a reason: pickles, non-LoRA PEFT types, DoRA and bias variants, shapes that do not fit the backbone,
+and non-finite values.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from .lora import TARGETS, LoRAConfig, inject_lora, load_lora_state_dict, lora_state_dict, remove_lora
+
+__all__ = ["LoRAAdapter", "LoRAFormatError", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PICKLE_SUFFIXES",
+           "save_adapter", "read_adapter", "load_lora", "atomic_write_bytes"]
+
+_logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+FORMAT_VERSION = 1
+_PEFT_PREFIXES = ("base_model.model.timm_model.", "base_model.model.", "timm_model.")
+_SUFFIX_TO_TARGET = {v: k for k, v in TARGETS.items() if k != "qv"}  # attn.qkv -> qkv, attn.proj -> proj, ...
+
+
+class LoRAFormatError(ValueError):
+    """A LoRA file that cannot be used. The message says which file and why."""
+
+
+@dataclass
+class LoRAAdapter:
+    """A LoRA, its optional classification head and everything needed to rebuild the model.
+
+    Attributes:
+        config: targets, rank, scaling and blocks.
+        state: LoRA tensors in `recycle.lora.lora_state_dict` layout.
+        backbone: the backbone name it was tuned on, if known.
+        head_weight, head_bias: head on the pre-logits feature, ``(N, num_features)`` and ``(N,)``.
+        class_names: the head's classes, in output order.
+        info: free-form provenance (how it was made).
+    """
+
+    config: LoRAConfig
+    state: dict[str, torch.Tensor]
+    backbone: Optional[str] = None
+    head_weight: Optional[torch.Tensor] = None
+    head_bias: Optional[torch.Tensor] = None
+    class_names: Optional[list[str]] = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for key, t in self.tensors().items():
+            if not torch.is_floating_point(t):
+                raise LoRAFormatError(f"LoRA tensor {key} has dtype {t.dtype}; floating point is required")
+            if not torch.isfinite(t).all():
+                raise LoRAFormatError(f"LoRA tensor {key} contains NaN or Inf values")
+        if self.head_weight is not None:
+            n = self.head_weight.shape[0]
+            if self.head_bias is not None and tuple(self.head_bias.shape) != (n,):
+                raise LoRAFormatError(f"head bias has shape {list(self.head_bias.shape)}, expected [{n}]")
+            if self.class_names is None:
+                self.class_names = [f"class_{i}" for i in range(n)]
+            if len(self.class_names) != n:
+                raise LoRAFormatError(f"the head has {n} outputs but {len(self.class_names)} class names are given")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = dict(self.state)
+        if self.head_weight is not None:
+            out["head.weight"] = self.head_weight
+        if self.head_bias is not None:
+            out["head.bias"] = self.head_bias
+        return out
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.head_weight is None else int(self.head_weight.shape[0])
+
+    def fingerprint(self) -> str:
+        """A content hash: equal adapters have equal fingerprints."""
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for key, t in sorted(self.tensors().items()):
+            h.update(key.encode())
+            h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, config: LoRAConfig, head: Optional[nn.Linear] = None,
+                   class_names: Optional[list[str]] = None, backbone: Optional[str] = None,
+                   info: Optional[dict] = None) -> "LoRAAdapter":
+        """Snapshot the LoRA layers of `model` (and `head`) into an adapter."""
+        state = lora_state_dict(model)
+        if not state:
+            raise ValueError("the model carries no LoRA layers")
+        hw = head.weight.detach().cpu().clone() if head is not None else None
+        hb = head.bias.detach().cpu().clone() if head is not None and head.bias is not None else None
+        return cls(config, state, backbone, hw, hb, list(class_names) if class_names else None, dict(info or {}))
+
+    def inject(self, model: nn.Module) -> list[str]:
+        """Add this LoRA to a timm ViT in place (checking every shape). Use `remove_lora` to take it off."""
+        try:
+            paths = inject_lora(model, self.config)
+        except ValueError as e:
+            raise LoRAFormatError(f"this LoRA does not fit the backbone: {e}") from None
+        try:
+            load_lora_state_dict(model, self.state)
+        except ValueError as e:
+            remove_lora(model)
+            made_for = f" (it was made for '{self.backbone}')" if self.backbone else ""
+            raise LoRAFormatError(f"this LoRA does not fit the backbone{made_for}: {e}") from None
+        return paths
+
+    def build_head(self, num_features: int) -> Optional[nn.Linear]:
+        """The head as an `nn.Linear` on a ``num_features`` pre-logits feature, or None if there is none."""
+        if self.head_weight is None:
+            return None
+        n, d = self.head_weight.shape
+        if d != num_features:
+            made_for = f" (it was made for '{self.backbone}')" if self.backbone else ""
+            raise LoRAFormatError(f"the LoRA's head takes {d} features but the backbone gives {num_features}{made_for}")
+        head = nn.Linear(d, n, bias=True)
+        with torch.no_grad():
+            head.weight.copy_(self.head_weight)
+            head.bias.copy_(self.head_bias if self.head_bias is not None else torch.zeros(n))
+        return head
+
+
+# ---------------------------------------------------------------------------------------------------------- writing
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _module_groups(state: dict[str, torch.Tensor]) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """``{path: {"lora_A": {slice: t}, "lora_B": {slice: t}}}`` from a lora_state_dict."""
+    groups: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, t in state.items():
+        path, kind, slice_name = key.rsplit(".", 2)
+        groups.setdefault(path, {"lora_A": {}, "lora_B": {}})[kind][slice_name] = t
+    return groups
+
+
+def _module_scaling(config: LoRAConfig, path: str, rank: int) -> float:
+    override = config.extra.get(path, {})
+    alpha = override.get("alpha", config.alpha)
+    return 1.0 if alpha is None else float(alpha) / rank
+
+
+def save_adapter(adapter: LoRAAdapter, directory: Union[str, Path]) -> Path:
+    """Write `adapter` in PEFT's layout (atomically, file by file). Returns the directory."""
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    per_module: dict[str, tuple[int, float]] = {}
+    for path, group in _module_groups(adapter.state).items():
+        names = list(group["lora_A"])
+        rank = group["lora_A"][names[0]].shape[0]
+        if names == ["all"]:
+            a, b = group["lora_A"]["all"], group["lora_B"]["all"]
+        else:  # q/v slices of qkv -> one rank-2r pair with zero k rows
+            a = torch.cat([group["lora_A"][k] for k in ("q", "v")], dim=0)
+            d = group["lora_B"]["q"].shape[0]
+            b = a.new_zeros(3 * d, 2 * rank)
+            b[:d, :rank] = group["lora_B"]["q"]
+            b[2 * d:, rank:] = group["lora_B"]["v"]
+        scaling = _module_scaling(adapter.config, path, rank)
+        tensors[f"base_model.model.{path}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = b.contiguous()
+        per_module[path] = (a.shape[0], scaling * a.shape[0])
+    if adapter.head_weight is not None:
+        tensors["base_model.model.head.weight"] = adapter.head_weight.contiguous()
+        tensors["base_model.model.head.bias"] = (adapter.head_bias if adapter.head_bias is not None
+                                                 else torch.zeros(adapter.num_classes)).contiguous()
+    (r, alpha), _ = Counter(per_module.values()).most_common(1)[0]
+    rank_pattern = {re.escape(p): v[0] for p, v in per_module.items() if v[0] != r}
+    alpha_pattern = {re.escape(p): v[1] for p, v in per_module.items() if v[1] != alpha}
+    blocks = sorted({int(p.split(".")[1]) for p in per_module})
+    suffixes = sorted({p.split(".", 2)[2] for p in per_module})
+    target_regex = rf"blocks\.({'|'.join(map(str, blocks))})\.({'|'.join(re.escape(s) for s in suffixes)})"
+    peft_config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": adapter.backbone,
+        "auto_mapping": {"base_model_class": "VisionTransformer",
+                         "parent_library": "timm.models.vision_transformer"},
+        "r": int(r), "lora_alpha": float(alpha), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "target_modules": target_regex, "modules_to_save": ["head"] if adapter.head_weight is not None else None,
+        "lora_dropout": adapter.config.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    meta = {"version": FORMAT_VERSION, "config": adapter.config.to_dict(), "backbone": adapter.backbone,
+            "class_names": adapter.class_names, "head_input": "pre_logits", "info": adapter.info}
+    weights = safetensors_bytes({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()},
+                         metadata={"format": "pt", "recycle": json.dumps(meta)})
+    atomic_write_bytes(directory / ADAPTER_WEIGHTS, weights)
+    atomic_write_bytes(directory / ADAPTER_CONFIG, json.dumps(peft_config, indent=2, sort_keys=True).encode())
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.stat().st_size == 0:
+        raise LoRAFormatError(f"{path.name} is empty (0 bytes)")
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LoRAFormatError(f"{path.name} is not a valid safetensors file (corrupt or truncated?): {e}") from None
+
+
+def _refuse_pickles(folder: Path) -> None:
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    raise LoRAFormatError(
+        f"'{folder}' has no {ADAPTER_WEIGHTS}"
+        + (f"; it has {pickles}, pickled weights, which are never loaded because unpickling can run arbitrary code."
+           " Convert them to safetensors with a tool you trust." if pickles else "."))
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    """PEFT's rule: a pattern key matches a module whose name ends with it (as a regex)."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in _PEFT_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _check_peft_config(cfg: dict, name: str) -> None:
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise LoRAFormatError(f"{name}: this is a PEFT '{cfg.get('peft_type')}' adapter, not LoRA; only LoRA "
+                              "adapters can be recycled")
+    refusals = {"use_dora": "DoRA", "lora_bias": "LoRA bias terms", "layer_replication": "layer replication",
+                "target_parameters": "parameter targets", "use_qalora": "QALoRA"}
+    for key, what in refusals.items():
+        if cfg.get(key):
+            raise LoRAFormatError(f"{name}: the adapter uses {what} ('{key}'), which LoRA Recycle does not support")
+    if cfg.get("bias", "none") != "none":
+        raise LoRAFormatError(f"{name}: the adapter trains biases (bias='{cfg['bias']}'), which is not supported")
+
+
+def _from_peft(cfg: dict, tensors: dict[str, torch.Tensor], meta: dict, name: str) -> LoRAAdapter:
+    _check_peft_config(cfg, name)
+    ours = meta.get("config") if meta.get("version") == FORMAT_VERSION else None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    head: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        k = _strip_prefix(key).replace(".default.", ".").replace(".modules_to_save.", ".")
+        m = re.fullmatch(r"(blocks\.\d+\.[\w.]+)\.(lora_A|lora_B)\.weight", k)
+        if m:
+            pairs.setdefault(m.group(1), {})[m.group(2)] = t
+        elif k in ("head.weight", "head.bias", "head.fc.weight", "head.fc.bias"):
+            head[k.rsplit(".", 1)[1]] = t
+        else:
+            raise LoRAFormatError(f"{name}: unsupported tensor '{key}' (only LoRA pairs on ViT blocks and a head "
+                                  "are supported)")
+    if not pairs:
+        raise LoRAFormatError(f"{name}: the file holds no LoRA weights")
+    use_rslora = bool(cfg.get("use_rslora"))
+    r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    state: dict[str, torch.Tensor] = {}
+    ranks: dict[str, tuple[int, float]] = {}
+    targets: set[str] = set()
+    qv = ours is not None and "qv" in ours.get("targets", ())
+    for path, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise LoRAFormatError(f"{name}: {path} has {sorted(pair)} but needs both lora_A and lora_B")
+        a, b = pair["lora_A"], pair["lora_B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise LoRAFormatError(f"{name}: {path} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, which do "
+                                  "not form a low-rank pair")
+        suffix = path.split(".", 2)[2]
+        if suffix not in _SUFFIX_TO_TARGET:
+            raise LoRAFormatError(f"{name}: LoRA on '{path}' is not supported (targets: {sorted(_SUFFIX_TO_TARGET)})")
+        file_rank = a.shape[0]
+        declared = int(_pattern_value(cfg.get("rank_pattern") or {}, path, r_default))
+        if declared != file_rank:
+            raise LoRAFormatError(f"{name}: {path} has rank {file_rank} but the config says {declared}")
+        alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, path, alpha_default))
+        scaling = alpha / math.sqrt(file_rank) if use_rslora else alpha / file_rank
+        target = _SUFFIX_TO_TARGET[suffix]
+        if qv and target == "qkv":
+            if file_rank % 2:
+                raise LoRAFormatError(f"{name}: {path} is marked q/v but has odd rank {file_rank}")
+            r = file_rank // 2
+            d = b.shape[0] // 3
+            off = torch.cat([b[d:2 * d].flatten(), b[:d, r:].flatten(), b[2 * d:, :r].flatten()])
+            if b.shape[0] % 3 or off.abs().max() > 0:
+                raise LoRAFormatError(f"{name}: {path} is marked q/v but lora_B is not block diagonal with zero k rows")
+            state[f"{path}.lora_A.q"], state[f"{path}.lora_A.v"] = a[:r], a[r:]
+            state[f"{path}.lora_B.q"], state[f"{path}.lora_B.v"] = b[:d, :r], b[2 * d:, r:]
+            target, rank = "qv", r
+        else:
+            state[f"{path}.lora_A.all"], state[f"{path}.lora_B.all"] = a, b
+            rank = file_rank
+        targets.add(target)
+        ranks[path] = (rank, scaling * rank)
+    (rank, alpha), _ = Counter(ranks.values()).most_common(1)[0]
+    extra = {p: {"rank": r, "alpha": a} for p, (r, a) in ranks.items() if (r, a) != (rank, alpha)}
+    blocks = sorted({int(p.split(".")[1]) for p in pairs})
+    if ours is not None:  # our own file: the exact config it was saved with
+        try:
+            config = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ours.items()})
+        except (TypeError, ValueError) as e:
+            raise LoRAFormatError(f"{name}: invalid LoRA config in the file's metadata: {e}") from None
+    else:
+        config = LoRAConfig(targets=tuple(sorted(targets)), rank=rank, alpha=None if alpha == rank else alpha,
+                            dropout=float(cfg.get("lora_dropout") or 0.0), blocks=tuple(blocks), extra=extra)
+    class_names = meta.get("class_names")
+    return LoRAAdapter(config, state, backbone=meta.get("backbone") or cfg.get("base_model_name_or_path"),
+                       head_weight=head.get("weight"), head_bias=head.get("bias"), class_names=class_names,
+                       info=dict(meta.get("info") or {}))
+
+
+def _from_official(tensors: dict[str, torch.Tensor], name: str, backbone) -> LoRAAdapter:
+    """Official LoRA Recycle file: ``w_a_{i:03d}``/``w_b_{i:03d}`` (even i = q_proj, odd = v_proj of layer i//2,
+    update ``B A x`` with scale 1) and ``fc_{in}in_{out}out`` (head on CLIP's projected embedding, no bias)."""
+    a_keys = sorted(k for k in tensors if re.fullmatch(r"w_a_\d{3}", k))
+    head_keys = [k for k in tensors if re.fullmatch(r"fc_\d+in_\d+out", k)]
+    unknown = sorted(set(tensors) - set(a_keys) - {k.replace("w_a_", "w_b_") for k in a_keys} - set(head_keys))
+    if unknown:
+        raise LoRAFormatError(f"{name}: unexpected tensors {unknown[:5]} in an official LoRA Recycle file")
+    if len(a_keys) % 2:
+        raise LoRAFormatError(f"{name}: {len(a_keys)} w_a tensors; q/v pairs need an even number")
+    state = {}
+    for i, key in enumerate(a_keys):
+        if key != f"w_a_{i:03d}" or f"w_b_{i:03d}" not in tensors:
+            raise LoRAFormatError(f"{name}: w_a/w_b tensors are not numbered 000..{len(a_keys) - 1:03d} in pairs")
+        slice_name = "q" if i % 2 == 0 else "v"
+        state[f"blocks.{i // 2}.attn.qkv.lora_A.{slice_name}"] = tensors[key]
+        state[f"blocks.{i // 2}.attn.qkv.lora_B.{slice_name}"] = tensors[f"w_b_{i:03d}"]
+    if not state:
+        raise LoRAFormatError(f"{name}: no w_a_XXX/w_b_XXX tensors found")
+    rank = int(tensors["w_a_000"].shape[0])
+    config = LoRAConfig(targets=("qv",), rank=rank)
+    head_w = head_b = None
+    if head_keys:
+        if backbone is None:
+            raise LoRAFormatError(f"{name}: an official LoRA Recycle head sits on CLIP's projection; pass the "
+                                  "backbone so it can be mapped onto the pre-logits feature")
+        if backbone.embedding != "projection":
+            raise LoRAFormatError(f"{name}: official LoRA Recycle files are for CLIP backbones, not '{backbone.name}'")
+        fc = tensors[head_keys[0]].float()
+        proj = backbone.model.head
+        if fc.shape[1] != proj.out_features:
+            raise LoRAFormatError(f"{name}: the head takes {fc.shape[1]} features but '{backbone.name}' projects to "
+                                  f"{proj.out_features}")
+        with torch.no_grad():  # fc(proj(x)) = (fc W_p) x + fc b_p; the official head has no bias
+            head_w = fc @ proj.weight.detach().cpu().float()
+            head_b = fc @ proj.bias.detach().cpu().float() if proj.bias is not None else torch.zeros(fc.shape[0])
+    return LoRAAdapter(config, state, backbone=getattr(backbone, "name", None), head_weight=head_w,
+                       head_bias=head_b, info={"source": "official LoRA Recycle file", "file": name})
+
+
+def read_adapter(path: Union[str, Path], backbone=None) -> LoRAAdapter:
+    """Read a LoRA from a local folder (PEFT layout) or a ``.safetensors`` file (PEFT keys or official format).
+
+    Args:
+        path: folder or file.
+        backbone: the `Backbone` it will be used with; required to map an official file's head.
+
+    Raises:
+        LoRAFormatError: missing, pickled, corrupt, non-LoRA or unsupported files, or non-finite values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoRAFormatError(f"LoRA path '{path}' does not exist")
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        raise LoRAFormatError(f"{path.name} is a pickle; pickled weights are never loaded because unpickling can "
+                              "run arbitrary code. Use a .safetensors file.")
+    if path.is_file() and path.suffix != ".safetensors":
+        raise LoRAFormatError(f"{path.name} is not a .safetensors file or a PEFT adapter folder")
+    if path.is_dir():
+        weights = path / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            singles = sorted(path.glob("*.safetensors"))
+            if len(singles) == 1 and not (path / ADAPTER_CONFIG).is_file():
+                return read_adapter(singles[0], backbone)
+            _refuse_pickles(path)
+        tensors, metadata = _read_safetensors(weights)
+        config_file = path / ADAPTER_CONFIG
+        if not config_file.is_file():
+            raise LoRAFormatError(f"'{path}' has {ADAPTER_WEIGHTS} but no {ADAPTER_CONFIG}")
+        try:
+            cfg = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LoRAFormatError(f"{config_file.name} is not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise LoRAFormatError(f"{config_file.name} must hold a JSON object")
+    else:
+        tensors, metadata = _read_safetensors(path)
+        cfg = None
+    try:
+        meta = json.loads(metadata.get("recycle", "{}"))
+    except json.JSONDecodeError:
+        raise LoRAFormatError(f"{path.name}: the 'recycle' metadata is not valid JSON") from None
+    if any(re.fullmatch(r"w_a_\d{3}", k) for k in tensors):
+        return _from_official(tensors, path.name, backbone)
+    if cfg is None:
+        raise LoRAFormatError(f"{path.name}: a PEFT LoRA needs its {ADAPTER_CONFIG} next to it (put both in one "
+                              "folder)")
+    return _from_peft(cfg, tensors, meta, path.name)
+
+
+
+def load_lora(source: Union[str, Path], backbone=None) -> LoRAAdapter:
+    """Load a LoRA from a local folder or file, or download it from the Hub by ``ORG/NAME`` id.
+
+    Only ``*.json``, ``*.safetensors`` and ``*.md`` files are downloaded: pickles never leave the Hub.
+
+    Raises:
+        LoRAFormatError: unusable files (see `read_adapter`).
+        HubError: malformed or unknown Hub id, or Hub unreachable with nothing cached.
+    """
+    from .hub import HubError, download_repo_files, is_repo_id
+
+    local = Path(source).expanduser()
+    if local.exists():
+        return read_adapter(local, backbone)
+    source = str(source).strip()
+    if not is_repo_id(source):
+        raise HubError(f"'{source}' is neither an existing local path nor a Hub id of the form ORG/NAME")
+    folder = download_repo_files(source, ["*.json", "*.safetensors", "*.md"])
+    if not any(folder.glob("*.safetensors")):
+        raise LoRAFormatError(f"Hub repository '{source}' has no .safetensors LoRA weights (pickled .bin/.pt "
+                              "weights are never downloaded or loaded)")
+    return read_adapter(folder, backbone)

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny timm ViTs saved in timm's local-dir layout, and an isolated Hugging Face cache."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Hermetic runs: no telemetry, no stray Hub traffic, a private cache. Set before huggingface_hub is imported.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest
+
+from recycle.backbone import Backbone, load_backbone
+from tests.helpers import TINY_CLIP_ARGS, TINY_VIT_ARGS, save_tiny
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A CLIP-architecture ViT (pre-norm, projection head to 16-d), 32 px, 16 tokens."""
+    return save_tiny(tmp_path_factory.mktemp("tiny_clip"), "vit_base_patch16_clip_224", 0, **TINY_CLIP_ARGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> Path:
+    """A standard (non-CLIP) ViT without a head: embeddings are the pre-logits [CLS] feature."""
+    return save_tiny(tmp_path_factory.mktemp("tiny_vit"), "vit_tiny_patch16_224", 1, **TINY_VIT_ARGS)
+
+
+@pytest.fixture()
+def tiny_clip(tiny_clip_dir) -> Backbone:
+    return load_backbone(str(tiny_clip_dir), device="cpu")
+
+
+@pytest.fixture()
+def tiny_vit(tiny_vit_dir) -> Backbone:
+    return load_backbone(str(tiny_vit_dir), device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hf_cache(tmp_path, monkeypatch):
+    """Every test gets an empty Hugging Face cache, so nothing leaks between tests or from the machine."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HUGGINGFACE_HUB_CACHE", str(cache), raising=False)

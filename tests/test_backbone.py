@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from recycle.backbone import BackboneError, load_backbone
+from tests.helpers import make_image
+
+
+def test_local_dir_clip_uses_projection(tiny_clip, tiny_clip_dir):
+    assert tiny_clip.embedding == "projection"
+    assert tiny_clip.embed_dim == 16 and tiny_clip.num_features == 64
+    x = tiny_clip.preprocess([make_image(0), make_image(1)])
+    assert x.shape == (2, 3, 32, 32)
+    with torch.no_grad():
+        emb = tiny_clip.embed(x)
+        ref = tiny_clip.model(x)  # timm CLIP: head == CLIP projection
+    assert torch.allclose(emb, ref)
+    # also loadable with timm's own prefix
+    again = load_backbone(f"local-dir:{tiny_clip_dir}", device="cpu")
+    assert torch.equal(again.model.head.weight, tiny_clip.model.head.weight)
+
+
+def test_non_clip_uses_pre_logits(tiny_vit):
+    assert tiny_vit.embedding == "pre_logits"
+    x = tiny_vit.preprocess([make_image(0)])
+    with torch.no_grad():
+        assert torch.allclose(tiny_vit.embed(x), tiny_vit.model.forward_head(tiny_vit.model.forward_features(x),
+                                                                             pre_logits=True))
+
+
+def test_preprocess_follows_pretrained_cfg(tiny_clip):
+    white = make_image(0).point(lambda _: 255)
+    x = tiny_clip.preprocess([white])
+    expected = (1 - torch.tensor(tiny_clip.mean)) / torch.tensor(tiny_clip.std)
+    assert torch.allclose(x[0, :, 5, 5], expected, atol=1e-5)
+    assert tiny_clip.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+def test_missing_and_pickled_dirs_are_refused(tmp_path):
+    with pytest.raises(BackboneError, match="does not exist"):
+        load_backbone(str(tmp_path / "nope"))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(BackboneError, match="pickles"):
+        load_backbone(str(tmp_path))
+
+
+def test_unknown_name():
+    with pytest.raises(BackboneError, match="Unknown backbone"):
+        load_backbone("definitely_not_a_model_v9")
+
+
+def test_unreachable_hub_fails_fast_with_clear_message(monkeypatch):
+    from huggingface_hub import constants
+    from tests.hubserver import free_port
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(BackboneError) as info:
+        load_backbone("vit_base_patch16_clip_224.openai")
+    msg = str(info.value)
+    assert "vit_base_patch16_clip_224.openai" in msg and "unreachable" in msg and "local directory" in msg
+    assert info.value.__cause__ is None and (info.value.__context__ is None or info.value.__suppress_context__)
