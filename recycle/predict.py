@@ -1,0 +1,96 @@
+"""Few-shot prediction on files: the shared core of ``python -m recycle predict`` and the app's few-shot tab."""
+from __future__ import annotations
+
+import logging
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Sequence, Union
+
+from .fewshot import FewShotClassifier
+from .images import ImageError, ImageSource, list_images, load_image
+
+__all__ = ["Prediction", "SupportError", "clean_class_name", "read_support_folder", "classify"]
+
+_logger = logging.getLogger(__name__)
+
+
+class SupportError(ValueError):
+    """The support or query set cannot be used as given. The message is meant for the end user."""
+
+
+@dataclass
+class Prediction:
+    file: str  # display name of the query (relative path or upload name)
+    label: str  # predicted class
+    probs: dict[str, float]  # class -> probability, in the support's class order
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def clean_class_name(name: str) -> str:
+    """Normalise a user-typed class name (NFC, trimmed, control characters removed)."""
+    text = unicodedata.normalize("NFC", str(name))
+    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C")
+    return " ".join(text.split())
+
+
+def read_support_folder(root: Union[str, Path]) -> dict[str, list[Path]]:
+    """``root/<class>/<images>`` -> {class: [image paths]}, classes sorted by folder name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SupportError(f"support folder '{root}' does not exist")
+    classes = {d.name: list_images(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    if not classes:
+        raise SupportError(f"support folder '{root}' has no class subfolders (expected {root}/<class>/<images>)")
+    return classes
+
+
+def _load_all(items: Sequence[tuple[str, ImageSource]], what: str) -> list:
+    images, errors = [], []
+    for name, source in items:
+        try:
+            images.append(load_image(source))
+        except ImageError as e:
+            errors.append(f"{what} {e}" if what else str(e))
+    if errors:
+        raise SupportError("; ".join(errors))
+    return images
+
+
+def classify(classifier: FewShotClassifier, support: Mapping[str, Sequence[ImageSource]],
+             queries: Sequence[tuple[str, ImageSource]]) -> list[Prediction]:
+    """Fit `classifier` on `support` ({class name: images}) and predict every query ``(display name, image)``.
+
+    Raises:
+        SupportError: fewer than two classes, an empty or duplicate class, no queries, or an unreadable image
+            (every bad file is named).
+    """
+    cleaned: dict[str, Sequence[ImageSource]] = {}
+    for raw, items in support.items():
+        name = clean_class_name(raw)
+        if not name:
+            raise SupportError(f"class name {raw!r} is empty; give every class a name")
+        if name in cleaned:
+            raise SupportError(f"class name '{name}' is used twice; class names must be unique")
+        if not items:
+            raise SupportError(f"class '{name}' has no images; add at least one")
+        cleaned[name] = items
+    if len(cleaned) < 2:
+        raise SupportError(f"few-shot classification needs at least 2 classes with images, got {len(cleaned)}")
+    if not queries:
+        raise SupportError("add at least one query image to classify")
+    images, labels = [], []
+    for name, items in cleaned.items():
+        loaded = _load_all([(name, s) for s in items], f"class '{name}':")
+        images += loaded
+        labels += [name] * len(loaded)
+    query_images = _load_all(list(queries), "query")
+    classifier.fit(images, labels)
+    probs = classifier.predict_proba(query_images)
+    out = []
+    for (display, _), p in zip(queries, probs.tolist()):
+        best = max(range(len(p)), key=p.__getitem__)
+        out.append(Prediction(display, classifier.classes[best], dict(zip(classifier.classes, p))))
+    return out
