@@ -80,7 +80,7 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         except UnidentifiedImageError:
             raise ImageError(f"{name}: not a recognised image format") from None
         except Image.DecompressionBombError:
-            raise ImageError(f"{name}: refused as a possible decompression bomb (too many pixels)") from None
+            raise ImageError(f"{name}: image is too large (refused as a possible decompression bomb)") from None
         except (OSError, ValueError, SyntaxError) as e:
             raise ImageError(f"{name}: cannot be read as an image ({e})") from None
     width, height = img.size

@@ -44,3 +44,16 @@ def _isolated_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HUGGINGFACE_HUB_CACHE", str(cache), raising=False)
+
+
+@pytest.fixture()
+def local_hub(tmp_path, monkeypatch):
+    """A fake Hugging Face Hub on 127.0.0.1 serving ``server.root/<org>/<name>/``; the real client points at it."""
+    from tests.hubserver import HubServer, patch_hf_endpoint
+
+    root = tmp_path / "hub"
+    root.mkdir()
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with HubServer(root) as server:
+        patch_hf_endpoint(monkeypatch, server.url)
+        yield server

@@ -1,0 +1,468 @@
+"""A small fake Hugging Face Hub, stdlib only, for running the real ``huggingface_hub`` client against 127.0.0.1.
+
+Model repos are plain folders on disk, ``root/<org>/<name>/<files...>`` (subfolders allowed), all on one branch
+``main``. A repo's commit sha is a stable fake: the sha1 of its id and of its sorted ``(path, git blob oid)`` listing,
+so it changes exactly when the content does. Only model repos exist (no datasets, spaces, PRs or other branches).
+
+Endpoints, each one what huggingface_hub 2.4.0 calls (read from its source):
+
+- ``HEAD|GET /{repo}/resolve/{rev}/{path}``: ``hf_hub_download``, ``file_exists``. Answers carry ``ETag`` (the git
+  blob oid), ``X-Repo-Commit`` and ``Content-Length``: the client refuses a file without the first two. No
+  ``X-Xet-Hash`` header is ever sent, so the client downloads over plain HTTP and never tries the Xet protocol.
+- ``GET /api/models/{repo}`` and ``/api/models/{repo}/revision/{rev}``: ``model_info``, ``repo_info``,
+  ``repo_exists``, and ``snapshot_download`` (which resolves the revision to a sha first). ``?blobs=true``
+  (``files_metadata=True``) adds sizes and blob ids to ``siblings``.
+- ``GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=``: ``list_repo_tree``, ``list_repo_files``,
+  ``snapshot_download``. One page, no ``Link`` header.
+- ``POST /api/repos/create``: ``create_repo``; 409 with the repo ``url`` if it exists (``exist_ok=True`` reads it).
+- ``POST /api/validate-yaml``: called by ``upload_folder``/``create_commit`` when a ``README.md`` is uploaded.
+- ``POST /api/models/{repo}/preupload/{rev}`` and ``/commit/{rev}`` (NDJSON): ``upload_file``, ``upload_folder``,
+  ``create_commit``. Preupload answers ``uploadMode: "regular"`` for every file, binary ones included, so the
+  client sends the content base64-encoded inside the commit (fine for files of a few MB). Answering ``"lfs"``
+  would not lead to the LFS batch API: with ``hf_xet`` installed, 2.4.0 uploads LFS files through the Xet
+  protocol (a separate CAS service), and only falls back to LFS batch when Xet is disabled. The commit
+  understands ``file``, ``deletedFile`` and ``deletedFolder`` operations and the ``parentCommit`` check.
+
+Anything else is a 404, e.g. the client's best-effort ``GET /api/agent-harnesses`` (user-agent detection, which
+shrugs it off; serving it would make the client cache the answer under the real ``HF_HOME``).
+
+Reads need no token; writes need any ``Authorization: Bearer ...`` header (``token="test"`` will do). Errors are
+JSON ``{"error": ...}`` with the ``X-Error-Code`` header the client maps to exceptions: ``RepoNotFound`` ->
+``RepositoryNotFoundError``, ``EntryNotFound`` -> ``RemoteEntryNotFoundError`` (a subclass of
+``huggingface_hub.errors.EntryNotFoundError``), ``RevisionNotFound`` -> ``RevisionNotFoundError``. Responses close
+the connection (HTTP/1.0), so after ``stop()`` the client's pooled connections cannot reach a "down" Hub.
+
+Pointing the client at the server. huggingface_hub 2.4.0 reads ``HF_ENDPOINT`` once, at import, into
+``constants.ENDPOINT`` and derived values: ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` (read per call by
+``hf_hub_download``, also through timm's ``hf-hub:``), the module-level ``huggingface_hub.hf_api.api = HfApi()``
+behind ``huggingface_hub.model_info``/``list_repo_files``/``upload_folder``/..., ``constants.HF_URL_HOSTS`` and
+``utils._http._HUB_ORIGINS`` (redirect trust; this server never redirects). A new ``HfApi()`` reads
+``constants.ENDPOINT`` when constructed. Setting ``os.environ["HF_ENDPOINT"]`` after the import changes nothing.
+Two correct ways:
+
+1. Any time, also after import (preferred): ``patch_hf_endpoint(monkeypatch, server.url)`` sets
+   ``constants.ENDPOINT``, ``constants.HUGGINGFACE_CO_URL_TEMPLATE``, ``hf_api.api.endpoint`` and the env var (for
+   subprocesses), all undone by the monkeypatch. For a session-scoped server use
+   ``with pytest.MonkeyPatch.context() as mp: patch_hf_endpoint(mp, server.url); yield server``.
+2. Before anything imports huggingface_hub (timm and the project do, at import): at the top of the conftest,
+   ``port = free_port(); os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{port}"``, then later start
+   ``HubServer(root, port=port)``. This module imports no third-party package, so it is safe to import first.
+
+Also isolate the cache: ``hf_hub_download`` reads ``constants.HF_HUB_CACHE`` per call but that constant is set from
+``HF_HUB_CACHE``/``HF_HOME`` at import, so patch the constant (or pass ``cache_dir``). Set the ``HF_HOME`` env var
+too: with ``hf_xet`` installed, ``upload_folder`` starts a Xet session (even for regular files) that writes logs
+under ``$HF_HOME/xet``, read from the environment when the session starts. Note that with the Hub down
+and the file not cached, ``hf_hub_download`` retries the HEAD request 5 times with 1+2+4+8+8 s of backoff before
+raising ``LocalEntryNotFoundError``; timeouts do not shorten that (the connection is refused at once).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+if TYPE_CHECKING:
+    import pytest
+
+HOST = "127.0.0.1"
+DEFAULT_REVISION = "main"
+POLL_INTERVAL_S = 0.05  # how soon serve_forever notices stop()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free when asked (for ``HubServer(root, port=free_port())``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def patch_hf_endpoint(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """Point the already imported huggingface_hub client at ``url``; the monkeypatch undoes it."""
+    from huggingface_hub import constants, hf_api
+
+    url = url.rstrip("/")
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_api.api, "endpoint", url)
+
+
+class HubServer:
+    """Serves ``root/<org>/<name>/...`` as Hub model repos on ``http://127.0.0.1:<port>``, from a daemon thread.
+
+    ``port=0`` binds a free port at ``start()``; a stopped server restarts on the port it had. ``verbose=True``
+    logs requests and connection errors to stderr, as ``http.server`` does.
+    """
+
+    def __init__(self, root: Path, port: int = 0, *, verbose: bool = False) -> None:
+        self.root = Path(root)
+        self.verbose = verbose
+        self._port = port
+        self._store = _RepoStore(self.root)
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        if not self._port:
+            raise RuntimeError("HubServer has no port yet: start() it or pass port=")
+        return f"http://{HOST}:{self._port}"
+
+    def start(self) -> str:
+        """Bind and serve; returns the base URL, the value for ``HF_ENDPOINT``."""
+        if self._httpd is not None:
+            raise RuntimeError("HubServer already started")
+        httpd = _Server((HOST, self._port), _Handler)
+        self._port = int(httpd.server_address[1])
+        httpd.store, httpd.url, httpd.verbose = self._store, self.url, self.verbose
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, args=(POLL_INTERVAL_S,), name=f"hubserver:{self._port}", daemon=True
+        )
+        self._thread.start()
+        return self.url
+
+    def stop(self) -> None:
+        """Stop serving and close the socket: the Hub is down until ``start()`` again."""
+        if self._httpd is None or self._thread is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+        self._httpd = self._thread = None
+
+    def __enter__(self) -> HubServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class _HubError(Exception):
+    """An error answer: HTTP status, message, and the ``X-Error-Code`` the client maps to an exception."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = {"X-Error-Message": message, **({"X-Error-Code": code} if code else {}), **(headers or {})}
+
+
+@dataclass(frozen=True)
+class _File:
+    size: int
+    oid: str  # git blob sha1, what the Hub reports for a regular (non-LFS) file
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    sha: str
+    files: dict[str, _File]  # by posix path in the repo
+    last_modified: float
+
+    def folders(self) -> list[str]:
+        return sorted({str(parent) for path in self.files for parent in PurePosixPath(path).parents} - {"."})
+
+
+def _git_blob_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _checked(path: str) -> str:
+    """A path inside a repo: relative, normalized, no ``..``."""
+    if not path or any(part in ("", ".", "..") for part in path.split("/")):
+        raise _HubError(400, f"Invalid path: {path!r}")
+    return path
+
+
+class _RepoStore:
+    """The repos on disk. Every read and write goes through ``lock``, so answers see whole commits."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.lock = threading.Lock()
+
+    def repo_dir(self, repo_id: str) -> Path:
+        org, _, name = repo_id.partition("/")
+        path = self.root / _checked(org) / _checked(name)
+        if not path.is_dir():
+            raise _HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
+        return path
+
+    def snapshot(self, repo_id: str, revision: str) -> _Snapshot:
+        """The repo's files and fake commit sha; ``revision`` must be ``main`` or that sha."""
+        repo_dir = self.repo_dir(repo_id)
+        files: dict[str, _File] = {}
+        listing = hashlib.sha1(repo_id.encode())
+        last_modified = repo_dir.stat().st_mtime
+        for path in sorted(p for p in repo_dir.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            relpath = path.relative_to(repo_dir).as_posix()
+            files[relpath] = _File(size=len(data), oid=_git_blob_oid(data))
+            listing.update(f"\n{relpath} {files[relpath].oid}".encode())
+            last_modified = max(last_modified, path.stat().st_mtime)
+        snapshot = _Snapshot(sha=listing.hexdigest(), files=files, last_modified=last_modified)
+        if revision not in (DEFAULT_REVISION, snapshot.sha):
+            raise _HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return snapshot
+
+    def create(self, repo_id: str) -> bool:
+        """Create an empty repo; False if it already exists."""
+        repo_dir = self.root / repo_id
+        if repo_dir.is_dir():
+            return False
+        repo_dir.mkdir(parents=True)
+        return True
+
+    def commit(self, repo_id: str, revision: str, lines: list[dict[str, Any]]) -> str:
+        """Apply the lines of an NDJSON commit payload; returns the new commit sha."""
+        if revision != DEFAULT_REVISION:
+            raise _HubError(404, f"Invalid rev id: {revision} (only main takes commits)", "RevisionNotFound")
+        snapshot = self.snapshot(repo_id, revision)
+        if not lines or lines[0].get("key") != "header":
+            raise _HubError(400, "The first line of a commit must be its header")
+        parent = lines[0]["value"].get("parentCommit")
+        if parent is not None and parent != snapshot.sha:
+            raise _HubError(412, f"A commit has happened since {parent}. Please refresh and try again.")
+        writes: dict[str, bytes] = {}
+        deletes: list[str] = []
+        for line in lines[1:]:
+            key, value = line["key"], line["value"]
+            path = _checked(value["path"].strip("/") if key == "deletedFolder" else value["path"])
+            if key == "file" and value.get("encoding") == "base64":
+                writes[path] = base64.b64decode(value["content"])
+            elif (key == "deletedFile" and path in snapshot.files) or (
+                key == "deletedFolder" and path in snapshot.folders()
+            ):
+                deletes.append(path)
+            elif key in ("deletedFile", "deletedFolder"):
+                raise _HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
+            else:
+                raise _HubError(400, f"Unsupported commit operation {key!r}: this fake Hub only takes regular files")
+        repo_dir = self.repo_dir(repo_id)
+        for path in deletes:
+            target = repo_dir / path
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        for path, data in writes.items():
+            target = repo_dir / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.partial")
+            partial.write_bytes(data)
+            os.replace(partial, target)  # whole files only, for readers of the folder outside the server
+        return self.snapshot(repo_id, DEFAULT_REVISION).sha
+
+
+class _Server(ThreadingHTTPServer):
+    store: _RepoStore
+    url: str
+    verbose: bool
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if self.verbose:  # e.g. a client that hung up mid-answer
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Routes requests; HTTP/1.0 (the default) closes the connection after each answer."""
+
+    server: _Server
+    server_version = "FakeHub/1.0"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        split = urlsplit(self.path)
+        # Split before unquoting: the client quotes revisions and tree paths with safe="" (``refs%2Fpr%2F1``).
+        parts = [unquote(part) for part in split.path.strip("/").split("/")]
+        query = {key: values[-1] for key, values in parse_qs(split.query).items()}
+        try:
+            self._route(parts, query)()
+        except _HubError as error:
+            self._send_json(error.status, {"error": error.message}, error.headers)
+        except Exception as error:  # a bug in this server: say so rather than drop the connection
+            self._send_json(500, {"error": repr(error)}, {"X-Error-Message": repr(error)})
+
+    def _route(self, parts: list[str], query: dict[str, str]) -> Callable[[], None]:
+        method = self.command
+        if method == "POST" and parts == ["api", "repos", "create"]:
+            return self._create_repo
+        if method == "POST" and parts == ["api", "validate-yaml"]:
+            return partial(self._send_json, 200, {"errors": [], "warnings": []})
+        if parts[:2] == ["api", "models"] and len(parts) == 4 and method == "GET":
+            return partial(self._model_info, f"{parts[2]}/{parts[3]}", DEFAULT_REVISION, query)
+        if parts[:2] == ["api", "models"] and len(parts) >= 6:
+            repo_id, action, rest = f"{parts[2]}/{parts[3]}", (method, parts[4]), parts[5:]
+            if action == ("GET", "revision") and len(rest) == 1:
+                return partial(self._model_info, repo_id, rest[0], query)
+            if action == ("GET", "tree"):
+                return partial(self._tree, repo_id, rest[0], "/".join(rest[1:]), query)
+            if action == ("POST", "preupload") and len(rest) == 1:
+                return partial(self._preupload, repo_id, rest[0])
+            if action == ("POST", "commit") and len(rest) == 1:
+                return partial(self._commit, repo_id, rest[0], query)
+        if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
+            return partial(self._resolve, f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
+        raise _HubError(404, f"Not implemented by the fake Hub: {method} {self.path}")
+
+    # Reads
+
+    def _resolve(self, repo_id: str, revision: str, path: str) -> None:
+        store = self.server.store
+        with store.lock:
+            snapshot = store.snapshot(repo_id, revision)
+            entry = snapshot.files.get(path)
+            if entry is None:  # X-Repo-Commit lets the client cache the absence (``.no_exist``)
+                raise _HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": snapshot.sha})
+            data = (store.repo_dir(repo_id) / path).read_bytes() if self.command == "GET" else b""
+        headers = {"ETag": f'"{entry.oid}"', "X-Repo-Commit": snapshot.sha, "Content-Length": str(entry.size)}
+        self._send(200, data, "application/octet-stream", headers)
+
+    def _model_info(self, repo_id: str, revision: str, query: dict[str, str]) -> None:
+        with self.server.store.lock:
+            snapshot = self.server.store.snapshot(repo_id, revision)
+        blobs = query.get("blobs", "").lower() in ("1", "true")
+        siblings = [
+            {"rfilename": path, **({"size": entry.size, "blobId": entry.oid} if blobs else {})}
+            for path, entry in snapshot.files.items()
+        ]
+        info = {
+            "id": repo_id,
+            "modelId": repo_id,
+            "author": repo_id.split("/")[0],
+            "sha": snapshot.sha,
+            "lastModified": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(snapshot.last_modified)),
+            "private": False,
+            "gated": False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": siblings,
+        }
+        self._send_json(200, info)
+
+    def _tree(self, repo_id: str, revision: str, folder: str, query: dict[str, str]) -> None:
+        with self.server.store.lock:
+            snapshot = self.server.store.snapshot(repo_id, revision)
+        folders = snapshot.folders()
+        if folder and folder not in folders:
+            raise _HubError(404, f"Folder not found: {folder}", "EntryNotFound", {"X-Repo-Commit": snapshot.sha})
+        recursive = query.get("recursive", "").lower() in ("1", "true")
+        prefix = f"{folder}/" if folder else ""
+
+        def listed(path: str) -> bool:
+            return path.startswith(prefix) and (recursive or "/" not in path[len(prefix) :])
+
+        tree_oid = {path: hashlib.sha1(f"{snapshot.sha} {path}".encode()).hexdigest() for path in folders}
+        entries = [{"type": "directory", "oid": tree_oid[path], "size": 0, "path": path} for path in folders] + [
+            {"type": "file", "oid": entry.oid, "size": entry.size, "path": path}
+            for path, entry in snapshot.files.items()
+        ]
+        self._send_json(200, [entry for entry in entries if listed(entry["path"])])
+
+    # Writes
+
+    def _require_token(self) -> None:
+        if not self.headers.get("Authorization", "").startswith("Bearer "):
+            raise _HubError(401, "A token is required to write to the Hub")
+
+    def _create_repo(self) -> None:
+        self._require_token()
+        payload = self._read_json()
+        if payload.get("type", "model") != "model":
+            raise _HubError(400, "This fake Hub only hosts model repos")
+        if not payload.get("organization"):
+            raise _HubError(400, "Pass a namespaced repo id: '<org>/<name>'")
+        repo_id = f"{_checked(payload['organization'])}/{_checked(payload['name'])}"
+        url = f"{self.server.url}/{repo_id}"
+        with self.server.store.lock:
+            created = self.server.store.create(repo_id)
+        if created:
+            self._send_json(200, {"url": url, "name": repo_id})
+        else:  # create_repo(exist_ok=True) reads the url from this answer
+            self._send_json(409, {"error": "You already created this model repo", "url": url})
+
+    def _preupload(self, repo_id: str, revision: str) -> None:
+        self._require_token()
+        payload = self._read_json()
+        with self.server.store.lock:
+            snapshot = self.server.store.snapshot(repo_id, revision)
+        # "oid" of the file already there lets the client skip unchanged files.
+        files = [
+            {
+                "path": file["path"],
+                "uploadMode": "regular",
+                "shouldIgnore": False,
+                "oid": entry.oid if (entry := snapshot.files.get(file["path"])) else None,
+            }
+            for file in payload["files"]
+        ]
+        self._send_json(200, {"files": files, "commitOid": snapshot.sha})
+
+    def _commit(self, repo_id: str, revision: str, query: dict[str, str]) -> None:
+        self._require_token()
+        if query.get("create_pr"):
+            raise _HubError(400, "This fake Hub does not support pull requests")
+        lines = [json.loads(line) for line in self._read_body().splitlines() if line.strip()]
+        with self.server.store.lock:
+            sha = self.server.store.commit(repo_id, revision, lines)
+        url = f"{self.server.url}/{repo_id}/commit/{sha}"
+        self._send_json(200, {"success": True, "commitOid": sha, "commitUrl": url, "pullRequestUrl": None})
+
+    # HTTP plumbing
+
+    def _read_body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def _read_json(self) -> dict[str, Any]:
+        payload = json.loads(self._read_body() or b"{}")
+        if not isinstance(payload, dict):
+            raise _HubError(400, "Expected a JSON object")
+        return payload
+
+    def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json", headers or {})
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> None:
+        """Answer; a HEAD answer keeps the headers (``Content-Length`` included) and drops the body."""
+        self.send_response(status)
+        for name, value in {"Content-Type": content_type, "Content-Length": str(len(body)), **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)

@@ -1,0 +1,97 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from recycle.cli import main
+from recycle.formats import LoRAAdapter, save_adapter
+from recycle.lora import LoRAConfig, inject_lora, lora_parameters, remove_lora
+from tests.helpers import make_image
+
+
+def _noisy(rgb, seed):
+    return Image.blend(Image.new("RGB", (48, 48), rgb), make_image(seed, 48), 0.15)
+
+
+@pytest.fixture()
+def task(tmp_path):
+    """support/<class>/*.png with distinct colours, and queries that are noisy copies (one in a subfolder)."""
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 210)}
+    for name, rgb in colours.items():
+        d = tmp_path / "support" / name
+        d.mkdir(parents=True)
+        for i in range(2):
+            _noisy(rgb, 10 + i).save(d / f"{i}.png")
+    q = tmp_path / "query"
+    (q / "sub").mkdir(parents=True)
+    _noisy(colours["green"], 50).save(q / "g.png")
+    _noisy(colours["blue"], 51).save(q / "sub" / "b.jpg")
+    return tmp_path
+
+
+def test_help_lists_only_working_commands():
+    out = subprocess.run([sys.executable, "-m", "recycle", "--help"], capture_output=True, text=True, check=True)
+    assert "predict" in out.stdout
+
+
+def test_predict_prints_table_and_writes_json(task, tiny_clip_dir, capsys):
+    out = task / "preds.json"
+    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"),
+                 "--query", str(task / "query"), "--json", str(out), "--device", "cpu"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "g.png" in table and "sub/b.jpg" in table
+    preds = json.loads(out.read_text())
+    assert [p["file"] for p in preds] == ["g.png", "sub/b.jpg"]
+    for p in preds:
+        assert set(p["probs"]) == {"blue", "green", "red"}
+        assert sum(p["probs"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert p["label"] == max(p["probs"], key=p["probs"].get)
+
+
+def _publish_lora(tiny_clip, repo_dir):
+    inject_lora(tiny_clip.model, LoRAConfig())
+    with torch.no_grad():
+        for p in lora_parameters(tiny_clip.model):
+            p.normal_(0, 0.2)
+    adapter = LoRAAdapter.from_model(tiny_clip.model, LoRAConfig(), backbone=tiny_clip.name)
+    remove_lora(tiny_clip.model)
+    save_adapter(adapter, repo_dir)
+
+
+def test_predict_with_lora_from_the_hub(task, tiny_clip, tiny_clip_dir, local_hub, capsys):
+    _publish_lora(tiny_clip, local_hub.root / "someone" / "meta-lora")
+    args = ["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"),
+            "--query", str(task / "query"), "--device", "cpu"]
+    assert main(args + ["--lora", "someone/meta-lora", "--json", str(task / "a.json")]) == 0
+    assert main(args + ["--json", str(task / "b.json")]) == 0
+    with_lora = json.loads((task / "a.json").read_text())
+    without = json.loads((task / "b.json").read_text())
+    assert with_lora[0]["probs"] != without[0]["probs"]  # the downloaded LoRA was applied
+
+
+def test_hub_errors_are_short_and_clear(task, tiny_clip_dir, local_hub, capsys):
+    (local_hub.root / "someone" / "pickled").mkdir(parents=True)
+    (local_hub.root / "someone" / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
+    base = ["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"),
+            "--query", str(task / "query"), "--device", "cpu"]
+    cases = {"someone/pickled": "never downloaded or loaded", "someone/missing": "does not exist",
+             "../etc/passwd": "neither an existing local path nor a Hub id"}
+    for lora, message in cases.items():
+        assert main(base + ["--lora", lora]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    local_hub.stop()
+    assert main(base + ["--lora", "someone/other"]) == 2
+    assert "unreachable" in capsys.readouterr().err
+
+
+def test_bad_support_folder(task, tiny_clip_dir, capsys):
+    (task / "support" / "green").rename(task / "only")
+    (task / "support" / "blue").rename(task / "only2")
+    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"),
+                 "--query", str(task / "query"), "--device", "cpu"])
+    assert code == 2 and "at least 2 classes" in capsys.readouterr().err
