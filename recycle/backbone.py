@@ -175,15 +175,14 @@ class Backbone(nn.Module):
         """``(B, C, H, W)`` -> pooled feature ``(B, num_features)``."""
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
-    def head_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final token map ``(B, N, D)`` (after the blocks) -> embedding ``(B, embed_dim)``."""
-        feats = self.model.forward_head(self.model.norm(tokens), pre_logits=True)
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Output of ``forward_features`` ``(B, N, D)`` (any number of tokens) -> embedding ``(B, embed_dim)``."""
+        feats = self.model.forward_head(features, pre_logits=True)
         return self.model.head(feats) if self.embedding == "projection" else feats
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> embedding ``(B, embed_dim)``."""
-        feats = self.pre_logits(x)
-        return self.model.head(feats) if self.embedding == "projection" else feats
+        return self.embed_features(self.model.forward_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(x)
