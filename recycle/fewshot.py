@@ -17,7 +17,6 @@ from PIL import Image
 
 from .backbone import Backbone
 from .formats import LoRAAdapter
-from .lora import remove_lora
 
 __all__ = ["DISTANCES", "compute_prototypes", "pairwise_distances", "prototype_logits", "FewShotClassifier"]
 
@@ -113,16 +112,10 @@ class FewShotClassifier:
 
     @contextlib.contextmanager
     def _attached(self) -> Iterator[None]:
+        """Hold the shared backbone (with this classifier's LoRA, if any) for the duration of the block."""
         with self.backbone.lock:
-            if self.lora is None:
+            with self.lora.attached(self.backbone) if self.lora is not None else contextlib.nullcontext():
                 yield
-                return
-            self.lora.inject(self.backbone.model)
-            try:
-                self.backbone.model.to(self.backbone.device)
-                yield
-            finally:
-                remove_lora(self.backbone.model)
 
     @torch.inference_mode()
     def _forward(self, images: Sequence[Image.Image]) -> torch.Tensor:

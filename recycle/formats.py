@@ -22,6 +22,7 @@ and non-finite values.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -140,6 +141,20 @@ class LoRAAdapter:
             made_for = f" (it was made for '{self.backbone}')" if self.backbone else ""
             raise LoRAFormatError(f"this LoRA does not fit the backbone{made_for}: {e}") from None
         return paths
+
+    @contextlib.contextmanager
+    def attached(self, backbone) -> Iterator[Optional[nn.Linear]]:
+        """Attach this LoRA to `backbone` (a `Backbone`) for the duration of the block; yields the head or None.
+
+        Holds the backbone's lock, so classifiers and teachers can share one backbone safely.
+        """
+        with backbone.lock:
+            self.inject(backbone.model)
+            try:
+                head = self.build_head(backbone.num_features)
+                yield head.to(backbone.device) if head is not None else None
+            finally:
+                remove_lora(backbone.model)
 
     def build_head(self, num_features: int) -> Optional[nn.Linear]:
         """The head as an `nn.Linear` on a ``num_features`` pre-logits feature, or None if there is none."""

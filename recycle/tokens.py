@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -183,7 +183,8 @@ def mask_images(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return images * pixel_mask.unsqueeze(1)
 
 
-def embed_kept(backbone, x: torch.Tensor, kept: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
+def embed_kept(backbone, x: torch.Tensor, kept: Union[torch.Tensor, Sequence[torch.Tensor]],
+               reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Embed images from their prefix tokens and kept patch tokens only (standard, fused attention).
 
     Patch and position embeddings are computed for every patch, so kept tokens keep their positions; then the
@@ -194,9 +195,10 @@ def embed_kept(backbone, x: torch.Tensor, kept: Union[torch.Tensor, Sequence[tor
         backbone: a `recycle.backbone.Backbone`.
         x: ``(B, 3, H, W)`` normalised images.
         kept: ``(B, K)`` kept patch indices, or B 1-D index tensors of any lengths.
+        reduce: final tokens ``(G, N, C)`` -> outputs ``(G, D)``; default ``backbone.embed_features``.
 
     Returns:
-        ``(B, embed_dim)`` embeddings, in input order.
+        ``(B, D)`` outputs (embeddings by default), in input order.
     """
     model = backbone.model
     num_prefix = _num_prefix(model)
@@ -213,6 +215,6 @@ def embed_kept(backbone, x: torch.Tensor, kept: Union[torch.Tensor, Sequence[tor
         idx = torch.stack([rows[i].to(x.device).long() for i in members])  # (G, K)
         patches = group[:, num_prefix:].gather(1, idx.unsqueeze(-1).expand(-1, -1, group.shape[-1]))
         feats = model.norm(model.blocks(torch.cat([group[:, :num_prefix], patches], dim=1)))
-        for i, e in zip(members, backbone.embed_features(feats)):
+        for i, e in zip(members, (reduce or backbone.embed_features)(feats)):
             out[i] = e
     return torch.stack(out)

@@ -1,0 +1,298 @@
+"""LoRA inversion: synthesise surrogate images from a pre-tuned LoRA and its head (LoRA Recycle §4.1, Eq. 1–2).
+
+Pixels start as Gaussian noise in the teacher's normalised space and are optimised with Adam (lr 0.25, betas
+(0.5, 0.99), 2000 steps) to minimise ``CE(teacher(x), y) + α·R_BN(x)`` (+ optional TV and L2). ``R_BN`` is the
+DeepInversion prior: the distance between the batch statistics at every BatchNorm of an ImageNet ResNet-50 and its
+running statistics. Every step applies one random roll (up to ±1/8 of H and W) and horizontal flip to the whole batch,
+and clamps pixels to the valid range afterwards; the lowest-loss iterate is returned. After 25% of the steps, the
+teacher prunes tokens by [CLS] attention (`recycle.tokens`); the tokens kept on the final images give their masks.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import Backbone, BackboneError
+from .formats import LoRAAdapter
+from .tokens import PruningConfig, embed_kept, forward_features_pruned, keep_mask, mask_images
+
+__all__ = ["InversionConfig", "InversionProgress", "InversionResult", "BNPrior", "load_bn_prior", "invert",
+           "DEFAULT_BN_PRIOR"]
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_BN_PRIOR = "resnet50.tv_in1k"  # torchvision's ImageNet ResNet-50 (V1 weights), as in the paper's code
+
+
+@dataclass
+class InversionConfig:
+    """Inversion settings; defaults are the paper's."""
+
+    per_class: int = 10  # images per class
+    steps: int = 2000
+    lr: float = 0.25
+    betas: tuple[float, float] = (0.5, 0.99)
+    bn_weight: float = 0.01  # α of the BN-statistics prior (ignored when no prior is given)
+    tv_weight: float = 0.0
+    l2_weight: float = 0.0
+    jitter: float = 0.125  # max roll as a fraction of H and W
+    flip: bool = True
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    batch_size: Optional[int] = None  # images optimised together (BN statistics are per batch); None = all
+    seed: int = 0
+    preview_every: int = 0  # hand the progress callback preview images every N steps (0 = never)
+
+    def __post_init__(self):
+        if isinstance(self.pruning, (dict, str, list)):
+            self.pruning = PruningConfig(self.pruning)
+        self.betas = tuple(self.betas)
+        checks = [("per_class", self.per_class >= 1), ("steps", self.steps >= 1), ("lr", self.lr > 0),
+                  ("bn_weight", self.bn_weight >= 0), ("tv_weight", self.tv_weight >= 0),
+                  ("l2_weight", self.l2_weight >= 0), ("jitter", 0 <= self.jitter < 0.5),
+                  ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)),
+                  ("batch_size", self.batch_size is None or self.batch_size >= 1),
+                  ("preview_every", self.preview_every >= 0)]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"invalid inversion setting {name}={getattr(self, name)!r}")
+
+
+@dataclass
+class InversionProgress:
+    step: int  # steps done in the current batch
+    steps: int
+    batch: int  # index of the batch being optimised
+    batches: int
+    loss: float
+    ce: float
+    bn: float
+    accuracy: float  # teacher accuracy on the augmented batch at this step
+    pruning: bool  # whether the teacher prunes tokens at this step
+    preview: Optional[torch.Tensor] = None  # (B, 3, H, W) best images so far, in [0, 1]
+
+
+@dataclass
+class InversionResult:
+    """Synthetic images and what the teacher says about them.
+
+    Attributes:
+        images: ``(N, 3, H, W)`` in [0, 1].
+        labels: ``(N,)`` head indices of the target classes.
+        logits: ``(N, C)`` teacher logits on the full images.
+        kept: ``(N, K)`` kept patch indices (None without pruning).
+        masked: ``(N, 3, H, W)`` images with the dropped patches zeroed (None without pruning).
+        logits_kept: ``(N, C)`` teacher logits on the kept tokens only (None without pruning).
+        losses: best loss of each batch.
+        steps_done: steps run per batch (fewer than asked if stopped).
+        stopped: whether a stop request ended the run early.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    logits: torch.Tensor
+    kept: Optional[torch.Tensor] = None
+    masked: Optional[torch.Tensor] = None
+    logits_kept: Optional[torch.Tensor] = None
+    losses: list[float] = field(default_factory=list)
+    steps_done: int = 0
+    stopped: bool = False
+
+
+class BNPrior(nn.Module):
+    """DeepInversion BatchNorm-statistics prior (Yin et al., 2020; paper Eq. 2).
+
+    ``R_BN(x) = Σ_l ‖μ_l(x) − μ_l‖₂ + ‖σ²_l(x) − σ²_l‖₂`` over every BatchNorm2d of a frozen CNN, with the batch
+    mean and (biased) variance of each BN input.
+
+    Args:
+        model: a CNN with BatchNorm2d layers (running statistics are the prior).
+        mean, std: the CNN's input normalisation; inputs to `forward` are images in [0, 1].
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not self.bns:
+            raise ValueError(f"{type(model).__name__} has no BatchNorm2d layers to use as a prior")
+        self._terms: list[torch.Tensor] = []
+        for bn in self.bns:
+            bn.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor], _output) -> None:
+        x = inputs[0]
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        self._terms.append(torch.linalg.vector_norm(mean - module.running_mean, 2)
+                           + torch.linalg.vector_norm(var - module.running_var, 2))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` images in [0, 1] -> scalar prior loss."""
+        self._terms = []
+        self.model((images - self.mean) / self.std)
+        loss = torch.stack(self._terms).sum()
+        self._terms = []
+        return loss
+
+
+def load_bn_prior(name: str = DEFAULT_BN_PRIOR, device: Optional[torch.device] = None) -> BNPrior:
+    """An ImageNet CNN from timm (through the Hub) as a `BNPrior`."""
+    from .backbone import _create
+
+    model = _create(name, {}, pretrained=True)
+    cfg = model.pretrained_cfg
+    return BNPrior(model, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))).to(
+        device or "cpu")
+
+
+def _total_variation(x: torch.Tensor) -> torch.Tensor:
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+class _Teacher:
+    """Backbone (with the LoRA attached) + head, optionally pruning tokens."""
+
+    def __init__(self, backbone: Backbone, head: nn.Linear, schedule: dict[int, float]):
+        self.backbone, self.head, self.schedule = backbone, head, schedule
+
+    def __call__(self, x: torch.Tensor, prune: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        model = self.backbone.model
+        if prune and self.schedule:
+            feats, kept = forward_features_pruned(model, x, self.schedule)
+        else:
+            feats, kept = model.forward_features(x), None
+        return self.head(model.forward_head(feats, pre_logits=True)), kept
+
+    def logits_kept(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        model = self.backbone.model
+        return embed_kept(self.backbone, x, kept, lambda f: self.head(model.forward_head(f, pre_logits=True)))
+
+
+def _resolve_classes(adapter: LoRAAdapter, classes: Optional[Sequence]) -> list[int]:
+    names = adapter.class_names or []
+    if classes is None:
+        return list(range(adapter.num_classes))
+    out = []
+    for c in classes:
+        if isinstance(c, int) or (isinstance(c, str) and c.isdigit() and c not in names):
+            idx = int(c)
+            if not 0 <= idx < adapter.num_classes:
+                raise ValueError(f"class index {idx} is out of range: the LoRA's head has {adapter.num_classes}")
+        elif c in names:
+            idx = names.index(c)
+        else:
+            raise ValueError(f"class {c!r} is not one of the LoRA's classes {names}")
+        out.append(idx)
+    if not out:
+        raise ValueError("choose at least one class to invert")
+    return out
+
+
+def invert(backbone: Backbone, adapter: LoRAAdapter, config: InversionConfig = InversionConfig(),
+           classes: Optional[Sequence] = None, bn_prior: Optional[BNPrior] = None,
+           progress: Optional[Callable[[InversionProgress], None]] = None,
+           should_stop: Optional[Callable[[], bool]] = None) -> InversionResult:
+    """Invert `adapter` (LoRA + head) on `backbone` into ``len(classes) · per_class`` synthetic images.
+
+    Args:
+        backbone: the frozen backbone (the LoRA is attached for the duration of the call).
+        adapter: the pre-tuned LoRA; it must have a head.
+        config: inversion settings.
+        classes: class names or head indices to invert (default: all).
+        bn_prior: the BN-statistics prior (`load_bn_prior`), or None for none.
+        progress: called after every step with an `InversionProgress`.
+        should_stop: polled every step; when it returns True the best images so far are returned.
+
+    Returns:
+        An `InversionResult`; ``kept``/``masked`` are set when the config prunes tokens.
+    """
+    if adapter.head_weight is None:
+        raise ValueError("this LoRA has no classification head, so there is nothing to invert")
+    targets = _resolve_classes(adapter, classes)
+    device = backbone.device
+    depth = len(backbone.model.blocks)
+    schedule = config.pruning.resolved(depth) if config.pruning.enabled else {}
+    prune_from = int(config.pruning.start * config.steps)
+    labels = torch.tensor(targets, device=device).repeat_interleave(config.per_class)
+    n = labels.numel()
+    batch_size = config.batch_size or n
+    batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    _, h, w = backbone.input_size
+    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+    lo, hi = (0 - mean) / std, (1 - mean) / std
+    gen = torch.Generator().manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    bn_weight = config.bn_weight if bn_prior is not None else 0.0
+    best_all, losses, stopped, steps_done = [], [], False, 0
+
+    with adapter.attached(backbone) as head:
+        head.requires_grad_(False)
+        teacher = _Teacher(backbone, head, schedule)
+        for b, sl in enumerate(batches):
+            y = labels[sl]
+            x = torch.maximum(torch.minimum(torch.randn(y.numel(), 3, h, w, generator=gen).to(device), hi), lo)
+            x.requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
+            best, best_loss = x.detach().clone(), float("inf")
+            for step in range(config.steps):
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+                dy = rng.randint(-int(h * config.jitter), int(h * config.jitter))
+                dx = rng.randint(-int(w * config.jitter), int(w * config.jitter))
+                xa = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+                if config.flip and rng.random() < 0.5:
+                    xa = xa.flip(3)
+                prune = bool(schedule) and step >= prune_from
+                logits, _ = teacher(xa, prune)
+                ce = F.cross_entropy(logits, y)
+                bn = bn_prior(xa * std + mean) if bn_weight > 0 else ce.new_zeros(())
+                loss = ce + bn_weight * bn
+                if config.tv_weight > 0:
+                    loss = loss + config.tv_weight * _total_variation(xa)
+                if config.l2_weight > 0:
+                    loss = loss + config.l2_weight * xa.pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if loss.item() < best_loss:  # keep the iterate that scored this loss, i.e. before the update
+                    best_loss, best = loss.item(), x.detach().clone()
+                opt.step()
+                with torch.no_grad():
+                    x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+                if progress is not None:
+                    show = config.preview_every and ((step + 1) % config.preview_every == 0 or step + 1 == config.steps)
+                    progress(InversionProgress(
+                        step + 1, config.steps, b, len(batches), loss.item(), ce.item(), bn.item(),
+                        (logits.argmax(-1) == y).float().mean().item(), prune,
+                        (best * std + mean).clamp(0, 1).cpu() if show else None))
+                steps_done = max(steps_done, step + 1)
+            best_all.append(best)
+            losses.append(best_loss)
+            if stopped:
+                break
+
+        x = torch.cat(best_all)
+        labels = labels[:x.shape[0]]
+        with torch.no_grad():
+            logits, _ = teacher(x, prune=False)
+            result = InversionResult((x * std + mean).clamp(0, 1).cpu(), labels.cpu(), logits.cpu(), losses=losses,
+                                     steps_done=steps_done, stopped=stopped)
+            if schedule:
+                _, kept = teacher(x, prune=True)
+                mask = keep_mask(kept, tuple(backbone.model.patch_embed.grid_size))
+                result.kept = kept.cpu()
+                result.masked = mask_images(result.images, mask.cpu())
+                result.logits_kept = teacher.logits_kept(x, kept).cpu()
+    _logger.info("inverted %d images (%d steps, best loss %.4f)", x.shape[0], steps_done, min(losses))
+    return result

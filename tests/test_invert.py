@@ -1,0 +1,98 @@
+import pytest
+import torch
+from torch import nn
+
+from recycle.invert import BNPrior, InversionConfig, invert
+from recycle.tokens import PruningConfig
+from tests.helpers import colour_task, train_tiny_lora
+
+
+@pytest.fixture()
+def teacher(tiny_clip):
+    images, labels = colour_task()
+    return train_tiny_lora(tiny_clip, images, labels)
+
+
+def tiny_prior(seed=0):
+    torch.manual_seed(seed)
+    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.BatchNorm2d(8))
+    for bn in (cnn[1], cnn[4]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return BNPrior(cnn, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def _teacher_accuracy(backbone, adapter, images, labels, kept=None):
+    from recycle.tokens import embed_kept
+    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std).view(1, 3, 1, 1)
+    with adapter.attached(backbone) as head, torch.no_grad():
+        x = (images - mean) / std
+        if kept is None:
+            logits = head(backbone.pre_logits(x))
+        else:
+            logits = embed_kept(backbone, x, kept, lambda f: head(backbone.model.forward_head(f, pre_logits=True)))
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="steps"):
+        InversionConfig(steps=0)
+    with pytest.raises(ValueError, match="jitter"):
+        InversionConfig(jitter=0.6)
+    assert InversionConfig(pruning={11: 0.5}).pruning.schedule == {11: 0.5}
+
+
+def test_inversion_reaches_the_target_classes_and_writes_masks(tiny_clip, teacher):
+    seen = []
+    cfg = InversionConfig(per_class=4, steps=60, lr=0.1, pruning=PruningConfig({-1: 0.5}), seed=1, preview_every=30)
+    result = invert(tiny_clip, teacher, cfg, bn_prior=tiny_prior(), progress=seen.append)
+    assert result.images.shape == (12, 3, 32, 32) and result.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert torch.isfinite(result.images).all() and result.images.min() >= 0 and result.images.max() <= 1
+    assert _teacher_accuracy(tiny_clip, teacher, result.images, result.labels) >= 0.9
+    assert (result.logits.argmax(-1) == result.labels).float().mean() >= 0.9
+    # loss falls; pruning switches on after 25% of the steps; previews come every 30 steps
+    assert seen[-1].loss < seen[0].loss
+    assert [p.pruning for p in seen].index(True) == 15
+    assert [p.step for p in seen if p.preview is not None] == [30, 60]
+    # masks: half of the 16 patches kept per image, masked copies zero exactly the dropped patches
+    assert result.kept.shape == (12, 8) and result.masked.shape == result.images.shape
+    for i in range(12):
+        grid = torch.zeros(16, dtype=torch.bool)
+        grid[result.kept[i]] = True
+        pixels = grid.view(4, 4).repeat_interleave(8, 0).repeat_interleave(8, 1)
+        assert torch.equal(result.masked[i][:, pixels], result.images[i][:, pixels])
+        assert result.masked[i][:, ~pixels].abs().sum() == 0
+    assert result.logits_kept.shape == (12, 3)
+    assert not list(n for n, _ in tiny_clip.model.named_parameters() if "lora" in n)
+
+
+def test_class_selection_stop_and_no_pruning(tiny_clip, teacher):
+    calls = []
+    result = invert(tiny_clip, teacher, InversionConfig(per_class=2, steps=50, pruning={}), classes=["c2", 0],
+                    should_stop=lambda: len(calls) >= 5, progress=calls.append)
+    assert result.stopped and result.steps_done == 5
+    assert result.labels.tolist() == [2, 2, 0, 0] and result.kept is None and result.masked is None
+    with pytest.raises(ValueError, match="not one of the LoRA's classes"):
+        invert(tiny_clip, teacher, InversionConfig(steps=1), classes=["zebra"])
+
+
+def test_seeded_runs_are_reproducible_and_batches_split(tiny_clip, teacher):
+    cfg = InversionConfig(per_class=2, steps=5, seed=3, batch_size=4)
+    a = invert(tiny_clip, teacher, cfg, bn_prior=tiny_prior())
+    b = invert(tiny_clip, teacher, cfg, bn_prior=tiny_prior())
+    assert torch.equal(a.images, b.images) and len(a.losses) == 2
+
+
+def test_bn_prior_is_zero_at_its_own_statistics():
+    prior = tiny_prior()
+    x = torch.rand(8, 3, 16, 16, requires_grad=True)
+    loss = prior(x)
+    loss.backward()
+    assert loss > 0 and x.grad.abs().sum() > 0
+    # a network whose running stats equal the batch's own statistics gives ~0 for its first BN
+    cnn = nn.Sequential(nn.BatchNorm2d(3))
+    cnn[0].running_mean.copy_(x.detach().mean((0, 2, 3)))
+    cnn[0].running_var.copy_(x.detach().var((0, 2, 3), unbiased=False))
+    assert BNPrior(cnn, (0, 0, 0), (1, 1, 1))(x.detach()) < 1e-5
