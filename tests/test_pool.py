@@ -1,0 +1,132 @@
+import json
+import random
+
+import pytest
+import torch
+
+from recycle.episodes import EpisodeSampler, EpisodeSpec
+from recycle.formats import LoRAAdapter
+from recycle.invert import InversionResult
+from recycle.lora import LoRAConfig
+from recycle.pool import Pool, PoolError, write_run
+
+
+def _adapter(seed, n_classes=3):
+    g = torch.Generator().manual_seed(seed)
+    state = {"blocks.0.attn.qkv.lora_A.all": torch.randn(2, 8, generator=g),
+             "blocks.0.attn.qkv.lora_B.all": torch.randn(24, 2, generator=g)}
+    return LoRAAdapter(LoRAConfig(targets=("qkv",), rank=2), state, "tiny", torch.randn(n_classes, 8, generator=g),
+                       torch.zeros(n_classes), [f"s{seed}-c{i}" for i in range(n_classes)])
+
+
+def _result(n_classes=3, per_class=4, seed=0, masked=True):
+    g = torch.Generator().manual_seed(seed)
+    n = n_classes * per_class
+    images = (torch.rand(n, 3, 32, 32, generator=g) * 255).round() / 255
+    images[0, :, :8, :8] = 0  # a black patch that is kept: masks must not be inferred from pixels
+    kept = torch.stack([torch.randperm(16, generator=g)[:8].sort().values for _ in range(n)])
+    kept[0, 0] = 0
+    kept[0] = kept[0].sort().values
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    logits = torch.randn(n, n_classes, generator=g)
+    if not masked:
+        return InversionResult(images, labels, logits)
+    from recycle.tokens import keep_mask, mask_images
+    return InversionResult(images, labels, logits, kept, mask_images(images, keep_mask(kept, (4, 4))),
+                           logits + 0.1)
+
+
+@pytest.fixture()
+def pool_dir(tmp_path):
+    root = tmp_path / "pool"
+    write_run(root, _result(seed=0), _adapter(0), "org/lora-a", {"steps": 10}, (4, 4))
+    write_run(root, _result(seed=1), _adapter(1), "org/lora-b", {"steps": 10}, (4, 4))
+    return root
+
+
+def test_round_trip_and_listing(pool_dir):
+    pool = Pool(pool_dir)
+    sources = pool.sources()
+    assert len(sources) == 2 and {s["name"] for s in sources.values()} == {"org/lora-a", "org/lora-b"}
+    assert len(pool.classes) == 6 and all(len(c.items) == 4 for c in pool.classes)
+    original = _result(seed=0)
+    ref = pool.classes[0].items[0]
+    assert torch.allclose(pool.load(ref), original.images[0], atol=1 / 255 + 1e-6)
+    assert torch.equal(pool.kept(ref), original.kept[0]) and 0 in pool.kept(ref).tolist()
+    masked = pool.load(ref, masked=True)
+    assert masked[:, :8, :8].abs().sum() == 0  # kept but black, and still listed as kept
+    assert pool.masked_available
+
+
+def test_pool_grows_and_same_lora_runs_share_a_source(pool_dir):
+    write_run(pool_dir, _result(seed=2), _adapter(0), "org/lora-a", {"steps": 10, "seed": 2}, (4, 4))
+    pool = Pool(pool_dir)
+    assert len(pool.runs) == 3 and len(pool.sources()) == 2
+    assert sorted(len(c.items) for c in pool.classes) == [4, 4, 4, 8, 8, 8]
+
+
+def test_single_and_cross_episodes(pool_dir):
+    pool = Pool(pool_dir)
+    rng = random.Random(0)
+    spec = EpisodeSpec(way=3, shot=1, query=2)
+    ep = pool.sample_episode(spec, "single", masked=True, rng=rng)
+    assert ep.support.shape == (3, 3, 32, 32) and ep.query.shape == (6, 3, 32, 32)
+    assert ep.query_labels.tolist() == [0, 0, 1, 1, 2, 2] and len({c.source for c in ep.classes}) == 1
+    assert ep.teacher_logits.shape == (6, 3) and len(ep.query_kept) == 6
+    cross = pool.sample_episode(spec, "cross", rng=rng)
+    assert len({c.source for c in cross.classes}) >= 2 and cross.teacher_logits is None
+    with pytest.raises(ValueError, match="too few classes"):
+        pool.sample_episode(EpisodeSpec(way=4, shot=1, query=2), "single")
+
+
+def test_episode_sampler_cross_uses_distinct_groups():
+    sampler = EpisodeSampler([[i] * 5 for i in range(10)], groups=[i // 2 for i in range(10)])
+    rng = random.Random(1)
+    for _ in range(20):
+        ep = sampler.sample(EpisodeSpec(way=5, shot=1, query=1), "cross", rng)
+        assert len({sampler.groups[c] for c in ep.classes}) == 5
+    with pytest.raises(ValueError, match="way"):
+        EpisodeSpec(way=1)
+
+
+def test_half_written_and_corrupt_pools_fail_clearly(pool_dir, tmp_path):
+    (pool_dir / ".tmp-run-in-progress").mkdir()  # an interrupted write is ignored
+    assert len(Pool(pool_dir).runs) == 2
+    with pytest.raises(PoolError, match="does not exist"):
+        Pool(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PoolError, match="no runs"):
+        Pool(empty)
+
+    run = sorted(p for p in pool_dir.iterdir() if not p.name.startswith("."))[0]
+    image = run / "images" / "000001.png"
+    data = bytearray(image.read_bytes())
+    data[-20] ^= 0xFF
+    image.write_bytes(bytes(data))
+    pool = Pool(pool_dir)
+    bad = next(c for c in pool.classes if c.items[0].run == 0)
+    with pytest.raises(PoolError, match="checksum mismatch"):
+        pool.load(bad.items[1])
+
+    (run / "masked" / "000003.png").unlink()
+    with pytest.raises(PoolError, match="missing"):
+        Pool(pool_dir)
+    manifest = run / "manifest.json"
+    manifest.write_text(manifest.read_text()[:100])
+    with pytest.raises(PoolError, match="unreadable manifest"):
+        Pool(pool_dir)
+    manifest.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(PoolError, match="not a surrogate-pool"):
+        Pool(pool_dir)
+    manifest.unlink()
+    with pytest.raises(PoolError, match="incomplete"):
+        Pool(pool_dir)
+
+
+def test_unmasked_pool_refuses_masked_loading(tmp_path):
+    write_run(tmp_path, _result(masked=False), _adapter(0), "x", {}, (4, 4))
+    pool = Pool(tmp_path)
+    assert not pool.masked_available
+    with pytest.raises(PoolError, match="no masked images"):
+        pool.load(pool.classes[0].items[0], masked=True)
