@@ -12,20 +12,23 @@ from .backbone import DEFAULT_BACKBONE, BackboneError
 from .formats import LoRAFormatError, atomic_write_bytes
 from .hub import HubError
 from .images import IMAGE_SUFFIXES, ImageError
+from .pool import PoolError
 from .predict import SupportError
 
 __all__ = ["main"]
 
 _logger = logging.getLogger("recycle")
-# Errors whose message is complete for a user: printed without a traceback.
-USER_ERRORS = (BackboneError, LoRAFormatError, HubError, ImageError, SupportError, FileNotFoundError)
+# Errors whose message is complete for a user (including invalid settings): printed without a traceback.
+USER_ERRORS = (BackboneError, LoRAFormatError, HubError, ImageError, SupportError, PoolError, FileNotFoundError,
+               ValueError)
 
 
-def _add_backbone_args(p: argparse.ArgumentParser) -> None:
+def _add_backbone_args(p: argparse.ArgumentParser, bf16: bool = True) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
                    help=f"timm name, alias, hf-hub:ORG/REPO or local directory (default: {DEFAULT_BACKBONE})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on recent CPUs and GPUs)")
+    if bf16:
+        p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on recent CPUs and GPUs)")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -54,6 +57,38 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_invert(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from .backbone import load_backbone
+    from .formats import load_lora
+    from .invert import InversionConfig, invert, load_bn_prior
+    from .pool import write_run
+    from .tokens import PruningConfig
+
+    prune = {} if args.prune in (["none"], ["0"]) else (args.prune or PruningConfig().schedule)
+    config = InversionConfig(per_class=args.per_class, steps=args.steps, lr=args.lr, bn_weight=args.bn_weight,
+                             pruning=PruningConfig(prune, start=args.prune_start), batch_size=args.batch_size,
+                             seed=args.seed)
+    backbone = load_backbone(args.backbone, device=args.device)
+    adapter = load_lora(args.lora, backbone)
+    prior = None if args.bn_prior.lower() == "none" else load_bn_prior(args.bn_prior, backbone.device)
+    n_classes = len(args.classes) if args.classes else adapter.num_classes
+    n_batches = -(-n_classes * config.per_class // (config.batch_size or n_classes * config.per_class))
+    with tqdm(total=config.steps * n_batches, desc="inverting", unit="step", disable=args.quiet) as bar:
+        def progress(p):
+            bar.update(1)
+            bar.set_postfix(loss=f"{p.loss:.3f}", acc=f"{p.accuracy:.2f}", pruning=p.pruning, refresh=False)
+        result = invert(backbone, adapter, config, args.classes, prior, progress=progress)
+    settings = {**asdict(config), "bn_prior": args.bn_prior, "backbone": args.backbone}
+    run = write_run(args.out, result, adapter, args.lora, settings, tuple(backbone.model.patch_embed.grid_size))
+    acc = (result.logits.argmax(-1) == result.labels).float().mean().item()
+    print(f"wrote {result.images.shape[0]} images to {run} (teacher accuracy {acc:.1%})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m recycle", description="LoRA Recycle: tuning-free few-shot "
                                      "learning from recycled LoRAs.")
@@ -71,6 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distance", default="l2", choices=("l2", "sqeuclidean", "cosine"))
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("invert", help="synthesise surrogate images from a LoRA and its head into a pool",
+                       description="LoRA inversion with attention-guided token pruning; the images, their masks "
+                                   "and the teacher's logits are added to the pool folder --out.")
+    _add_backbone_args(p, bf16=False)
+    p.add_argument("--lora", required=True, help="LoRA with a head: local folder or file, or Hub id ORG/NAME")
+    p.add_argument("--out", required=True, help="pool folder (created or grown)")
+    p.add_argument("--classes", nargs="+", help="class names or head indices (default: all)")
+    p.add_argument("--per-class", type=int, default=10, help="images per class (default: 10)")
+    p.add_argument("--steps", type=int, default=2000, help="optimisation steps (default: 2000, the paper's)")
+    p.add_argument("--lr", type=float, default=0.25)
+    p.add_argument("--prune", nargs="+", metavar="LAYER:RATIO",
+                   help="pruning schedule, e.g. 11:0.75 or 3,6,8,11:0.3; 'none' to disable (default: -1:0.75, "
+                        "the last block)")
+    p.add_argument("--prune-start", type=float, default=0.25, help="fraction of steps before pruning starts")
+    p.add_argument("--bn-prior", default="resnet50.tv_in1k",
+                   help="timm CNN whose BatchNorm statistics regularise the images, or 'none'")
+    p.add_argument("--bn-weight", type=float, default=0.01, help="weight of the BN prior (default: 0.01)")
+    p.add_argument("--batch-size", type=int, help="images optimised together (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_invert)
     return parser
 
 

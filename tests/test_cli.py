@@ -34,7 +34,7 @@ def task(tmp_path):
 
 def test_help_lists_only_working_commands():
     out = subprocess.run([sys.executable, "-m", "recycle", "--help"], capture_output=True, text=True, check=True)
-    assert "predict" in out.stdout
+    assert "predict" in out.stdout and "invert" in out.stdout
 
 
 def test_predict_prints_table_and_writes_json(task, tiny_clip_dir, capsys):
@@ -95,3 +95,37 @@ def test_bad_support_folder(task, tiny_clip_dir, capsys):
     code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"),
                  "--query", str(task / "query"), "--device", "cpu"])
     assert code == 2 and "at least 2 classes" in capsys.readouterr().err
+
+
+def _publish_tiny_resnet(repo_dir):
+    """A tiny BatchNorm CNN in timm's Hub layout, standing in for the ImageNet ResNet-50 prior."""
+    import timm
+    from timm.models import save_for_hf
+
+    model = timm.create_model("resnet18", pretrained=False, layers=[1, 1, 1, 1], num_classes=10)
+    save_for_hf(model, str(repo_dir), safe_serialization=True)
+
+
+def test_invert_from_the_hub_into_a_pool(tiny_clip, tiny_clip_dir, local_hub, tmp_path, capsys):
+    from recycle.pool import Pool
+    from tests.helpers import colour_task, train_tiny_lora
+
+    adapter = train_tiny_lora(tiny_clip, *colour_task())
+    save_adapter(adapter, local_hub.root / "someone" / "colours-lora")
+    _publish_tiny_resnet(local_hub.root / "testorg" / "tiny-resnet")
+    out = tmp_path / "pool"
+    args = ["invert", "--backbone", str(tiny_clip_dir), "--lora", "someone/colours-lora", "--out", str(out),
+            "--per-class", "3", "--steps", "40", "--lr", "0.1", "--prune", "1:0.5", "--device", "cpu", "--quiet"]
+    assert main(args + ["--bn-prior", "hf-hub:testorg/tiny-resnet", "--classes", "c0", "c2"]) == 0
+    assert "teacher accuracy" in capsys.readouterr().out
+    pool = Pool(out)
+    assert [c.name for c in pool.classes] == ["c0", "c2"] and pool.masked_available
+    run = pool.runs[0]
+    assert run["settings"]["pruning"]["schedule"] == {"1": 0.5} and run["settings"]["steps"] == 40
+    assert all(len(item["kept"]) == 8 for item in run["items"])
+    assert main(args + ["--bn-prior", "none", "--seed", "1"]) == 0  # the pool grows
+    assert len(Pool(out).runs) == 2
+    assert main(args + ["--bn-prior", "hf-hub:testorg/missing-prior"]) == 2
+    assert "not found" in capsys.readouterr().err and len(Pool(out).runs) == 2
+    assert main([a if a != "40" else "0" for a in args] + ["--bn-prior", "none"]) == 2
+    assert "steps" in capsys.readouterr().err
