@@ -89,6 +89,109 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretune(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .backbone import load_backbone
+    from .lora import LoRAConfig
+    from .pretune import PretuneConfig, pretune_zoo
+
+    config = PretuneConfig(num_loras=args.num_loras, way=args.way, steps=args.steps, lr=args.lr,
+                           batch_size=args.batch_size, flip=not args.no_flip, shift=args.shift,
+                           lora=LoRAConfig(rank=args.rank), seed=args.seed)
+    backbone = load_backbone(args.backbone, device=args.device)
+    with tqdm(total=config.num_loras, desc="pre-tuning", unit="LoRA", disable=args.quiet) as bar:
+        manifest = pretune_zoo(backbone, args.data, args.out, config,
+                               lambda done, total, entry: bar.update(done - bar.n))
+    accs = [e["holdout_acc"] for e in manifest["loras"] if e["holdout_acc"] == e["holdout_acc"]]
+    mean = f", mean held-out accuracy {sum(accs) / len(accs):.1%}" if accs else ""
+    print(f"zoo {args.out}: {len(manifest['loras'])} LoRAs{mean}")
+    return 0
+
+
+def _cmd_meta_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .backbone import load_backbone
+    from .evaluate import EvalConfig, make_validator
+    from .hub import write_model_card
+    from .lora import LoRAConfig
+    from .meta import MetaConfig, PoolEpisodes, ZooEpisodes, meta_train
+    from .pool import Pool
+
+    config = MetaConfig(steps=args.steps, way=args.way, shot=args.shot, query=args.query, masked=args.masked,
+                        cross_fraction=args.cross_fraction, lr=args.lr, lora=LoRAConfig(rank=args.rank),
+                        checkpoint_every=args.checkpoint_every, val_every=args.val_every if args.val else 0,
+                        val_episodes=args.val_episodes, seed=args.seed)
+    backbone = load_backbone(args.backbone, device=args.device)
+    if args.pool:
+        source = PoolEpisodes(Pool(args.pool), config.spec, config.masked)
+        origin = {"pool": args.pool}
+    else:
+        from .invert import InversionConfig, load_bn_prior
+        from .pretune import load_zoo
+        from .tokens import PruningConfig
+
+        adapters = [a for _, a in load_zoo(args.zoo, backbone)]
+        prune = PruningConfig({-1: args.mask_ratio} if args.masked else {})
+        prior = None if args.bn_prior.lower() == "none" else load_bn_prior(args.bn_prior, backbone.device)
+        source = ZooEpisodes(backbone, adapters, config.spec, config.masked,
+                             InversionConfig(steps=args.invert_steps, pruning=prune), prior)
+        origin = {"zoo": args.zoo, "online_inversion_steps": args.invert_steps}
+    validate = None
+    if args.val:
+        validate = make_validator(backbone, args.val, EvalConfig(config.way, config.shot, config.query,
+                                                                 config.val_episodes, seed=args.seed))
+    command = "python -m recycle " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0] else None
+    with tqdm(total=config.steps, desc="meta-training", unit="step", disable=args.quiet) as bar:
+        def progress(record: dict) -> None:
+            bar.update(record["step"] - bar.n)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", kind=record["kind"], refresh=False)
+        result = meta_train(backbone, source, config, args.out, resume=args.resume, validate=validate,
+                            progress=progress, info={**origin, "backbone": args.backbone, "command": command})
+    write_model_card(Path(args.out) / "meta-lora", result.adapter, command=command)
+    tail = result.losses[-10:]
+    msg = f"meta-LoRA written to {Path(args.out) / 'meta-lora'}"
+    if tail:
+        msg += f" (mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.4f})"
+    if result.best_val is not None:
+        msg += f"; best validation accuracy {result.best_val:.1%} at step {result.best_step}"
+    print(msg)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .backbone import load_backbone
+    from .evaluate import EvalConfig, average_loras, evaluate, results_markdown, write_report
+    from .formats import load_lora
+    from .pretune import load_zoo
+
+    config = EvalConfig(args.way, args.shot, args.query, args.episodes, args.seed, args.distance, bf16=args.bf16)
+    backbone = load_backbone(args.backbone, device=args.device)
+    methods = {"NN": None}
+    if args.zoo:
+        methods["LoRAs-average + NN"] = average_loras([a for _, a in load_zoo(args.zoo, backbone)])
+    for spec in args.lora or []:
+        name, _, source = spec.rpartition("=")
+        methods[name or source] = load_lora(source, backbone)
+    report = evaluate(backbone, args.data, methods, config, progress=lambda m: _logger.info("evaluating %s", m))
+    markdown = results_markdown(report)
+    print(markdown)
+    if args.json:
+        write_report(report, args.json)
+    if args.markdown:
+        atomic_write_bytes(args.markdown, markdown.encode())
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_folder
+
+    url = push_folder(args.dir, args.repo, token=args.token, private=args.private)
+    print(f"pushed {args.dir} to {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m recycle", description="LoRA Recycle: tuning-free few-shot "
                                      "learning from recycled LoRAs.")
@@ -128,6 +231,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_invert)
+
+    p = sub.add_parser("pretune", help="tune a zoo of LoRAs (with heads) on N-way tasks from an ImageFolder",
+                       description="Sample --num-loras seeded N-way tasks from --data (one folder per class) and "
+                                   "tune a LoRA and a head on each; finished LoRAs are skipped on a re-run.")
+    _add_backbone_args(p, bf16=False)
+    p.add_argument("--data", required=True, help="ImageFolder: one subfolder of images per class")
+    p.add_argument("--out", required=True, help="zoo folder")
+    p.add_argument("--num-loras", type=int, required=True)
+    p.add_argument("--way", type=int, default=5)
+    p.add_argument("--steps", type=int, default=100, help="Adam steps per LoRA")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--shift", type=float, default=0.125, help="random translation (fraction of the size)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips (e.g. for text)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_pretune)
+
+    p = sub.add_parser("meta-train", help="distil one meta-LoRA from a surrogate pool or a LoRA zoo",
+                       description="ProtoNet meta-training of a meta-LoRA on surrogate episodes: KL to the "
+                                   "teacher for single-LoRA episodes, CE for cross-LoRA ones.")
+    _add_backbone_args(p, bf16=False)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pool", help="surrogate pool folder (from invert)")
+    src.add_argument("--zoo", help="LoRA zoo folder: invert episodes online (slow; the paper's Alg. 1)")
+    p.add_argument("--out", required=True, help="output folder (checkpoint, log.jsonl, meta-lora/)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--way", type=int, default=5)
+    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--query", type=int, default=15)
+    p.add_argument("--masked", action="store_true", help="train on masked images, feeding kept tokens only")
+    p.add_argument("--cross-fraction", type=float, default=0.5, help="share of cross-LoRA (CE) episodes")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--val", help="real ImageFolder validation split for model selection (never the test split)")
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--val-episodes", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--invert-steps", type=int, default=200, help="with --zoo: inversion steps per episode")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="with --zoo --masked: tokens dropped")
+    p.add_argument("--bn-prior", default="none", help="with --zoo: BN prior for online inversion")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_meta_train)
+
+    p = sub.add_parser("eval", help="episodic few-shot evaluation with baselines, mean ± 95%% CI",
+                       description="Score NN (bare backbone), LoRAs-average + NN (with --zoo) and each --lora on "
+                                   "the same seeded episodes of an ImageFolder split.")
+    _add_backbone_args(p)
+    p.add_argument("--data", required=True, help="ImageFolder test split (classes unseen by the LoRAs)")
+    p.add_argument("--lora", nargs="+", metavar="[NAME=]SOURCE", help="LoRAs to score, e.g. recycle=out/meta-lora")
+    p.add_argument("--zoo", help="zoo folder, for the LoRAs-average + NN baseline")
+    p.add_argument("--way", type=int, default=5)
+    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--query", type=int, default=15)
+    p.add_argument("--episodes", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distance", default="l2", choices=("l2", "sqeuclidean", "cosine"))
+    p.add_argument("--json", help="write the report as JSON")
+    p.add_argument("--markdown", help="write the results table as Markdown")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("push", help="upload a LoRA folder (e.g. a meta-LoRA with its card) to the Hub")
+    p.add_argument("--dir", required=True, help="folder to upload (adapter files and README.md)")
+    p.add_argument("--repo", required=True, help="Hub repository ORG/NAME (created if missing)")
+    p.add_argument("--token", help="Hub token (default: the logged-in token or HF_TOKEN)")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=_cmd_push)
     return parser
 
 

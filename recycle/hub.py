@@ -13,7 +13,8 @@ import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-__all__ = ["HubError", "endpoint", "hub_reachable", "offline_mode", "is_repo_id", "download_repo_files"]
+__all__ = ["HubError", "endpoint", "hub_reachable", "offline_mode", "is_repo_id", "download_repo_files",
+           "write_model_card", "push_folder"]
 
 _logger = logging.getLogger(__name__)
 _offline_lock = threading.RLock()
@@ -89,3 +90,72 @@ def download_repo_files(repo_id: str, allow_patterns: Sequence[str], revision: O
     except hf_errors.HfHubHTTPError as e:
         raise HubError(f"Hub request for '{repo_id}' failed: {e}") from None
     return Path(folder)
+
+
+def write_model_card(folder: Path, adapter, command: Optional[str] = None, results_md: Optional[str] = None) -> Path:
+    """Write ``README.md`` for a LoRA folder: what it is, how it was made (data-free), the command and results."""
+    import json
+
+    from .formats import atomic_write_bytes
+
+    info = dict(adapter.info)
+    meta = info.pop("meta_training", None)
+    lines = ["---", "library_name: peft", "tags:", "- lora-recycle", "- few-shot", "- timm", "- lora"]
+    if adapter.backbone and not str(adapter.backbone).startswith(("/", ".", "local-dir:")):
+        lines.append(f"base_model: {adapter.backbone}")
+    lines += ["---", "", "# Meta-LoRA (LoRA Recycle)" if meta else "# LoRA", ""]
+    if meta:
+        lines += ["A meta-LoRA distilled **without any real training data** from pre-tuned LoRAs, following "
+                  "LoRA Recycle (Hu et al., CVPR 2025): surrogate images were inverted from each LoRA and its head, "
+                  "and the meta-LoRA was meta-trained on them with a ProtoNet objective (KL to the teacher for "
+                  "single-LoRA episodes, cross-entropy for cross-LoRA episodes).", "",
+                  "Use it for tuning-free few-shot classification: embed a few labelled support images per class, "
+                  "average them into prototypes and classify queries by distance, in one forward pass:", "",
+                  "```bash", f"python -m recycle predict --backbone {adapter.backbone} --lora <this repo> "
+                  "--support SUPPORT_DIR --query QUERY_DIR", "```", ""]
+    c = adapter.config
+    lines += ["## Adapter", "", f"- backbone: `{adapter.backbone}`", f"- targets: {', '.join(c.targets)}; rank "
+              f"{c.rank}; scaling {c.scaling:g}", f"- files: PEFT layout (`adapter_config.json`, "
+              "`adapter_model.safetensors`); loads with PEFT on the same timm model", ""]
+    if adapter.class_names:
+        lines += [f"- head classes: {', '.join(adapter.class_names)}", ""]
+    if meta:
+        lines += ["## How it was made", "", "```json", json.dumps({**meta, **info}, indent=1, default=str), "```", ""]
+    if command:
+        lines += ["Command:", "", "```bash", command, "```", ""]
+    if results_md:
+        lines += ["## Results", "", results_md, ""]
+    path = Path(folder) / "README.md"
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    return path
+
+
+def push_folder(folder, repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
+    """Create `repo_id` if needed and upload `folder` (safetensors, JSON and Markdown files only); returns its URL.
+
+    Raises:
+        HubError: malformed id, nothing to upload, pickles in the folder, or the upload failed.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hf_errors
+
+    folder = Path(folder)
+    if not is_repo_id(repo_id):
+        raise HubError(f"'{repo_id}' is not a Hub id of the form ORG/NAME")
+    if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        raise HubError(f"'{folder}' is not a folder with .safetensors weights")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    if pickles:
+        raise HubError(f"'{folder}' contains pickled files {pickles}; only safetensors are published")
+    api = HfApi(endpoint=endpoint(), token=token)
+    try:
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=["*.safetensors", "*.json", "*.md"],
+                          commit_message="Upload LoRA (LoRA Recycle)")
+    except hf_errors.HfHubHTTPError as e:
+        raise HubError(f"upload to '{repo_id}' failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - network failures come from several libraries
+        if "connect" in type(e).__name__.lower() or isinstance(e, (ConnectionError, OSError)):
+            raise HubError(f"cannot reach the Hugging Face Hub at {endpoint()} to upload '{repo_id}'") from None
+        raise
+    return f"{endpoint()}/{repo_id}"

@@ -8,6 +8,7 @@ rank-``2r`` pair with zero k rows, which is also the PEFT on-disk form.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ from torch import nn
 __all__ = [
     "LoRAConfig", "LoRALinear", "TARGETS", "inject_lora", "remove_lora", "merge_lora", "unmerge_lora",
     "lora_layers", "lora_state_dict", "load_lora_state_dict", "mark_only_lora_trainable", "lora_parameters",
+    "lora_suspended",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -257,6 +259,19 @@ def remove_lora(model: nn.Module) -> list[str]:
         _set(model, name, layer.base_layer)
         removed.append(name)
     return removed
+
+
+@contextlib.contextmanager
+def lora_suspended(model: nn.Module) -> Iterator[None]:
+    """Take every LoRA layer off `model` for the duration of the block, then put the same layers back."""
+    layers = dict(lora_layers(model))
+    for name, layer in layers.items():
+        _set(model, name, layer.base_layer)
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            _set(model, name, layer)
 
 
 def merge_lora(model: nn.Module) -> None:

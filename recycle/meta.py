@@ -1,0 +1,367 @@
+"""Meta-training one meta-LoRA on surrogate episodes (LoRA Recycle §4.2–4.3, Alg. 1).
+
+Each step draws an N-way K-shot episode of surrogate images, embeds support and queries with the backbone plus the
+trainable meta-LoRA, builds prototypes and scores queries by −‖q − c‖₂ (no inner-loop tuning). The loss is
+``KL(teacher ‖ student)`` on the queries for single-LoRA episodes (the teacher's logits were stored in the pool at
+inversion time) and cross-entropy for cross-LoRA episodes (classes from different LoRAs, "cross-task
+interpolation"). Masked pools are fed as their kept tokens only. Adam at 1e-3 on a repeating cycle of 25 warm-up
+and 75 cosine steps.
+
+The teacher LoRAs never touch the student: pool episodes carry the teachers' logits as data, and online inversion
+(`ZooEpisodes`) runs the teachers on a separate copy of the backbone. (The official code loads each teacher into the
+model that holds the meta-LoRA, so its meta-LoRA never trains.)
+
+Checkpoints are single safetensors files written atomically: LoRA and Adam state, step, and every RNG state, so
+``resume=True`` continues exactly as an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from .backbone import Backbone
+from .episodes import EpisodeSpec
+from .fewshot import prototype_logits
+from .formats import LoRAAdapter, LoRAFormatError, atomic_write_bytes, save_adapter
+from .lora import (LoRAConfig, inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict, lora_suspended,
+                   remove_lora)
+from .pool import Pool, PoolEpisode
+from .tokens import embed_kept
+
+__all__ = ["MetaConfig", "cyclic_lr", "flip_kept", "PoolEpisodes", "ZooEpisodes", "episode_loss", "meta_train",
+           "MetaResult"]
+
+_logger = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.jsonl"
+
+
+@dataclass
+class MetaConfig:
+    """Meta-training settings; defaults follow the paper (5-way 1-shot, 15 queries, Adam 1e-3, 25+75 cycle)."""
+
+    steps: int = 1000
+    way: int = 5
+    shot: int = 1
+    query: int = 15
+    masked: bool = False  # feed masked pool images as their kept tokens only
+    cross_fraction: float = 0.5  # share of cross-LoRA (CE) episodes; the rest are single-LoRA (KL) episodes
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup: int = 25
+    cycle: int = 100  # warm-up + cosine steps per cycle
+    flip: bool = True  # random horizontal flip of each image
+    distance: str = "l2"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    checkpoint_every: int = 50
+    val_every: int = 0  # 0 = no validation
+    val_episodes: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):
+            self.lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.lora.items()})
+        checks = [("steps", self.steps >= 1), ("cross_fraction", 0.0 <= self.cross_fraction <= 1.0),
+                  ("lr", self.lr > 0), ("min_lr", 0 <= self.min_lr <= self.lr),
+                  ("warmup", 0 <= self.warmup < self.cycle), ("cycle", self.cycle >= 1),
+                  ("checkpoint_every", self.checkpoint_every >= 1), ("val_every", self.val_every >= 0),
+                  ("val_episodes", self.val_episodes >= 1), ("distance", self.distance in ("l2", "sqeuclidean"))]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"invalid meta-training setting {name}={getattr(self, name)!r}")
+        self.spec  # validates way/shot/query
+
+    @property
+    def spec(self) -> EpisodeSpec:
+        return EpisodeSpec(self.way, self.shot, self.query)
+
+
+def cyclic_lr(step: int, lr: float = 1e-3, min_lr: float = 1e-5, warmup: int = 25, cycle: int = 100) -> float:
+    """Learning rate at `step`: linear warm-up min_lr → lr over `warmup` steps, then cosine back to min_lr, repeating
+    every `cycle` steps."""
+    t = step % cycle
+    if t < warmup:
+        return min_lr + (lr - min_lr) * t / warmup
+    progress = (t - warmup) / max(1, cycle - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def flip_kept(kept: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Kept patch indices of a horizontally flipped image (column c -> gw − 1 − c), ascending."""
+    gw = grid[1]
+    return ((kept // gw) * gw + (gw - 1 - kept % gw)).sort().values
+
+
+class EpisodeSource(Protocol):
+    def next(self, kind: str, rng: random.Random) -> PoolEpisode: ...
+
+
+class PoolEpisodes:
+    """Episodes from a surrogate pool on disk."""
+
+    def __init__(self, pool: Pool, spec: EpisodeSpec, masked: bool):
+        if masked and not pool.masked_available:
+            raise ValueError("masked meta-training needs a pool inverted with token pruning (masked images)")
+        self.pool, self.spec, self.masked = pool, spec, masked
+        sampler = pool.sampler()
+        self.kinds = [k for k in ("single", "cross") if sampler.can_sample(spec, k)]
+        if not self.kinds:
+            raise ValueError(f"the pool cannot supply {spec.way}-way {spec.shot}-shot episodes with {spec.query} "
+                             f"queries: it needs at least {spec.way} classes with {spec.shot + spec.query} images")
+
+    def next(self, kind: str, rng: random.Random) -> PoolEpisode:
+        if kind not in self.kinds:
+            kind = self.kinds[0]
+        return self.pool.sample_episode(self.spec, kind, self.masked, rng)
+
+
+class ZooEpisodes:
+    """Episodes inverted online from a LoRA zoo (the paper's Alg. 1): each episode inverts ``shot + query`` images
+    per class from one randomly chosen LoRA, on a separate copy of the backbone."""
+
+    def __init__(self, backbone: Backbone, adapters: Sequence[LoRAAdapter], spec: EpisodeSpec, masked: bool,
+                 invert_config, bn_prior=None):
+        from .invert import InversionConfig
+
+        if not adapters:
+            raise ValueError("the zoo is empty")
+        usable = [a for a in adapters if a.num_classes >= spec.way]
+        if not usable:
+            raise ValueError(f"no LoRA in the zoo has a head with >= {spec.way} classes")
+        self.teacher_backbone = Backbone(copy.deepcopy(backbone.model).cpu(), backbone.name).to(backbone.device)
+        self.adapters, self.spec, self.masked, self.bn_prior = usable, spec, masked, bn_prior
+        self.config: InversionConfig = invert_config
+        self.kinds = ["single"]
+
+    def next(self, kind: str, rng: random.Random) -> PoolEpisode:
+        from dataclasses import replace
+
+        from .invert import invert
+
+        adapter = rng.choice(self.adapters)
+        classes = sorted(rng.sample(range(adapter.num_classes), self.spec.way))
+        cfg = replace(self.config, per_class=self.spec.shot + self.spec.query, seed=rng.randrange(2 ** 31))
+        res = invert(self.teacher_backbone, adapter, cfg, classes, self.bn_prior)
+        per = self.spec.shot + self.spec.query
+        s_idx = [c * per + i for c in range(self.spec.way) for i in range(self.spec.shot)]
+        q_idx = [c * per + i for c in range(self.spec.way) for i in range(self.spec.shot, per)]
+        images = res.masked if self.masked and res.masked is not None else res.images
+        logits = (res.logits_kept if self.masked and res.logits_kept is not None else res.logits)[:, classes]
+        kept = [res.kept[i] for i in range(res.kept.shape[0])] if self.masked and res.kept is not None else None
+        labels = torch.arange(self.spec.way)
+        return PoolEpisode(images[s_idx], labels.repeat_interleave(self.spec.shot), images[q_idx],
+                           labels.repeat_interleave(self.spec.query), "single", [], logits[q_idx],
+                           [kept[i] for i in s_idx] if kept else None, [kept[i] for i in q_idx] if kept else None)
+
+
+def _embed(backbone: Backbone, images: torch.Tensor, kept: Optional[list[torch.Tensor]], flips: torch.Tensor
+           ) -> torch.Tensor:
+    """Normalise, flip the marked images (and their kept indices), and embed: ``(n, 3, H, W)`` -> ``(n, D)``."""
+    device = backbone.device
+    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+    x = images.to(device)
+    x = torch.where(flips.view(-1, 1, 1, 1).to(device), x.flip(3), x)
+    x = (x - mean) / std
+    if kept is None:
+        return backbone.embed(x)
+    grid = tuple(backbone.model.patch_embed.grid_size)
+    rows = [flip_kept(k, grid) if f else k for k, f in zip(kept, flips.tolist())]
+    return embed_kept(backbone, x, rows)
+
+
+def episode_loss(backbone: Backbone, episode: PoolEpisode, distance: str = "l2", flip: bool = True,
+                 generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, float]:
+    """ProtoNet loss of the LoRA-equipped `backbone` on one episode, and its query accuracy.
+
+    KL(teacher ‖ student) on the queries when the episode carries teacher logits (single-LoRA), else cross-entropy.
+    """
+    n_s, n_q = episode.support.shape[0], episode.query.shape[0]
+    flips = (torch.rand(n_s + n_q, generator=generator) < 0.5) if flip else torch.zeros(n_s + n_q, dtype=torch.bool)
+    images = torch.cat([episode.support, episode.query])
+    kept = None if episode.support_kept is None else list(episode.support_kept) + list(episode.query_kept)
+    emb = _embed(backbone, images, kept, flips)
+    way = int(episode.support_labels.max()) + 1
+    device = emb.device
+    logits = prototype_logits(emb[:n_s], episode.support_labels.to(device), emb[n_s:], distance, way)
+    if episode.teacher_logits is not None:
+        target = episode.teacher_logits.to(device).softmax(-1)
+        loss = F.kl_div(logits.log_softmax(-1), target, reduction="batchmean")
+    else:
+        loss = F.cross_entropy(logits, episode.query_labels.to(device))
+    acc = (logits.argmax(-1).cpu() == episode.query_labels).float().mean().item()
+    return loss, acc
+
+
+@dataclass
+class MetaResult:
+    adapter: LoRAAdapter  # the exported meta-LoRA (best on validation if validated, else the last)
+    steps_done: int
+    losses: list[float]
+    best_val: Optional[float] = None
+    best_step: Optional[int] = None
+
+
+def _rng_state(py: random.Random, gen: torch.Generator) -> tuple[dict, dict[str, torch.Tensor]]:
+    version, state, gauss = py.getstate()
+    return ({"python": [version, list(state), gauss]},
+            {"rng.torch_gen": gen.get_state(), "rng.torch_global": torch.get_rng_state()})
+
+
+def _save_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer, step: int, config: MetaConfig,
+                     py: random.Random, gen: torch.Generator, extra: dict) -> None:
+    tensors = {f"lora.{k}": v for k, v in lora_state_dict(backbone.model).items()}
+    params = lora_parameters(backbone.model)
+    for i, p in enumerate(params):
+        st = opt.state.get(p, {})
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in st:
+                tensors[f"adam.{i}.{k}"] = st[k].detach().cpu().contiguous()
+        if "step" in st:
+            tensors[f"adam.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
+    meta, rng_tensors = _rng_state(py, gen)
+    tensors.update(rng_tensors)
+    metadata = {"step": str(step), "config": json.dumps(asdict(config)), "rng": json.dumps(meta),
+                "extra": json.dumps(extra)}
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def _load_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer, py: random.Random,
+                     gen: torch.Generator) -> tuple[int, dict]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
+        raise LoRAFormatError(f"checkpoint {path} is unreadable ({e})") from None
+    load_lora_state_dict(backbone.model, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
+    device = backbone.device
+    for i, p in enumerate(lora_parameters(backbone.model)):
+        if f"adam.{i}.exp_avg" in tensors:
+            opt.state[p] = {"step": tensors[f"adam.{i}.step"].reshape(()).clone(),
+                            "exp_avg": tensors[f"adam.{i}.exp_avg"].to(device),
+                            "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(device)}
+    version, state, gauss = json.loads(metadata["rng"])["python"]
+    py.setstate((version, tuple(state), gauss))
+    gen.set_state(tensors["rng.torch_gen"])
+    torch.set_rng_state(tensors["rng.torch_global"])
+    return int(metadata["step"]), json.loads(metadata.get("extra", "{}"))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only log lines up to `step` (a killed run may have logged past its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            break  # a torn last line
+    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, out: Union[str, Path],
+               resume: bool = False, validate: Optional[Callable[[LoRAAdapter], float]] = None,
+               progress: Optional[Callable[[dict], None]] = None, info: Optional[dict] = None) -> MetaResult:
+    """Train one meta-LoRA on `backbone` with episodes from `source`; write checkpoints, a JSONL log and the result.
+
+    Args:
+        backbone: frozen backbone; the meta-LoRA is injected for the run and removed afterwards.
+        source: `PoolEpisodes` or `ZooEpisodes`.
+        config: settings.
+        out: output folder: ``checkpoint.safetensors``, ``log.jsonl``, ``meta-lora/`` (the exported LoRA).
+        resume: continue from ``out/checkpoint.safetensors`` exactly where it stopped.
+        validate: optional ``adapter -> accuracy`` on a real validation split, run every ``config.val_every``
+            steps; the best adapter is exported. Never pass the test split.
+        progress: called with each step's log record.
+        info: provenance recorded in the exported LoRA.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt, log_path = out / CHECKPOINT, out / LOG
+    py = random.Random(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    inject_lora(backbone.model, config.lora)
+    try:
+        backbone.model.to(backbone.device)
+        params = lora_parameters(backbone.model)
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=config.lr)
+        start, extra = 0, {"best_val": None, "best_step": None, "best_state": None}
+        if resume and ckpt.is_file():
+            start, extra = _load_checkpoint(ckpt, backbone, opt, py, gen)
+            _truncate_log(log_path, start)
+            _logger.info("resumed from step %d", start)
+        elif not resume and log_path.exists():
+            log_path.unlink()
+        best_state = None
+        if extra.get("best_step") is not None and (out / "best.safetensors").is_file():
+            from safetensors.torch import load_file
+            best_state = load_file(str(out / "best.safetensors"))
+        losses = []
+        backbone.model.train()
+        t0 = time.perf_counter()
+        with log_path.open("a", encoding="utf-8") as log:
+            for step in range(start, config.steps):
+                lr = cyclic_lr(step, config.lr, config.min_lr, config.warmup, config.cycle)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                kind = "cross" if py.random() < config.cross_fraction else "single"
+                episode = source.next(kind, py)
+                loss, acc = episode_loss(backbone, episode, config.distance, config.flip, gen)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"meta-training loss became {loss.item()} at step {step}; lower the "
+                                             "learning rate or check the pool")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                record = {"step": step + 1, "loss": round(loss.item(), 6), "acc": round(acc, 4),
+                          "kind": episode.kind, "lr": lr, "time": round(time.perf_counter() - t0, 3)}
+                done = step + 1
+                if validate is not None and config.val_every and (done % config.val_every == 0
+                                                                  or done == config.steps):
+                    backbone.model.eval()
+                    adapter = LoRAAdapter.from_model(backbone.model, config.lora)
+                    with lora_suspended(backbone.model):
+                        val = validate(adapter)
+                    backbone.model.train()
+                    record["val_acc"] = round(val, 4)
+                    if extra["best_val"] is None or val > extra["best_val"]:
+                        extra["best_val"], extra["best_step"] = val, done
+                        best_state = lora_state_dict(backbone.model)
+                        atomic_write_bytes(out / "best.safetensors", safetensors_bytes(best_state))
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if progress is not None:
+                    progress(record)
+                if done % config.checkpoint_every == 0 or done == config.steps:
+                    _save_checkpoint(ckpt, backbone, opt, done, config, py, gen,
+                                     {"best_val": extra["best_val"], "best_step": extra["best_step"]})
+        backbone.model.eval()
+        state = best_state if best_state is not None else lora_state_dict(backbone.model)
+        adapter = LoRAAdapter(config.lora, state, backbone.name,
+                              info={**(info or {}), "meta_training": asdict(config), "steps": config.steps,
+                                    "best_val": extra["best_val"], "best_step": extra["best_step"]})
+        save_adapter(adapter, out / "meta-lora")
+    finally:
+        remove_lora(backbone.model)
+        backbone.model.eval()
+    return MetaResult(adapter, config.steps, losses, extra["best_val"], extra["best_step"])
+

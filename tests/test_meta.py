@@ -1,0 +1,146 @@
+import json
+import random
+
+import pytest
+import torch
+
+from recycle.backbone import load_backbone
+from recycle.episodes import EpisodeSpec
+from recycle.invert import InversionConfig, invert
+from recycle.lora import LoRAConfig, inject_lora, lora_layers, remove_lora
+from recycle.meta import MetaConfig, PoolEpisodes, cyclic_lr, episode_loss, flip_kept, meta_train
+from recycle.pool import Pool, write_run
+from recycle.tokens import keep_mask
+from tests.helpers import colour_task, train_tiny_lora
+
+
+@pytest.fixture(scope="module")
+def pool_dir(tmp_path_factory, tiny_clip_dir):
+    """Two tiny LoRAs (3 colours each), inverted with pruning into one pool."""
+    backbone = load_backbone(str(tiny_clip_dir), device="cpu")
+    root = tmp_path_factory.mktemp("pool")
+    images, labels = colour_task(n_classes=6, per_class=4)
+    for k, classes in enumerate([(0, 1, 2), (3, 4, 5)]):
+        sel = [i for i, y in enumerate(labels) if y in classes]
+        adapter = train_tiny_lora(backbone, [images[i] for i in sel], [classes.index(labels[i]) for i in sel],
+                                  seed=k)
+        result = invert(backbone, adapter, InversionConfig(per_class=5, steps=30, lr=0.1, pruning={1: 0.5}, seed=k))
+        write_run(root, result, adapter, f"zoo/lora_{k}", {"steps": 30}, (4, 4))
+    return root
+
+
+def _fixed_loss(backbone, source, adapter_state=None, n=6):
+    rng = random.Random(123)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return sum(episode_loss(backbone, source.next(k, rng), flip=False, generator=gen)[0].item()
+                   for k in ["single", "cross"] * (n // 2)) / n
+
+
+def test_cyclic_schedule():
+    assert cyclic_lr(0) == pytest.approx(1e-5)
+    assert cyclic_lr(25) == pytest.approx(1e-3)
+    assert cyclic_lr(99) < 2e-5 and cyclic_lr(100) == pytest.approx(1e-5)
+    assert cyclic_lr(62) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5), rel=0.05)
+    assert cyclic_lr(137) == cyclic_lr(37)
+
+
+def test_flip_kept_matches_flipping_the_mask():
+    kept = torch.tensor([[0, 5, 6, 11, 15]])
+    mask = keep_mask(kept, (4, 4))[0]
+    flipped = mask.flip(1).flatten().nonzero().flatten()
+    assert torch.equal(flip_kept(kept[0], (4, 4)), flipped)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_meta_training_lowers_the_loss(pool_dir, tiny_clip, tmp_path, masked):
+    source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked)
+    before = _fixed_loss(tiny_clip, source)
+    config = MetaConfig(steps=40, way=3, shot=1, query=2, masked=masked, lr=1e-2, warmup=2, cycle=20,
+                        checkpoint_every=10)
+    result = meta_train(tiny_clip, source, config, tmp_path / "run")
+    assert not list(lora_layers(tiny_clip.model))  # the backbone is left clean
+    result.adapter.inject(tiny_clip.model)
+    after = _fixed_loss(tiny_clip, source)
+    remove_lora(tiny_clip.model)
+    assert after < before, (before, after)
+    assert len(result.losses) == 40
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 41)) and {r["kind"] for r in log} == {"single", "cross"}
+    assert (tmp_path / "run" / "meta-lora" / "adapter_model.safetensors").is_file()
+
+
+def test_masked_episodes_feed_kept_tokens(pool_dir, tiny_clip, monkeypatch):
+    import recycle.meta as meta
+    calls = []
+    real = meta.embed_kept
+    monkeypatch.setattr(meta, "embed_kept", lambda b, x, kept: calls.append([len(k) for k in kept]) or real(b, x, kept))
+    source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=True)
+    episode_loss(tiny_clip, source.next("single", random.Random(0)))
+    assert calls == [[8] * 9]  # 3 support + 6 queries, 8 of 16 patches each
+
+
+def test_resume_equals_uninterrupted(pool_dir, tiny_clip, tmp_path):
+    source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=True)
+    config = MetaConfig(steps=12, way=3, shot=1, query=2, masked=True, lr=1e-2, checkpoint_every=5,
+                        lora=LoRAConfig(dropout=0.1))
+    full = meta_train(tiny_clip, source, config, tmp_path / "full")
+
+    def crash(record):
+        if record["step"] == 7:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(tiny_clip, source, config, tmp_path / "resumed", progress=crash)
+    assert not list(lora_layers(tiny_clip.model))
+    resumed = meta_train(tiny_clip, source, config, tmp_path / "resumed", resume=True)
+    for key, value in full.adapter.state.items():
+        assert torch.equal(resumed.adapter.state[key], value), key
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    full_log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    assert [r["loss"] for r in log] == [r["loss"] for r in full_log]
+
+
+def test_a_kill_during_checkpointing_keeps_the_last_good_one(pool_dir, tiny_clip, tmp_path, monkeypatch):
+    import os
+
+    import recycle.formats as formats
+    source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
+    config = MetaConfig(steps=10, way=3, shot=1, query=2, checkpoint_every=4)
+    real_replace, writes = os.replace, []
+
+    def dying_replace(src, dst):
+        writes.append(dst)
+        if str(dst).endswith("checkpoint.safetensors") and len([w for w in writes if "checkpoint" in str(w)]) == 2:
+            raise KeyboardInterrupt  # killed after writing the temp file, before the rename
+        return real_replace(src, dst)
+    monkeypatch.setattr(formats.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(tiny_clip, source, config, tmp_path / "run")
+    monkeypatch.setattr(formats.os, "replace", real_replace)
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]  # no temp file left
+    resumed = meta_train(tiny_clip, source, config, tmp_path / "run", resume=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 11)) and resumed.steps_done == 10
+
+
+def test_validation_selects_the_best_on_a_real_split(pool_dir, tiny_clip, tmp_path):
+    seen = []
+
+    def validate(adapter):
+        score = [0.2, 0.9, 0.5][len(seen)]
+        seen.append({k: v.clone() for k, v in adapter.state.items()})
+        return score
+    source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
+    config = MetaConfig(steps=9, way=3, shot=1, query=2, val_every=3, lr=1e-2)
+    result = meta_train(tiny_clip, source, config, tmp_path / "run", validate=validate)
+    assert result.best_step == 6 and result.best_val == 0.9
+    for key, value in seen[1].items():
+        assert torch.equal(result.adapter.state[key], value)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="cross_fraction"):
+        MetaConfig(cross_fraction=1.5)
+    with pytest.raises(ValueError, match="way"):
+        MetaConfig(way=1)
