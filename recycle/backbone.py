@@ -51,6 +51,9 @@ def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.devi
 
 
 def _resolve_name(name: str) -> tuple[str, dict]:
+    name = name.strip()
+    if not name:
+        raise BackboneError("No backbone given: name a timm model, an alias, 'hf-hub:ORG/REPO' or a local directory.")
     if name in ALIASES:
         return ALIASES[name]
     path = Path(name).expanduser()

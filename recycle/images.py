@@ -10,7 +10,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -54,8 +54,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, max_side: Optional[int] = None) -> Image.Image:
     """Decode `source` (path, bytes or PIL image) into an upright 8-bit RGB image.
+
+    `max_side` downscales (keeping the aspect ratio) so that many large photos held at once stay small in memory.
 
     Raises:
         ImageError: the file is missing, empty, not an image, truncated, or larger than `max_pixels`.
@@ -102,7 +104,10 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> Image.Image
         raise ImageError(f"{name}: the image data is corrupt or truncated ({e})") from None
     if getattr(img, "n_frames", 1) > 1:
         _logger.debug("%s has %d frames; using the first", name, img.n_frames)
-    return _to_rgb(img)
+    img = _to_rgb(img)
+    if max_side is not None and max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.BICUBIC)
+    return img
 
 
 def list_images(folder: Union[str, Path]) -> list[Path]:

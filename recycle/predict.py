@@ -15,6 +15,9 @@ __all__ = ["Prediction", "SupportError", "clean_class_name", "read_support_folde
 _logger = logging.getLogger(__name__)
 
 
+MAX_SIDE = 1024  # decoded images are downscaled to this longest side: models see 224-518 px, memory stays bounded
+
+
 class SupportError(ValueError):
     """The support or query set cannot be used as given. The message is meant for the end user."""
 
@@ -51,7 +54,7 @@ def _load_all(items: Sequence[tuple[str, ImageSource]], what: str) -> list:
     images, errors = [], []
     for name, source in items:
         try:
-            images.append(load_image(source))
+            images.append(load_image(source, max_side=MAX_SIDE))
         except ImageError as e:
             errors.append(f"{what} {e}" if what else str(e))
     if errors:

@@ -9,9 +9,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest
+import torch
 
 from recycle.backbone import Backbone, load_backbone
 from tests.helpers import TINY_CLIP_ARGS, TINY_VIT_ARGS, save_tiny
+
+# Tiny models gain nothing from intra-op threads, and spinning threads slow badly when the cores are shared.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:

@@ -1,4 +1,7 @@
-"""The Gradio app, launched on loopback with a tiny local backbone and driven over HTTP with gradio_client."""
+"""The Gradio app, launched on loopback with a tiny local backbone and driven over HTTP with gradio_client.
+
+conftest.py turns Gradio's analytics off (GRADIO_ANALYTICS_ENABLED=False) before gradio is imported.
+"""
 from __future__ import annotations
 
 import socket
@@ -7,6 +10,7 @@ import zlib
 from pathlib import Path
 from typing import Sequence
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -99,7 +103,7 @@ def pics(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _launch(default_backbone: str):
+def _launch(default_backbone: str) -> tuple[gr.Blocks, Client]:
     demo = app.build_demo(default_backbone=default_backbone)
     _, url, _ = demo.queue().launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(),
                                     quiet=True, **app.launch_options())
@@ -146,7 +150,7 @@ def _check(result: tuple, expected: Sequence[str]) -> list[dict[str, float]]:
     assert sum(c["confidence"] for c in label["confidences"]) == pytest.approx(1, abs=1e-5)
     for p, name in zip(probs, expected):
         assert sum(p.values()) == pytest.approx(1, abs=1e-3)
-        assert max(p, key=p.get) == name
+        assert p[name] == max(p.values())  # the table is rounded: ties are possible with the tiny backbone
     return probs
 
 
@@ -330,8 +334,6 @@ def test_app_starts_without_its_default_backbone(pics, tiny_clip_dir, closed_hub
 
 # ------------------------------------------------------------------------------------- handlers and layout, offline
 def test_default_backbone_comes_from_the_environment(monkeypatch, tiny_clip_dir):
-    import gradio as gr
-
     monkeypatch.setenv("RECYCLE_BACKBONE", str(tiny_clip_dir))
     dropdowns = [b for b in app.build_demo().blocks.values() if isinstance(b, gr.Dropdown)]
     assert [d.value for d in dropdowns] == [str(tiny_clip_dir)]
@@ -350,12 +352,31 @@ def test_add_class_reveals_one_slot_at_a_time():
     assert app.FewShot.add_class(app.MAX_CLASSES)[0] == app.MAX_CLASSES
 
 
+def test_selecting_a_query_shows_its_probabilities():
+    def select(index: int) -> gr.SelectData:
+        return gr.SelectData(None, {"index": index, "value": None})
+
+    predictions = [{"probs": {"a": 0.9, "b": 0.1}}, {"probs": {"a": 0.2, "b": 0.8}}]
+    assert app.FewShot.show_probabilities(predictions, select(1)) == {"a": 0.2, "b": 0.8}
+    assert app.FewShot.show_probabilities([], select(0)) is None
+
+
 def test_model_cache_is_bounded(tiny_clip_dir, tiny_vit_dir):
-    cache = app.ModelCache(max_backbones=1, max_classifiers=1)
-    with cache.classifier(str(tiny_clip_dir)) as first:
+    clip, vit = str(tiny_clip_dir), str(tiny_vit_dir)
+    cache = app.ModelCache(max_backbones=2, max_classifiers=1)
+    with cache.classifier(clip) as first:
         pass
-    with cache.classifier(str(tiny_clip_dir)) as again:
-        assert again is first  # reused, embedding cache included
-    with cache.classifier(str(tiny_vit_dir)) as other:
-        assert other.backbone is not first.backbone
-    assert list(cache._backbones) == [str(tiny_vit_dir)] and list(cache._classifiers) == [(str(tiny_vit_dir), "")]
+    with cache.classifier(clip) as again:
+        assert again is first  # reused, with its embedding cache
+    with cache.classifier(vit):
+        pass
+    with cache.classifier(clip) as third:
+        assert third is not first and third.backbone is first.backbone  # classifier evicted, backbone kept
+
+    cache = app.ModelCache(max_backbones=1, max_classifiers=4)
+    with cache.classifier(clip) as first:
+        pass
+    with cache.classifier(vit):
+        pass
+    with cache.classifier(clip) as reloaded:
+        assert reloaded is not first and reloaded.backbone is not first.backbone  # evicted with its backbone

@@ -59,3 +59,8 @@ def test_unreachable_hub_fails_fast_with_clear_message(monkeypatch):
     msg = str(info.value)
     assert "vit_base_patch16_clip_224.openai" in msg and "unreachable" in msg and "local directory" in msg
     assert info.value.__cause__ is None and (info.value.__context__ is None or info.value.__suppress_context__)
+
+
+def test_blank_name_is_refused():
+    with pytest.raises(BackboneError, match="No backbone given"):
+        load_backbone("  ")

@@ -66,3 +66,8 @@ def test_decompression_bomb_and_limit(tmp_path):
 def test_missing_file_names_the_file(tmp_path):
     with pytest.raises(ImageError, match="ghost.png: file not found"):
         load_image(tmp_path / "ghost.png")
+
+
+def test_max_side_downscales_keeping_aspect():
+    out = load_image(_png(Image.new("RGB", (3000, 1500), (10, 20, 30))), max_side=1024)
+    assert out.size == (1024, 512) and out.getpixel((5, 5)) == (10, 20, 30)
