@@ -22,7 +22,7 @@ from .backbone import Backbone, BackboneError
 from .formats import LoRAAdapter
 from .tokens import PruningConfig, embed_kept, forward_features_pruned, keep_mask, mask_images
 
-__all__ = ["InversionConfig", "InversionProgress", "InversionResult", "BNPrior", "load_bn_prior", "invert",
+__all__ = ["InversionConfig", "InversionProgress", "InversionResult", "BNPrior", "load_bn_prior", "invert", "remask",
            "DEFAULT_BN_PRIOR"]
 
 _logger = logging.getLogger(__name__)
@@ -176,9 +176,35 @@ class _Teacher:
             feats, kept = model.forward_features(x), None
         return self.head(model.forward_head(feats, pre_logits=True)), kept
 
-    def logits_kept(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def masks(self, x: torch.Tensor, schedule: dict[int, float]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Kept patch indices under `schedule`, masked images in [0, 1], and the teacher's logits on the kept tokens
+        (all on the CPU) for normalised images `x`."""
         model = self.backbone.model
-        return embed_kept(self.backbone, x, kept, lambda f: self.head(model.forward_head(f, pre_logits=True)))
+        _, kept = forward_features_pruned(model, x, schedule)
+        mean = torch.tensor(self.backbone.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.backbone.std, device=x.device).view(1, 3, 1, 1)
+        images = (x * std + mean).clamp(0, 1)
+        masked = mask_images(images, keep_mask(kept, tuple(model.patch_embed.grid_size)))
+        logits = embed_kept(self.backbone, x, kept, lambda f: self.head(model.forward_head(f, pre_logits=True)))
+        return kept.cpu(), masked.cpu(), logits.cpu()
+
+
+def remask(backbone: Backbone, adapter: LoRAAdapter, images: torch.Tensor, schedule: dict[int, float]
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masks of already inverted `images` (``(N, 3, H, W)`` in [0, 1]) under another pruning `schedule`.
+
+    Returns kept indices ``(N, K)``, masked images and teacher logits on the kept tokens. With pruning in the last
+    block only, the pruned and unpruned teachers give the same [CLS] output (pruning sits between attention and the
+    token-wise MLP), so inversion is unchanged by the last-block ratio: one inversion plus `remask` at each ratio
+    equals separate inversions at each ratio.
+    """
+    device = backbone.device
+    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+    with adapter.attached(backbone) as head:
+        return _Teacher(backbone, head, schedule).masks((images.to(device) - mean) / std, schedule)
 
 
 def _resolve_classes(adapter: LoRAAdapter, classes: Optional[Sequence]) -> list[int]:
@@ -292,10 +318,6 @@ def invert(backbone: Backbone, adapter: LoRAAdapter, config: InversionConfig = I
             result = InversionResult((x * std + mean).clamp(0, 1).cpu(), labels.cpu(), logits.cpu(), losses=losses,
                                      steps_done=steps_done, stopped=stopped)
             if schedule:
-                _, kept = teacher(x, prune=True)
-                mask = keep_mask(kept, tuple(backbone.model.patch_embed.grid_size))
-                result.kept = kept.cpu()
-                result.masked = mask_images(result.images, mask.cpu())
-                result.logits_kept = teacher.logits_kept(x, kept).cpu()
+                result.kept, result.masked, result.logits_kept = teacher.masks(x, schedule)
     _logger.info("inverted %d images (%d steps, best loss %.4f)", x.shape[0], steps_done, min(losses))
     return result

@@ -96,3 +96,20 @@ def test_bn_prior_is_zero_at_its_own_statistics():
     cnn[0].running_mean.copy_(x.detach().mean((0, 2, 3)))
     cnn[0].running_var.copy_(x.detach().var((0, 2, 3), unbiased=False))
     assert BNPrior(cnn, (0, 0, 0), (1, 1, 1))(x.detach()) < 1e-5
+
+
+def test_remask_matches_inversion_masks_and_last_block_pruning_keeps_cls(tiny_clip, teacher):
+    from recycle.invert import remask
+    from recycle.tokens import forward_features_pruned
+
+    result = invert(tiny_clip, teacher, InversionConfig(per_class=2, steps=10, pruning={-1: 0.5}))
+    kept, masked, logits = remask(tiny_clip, teacher, result.images, {1: 0.5})
+    assert torch.allclose(masked, result.masked, atol=1e-6) and torch.equal(kept, result.kept)
+    assert torch.allclose(logits, result.logits_kept, atol=1e-5)
+    kept25, _, _ = remask(tiny_clip, teacher, result.images, {1: 0.25})
+    assert kept25.shape == (6, 12)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():  # pruning only the last block leaves the [CLS] output as it is
+        full = tiny_clip.model.forward_features(x)[:, 0]
+        pruned = forward_features_pruned(tiny_clip.model, x, {1: 0.75})[0][:, 0]
+    assert torch.allclose(full, pruned, atol=1e-5)
