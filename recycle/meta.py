@@ -26,13 +26,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .backbone import Backbone
-from .episodes import EpisodeSpec
+from .episodes import EpisodeSampler, EpisodeSpec
 from .fewshot import prototype_logits
 from .formats import LoRAAdapter, LoRAFormatError, atomic_write_bytes, save_adapter
 from .lora import (LoRAConfig, inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict, lora_suspended,
@@ -40,7 +42,7 @@ from .lora import (LoRAConfig, inject_lora, load_lora_state_dict, lora_parameter
 from .pool import Pool, PoolEpisode
 from .tokens import embed_kept
 
-__all__ = ["MetaConfig", "cyclic_lr", "flip_kept", "PoolEpisodes", "ZooEpisodes", "episode_loss", "meta_train",
+__all__ = ["MetaConfig", "cyclic_lr", "flip_kept", "PoolEpisodes", "FolderEpisodes", "ZooEpisodes", "episode_loss", "meta_train",
            "MetaResult"]
 
 _logger = logging.getLogger(__name__)
@@ -125,6 +127,39 @@ class PoolEpisodes:
         if kind not in self.kinds:
             kind = self.kinds[0]
         return self.pool.sample_episode(self.spec, kind, self.masked, rng)
+
+
+class FolderEpisodes:
+    """Episodes of real images from an ImageFolder (for an oracle meta-trained on the zoo's real data); CE loss.
+
+    Images are decoded once and held as ``uint8`` tensors at the backbone's input size.
+    """
+
+    def __init__(self, root: Union[str, Path], spec: EpisodeSpec, input_size: tuple[int, int]):
+        from .evaluate import image_folder
+        from .images import load_image
+
+        _, paths = image_folder(root)
+        h, w = input_size
+        self.images: list[list[torch.Tensor]] = []
+        for files in paths:
+            self.images.append([torch.from_numpy(np.asarray(load_image(f).resize((w, h), Image.BICUBIC))).permute(2, 0, 1)
+                                for f in files])
+        self.spec = spec
+        self.sampler = EpisodeSampler([list(range(len(c))) for c in self.images])
+        if not self.sampler.can_sample(spec, "any"):
+            raise ValueError(f"'{root}' cannot supply {spec.way}-way {spec.shot}-shot episodes with {spec.query} queries")
+        self.kinds = ["cross"]
+
+    def next(self, kind: str, rng: random.Random) -> PoolEpisode:
+        ep = self.sampler.sample(self.spec, "any", rng)
+
+        def stack(groups):
+            imgs = [self.images[c][i] for c, g in zip(ep.classes, groups) for i in g]
+            return torch.stack(imgs).float() / 255, torch.tensor([k for k, g in enumerate(groups) for _ in g])
+        s, s_lab = stack(ep.support)
+        q, q_lab = stack(ep.query)
+        return PoolEpisode(s, s_lab, q, q_lab, "real", [])
 
 
 class ZooEpisodes:

@@ -1,0 +1,162 @@
+"""Glyph datasets rendered offline from Debian font packages: an Omniglot-style stand-in for real images.
+
+A class is a character; its samples are the character in each font, times seeded augmentations (scale, rotation,
+shift, stroke width, blur, noise). Han characters present in all eight fonts give the in-domain classes, split
+deterministically into disjoint pretraining / zoo / validation / test sets; Hangul syllables (in the three of those
+fonts that have them) give the cross-domain test set. Images are written in ImageFolder layout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+_logger = logging.getLogger(__name__)
+
+# Debian package -> font file (face 0 of collections). No other fonts are used: every other font stays unseen.
+FONTS = {
+    "fonts-ipafont-gothic": "/usr/share/fonts/opentype/ipafont-gothic/ipag.ttf",
+    "fonts-ipafont-mincho": "/usr/share/fonts/opentype/ipafont-mincho/ipam.ttf",
+    "fonts-wqy-microhei": "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "fonts-wqy-zenhei": "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+    "fonts-arphic-ukai": "/usr/share/fonts/truetype/arphic/ukai.ttc",
+    "fonts-arphic-uming": "/usr/share/fonts/truetype/arphic/uming.ttc",
+    "fonts-droid-fallback": "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "fonts-unifont": "/usr/share/fonts/opentype/unifont/unifont.otf",
+}
+HAN = (0x4E00, 0x9FFF)
+HANGUL = (0xAC00, 0xD7A3)
+
+
+@dataclass
+class SplitSpec:
+    """Classes per split and augmented samples per (class, font)."""
+
+    pretrain: int = 1000
+    zoo: int = 250
+    val: int = 50
+    test: int = 200
+    cross: int = 200
+    train_aug: int = 4  # per font, for pretrain and zoo classes
+    eval_aug: int = 3  # per font, for val and test classes (8 fonts -> 24 images)
+    cross_aug: int = 8  # per font, for the cross-domain classes (3 fonts -> 24 images)
+    size: int = 32
+    seed: int = 0
+
+
+def missing_fonts() -> list[str]:
+    return [pkg for pkg, path in FONTS.items() if not Path(path).is_file()]
+
+
+def _cmap(path: str) -> set[int]:
+    from fontTools.ttLib import TTFont
+
+    return set(TTFont(path, fontNumber=0, lazy=True).getBestCmap())
+
+
+def coverage(block: tuple[int, int]) -> tuple[list[str], list[str]]:
+    """(characters of `block` present in every font that covers most of the block, those fonts' packages)."""
+    sets = {pkg: {c for c in _cmap(path) if block[0] <= c <= block[1]} for pkg, path in FONTS.items()}
+    size = block[1] - block[0] + 1
+    usable = [pkg for pkg, s in sets.items() if len(s) >= 0.2 * size]
+    common = set.intersection(*(sets[p] for p in usable))
+    return [chr(c) for c in sorted(common)], usable
+
+
+def render(char: str, font: ImageFont.FreeTypeFont, rng: random.Random, size: int = 32, augment: bool = True
+           ) -> Image.Image:
+    """One dark glyph on a light background, ``size``×``size`` RGB, augmented with `rng`."""
+    canvas = 4 * size
+    img = Image.new("L", (canvas, canvas), 255)
+    draw = ImageDraw.Draw(img)
+    stroke = rng.choice([0, 0, 1, 2]) if augment else 0
+    draw.text((canvas / 2, canvas / 2), char, font=font, fill=0, anchor="mm", stroke_width=stroke, stroke_fill=0)
+    if augment:
+        angle = rng.uniform(-12, 12)
+        scale = rng.uniform(0.8, 1.1)
+        dx, dy = rng.uniform(-0.08, 0.08) * canvas, rng.uniform(-0.08, 0.08) * canvas
+        img = img.rotate(angle, resample=Image.BICUBIC, fillcolor=255)
+        img = img.transform(img.size, Image.AFFINE, (1 / scale, 0, (1 - 1 / scale) * canvas / 2 - dx,
+                                                     0, 1 / scale, (1 - 1 / scale) * canvas / 2 - dy),
+                            resample=Image.BICUBIC, fillcolor=255)
+    img = img.resize((size, size), Image.LANCZOS)
+    if augment:
+        blur = rng.uniform(0, 0.7)
+        if blur > 0.1:
+            img = img.filter(ImageFilter.GaussianBlur(blur))
+        sigma = rng.uniform(0, 10)
+        arr = np.asarray(img, dtype=np.float32) + np.random.default_rng(rng.randrange(2 ** 32)).normal(0, sigma,
+                                                                                                         img.size[::-1])
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def _render_split(root: Path, chars: list[str], packages: list[str], n_aug: int, size: int, seed: int) -> None:
+    fonts = {pkg: ImageFont.truetype(FONTS[pkg], size=int(2.6 * size), index=0) for pkg in packages}
+    for k, ch in enumerate(chars):
+        d = root / ch  # the class is named by its character
+        d.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(f"{seed}-{ord(ch)}")
+        for f, (pkg, font) in enumerate(fonts.items()):
+            for a in range(n_aug):
+                render(ch, font, rng, size).save(d / f"{f}_{a}.png")
+        if (k + 1) % 200 == 0:
+            _logger.info("%s: %d/%d classes", root.name, k + 1, len(chars))
+
+
+def build(out: Path, spec: SplitSpec = SplitSpec(), only: Optional[tuple[str, ...]] = None) -> dict:
+    """Render the splits (all, or those in `only`) into `out`; returns the split manifest.
+
+    The class lists depend only on `spec` and the fonts, so rendering one split alone (e.g. the test split, to
+    re-check shipped weights) gives exactly the images a full run renders.
+    """
+    missing = missing_fonts()
+    if missing:
+        raise FileNotFoundError(f"missing font packages {missing}; install them with apt-get install {' '.join(missing)}")
+    manifest_path = out / "splits.json"
+    if manifest_path.is_file() and only is None:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["spec"] == asdict(spec):
+            return manifest
+        raise ValueError(f"{out} was rendered with other settings; use another folder")
+    han, han_fonts = coverage(HAN)
+    hangul, hangul_fonts = coverage(HANGUL)
+    rng = random.Random(spec.seed)
+    rng.shuffle(han)
+    rng.shuffle(hangul)
+    counts = [spec.pretrain, spec.zoo, spec.val, spec.test]
+    if sum(counts) > len(han) or spec.cross > len(hangul):
+        raise ValueError(f"not enough characters: {len(han)} Han, {len(hangul)} Hangul")
+    splits, start = {}, 0
+    for name, n in zip(("pretrain", "zoo", "val", "test"), counts):
+        splits[name] = han[start:start + n]
+        start += n
+    splits["cross"] = hangul[:spec.cross]
+    for name, chars in splits.items():
+        if only is not None and name not in only:
+            continue
+        packages = hangul_fonts if name == "cross" else han_fonts
+        n_aug = {"pretrain": spec.train_aug, "zoo": spec.train_aug, "cross": spec.cross_aug}.get(name, spec.eval_aug)
+        _render_split(out / name, sorted(chars), packages, n_aug, spec.size, spec.seed)
+    manifest = {"spec": asdict(spec), "fonts": {"han": han_fonts, "hangul": hangul_fonts},
+                "available": {"han": len(han), "hangul": len(hangul)},
+                "splits": {k: len(v) for k, v in splits.items()}}
+    if only is None:
+        manifest_path.write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def example_task(split_root: Path, n_classes: int, seed: int, shots: int = 1, queries: int = 2
+                 ) -> Optional[dict[str, list[Path]]]:
+    """A few classes of a rendered split, for bundled examples: {class: [support..., query...]}."""
+    classes = sorted(p for p in split_root.iterdir() if p.is_dir())
+    if len(classes) < n_classes:
+        return None
+    rng = random.Random(seed)
+    return {c.name: rng.sample(sorted(c.glob("*.png")), shots + queries) for c in rng.sample(classes, n_classes)}

@@ -1,0 +1,62 @@
+"""The offline reproduction: a toy-size smoke run of the whole pipeline, and a re-check of the shipped weights."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+glyphs = pytest.importorskip("reproduce.glyphs")
+if glyphs.missing_fonts():
+    pytest.skip(f"font packages {glyphs.missing_fonts()} are not installed (see reproduce/debian-packages.txt)",
+                allow_module_level=True)
+
+from reproduce.pipeline import ReproConfig, run, ship  # noqa: E402
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+
+
+def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
+    cfg = ReproConfig.toy()
+    results = run(tmp_path, cfg)
+    stages = ["data", "prior", "pretrain", "zoo", "invert", "meta-recycle", "meta-recycle-25", "meta-recycle-50",
+              "meta-recycle-75", "meta-oracle", "eval"]
+    assert list(results["timings_seconds"]) == stages
+    ev = results["summaries"]["eval"]
+    assert set(ev) - {"seconds"} == {"test-1shot", "test-5shot", "cross-1shot", "cross-5shot"}
+    assert list(ev["test-1shot"]["results"]) == ["NN", "LoRAs-average + NN", "LoRA Recycle", "LoRA Recycle-25",
+                                                 "LoRA Recycle-50", "LoRA Recycle-75", "Oracle (real zoo images)"]
+    splits = json.loads((tmp_path / "data" / "splits.json").read_text())
+    assert len(splits["fonts"]["han"]) == 8 and splits["available"]["han"] > 5000
+    names = {s: {p.name for p in (tmp_path / "data" / s).iterdir()} for s in ("pretrain", "zoo", "val", "test")}
+    for a in names:
+        for b in names:
+            assert a == b or not names[a] & names[b], (a, b)  # disjoint class splits
+    assert (tmp_path / "results.md").read_text().startswith("| method |")
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+
+    again = run(tmp_path, cfg)  # every stage is skipped: same numbers
+    assert again["summaries"]["eval"] == ev
+
+    shipped = ship(tmp_path, tmp_path / "weights", results)
+    assert shipped["meta_lora"].startswith("meta-recycle")
+    assert (tmp_path / "weights" / "mini-vit" / "model.safetensors").is_file()
+    assert "without any real training data" in (tmp_path / "weights" / "mini-meta-lora" / "README.md").read_text()
+    assert len(list((tmp_path / "weights" / "examples" / "han" / "support").iterdir())) == 3
+    recheck = json.loads((tmp_path / "weights" / "mini-meta-lora" / "recheck.json").read_text())
+    assert set(recheck["results"]) == {"NN", "meta-LoRA"} and recheck["tolerance"] > 0
+
+
+@pytest.mark.skipif(not (WEIGHTS / "mini-meta-lora" / "recheck.json").is_file(), reason="no shipped weights yet")
+def test_shipped_weights_reproduce_their_recorded_accuracy(tmp_path):
+    from recycle.backbone import load_backbone
+    from recycle.evaluate import EvalConfig, evaluate
+    from recycle.formats import read_adapter
+    from reproduce.glyphs import SplitSpec, build
+
+    recheck = json.loads((WEIGHTS / "mini-meta-lora" / "recheck.json").read_text())
+    build(tmp_path, SplitSpec(**recheck["data"]), only=("test",))
+    backbone = load_backbone(str(WEIGHTS / "mini-vit"), device="cpu")
+    methods = {"NN": None, "meta-LoRA": read_adapter(WEIGHTS / "mini-meta-lora", backbone)}
+    report = evaluate(backbone, tmp_path / "test", methods, EvalConfig(**recheck["eval"]))
+    for method, expected in recheck["results"].items():
+        assert abs(report["results"][method]["mean"] - expected) <= recheck["tolerance"], (method, report)
