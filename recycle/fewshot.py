@@ -76,7 +76,8 @@ class FewShotClassifier:
 
     Args:
         backbone: a loaded `Backbone`; it can be shared by several classifiers.
-        lora: an optional `LoRAAdapter` (e.g. the meta-LoRA), attached while embedding and removed afterwards.
+        lora: an optional `LoRAAdapter` (e.g. the meta-LoRA), merged into the backbone while embedding and removed
+            afterwards (the backbone's weights are restored exactly).
         distance: ``"l2"`` (paper), ``"sqeuclidean"`` or ``"cosine"``.
         batch_size: images per forward pass.
         bf16: run the backbone under bfloat16 autocast (CPU or GPU).
@@ -114,7 +115,7 @@ class FewShotClassifier:
     def _attached(self) -> Iterator[None]:
         """Hold the shared backbone (with this classifier's LoRA, if any) for the duration of the block."""
         with self.backbone.lock:
-            with self.lora.attached(self.backbone) if self.lora is not None else contextlib.nullcontext():
+            with self.lora.attached(self.backbone, merged=True) if self.lora is not None else contextlib.nullcontext():
                 yield
 
     @torch.inference_mode()

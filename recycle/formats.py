@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .lora import TARGETS, LoRAConfig, inject_lora, load_lora_state_dict, lora_state_dict, remove_lora
+from .lora import TARGETS, LoRAConfig, inject_lora, load_lora_state_dict, lora_state_dict, merge_lora, remove_lora
 
 __all__ = ["LoRAAdapter", "LoRAFormatError", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PICKLE_SUFFIXES",
            "save_adapter", "read_adapter", "load_lora", "atomic_write_bytes"]
@@ -143,14 +143,18 @@ class LoRAAdapter:
         return paths
 
     @contextlib.contextmanager
-    def attached(self, backbone) -> Iterator[Optional[nn.Linear]]:
+    def attached(self, backbone, merged: bool = False) -> Iterator[Optional[nn.Linear]]:
         """Attach this LoRA to `backbone` (a `Backbone`) for the duration of the block; yields the head or None.
 
-        Holds the backbone's lock, so classifiers and teachers can share one backbone safely.
+        Holds the backbone's lock, so classifiers and teachers can share one backbone safely. ``merged=True`` folds
+        the update into the base weights (inference at the bare model's speed); the original weights are restored
+        exactly afterwards.
         """
         with backbone.lock:
             self.inject(backbone.model)
             try:
+                if merged:
+                    merge_lora(backbone.model)
                 head = self.build_head(backbone.num_features)
                 yield head.to(backbone.device) if head is not None else None
             finally:

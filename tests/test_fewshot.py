@@ -83,6 +83,7 @@ def test_cache_avoids_re_embedding_and_is_bounded(tiny_clip):
 
 def test_lora_is_attached_per_call_and_removed(tiny_clip):
     images, labels = _task()
+    original = {k: v.clone() for k, v in tiny_clip.model.state_dict().items()}
     base = FewShotClassifier(tiny_clip).fit(images, labels).prototypes
     inject_lora(tiny_clip.model, LoRAConfig())
     with torch.no_grad():
@@ -92,7 +93,8 @@ def test_lora_is_attached_per_call_and_removed(tiny_clip):
     remove_lora(tiny_clip.model)
     clf = FewShotClassifier(tiny_clip, lora=adapter).fit(images, labels)
     assert not torch.allclose(clf.prototypes, base, atol=1e-3)
-    assert not list(lora_layers(tiny_clip.model))  # the shared backbone is left clean
+    assert not list(lora_layers(tiny_clip.model))  # the shared backbone is left clean, bit for bit
+    assert all(torch.equal(v, original[k]) for k, v in tiny_clip.model.state_dict().items())
     assert torch.allclose(FewShotClassifier(tiny_clip).fit(images, labels).prototypes, base)
 
 
