@@ -115,7 +115,7 @@ def write_model_card(folder: Path, adapter, command: Optional[str] = None, resul
                   "--support SUPPORT_DIR --query QUERY_DIR", "```", ""]
     c = adapter.config
     lines += ["## Adapter", "", f"- backbone: `{adapter.backbone}`", f"- targets: {', '.join(c.targets)}; rank "
-              f"{c.rank}; scaling {c.scaling:g}", f"- files: PEFT layout (`adapter_config.json`, "
+              f"{c.rank}; scaling {c.scaling:g}", "- files: PEFT layout (`adapter_config.json`, "
               "`adapter_model.safetensors`); loads with PEFT on the same timm model", ""]
     if adapter.class_names:
         lines += [f"- head classes: {', '.join(adapter.class_names)}", ""]

@@ -42,7 +42,8 @@ from .lora import (LoRAConfig, inject_lora, load_lora_state_dict, lora_parameter
 from .pool import Pool, PoolEpisode
 from .tokens import embed_kept
 
-__all__ = ["MetaConfig", "cyclic_lr", "flip_kept", "PoolEpisodes", "FolderEpisodes", "ZooEpisodes", "episode_loss", "meta_train",
+__all__ = ["MetaConfig", "cyclic_lr", "flip_kept", "PoolEpisodes", "FolderEpisodes", "ZooEpisodes", "episode_loss",
+           "meta_train",
            "MetaResult"]
 
 _logger = logging.getLogger(__name__)
@@ -143,12 +144,13 @@ class FolderEpisodes:
         h, w = input_size
         self.images: list[list[torch.Tensor]] = []
         for files in paths:
-            self.images.append([torch.from_numpy(np.asarray(load_image(f).resize((w, h), Image.BICUBIC))).permute(2, 0, 1)
-                                for f in files])
+            arrays = [np.asarray(load_image(f).resize((w, h), Image.BICUBIC)) for f in files]
+            self.images.append([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])
         self.spec = spec
         self.sampler = EpisodeSampler([list(range(len(c))) for c in self.images])
         if not self.sampler.can_sample(spec, "any"):
-            raise ValueError(f"'{root}' cannot supply {spec.way}-way {spec.shot}-shot episodes with {spec.query} queries")
+            raise ValueError(f"'{root}' cannot supply {spec.way}-way {spec.shot}-shot episodes with {spec.query} "
+                             "queries")
         self.kinds = ["cross"]
 
     def next(self, kind: str, rng: random.Random) -> PoolEpisode:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["PruningConfig", "parse_schedule", "attention_with_cls_scores", "pruning_block_forward",

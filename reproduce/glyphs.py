@@ -118,7 +118,7 @@ def build(out: Path, spec: SplitSpec = SplitSpec(), only: Optional[tuple[str, ..
     """
     missing = missing_fonts()
     if missing:
-        raise FileNotFoundError(f"missing font packages {missing}; install them with apt-get install {' '.join(missing)}")
+        raise FileNotFoundError(f"missing font packages {missing}; install them: apt-get install {' '.join(missing)}")
     manifest_path = out / "splits.json"
     if manifest_path.is_file() and only is None:
         manifest = json.loads(manifest_path.read_text())

@@ -7,7 +7,7 @@ import torch
 from recycle.backbone import load_backbone
 from recycle.episodes import EpisodeSpec
 from recycle.invert import InversionConfig, invert
-from recycle.lora import LoRAConfig, inject_lora, lora_layers, remove_lora
+from recycle.lora import LoRAConfig, lora_layers, remove_lora
 from recycle.meta import MetaConfig, PoolEpisodes, cyclic_lr, episode_loss, flip_kept, meta_train
 from recycle.pool import Pool, write_run
 from recycle.tokens import keep_mask

@@ -8,7 +8,7 @@ import torch
 from recycle.cli import main
 from recycle.evaluate import average_loras, mean_ci
 from recycle.formats import read_adapter
-from recycle.lora import inject_lora, lora_layers, remove_lora
+from recycle.lora import remove_lora
 from tests.helpers import colour_task
 
 

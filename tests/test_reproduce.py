@@ -1,6 +1,5 @@
 """The offline reproduction: a toy-size smoke run of the whole pipeline, and a re-check of the shipped weights."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest
