@@ -64,3 +64,17 @@ def test_unreachable_hub_fails_fast_with_clear_message(monkeypatch):
 def test_blank_name_is_refused():
     with pytest.raises(BackboneError, match="No backbone given"):
         load_backbone("  ")
+
+
+def test_hub_backbone_downloads_then_loads_from_cache_when_the_hub_is_down(tiny_clip_dir, local_hub):
+    import shutil
+
+    shutil.copytree(tiny_clip_dir, local_hub.root / "testorg" / "tiny-clip")
+    online = load_backbone("hf-hub:testorg/tiny-clip", device="cpu")
+    local_hub.stop()
+    offline = load_backbone("hf-hub:testorg/tiny-clip", device="cpu")  # served from the cache, without retries
+    x = online.preprocess([make_image(3)])
+    with torch.no_grad():
+        assert torch.equal(online.embed(x), offline.embed(x))
+    with pytest.raises(BackboneError, match="unreachable"):
+        load_backbone("hf-hub:testorg/never-downloaded", device="cpu")
