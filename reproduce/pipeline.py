@@ -48,11 +48,11 @@ class ReproConfig:
     pretrain_batch: int = 128
     pretrain_lr: float = 2e-3
     prior_steps: int = 600
-    zoo: PretuneConfig = field(default_factory=lambda: PretuneConfig(num_loras=50, way=5, steps=60, lr=1e-3,
+    zoo: PretuneConfig = field(default_factory=lambda: PretuneConfig(num_loras=50, way=5, steps=80, lr=1e-3,
                                                                      flip=False, shift=0.1))
-    invert: InversionConfig = field(default_factory=lambda: InversionConfig(per_class=20, steps=150, lr=0.1,
+    invert: InversionConfig = field(default_factory=lambda: InversionConfig(per_class=16, steps=100, lr=0.2,
                                                                             pruning=PruningConfig({-1: 0.75})))
-    meta: MetaConfig = field(default_factory=lambda: MetaConfig(steps=300, way=5, shot=1, query=15, flip=False,
+    meta: MetaConfig = field(default_factory=lambda: MetaConfig(steps=500, way=5, shot=1, query=15, flip=False,
                                                                 checkpoint_every=50, val_every=100, val_episodes=50))
     episodes: int = 600
     eval_query: int = 15
