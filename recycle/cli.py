@@ -31,6 +31,12 @@ def _add_backbone_args(p: argparse.ArgumentParser, bf16: bool = True) -> None:
         p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on recent CPUs and GPUs)")
 
 
+def _add_episode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--way", type=int, default=5, help="classes per episode (default: 5)")
+    p.add_argument("--shot", type=int, default=1, help="support images per class (default: 1)")
+    p.add_argument("--query", type=int, default=15, help="query images per class (default: 15)")
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .backbone import load_backbone
     from .fewshot import FewShotClassifier
@@ -259,9 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--zoo", help="LoRA zoo folder: invert episodes online (slow; the paper's Alg. 1)")
     p.add_argument("--out", required=True, help="output folder (checkpoint, log.jsonl, meta-lora/)")
     p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--way", type=int, default=5)
-    p.add_argument("--shot", type=int, default=1)
-    p.add_argument("--query", type=int, default=15)
+    _add_episode_args(p)
     p.add_argument("--masked", action="store_true", help="train on masked images, feeding kept tokens only")
     p.add_argument("--cross-fraction", type=float, default=0.5, help="share of cross-LoRA (CE) episodes")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -285,9 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="ImageFolder test split (classes unseen by the LoRAs)")
     p.add_argument("--lora", nargs="+", metavar="[NAME=]SOURCE", help="LoRAs to score, e.g. recycle=out/meta-lora")
     p.add_argument("--zoo", help="zoo folder, for the LoRAs-average + NN baseline")
-    p.add_argument("--way", type=int, default=5)
-    p.add_argument("--shot", type=int, default=1)
-    p.add_argument("--query", type=int, default=15)
+    _add_episode_args(p)
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--distance", default="l2", choices=("l2", "sqeuclidean", "cosine"))
