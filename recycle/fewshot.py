@@ -108,7 +108,7 @@ class FewShotClassifier:
         self.prototypes: Optional[torch.Tensor] = None
         self.stats = {"embedded": 0, "cache_hits": 0}
         if lora is not None:  # fail now, not at the first request, if the LoRA does not fit
-            with self._attached():
+            with backbone.lock, lora.attached(backbone):
                 pass
 
     @contextlib.contextmanager

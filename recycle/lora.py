@@ -144,30 +144,33 @@ class LoRALinear(nn.Module):
         return (b @ a) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         if self.merged:
-            return y
+            return F.linear(x, self._merged_weight.to(x.dtype), self.base_layer.bias)
+        y = self.base_layer(x)
         a, b = self.fused()
         return y + F.linear(F.linear(self.dropout(x), a.to(x.dtype)), b.to(x.dtype)) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Compute ``W + s·B A`` once and use it until `unmerge` (inference at the bare layer's speed).
+
+        The base weight itself is never written, so a backbone shared by several LoRAs is never altered.
+        """
         if self.merged:
             return
-        delta = self.delta_weight()
-        merged = self.base_layer.weight + delta.to(self.base_layer.weight.dtype)
+        a, b = self.fused()
+        w = self.base_layer.weight
+        merged = torch.addmm(w, b.to(w.dtype), a.to(w.dtype), alpha=self.scaling)
         if not torch.isfinite(merged).all():
             raise ValueError("refusing to merge LoRA: the merged weight would contain NaN or Inf")
-        self._unmerged_weight = self.base_layer.weight.detach().clone()  # restored exactly by unmerge()
-        self.base_layer.weight.copy_(merged)
+        self._merged_weight = merged
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.base_layer.weight.copy_(self._unmerged_weight)
-        del self._unmerged_weight
+        del self._merged_weight
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -275,7 +278,7 @@ def lora_suspended(model: nn.Module) -> Iterator[None]:
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Fold every LoRA update into its base weight (faster inference; `unmerge_lora` undoes it)."""
+    """Fold every LoRA update into a merged weight (faster inference; `unmerge_lora` undoes it)."""
     for _, layer in lora_layers(model):
         layer.merge()
 
