@@ -1,305 +1,332 @@
-"""LoRA Recycle web app: classify images from a few labelled examples per class, without any training.
+"""LoRA Recycle web app: few-shot classification, LoRA inversion into surrogate images, and a surrogate-pool browser.
 
-Layout, wiring and thin handlers only; the work is done by `recycle` (`recycle.predict.classify` on a
-`recycle.fewshot.FewShotClassifier`). Run ``python app.py``; ``GRADIO_SERVER_NAME`` and ``GRADIO_SERVER_PORT``
-choose the address, and ``RECYCLE_BACKBONE`` the default backbone (a timm name, an alias, ``hf-hub:ORG/REPO`` or a
-local directory). Backbones load on first use, so the app starts even when the Hugging Face Hub is unreachable; the
-status line says what is missing.
+Layout and wiring only; the handlers are in ``app_handlers.py`` and the work is done by `recycle`. Run
+``python app.py``. Environment:
+
+* ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: the address (default 127.0.0.1:7860).
+* ``RECYCLE_BACKBONE``: the default backbone (a timm name, an alias, ``hf-hub:ORG/REPO`` or a local directory;
+  default the paper's CLIP ViT-B/16 from the Hub). If it cannot be loaded (no network), the app falls back to the
+  shipped ``mini-vit`` and its meta-LoRA, and says so.
+* ``RECYCLE_WEIGHTS``: the shipped weights and example tasks (default ``weights/`` next to this file).
+* ``RECYCLE_POOL``: the surrogate pool that inversions are added to (default ``./pool``).
+* ``RECYCLE_ALLOW_LOCAL_PATHS``: ``0`` makes text fields accept only Hub ids (and uploads), for public servers;
+  the default is ``1``, except on a Hugging Face Space.
+
+Deep links: ``?tab=few-shot``, ``?tab=invert`` or ``?tab=pool`` opens that tab.
 """
 from __future__ import annotations
 
-import contextlib
-import html
 import logging
-import os
-import threading
-from collections import OrderedDict
-from pathlib import Path
-from typing import Any, Iterator, Optional
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import gradio as gr
-from PIL import Image
 
-from recycle.backbone import ALIASES, DEFAULT_BACKBONE, Backbone, BackboneError, load_backbone
-from recycle.fewshot import FewShotClassifier
-from recycle.formats import LoRAFormatError, load_lora
-from recycle.hub import HubError
-from recycle.images import ImageError, load_image
-from recycle.predict import Prediction, SupportError, classify, clean_class_name
+from app_handlers import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES, MAX_INVERT_IMAGES,
+                          MAX_INVERT_STEPS, PRUNING_PRESETS, AppSettings, Defaults, ExampleTask, FewShot, Inversion,
+                          ModelCache, PathPolicy, PoolBrowser, find_examples, resolve_defaults)
+from recycle.backbone import ALIASES, DEFAULT_BACKBONE
+from recycle.invert import DEFAULT_BN_PRIOR
 
-__all__ = ["MAX_CLASSES", "ModelCache", "FewShot", "build_demo", "launch_options", "main"]
+__all__ = ["build_demo", "launch_options", "main", "TABS", "QUEUE_SIZE", "PREDICT_CONCURRENCY"]
 
 _logger = logging.getLogger("recycle.app")
 
-MAX_CLASSES = 8  # class slots in the few-shot tab
-INITIAL_CLASSES = 2  # slots shown before "Add class" is pressed
-MAX_IMAGES = 200  # support + query images in one request
-MAX_FILE_SIZE = "20mb"  # per uploaded file
-THUMBNAIL_SIZE = 256  # longest side of the images in the predictions gallery
-# Errors whose message is written for the end user: shown as they are.
-USER_ERRORS = (SupportError, ImageError, BackboneError, LoRAFormatError, HubError)
+TABS = {"few-shot": "Few-shot", "invert": "Invert a LoRA", "pool": "Surrogate pool"}
+QUEUE_SIZE = 32  # requests waiting in the queue; more are refused with "queue full"
+PREDICT_CONCURRENCY = 2  # few-shot predictions at once (inversion has its own single slot)
+CACHE_CLEANUP = (3600, 3600)  # delete Gradio's temporary files older than an hour, every hour
 
-DESCRIPTION = """\
-# LoRA Recycle
-Tuning-free few-shot classification ([Hu et al., CVPR 2025](https://arxiv.org/abs/2412.02220)): give a name and a
-few example images for each class, add the images to classify, and press **Run**. Each query goes to the class
-whose mean embedding (prototype) is nearest; nothing is trained.
+HEADER = """\
+# ♻️ LoRA Recycle
+Reuse LoRAs that other people have tuned, **without their training data** \
+([Hu et al., CVPR 2025](https://arxiv.org/abs/2412.02220)). **Few-shot:** classify images from a few examples per \
+class, in one forward pass. **Invert a LoRA:** turn a LoRA and its classification head into surrogate images. \
+**Surrogate pool:** browse the images inverted so far.
 """
+FEW_SHOT_INTRO = """\
+Give a name and a few example images for each class, add the images to classify, and press **Run**. Each query goes \
+to the class whose mean embedding (prototype) is nearest; nothing is trained. With a meta-LoRA, the predictions of \
+the backbone alone are shown beside them.
+"""
+INVERT_INTRO = """\
+Inversion optimises random pixels until the LoRA's classifier is confident they show each class, so the images \
+reveal what the LoRA learned, with no training data. While it runs, the best images so far appear every few steps. \
+After a quarter of the steps, the [CLS] token's attention decides which patches to keep: the **masked** versions keep \
+only those.
+"""
+POOL_INTRO = "The pool holds inverted images, their masks and the teacher's logits, grouped by source LoRA and class."
 CSS = """
 #status p { margin: 0; }
+.rc-cards { display: flex; flex-direction: column; gap: 10px; }
+.rc-card { display: flex; gap: 14px; align-items: flex-start; padding: 10px 12px; border-radius: 10px;
+  border: 1px solid var(--block-border-color); background: var(--block-background-fill); }
+.rc-thumb { width: 72px; height: 72px; object-fit: contain; border-radius: 6px; flex: none;
+  background: var(--background-fill-secondary); image-rendering: pixelated; }
+.rc-body { flex: 1; min-width: 0; }
+.rc-title { display: flex; flex-wrap: wrap; gap: 8px; align-items: baseline; margin-bottom: 6px; }
+.rc-file { color: var(--body-text-color-subdued); font-size: 0.85em; overflow-wrap: anywhere; }
+.rc-pred { font-weight: 700; font-size: 1.05em; }
+.rc-badge { font-size: 0.8em; padding: 1px 8px; border-radius: 999px; background: var(--background-fill-secondary);
+  color: var(--body-text-color-subdued); }
+.rc-badge.rc-changed { background: #fef3c7; color: #92400e; }
+.rc-row { display: grid; grid-template-columns: minmax(60px, 28%) 1fr; gap: 8px; align-items: center;
+  font-size: 0.9em; margin: 2px 0; }
+.rc-row.rc-best .rc-name { font-weight: 700; }
+.rc-name { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; unicode-bidi: isolate; }
+.rc-bars { display: flex; flex-direction: column; gap: 2px; }
+.rc-line { display: grid; grid-template-columns: 1fr 3.2em; gap: 6px; align-items: center; }
+.rc-track { height: 10px; border-radius: 5px; background: var(--background-fill-secondary); overflow: hidden; }
+.rc-bar { height: 100%; border-radius: 5px; }
+.rc-main { background: var(--color-accent, #6366f1); }
+.rc-bare { background: #94a3b8; }
+.rc-line:nth-child(2) .rc-track { height: 6px; }
+.rc-val { text-align: right; font-variant-numeric: tabular-nums; color: var(--body-text-color-subdued); }
+.rc-summary { font-size: 0.9em; color: var(--body-text-color-subdued); }
+.rc-key { margin-left: 12px; white-space: nowrap; }
+.rc-swatch { display: inline-block; width: 10px; height: 10px; border-radius: 3px; margin-right: 4px; }
+.rc-empty { color: var(--body-text-color-subdued); padding: 16px; text-align: center;
+  border: 1px dashed var(--block-border-color); border-radius: 10px; }
+.pixelated img { image-rendering: pixelated; }
+.tight .grid-wrap.fixed-height { height: auto !important; min-height: 0 !important; max-height: none !important; }
+.class-images.block { border: none !important; border-top: 1px solid var(--block-border-color) !important; }
+#status details { font-size: 0.85em; color: var(--body-text-color-subdued); }
+.hint p { font-size: 0.85em; color: var(--body-text-color-subdued); }
 """
 
 
-class ModelCache:
-    """Loaded backbones and few-shot classifiers, each in a small LRU so that memory stays bounded. Thread-safe.
-
-    A classifier is keyed by (backbone, LoRA) and keeps its embedding cache between requests; evicting a backbone
-    drops its classifiers too. Loads run one at a time; cached models are served while a load is in progress.
-    """
-
-    def __init__(self, max_backbones: int = 2, max_classifiers: int = 4, device: Optional[str] = None):
-        self.max_backbones = max_backbones
-        self.max_classifiers = max_classifiers
-        self.device = device
-        self._lock = threading.Lock()  # guards the two tables; held briefly
-        self._load_lock = threading.RLock()  # serialises loads, so nothing is loaded twice
-        self._backbones: OrderedDict[str, Backbone] = OrderedDict()
-        self._classifiers: OrderedDict[tuple[str, str], tuple[FewShotClassifier, threading.Lock]] = OrderedDict()
-
-    def _get(self, table: OrderedDict, key: Any) -> Any:
-        with self._lock:
-            value = table.get(key)
-            if value is not None:
-                table.move_to_end(key)
-            return value
-
-    def backbone(self, name: str) -> Backbone:
-        """The backbone called `name`, loaded if needed.
-
-        Raises:
-            BackboneError: it cannot be loaded (the message says why).
-        """
-        if (hit := self._get(self._backbones, name)) is not None:
-            return hit
-        with self._load_lock:
-            if (hit := self._get(self._backbones, name)) is not None:
-                return hit
-            backbone = load_backbone(name, device=self.device)
-            with self._lock:
-                self._backbones[name] = backbone
-                while len(self._backbones) > self.max_backbones:
-                    evicted, _ = self._backbones.popitem(last=False)
-                    for key in [k for k in self._classifiers if k[0] == evicted]:
-                        del self._classifiers[key]
-                    _logger.info("evicted backbone %s", evicted)
-            return backbone
-
-    @contextlib.contextmanager
-    def classifier(self, backbone: str, lora: str = "") -> Iterator[FewShotClassifier]:
-        """The classifier for `backbone` with `lora` (``""`` for none), for exclusive use inside the block.
-
-        Raises:
-            BackboneError, LoRAFormatError, HubError: the backbone or the LoRA cannot be loaded.
-        """
-        key = (backbone, lora)
-        entry = self._get(self._classifiers, key)
-        if entry is None:
-            with self._load_lock:
-                entry = self._get(self._classifiers, key)
-                if entry is None:
-                    model = self.backbone(backbone)
-                    adapter = load_lora(lora, model) if lora else None
-                    entry = (FewShotClassifier(model, adapter), threading.Lock())
-                    with self._lock:
-                        self._classifiers[key] = entry
-                        while len(self._classifiers) > self.max_classifiers:
-                            self._classifiers.popitem(last=False)
-        classifier, in_use = entry
-        with in_use:  # fit() and predict_proba() share state on the classifier
-            yield classifier
+# ---------------------------------------------------------------------------------------------------------- tabs
+def _gallery(label: str, columns: int) -> gr.Gallery:
+    """An output gallery of surrogate images: lossless, crisp pixels, as tall as its images."""
+    return gr.Gallery(label=label, columns=columns, height="auto", format="png", object_fit="contain",
+                      interactive=False, elem_classes=["pixelated", "tight"], fit_columns=False)
 
 
-def _paths(value: Optional[list]) -> list[str]:
-    """File paths from a gr.File (paths) or gr.Gallery ((path, caption) pairs) value."""
-    return [item[0] if isinstance(item, (tuple, list)) else str(item) for item in value or []]
-
-
-def _read_slots(slots: dict[str, Any]) -> dict[str, list[str]]:
-    """Class slots -> {class name: image paths}. Empty slots (no name, no images) are skipped.
-
-    Raises:
-        SupportError: a slot with images but no name, or two slots with the same name.
-    """
-    support: dict[str, list[str]] = {}
-    slot_of: dict[str, int] = {}
-    for i in range(1, MAX_CLASSES + 1):
-        raw, files = slots.get(f"class_{i}_name") or "", _paths(slots.get(f"class_{i}_images"))
-        if not raw.strip() and not files:
-            continue
-        name = clean_class_name(raw)
-        if not name:
-            raise SupportError(f"Class {i} has {len(files)} image(s) but no name. Give every class a name.")
-        if name in slot_of:
-            raise SupportError(f"Classes {slot_of[name]} and {i} are both named '{name}'. Class names must be unique.")
-        slot_of[name] = i
-        support[name] = files
-    return support
-
-
-def _thumbnail(path: str) -> Image.Image:
-    image = load_image(path)  # upright RGB, as the model saw it
-    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-    return image
-
-
-def _table(predictions: list[Prediction]) -> dict[str, list]:
-    classes = list(predictions[0].probs)
-    rows = [[p.file, p.label, *(round(p.probs[c], 4) for c in classes)] for p in predictions]
-    return {"headers": ["query", "prediction", *(f"p({c})" for c in classes)], "data": rows}
-
-
-class FewShot:
-    """Handlers of the few-shot tab: UI values in, `recycle` calls, UI values out."""
-
-    def __init__(self, cache: ModelCache, default_backbone: str):
-        self.cache = cache
-        self.default_backbone = default_backbone
-
-    def _model(self, backbone: Optional[str], lora: Optional[str]) -> tuple[str, str]:
-        return (backbone or "").strip() or self.default_backbone, (lora or "").strip()
-
-    def status(self, backbone: Optional[str], lora: Optional[str]) -> str:
-        """Load the chosen backbone and LoRA, and say whether they are ready or what is missing."""
-        backbone, lora = self._model(backbone, lora)
-        try:
-            with self.cache.classifier(backbone, lora) as classifier:
-                model = classifier.backbone
-        except USER_ERRORS as e:
-            return f"⚠️ **Not ready.** {e}"
-        except Exception:  # noqa: BLE001 - reported in the UI, details in the log
-            _logger.exception("loading %s with LoRA %r failed", backbone, lora)
-            return f"⚠️ **Not ready.** Loading `{backbone}` failed unexpectedly; the details are in the server log."
-        embedding = "CLIP projection" if model.embedding == "projection" else "[CLS]"
-        with_lora = f" with LoRA `{lora}`" if lora else ""
-        _, h, w = model.input_size
-        return (f"✅ **Ready:** `{backbone}`{with_lora}: {embedding} embedding ({model.embed_dim}-d), "
-                f"{w}×{h} px input, on {model.device}.")
-
-    def classify(self, backbone: Optional[str], lora: Optional[str], queries: Optional[list[str]],
-                 **slots: Any) -> tuple[list[tuple[Image.Image, str]], dict[str, float], dict[str, list], list[dict]]:
-        """Fit the classes in the slots (``class_{i}_name``, ``class_{i}_images``) and predict every query.
-
-        Returns:
-            The captioned query gallery, the first query's probabilities, the table of all probabilities, and the
-            predictions (for showing the probabilities of the query selected in the gallery).
-        """
-        backbone, lora = self._model(backbone, lora)
-        try:
-            support = _read_slots(slots)
-            query_items = [(Path(p).name, p) for p in _paths(queries)]
-            count = sum(map(len, support.values())) + len(query_items)
-            if count > MAX_IMAGES:
-                raise SupportError(f"Too many images ({count}); at most {MAX_IMAGES} per run.")
-            with self.cache.classifier(backbone, lora) as classifier:
-                predictions = classify(classifier, support, query_items)
-            gallery = [(_thumbnail(path), f"{p.label} (p={p.probs[p.label]:.2f})")
-                       for (_, path), p in zip(query_items, predictions)]
-        except USER_ERRORS as e:
-            raise gr.Error(html.escape(str(e), quote=False), title="Cannot classify", print_exception=False) from None
-        except Exception:  # noqa: BLE001 - the server keeps serving; details go to the log
-            _logger.exception("few-shot classification failed")
-            raise gr.Error("Something went wrong while classifying; the details are in the server log. "
-                           "Please try again.", title="Unexpected error", print_exception=False) from None
-        return gallery, predictions[0].probs, _table(predictions), [p.to_dict() for p in predictions]
-
-    @staticmethod
-    def add_class(shown: int) -> tuple:
-        """Reveal the next class slot; the button is disabled once all `MAX_CLASSES` are shown."""
-        shown = min(int(shown or INITIAL_CLASSES) + 1, MAX_CLASSES)
-        slots = [gr.update(visible=i < shown) for i in range(MAX_CLASSES)]
-        return shown, *slots, gr.update(interactive=shown < MAX_CLASSES)
-
-    @staticmethod
-    def show_probabilities(predictions: Optional[list[dict]], evt: gr.SelectData) -> Optional[dict[str, float]]:
-        """The probabilities of the query selected in the predictions gallery."""
-        if not predictions or evt.index is None or not 0 <= evt.index < len(predictions):
-            return None
-        return predictions[evt.index]["probs"]
-
-
-def _backbone_choices(default: str) -> list[str]:
-    return list(dict.fromkeys([default, DEFAULT_BACKBONE, *ALIASES]))
-
-
-def _few_shot_tab(demo: gr.Blocks, handlers: FewShot) -> None:
-    default = handlers.default_backbone
-    with gr.Row():
-        backbone = gr.Dropdown(_backbone_choices(default), value=default, allow_custom_value=True, scale=3,
-                               label="Backbone", info="timm name, alias, hf-hub:ORG/REPO or a local folder")
-        lora = gr.Textbox("", label="LoRA (optional)", placeholder="local folder or file, or Hub id ORG/NAME", scale=2,
-                          max_lines=1, info="e.g. a meta-LoRA; press Enter to load it")
-    status = gr.Markdown(f"Loading `{default}`…", label="Status", elem_id="status")
+def _few_shot_tab(fewshot: FewShot, defaults: Defaults, examples: list[ExampleTask]) -> SimpleNamespace:
+    initial = min(MAX_CLASSES, max([INITIAL_CLASSES, *(len(t.support) for t in examples)]))
+    gr.Markdown(FEW_SHOT_INTRO)
+    lora = gr.Textbox(defaults.lora, label="Meta-LoRA (optional)", max_lines=1,
+                      placeholder="Hub id ORG/NAME" + ("" if fewshot.policy.allow_local else " (local paths are off)"),
+                      info="e.g. a meta-LoRA; press Enter to load it. Leave empty for the backbone alone.")
+    with gr.Column() as examples_box:  # filled below, once the inputs exist
+        pass
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
-            gr.Markdown("### 1 · Classes\nA name and a few example images for each class (drag and drop).")
+            gr.Markdown(f"### 1 · Classes\nA name and a few example images for each class (drag and drop), "
+                        f"up to {MAX_CLASSES} classes.")
             groups, slots = [], {}
             for i in range(1, MAX_CLASSES + 1):
-                with gr.Group(visible=i <= INITIAL_CLASSES) as group:
+                with gr.Group(visible=i <= initial) as group:
                     slots[f"class_{i}_name"] = gr.Textbox("", show_label=False, placeholder=f"Class {i} name",
                                                           max_lines=1)
                     slots[f"class_{i}_images"] = gr.Gallery(label=f"Class {i} images", file_types=["image"],
-                                                            type="filepath", columns=6, height=180,
-                                                            object_fit="cover", interactive=True)
+                                                            type="filepath", columns=6, height=150,
+                                                            object_fit="contain", interactive=True,
+                                                            fit_columns=False, elem_classes="class-images")
                 groups.append(group)
-            shown = gr.State(INITIAL_CLASSES)
-            add = gr.Button("＋ Add class", size="sm")
+            shown = gr.State(initial)
+            add = gr.Button("＋ Add class", size="sm", interactive=initial < MAX_CLASSES)
         with gr.Column(scale=1):
-            gr.Markdown("### 2 · Queries\nThe images to classify.")
-            queries = gr.File(label="Query images", file_count="multiple", file_types=["image"], height=180)
+            gr.Markdown(f"### 2 · Queries\nThe images to classify (at most {MAX_IMAGES} images in all).")
+            queries = gr.File(label="Query images", file_count="multiple", file_types=["image"], height=150)
             with gr.Row():
                 clear = gr.ClearButton(value="Clear")
                 run = gr.Button("Run", variant="primary")
-            gr.Markdown("### 3 · Predictions\nClick a query to see its probabilities.")
-            results = gr.Gallery(label="Predictions", columns=4, object_fit="contain", height="auto",
-                                 interactive=False)
-            probs = gr.Label(label="Probabilities", num_top_classes=MAX_CLASSES)
-            table = gr.Dataframe(label="All queries", interactive=False, wrap=True)
-            predictions = gr.State([])
+            gr.Markdown("### 3 · Predictions")
+            cards = gr.HTML(EMPTY_CARDS, elem_id="predictions")
+            with gr.Accordion("All probabilities (table)", open=False):
+                table = gr.Dataframe(label="All queries", interactive=False, wrap=True)
+    if examples:
+        rows = []
+        for task in examples:
+            items = list(task.support.items())
+            row: list[Any] = []
+            for i in range(MAX_CLASSES):
+                name, files = items[i] if i < len(items) else ("", [])
+                row += [name, files]
+            rows.append([*row, task.queries])
+        inputs = [c for i in range(1, MAX_CLASSES + 1) for c in (slots[f"class_{i}_name"], slots[f"class_{i}_images"])]
+        with examples_box:
+            gr.Examples(rows, inputs=[*inputs, queries], example_labels=[t.label for t in examples],
+                        label="New here? Click an example to fill in the classes and queries, then press Run")
+    clear.add([*slots.values(), queries, cards, table])
+    return SimpleNamespace(lora=lora, slots=slots, groups=groups, shown=shown, add=add, queries=queries, run=run,
+                           cards=cards, table=table)
 
-    clear.add([*slots.values(), queries, results, probs, table, predictions])
-    gr.on([demo.load, backbone.change, lora.submit], handlers.status, inputs=[backbone, lora], outputs=status,
-          api_name="status")
-    add.click(handlers.add_class, inputs=shown, outputs=[shown, *groups, add], api_name="add_class")
-    run.click(handlers.classify, inputs=[backbone, lora, queries], inputs_kwargs=slots,
-              outputs=[results, probs, table, predictions], api_name="classify")
-    results.select(handlers.show_probabilities, inputs=predictions, outputs=probs, api_name="show_probabilities",
-                   api_visibility="undocumented")
+
+def _invert_tab(policy: PathPolicy) -> SimpleNamespace:
+    gr.Markdown(INVERT_INTRO)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=320):
+            gr.Markdown("### 1 · LoRA\nA LoRA with a classification head: PEFT adapters for timm ViTs, or the "
+                        "official LoRA Recycle files.")
+            hub_id = gr.Textbox(label="Hub id", placeholder="ORG/NAME" + (" or a local folder" if policy.allow_local
+                                                                          else ""), max_lines=1, elem_id="hub-id")
+            files = gr.File(label="…or upload its files", file_count="multiple", height=130,
+                            file_types=[".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl"])
+            gr.Markdown("Upload `adapter_config.json` with `adapter_model.safetensors`, or one official "
+                        "`.safetensors` file, then press **Load LoRA**.", elem_classes="hint")
+            load = gr.Button("Load LoRA", variant="secondary")
+            card = gr.Markdown("No LoRA loaded yet.", elem_id="lora-card")
+            gr.Markdown("### 2 · Settings")
+            classes = gr.CheckboxGroup([], label="Classes to invert", info="Load a LoRA to see its classes.")
+            with gr.Row():
+                per_class = gr.Slider(1, 16, value=1, step=1, label="Images per class")
+                steps = gr.Slider(10, MAX_INVERT_STEPS, value=100, step=10, label="Steps",
+                                  info="the paper: 2000; fewer is quicker")
+            pruning = gr.Dropdown([(label, spec) for label, spec in PRUNING_PRESETS], value="-1:0.75",
+                                  allow_custom_value=True, label="Token pruning",
+                                  info="A preset, or type LAYER[,LAYER…]:RATIO (e.g. 11:0.75; -1 = last block).")
+            bn_prior = gr.Checkbox(False, label=f"BN-statistics prior ({DEFAULT_BN_PRIOR}, from the Hub)",
+                                   info="The paper's image prior: more natural images, slower; needs the Hub.")
+            with gr.Accordion("Advanced", open=False):
+                with gr.Row():
+                    lr = gr.Number(0.25, label="Learning rate (Adam)", minimum=0.001, maximum=10)
+                    seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+            gr.Markdown(f"At most {MAX_INVERT_IMAGES} images per run; one inversion runs at a time (others wait in "
+                        "the queue).")
+            with gr.Row():
+                invert = gr.Button("Invert", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+            stop_note = gr.Markdown("")
+        with gr.Column(scale=3, min_width=360):
+            gr.Markdown("### 3 · Surrogate images")
+            run_status = gr.Markdown("Load a LoRA, choose classes and press **Invert**.", elem_id="run-status")
+            images = _gallery("Inverted images (best so far)", columns=4)
+            masked = _gallery("Masked: only the kept patches (kept/all · confidence)", columns=4)
+            with gr.Row():
+                add = gr.Button("Add to pool", interactive=False)
+                download = gr.DownloadButton("Download zip", interactive=False)
+            pool_note = gr.Markdown("")
+    return SimpleNamespace(hub_id=hub_id, files=files, load=load, card=card, classes=classes, per_class=per_class,
+                           steps=steps, pruning=pruning, bn_prior=bn_prior, lr=lr, seed=seed, invert=invert, stop=stop,
+                           stop_note=stop_note, run_status=run_status, images=images, masked=masked, add=add,
+                           download=download, pool_note=pool_note)
 
 
-def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCache] = None) -> gr.Blocks:
-    """The app's Blocks, not launched. `default_backbone` defaults to ``$RECYCLE_BACKBONE``, else the paper's CLIP."""
-    default = default_backbone or os.environ.get("RECYCLE_BACKBONE") or DEFAULT_BACKBONE
-    handlers = FewShot(cache or ModelCache(), default)
-    with gr.Blocks(title="LoRA Recycle") as demo:
-        gr.Markdown(DESCRIPTION)
-        with gr.Tabs():
-            with gr.Tab("Few-shot", id="few-shot"):
-                _few_shot_tab(demo, handlers)
+def _pool_tab(policy: PathPolicy, settings: AppSettings) -> SimpleNamespace:
+    gr.Markdown(POOL_INTRO)
+    with gr.Row(equal_height=False):
+        folder = gr.Textbox(str(settings.pool), label="Pool folder", max_lines=1, scale=4,
+                            interactive=policy.allow_local,
+                            info="Press Enter to open." if policy.allow_local else "Set by the server (RECYCLE_POOL).")
+        refresh = gr.Button("↻ Refresh", scale=1, min_width=120)
+    summary = gr.Markdown("", elem_id="pool-summary")
+    with gr.Row():
+        source = gr.Dropdown([], label="Source LoRA", interactive=True, scale=3)
+        label = gr.Dropdown([], label="Class", interactive=True, scale=2)
+    details = gr.Markdown("")
+    with gr.Row(equal_height=False):
+        images = _gallery("Images", columns=3)
+        masked = _gallery("Masked (kept tokens only)", columns=3)
+    with gr.Accordion("Settings that made these images", open=False):
+        settings_json = gr.JSON(label="Inversion settings per run")
+    return SimpleNamespace(folder=folder, refresh=refresh, summary=summary, source=source, label=label,
+                           details=details, images=images, masked=masked, settings=settings_json)
+
+
+# ------------------------------------------------------------------------------------------------------- wiring
+def _select_tab(request: gr.Request) -> Any:
+    tab = request.query_params.get("tab") if request is not None else None
+    return gr.Tabs(selected=tab) if tab in TABS else gr.Tabs()
+
+
+def _backbone_choices(default: str, settings: AppSettings) -> list[str]:
+    shipped = [str(settings.shipped_backbone)] if (settings.shipped_backbone / "config.json").is_file() else []
+    return list(dict.fromkeys([default, DEFAULT_BACKBONE, *ALIASES, *shipped]))
+
+
+def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCache] = None,
+               settings: Optional[AppSettings] = None) -> gr.Blocks:
+    """The app's Blocks with its queue configured, not launched.
+
+    Args:
+        default_backbone: overrides ``settings.backbone``.
+        cache: the model cache (a fresh one by default).
+        settings: paths and policies (default: from the environment, `AppSettings.from_env`).
+    """
+    settings = settings or AppSettings.from_env()
+    policy = PathPolicy(settings.allow_local_paths)
+    cache = cache or ModelCache()
+    cache.lora_loader = policy.load_lora
+    defaults = resolve_defaults(settings, cache, default_backbone)
+    policy.trusted |= {defaults.backbone, defaults.lora, str(settings.shipped_backbone), str(settings.shipped_lora)}
+    fewshot = FewShot(cache, defaults, policy)
+    inversion = Inversion(cache, policy, settings, defaults.backbone)
+    browser = PoolBrowser(policy, settings)
+    examples = find_examples(settings.examples)
+
+    with gr.Blocks(title="LoRA Recycle", delete_cache=CACHE_CLEANUP) as demo:
+        gr.Markdown(HEADER)
+        backbone = gr.Dropdown(_backbone_choices(defaults.backbone, settings), value=defaults.backbone,
+                               allow_custom_value=True, label="Backbone (all tabs)",
+                               info="timm name, alias or hf-hub:ORG/REPO"
+                                    + (", or a local folder" if policy.allow_local else ""))
+        status = gr.Markdown(f"Loading `{defaults.backbone}`…", elem_id="status")
+        with gr.Tabs() as tabs:
+            with gr.Tab(TABS["few-shot"], id="few-shot"):
+                fs = _few_shot_tab(fewshot, defaults, examples)
+            with gr.Tab(TABS["invert"], id="invert"):
+                inv = _invert_tab(policy)
+            with gr.Tab(TABS["pool"], id="pool") as pool_tab:
+                pool = _pool_tab(policy, settings)
+
+        load = dict(concurrency_id="load", concurrency_limit=2)
+        browse = dict(concurrency_id="pool", concurrency_limit=2)
+        gr.on([demo.load, backbone.change, fs.lora.submit], fewshot.status, inputs=[backbone, fs.lora],
+              outputs=status, api_name="status", **load)
+        demo.load(_select_tab, None, tabs, api_visibility="private", queue=False)
+
+        # few-shot
+        fs.add.click(fewshot.add_class, inputs=fs.shown, outputs=[fs.shown, *fs.groups, fs.add], api_name="add_class",
+                     api_visibility="undocumented", queue=False)
+        fs.run.click(fewshot.classify, inputs=[backbone, fs.lora, fs.queries], inputs_kwargs=fs.slots,
+                     outputs=[fs.cards, fs.table], api_name="classify", concurrency_id="predict",
+                     concurrency_limit=PREDICT_CONCURRENCY)
+
+        # inversion
+        gr.on([inv.load.click, inv.hub_id.submit], inversion.load, inputs=[backbone, inv.hub_id, inv.files],
+              outputs=[inv.card, inv.classes], api_name="load_lora", **load)
+        inv.invert.click(inversion.run, inputs=[backbone, inv.classes, inv.per_class, inv.steps, inv.pruning,
+                                                inv.bn_prior, inv.lr, inv.seed],
+                         outputs=[inv.images, inv.masked, inv.run_status, inv.download, inv.add], api_name="invert",
+                         concurrency_id="invert", concurrency_limit=1, show_progress_on=[inv.run_status])
+        inv.stop.click(inversion.stop, None, inv.stop_note, api_name="stop_inversion", concurrency_id="stop",
+                       concurrency_limit=None)
+
+        # pool
+        pool_outputs = [pool.summary, pool.source, pool.label, pool.images, pool.masked, pool.details, pool.settings]
+        gr.on([pool.refresh.click, pool.folder.submit], browser.open, inputs=pool.folder, outputs=pool_outputs,
+              api_name="open_pool", **browse)
+        gr.on([demo.load, pool_tab.select], browser.refresh, inputs=pool.folder, outputs=pool_outputs,
+              api_name="refresh_pool", api_visibility="undocumented", **browse)
+        pool.source.input(browser.choose_source, inputs=[pool.folder, pool.source],
+                          outputs=[pool.label, pool.images, pool.masked, pool.details, pool.settings],
+                          api_name="pool_source", **browse)
+        pool.label.input(browser.show, inputs=[pool.folder, pool.source, pool.label],
+                         outputs=[pool.images, pool.masked, pool.details, pool.settings], api_name="pool_class",
+                         **browse)
+        inv.add.click(inversion.add_to_pool, None, inv.pool_note, api_name="add_to_pool", **browse).then(
+            browser.refresh, inputs=pool.folder, outputs=pool_outputs, api_visibility="private", **browse)
+
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=PREDICT_CONCURRENCY)
     return demo
 
 
-def launch_options() -> dict[str, Any]:
-    """Keyword arguments for `gr.Blocks.launch` (theme, CSS, upload limit); tests launch with them too."""
+def launch_options(settings: Optional[AppSettings] = None) -> dict[str, Any]:
+    """Keyword arguments for `gr.Blocks.launch` (theme, CSS, upload limit, example files); tests launch with them."""
+    settings = settings or AppSettings.from_env()
     system_fonts = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the page also works offline
     theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", font=system_fonts,
                            font_mono=["ui-monospace", "monospace"])
-    return {"theme": theme, "css": CSS, "max_file_size": MAX_FILE_SIZE}
+    return {"theme": theme, "css": CSS, "max_file_size": MAX_FILE_SIZE, "allowed_paths": [str(settings.examples)]}
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
-    build_demo().queue(max_size=32).launch(**launch_options())
+    settings = AppSettings.from_env()
+    build_demo(settings=settings).launch(**launch_options(settings))
 
 
 if __name__ == "__main__":

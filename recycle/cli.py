@@ -80,7 +80,10 @@ def _cmd_invert(args: argparse.Namespace) -> int:
                              seed=args.seed)
     backbone = load_backbone(args.backbone, device=args.device)
     adapter = load_lora(args.lora, backbone)
-    prior = None if args.bn_prior.lower() == "none" else load_bn_prior(args.bn_prior, backbone.device)
+    try:
+        prior = None if args.bn_prior.lower() == "none" else load_bn_prior(args.bn_prior, backbone.device)
+    except BackboneError as e:
+        raise BackboneError(f"{e} Use --bn-prior none to invert without it.") from None
     n_classes = len(args.classes) if args.classes else adapter.num_classes
     n_batches = -(-n_classes * config.per_class // (config.batch_size or n_classes * config.per_class))
     with tqdm(total=config.steps * n_batches, desc="inverting", unit="step", disable=args.quiet) as bar:

@@ -481,8 +481,12 @@ def load_lora(source: Union[str, Path], backbone=None) -> LoRAAdapter:
     """
     from .hub import HubError, download_repo_files, is_repo_id
 
-    local = Path(source).expanduser()
-    if local.exists():
+    try:
+        local = Path(source).expanduser()
+        exists = local.exists()
+    except (OSError, ValueError):  # NUL bytes, names too long for the filesystem: not a usable path
+        exists = False
+    if exists:
         return read_adapter(local, backbone)
     source = str(source).strip()
     if not is_repo_id(source):

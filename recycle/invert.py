@@ -152,7 +152,7 @@ def load_bn_prior(name: str = DEFAULT_BN_PRIOR, device: Optional[torch.device] =
     try:
         model = _create(name, {}, pretrained=True)
     except BackboneError as e:
-        raise BackboneError(f"BN prior: {e} Use --bn-prior none to invert without the prior.") from None
+        raise BackboneError(f"BN prior: {e}") from None
     cfg = model.pretrained_cfg
     return BNPrior(model, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))).to(
         device or "cpu")

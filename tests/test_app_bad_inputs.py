@@ -1,0 +1,283 @@
+"""The bad-input suite: malformed inputs to every tab, each answered with a clear error, after which the app still
+serves a good request. Two apps run: one as on a workstation (local paths allowed) and one as on a public Space
+(``RECYCLE_ALLOW_LOCAL_PATHS=0``: only Hub ids and uploads)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from safetensors.torch import load_file, save_file
+
+from tests.apptools import (blank_png, classify, close, good_request, headless_lora, launch, make_pics, make_pool,
+                            official_lora, pattern, publish, quick_good_request, settings,
+                            tiny_lora)
+
+
+# -------------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def world(tiny_clip_dir, tiny_vit_dir, tmp_path_factory):
+    """Both apps, their clients, images, LoRA files and a pool, shared by every case."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    pics = make_pics(root)
+    peft = tiny_lora(tiny_clip_dir, root / "colours")
+    pool = make_pool(root / "pool", tiny_clip_dir, [peft])
+    open_app = settings(root / "open", str(tiny_clip_dir))
+    public_app = settings(root / "public", str(tiny_clip_dir), allow_local_paths=False)
+    demo, client = launch(open_app)
+    public_demo, public = launch(public_app)
+    yield SimpleNamespace(root=root, pics=pics, peft=peft, pool=pool, client=client, public=public,
+                          official=official_lora(tiny_clip_dir, root / "official" / "task.safetensors"),
+                          headless=headless_lora(tiny_clip_dir, root / "headless"),
+                          vit_lora=tiny_lora(tiny_vit_dir, root / "vit-lora", steps=2))
+    close(demo, client)
+    close(public_demo, public)
+
+
+def _file(tmp: Path, name: str, content: bytes) -> Path:
+    (tmp / name).write_bytes(content)
+    return tmp / name
+
+
+def _truncated_png(tmp: Path) -> Path:
+    pattern("red", 0, (200, 200)).save(tmp / "full.png")
+    data = (tmp / "full.png").read_bytes()
+    return _file(tmp, "cut.png", data[: len(data) // 2])
+
+
+# ------------------------------------------------------------------------------------------------- request helpers
+def _fewshot(w, classes, queries=None, client: Client = None, **extra):
+    """/classify; `classes` is [(name, [pic keys or paths])]."""
+    as_path = lambda p: w.pics[p] if isinstance(p, str) else p  # noqa: E731
+    return classify(client or w.client, [(n, [as_path(p) for p in ps]) for n, ps in classes],
+                    [as_path(q) for q in (["red_q"] if queries is None else queries)], **extra)
+
+
+def _two(w, name1="red", name2="blue", **extra):
+    return _fewshot(w, [(name1, ["red1"]), (name2, ["blue1"])], **extra)
+
+
+def _load(w, hub_id="", files=(), client: Client = None):
+    return (client or w.client).predict(hub_id=hub_id, files=[handle_file(str(f)) for f in files],
+                                        api_name="/load_lora")
+
+
+def _invert(w, client: Client = None, classes=(0, 1), **overrides):
+    args = dict(per_class=1, steps=10, pruning="-1:0.75", bn_prior=False, lr=0.25, seed=0)
+    return (client or w.client).predict(classes=list(classes), **{**args, **overrides}, api_name="/invert")
+
+
+def _peft_copy(w, tmp: Path, edit_config=None, edit_tensors=None) -> Path:
+    folder = shutil.copytree(w.peft, tmp / "edited")
+    if edit_config is not None:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        edit_config(config)
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    if edit_tensors is not None:
+        from safetensors import safe_open
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata=metadata)
+    return folder
+
+
+def _upload_peft(w, tmp, **edits):
+    folder = _peft_copy(w, tmp, **edits)
+    return _load(w, files=[folder / "adapter_config.json", folder / "adapter_model.safetensors"])
+
+
+def _loaded_then(w, action: Callable):
+    """Load the good LoRA in this session, then do `action`."""
+    _load(w, files=[w.peft / "adapter_config.json", w.peft / "adapter_model.safetensors"])
+    return action()
+
+
+def _pool_copy(w, tmp: Path, corrupt: Callable[[Path], None]) -> Path:
+    pool = shutil.copytree(w.pool, tmp / "pool")
+    corrupt(next(p for p in pool.iterdir() if p.is_dir()))
+    return pool
+
+
+def _open_pool(w, folder, client: Client = None):
+    return (client or w.client).predict(str(folder), api_name="/open_pool")
+
+
+def _set_nan(tensors):
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key][0, 0] = float("nan")
+
+
+# --------------------------------------------------------------------------------------------------------- the cases
+# name -> (make the bad request from (world, tmp path, local hub), pattern its message must match)
+CASES: dict[str, tuple[Callable, str]] = {
+    # few-shot: classes and files
+    "no classes": (lambda w, t, h: _fewshot(w, []), r"at least 2 classes.*got 0"),
+    "one class": (lambda w, t, h: _fewshot(w, [("red", ["red1", "red2"])]), r"at least 2 classes.*got 1"),
+    "class without images": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", [])]),
+                             r"class 'blue' has no images"),
+    "images without a name": (lambda w, t, h: _two(w, name1=""), r"Class 1 has 1 image\(s\) but no name"),
+    "duplicate names": (lambda w, t, h: _two(w, name2=" red "), r"Classes 1 and 2 are both named 'red'"),
+    "no queries": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])], queries=[]),
+                   r"at least one query image"),
+    "text file named .png": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", [_file(t, "notes.png",
+                                                                                             b"hello")])]),
+                             r"class 'blue': notes\.png: not a recognised image"),
+    "wrong file type": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])],
+                                                 queries=[_file(t, "notes.txt", b"hello")]), r"Invalid file type"),
+    "zero-byte image": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])],
+                                                 queries=[_file(t, "empty.jpg", b"")]),
+                        r"query empty\.jpg: the file is empty"),
+    "truncated image": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])],
+                                                 queries=[_truncated_png(t)]), r"cut\.png: .*(corrupt|truncated)"),
+    "huge dimensions": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", [blank_png(t / "huge.png", 8000,
+                                                                                             6000)])]),
+                        r"huge\.png: image is too large \(8000x6000"),
+    "decompression bomb": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])],
+                                                    queries=[blank_png(t / "bomb.png", 20000, 20000)]),
+                           r"bomb\.png: .*decompression bomb"),
+    # few-shot: class names with odd Unicode
+    "name of zero-width characters only": (lambda w, t, h: _fewshot(w, [("\u200b\u200d\u2060", [])]),
+                                           r"Class 1's name has only invisible characters"),
+    "name of bidi controls only": (lambda w, t, h: _two(w, name1="\u202e\u200f"),
+                                   r"Class 1 has 1 image\(s\) but no name"),
+    "names equal but for a zero-width space": (lambda w, t, h: _two(w, name1="red", name2="re\u200bd"),
+                                               r"Classes 1 and 2 are both named 'red'.*invisible characters"),
+    "names equal but for combining marks": (lambda w, t, h: _two(w, name1="caf\u00e9", name2="cafe\u0301"),
+                                            r"Classes 1 and 2 are both named 'café'"),
+    "very long emoji name": (lambda w, t, h: _two(w, name1="🐱" * 81), r"Class 1's name is 81 characters long"),
+    # few-shot: backbone and meta-LoRA fields
+    "missing backbone folder": (lambda w, t, h: _two(w, backbone=str(t / "nowhere")),
+                                r"Backbone directory .*does not exist"),
+    "unknown backbone": (lambda w, t, h: _two(w, backbone="no_such_vit_model"),
+                         r"Unknown backbone 'no_such_vit_model'"),
+    "missing LoRA path": (lambda w, t, h: _two(w, lora=str(t / "nowhere")),
+                          r"neither an existing local path nor a Hub id"),
+    "pickled meta-LoRA": (lambda w, t, h: _two(w, lora=str(_file(t, "adapter.bin", b"\x80\x04K\x01."))), r"pickle"),
+    "NUL byte in the LoRA field": (lambda w, t, h: _two(w, lora="org/na\x00me"),
+                                   r"LoRA name contains control characters"),
+    "5000-character backbone name": (lambda w, t, h: _two(w, backbone="vit" * 1700),
+                                     r"backbone name is 5100 characters long; at most 300"),
+    "LoRA path to a system file": (lambda w, t, h: _two(w, lora="../../../../../etc/passwd"),
+                                   r"passwd is not a \.safetensors file"),
+    # public server: path-like strings in text fields
+    "public: relative path as LoRA": (lambda w, t, h: _two(w, lora="../../etc/passwd", client=w.public),
+                                      r"Local paths are disabled.*'\.\./\.\./etc/passwd'.*Hub id"),
+    "public: absolute path as LoRA": (lambda w, t, h: _two(w, lora="/etc/shadow", client=w.public),
+                                      r"Local paths are disabled.*'/etc/shadow'"),
+    "public: folder as backbone": (lambda w, t, h: _two(w, backbone="/etc", client=w.public),
+                                   r"Local paths are disabled.*'/etc' cannot be used as a backbone"),
+    "public: local-dir: backbone": (lambda w, t, h: _two(w, backbone="local-dir:/tmp", client=w.public),
+                                    r"Local paths are disabled.*as a backbone"),
+    "public: path as inversion LoRA": (lambda w, t, h: _load(w, hub_id="/etc/shadow", client=w.public),
+                                       r"Local paths are disabled.*'/etc/shadow' cannot be used as a LoRA"),
+    "public: another pool folder": (lambda w, t, h: _open_pool(w, "../../etc", client=w.public),
+                                    r"Local paths are disabled.*Only the server's own pool can be browsed"),
+    "public: LoRA id shaped like a local folder": (lambda w, t, h: _two(w, lora="tests/helpers.py", client=w.public),
+                                                   r"Hub repository 'tests/helpers\.py' does not exist"),
+    # inversion: the Hub
+    "malformed Hub id": (lambda w, t, h: _load(w, hub_id="not a repo!"),
+                         r"neither an existing local path nor a Hub id"),
+    "Hub id with too many parts": (lambda w, t, h: _load(w, hub_id="org/name/extra"),
+                                   r"neither an existing local path nor a Hub id"),
+    "unknown Hub repo": (lambda w, t, h: _load(w, hub_id="recycle-test/missing"), r"does not exist, or it is private"),
+    "Hub repo with pickles only": (
+        lambda w, t, h: (_file(h.root / "recycle-test" / "pickled", "adapter_model.bin", b"\x80\x04K\x01.")
+                         if (h.root / "recycle-test" / "pickled").mkdir(parents=True) is None else None,
+                         _load(w, hub_id="recycle-test/pickled")),
+        r"has no \.safetensors LoRA weights \(pickled"),
+    "Hub is down": (lambda w, t, h: (publish(h.root, "recycle-test/colours", w.peft), h.stop(),
+                                     _load(w, hub_id="recycle-test/colours")),
+                    r"Hub at http://127\.0\.0\.1:\d+ is unreachable and the files are not cached"),
+    "BN prior not on the Hub": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, bn_prior=True)),
+                                r"BN prior: .*resnet50.*Untick 'BN-statistics prior'"),
+    # inversion: uploaded files
+    "nothing to load": (lambda w, t, h: _load(w), r"Enter a Hub id \(ORG/NAME\) or upload"),
+    "zero-byte weights": (lambda w, t, h: _load(w, files=[_file(t, "adapter_model.safetensors", b"")]),
+                          r"adapter_model\.safetensors is empty \(0 bytes\)"),
+    "truncated weights": (lambda w, t, h: _load(w, files=[_file(t, "adapter_model.safetensors", (
+        w.peft / "adapter_model.safetensors").read_bytes()[:300])]), r"not a valid safetensors file"),
+    "random bytes as weights": (lambda w, t, h: _load(w, files=[_file(t, "x.safetensors", bytes(range(256)) * 4)]),
+                                r"not a valid safetensors file"),
+    "pickled weights": (lambda w, t, h: _load(w, files=[_file(t, "adapter_model.bin", b"\x80\x04K\x01.")]),
+                        r"adapter_model\.bin: pickled weights are never loaded"),
+    "PEFT weights without their config": (lambda w, t, h: _load(w, files=[w.peft / "adapter_model.safetensors"]),
+                                          r"needs its adapter_config\.json"),
+    "config only": (lambda w, t, h: _load(w, files=[w.peft / "adapter_config.json"]), r"no weights uploaded"),
+    "config that is not JSON": (lambda w, t, h: _load(w, files=[_file(t, "adapter_config.json", b"{nope"),
+                                                                 w.peft / "adapter_model.safetensors"]),
+                                r"adapter_config\.json is not valid JSON"),
+    "non-LoRA PEFT type": (lambda w, t, h: _upload_peft(w, t, edit_config=lambda c: c.update(peft_type="IA3")),
+                           r"PEFT 'IA3' adapter, not LoRA"),
+    "NaN in the weights": (lambda w, t, h: _upload_peft(w, t, edit_tensors=_set_nan), r"contains NaN or Inf"),
+    "two LoRAs at once": (lambda w, t, h: _load(w, files=[w.official, w.peft / "adapter_model.safetensors"]),
+                          r"upload one LoRA at a time"),
+    "LoRA without a head": (lambda w, t, h: _load(w, files=list(w.headless.iterdir())), r"no classification head"),
+    "LoRA for another backbone": (lambda w, t, h: (_load(w, files=list(w.vit_lora.iterdir())), _invert(w)),
+                                  r"does not fit the backbone"),
+    # inversion: settings
+    "invert before loading": (lambda w, t, h: _invert(w, client=Client(w.client.src, verbose=False), classes=()),
+                              r"Load a LoRA first"),
+    "no classes chosen": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, classes=())),
+                          r"Choose at least one class"),
+    "class not in the LoRA": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, classes=(7,))),
+                              r"7.*is not in the list of choices"),
+    "too many images": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, classes=(0, 1, 2), per_class=11)),
+                        r"3 classes × 11 images = 33 images; at most 32"),
+    "too many steps": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, steps=50000)),
+                       r"Value 50000 is greater than maximum value 2000"),
+    "malformed pruning schedule": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning="11:abc")),
+                                   r"Pruning schedule '11:abc'.*LAYER:RATIO"),
+    "pruning ratio of 1.5": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning="-1:1.5")),
+                             r"pruning ratio for layer -1 must be in \[0, 1\)"),
+    "pruning layer out of range": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning="99:0.5")),
+                                   r"pruning layer 99 is out of range for a model with 2 blocks"),
+    "negative learning rate": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, lr=-1)),
+                               r"Value -1 is less than minimum value 0\.001"),
+    # pool
+    "missing pool": (lambda w, t, h: _open_pool(w, t / "no-pool"), r"pool folder .* does not exist"),
+    "empty pool": (lambda w, t, h: (t.joinpath("empty").mkdir(), _open_pool(w, t / "empty")), r"has no runs yet"),
+    "run without manifest": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (r / "manifest.json").unlink())),
+                             r"has no manifest\.json"),
+    "corrupt manifest": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (r / "manifest.json").write_text(
+        "{truncated"))), r"unreadable manifest"),
+    "manifest of another format": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (
+        r / "manifest.json").write_text('{"format": "other"}'))), r"not a surrogate-pool manifest"),
+    "modified pool image": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: pattern("red", 1, (32, 32)).save(
+        r / "images" / "000000.png"))), r"checksum mismatch"),
+    "pool image deleted": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (
+        r / "masked" / "000001.png").unlink())), r"masked/000001\.png is listed in the manifest but missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gets_a_clear_message_and_the_app_keeps_serving(world, tmp_path, local_hub, case):
+    make, expected = CASES[case]
+    with pytest.raises(AppError, match=expected) as err:
+        make(world, tmp_path, local_hub)
+    assert "Something went wrong" not in str(err.value) and "Traceback" not in str(err.value)
+    client = world.public if case.startswith("public:") else world.client
+    quick_good_request(client, world.pics)
+
+
+def test_the_suite_is_broad():
+    assert len(CASES) >= 25
+    kinds = ["image", "bomb", "dimensions", "LoRA", "pickle", "Hub", "path", "name", "pool"]
+    assert all(any(k.lower() in c.lower() for c in CASES) for k in kinds)
+
+
+def test_a_public_server_still_serves_hub_loras_and_its_own_defaults(world, local_hub):
+    publish(local_hub.root, "recycle-test/colours", world.peft)
+    card, _ = _load(world, hub_id="recycle-test/colours", client=world.public)
+    assert "**Loaded** `recycle-test/colours`" in card
+    card, _ = _load(world, files=[world.official], client=world.public)  # uploads are fine too
+    assert "✅ Fits" in card
+    assert world.public.predict(api_name="/status").startswith("✅")  # the configured backbone is trusted
+    world.public.predict("", api_name="/refresh_pool")  # the server's own pool can be browsed
+    good_request(world.public, world.pics)
