@@ -29,6 +29,7 @@ import json
 import operator
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -103,26 +104,37 @@ def meta_worker(args: argparse.Namespace) -> dict:
     model.train()
     baseline = _memory_kib()
 
-    def step() -> dict[str, Timing]:
-        (loss, _), t_loss = timed(lambda: episode_loss(backbone, episode, "l2", True, gen))
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved_storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_storages:
+            saved_storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def step(measure_saved: bool = False) -> dict[str, Timing]:
+        """One meta-training step; with `measure_saved`, record the storages autograd saves for the backward."""
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure_saved else nullcontext()
+        with hooks:
+            (loss, _), t_loss = timed(lambda: episode_loss(backbone, episode, "l2", True, gen))
         opt.zero_grad(set_to_none=True)
         _, t_bwd = timed(loss.backward)
         _, t_adam = timed(opt.step)
         return dict(zip(PHASES, (t_loss, t_bwd, t_adam)))
 
-    for _ in range(args.warmup):
-        step()
-    steps, system = [], []
+    for i in range(args.warmup):
+        step(measure_saved=i == 0)
+    steps = []
     for i in range(args.steps):
-        sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
-        phases = step()
-        system.append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0)
+        phases = step(measure_saved=i == 0 and not args.warmup)
         steps.append({k: asdict(t) for k, t in phases.items()})
         total = functools.reduce(operator.add, phases.values())
         print(f"  [{_label(args.masked)}] step {i + 1}/{args.steps}: {total.wall:.2f}s wall {total.cpu:.2f}s cpu "
-              f"({system[-1]:.2f}s system) {total.minor_faults} faults, others {total.others_cpu:.2f}s cpu ("
+              f"({total.system:.2f}s system) {total.minor_faults} faults, others {total.others_cpu:.2f}s cpu ("
               + ", ".join(f"{k} {t.wall:.2f}s" for k, t in phases.items()) + ")", flush=True)
-    return {"masked": args.masked, "baseline": baseline, "peak": _memory_kib(), "steps": steps, "system": system,
+    saved = sum(saved_storages.values())
+    return {"masked": args.masked, "baseline": baseline, "peak": _memory_kib(), "steps": steps, "saved": saved,
             "tokens": None if episode.query_kept is None else 1 + int(episode.query_kept[0].numel()),
             "num_patches": model.patch_embed.num_patches, "dim": backbone.num_features, "depth": len(model.blocks)}
 
@@ -134,7 +146,7 @@ class Run:
 
     masked: float
     steps: list[dict[str, Timing]]
-    system: list[float]  # kernel CPU seconds of each timed step
+    saved: int  # bytes of activations autograd saved for the backward pass in one step
     baseline: dict[str, int]
     peak: dict[str, int]
     tokens: int
@@ -142,7 +154,7 @@ class Run:
     @classmethod
     def from_json(cls, data: dict) -> "Run":
         steps = [{k: Timing(**t) for k, t in s.items()} for s in data["steps"]]
-        return cls(data["masked"], steps, data["system"], data["baseline"], data["peak"],
+        return cls(data["masked"], steps, data["saved"], data["baseline"], data["peak"],
                    data["tokens"] or 1 + data["num_patches"])
 
     def step(self) -> Timing:
@@ -150,7 +162,7 @@ class Run:
         total = functools.reduce(operator.add, (t for s in self.steps for t in s.values()))
         n = len(self.steps)
         return Timing(total.wall / n, total.cpu / n, total.others_cpu / n, total.minor_faults // n,
-                      total.major_faults // n)
+                      total.major_faults // n, total.system / n)
 
     def phase(self, name: str) -> float:
         return sum(s[name].wall for s in self.steps) / len(self.steps)
@@ -174,7 +186,7 @@ def report(args: argparse.Namespace, env: dict[str, str], runs: dict[float, list
         steps = [r.step() for r in rs]
         step_rows.append([_label(masked), str(rs[0].tokens), Summary.of(t.wall for t in steps).format(".2f"),
                           Summary.of(t.cpu for t in steps).format(".2f"),
-                          Summary.of(sum(r.system) / len(r.system) for r in rs).format(".2f"),
+                          Summary.of(t.system for t in steps).format(".2f"),
                           *(Summary.of(r.phase(p) for r in rs).format(".2f") for p in PHASES),
                           Summary.of(n_images / t.wall for t in steps).format(".2f"),
                           Summary.of(t.others_cpu for t in steps).format(".1f"),
@@ -192,7 +204,9 @@ def report(args: argparse.Namespace, env: dict[str, str], runs: dict[float, list
                          Summary.of(r.peak["VmHWM"] / 1024 for r in rs).format(".0f"),
                          Summary.of(r.increase_mib for r in rs).format(".0f"),
                          f"{rel.median:+.0f}% [{rel.min:+.0f}%, {rel.max:+.0f}%]",
-                         f"{peak_rel.median:+.0f}%", f"{100 * (paper_gb / PAPER_TABLE5[0.0][1] - 1):+.0f}%"])
+                         f"{peak_rel.median:+.0f}%", f"{rs[0].saved / 2 ** 20:.0f}",
+                         f"{100 * (rs[0].saved / base[0].saved - 1):+.0f}%",
+                         f"{100 * (paper_gb / PAPER_TABLE5[0.0][1] - 1):+.0f}%"])
         for rep, r in enumerate(rs):
             for i, s in enumerate(r.steps):
                 for phase, t in s.items():
@@ -233,10 +247,12 @@ def report(args: argparse.Namespace, env: dict[str, str], runs: dict[float, list
         "Resident memory of the process in MiB. Baseline = `ru_maxrss` once the model, meta-LoRA, optimiser and "
         "episode are built (the weights dominate it); peak = `ru_maxrss` after all steps (`VmHWM` agrees unless the "
         "parent's memory leaked into `ru_maxrss` across `exec`); increase = peak - baseline, i.e. what the steps "
-        "themselves need. Changes are relative to 0% within each repeat; the paper's column is its GPU memory, "
-        "weights included.\n\n"
+        "themselves need. Changes are relative to 0% within each repeat. Saved for backward = MiB of the distinct "
+        "tensor storages autograd saved in one step (`saved_tensors_hooks`, parameters excluded; first repeat): "
+        "the activation memory itself, free of allocator effects. The paper's column is its GPU memory, weights "
+        "included.\n\n"
         + markdown_table(["setting", "baseline", "peak", "peak (VmHWM)", "increase", "increase vs 0%",
-                          "peak vs 0%", "paper GPU memory vs 0%"], mem_rows),
+                          "peak vs 0%", "saved for backward", "saved vs 0%", "paper GPU memory vs 0%"], mem_rows),
         interpretation(runs, full_tokens, dim),
         "## Raw measurements\n\n" + markdown_table(["repeat", "setting", "step", "phase", "wall s", "CPU s",
                                                     "others' CPU s", "minor faults"], raw),
@@ -254,13 +270,14 @@ def interpretation(runs: dict[float, list[Run]], full_tokens: int, dim: int) -> 
         cpu = Summary.of(b.step().cpu / r.step().cpu for b, r in zip(base, rs)).median
         wall = Summary.of(b.step().wall / r.step().wall for b, r in zip(base, rs)).median
         mem = Summary.of(r.increase_mib / b.increase_mib for b, r in zip(base, rs)).median
+        saved = rs[0].saved / base[0].saved
         paper_its, paper_gb = PAPER_TABLE5[masked]
         lines.append(f"- **{_label(masked)}** ({rs[0].tokens} of {full_tokens} tokens, "
                      f"{100 * rs[0].tokens / full_tokens:.0f}%): step {cpu:.2f}x faster in CPU time and {wall:.2f}x "
                      f"in wall time (FLOP-ideal {ideal(rs[0].tokens, full_tokens, dim):.2f}x, paper "
-                     f"{paper_its / PAPER_TABLE5[0.0][0]:.2f}x); the steps need {100 * mem:.0f}% of the memory they "
-                     f"need at 0% (paper: {100 * paper_gb / PAPER_TABLE5[0.0][1]:.0f}% of its GPU memory, weights "
-                     "included).")
+                     f"{paper_its / PAPER_TABLE5[0.0][0]:.2f}x); the steps' resident memory is {100 * mem:.0f}% and "
+                     f"the activations saved for backward are {100 * saved:.0f}% of those at 0% (paper: "
+                     f"{100 * paper_gb / PAPER_TABLE5[0.0][1]:.0f}% of its GPU memory, weights included).")
     points = [(float(vit_block_flops(rs[0].tokens, rs[0].tokens, dim)), Summary.of(r.step().cpu for r in rs).median)
               for rs in runs.values()]
     mx, my = (sum(v) / len(points) for v in zip(*points))
