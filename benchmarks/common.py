@@ -39,6 +39,7 @@ class Timing:
         others_cpu: CPU seconds the rest of the machine used meanwhile (busy time in ``/proc/stat``, steal included,
             minus `cpu`); a contention gauge: on 2 cores anything near `wall` means one core was taken.
         minor_faults, major_faults: page faults of this process.
+        system: the part of `cpu` spent in the kernel (``ru_stime``), on these machines mostly page faults.
     """
 
     wall: float
@@ -46,10 +47,12 @@ class Timing:
     others_cpu: float
     minor_faults: int
     major_faults: int
+    system: float = 0.0
 
     def __add__(self, other: "Timing") -> "Timing":
         return Timing(self.wall + other.wall, self.cpu + other.cpu, self.others_cpu + other.others_cpu,
-                      self.minor_faults + other.minor_faults, self.major_faults + other.major_faults)
+                      self.minor_faults + other.minor_faults, self.major_faults + other.major_faults,
+                      self.system + other.system)
 
 
 def _machine_busy_seconds() -> float:
@@ -70,7 +73,7 @@ def timed(fn: Callable[[], T]) -> tuple[T, Timing]:
     w1, c1 = time.perf_counter(), time.process_time()
     r1, b1 = resource.getrusage(resource.RUSAGE_SELF), _machine_busy_seconds()
     return out, Timing(w1 - w0, c1 - c0, max(0.0, b1 - b0 - (c1 - c0)), r1.ru_minflt - r0.ru_minflt,
-                       r1.ru_majflt - r0.ru_majflt)
+                       r1.ru_majflt - r0.ru_majflt, r1.ru_stime - r0.ru_stime)
 
 
 @dataclass(frozen=True)
@@ -176,18 +179,20 @@ class Mark:
     busy: float
     minor_faults: int
     major_faults: int
+    system: float
 
     @classmethod
     def now(cls) -> "Mark":
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return cls(time.perf_counter(), time.process_time(), _machine_busy_seconds(), usage.ru_minflt,
-                   usage.ru_majflt)
+                   usage.ru_majflt, usage.ru_stime)
 
     def until(self, later: "Mark") -> Timing:
         """The `Timing` of the interval from this mark to `later`."""
         cpu = later.cpu - self.cpu
         return Timing(later.wall - self.wall, cpu, max(0.0, later.busy - self.busy - cpu),
-                      later.minor_faults - self.minor_faults, later.major_faults - self.major_faults)
+                      later.minor_faults - self.minor_faults, later.major_faults - self.major_faults,
+                      later.system - self.system)
 
 
 def contention(timings: Iterable[Timing]) -> str:
