@@ -37,7 +37,8 @@ import timm
 import torch
 from PIL import Image
 
-from benchmarks.common import REPO, Summary, Timing, command_line, contention, environment, markdown_table, timed
+from benchmarks.common import (REPO, Summary, Timing, command_line, contention, environment, markdown_table, timed,
+                               write_results)
 from recycle.backbone import Backbone
 from recycle.fewshot import FewShotClassifier, compute_prototypes, prototype_logits
 from recycle.formats import LoRAAdapter
@@ -373,10 +374,7 @@ def main() -> None:
 
     text = report(args, env, task, runs, started, time.perf_counter() - t_start)
     print("\n" + text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
+    write_results(text, out)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import (REPO, Mark, Summary, Timing, command_line, contention, environment, markdown_table,
-                               run_worker, timed, vit_block_flops)
+                               run_worker, timed, vit_block_flops, write_results)
 from recycle.backbone import Backbone
 from recycle.formats import LoRAAdapter
 from recycle.invert import BNPrior, InversionConfig, InversionProgress, invert
@@ -674,10 +674,7 @@ def main() -> None:
     tokens = run_tokens(args)
     text = report(args, env, inv, tokens, backbone, started, time.perf_counter() - t_start)
     print("\n" + text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
+    write_results(text, out)
 
 
 if __name__ == "__main__":

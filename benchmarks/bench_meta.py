@@ -38,7 +38,7 @@ import timm
 import torch
 
 from benchmarks.common import (REPO, Summary, Timing, command_line, contention, environment, markdown_table, run_worker,
-                               timed, vit_block_flops)
+                               timed, vit_block_flops, write_results)
 from recycle.backbone import Backbone
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters
 from recycle.meta import episode_loss
@@ -338,10 +338,7 @@ def main() -> None:
                   f"{r.baseline['ru_maxrss'] / 1024:.0f} MiB, VmHWM {r.peak['VmHWM'] / 1024:.0f} MiB)", flush=True)
     text = report(args, env, runs, dims, started, time.perf_counter() - t_start)
     print("\n" + text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
+    write_results(text, out)
 
 
 if __name__ == "__main__":

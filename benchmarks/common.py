@@ -202,3 +202,11 @@ def contention(timings: Iterable[Timing]) -> str:
     return (f"During the timed calls other processes used {others:.0f} CPU-s in {wall:.0f} s of wall time, i.e. "
             f"{100 * others / (wall * os.cpu_count()):.0f}% of the machine's {os.cpu_count()} CPUs (column "
             "\"others' CPU\"); wall-clock ratios are only as good as that share is small and even across settings.")
+
+
+def write_results(text: str, out: Optional[Path]) -> None:
+    """Write a results file (creating its folder), if `out` is given."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
