@@ -38,7 +38,7 @@ HANGUL = (0xAC00, 0xD7A3)
 class SplitSpec:
     """Classes per split and augmented samples per (class, font)."""
 
-    pretrain: int = 1000
+    pretrain: int = 250
     zoo: int = 250
     val: int = 50
     test: int = 200
