@@ -242,6 +242,27 @@ def test_offline_default_uses_the_shipped_weights_and_offers_examples(closed_hub
         close(demo, client)
 
 
+SHIPPED = Path(app.__file__).resolve().parent / "weights"
+
+
+@pytest.mark.skipif(not (SHIPPED / "mini-meta-lora" / "recheck.json").is_file(), reason="no shipped weights yet")
+def test_offline_default_on_the_real_shipped_weights_solves_its_examples(closed_hub, tmp_path):
+    """The committed weights/ (not a toy run): offline, the app loads them and gets the bundled examples right."""
+    demo, client = launch(settings(tmp_path, CLIP_NAME, SHIPPED))
+    try:
+        assert f"with meta-LoRA `{SHIPPED / 'mini-meta-lora'}`" in client.predict(api_name="/status")
+        tasks = app_handlers.find_examples(SHIPPED / "examples")
+        assert [t.name for t in tasks] == ["han", "hangul"]
+        for task in tasks:
+            _, table = classify(client, [(c, [Path(f) for f in files]) for c, files in task.support.items()],
+                                [Path(q) for q in task.queries])
+            truth = [Path(q).parent.name for q in task.queries]
+            correct = sum(row[1] == t for row, t in zip(table["data"], truth))
+            assert correct >= len(truth) - 1, (task.name, table["data"])  # 3-way: chance is a third
+    finally:
+        close(demo, client)
+
+
 def test_examples_are_offered_only_when_bundled(tmp_path, tiny_clip_dir):
     assert app_handlers.find_examples(tmp_path / "missing") == []
     demo = app.build_demo(settings=settings(tmp_path, str(tiny_clip_dir)))

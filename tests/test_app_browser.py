@@ -1,15 +1,18 @@
 """The real page in headless Debian Chromium: what renders, the three jobs done by clicking, and a screenshot of
 each tab in ``artifacts/screenshots/`` (gitignored). The app runs as it would offline: the Hub backbone cannot be
-loaded, so it falls back to the shipped weights (toy-size here) and offers their example tasks.
+loaded, so it falls back to the shipped weights (the committed ``weights/``, or a toy-size run of the reproduction
+before they exist) and offers their example tasks.
 
 Chromium is a test-only system package (tests/debian-packages.txt; CI installs it). Without it these tests skip.
 """
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -21,15 +24,20 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is n
 
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
 CLIP_NAME = "vit_base_patch16_clip_224.openai"
+COMMITTED = Path(__file__).resolve().parents[1] / "weights"
+
+
+def shipped_weights() -> Optional[Path]:
+    return COMMITTED if (COMMITTED / "mini-meta-lora" / "recheck.json").is_file() else toy_weights()
 
 
 @pytest.fixture(scope="module")
 def served(tiny_clip_dir, tmp_path_factory):
-    """(url, backbone dir, app settings): the app offline on its shipped weights when the fonts for the toy weights
-    are installed, else on the tiny CLIP (then without examples)."""
+    """(url, backbone dir, app settings): the app offline on its shipped weights (the committed ones, else toy-size
+    ones when the fonts for them are installed), else on the tiny CLIP (then without examples)."""
     from huggingface_hub import constants
 
-    weights = toy_weights()
+    weights = shipped_weights()
     tmp = tmp_path_factory.mktemp("browser-app")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # a Hub that is down: offline mode
@@ -81,7 +89,7 @@ def test_rendered_page_shows_the_tabs_and_the_status(served):
     for tab in ("Few-shot", "Invert a LoRA", "Surrogate pool"):
         assert f">{tab}<" in dom or f"{tab}</button>" in dom, tab
     assert "LoRA Recycle" in dom and "Ready:" in dom and str(backbone) in dom
-    if toy_weights():
+    if shipped_weights():
         assert "Offline mode" in dom and "Han characters (held-out classes)" in dom
 
 
@@ -91,7 +99,7 @@ def test_few_shot_from_an_example(served, browser):
     browser.wait_for(_has_text("Ready:"), what="the status")
     browser.idle()
     browser.screenshot(SCREENSHOTS / "few-shot-start.png")
-    if not toy_weights():
+    if not shipped_weights():
         pytest.skip("no example tasks: the toy shipped weights need the Debian fonts of reproduce/")
     _click(browser, "Han characters (held-out classes) · 3-way 2-shot")
     browser.wait_for("document.querySelectorAll('#component-0 img, .gallery-item img, img').length >= 9",
@@ -117,7 +125,8 @@ def test_invert_a_hub_lora_then_browse_the_pool(served, browser, local_hub, tmp_
     browser.wait_for(_has_text("Done:"), timeout=120, what="the inversion")
     browser.idle()
     text = browser.text()
-    assert "日 · p=" in text and "日 · 4/16 · p=" in text
+    kept = re.search(r"日 · (\d+)/(\d+) · p=", text)  # masked image: kept / all patches (75% pruned by default)
+    assert "日 · p=" in text and kept and int(kept[1]) * 4 == int(kept[2])
     browser.screenshot(SCREENSHOTS / "invert.png")
     _click(browser, "Add to pool")
     browser.wait_for(_has_text("Added 2 images to the pool"), what="the pool note")  # 1 image x 2 classes

@@ -36,13 +36,14 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     again = run(tmp_path, cfg)  # every stage is skipped: same numbers
     assert again["summaries"]["eval"] == ev
 
-    shipped = ship(tmp_path, tmp_path / "weights", results)
+    shipped = ship(tmp_path, tmp_path / "weights", results, tmp_path / "results")
     assert shipped["meta_lora"].startswith("meta-recycle")
     assert (tmp_path / "weights" / "mini-vit" / "model.safetensors").is_file()
     assert "without any real training data" in (tmp_path / "weights" / "mini-meta-lora" / "README.md").read_text()
     assert len(list((tmp_path / "weights" / "examples" / "han" / "support").iterdir())) == 3
     recheck = json.loads((tmp_path / "weights" / "mini-meta-lora" / "recheck.json").read_text())
     assert set(recheck["results"]) == {"NN", "meta-LoRA"} and recheck["tolerance"] > 0
+    assert (tmp_path / "results" / "results.md").read_text() == (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.skipif(not (WEIGHTS / "mini-meta-lora" / "recheck.json").is_file(), reason="no shipped weights yet")
