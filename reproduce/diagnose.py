@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -32,7 +33,7 @@ from .pipeline import MASKS, ReproConfig, _teacher_accuracy
 _logger = logging.getLogger("reproduce")
 
 
-def ceiling_check(work: Path, cfg: ReproConfig, steps: int, every: int = 50) -> list[tuple[int, float]]:
+def ceiling_check(work: Path, cfg: ReproConfig, steps: int, every: int) -> list[tuple[int, float]]:
     """[(step, validation accuracy %)] while meta-training on the validation classes' real images."""
     backbone = load_backbone(str(work / "mini-vit"), device="cpu")
     meta = cfg.meta
@@ -54,10 +55,11 @@ def ceiling_check(work: Path, cfg: ReproConfig, steps: int, every: int = 50) -> 
     return curve
 
 
-def report(work: Path, steps: int) -> str:
-    cfg = ReproConfig()
+def report(work: Path, steps: int, cfg: Optional[ReproConfig] = None) -> str:
+    """The Markdown report; `cfg` must be the configuration the work folder was made with (default: the full one)."""
+    cfg = cfg or ReproConfig()
     torch.set_num_threads(cfg.threads)
-    curve = ceiling_check(work, cfg, steps)
+    curve = ceiling_check(work, cfg, steps, every=max(1, steps // 4))
     lines = ["# Diagnostics", "", f"Command: `python -m reproduce.diagnose --work {work} --steps {steps}`", "",
              "## Ceiling check: meta-training on the validation classes' own real images", "",
              f"5-way {cfg.meta.shot}-shot validation accuracy (%, {cfg.meta.val_episodes} fixed episodes, the "

@@ -9,6 +9,9 @@ if glyphs.missing_fonts():
     pytest.skip(f"font packages {glyphs.missing_fonts()} are not installed (see reproduce/debian-packages.txt)",
                 allow_module_level=True)
 
+from recycle.backbone import load_backbone  # noqa: E402
+from recycle.evaluate import EvalConfig, evaluate  # noqa: E402
+from reproduce.diagnose import report  # noqa: E402
 from reproduce.pipeline import ReproConfig, run, ship  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
@@ -45,11 +48,17 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert set(recheck["results"]) == {"NN", "meta-LoRA"} and recheck["tolerance"] > 0
     assert (tmp_path / "results" / "results.md").read_text() == (tmp_path / "results.md").read_text()
 
+    text = report(tmp_path, steps=4, cfg=cfg)  # reproduce.diagnose on the same work folder
+    curve = [line for line in text.splitlines() if line.startswith("| val accuracy |")][0].split("|")[2:-1]
+    m = cfg.meta
+    nn = evaluate(load_backbone(str(tmp_path / "mini-vit"), device="cpu"), tmp_path / "data" / "val", {"NN": None},
+                  EvalConfig(m.way, m.shot, m.query, m.val_episodes, seed=123))["results"]["NN"]["mean"]
+    assert len(curve) == 5 and float(curve[0]) == pytest.approx(nn, abs=0.01)  # step 0 is the bare backbone
+    assert text.count("% masked |") == 3
+
 
 @pytest.mark.skipif(not (WEIGHTS / "mini-meta-lora" / "recheck.json").is_file(), reason="no shipped weights yet")
 def test_shipped_weights_reproduce_their_recorded_accuracy(tmp_path):
-    from recycle.backbone import load_backbone
-    from recycle.evaluate import EvalConfig, evaluate
     from recycle.formats import read_adapter
     from reproduce.glyphs import SplitSpec, build
 
