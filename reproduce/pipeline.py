@@ -60,7 +60,7 @@ class ReproConfig:
 
     @classmethod
     def toy(cls) -> "ReproConfig":
-        return cls(data=SplitSpec(pretrain=30, zoo=12, val=6, test=6, cross=6, train_aug=1, eval_aug=1, cross_aug=3),
+        return cls(data=SplitSpec(pretrain=30, zoo=12, val=6, test=6, cross=10, train_aug=1, eval_aug=1, cross_aug=3),
                    vit=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), pretrain_steps=20,
                    pretrain_batch=32, prior_steps=5,
                    zoo=PretuneConfig(num_loras=3, way=5, steps=5, flip=False),

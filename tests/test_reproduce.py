@@ -50,6 +50,7 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
 
     text = report(tmp_path, steps=4, cfg=cfg)  # reproduce.diagnose on the same work folder
     curve = [line for line in text.splitlines() if line.startswith("| val accuracy |")][0].split("|")[2:-1]
+    assert len([line for line in text.splitlines() if line.startswith("| held-out Hangul accuracy |")]) == 1
     m = cfg.meta
     nn = evaluate(load_backbone(str(tmp_path / "mini-vit"), device="cpu"), tmp_path / "data" / "val", {"NN": None},
                   EvalConfig(m.way, m.shot, m.query, m.val_episodes, seed=123))["results"]["NN"]["mean"]
