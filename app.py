@@ -17,6 +17,7 @@ Deep links: ``?tab=few-shot``, ``?tab=invert`` or ``?tab=pool`` opens that tab.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
@@ -154,7 +155,7 @@ def _few_shot_tab(fewshot: FewShot, defaults: Defaults, examples: list[ExampleTa
                            cards=cards, table=table)
 
 
-def _invert_tab(policy: PathPolicy) -> SimpleNamespace:
+def _invert_tab(policy: PathPolicy, example_lora: Optional[Path]) -> SimpleNamespace:
     gr.Markdown(INVERT_INTRO)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
@@ -166,6 +167,9 @@ def _invert_tab(policy: PathPolicy) -> SimpleNamespace:
                             file_types=[".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl"])
             gr.Markdown("Upload `adapter_config.json` with `adapter_model.safetensors`, or one official "
                         "`.safetensors` file, then press **Load LoRA**.", elem_classes="hint")
+            if example_lora is not None:  # works offline and on a Space: the app's own file is trusted
+                gr.Examples([[str(example_lora)]], inputs=[hub_id], label="No LoRA at hand? Try the bundled one "
+                            "(5 Han characters, tuned on the shipped mini-vit), then press Load LoRA")
             load = gr.Button("Load LoRA", variant="secondary")
             card = gr.Markdown("No LoRA loaded yet.", elem_id="lora-card")
             gr.Markdown("### 2 · Settings")
@@ -250,7 +254,8 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
     cache = cache or ModelCache()
     cache.lora_loader = policy.load_lora
     defaults = resolve_defaults(settings, cache, default_backbone)
-    policy.trusted |= {defaults.backbone, defaults.lora, str(settings.shipped_backbone), str(settings.shipped_lora)}
+    policy.trusted |= {defaults.backbone, defaults.lora, str(settings.shipped_backbone), str(settings.shipped_lora),
+                       str(settings.example_lora or "")} - {""}
     fewshot = FewShot(cache, defaults, policy)
     inversion = Inversion(cache, policy, settings, defaults.backbone)
     browser = PoolBrowser(policy, settings)
@@ -267,7 +272,7 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
             with gr.Tab(TABS["few-shot"], id="few-shot"):
                 fs = _few_shot_tab(fewshot, defaults, examples)
             with gr.Tab(TABS["invert"], id="invert"):
-                inv = _invert_tab(policy)
+                inv = _invert_tab(policy, settings.example_lora)
             with gr.Tab(TABS["pool"], id="pool") as pool_tab:
                 pool = _pool_tab(policy, settings)
 

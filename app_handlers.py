@@ -120,7 +120,8 @@ class AppSettings:
     Attributes:
         backbone: the requested default backbone (``$RECYCLE_BACKBONE``, else the paper's CLIP).
         weights: shipped weights (``$RECYCLE_WEIGHTS``, else ``weights/`` next to app.py): ``mini-vit``,
-            ``mini-meta-lora`` and ``examples/<task>/{support,query}/<class>/*.png``.
+            ``mini-meta-lora``, ``examples/<task>/{support,query}/<class>/*.png`` and ``example-lora`` (a LoRA
+            with a head, to invert).
         pool: the surrogate pool that inversions are added to (``$RECYCLE_POOL``, else ``./pool``).
         allow_local_paths: whether text fields accept local paths (``$RECYCLE_ALLOW_LOCAL_PATHS``; default: yes,
             except on a Hugging Face Space). When off, only Hub ids, uploads and the app's own files are used.
@@ -153,6 +154,12 @@ class AppSettings:
     @property
     def examples(self) -> Path:
         return self.weights / "examples"
+
+    @property
+    def example_lora(self) -> Optional[Path]:
+        """A zoo LoRA with its head, bundled for the inversion tab (None if not shipped)."""
+        folder = self.weights / "example-lora"
+        return folder if (folder / "adapter_model.safetensors").is_file() else None
 
 
 def _looks_local(text: str) -> bool:
