@@ -334,7 +334,8 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     candidates = [k for k in s if k.startswith("meta-recycle")]
     best = max(candidates, key=lambda k: s[k]["best_val"] or 0.0)
     vit_out, lora_out, examples = weights / "mini-vit", weights / "mini-meta-lora", weights / "examples"
-    for d in (vit_out, lora_out, examples):
+    example_lora = weights / "example-lora"
+    for d in (vit_out, lora_out, examples, example_lora):
         shutil.rmtree(d, ignore_errors=True)
     vit_out.mkdir(parents=True)
     for f in ("config.json", "model.safetensors"):
@@ -359,6 +360,12 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     recheck = {"data": results["config"]["data"], "eval": asdict(recheck_cfg), "tolerance": 1.0,
                "results": {m: r["mean"] for m, r in report["results"].items()}}
     atomic_write_bytes(lora_out / "recheck.json", json.dumps(recheck, indent=1).encode())
+    # One zoo LoRA (with its head) for the app's inversion tab.
+    zoo_name, zoo_lora = load_zoo(work / "zoo")[0]
+    zoo_lora.backbone = "weights/mini-vit"
+    save_adapter(zoo_lora, example_lora)
+    write_model_card(example_lora, zoo_lora, command="python -m reproduce.pipeline --work .cache/repro",
+                     results_md=f"`{zoo_name}` of the zoo, tuned on real images of its classes.\n")
     for domain, name in (("test", "han"), ("cross", "hangul")):
         task = example_task(work / "data" / domain, 3, seed=5, shots=2, queries=2)
         for cls, files in (task or {}).items():

@@ -5,6 +5,7 @@ conftest.py turns Gradio's analytics off (GRADIO_ANALYTICS_ENABLED=False) before
 """
 from __future__ import annotations
 
+import json
 import unicodedata
 from pathlib import Path
 
@@ -243,6 +244,27 @@ def test_offline_default_uses_the_shipped_weights_and_offers_examples(closed_hub
 
 
 SHIPPED = Path(app.__file__).resolve().parent / "weights"
+
+
+@pytest.mark.skipif(not (SHIPPED / "example-lora" / "adapter_model.safetensors").is_file(), reason="not shipped")
+def test_bundled_lora_can_be_inverted_offline_even_with_local_paths_off(closed_hub, tmp_path):
+    """A visitor of a Space (local paths off) with no Hub LoRA at hand inverts the bundled example LoRA."""
+    demo, client = launch(settings(tmp_path, CLIP_NAME, SHIPPED, allow_local_paths=False))
+    try:
+        lora = str(SHIPPED / "example-lora")
+        offered = [c for c in client.config["components"] if c["type"] == "dataset"
+                   and lora in json.dumps(c["props"].get("samples"))]
+        assert offered, "the invert tab offers the bundled LoRA as an example"
+        card, classes = client.predict(hub_id=lora, files=[], api_name="/load_lora")
+        assert ": 5 classes" in card and "Fits the selected backbone" in card and len(classes["choices"]) == 5
+        job = client.submit(classes=[0, 1], per_class=2, steps=20, pruning="-1:0.75", bn_prior=False, lr=0.25,
+                            seed=0, api_name="/invert")
+        job.result(timeout=120)
+        assert "Done" in str(job.outputs()[-1])
+        with pytest.raises(AppError, match="Local paths are disabled"):  # the trust covers that folder only
+            client.predict(hub_id=str(SHIPPED / "examples"), files=[], api_name="/load_lora")
+    finally:
+        close(demo, client)
 
 
 @pytest.mark.skipif(not (SHIPPED / "mini-meta-lora" / "recheck.json").is_file(), reason="no shipped weights yet")

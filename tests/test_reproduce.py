@@ -11,6 +11,7 @@ if glyphs.missing_fonts():
 
 from recycle.backbone import load_backbone  # noqa: E402
 from recycle.evaluate import EvalConfig, evaluate  # noqa: E402
+from recycle.formats import read_adapter  # noqa: E402
 from reproduce.diagnose import report  # noqa: E402
 from reproduce.pipeline import ReproConfig, run, ship  # noqa: E402
 
@@ -42,6 +43,7 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     shipped = ship(tmp_path, tmp_path / "weights", results, tmp_path / "results")
     assert shipped["meta_lora"].startswith("meta-recycle")
     assert (tmp_path / "weights" / "mini-vit" / "model.safetensors").is_file()
+    assert read_adapter(tmp_path / "weights" / "example-lora").head_weight is not None  # for the inversion tab
     assert "without any real training data" in (tmp_path / "weights" / "mini-meta-lora" / "README.md").read_text()
     assert len(list((tmp_path / "weights" / "examples" / "han" / "support").iterdir())) == 3
     recheck = json.loads((tmp_path / "weights" / "mini-meta-lora" / "recheck.json").read_text())
@@ -60,7 +62,6 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
 
 @pytest.mark.skipif(not (WEIGHTS / "mini-meta-lora" / "recheck.json").is_file(), reason="no shipped weights yet")
 def test_shipped_weights_reproduce_their_recorded_accuracy(tmp_path):
-    from recycle.formats import read_adapter
     from reproduce.glyphs import SplitSpec, build
 
     recheck = json.loads((WEIGHTS / "mini-meta-lora" / "recheck.json").read_text())
