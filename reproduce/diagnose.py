@@ -4,9 +4,9 @@
 
 1. **Ceiling check.** Meta-train a meta-LoRA exactly as the pipeline does (paper settings), but on the *real*
    images of the validation classes themselves, and score the same validation episodes the pipeline selects on,
-   every 50 steps. This is the most favourable data any meta-training could get: if accuracy hardly moves here, no
-   surrogate data can move it at this step budget, and the gap to NN is a property of the backbone and the budget,
-   not of the inversion.
+   every quarter of the steps. This is the most favourable data any meta-training could get: if accuracy hardly
+   moves here, no surrogate data can move it at this step budget, and the gap to NN is a property of the backbone
+   and the budget, not of the inversion.
 2. **An unseen domain.** The same, on real images of half the Hangul classes (a script the backbone was not
    pretrained on), scored on the other half: does meta-training help where there is a domain to adapt to?
 3. **Teacher agreement.** How often each zoo LoRA's own head labels its synthetic images as their target class, on
@@ -31,9 +31,6 @@ from recycle.meta import FolderEpisodes, meta_train
 from recycle.pool import Pool
 
 from .pipeline import MASKS, ReproConfig, _teacher_accuracy
-
-_logger = logging.getLogger("reproduce")
-
 
 def meta_curve(work: Path, cfg: ReproConfig, train: Path, val: Path, steps: int, every: int
                ) -> list[tuple[int, float]]:
