@@ -37,7 +37,7 @@ import timm
 import torch
 from PIL import Image
 
-from benchmarks.common import (REPO, Summary, Timing, command_line, contention, environment, markdown_table, timed,
+from benchmarks.common import (REPO, Summary, Timing, contention, environment, markdown_table, report_header, timed,
                                write_results)
 from recycle.backbone import Backbone
 from recycle.fewshot import FewShotClassifier, compute_prototypes, prototype_logits
@@ -270,11 +270,8 @@ def report(args: argparse.Namespace, env: dict[str, str], task: Task, runs: dict
     n_way, n_sup, n_q = len(set(task.support_labels)), len(task.support), len(task.queries)
     n_images = n_sup + n_q
     sections = [
-        "# Few-shot classifier benchmark (CPU)",
-        "Produced by `benchmarks/bench_fewshot.py`; do not edit by hand.",
-        f"Command (from the repository root):\n\n```\n{command_line()}\n```\n\n"
-        f"Started {started}; the whole run took {elapsed / 60:.1f} min.",
-        "## Environment\n\n" + markdown_table(["", ""], env.items()),
+        report_header("Few-shot classifier benchmark (CPU)", "bench_fewshot.py", env, started,
+                      f"the whole run took {elapsed / 60:.1f} min"),
         "## Setup\n\n"
         f"- Backbone: timm `{MODEL_NAME}` built with `pretrained=False` (random weights, seed {args.seed}), "
         "wrapped in `recycle.backbone.Backbone` (embedding = 512-d CLIP projection). The `.openai` tag selects the "

@@ -44,7 +44,7 @@ import timm
 import torch
 from torch import nn
 
-from benchmarks.common import (REPO, Mark, Summary, Timing, command_line, contention, environment, markdown_table,
+from benchmarks.common import (REPO, Mark, Summary, Timing, contention, environment, markdown_table, report_header,
                                run_worker, timed, vit_block_flops, write_results)
 from recycle.backbone import Backbone
 from recycle.formats import LoRAAdapter
@@ -600,11 +600,8 @@ def report(args: argparse.Namespace, env: dict[str, str], inv: InversionRuns, to
     model = backbone.model
     depth, dim, num_patches = len(model.blocks), backbone.num_features, model.patch_embed.num_patches
     sections = [
-        "# Inversion and token-pruning benchmark (CPU)",
-        "Produced by `benchmarks/bench_invert.py`; do not edit by hand.",
-        f"Command (from the repository root):\n\n```\n{command_line()}\n```\n\n"
-        f"Started {started}; the whole run took {elapsed / 60:.1f} min.",
-        "## Environment\n\n" + markdown_table(["", ""], env.items()),
+        report_header("Inversion and token-pruning benchmark (CPU)", "bench_invert.py", env, started,
+                      f"the whole run took {elapsed / 60:.1f} min"),
         "## Setup\n\n"
         f"- Backbone: timm `{MODEL_NAME}` built with `pretrained=False` (RANDOM weights, seed {args.seed}), frozen, "
         "wrapped in `recycle.backbone.Backbone`; 224 px, 196 patches + [CLS].\n"

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import REPO, command_line, environment, markdown_table
+from benchmarks.common import REPO, environment, markdown_table, report_header
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "load.md"
 TINY_CLIP = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=16)
@@ -329,10 +329,8 @@ def _markdown(results: dict, env: dict, started: str) -> str:
     invs = results["inversions"]
     fmt = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
     lines = [
-        "# App load test", "", "Produced by `benchmarks/bench_load.py`; do not edit by hand.", "",
-        "Command (from the repository root):", "", "```", command_line(), "```", "",
-        f"Started {started}; the load rounds took {results['wall s']:.1f} s.", "", "## Environment", "",
-        markdown_table(["", ""], env.items()), "", "## Setup", "",
+        report_header("App load test", "bench_load.py", env, started,
+                      f"the load rounds took {results['wall s']:.1f} s"), "", "## Setup", "",
         "- Server: `app.build_demo` in its own process on 127.0.0.1 (its queue: 32 waiting, predictions 2 at a time, "
         "one inversion at a time on its own backbone copy), on a tiny CLIP-architecture ViT (32 px, 16 tokens, "
         "2 blocks, random weights) from a temporary local folder.",

@@ -37,8 +37,8 @@ from typing import Optional
 import timm
 import torch
 
-from benchmarks.common import (REPO, Summary, Timing, command_line, contention, environment, markdown_table, run_worker,
-                               timed, vit_block_flops, write_results)
+from benchmarks.common import (REPO, Summary, Timing, contention, environment, markdown_table, report_header,
+                               run_worker, timed, vit_block_flops, write_results)
 from recycle.backbone import Backbone
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters
 from recycle.meta import episode_loss
@@ -216,11 +216,8 @@ def report(args: argparse.Namespace, env: dict[str, str], runs: dict[float, list
                         f"ru_maxrss {r.baseline['ru_maxrss']} -> {r.peak['ru_maxrss']}",
                         f"VmHWM {r.baseline['VmHWM']} -> {r.peak['VmHWM']}", "-", "-"])
     sections = [
-        "# Meta-training step benchmark (CPU)",
-        "Produced by `benchmarks/bench_meta.py`; do not edit by hand.",
-        f"Command (from the repository root):\n\n```\n{command_line()}\n```\n\n"
-        f"Started {started}; the whole run took {elapsed / 60:.1f} min.",
-        "## Environment\n\n" + markdown_table(["", ""], env.items()),
+        report_header("Meta-training step benchmark (CPU)", "bench_meta.py", env, started,
+                      f"the whole run took {elapsed / 60:.1f} min"),
         "## Setup\n\n"
         f"- Backbone: timm `{MODEL_NAME}` built with `pretrained=False` (RANDOM weights, seed {args.seed}), frozen, "
         "in `recycle.backbone.Backbone`; a fresh rank-4 q/v meta-LoRA on all 12 blocks, Adam at 1e-3.\n"

@@ -136,6 +136,17 @@ def command_line() -> str:
     return shlex.join(head + sys.argv[1:])
 
 
+def report_header(title: str, script: str, env: Mapping[str, str], started: str, duration: str) -> str:
+    """The opening of every results file: title, provenance, the command, when it ran, the environment table.
+
+    `duration` completes "Started <started>; ...", e.g. "the whole run took 3.2 min".
+    """
+    return "\n\n".join([
+        f"# {title}", f"Produced by `benchmarks/{script}`; do not edit by hand.",
+        f"Command (from the repository root):\n\n```\n{command_line()}\n```\n\nStarted {started}; {duration}.",
+        "## Environment\n\n" + markdown_table(["", ""], env.items())])
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A GitHub-flavoured markdown table; numbers are expected pre-formatted as strings."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
