@@ -10,11 +10,12 @@
 2. **An unseen domain.** The same, on real images of half the Hangul classes (a script the backbone was not
    pretrained on), scored on the other half: does meta-training help where there is a domain to adapt to?
 3. **Teacher agreement.** How often each zoo LoRA's own head labels its synthetic images as their target class, on
-   all tokens and on the kept tokens at each masking ratio (from the stored pool logits).
+   all tokens and on the kept tokens at each masking ratio (the invert stage's summary of the pools).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import tempfile
@@ -28,9 +29,8 @@ from recycle.backbone import load_backbone
 from recycle.evaluate import EvalConfig, make_validator
 from recycle.formats import atomic_write_bytes
 from recycle.meta import FolderEpisodes, meta_train
-from recycle.pool import Pool
 
-from .pipeline import MASKS, ReproConfig, _teacher_accuracy
+from .pipeline import MASKS, ReproConfig
 
 def meta_curve(work: Path, cfg: ReproConfig, train: Path, val: Path, steps: int, every: int
                ) -> list[tuple[int, float]]:
@@ -94,9 +94,10 @@ def report(work: Path, steps: int, cfg: Optional[ReproConfig] = None) -> str:
              *_curve_table(domain, "held-out Hangul accuracy"), "",
              "## 3. Teacher agreement on the surrogate images", "",
              "| pool | all tokens | kept tokens |", "|---|---|---|"]
+    inverted = json.loads((work / "invert.done.json").read_text())  # the invert stage's summary of the pools
     for r in MASKS:
-        full, kept = _teacher_accuracy(Pool(work / f"pool-{int(r * 100)}"))
-        lines.append(f"| {int(r * 100)}% masked | {full:.3f} | {kept:.3f} |")
+        lines.append(f"| {int(r * 100)}% masked | {inverted['teacher_accuracy']:.3f} | "
+                     f"{inverted['teacher_accuracy_kept_tokens'][str(r)]:.3f} |")
     return "\n".join(lines) + "\n"
 
 

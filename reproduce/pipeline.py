@@ -183,20 +183,19 @@ def stage_invert(cfg: ReproConfig, backbone: Backbone, zoo: Path, prior_dir: Pat
         _logger.info("  %s: teacher accuracy on its synthetic images %.3f", name,
                      (result.logits.argmax(-1) == result.labels).float().mean().item())
     # Summarised from the pools, so that a resumed stage reports every run.
-    agreement = {r: _teacher_accuracy(Pool(p)) for r, p in pools.items()}
-    runs = Pool(pools[MASKS[-1]]).runs
+    read = {r: Pool(p) for r, p in pools.items()}
+    runs = read[MASKS[-1]].runs
     return {"runs": len(runs), "images": sum(len(r["items"]) for r in runs),
-            "teacher_accuracy": agreement[MASKS[-1]][0],
-            "teacher_accuracy_kept_tokens": {str(r): a[1] for r, a in agreement.items()}}
+            "teacher_accuracy": _teacher_accuracy(read[MASKS[-1]], "logits"),
+            "teacher_accuracy_kept_tokens": {str(r): _teacher_accuracy(pool, "logits_kept")
+                                             for r, pool in read.items()}}
 
 
-def _teacher_accuracy(pool: Pool) -> tuple[float, float]:
-    """Mean over runs of how often the teacher's argmax is the target class: (all tokens, kept tokens)."""
-    def acc(key: str) -> float:
-        per_run = [sum(max(range(len(i[key])), key=i[key].__getitem__) == i["label"] for i in run["items"])
-                   / len(run["items"]) for run in pool.runs]
-        return round(sum(per_run) / len(per_run), 4)
-    return acc("logits"), acc("logits_kept")
+def _teacher_accuracy(pool: Pool, key: str) -> float:
+    """Mean over runs of how often the teacher's argmax (of the stored `key` logits) is the target class."""
+    per_run = [sum(max(range(len(i[key])), key=i[key].__getitem__) == i["label"] for i in run["items"])
+               / len(run["items"]) for run in pool.runs]
+    return round(sum(per_run) / len(per_run), 4)
 
 
 def stage_meta(cfg: ReproConfig, backbone: Backbone, name: str, source, masked: bool, data: Path, out: Path) -> dict:
