@@ -129,7 +129,8 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     from .pool import Pool
 
     config = MetaConfig(steps=args.steps, way=args.way, shot=args.shot, query=args.query, masked=args.masked,
-                        cross_fraction=args.cross_fraction, lr=args.lr, lora=LoRAConfig(rank=args.rank),
+                        cross_fraction=args.cross_fraction, teacher_temperature=args.teacher_temperature,
+                        lr=args.lr, lora=LoRAConfig(rank=args.rank),
                         checkpoint_every=args.checkpoint_every, val_every=args.val_every if args.val else 0,
                         val_episodes=args.val_episodes, seed=args.seed)
     backbone = load_backbone(args.backbone, device=args.device)
@@ -163,8 +164,13 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     msg = f"meta-LoRA written to {Path(args.out) / 'meta-lora'}"
     if tail:
         msg += f" (mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.4f})"
-    if result.best_val is not None:
+    if result.best_step == 0:
+        msg += (f"; no step beat the bare backbone on validation ({result.best_val:.1%}), so the meta-LoRA is the "
+                "identity")
+    elif result.best_val is not None:
         msg += f"; best validation accuracy {result.best_val:.1%} at step {result.best_step}"
+        if result.baseline_val is not None:
+            msg += f" (bare backbone {result.baseline_val:.1%})"
     print(msg)
     return 0
 
@@ -271,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_episode_args(p)
     p.add_argument("--masked", action="store_true", help="train on masked images, feeding kept tokens only")
     p.add_argument("--cross-fraction", type=float, default=0.5, help="share of cross-LoRA (CE) episodes")
+    p.add_argument("--teacher-temperature", type=float, default=1.0,
+                   help="KL target softmax(teacher logits / T); T < 1 sharpens soft teacher heads (choose on --val)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--checkpoint-every", type=int, default=50)

@@ -61,6 +61,9 @@ class MetaConfig:
     query: int = 15
     masked: bool = False  # feed masked pool images as their kept tokens only
     cross_fraction: float = 0.5  # share of cross-LoRA (CE) episodes; the rest are single-LoRA (KL) episodes
+    # KL target = softmax(teacher_logits / teacher_temperature). Soft teacher heads against sharp −‖q − c‖₂ student
+    # logits make KL fall only by pulling the classes together; T < 1 sharpens the target (choose T on validation).
+    teacher_temperature: float = 1.0
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup: int = 25
@@ -77,7 +80,7 @@ class MetaConfig:
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.lora.items()})
         checks = [("steps", self.steps >= 1), ("cross_fraction", 0.0 <= self.cross_fraction <= 1.0),
-                  ("lr", self.lr > 0), ("min_lr", 0 <= self.min_lr <= self.lr),
+                  ("teacher_temperature", self.teacher_temperature > 0), ("lr", self.lr > 0), ("min_lr", 0 <= self.min_lr <= self.lr),
                   ("warmup", 0 <= self.warmup < self.cycle), ("cycle", self.cycle >= 1),
                   ("checkpoint_every", self.checkpoint_every >= 1), ("val_every", self.val_every >= 0),
                   ("val_episodes", self.val_episodes >= 1), ("distance", self.distance in ("l2", "sqeuclidean"))]
@@ -220,10 +223,12 @@ def _embed(backbone: Backbone, images: torch.Tensor, kept: Optional[list[torch.T
 
 
 def episode_loss(backbone: Backbone, episode: PoolEpisode, distance: str = "l2", flip: bool = True,
-                 generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, float]:
+                 generator: Optional[torch.Generator] = None, teacher_temperature: float = 1.0
+                 ) -> tuple[torch.Tensor, float]:
     """ProtoNet loss of the LoRA-equipped `backbone` on one episode, and its query accuracy.
 
-    KL(teacher ‖ student) on the queries when the episode carries teacher logits (single-LoRA), else cross-entropy.
+    KL(softmax(teacher / T) ‖ student) on the queries when the episode carries teacher logits (single-LoRA), else
+    cross-entropy.
     """
     n_s, n_q = episode.support.shape[0], episode.query.shape[0]
     flips = (torch.rand(n_s + n_q, generator=generator) < 0.5) if flip else torch.zeros(n_s + n_q, dtype=torch.bool)
@@ -234,7 +239,7 @@ def episode_loss(backbone: Backbone, episode: PoolEpisode, distance: str = "l2",
     device = emb.device
     logits = prototype_logits(emb[:n_s], episode.support_labels.to(device), emb[n_s:], distance, way)
     if episode.teacher_logits is not None:
-        target = episode.teacher_logits.to(device).softmax(-1)
+        target = (episode.teacher_logits.to(device) / teacher_temperature).softmax(-1)
         loss = F.kl_div(logits.log_softmax(-1), target, reduction="batchmean")
     else:
         loss = F.cross_entropy(logits, episode.query_labels.to(device))
@@ -248,7 +253,8 @@ class MetaResult:
     steps_done: int
     losses: list[float]
     best_val: Optional[float] = None
-    best_step: Optional[int] = None
+    best_step: Optional[int] = None  # 0: the bare backbone validated best, and the exported meta-LoRA is the identity
+    baseline_val: Optional[float] = None  # validation accuracy of the bare backbone (step 0)
 
 
 def _rng_state(py: random.Random, gen: torch.Generator) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -311,6 +317,17 @@ def _truncate_log(path: Path, step: int) -> None:
     atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
 
+def _validate(backbone: Backbone, config: MetaConfig, validate: Callable[[LoRAAdapter], float]) -> float:
+    """Score the current meta-LoRA on the validation split (in eval mode, with the LoRA suspended meanwhile)."""
+    was_training = backbone.model.training
+    backbone.model.eval()
+    adapter = LoRAAdapter.from_model(backbone.model, config.lora)
+    with lora_suspended(backbone.model):
+        val = validate(adapter)
+    backbone.model.train(was_training)
+    return val
+
+
 def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, out: Union[str, Path],
                resume: bool = False, validate: Optional[Callable[[LoRAAdapter], float]] = None,
                progress: Optional[Callable[[dict], None]] = None, info: Optional[dict] = None) -> MetaResult:
@@ -322,8 +339,10 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         config: settings.
         out: output folder: ``checkpoint.safetensors``, ``log.jsonl``, ``meta-lora/`` (the exported LoRA).
         resume: continue from ``out/checkpoint.safetensors`` exactly where it stopped.
-        validate: optional ``adapter -> accuracy`` on a real validation split, run every ``config.val_every``
-            steps; the best adapter is exported. Never pass the test split.
+        validate: optional ``adapter -> accuracy`` on a real validation split, run before the first step (the
+            bare backbone: the meta-LoRA starts as the identity) and every ``config.val_every`` steps; the best
+            adapter is exported. If no step beats the bare backbone, the exported meta-LoRA is the identity and
+            ``MetaResult.best_step`` is 0. Never pass the test split.
         progress: called with each step's log record.
         info: provenance recorded in the exported LoRA.
     """
@@ -340,12 +359,13 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=config.lr)
-        start, extra = 0, {"best_val": None, "best_step": None, "best_state": None}
+        start, extra = 0, {"best_val": None, "best_step": None, "baseline_val": None}
         if resume and ckpt.is_file():
-            start, extra = _load_checkpoint(ckpt, backbone, opt, py, gen)
+            start, loaded = _load_checkpoint(ckpt, backbone, opt, py, gen)
+            extra.update(loaded)
             _truncate_log(log_path, start)
             _logger.info("resumed from step %d", start)
-        elif not resume and log_path.exists():
+        elif log_path.exists():  # a fresh start, or a resume killed before its first checkpoint
             log_path.unlink()
         best_state = None
         if extra.get("best_step") is not None and (out / "best.safetensors").is_file():
@@ -355,13 +375,22 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         backbone.model.train()
         t0 = time.perf_counter()
         with log_path.open("a", encoding="utf-8") as log:
+            if validate is not None and config.val_every and start == 0:
+                # Step 0 is a candidate too: model selection must be able to choose "no change".
+                val = _validate(backbone, config, validate)
+                extra.update(best_val=val, best_step=0, baseline_val=val)
+                best_state = lora_state_dict(backbone.model)
+                atomic_write_bytes(out / "best.safetensors", safetensors_bytes(best_state))
+                log.write(json.dumps({"step": 0, "val_acc": round(val, 4)}) + "\n")
+                log.flush()
             for step in range(start, config.steps):
                 lr = cyclic_lr(step, config.lr, config.min_lr, config.warmup, config.cycle)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 kind = "cross" if py.random() < config.cross_fraction else "single"
                 episode = source.next(kind, py)
-                loss, acc = episode_loss(backbone, episode, config.distance, config.flip, gen)
+                loss, acc = episode_loss(backbone, episode, config.distance, config.flip, gen,
+                                         config.teacher_temperature)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"meta-training loss became {loss.item()} at step {step}; lower the "
                                              "learning rate or check the pool")
@@ -374,11 +403,7 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
                 done = step + 1
                 if validate is not None and config.val_every and (done % config.val_every == 0
                                                                   or done == config.steps):
-                    backbone.model.eval()
-                    adapter = LoRAAdapter.from_model(backbone.model, config.lora)
-                    with lora_suspended(backbone.model):
-                        val = validate(adapter)
-                    backbone.model.train()
+                    val = _validate(backbone, config, validate)
                     record["val_acc"] = round(val, 4)
                     if extra["best_val"] is None or val > extra["best_val"]:
                         extra["best_val"], extra["best_step"] = val, done
@@ -389,16 +414,19 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
                 if progress is not None:
                     progress(record)
                 if done % config.checkpoint_every == 0 or done == config.steps:
-                    _save_checkpoint(ckpt, backbone, opt, done, config, py, gen,
-                                     {"best_val": extra["best_val"], "best_step": extra["best_step"]})
+                    _save_checkpoint(ckpt, backbone, opt, done, config, py, gen, extra)
         backbone.model.eval()
         state = best_state if best_state is not None else lora_state_dict(backbone.model)
+        if extra["best_step"] == 0:
+            _logger.warning("no meta-training step beat the bare backbone on validation (%.4f at step 0): the "
+                            "exported meta-LoRA is the identity", extra["best_val"])
         adapter = LoRAAdapter(config.lora, state, backbone.name,
                               info={**(info or {}), "meta_training": asdict(config), "steps": config.steps,
-                                    "best_val": extra["best_val"], "best_step": extra["best_step"]})
+                                    "best_val": extra["best_val"], "best_step": extra["best_step"],
+                                    "baseline_val": extra["baseline_val"]})
         save_adapter(adapter, out / "meta-lora")
     finally:
         remove_lora(backbone.model)
         backbone.model.eval()
-    return MetaResult(adapter, config.steps, losses, extra["best_val"], extra["best_step"])
+    return MetaResult(adapter, config.steps, losses, extra["best_val"], extra["best_step"], extra.get("baseline_val"))
 

@@ -39,10 +39,10 @@ def meta_curve(work: Path, cfg: ReproConfig, train: Path, val: Path, steps: int,
     backbone = load_backbone(str(work / "mini-vit"), device="cpu")
     meta = cfg.meta
     validate = make_validator(backbone, val, EvalConfig(meta.way, meta.shot, meta.query, meta.val_episodes, seed=123))
-    curve = [(0, round(100 * validate(None), 2))]
+    curve: list[tuple[int, float]] = []
 
-    def record(adapter):
-        curve.append((min(curve[-1][0] + every, steps), round(100 * validate(adapter), 2)))
+    def record(adapter):  # meta_train validates at step 0 (the bare backbone), then every `every` steps
+        curve.append((min(len(curve) * every, steps), round(100 * validate(adapter), 2)))
         return curve[-1][1] / 100
 
     source = FolderEpisodes(train, meta.spec, backbone.input_size[1:])

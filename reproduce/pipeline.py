@@ -206,7 +206,7 @@ def stage_meta(cfg: ReproConfig, backbone: Backbone, name: str, source, masked: 
                                                                  meta_cfg.val_episodes, seed=123))
     result = meta_train(backbone, source, meta_cfg, out, resume=True, validate=validate,
                         info={"made_by": "reproduce.pipeline", "run": name})
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]  # steps >= 1
     times = [b["time"] - a["time"] for a, b in zip(log, log[1:]) if b["time"] > a["time"]]
     times.sort()
     return {"best_val": result.best_val, "best_step": result.best_step,

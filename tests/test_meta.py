@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import random
 
@@ -128,15 +129,48 @@ def test_validation_selects_the_best_on_a_real_split(pool_dir, tiny_clip, tmp_pa
     seen = []
 
     def validate(adapter):
-        score = [0.2, 0.9, 0.5][len(seen)]
+        score = [0.1, 0.2, 0.9, 0.5][len(seen)]  # steps 0 (the bare backbone), 3, 6, 9
         seen.append({k: v.clone() for k, v in adapter.state.items()})
         return score
     source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
     config = MetaConfig(steps=9, way=3, shot=1, query=2, val_every=3, lr=1e-2)
     result = meta_train(tiny_clip, source, config, tmp_path / "run", validate=validate)
-    assert result.best_step == 6 and result.best_val == 0.9
-    for key, value in seen[1].items():
+    assert result.best_step == 6 and result.best_val == 0.9 and result.baseline_val == 0.1
+    for key, value in seen[2].items():
         assert torch.equal(result.adapter.state[key], value)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0] == {"step": 0, "val_acc": 0.1}
+
+
+def test_selection_keeps_the_bare_backbone_when_no_step_beats_it(pool_dir, tiny_clip, tmp_path):
+    scores = iter([0.8, 0.5, 0.6, 0.7])  # step 0 validates best
+    source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
+    config = MetaConfig(steps=9, way=3, shot=1, query=2, val_every=3, lr=1e-2)
+    result = meta_train(tiny_clip, source, config, tmp_path / "run", validate=lambda adapter: next(scores))
+    assert result.best_step == 0 and result.best_val == 0.8
+    assert result.adapter.info["best_step"] == 0
+    # The exported meta-LoRA is the identity: every B (up-projection) is zero, so outputs equal the bare backbone.
+    ups = {k: v for k, v in result.adapter.state.items() if "lora_B" in k}
+    assert ups and all(not v.any() for v in ups.values())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        bare = tiny_clip.embed(x)
+        with result.adapter.attached(tiny_clip):
+            assert torch.allclose(tiny_clip.embed(x), bare, atol=1e-6)
+
+
+def test_teacher_temperature_sharpens_the_kl_target(pool_dir, tiny_clip):
+    source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
+    episode = source.next("single", random.Random(0))
+    assert episode.teacher_logits is not None
+    scaled = dataclasses.replace(episode, teacher_logits=episode.teacher_logits * 4)
+    with torch.no_grad():
+        at_quarter = episode_loss(tiny_clip, episode, flip=False, teacher_temperature=0.25)[0]
+        times_four = episode_loss(tiny_clip, scaled, flip=False)[0]
+        plain = episode_loss(tiny_clip, episode, flip=False)[0]
+    assert torch.allclose(at_quarter, times_four) and not torch.allclose(at_quarter, plain)
+    with pytest.raises(ValueError, match="teacher_temperature"):
+        MetaConfig(teacher_temperature=0)
 
 
 def test_bad_settings():

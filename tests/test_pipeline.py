@@ -87,7 +87,7 @@ def test_end_to_end_cli(dataset, tiny_clip_dir, local_hub, tmp_path, capsys):
     assert main(meta + ["--steps", "10"]) == 0
     assert main(meta + ["--steps", "20", "--resume"]) == 0
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, 21)) and "val_acc" in log[-1]
+    assert [r["step"] for r in log] == list(range(0, 21)) and "val_acc" in log[0] and "val_acc" in log[-1]
     card = (run / "meta-lora" / "README.md").read_text()
     assert "without any real training data" in card and "meta-train" in card
 
