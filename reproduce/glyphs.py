@@ -32,6 +32,7 @@ FONTS = {
 }
 HAN = (0x4E00, 0x9FFF)
 HANGUL = (0xAC00, 0xD7A3)
+STYLES = ("plain", "tint")
 
 
 @dataclass
@@ -48,6 +49,18 @@ class SplitSpec:
     cross_aug: int = 8  # per font, for the cross-domain classes (3 fonts -> 24 images)
     size: int = 32
     seed: int = 0
+    # "plain": dark ink on light paper. "tint": ink and paper in random colours per image, with at least
+    # `min_contrast` luminance difference and either polarity (a style shift that keeps the glyph readable).
+    source_style: str = "plain"  # the pretraining split (the foundation's, and the BN prior's, data)
+    downstream_style: str = "plain"  # the zoo, validation, test and cross-domain splits
+    min_contrast: float = 0.35
+
+    def __post_init__(self):
+        for name in ("source_style", "downstream_style"):
+            if getattr(self, name) not in STYLES:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {STYLES}")
+        if not 0 <= self.min_contrast < 1:
+            raise ValueError(f"min_contrast={self.min_contrast!r}: must be in [0, 1)")
 
 
 def missing_fonts() -> list[str]:
@@ -69,9 +82,19 @@ def coverage(block: tuple[int, int]) -> tuple[list[str], list[str]]:
     return [chr(c) for c in sorted(common)], usable
 
 
-def render(char: str, font: ImageFont.FreeTypeFont, rng: random.Random, size: int = 32, augment: bool = True
-           ) -> Image.Image:
-    """One dark glyph on a light background, ``size``×``size`` RGB, augmented with `rng`."""
+def _tint_colours(rng: random.Random, min_contrast: float) -> tuple[np.ndarray, np.ndarray]:
+    """(ink, paper) RGB in [0, 1] whose luminances differ by at least `min_contrast`."""
+    luma = np.array([0.299, 0.587, 0.114])
+    while True:
+        ink, paper = np.array([rng.random() for _ in range(3)]), np.array([rng.random() for _ in range(3)])
+        if abs(float(luma @ ink) - float(luma @ paper)) >= min_contrast:
+            return ink, paper
+
+
+def render(char: str, font: ImageFont.FreeTypeFont, rng: random.Random, size: int = 32, augment: bool = True,
+           style: str = "plain", min_contrast: float = 0.35) -> Image.Image:
+    """One glyph, ``size``×``size`` RGB, augmented with `rng`: dark on light (``plain``) or in random ink and paper
+    colours (``tint``)."""
     canvas = 4 * size
     img = Image.new("L", (canvas, canvas), 255)
     draw = ImageDraw.Draw(img)
@@ -90,14 +113,21 @@ def render(char: str, font: ImageFont.FreeTypeFont, rng: random.Random, size: in
         blur = rng.uniform(0, 0.7)
         if blur > 0.1:
             img = img.filter(ImageFilter.GaussianBlur(blur))
+    arr = np.repeat(np.asarray(img, dtype=np.float32)[..., None], 3, axis=2)  # (size, size, 3), ink 0, paper 255
+    if style == "tint":
+        ink, paper = _tint_colours(rng, min_contrast)
+        alpha = 1 - arr / 255
+        arr = 255 * (alpha * ink + (1 - alpha) * paper)
+    elif style != "plain":
+        raise ValueError(f"style={style!r}: choose one of {STYLES}")
+    if augment:
         sigma = rng.uniform(0, 10)
-        arr = np.asarray(img, dtype=np.float32) + np.random.default_rng(rng.randrange(2 ** 32)).normal(0, sigma,
-                                                                                                         img.size[::-1])
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    return img.convert("RGB")
+        arr = arr + np.random.default_rng(rng.randrange(2 ** 32)).normal(0, sigma, arr.shape[:2])[..., None]
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def _render_split(root: Path, chars: list[str], packages: list[str], n_aug: int, size: int, seed: int) -> None:
+def _render_split(root: Path, chars: list[str], packages: list[str], n_aug: int, size: int, seed: int,
+                  style: str = "plain", min_contrast: float = 0.35) -> None:
     fonts = {pkg: ImageFont.truetype(FONTS[pkg], size=int(2.6 * size), index=0) for pkg in packages}
     for k, ch in enumerate(chars):
         d = root / ch  # the class is named by its character
@@ -105,7 +135,7 @@ def _render_split(root: Path, chars: list[str], packages: list[str], n_aug: int,
         rng = random.Random(f"{seed}-{ord(ch)}")
         for f, (pkg, font) in enumerate(fonts.items()):
             for a in range(n_aug):
-                render(ch, font, rng, size).save(d / f"{f}_{a}.png")
+                render(ch, font, rng, size, style=style, min_contrast=min_contrast).save(d / f"{f}_{a}.png")
         if (k + 1) % 200 == 0:
             _logger.info("%s: %d/%d classes", root.name, k + 1, len(chars))
 
@@ -143,7 +173,8 @@ def build(out: Path, spec: SplitSpec = SplitSpec(), only: Optional[tuple[str, ..
             continue
         packages = hangul_fonts if name == "cross" else han_fonts
         n_aug = {"pretrain": spec.train_aug, "zoo": spec.train_aug, "cross": spec.cross_aug}.get(name, spec.eval_aug)
-        _render_split(out / name, sorted(chars), packages, n_aug, spec.size, spec.seed)
+        style = spec.source_style if name == "pretrain" else spec.downstream_style
+        _render_split(out / name, sorted(chars), packages, n_aug, spec.size, spec.seed, style, spec.min_contrast)
     manifest = {"spec": asdict(spec), "fonts": {"han": han_fonts, "hangul": hangul_fonts},
                 "available": {"han": len(han), "hangul": len(hangul)},
                 "splits": {k: len(v) for k, v in splits.items()}}

@@ -191,6 +191,17 @@ def stage_invert(cfg: ReproConfig, backbone: Backbone, zoo: Path, prior_dir: Pat
                                              for r, pool in read.items()}}
 
 
+def stage_surrogates(cfg: ReproConfig, backbone: Backbone, pool: Path, real: Path, work: Path) -> dict:
+    """How hard the surrogate tasks are for the bare backbone against real tasks of the same classes, and a figure
+    of surrogates (and their masked versions) beside real images of their classes."""
+    from .surrogates import surrogate_figure, task_difficulty
+
+    surrogate_figure(pool, real, work / "surrogates.png")
+    m = cfg.meta
+    return {"shot": m.shot, "nn_accuracy": task_difficulty(backbone, pool, real, cfg.episodes // 3, m.way, m.shot,
+                                                            m.query, seed=3)}
+
+
 def _teacher_accuracy(pool: Pool, key: str) -> float:
     """Mean over runs of how often the teacher's argmax (of the stored `key` logits) is the target class."""
     per_run = [sum(max(range(len(i[key])), key=i[key].__getitem__) == i["label"] for i in run["items"])
@@ -231,6 +242,8 @@ def run(work: Path, cfg: ReproConfig) -> dict:
     summaries["zoo"] = _stage(work, "zoo", zoo_stage, timings)
     pools = {r: work / f"pool-{int(r * 100)}" for r in MASKS}
     summaries["invert"] = _stage(work, "invert", lambda: stage_invert(cfg, backbone, zoo, prior_dir, pools), timings)
+    summaries["surrogates"] = _stage(work, "surrogates", lambda: stage_surrogates(cfg, backbone, pools[MASKS[-1]],
+                                                                                   data / "zoo", work), timings)
 
     spec = cfg.meta.spec
     runs = {"recycle": (lambda: PoolEpisodes(Pool(pools[0.75]), spec, False), False)}
@@ -282,6 +295,12 @@ def results_markdown(results: dict) -> str:
               + ", ".join(f"{k} {v:.0f}" for k, v in t.items()) + f"; total {results['total_seconds'] / 60:.1f} min.",
               f"Teacher accuracy on its own synthetic images: {s['invert']['teacher_accuracy']:.3f}; on kept tokens: "
               + ", ".join(f"{r}: {v}" for r, v in s["invert"]["teacher_accuracy_kept_tokens"].items()) + "."]
+    if "surrogates" in s:  # the bare backbone on surrogate episodes against real episodes of the same zoo classes
+        nn = s["surrogates"]["nn_accuracy"]
+        lines.append(f"How hard the surrogate tasks are: NN scores {nn['surrogate']['mean']:.2f} ± "
+                     f"{nn['surrogate']['ci95']:.2f} on surrogate {c['way']}-way {s['surrogates']['shot']}-shot "
+                     f"episodes and {nn['real']['mean']:.2f} ± {nn['real']['ci95']:.2f} on real episodes of the same "
+                     "classes ([figure](surrogates.png)).")
     return "\n".join(lines) + "\n"
 
 
@@ -374,7 +393,7 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
                 shutil.copy2(f, d / f.name)
     if results_dir is not None:  # the run's table, numbers and plot, for the repository
         results_dir.mkdir(parents=True, exist_ok=True)
-        for f in ("results.md", "results.json", "results.png"):
+        for f in ("results.md", "results.json", "results.png", "surrogates.png"):
             atomic_write_bytes(results_dir / f, (work / f).read_bytes())
     return {"meta_lora": best, "backbone_mb": round(size, 2)}
 

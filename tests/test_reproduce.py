@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 glyphs = pytest.importorskip("reproduce.glyphs")
 if glyphs.missing_fonts():
@@ -21,7 +22,7 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     cfg = ReproConfig.toy()
     results = run(tmp_path, cfg)
-    stages = ["data", "prior", "pretrain", "zoo", "invert", "meta-recycle", "meta-recycle-25", "meta-recycle-50",
+    stages = ["data", "prior", "pretrain", "zoo", "invert", "surrogates", "meta-recycle", "meta-recycle-25", "meta-recycle-50",
               "meta-recycle-75", "meta-oracle", "eval"]
     assert list(results["timings_seconds"]) == stages
     ev = results["summaries"]["eval"]
@@ -36,6 +37,11 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
             assert a == b or not names[a] & names[b], (a, b)  # disjoint class splits
     assert (tmp_path / "results.md").read_text().startswith("| method |")
     assert (tmp_path / "results.png").stat().st_size > 10_000
+    difficulty = results["summaries"]["surrogates"]["nn_accuracy"]
+    assert {k: v["episodes"] for k, v in difficulty.items()} == {"surrogate": 3, "real": 3}
+    assert "How hard the surrogate tasks are" in (tmp_path / "results.md").read_text()
+    with Image.open(tmp_path / "surrogates.png") as fig:  # 2 runs x 5 classes, real | surrogate | masked
+        assert fig.height > 10 * 32 and fig.width > 3 * 4 * 32
 
     again = run(tmp_path, cfg)  # every stage is skipped: same numbers
     assert again["summaries"]["eval"] == ev
@@ -49,6 +55,7 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     recheck = json.loads((tmp_path / "weights" / "mini-meta-lora" / "recheck.json").read_text())
     assert set(recheck["results"]) == {"NN", "meta-LoRA"} and recheck["tolerance"] > 0
     assert (tmp_path / "results" / "results.md").read_text() == (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results" / "surrogates.png").is_file()
 
     text = report(tmp_path, steps=4, cfg=cfg)  # reproduce.diagnose on the same work folder
     curve = [line for line in text.splitlines() if line.startswith("| val accuracy |")][0].split("|")[2:-1]
