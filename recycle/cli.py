@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -365,9 +366,15 @@ def _run_on_ranks(func: Callable[[argparse.Namespace], int], args: argparse.Name
             if rank:
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             code = func(args)
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - every failure ends this rank, and with it the job
+        # No teardown and no normal interpreter exit: a collective another rank left pending would block the one and
+        # abort the other. Say what failed and leave now; the launcher (or the peers' timeouts) ends the other ranks.
+        if not isinstance(e, USER_ERRORS + (KeyboardInterrupt,)):
+            traceback.print_exc()
         print(f"rank {rank} of {world} failed: {type(e).__name__}: {e}", file=sys.stderr)
-        raise  # no teardown: the other ranks may be blocked in a collective; exiting is what frees them
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2 if isinstance(e, USER_ERRORS) else 130 if isinstance(e, KeyboardInterrupt) else 1)
     distributed.teardown()
     return code
 
