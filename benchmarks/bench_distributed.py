@@ -18,8 +18,8 @@ folder (nothing can be downloaded here); ``--quick`` uses a tiny ViT instead. Ev
 order rotated from one repeat to the next; ratios are taken within a repeat. Each row records the CPU time of the
 whole process tree (`resource.RUSAGE_CHILDREN`) and what the rest of the machine used meanwhile.
 
-Run from the repository root (about 30 minutes with the defaults on 2 quiet cores; ``--quick`` is a smoke run of
-about a minute that writes no file):
+Run from the repository root (roughly 20 minutes with the defaults on 2 quiet cores, estimated from the step times
+in ``results/invert.md`` and ``results/meta.md``; ``--quick`` is a smoke run of about 2 minutes that writes no file):
 
     python -m benchmarks.bench_distributed [--quick] [--repeats N] [--loras N] [--invert-steps N] [--meta-steps N]
         [--query N] [--episode-batch B] [--out FILE]
