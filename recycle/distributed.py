@@ -103,6 +103,8 @@ def setup(device: str = "auto") -> str:
         raise DistributedError(f"RANK={r} is outside WORLD_SIZE={world}")
     dev = _rank_device(device, local)
     cuda = dev.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise DistributedError(f"rank {r} of {world}: --device {device} asks for CUDA, which is not available here")
     kwargs: dict[str, Any] = {}
     if cuda:
         torch.cuda.set_device(torch.device(dev))

@@ -156,6 +156,8 @@ def invert_zoo(backbone: Backbone, zoo: Union[str, Path], root: Union[str, Path]
             _logger.info("pool: %s is already inverted (%s)", name, run.name)
             done.append((name, run, None))
             continue
+        if run.exists():
+            raise PoolError(f"{run} exists but holds no manifest.json, so it is not a finished run; remove it")
         result = invert(backbone, adapter, cfg, bn_prior=bn_prior,
                         progress=None if progress is None else lambda p, n=name: progress(n, p))
         done.append((name, write_run(root, result, adapter, str(Path(zoo) / name), run_settings, grid, run.name),
