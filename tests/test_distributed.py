@@ -78,7 +78,8 @@ def runs(dataset, tiny_clip_dir, tmp_path_factory):  # noqa: F811
                  "--steps", "6", "--lr", "0.1", "--prune", "1:0.5", "--bn-prior", "none", "--quiet"],
                 ["meta-train", *backbone, "--pool", str(s / "pool"), "--out", str(out / "meta"), "--steps",
                  str(META_STEPS), "--way", "3", "--shot", "1", "--query", "2", "--masked", "--lr", "1e-2",
-                 "--episode-batch", "2", "--checkpoint-every", "2", "--quiet"],
+                 "--episode-batch", "2", "--checkpoint-every", "2", "--val", str(root / "noise"), "--val-every", "3",
+                 "--val-episodes", "5", "--quiet"],
                 ["eval", *backbone, "--data", str(root / "noise"), "--zoo", str(s / "zoo"), "--lora",
                  f"meta={s / 'meta' / 'meta-lora'}", "--way", "3", "--shot", "1", "--query", "2", "--episodes", "13",
                  "--json", str(out / "eval.json")]]
@@ -118,6 +119,8 @@ def test_two_ranks_with_one_episode_each_equal_one_process_with_two(runs):
     assert [r["step"] for r in log] == list(range(1, META_STEPS + 1))
     assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in serial_log], abs=1e-5)
     assert all(r["episodes"] == 2 for r in log)
+    vals = [r["val_acc"] for r in log if "val_acc" in r]  # validation split over the ranks, gathered
+    assert len(vals) == 2 and vals == [r["val_acc"] for r in serial_log if "val_acc" in r]
 
 
 def test_sharded_eval_reports_the_serial_results(runs):
