@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from . import distributed
 from .backbone import DEFAULT_BACKBONE, BackboneError
 from .formats import LoRAFormatError, atomic_write_bytes
 from .hub import HubError
@@ -20,7 +24,7 @@ __all__ = ["main"]
 _logger = logging.getLogger("recycle")
 # Errors whose message is complete for a user (including invalid settings): printed without a traceback.
 USER_ERRORS = (BackboneError, LoRAFormatError, HubError, ImageError, SupportError, PoolError, FileNotFoundError,
-               ValueError)
+               ValueError, distributed.DistributedError)
 
 
 def _add_backbone_args(p: argparse.ArgumentParser, bf16: bool = True) -> None:
@@ -78,12 +82,20 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     config = InversionConfig(per_class=args.per_class, steps=args.steps, lr=args.lr, bn_weight=args.bn_weight,
                              pruning=PruningConfig(prune, start=args.prune_start), batch_size=args.batch_size,
                              seed=args.seed)
+    if args.zoo and args.classes:
+        raise ValueError("--classes picks classes of one LoRA; with --zoo every class of every LoRA is inverted")
+    if not args.zoo and distributed.world_size() > 1:
+        raise ValueError("invert --lora inverts one LoRA in one process; to use several ranks, invert a whole zoo "
+                         "with --zoo")
     backbone = load_backbone(args.backbone, device=args.device)
-    adapter = load_lora(args.lora, backbone)
+    adapter = None if args.zoo else load_lora(args.lora, backbone)
     try:
         prior = None if args.bn_prior.lower() == "none" else load_bn_prior(args.bn_prior, backbone.device)
     except BackboneError as e:
         raise BackboneError(f"{e} Use --bn-prior none to invert without it.") from None
+    settings = {"bn_prior": args.bn_prior, "backbone": args.backbone}
+    if args.zoo:
+        return _invert_zoo(args, backbone, config, prior, settings)
     n_classes = len(args.classes) if args.classes else adapter.num_classes
     n_batches = -(-n_classes * config.per_class // (config.batch_size or n_classes * config.per_class))
     with tqdm(total=config.steps * n_batches, desc="inverting", unit="step", disable=args.quiet) as bar:
@@ -91,10 +103,27 @@ def _cmd_invert(args: argparse.Namespace) -> int:
             bar.update(1)
             bar.set_postfix(loss=f"{p.loss:.3f}", acc=f"{p.accuracy:.2f}", pruning=p.pruning, refresh=False)
         result = invert(backbone, adapter, config, args.classes, prior, progress=progress)
-    settings = {**asdict(config), "bn_prior": args.bn_prior, "backbone": args.backbone}
+    settings = {**asdict(config), **settings}
     run = write_run(args.out, result, adapter, args.lora, settings, tuple(backbone.model.patch_embed.grid_size))
     acc = (result.logits.argmax(-1) == result.labels).float().mean().item()
     print(f"wrote {result.images.shape[0]} images to {run} (teacher accuracy {acc:.1%})")
+    return 0
+
+
+def _invert_zoo(args: argparse.Namespace, backbone, config, prior, settings: dict) -> int:
+    """``invert --zoo``: every LoRA of the zoo into the pool, dealt to the ranks under torchrun."""
+    from tqdm import tqdm
+
+    from .pool import invert_zoo
+
+    with tqdm(desc="inverting the zoo", unit="step", disable=args.quiet) as bar:
+        def progress(name, p):
+            bar.update(1)
+            bar.set_postfix(lora=name, loss=f"{p.loss:.3f}", acc=f"{p.accuracy:.2f}", refresh=False)
+        runs = invert_zoo(backbone, args.zoo, args.out, config, prior, settings, progress=progress)
+    made = [r for r in runs if r[2] is not None]
+    print(f"{args.out}: inverted {len(made)} LoRAs, {len(runs) - len(made)} already done"
+          + (f" (rank {distributed.rank()} of {distributed.world_size()})" if distributed.world_size() > 1 else ""))
     return 0
 
 
@@ -132,7 +161,7 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
                         cross_fraction=args.cross_fraction, teacher_temperature=args.teacher_temperature,
                         lr=args.lr, lora=LoRAConfig(rank=args.rank),
                         checkpoint_every=args.checkpoint_every, val_every=args.val_every if args.val else 0,
-                        val_episodes=args.val_episodes, seed=args.seed)
+                        val_episodes=args.val_episodes, seed=args.seed, episode_batch=args.episode_batch)
     backbone = load_backbone(args.backbone, device=args.device)
     if args.pool:
         source = PoolEpisodes(Pool(args.pool), config.spec, config.masked)
@@ -159,7 +188,8 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{record['loss']:.3f}", kind=record["kind"], refresh=False)
         result = meta_train(backbone, source, config, args.out, resume=args.resume, validate=validate,
                             progress=progress, info={**origin, "backbone": args.backbone, "command": command})
-    write_model_card(Path(args.out) / "meta-lora", result.adapter, command=command)
+    if distributed.is_main():
+        write_model_card(Path(args.out) / "meta-lora", result.adapter, command=command)
     tail = result.losses[-10:]
     msg = f"meta-LoRA written to {Path(args.out) / 'meta-lora'}"
     if tail:
@@ -192,9 +222,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(backbone, args.data, methods, config, progress=lambda m: _logger.info("evaluating %s", m))
     markdown = results_markdown(report)
     print(markdown)
-    if args.json:
+    if args.json and distributed.is_main():
         write_report(report, args.json)
-    if args.markdown:
+    if args.markdown and distributed.is_main():
         atomic_write_bytes(args.markdown, markdown.encode())
     return 0
 
@@ -229,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="LoRA inversion with attention-guided token pruning; the images, their masks "
                                    "and the teacher's logits are added to the pool folder --out.")
     _add_backbone_args(p, bf16=False)
-    p.add_argument("--lora", required=True, help="LoRA with a head: local folder or file, or Hub id ORG/NAME")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--lora", help="LoRA with a head: local folder or file, or Hub id ORG/NAME")
+    src.add_argument("--zoo", help="zoo folder (from pretune): invert every LoRA, one run each, skipping those "
+                                   "already in the pool; shared by the ranks under torchrun")
     p.add_argument("--out", required=True, help="pool folder (created or grown)")
     p.add_argument("--classes", nargs="+", help="class names or head indices (default: all)")
     p.add_argument("--per-class", type=int, default=10, help="images per class (default: 10)")
@@ -245,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images optimised together (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_invert)
+    p.set_defaults(func=_cmd_invert, ranks=True)
 
     p = sub.add_parser("pretune", help="tune a zoo of LoRAs (with heads) on N-way tasks from an ImageFolder",
                        description="Sample --num-loras seeded N-way tasks from --data (one folder per class) and "
@@ -263,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips (e.g. for text)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_pretune)
+    p.set_defaults(func=_cmd_pretune, ranks=True)
 
     p = sub.add_parser("meta-train", help="distil one meta-LoRA from a surrogate pool or a LoRA zoo",
                        description="ProtoNet meta-training of a meta-LoRA on surrogate episodes: KL to the "
@@ -282,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--episode-batch", type=int, default=1,
+                   help="episodes per optimiser step, loss averaged (default: 1); under torchrun split evenly "
+                        "over the ranks, so it must be a multiple of their number")
     p.add_argument("--val", help="real ImageFolder validation split for model selection (never the test split)")
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--val-episodes", type=int, default=100)
@@ -291,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-prior", default="none", help="with --zoo: BN prior for online inversion")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_meta_train)
+    p.set_defaults(func=_cmd_meta_train, ranks=True)
 
     p = sub.add_parser("eval", help="episodic few-shot evaluation with baselines, mean ± 95%% CI",
                        description="Score NN (bare backbone), LoRAs-average + NN (with --zoo) and each --lora on "
@@ -306,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distance", default="l2", choices=("l2", "sqeuclidean", "cosine"))
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--markdown", help="write the results table as Markdown")
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=_cmd_eval, ranks=True)
 
     p = sub.add_parser("push", help="upload a LoRA folder (e.g. a meta-LoRA with its card) to the Hub")
     p.add_argument("--dir", required=True, help="folder to upload (adapter files and README.md)")
@@ -317,12 +353,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_on_ranks(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command that can use several ranks: join the process group when launched by torchrun (one device per
+    rank), keep the output of ranks other than 0 quiet, and leave the group after a successful run."""
+    args.device = distributed.setup(args.device)
+    world, rank = distributed.world_size(), distributed.rank()
+    if world == 1:
+        try:
+            return func(args)
+        finally:
+            distributed.teardown()
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(f"%(levelname)s [rank {rank}/{world}] %(message)s"))
+    if rank:
+        logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
+        if hasattr(args, "quiet"):
+            args.quiet = True
+    try:
+        with contextlib.ExitStack() as stack:
+            if rank:
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            code = func(args)
+    except BaseException as e:  # noqa: BLE001 - every failure ends this rank, and with it the job
+        # No teardown and no normal interpreter exit: a collective another rank left pending would block the one and
+        # abort the other. Say what failed and leave now; the launcher (or the peers' timeouts) ends the other ranks.
+        if not isinstance(e, USER_ERRORS + (KeyboardInterrupt,)):
+            traceback.print_exc()
+        print(f"rank {rank} of {world} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2 if isinstance(e, USER_ERRORS) else 130 if isinstance(e, KeyboardInterrupt) else 1)
+    distributed.teardown()
+    return code
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if getattr(args, "ranks", False):
+            return _run_on_ranks(func, args)
         return func(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

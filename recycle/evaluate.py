@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import distributed
 from .backbone import Backbone
 from .episodes import EpisodeSampler, EpisodeSpec, SampledEpisode
 from .fewshot import FewShotClassifier, prototype_logits
@@ -116,6 +117,10 @@ def evaluate(backbone: Backbone, data: Union[str, Path], methods: dict[str, Opti
              config: EvalConfig = EvalConfig(), progress: Optional[Callable[[str], None]] = None) -> dict:
     """Score every method on the same seeded episodes from the ImageFolder `data`.
 
+    The images the episodes use are embedded in fixed batches of ``config.batch_size``. Under torchrun the batches
+    and then the episodes are dealt to the ranks and gathered back in order, so every rank returns the same report
+    as one process would.
+
     Returns:
         ``{"config": ..., "data": ..., "classes": n, "results": {method: {"mean": %, "ci95": %, "episodes": n}}}``.
     """
@@ -125,15 +130,21 @@ def evaluate(backbone: Backbone, data: Union[str, Path], methods: dict[str, Opti
     items = [list(range(offsets[c], offsets[c + 1])) for c in range(len(paths))]
     episodes = sample_episodes(items, config.spec, config.episodes, config.seed)
     used = sorted({i for ep in episodes for g in ep.support + ep.query for i in g})
-    images = {i: load_image(flat[i]) for i in used}
+    batches = [used[i:i + config.batch_size] for i in range(0, len(used), config.batch_size)]
+    my_batches = distributed.shard_indices(len(batches))
+    images = {i: load_image(flat[i]) for b in my_batches for i in batches[b]}
     results = {}
     for method, adapter in methods.items():
         if progress is not None:
             progress(method)
         clf = FewShotClassifier(backbone, adapter, config.distance, config.batch_size, config.bf16, cache_size=0)
         emb = torch.zeros(len(flat), backbone.embed_dim)
-        emb[used] = clf.embed([images[i] for i in used])
-        accs = [_episode_accuracy(emb, ep, config.distance) for ep in episodes]
+        parts = distributed.gather_ordered([clf.embed([images[i] for i in batches[b]]) for b in my_batches],
+                                           len(batches))
+        for batch, part in zip(batches, parts):
+            emb[batch] = part
+        accs = distributed.gather_ordered([_episode_accuracy(emb, episodes[e], config.distance)
+                                           for e in distributed.shard_indices(len(episodes))], len(episodes))
         mean, ci = mean_ci(accs)
         results[method] = {"mean": round(100 * mean, 2), "ci95": round(100 * ci, 2), "episodes": len(accs)}
         _logger.info("%s: %.2f ± %.2f", method, 100 * mean, 100 * ci)

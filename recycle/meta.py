@@ -13,13 +13,21 @@ model that holds the meta-LoRA, so its meta-LoRA never trains.)
 
 Checkpoints are single safetensors files written atomically: LoRA and Adam state, step, and every RNG state, so
 ``resume=True`` continues exactly as an uninterrupted run would.
+
+``episode_batch`` B > 1 averages the loss of B episodes per optimiser step. Each of them draws its randomness from
+``(seed, step, episode index)`` alone, so under ``torchrun`` with N ranks each rank computes B/N of them, the LoRA
+gradients are summed over ranks (`recycle.distributed`), and the step equals one process's step over all B episodes.
+Rank 0 alone writes the checkpoint, the log and the result. With B = 1 the episodes come from one stream of random
+numbers, as before batches existed.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +41,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from . import distributed
 from .backbone import Backbone
 from .episodes import EpisodeSampler, EpisodeSpec
 from .fewshot import prototype_logits
@@ -75,15 +84,18 @@ class MetaConfig:
     val_every: int = 0  # 0 = no validation
     val_episodes: int = 100
     seed: int = 0
+    episode_batch: int = 1  # episodes per optimiser step (loss averaged); split across ranks under torchrun
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.lora.items()})
         checks = [("steps", self.steps >= 1), ("cross_fraction", 0.0 <= self.cross_fraction <= 1.0),
-                  ("teacher_temperature", self.teacher_temperature > 0), ("lr", self.lr > 0), ("min_lr", 0 <= self.min_lr <= self.lr),
+                  ("teacher_temperature", self.teacher_temperature > 0), ("lr", self.lr > 0),
+                  ("min_lr", 0 <= self.min_lr <= self.lr),
                   ("warmup", 0 <= self.warmup < self.cycle), ("cycle", self.cycle >= 1),
                   ("checkpoint_every", self.checkpoint_every >= 1), ("val_every", self.val_every >= 0),
-                  ("val_episodes", self.val_episodes >= 1), ("distance", self.distance in ("l2", "sqeuclidean"))]
+                  ("val_episodes", self.val_episodes >= 1), ("distance", self.distance in ("l2", "sqeuclidean")),
+                  ("episode_batch", self.episode_batch >= 1)]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"invalid meta-training setting {name}={getattr(self, name)!r}")
@@ -328,6 +340,39 @@ def _validate(backbone: Backbone, config: MetaConfig, validate: Callable[[LoRAAd
     return val
 
 
+@contextlib.contextmanager
+def _episode_rngs(config: MetaConfig, step: int, index: int, py: random.Random, gen: torch.Generator,
+                  device: torch.device):
+    """The random streams of episode `index` of `step`: the run's own streams when ``episode_batch == 1``; otherwise
+    fresh ones seeded by ``(seed, step, index)``, with the global torch RNG (LoRA dropout) seeded the same way and
+    restored afterwards, so an episode is the same whichever rank computes it."""
+    if config.episode_batch == 1:
+        yield py, gen
+        return
+    seed = distributed.derive_seed(config.seed, step, index)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield random.Random(seed), torch.Generator().manual_seed(seed)
+
+
+def _batch_gradients(backbone: Backbone, source: EpisodeSource, config: MetaConfig, step: int, py: random.Random,
+                     gen: torch.Generator) -> list[tuple[float, float, str]]:
+    """Add to the LoRA gradients the gradient of (sum of losses) / episode_batch over this rank's episodes of `step`;
+    returns ``(loss, accuracy, kind)`` of each (a non-finite loss is returned, not back-propagated)."""
+    out = []
+    for index in distributed.shard_indices(config.episode_batch):
+        with _episode_rngs(config, step, index, py, gen, backbone.device) as (rng, episode_gen):
+            kind = "cross" if rng.random() < config.cross_fraction else "single"
+            episode = source.next(kind, rng)
+            loss, acc = episode_loss(backbone, episode, config.distance, config.flip, episode_gen,
+                                     config.teacher_temperature)
+            if torch.isfinite(loss):
+                (loss / config.episode_batch if config.episode_batch > 1 else loss).backward()
+        out.append((loss.item(), acc, episode.kind))
+    return out
+
+
 def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, out: Union[str, Path],
                resume: bool = False, validate: Optional[Callable[[LoRAAdapter], float]] = None,
                progress: Optional[Callable[[dict], None]] = None, info: Optional[dict] = None) -> MetaResult:
@@ -345,7 +390,13 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
             ``MetaResult.best_step`` is 0. Never pass the test split.
         progress: called with each step's log record.
         info: provenance recorded in the exported LoRA.
+
+    Under torchrun every rank calls this with the same arguments; `out` must be on a filesystem all ranks share.
     """
+    world, main = distributed.world_size(), distributed.is_main()
+    if config.episode_batch % world:
+        raise ValueError(f"episode_batch={config.episode_batch} cannot be split evenly over {world} ranks; use a "
+                         f"multiple of {world}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt, log_path = out / CHECKPOINT, out / LOG
@@ -363,10 +414,15 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         if resume and ckpt.is_file():
             start, loaded = _load_checkpoint(ckpt, backbone, opt, py, gen)
             extra.update(loaded)
-            _truncate_log(log_path, start)
+            if main:
+                _truncate_log(log_path, start)
             _logger.info("resumed from step %d", start)
-        elif log_path.exists():  # a fresh start, or a resume killed before its first checkpoint
+        elif log_path.exists() and main:  # a fresh start, or a resume killed before its first checkpoint
             log_path.unlink()
+        starts = distributed.all_gather_object(start)
+        if len(set(starts)) > 1:
+            raise ValueError(f"the ranks found different checkpoints in {out} (steps {starts}); the output folder "
+                             "must be on a filesystem that every rank shares")
         best_state = None
         if extra.get("best_step") is not None and (out / "best.safetensors").is_file():
             from safetensors.torch import load_file
@@ -374,32 +430,41 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         losses = []
         backbone.model.train()
         t0 = time.perf_counter()
-        with log_path.open("a", encoding="utf-8") as log:
+        with log_path.open("a", encoding="utf-8") if main else open(os.devnull, "w") as log:  # rank 0 logs
             if validate is not None and config.val_every and start == 0:
                 # Step 0 is a candidate too: model selection must be able to choose "no change".
                 val = _validate(backbone, config, validate)
                 extra.update(best_val=val, best_step=0, baseline_val=val)
                 best_state = lora_state_dict(backbone.model)
-                atomic_write_bytes(out / "best.safetensors", safetensors_bytes(best_state))
+                if main:
+                    atomic_write_bytes(out / "best.safetensors", safetensors_bytes(best_state))
                 log.write(json.dumps({"step": 0, "val_acc": round(val, 4)}) + "\n")
                 log.flush()
             for step in range(start, config.steps):
                 lr = cyclic_lr(step, config.lr, config.min_lr, config.warmup, config.cycle)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                kind = "cross" if py.random() < config.cross_fraction else "single"
-                episode = source.next(kind, py)
-                loss, acc = episode_loss(backbone, episode, config.distance, config.flip, gen,
-                                         config.teacher_temperature)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"meta-training loss became {loss.item()} at step {step}; lower the "
-                                             "learning rate or check the pool")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                episodes = distributed.gather_ordered(_batch_gradients(backbone, source, config, step, py, gen),
+                                                      config.episode_batch)
+                loss = sum(e[0] for e in episodes) / len(episodes)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"meta-training loss became {loss} at step {step}; lower the "
+                                             "learning rate or check the pool")
+                if world > 1:
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                    distributed.all_reduce_sum_([p.grad for p in params])
                 opt.step()
-                losses.append(loss.item())
-                record = {"step": step + 1, "loss": round(loss.item(), 6), "acc": round(acc, 4),
-                          "kind": episode.kind, "lr": lr, "time": round(time.perf_counter() - t0, 3)}
+                losses.append(loss)
+                kinds = sorted({e[2] for e in episodes})
+                record = {"step": step + 1, "loss": round(loss, 6), "acc": round(sum(e[1] for e in episodes)
+                                                                                 / len(episodes), 4),
+                          "kind": kinds[0] if len(kinds) == 1 else "mixed", "lr": lr,
+                          "time": round(time.perf_counter() - t0, 3)}
+                if config.episode_batch > 1:
+                    record["episodes"] = config.episode_batch
                 done = step + 1
                 if validate is not None and config.val_every and (done % config.val_every == 0
                                                                   or done == config.steps):
@@ -408,12 +473,13 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
                     if extra["best_val"] is None or val > extra["best_val"]:
                         extra["best_val"], extra["best_step"] = val, done
                         best_state = lora_state_dict(backbone.model)
-                        atomic_write_bytes(out / "best.safetensors", safetensors_bytes(best_state))
+                        if main:
+                            atomic_write_bytes(out / "best.safetensors", safetensors_bytes(best_state))
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if progress is not None:
                     progress(record)
-                if done % config.checkpoint_every == 0 or done == config.steps:
+                if main and (done % config.checkpoint_every == 0 or done == config.steps):
                     _save_checkpoint(ckpt, backbone, opt, done, config, py, gen, extra)
         backbone.model.eval()
         state = best_state if best_state is not None else lora_state_dict(backbone.model)
@@ -424,7 +490,8 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
                               info={**(info or {}), "meta_training": asdict(config), "steps": config.steps,
                                     "best_val": extra["best_val"], "best_step": extra["best_step"],
                                     "baseline_val": extra["baseline_val"]})
-        save_adapter(adapter, out / "meta-lora")
+        if main:
+            save_adapter(adapter, out / "meta-lora")
     finally:
         remove_lora(backbone.model)
         backbone.model.eval()

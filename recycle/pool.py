@@ -20,19 +20,21 @@ import random
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
+from . import distributed
+from .backbone import Backbone
 from .episodes import EpisodeSampler, EpisodeSpec
 from .formats import LoRAAdapter, atomic_write_bytes
-from .invert import InversionResult
+from .invert import BNPrior, InversionConfig, InversionProgress, InversionResult, invert
 
-__all__ = ["PoolError", "PoolItem", "PoolClass", "PoolEpisode", "Pool", "write_run", "POOL_FORMAT"]
+__all__ = ["PoolError", "PoolItem", "PoolClass", "PoolEpisode", "Pool", "write_run", "invert_zoo", "POOL_FORMAT"]
 
 _logger = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def _slug(text: str) -> str:
 
 
 def write_run(root: Union[str, Path], result: InversionResult, adapter: LoRAAdapter, source: str,
-              settings: dict, patch_grid: tuple[int, int]) -> Path:
+              settings: dict, patch_grid: tuple[int, int], name: Optional[str] = None) -> Path:
     """Add one inversion run to the pool at `root` (created if needed); returns the run folder.
 
     Args:
@@ -66,12 +68,13 @@ def write_run(root: Union[str, Path], result: InversionResult, adapter: LoRAAdap
         source: where the LoRA came from (path or Hub id), for people reading the manifest.
         settings: the inversion settings, recorded verbatim.
         patch_grid: ``(gh, gw)`` of the backbone, to interpret kept indices.
+        name: the run folder's name (default: source, fingerprint and a time stamp); it must not exist yet.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     fingerprint = adapter.fingerprint()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-    name = f"{_slug(Path(source).name if os.sep in source else source)}-{fingerprint[:8]}-{stamp}"
+    name = name or f"{_slug(Path(source).name if os.sep in source else source)}-{fingerprint[:8]}-{stamp}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
     try:
         (tmp / "images").mkdir()
@@ -109,6 +112,57 @@ def write_run(root: Union[str, Path], result: InversionResult, adapter: LoRAAdap
         raise
     _logger.info("pool: wrote %d images to %s", len(items), final)
     return final
+
+
+def invert_zoo(backbone: Backbone, zoo: Union[str, Path], root: Union[str, Path], config: InversionConfig,
+               bn_prior: Optional[BNPrior] = None, settings: Optional[dict] = None,
+               progress: Optional[Callable[[str, InversionProgress], None]] = None
+               ) -> list[tuple[str, Path, Optional[InversionResult]]]:
+    """Invert every LoRA of the zoo folder `zoo` into the pool at `root`: one run per LoRA, named
+    ``<LoRA name>-<fingerprint[:8]>``, LoRA k seeded by ``derive_seed(config.seed, k)``.
+
+    A run that is already in the pool with the same settings is skipped, so a killed job resumes where it stopped.
+    Under torchrun the LoRAs are dealt to the ranks round-robin and each rank writes whole runs atomically; the pool
+    is the same for any number of ranks.
+
+    Args:
+        settings: recorded in every run's manifest next to the inversion settings (e.g. the BN prior's name).
+        progress: called with the LoRA's name and each inversion step's `InversionProgress`.
+
+    Returns:
+        ``(LoRA name, run folder, result)`` for this rank's LoRAs; result is None for a run found finished.
+
+    Raises:
+        PoolError: the pool holds a run of one of these LoRAs made with other settings.
+    """
+    from .pretune import load_zoo
+
+    root = Path(root)
+    zoo_loras = load_zoo(zoo, backbone)
+    grid = tuple(backbone.model.patch_embed.grid_size)
+    done = []
+    for k in distributed.shard_indices(len(zoo_loras)):
+        name, adapter = zoo_loras[k]
+        cfg = replace(config, seed=distributed.derive_seed(config.seed, k))
+        run_settings = json.loads(json.dumps({**asdict(cfg), **(settings or {})}))
+        run = root / f"{_slug(name)}-{adapter.fingerprint()[:8]}"
+        if (run / "manifest.json").is_file():
+            found = Pool._read_manifest(run / "manifest.json")["settings"]
+            if found != run_settings:
+                changed = sorted(key for key in set(found) | set(run_settings)
+                                 if found.get(key) != run_settings.get(key))
+                raise PoolError(f"{run} was inverted with other settings ({', '.join(changed)} differ); use another "
+                                "pool folder, or the settings it was made with")
+            _logger.info("pool: %s is already inverted (%s)", name, run.name)
+            done.append((name, run, None))
+            continue
+        if run.exists():
+            raise PoolError(f"{run} exists but holds no manifest.json, so it is not a finished run; remove it")
+        result = invert(backbone, adapter, cfg, bn_prior=bn_prior,
+                        progress=None if progress is None else lambda p, n=name: progress(n, p))
+        done.append((name, write_run(root, result, adapter, str(Path(zoo) / name), run_settings, grid, run.name),
+                     result))
+    return done
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 This stands in for the LoRAs people have already tuned and published (the paper's 100 5-way LoRAs; the official
 release lacks this stage). Each LoRA is trained with Adam (lr 1e-3) on the first 80% of every class's images and
 scored on the rest. The zoo is a folder of LoRAs in the standard format plus ``zoo.json``; finished LoRAs are
-skipped, so an interrupted run resumes where it stopped.
+skipped, so an interrupted run resumes where it stopped. Under torchrun the LoRAs are dealt to the ranks round-robin
+(each is seeded by its index, so the zoo is the same for any number of ranks) and rank 0 writes ``zoo.json`` once
+every LoRA is on disk.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .backbone import Backbone
 from .evaluate import image_folder
-from .formats import LoRAAdapter, atomic_write_bytes, read_adapter, save_adapter
+from .formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAAdapter, atomic_write_bytes, read_adapter, save_adapter
 from .images import load_image
 from .lora import LoRAConfig, inject_lora, lora_parameters, remove_lora
 
@@ -126,9 +129,27 @@ def _read_manifest(root: Path) -> dict:
         raise ValueError(f"{path} is corrupt ({e}); delete it to rebuild the zoo manifest") from None
 
 
+def _finished(directory: Path) -> bool:
+    """Whether a LoRA folder is complete (`save_adapter` writes the config last)."""
+    return (directory / ADAPTER_WEIGHTS).is_file() and (directory / ADAPTER_CONFIG).is_file()
+
+
+def _entry_from_disk(directory: Path) -> dict:
+    """The manifest entry of a finished LoRA that the manifest does not list yet (tuned by another rank, or by a
+    run killed before it updated the manifest)."""
+    adapter = read_adapter(directory)
+    stamp = _dt.datetime.fromtimestamp((directory / ADAPTER_CONFIG).stat().st_mtime, _dt.timezone.utc)
+    return {"name": directory.name, "classes": adapter.class_names,
+            "holdout_acc": round(float(adapter.info.get("holdout_acc", float("nan"))), 4),
+            "created": stamp.isoformat(timespec="seconds")}
+
+
 def pretune_zoo(backbone: Backbone, data: Union[str, Path], out: Union[str, Path], config: PretuneConfig,
                 progress: Optional[Callable[[int, int, dict], None]] = None) -> dict:
-    """Build (or finish) a zoo of ``config.num_loras`` LoRAs under `out`; returns the zoo manifest."""
+    """Build (or finish) a zoo of ``config.num_loras`` LoRAs under `out`; returns the zoo manifest.
+
+    Under torchrun each rank tunes its share; rank 0 waits for the others' LoRAs and returns the whole manifest, the
+    other ranks return the manifest of what they saw."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names, paths = image_folder(data)
@@ -140,10 +161,12 @@ def pretune_zoo(backbone: Backbone, data: Union[str, Path], out: Union[str, Path
     entries = {e["name"]: e for e in manifest.get("loras", [])}
     manifest = {"format": "recycle-zoo", "version": 1, "backbone": backbone.name, "data": str(data),
                 "config": asdict(config), "loras": []}
-    for k, classes in enumerate(tasks):
-        name = f"lora_{k:03d}"
-        if name in entries and (out / name / "adapter_model.safetensors").is_file():
-            manifest["loras"].append(entries[name])
+    lora_names = [f"lora_{k:03d}" for k in range(len(tasks))]
+    serial = distributed.world_size() == 1
+    for k in distributed.shard_indices(len(tasks)):
+        name, classes = lora_names[k], tasks[k]
+        if _finished(out / name):
+            manifest["loras"].append(entries[name] if name in entries else _entry_from_disk(out / name))
             continue
         train_x, train_y, val_x, val_y = [], [], [], []
         for label, c in enumerate(classes):
@@ -164,10 +187,19 @@ def pretune_zoo(backbone: Backbone, data: Union[str, Path], out: Union[str, Path
         entry = {"name": name, "classes": adapter.class_names, "holdout_acc": round(acc, 4),
                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         manifest["loras"].append(entry)
-        atomic_write_bytes(out / ZOO_MANIFEST, json.dumps(manifest, indent=1).encode())
+        if serial:  # with several ranks only rank 0 writes the manifest, at the end
+            atomic_write_bytes(out / ZOO_MANIFEST, json.dumps(manifest, indent=1).encode())
         if progress is not None:
             progress(k + 1, len(tasks), entry)
         _logger.info("%s: %s, held-out accuracy %.3f", name, adapter.class_names, acc)
+    if not distributed.is_main():
+        return manifest
+    if not serial:
+        distributed.wait_until(lambda: sum(not _finished(out / n) for n in lora_names),
+                               "waiting for the other ranks' LoRAs")
+        mine = {e["name"]: e for e in manifest["loras"]}
+        manifest["loras"] = [mine[n] if n in mine else entries[n] if n in entries else _entry_from_disk(out / n)
+                             for n in lora_names]
     atomic_write_bytes(out / ZOO_MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
