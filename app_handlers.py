@@ -31,7 +31,7 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from recycle.backbone import DEFAULT_BACKBONE, Backbone, BackboneError, load_backbone
+from recycle.backbone import DEFAULT_BACKBONE, Backbone, BackboneError, backbone_source, load_backbone
 from recycle.fewshot import FewShotClassifier
 from recycle.formats import PICKLE_SUFFIXES, LoRAAdapter, LoRAFormatError, load_lora, read_adapter
 from recycle.hub import HubError, download_repo_files, hub_reachable, is_repo_id
@@ -171,6 +171,14 @@ def _looks_local(text: str) -> bool:
         return False
 
 
+def _local_backbone(name: str) -> bool:
+    """Whether the loader would read backbone `name` from disk (decided on the name as the loader reads it)."""
+    try:
+        return backbone_source(name)[0] == "local-dir"
+    except BackboneError:
+        return False  # not loadable at all: the loader says why
+
+
 def _field(text: Optional[str], what: str) -> str:
     """A text field's value, trimmed; refused when too long or holding control characters (NUL, newlines, ...)."""
     text = (text or "").strip()
@@ -202,7 +210,7 @@ class PathPolicy:
 
     def backbone(self, name: Optional[str]) -> str:
         name = _field(name, "backbone name")
-        if not self.allow_local and name not in self.trusted and _looks_local(name):
+        if not self.allow_local and name not in self.trusted and (_looks_local(name) or _local_backbone(name)):
             self._refuse(name, "a backbone")
         return name
 
