@@ -36,8 +36,8 @@ from recycle.fewshot import FewShotClassifier
 from recycle.formats import PICKLE_SUFFIXES, LoRAAdapter, LoRAFormatError, load_lora, read_adapter
 from recycle.hub import HubError, download_repo_files, hub_reachable, is_repo_id
 from recycle.images import IMAGE_SUFFIXES, ImageError, load_image
-from recycle.invert import DEFAULT_BN_PRIOR, BNPrior, InversionConfig, InversionProgress, InversionResult, invert, \
-    load_bn_prior
+from recycle.invert import DEFAULT_BN_PRIOR, BNPrior, InversionConfig, InversionError, InversionProgress, \
+    InversionResult, invert, load_bn_prior
 from recycle.pool import Pool, PoolError, write_run
 from recycle.predict import Prediction, SupportError, classify, clean_class_name
 from recycle.tokens import PruningConfig, parse_schedule
@@ -72,7 +72,8 @@ class InputError(ValueError):
 
 
 # Errors whose message is written for the end user: shown as they are.
-USER_ERRORS = (InputError, SupportError, ImageError, BackboneError, LoRAFormatError, HubError, PoolError)
+USER_ERRORS = (InputError, SupportError, ImageError, BackboneError, LoRAFormatError, HubError, PoolError,
+               InversionError)
 
 # (label, LAYER:RATIO spec) for the pruning dropdown; any other "LAYER[,LAYER]:RATIO" can be typed in.
 PRUNING_PRESETS = [

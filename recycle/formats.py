@@ -174,7 +174,10 @@ class LoRAAdapter:
             self.inject(backbone.model)
             try:
                 if merged:
-                    merge_lora(backbone.model)
+                    try:
+                        merge_lora(backbone.model)
+                    except ValueError as e:  # a finite LoRA whose update overflows the weights
+                        raise LoRAFormatError(f"this LoRA cannot be used: {e}") from None
                 head = self.build_head(backbone.num_features)
                 yield head.to(backbone.device) if head is not None else None
             finally:
@@ -304,7 +307,7 @@ def _shown(value, limit: int = 60) -> str:
 
 
 def loads_strict(text: Union[str, bytes], what: str) -> object:
-    """Parse strict JSON (no NaN or Infinity, bounded nesting and numbers).
+    """Parse strict JSON (no NaN, Infinity or floats out of range; bounded nesting and integers).
 
     Raises:
         ValueError: naming `what`, for anything that is not strict JSON.
@@ -312,8 +315,14 @@ def loads_strict(text: Union[str, bytes], what: str) -> object:
     def constant(name: str):
         raise ValueError(f"{name} is not a JSON number")
 
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):
+            raise ValueError(f"{number[:20]} is out of range for a float")
+        return value
+
     try:
-        return json.loads(text, parse_constant=constant)
+        return json.loads(text, parse_constant=constant, parse_float=finite)
     except RecursionError:
         raise ValueError(f"{what} is nested too deeply to be read") from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, NaN/Infinity, integers of > 4300 digits
