@@ -44,10 +44,24 @@ class BackboneError(RuntimeError):
 
 
 def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
-    """`device` if given, else CUDA when available, else CPU."""
-    if device is not None and str(device) != "auto":
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`device` if given, else CUDA when available, else CPU.
+
+    Raises:
+        ValueError: `device` is not a device name, or names a CUDA device this machine does not have.
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"'{device}' is not a device: use cpu, cuda, cuda:N or auto") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device '{device}' was requested, but no CUDA GPU is available here; use cpu or auto")
+        if chosen.index is not None and chosen.index >= count:
+            raise ValueError(f"device '{device}' was requested, but this machine has {count} CUDA GPU(s)")
+    return chosen
 
 
 def backbone_source(name: str) -> tuple[Optional[str], str]:

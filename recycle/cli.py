@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -18,9 +19,15 @@ from .predict import SupportError
 __all__ = ["main"]
 
 _logger = logging.getLogger("recycle")
-# Errors whose message is complete for a user (including invalid settings): printed without a traceback.
-USER_ERRORS = (BackboneError, LoRAFormatError, HubError, ImageError, SupportError, PoolError, FileNotFoundError,
-               ValueError)
+# Errors whose message is complete for a user (invalid settings, unusable files, a diverged run): printed as one
+# line without a traceback. OSError covers files that cannot be read or written (missing, a file where a folder
+# is needed, no permission).
+USER_ERRORS = (BackboneError, LoRAFormatError, HubError, ImageError, SupportError, PoolError, OSError, ValueError,
+               FloatingPointError)
+# Exit codes (documented in the README): argparse exits with 2 for a malformed command line.
+EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# argparse reads "-1:0.75" as an option; pruning specs such as "-1:0.75" and "-2,-1:0.5" are values.
+_NEGATIVE_VALUE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d[\d,-]*:")
 
 
 def _add_backbone_args(p: argparse.ArgumentParser, bf16: bool = True) -> None:
@@ -84,8 +91,8 @@ def _cmd_invert(args: argparse.Namespace) -> int:
         prior = None if args.bn_prior.lower() == "none" else load_bn_prior(args.bn_prior, backbone.device)
     except BackboneError as e:
         raise BackboneError(f"{e} Use --bn-prior none to invert without it.") from None
-    n_classes = len(args.classes) if args.classes else adapter.num_classes
-    n_batches = -(-n_classes * config.per_class // (config.batch_size or n_classes * config.per_class))
+    n_images = (len(args.classes) if args.classes else adapter.num_classes) * config.per_class
+    n_batches = -(-n_images // (config.batch_size or n_images or 1))  # a LoRA without a head: invert() says so
     with tqdm(total=config.steps * n_batches, desc="inverting", unit="step", disable=args.quiet) as bar:
         def progress(p):
             bar.update(1)
@@ -222,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("invert", help="synthesise surrogate images from a LoRA and its head into a pool",
                        description="LoRA inversion with attention-guided token pruning; the images, their masks "
                                    "and the teacher's logits are added to the pool folder --out.")
+    p._negative_number_matcher = _NEGATIVE_VALUE  # so that "--prune -1:0.75" works, not only "--prune=-1:0.75"
     _add_backbone_args(p, bf16=False)
     p.add_argument("--lora", required=True, help="LoRA with a head: local folder or file, or Hub id ORG/NAME")
     p.add_argument("--out", required=True, help="pool folder (created or grown)")
@@ -317,8 +325,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return func(args)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

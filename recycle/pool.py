@@ -71,6 +71,8 @@ def write_run(root: Union[str, Path], result: InversionResult, adapter: LoRAAdap
         if t is not None and not torch.isfinite(t).all():
             raise PoolError(f"refusing to add the run to the pool: its {key} contain NaN or Inf")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise PoolError(f"pool folder '{root}' is a file, not a folder")
     root.mkdir(parents=True, exist_ok=True)
     fingerprint = adapter.fingerprint()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
