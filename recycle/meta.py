@@ -275,14 +275,33 @@ def _save_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer,
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
+# Settings a resumed run may change: they do not alter what is trained.
+RESUMABLE_CHANGES = ("checkpoint_every",)
+
+
+def _check_resume(path: Path, saved: str, config: MetaConfig) -> None:
+    """Refuse to resume from a checkpoint made with other settings (seed, lr, steps, ...), naming them."""
+    try:
+        before = json.loads(saved)
+    except (TypeError, ValueError):
+        raise LoRAFormatError(f"checkpoint {path} does not record its settings, so it cannot be resumed") from None
+    now = json.loads(json.dumps(asdict(config)))
+    changed = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot resume {path.parent}: the run was started with other settings ({diff}). Resume "
+                         "with the same settings, or start the run anew in another output folder.")
+
+
 def _load_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer, py: random.Random,
-                     gen: torch.Generator) -> tuple[int, dict]:
+                     gen: torch.Generator, config: MetaConfig) -> tuple[int, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
         raise LoRAFormatError(f"checkpoint {path} is unreadable ({e})") from None
+    _check_resume(path, metadata.get("config"), config)
     load_lora_state_dict(backbone.model, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
     device = backbone.device
     for i, p in enumerate(lora_parameters(backbone.model)):
@@ -342,10 +361,11 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         opt = torch.optim.Adam(params, lr=config.lr)
         start, extra = 0, {"best_val": None, "best_step": None, "best_state": None}
         if resume and ckpt.is_file():
-            start, extra = _load_checkpoint(ckpt, backbone, opt, py, gen)
-            _truncate_log(log_path, start)
+            start, extra = _load_checkpoint(ckpt, backbone, opt, py, gen, config)
             _logger.info("resumed from step %d", start)
-        elif not resume and log_path.exists():
+        if resume:  # drop what a killed run logged after its last checkpoint (everything, if it made none)
+            _truncate_log(log_path, start)
+        elif log_path.exists():
             log_path.unlink()
         best_state = None
         if extra.get("best_step") is not None and (out / "best.safetensors").is_file():

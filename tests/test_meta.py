@@ -1,5 +1,6 @@
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -144,3 +145,40 @@ def test_bad_settings():
         MetaConfig(cross_fraction=1.5)
     with pytest.raises(ValueError, match="way"):
         MetaConfig(way=1)
+
+
+# ------------------------------------------------------------------------------------------------------- issue 11
+def test_a_resume_with_other_settings_is_refused(pool_dir, tiny_clip, tmp_path):
+    source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
+    config = MetaConfig(steps=4, way=3, shot=1, query=2, checkpoint_every=2)
+
+    def crash(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(tiny_clip, source, config, tmp_path / "run", progress=crash)
+    before = (tmp_path / "run" / "checkpoint.safetensors").read_bytes()
+    for change in ({"seed": 1}, {"lr": 0.01}, {"steps": 8}, {"seed": 2, "steps": 6}):
+        with pytest.raises(ValueError, match="cannot resume .*run was started with other settings") as err:
+            meta_train(tiny_clip, source, replace(config, **change), tmp_path / "run", resume=True)
+        for key, value in change.items():
+            assert f"{key}: {getattr(config, key)!r} -> {value!r}" in str(err.value)
+        assert not list(lora_layers(tiny_clip.model))
+    assert (tmp_path / "run" / "checkpoint.safetensors").read_bytes() == before  # nothing was lost
+    resumed = meta_train(tiny_clip, source, replace(config, checkpoint_every=1), tmp_path / "run", resume=True)
+    assert resumed.adapter.info["meta_training"]["seed"] == 0 and resumed.steps_done == 4
+
+
+def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_log_lines(pool_dir, tiny_clip, tmp_path):
+    source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
+    config = MetaConfig(steps=5, way=3, shot=1, query=2, checkpoint_every=4)
+
+    def crash(record):
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(tiny_clip, source, config, tmp_path / "run", progress=crash)
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+    meta_train(tiny_clip, source, config, tmp_path / "run", resume=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
