@@ -292,10 +292,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise LoRAFormatError(f"{path.name} is not a valid safetensors file (corrupt or truncated?): {e}") from None
 
 
-def _refuse_pickles(folder: Path) -> None:
+def _refuse_pickles(folder: Path, label: str) -> None:
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     raise LoRAFormatError(
-        f"'{folder}' has no {ADAPTER_WEIGHTS}"
+        f"'{label}' has no {ADAPTER_WEIGHTS}"
         + (f"; it has {pickles}, pickled weights, which are never loaded because unpickling can run arbitrary code."
            " Convert them to safetensors with a tool you trust." if pickles else "."))
 
@@ -553,17 +553,19 @@ def _from_official(tensors: dict[str, torch.Tensor], name: str, backbone) -> LoR
                        head_bias=head_b, info={"source": "official LoRA Recycle file", "file": name})
 
 
-def read_adapter(path: Union[str, Path], backbone=None) -> LoRAAdapter:
+def read_adapter(path: Union[str, Path], backbone=None, name: Optional[str] = None) -> LoRAAdapter:
     """Read a LoRA from a local folder (PEFT layout) or a ``.safetensors`` file (PEFT keys or official format).
 
     Args:
         path: folder or file.
         backbone: the `Backbone` it will be used with; required to map an official file's head.
+        name: what to call it in error messages (default: the file or folder name), e.g. a Hub id for a download.
 
     Raises:
         LoRAFormatError: missing, pickled, corrupt, non-LoRA or unsupported files, or non-finite values.
     """
     path = Path(path)
+    label = name or path.name
     if not path.exists():
         raise LoRAFormatError(f"LoRA path '{path}' does not exist")
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
@@ -576,8 +578,8 @@ def read_adapter(path: Union[str, Path], backbone=None) -> LoRAAdapter:
         if not weights.is_file():
             singles = sorted(path.glob("*.safetensors"))
             if len(singles) == 1 and not (path / ADAPTER_CONFIG).is_file():
-                return read_adapter(singles[0], backbone)
-            _refuse_pickles(path)
+                return read_adapter(singles[0], backbone, name)
+            _refuse_pickles(path, name or str(path))
         tensors, metadata = _read_safetensors(weights)
         config_file = path / ADAPTER_CONFIG
         if not config_file.is_file():
@@ -592,17 +594,17 @@ def read_adapter(path: Union[str, Path], backbone=None) -> LoRAAdapter:
         tensors, metadata = _read_safetensors(path)
         cfg = None
     try:
-        meta = loads_strict(metadata.get("recycle", "{}"), f"{path.name}: the 'recycle' metadata")
+        meta = loads_strict(metadata.get("recycle", "{}"), f"{label}: the 'recycle' metadata")
     except ValueError as e:
         raise LoRAFormatError(str(e)) from None
     if not isinstance(meta, dict):
-        raise LoRAFormatError(f"{path.name}: the 'recycle' metadata must be a JSON object, got {_shown(meta)}")
+        raise LoRAFormatError(f"{label}: the 'recycle' metadata must be a JSON object, got {_shown(meta)}")
     if any(re.fullmatch(r"w_a_\d{3}", k) for k in tensors):
-        return _from_official(tensors, path.name, backbone)
+        return _from_official(tensors, label, backbone)
     if cfg is None:
-        raise LoRAFormatError(f"{path.name}: a PEFT LoRA needs its {ADAPTER_CONFIG} next to it (put both in one "
+        raise LoRAFormatError(f"{label}: a PEFT LoRA needs its {ADAPTER_CONFIG} next to it (put both in one "
                               "folder)")
-    return _from_peft(cfg, tensors, meta, path.name)
+    return _from_peft(cfg, tensors, meta, label)
 
 
 
@@ -631,4 +633,4 @@ def load_lora(source: Union[str, Path], backbone=None) -> LoRAAdapter:
     if not any(folder.glob("*.safetensors")):
         raise LoRAFormatError(f"Hub repository '{source}' has no .safetensors LoRA weights (pickled .bin/.pt "
                               "weights are never downloaded or loaded)")
-    return read_adapter(folder, backbone)
+    return read_adapter(folder, backbone, source)

@@ -67,7 +67,8 @@ class InversionConfig:
                   ("l2_weight", self.l2_weight >= 0), ("jitter", 0 <= self.jitter < 0.5),
                   ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)),
                   ("batch_size", self.batch_size is None or self.batch_size >= 1),
-                  ("preview_every", self.preview_every >= 0)]
+                  ("preview_every", self.preview_every >= 0),
+                  ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2 ** 63)]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"invalid inversion setting {name}={getattr(self, name)!r}")

@@ -80,7 +80,8 @@ class MetaConfig:
                   ("lr", self.lr > 0), ("min_lr", 0 <= self.min_lr <= self.lr),
                   ("warmup", 0 <= self.warmup < self.cycle), ("cycle", self.cycle >= 1),
                   ("checkpoint_every", self.checkpoint_every >= 1), ("val_every", self.val_every >= 0),
-                  ("val_episodes", self.val_episodes >= 1), ("distance", self.distance in ("l2", "sqeuclidean"))]
+                  ("val_episodes", self.val_episodes >= 1), ("distance", self.distance in ("l2", "sqeuclidean")),
+                  ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2 ** 63)]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"invalid meta-training setting {name}={getattr(self, name)!r}")
