@@ -3,7 +3,9 @@ serves a good request. Two apps run: one as on a workstation (local paths allowe
 (``RECYCLE_ALLOW_LOCAL_PATHS=0``: only Hub ids and uploads)."""
 from __future__ import annotations
 
+import gc
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -402,3 +404,51 @@ def test_a_public_server_still_serves_hub_loras_and_its_own_defaults(world, loca
     assert world.public.predict(api_name="/status").startswith("✅")  # the configured backbone is trusted
     world.public.predict("", api_name="/refresh_pool")  # the server's own pool can be browsed
     good_request(world.public, world.pics)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads resident memory from /proc")
+def test_memory_stays_bounded_under_adversarial_uploads_and_large_images(world, tmp_path):
+    """100 uploads of hostile LoRAs and 20 images of 36 megapixels leave the server within 100 MB of its start.
+
+    The app runs in this process, so this process's resident memory is the server's."""
+    from PIL import Image
+
+    w = world
+    hostile = [
+        _peft_copy(w, tmp_path, name="regex", **_config(rank_pattern={REGEX: 4})),
+        _peft_copy(w, tmp_path, name="zero-size", edit_tensors=_zero_size_rank, **_config(rank_pattern={"qkv": 10 ** 9})),
+        _peft_copy(w, tmp_path, name="long-index", edit_tensors=_long_block_index),
+        _peft_copy(w, tmp_path, name="huge-rank", edit_meta=lambda m: m["config"].update(rank=10 ** 9)),
+        _peft_copy(w, tmp_path, name="types", **_config(r=None, lora_alpha="x")),
+    ]
+    (tmp_path / "zero-size" / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    large = [blank_png(tmp_path / "large.png", 6000, 6000), tmp_path / "large.jpg"]
+    Image.new("RGB", (6000, 6000), (40, 60, 210)).save(large[1], quality=30)
+
+    def upload(folder):
+        try:
+            _load(w, files=[folder / "adapter_config.json", folder / "adapter_model.safetensors"])
+        except AppError as e:
+            assert "Something went wrong" not in str(e)
+
+    def large_request():  # 5 large queries: decoded for the model and for their thumbnails
+        _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])], queries=[large[i % 2] for i in range(5)])
+
+    for folder in hostile:  # warm up: caches, first-use allocations (but no large image: those must not stay)
+        upload(folder)
+    quick_good_request(w.client, w.pics)
+    gc.collect()
+    start = _rss_mb()
+    for i in range(100):
+        upload(hostile[i % len(hostile)])
+    for _ in range(4):
+        large_request()
+    gc.collect()
+    grown = _rss_mb() - start
+    assert grown < 100, f"resident memory grew by {grown:.0f} MB"
+    quick_good_request(w.client, w.pics)
