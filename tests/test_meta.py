@@ -148,15 +148,21 @@ def test_bad_settings():
 
 
 # ------------------------------------------------------------------------------------------------------- issue 11
-def test_a_resume_with_other_settings_is_refused(pool_dir, tiny_clip, tmp_path):
+def _killed(pool_dir, tiny_clip, out, at_step, **settings):
+    """Start a run in `out` and kill it when step `at_step` is done; returns its episode source and config."""
     source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
-    config = MetaConfig(steps=4, way=3, shot=1, query=2, checkpoint_every=2)
+    config = MetaConfig(way=3, shot=1, query=2, **settings)
 
     def crash(record):
-        if record["step"] == 3:
+        if record["step"] == at_step:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        meta_train(tiny_clip, source, config, tmp_path / "run", progress=crash)
+        meta_train(tiny_clip, source, config, out, progress=crash)
+    return source, config
+
+
+def test_a_resume_with_other_settings_is_refused(pool_dir, tiny_clip, tmp_path):
+    source, config = _killed(pool_dir, tiny_clip, tmp_path / "run", 3, steps=4, checkpoint_every=2)
     before = (tmp_path / "run" / "checkpoint.safetensors").read_bytes()
     for change in ({"seed": 1}, {"lr": 0.01}, {"steps": 8}, {"seed": 2, "steps": 6}):
         with pytest.raises(ValueError, match="cannot resume .*run was started with other settings") as err:
@@ -170,14 +176,7 @@ def test_a_resume_with_other_settings_is_refused(pool_dir, tiny_clip, tmp_path):
 
 
 def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_log_lines(pool_dir, tiny_clip, tmp_path):
-    source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
-    config = MetaConfig(steps=5, way=3, shot=1, query=2, checkpoint_every=4)
-
-    def crash(record):
-        if record["step"] == 2:
-            raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        meta_train(tiny_clip, source, config, tmp_path / "run", progress=crash)
+    source, config = _killed(pool_dir, tiny_clip, tmp_path / "run", 2, steps=5, checkpoint_every=4)
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
     meta_train(tiny_clip, source, config, tmp_path / "run", resume=True)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
