@@ -276,12 +276,14 @@ def _save_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer,
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
-# Settings a resumed run may change: they do not alter what is trained.
-RESUMABLE_CHANGES = ("checkpoint_every",)
+# Settings a resumed run may change, as they do not alter the steps already trained: how often to checkpoint, and
+# the number of steps (a longer run continues the same schedule; the change is recorded in the exported LoRA).
+RESUMABLE_CHANGES = ("checkpoint_every", "steps")
 
 
-def _check_resume(path: Path, saved: str, config: MetaConfig) -> None:
-    """Refuse to resume from a checkpoint made with other settings (seed, lr, steps, ...), naming them."""
+def _check_resume(path: Path, saved: Optional[str], config: MetaConfig, step: int) -> dict:
+    """Refuse to resume from a checkpoint made with other settings (seed, lr, ...), naming them; returns the
+    recorded changes (``{"steps": [before, after]}``) of the settings that may change."""
     try:
         before = json.loads(saved)
     except (TypeError, ValueError):
@@ -292,6 +294,9 @@ def _check_resume(path: Path, saved: str, config: MetaConfig) -> None:
         diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ValueError(f"cannot resume {path.parent}: the run was started with other settings ({diff}). Resume "
                          "with the same settings, or start the run anew in another output folder.")
+    if config.steps < step:
+        raise ValueError(f"cannot resume {path.parent} with steps={config.steps}: its checkpoint is at step {step}")
+    return {"steps": [before.get("steps"), config.steps]} if before.get("steps") != config.steps else {}
 
 
 def _load_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer, py: random.Random,
@@ -302,7 +307,10 @@ def _load_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer,
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
         raise LoRAFormatError(f"checkpoint {path} is unreadable ({e})") from None
-    _check_resume(path, metadata.get("config"), config)
+    step, extra = int(metadata["step"]), json.loads(metadata.get("extra", "{}"))
+    change = _check_resume(path, metadata.get("config"), config, step)
+    if change:  # recorded, so that the exported LoRA says how the run was extended
+        extra["resumed"] = [*extra.get("resumed", []), {"at_step": step, **change}]
     load_lora_state_dict(backbone.model, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
     device = backbone.device
     for i, p in enumerate(lora_parameters(backbone.model)):
@@ -314,7 +322,7 @@ def _load_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer,
     py.setstate((version, tuple(state), gauss))
     gen.set_state(tensors["rng.torch_gen"])
     torch.set_rng_state(tensors["rng.torch_global"])
-    return int(metadata["step"]), json.loads(metadata.get("extra", "{}"))
+    return step, extra
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -411,12 +419,14 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
                     progress(record)
                 if done % config.checkpoint_every == 0 or done == config.steps:
                     _save_checkpoint(ckpt, backbone, opt, done, config, py, gen,
-                                     {"best_val": extra["best_val"], "best_step": extra["best_step"]})
+                                     {"best_val": extra["best_val"], "best_step": extra["best_step"],
+                                      "resumed": extra.get("resumed", [])})
         backbone.model.eval()
         state = best_state if best_state is not None else lora_state_dict(backbone.model)
         adapter = LoRAAdapter(config.lora, state, backbone.name,
                               info={**(info or {}), "meta_training": asdict(config), "steps": config.steps,
-                                    "best_val": extra["best_val"], "best_step": extra["best_step"]})
+                                    "best_val": extra["best_val"], "best_step": extra["best_step"],
+                                    **({"resumed": extra["resumed"]} if extra.get("resumed") else {})})
         save_adapter(adapter, out / "meta-lora")
     finally:
         remove_lora(backbone.model)

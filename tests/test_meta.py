@@ -164,15 +164,22 @@ def _killed(pool_dir, tiny_clip, out, at_step, **settings):
 def test_a_resume_with_other_settings_is_refused(pool_dir, tiny_clip, tmp_path):
     source, config = _killed(pool_dir, tiny_clip, tmp_path / "run", 3, steps=4, checkpoint_every=2)
     before = (tmp_path / "run" / "checkpoint.safetensors").read_bytes()
-    for change in ({"seed": 1}, {"lr": 0.01}, {"steps": 8}, {"seed": 2, "steps": 6}):
+    for change in ({"seed": 1}, {"lr": 0.01}, {"way": 2}, {"seed": 2, "masked": True}):
         with pytest.raises(ValueError, match="cannot resume .*run was started with other settings") as err:
             meta_train(tiny_clip, source, replace(config, **change), tmp_path / "run", resume=True)
         for key, value in change.items():
             assert f"{key}: {getattr(config, key)!r} -> {value!r}" in str(err.value)
         assert not list(lora_layers(tiny_clip.model))
     assert (tmp_path / "run" / "checkpoint.safetensors").read_bytes() == before  # nothing was lost
+    with pytest.raises(ValueError, match="with steps=1: its checkpoint is at step 2"):
+        meta_train(tiny_clip, source, replace(config, steps=1), tmp_path / "run", resume=True)
     resumed = meta_train(tiny_clip, source, replace(config, checkpoint_every=1), tmp_path / "run", resume=True)
     assert resumed.adapter.info["meta_training"]["seed"] == 0 and resumed.steps_done == 4
+    assert "resumed" not in resumed.adapter.info
+    # a longer run continues the same schedule; the exported LoRA records that it was extended, and when
+    longer = meta_train(tiny_clip, source, replace(config, steps=6), tmp_path / "run", resume=True)
+    assert longer.adapter.info["resumed"] == [{"at_step": 4, "steps": [4, 6]}]
+    assert longer.adapter.info["meta_training"]["steps"] == 6
 
 
 def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_log_lines(pool_dir, tiny_clip, tmp_path):
