@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
@@ -31,13 +32,13 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from recycle.backbone import DEFAULT_BACKBONE, Backbone, BackboneError, load_backbone
+from recycle.backbone import DEFAULT_BACKBONE, Backbone, BackboneError, backbone_source, load_backbone
 from recycle.fewshot import FewShotClassifier
 from recycle.formats import PICKLE_SUFFIXES, LoRAAdapter, LoRAFormatError, load_lora, read_adapter
 from recycle.hub import HubError, download_repo_files, hub_reachable, is_repo_id
 from recycle.images import IMAGE_SUFFIXES, ImageError, load_image
-from recycle.invert import DEFAULT_BN_PRIOR, BNPrior, InversionConfig, InversionProgress, InversionResult, invert, \
-    load_bn_prior
+from recycle.invert import DEFAULT_BN_PRIOR, BNPrior, InversionConfig, InversionError, InversionProgress, \
+    InversionResult, invert, load_bn_prior
 from recycle.pool import Pool, PoolError, write_run
 from recycle.predict import Prediction, SupportError, classify, clean_class_name
 from recycle.tokens import PruningConfig, parse_schedule
@@ -59,6 +60,7 @@ MAX_CARDS = 60  # queries shown with probability bars (all of them are in the ta
 THUMBNAIL_SIZE = 96  # px, longest side of a query thumbnail in the probability cards
 MAX_INVERT_IMAGES = 32  # classes x images per class in one inversion
 MAX_INVERT_STEPS = 2000
+MAX_SEED = 2 ** 63 - 1
 MAX_LORA_FILES = 4  # files in one LoRA upload
 MAX_POOL_GALLERY = 48  # images shown per class in the pool browser
 DISPLAY_SIZE = 160  # px: small surrogate images are enlarged (nearest neighbour) to at least this for display
@@ -72,7 +74,8 @@ class InputError(ValueError):
 
 
 # Errors whose message is written for the end user: shown as they are.
-USER_ERRORS = (InputError, SupportError, ImageError, BackboneError, LoRAFormatError, HubError, PoolError)
+USER_ERRORS = (InputError, SupportError, ImageError, BackboneError, LoRAFormatError, HubError, PoolError,
+               InversionError)
 
 # (label, LAYER:RATIO spec) for the pruning dropdown; any other "LAYER[,LAYER]:RATIO" can be typed in.
 PRUNING_PRESETS = [
@@ -86,8 +89,29 @@ PRUNING_PRESETS = [
 T = TypeVar("T")
 
 
+def _server_folders() -> list[tuple[str, str]]:
+    """Folders whose names mean nothing to a user (staged uploads, Gradio's upload cache, the Hub cache), each with
+    what to call a folder inside it."""
+    from huggingface_hub import constants
+
+    tmp = tempfile.gettempdir()
+    gradio_tmp = os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tmp, "gradio")
+    return [(os.path.join(tmp, "recycle-app-"), "the uploaded files"), (gradio_tmp, "the uploaded files"),
+            (str(constants.HF_HUB_CACHE), "the downloaded files")]
+
+
+def _message(e: BaseException) -> str:
+    """A user error's message, HTML-escaped, with the server's temporary and cache folders replaced by the name of
+    the file they hold (or "the uploaded files" / "the downloaded files")."""
+    text = str(e)
+    for root, what in _server_folders():
+        text = re.sub(re.escape(root) + r"[^\s'\"`]*",
+                      lambda m: Path(m.group()).name if Path(m.group()).suffix else what, text)
+    return html.escape(text, quote=False)
+
+
 def _user_error(e: BaseException, title: str) -> gr.Error:
-    return gr.Error(html.escape(str(e), quote=False), title=title, print_exception=False)
+    return gr.Error(_message(e), title=title, print_exception=False)
 
 
 @contextlib.contextmanager
@@ -171,9 +195,38 @@ def _looks_local(text: str) -> bool:
         return False
 
 
+def _local_backbone(name: str) -> bool:
+    """Whether the loader would read backbone `name` from disk (decided on the name as the loader reads it)."""
+    try:
+        return backbone_source(name)[0] == "local-dir"
+    except BackboneError:
+        return False  # not loadable at all: the loader says why
+
+
+def _text(value: Any, what: str) -> str:
+    """A text input's value as a string (None is empty); any other type is refused, naming the field."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"The {what} must be text, got {_kind(value)}.")
+    return value
+
+
+def _kind(value: Any) -> str:
+    """How to name an unexpected value's type for the user."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", tuple: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
 def _field(text: Optional[str], what: str) -> str:
-    """A text field's value, trimmed; refused when too long or holding control characters (NUL, newlines, ...)."""
-    text = (text or "").strip()
+    """A text field's value, trimmed; refused when not text, too long or holding control characters (NUL, newlines,
+    ...)."""
+    text = _text(text, what).strip()
     if len(text) > MAX_FIELD_LENGTH:
         raise InputError(f"The {what} is {len(text)} characters long; at most {MAX_FIELD_LENGTH}.")
     if any(unicodedata.category(ch) == "Cc" for ch in text):
@@ -202,7 +255,7 @@ class PathPolicy:
 
     def backbone(self, name: Optional[str]) -> str:
         name = _field(name, "backbone name")
-        if not self.allow_local and name not in self.trusted and _looks_local(name):
+        if not self.allow_local and name not in self.trusted and (_looks_local(name) or _local_backbone(name)):
             self._refuse(name, "a backbone")
         return name
 
@@ -226,7 +279,7 @@ class PathPolicy:
         if not any(folder.glob("*.safetensors")):
             raise LoRAFormatError(f"Hub repository '{text}' has no .safetensors LoRA weights (pickled .bin/.pt "
                                   "weights are never downloaded or loaded)")
-        return read_adapter(folder, backbone)
+        return read_adapter(folder, backbone, text)
 
     def folder(self, text: Optional[str], default: Path) -> Path:
         text = _field(text, "pool folder")
@@ -457,7 +510,9 @@ def _read_slots(slots: dict[str, Any]) -> dict[str, list[str]]:
     support: dict[str, list[str]] = {}
     slot_of: dict[str, int] = {}
     for i in range(1, MAX_CLASSES + 1):
-        raw, files = slots.get(f"class_{i}_name") or "", _paths(slots.get(f"class_{i}_images"))
+        raw, files = _text(slots.get(f"class_{i}_name"), f"name of class {i}"), _paths(slots.get(f"class_{i}_images"))
+        if any(ch in raw for ch in "\n\r\v\f\x85\u2028\u2029"):
+            raise SupportError(f"Class {i}'s name contains a line break; a class name is one line of text.")
         name = clean_class_name(raw)
         if not name and not files:
             if raw.strip():
@@ -562,19 +617,19 @@ class FewShot:
         return self.defaults.backbone
 
     def _model(self, backbone: Optional[str], lora: Optional[str]) -> tuple[str, str]:
-        backbone = (backbone or "").strip() or self.defaults.backbone
-        return self.policy.backbone(backbone), self.policy.lora((lora or "").strip())
+        backbone = _field(backbone, "backbone name") or self.defaults.backbone
+        return self.policy.backbone(backbone), self.policy.lora(lora)
 
     def status(self, backbone: Optional[str], lora: Optional[str]) -> str:
         """Load the chosen backbone and LoRA, and say whether they are ready or what is missing."""
-        note = f"{self.defaults.note}\n\n" if self.defaults.note and (backbone or "").strip() in (
+        note = f"{self.defaults.note}\n\n" if self.defaults.note and (backbone or "") in (
             "", self.defaults.backbone) else ""
         try:
             backbone, lora = self._model(backbone, lora)
             with self.cache.classifier(backbone, lora) as classifier:
                 model = classifier.backbone
         except USER_ERRORS as e:
-            return f"{note}⚠️ **Not ready.** {html.escape(str(e), quote=False)}"
+            return f"{note}⚠️ **Not ready.** {_message(e)}"
         except Exception:  # noqa: BLE001 - reported in the UI, details in the log
             _logger.exception("loading %s with LoRA %r failed", backbone, lora)
             return (f"{note}⚠️ **Not ready.** Loading `{backbone}` failed unexpectedly; the details are in the server "
@@ -700,8 +755,24 @@ def _confidence(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
     return logits.float().softmax(-1).gather(1, labels.view(-1, 1).long()).flatten().tolist()
 
 
+def _number(value: Any, what: str, low: float, high: float, whole: bool = True) -> Any:
+    """A numeric input in ``[low, high]`` (an int when `whole`); other types and values are refused, naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InputError(f"The {what} must be a number, got {_kind(value)}.")
+    try:
+        number = value if isinstance(value, int) else float(value)
+    except ValueError:
+        raise InputError(f"The {what} must be a number, got {value[:40]!r}.") from None
+    if not (low <= number <= high) or (whole and number != int(number)):  # NaN fails the first test
+        kind, bounds = ("a whole number", (int(low), int(high))) if whole else ("a number", (low, high))
+        shown = f"{number:.6g}" if isinstance(number, float) else str(number) if number < 10 ** 24 else \
+            f"{str(number)[:12]}… ({len(str(number))} digits)"
+        raise InputError(f"The {what} must be {kind} from {bounds[0]} to {bounds[1]}, got {shown}.")
+    return int(number) if whole else number
+
+
 def _parse_pruning(text: Optional[str]) -> dict[int, float]:
-    text = (text or "").strip()
+    text = _text(text, "token pruning setting (a preset, or LAYER:RATIO such as '-1:0.75')").strip()
     if text.lower() in ("", "none", "0", "off"):
         return {}
     try:
@@ -730,7 +801,7 @@ class Inversion:
 
     # ---- loading
     def _backbone_name(self, backbone: Optional[str]) -> str:
-        return self.policy.backbone((backbone or "").strip() or self.default_backbone)
+        return self.policy.backbone(_field(backbone, "backbone name") or self.default_backbone)
 
     def load(self, backbone: Optional[str], hub_id: Optional[str], files: Optional[list[str]],
              request: gr.Request = None) -> tuple[str, dict]:
@@ -742,14 +813,15 @@ class Inversion:
         with _reported("Cannot load the LoRA", "loading the LoRA"):
             name = self._backbone_name(backbone)
             uploads = _paths(files)
-            hub_id = (hub_id or "").strip()
+            hub_id = _field(hub_id, "LoRA name")
             if not uploads and not hub_id:
                 raise InputError("Enter a Hub id (ORG/NAME) or upload the LoRA's files first.")
             model = self.cache.backbone(name)  # needed to map an official file's head, and to check the fit
             if uploads:
-                source = "upload:" + next((Path(f).name for f in uploads if f.endswith(".safetensors")), "LoRA")
+                uploaded = next((Path(f).name for f in uploads if f.endswith(".safetensors")), "LoRA")
+                source = "upload:" + uploaded
                 with tempfile.TemporaryDirectory(dir=self._tmp) as tmp:
-                    adapter = read_adapter(_stage_upload(uploads, Path(tmp)), model)
+                    adapter = read_adapter(_stage_upload(uploads, Path(tmp)), model, uploaded)
             else:
                 source = hub_id
                 adapter = self.policy.load_lora(hub_id, model)
@@ -774,7 +846,7 @@ class Inversion:
             with adapter.attached(model):
                 adapter.build_head(model.num_features)
         except LoRAFormatError as e:
-            return (f"⚠️ It does **not fit** the selected backbone `{name}`: {html.escape(str(e), quote=False)}. "
+            return (f"⚠️ It does **not fit** the selected backbone `{name}`: {_message(e)}. "
                     "Choose the backbone it was made for at the top of the page, then load it again.")
         return f"✅ Fits the selected backbone `{name}`: choose the classes and press **Invert**."
 
@@ -783,22 +855,24 @@ class Inversion:
                 seed: Any) -> tuple[list[int], InversionConfig]:
         if not classes:
             raise InputError("Choose at least one class to invert.")
-        try:
-            per_class, steps, seed, lr = int(per_class), int(steps), int(seed or 0), float(lr)
-        except (TypeError, ValueError):
-            raise InputError("Images per class, steps and seed must be whole numbers, and the learning rate a "
-                             "number.") from None
-        if not 1 <= steps <= MAX_INVERT_STEPS:
-            raise InputError(f"Steps must be between 1 and {MAX_INVERT_STEPS}, got {steps}.")
-        if per_class < 1 or per_class * len(classes) > MAX_INVERT_IMAGES:
+        if not isinstance(classes, list):
+            raise InputError(f"The classes must be a list of class choices, got {_kind(classes)}.")
+        per_class = _number(per_class, "number of images per class", 1, MAX_INVERT_IMAGES)
+        steps = _number(steps, "number of steps", 1, MAX_INVERT_STEPS)
+        seed = _number(seed or 0, "seed", 0, MAX_SEED)
+        lr = _number(lr, "learning rate", 0, 10, whole=False)
+        if per_class * len(classes) > MAX_INVERT_IMAGES:
             raise InputError(f"{len(classes)} classes × {per_class} images = {len(classes) * per_class} images; "
                              f"at most {MAX_INVERT_IMAGES} per run. Choose fewer classes or images per class.")
-        if not (math.isfinite(lr) and 0 < lr <= 10):
-            raise InputError(f"The learning rate must be in (0, 10], got {lr}.")
+        if lr == 0:
+            raise InputError("The learning rate must be above 0.")
         schedule = _parse_pruning(pruning)
         preview = max(1, min(10, steps // 20))
-        config = InversionConfig(per_class=per_class, steps=steps, lr=lr, seed=seed, preview_every=preview,
-                                 pruning=PruningConfig(schedule or {-1: 0.0}))
+        try:
+            config = InversionConfig(per_class=per_class, steps=steps, lr=lr, seed=seed, preview_every=preview,
+                                     pruning=PruningConfig(schedule or {-1: 0.0}))
+        except ValueError as e:
+            raise InputError(f"Inversion settings: {e}.") from None
         return [self._class_index(c) for c in classes], config
 
     @staticmethod

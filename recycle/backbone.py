@@ -22,7 +22,7 @@ from torch import nn
 
 from .hub import endpoint, hub_reachable, offline_mode
 
-__all__ = ["Backbone", "BackboneError", "ALIASES", "DEFAULT_BACKBONE", "load_backbone", "pick_device"]
+__all__ = ["Backbone", "BackboneError", "ALIASES", "DEFAULT_BACKBONE", "load_backbone", "pick_device", "backbone_source"]
 
 _logger = logging.getLogger(__name__)
 
@@ -44,23 +44,65 @@ class BackboneError(RuntimeError):
 
 
 def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
-    """`device` if given, else CUDA when available, else CPU."""
-    if device is not None and str(device) != "auto":
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`device` if given, else CUDA when available, else CPU.
+
+    Raises:
+        ValueError: `device` is not a device name, or names a CUDA device this machine does not have.
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"'{device}' is not a device: use cpu, cuda, cuda:N or auto") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device '{device}' was requested, but no CUDA GPU is available here; use cpu or auto")
+        if chosen.index is not None and chosen.index >= count:
+            raise ValueError(f"device '{device}' was requested, but this machine has {count} CUDA GPU(s)")
+    return chosen
 
 
-def _resolve_name(name: str) -> tuple[str, dict]:
+def backbone_source(name: str) -> tuple[Optional[str], str]:
+    """Where `name` is loaded from, decided exactly as the loader decides it: ``("local-dir", folder)``,
+    ``("hf-hub", repo id)`` or ``(None, timm model name)``.
+
+    Aliases map to their timm name; an existing folder or a path-like name (``.``, ``/``, ``~``) is a local folder;
+    everything else is split by timm's own ``parse_model_name``, which lower-cases the prefix (``LOCAL-DIR:`` is
+    ``local-dir:``) and reads ``hf_hub:`` as ``hf-hub:``. Path policies must decide on this answer, not on the text.
+
+    Raises:
+        BackboneError: an empty name, or one timm cannot parse (unknown ``scheme:``, a bare ``org/name``).
+    """
+    from timm.models import parse_model_name
+
     name = name.strip()
     if not name:
         raise BackboneError("No backbone given: name a timm model, an alias, 'hf-hub:ORG/REPO' or a local directory.")
     if name in ALIASES:
-        return ALIASES[name]
-    path = Path(name).expanduser()
-    if name.startswith("local-dir:"):
-        path = Path(name[len("local-dir:"):]).expanduser()
-    elif not (path.is_dir() or name.startswith((".", "/", "~"))):
-        return name, {}
+        return None, ALIASES[name][0]
+    try:
+        is_dir = Path(name).expanduser().is_dir()
+    except (OSError, ValueError):  # NUL bytes, names too long for the filesystem
+        is_dir = False
+    if is_dir or name.startswith((".", "/", "~")):
+        return "local-dir", name
+    try:
+        source, rest = parse_model_name(name)
+    except (ValueError, AssertionError) as e:
+        raise BackboneError(f"Backbone '{name}' cannot be read: {e}") from None
+    return source, rest
+
+
+def _resolve_name(name: str) -> tuple[str, dict]:
+    """`name` -> (the canonical name timm is given, extra create_model kwargs); local folders are checked here."""
+    source, rest = backbone_source(name)
+    if source == "hf-hub":
+        return f"hf-hub:{rest}", {}
+    if source is None:
+        return rest, dict(ALIASES[name.strip()][1]) if name.strip() in ALIASES else {}
+    path = Path(rest).expanduser()
     if not path.is_dir():
         raise BackboneError(f"Backbone directory '{path}' does not exist.")
     if not (path / "config.json").is_file():
@@ -68,23 +110,75 @@ def _resolve_name(name: str) -> tuple[str, dict]:
     if not (path / "model.safetensors").is_file():
         pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         why = f" It has {pickles}, which are pickles; pickled weights are never loaded." if pickles else ""
-        raise BackboneError(f"Backbone directory '{path}' has no model.safetensors.{why}")
+        raise BackboneError(f"Backbone directory '{path}' has no model.safetensors.{why} {_CONVERT}")
     return f"local-dir:{path.resolve()}", {}
 
 
-def _hub_repo(name: str) -> Optional[str]:
-    """The Hub repository timm would download `name` from, or None for local or non-Hub weights."""
+_CONVERT = ("To convert trusted weights: load the state dict where you trust the file, save it with "
+            "safetensors.torch.save_file(state_dict, 'model.safetensors'), and put it next to config.json.")
+
+
+def _hub_weights(name: str) -> Optional[tuple[str, Optional[str], Optional[str]]]:
+    """(repo, revision, weights file name timm would look for) of a Hub-hosted backbone; None for a local one.
+
+    Raises:
+        BackboneError: the pretrained weights are published only at a URL (timm would unpickle them).
+    """
     import timm
 
     if name.startswith("local-dir:"):
         return None
     if name.startswith("hf-hub:"):
-        return name[len("hf-hub:"):].split("@")[0]
+        repo, _, revision = name[len("hf-hub:"):].partition("@")
+        return repo, revision or None, None
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except Exception:  # noqa: BLE001 - unknown names are reported by create_model
         return None
-    return getattr(cfg, "hf_hub_id", None) or None
+    if cfg is None:
+        return None
+    if getattr(cfg, "hf_hub_id", None):
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        return repo, revision or None, getattr(cfg, "hf_hub_filename", None)
+    if getattr(cfg, "url", None) or getattr(cfg, "file", None):
+        raise BackboneError(f"Backbone '{name}': timm publishes its pretrained weights only as a pickle "
+                            f"({cfg.url or cfg.file}), and pickled weights are never loaded. {_CONVERT}")
+    return None
+
+
+def _safetensors_names(filename: Optional[str]) -> list[str]:
+    """The safetensors files timm reads instead of `filename` (its own rule), in its order."""
+    filename = filename or "pytorch_model.bin"
+    if filename.endswith(".safetensors"):
+        return [filename]
+    if filename == "pytorch_model.bin":
+        return ["model.safetensors"]
+    if filename == "open_clip_pytorch_model.bin":
+        return ["open_clip_model.safetensors"]
+    return [filename[:-4] + ".safetensors"] if filename.endswith(".bin") else []
+
+
+def _safetensors_file(repo: str, revision: Optional[str], filename: Optional[str], name: str) -> str:
+    """The safetensors weights file of Hub repo `repo` (downloaded into the cache), to pin timm to it.
+
+    Raises:
+        BackboneError: the repository holds no safetensors weights (only pickles).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
+    candidates = _safetensors_names(filename)
+    for candidate in candidates:
+        try:
+            hf_hub_download(repo, candidate, revision=revision)
+            return candidate
+        except hf_errors.LocalEntryNotFoundError:
+            raise  # offline and not cached: reported as such by the caller
+        except hf_errors.EntryNotFoundError:
+            continue
+    raise BackboneError(f"Backbone '{name}': the Hub repository '{repo}' has no safetensors weights "
+                        f"({', '.join(candidates) or 'none for ' + str(filename)}); pickled weights (.bin, .pth) are "
+                        f"never loaded. {_CONVERT} Then upload model.safetensors to the repository.")
 
 
 def _is_cached(repo_id: str) -> bool:
@@ -95,18 +189,25 @@ def _is_cached(repo_id: str) -> bool:
 
 
 def _create(name: str, kwargs: dict, pretrained: bool) -> nn.Module:
+    """The timm model called `name` (any form `backbone_source` reads), with safetensors weights only."""
     import timm
     from huggingface_hub import errors as hf_errors
 
-    repo = _hub_repo(name) if pretrained else None
-    offline = repo is not None and not hub_reachable()
-    if offline and not _is_cached(repo):
+    name, extra = _resolve_name(name)
+    kwargs = {**extra, **kwargs}
+    hub = _hub_weights(name) if pretrained else None
+    offline = hub is not None and not hub_reachable()
+    if offline and not _is_cached(hub[0]):
         raise BackboneError(
             f"Cannot load backbone '{name}': the Hugging Face Hub ({endpoint()}) is unreachable and the weights of "
-            f"'{repo}' are not in the local cache. Connect to the internet once to download them, or pass a local "
+            f"'{hub[0]}' are not in the local cache. Connect to the internet once to download them, or pass a local "
             f"directory with config.json and model.safetensors (such as the shipped weights/ model).")
     try:
         with offline_mode() if offline else contextlib.nullcontext():
+            if hub is not None:  # pin timm to the safetensors file, so it can never fall back to a pickle
+                weights = _safetensors_file(*hub, name)
+                kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}),
+                                                    "hf_hub_filename": weights, "custom_load": False}
             return timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
@@ -198,8 +299,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, pretrained: bool = True,
     Raises:
         BackboneError: unknown name, missing directory or files, or Hub unreachable with nothing cached.
     """
-    timm_name, extra = _resolve_name(name)
-    model = _create(timm_name, {**extra, **kwargs}, pretrained)
+    model = _create(name, kwargs, pretrained)
     if not hasattr(model, "blocks") or not hasattr(model, "forward_head"):
         raise BackboneError(f"Backbone '{name}' is a {type(model).__name__}; LoRA Recycle needs a timm ViT.")
     backbone = Backbone(model, name)

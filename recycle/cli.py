@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -22,9 +23,15 @@ from .predict import SupportError
 __all__ = ["main"]
 
 _logger = logging.getLogger("recycle")
-# Errors whose message is complete for a user (including invalid settings): printed without a traceback.
-USER_ERRORS = (BackboneError, LoRAFormatError, HubError, ImageError, SupportError, PoolError, FileNotFoundError,
-               ValueError, distributed.DistributedError)
+# Errors whose message is complete for a user (invalid settings, unusable files, a diverged run): printed as one
+# line without a traceback. OSError covers files that cannot be read or written (missing, a file where a folder
+# is needed, no permission).
+USER_ERRORS = (BackboneError, LoRAFormatError, HubError, ImageError, SupportError, PoolError, OSError, ValueError,
+               FloatingPointError)
+# Exit codes (documented in the README): argparse exits with 2 for a malformed command line.
+EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# argparse reads "-1:0.75" as an option; pruning specs such as "-1:0.75" and "-2,-1:0.5" are values.
+_NEGATIVE_VALUE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d[\d,-]*:")
 
 
 def _add_backbone_args(p: argparse.ArgumentParser, bf16: bool = True) -> None:
@@ -96,8 +103,8 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     settings = {"bn_prior": args.bn_prior, "backbone": args.backbone}
     if args.zoo:
         return _invert_zoo(args, backbone, config, prior, settings)
-    n_classes = len(args.classes) if args.classes else adapter.num_classes
-    n_batches = -(-n_classes * config.per_class // (config.batch_size or n_classes * config.per_class))
+    n_images = (len(args.classes) if args.classes else adapter.num_classes) * config.per_class
+    n_batches = -(-n_images // (config.batch_size or n_images or 1))  # a LoRA without a head: invert() says so
     with tqdm(total=config.steps * n_batches, desc="inverting", unit="step", disable=args.quiet) as bar:
         def progress(p):
             bar.update(1)
@@ -258,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("invert", help="synthesise surrogate images from a LoRA and its head into a pool",
                        description="LoRA inversion with attention-guided token pruning; the images, their masks "
                                    "and the teacher's logits are added to the pool folder --out.")
+    p._negative_number_matcher = _NEGATIVE_VALUE  # so that "--prune -1:0.75" works, not only "--prune=-1:0.75"
     _add_backbone_args(p, bf16=False)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--lora", help="LoRA with a head: local folder or file, or Hub id ORG/NAME")
@@ -382,7 +390,7 @@ def _run_on_ranks(func: Callable[[argparse.Namespace], int], args: argparse.Name
         print(f"rank {rank} of {world} failed: {type(e).__name__}: {e}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(2 if isinstance(e, USER_ERRORS) else 130 if isinstance(e, KeyboardInterrupt) else 1)
+        os._exit(EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_USER_ERROR)  # a bug: 1, traceback
     distributed.teardown()
     return code
 
@@ -397,8 +405,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run_on_ranks(func, args)
         return func(args)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -41,10 +41,11 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .lora import TARGETS, LoRAConfig, inject_lora, load_lora_state_dict, lora_state_dict, merge_lora, remove_lora
+from .lora import (TARGETS, LoRAConfig, inject_lora, load_lora_state_dict, lora_state_dict, merge_lora, planned_shapes,
+                   remove_lora)
 
 __all__ = ["LoRAAdapter", "LoRAFormatError", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PICKLE_SUFFIXES",
-           "save_adapter", "read_adapter", "load_lora", "atomic_write_bytes"]
+           "save_adapter", "read_adapter", "load_lora", "atomic_write_bytes", "loads_strict", "dumps_strict"]
 
 _logger = logging.getLogger(__name__)
 
@@ -85,9 +86,17 @@ class LoRAAdapter:
         for key, t in self.tensors().items():
             if not torch.is_floating_point(t):
                 raise LoRAFormatError(f"LoRA tensor {key} has dtype {t.dtype}; floating point is required")
+            if t.numel() == 0:  # a zero-size tensor can declare any rank or class count while holding nothing
+                raise LoRAFormatError(f"LoRA tensor {key} has shape {list(t.shape)}, with no elements")
             if not torch.isfinite(t).all():
                 raise LoRAFormatError(f"LoRA tensor {key} contains NaN or Inf values")
+        if self.class_names is not None and (not isinstance(self.class_names, (list, tuple)) or not all(
+                isinstance(c, str) for c in self.class_names)):
+            raise LoRAFormatError(f"class names must be a list of strings, got {_shown(self.class_names)}")
         if self.head_weight is not None:
+            if self.head_weight.ndim != 2:
+                raise LoRAFormatError(f"the head weight has shape {list(self.head_weight.shape)}; a matrix "
+                                      "(classes, features) is expected")
             n = self.head_weight.shape[0]
             if self.head_bias is not None and tuple(self.head_bias.shape) != (n,):
                 raise LoRAFormatError(f"head bias has shape {list(self.head_bias.shape)}, expected [{n}]")
@@ -129,7 +138,19 @@ class LoRAAdapter:
         return cls(config, state, backbone, hw, hb, list(class_names) if class_names else None, dict(info or {}))
 
     def inject(self, model: nn.Module) -> list[str]:
-        """Add this LoRA to a timm ViT in place (checking every shape). Use `remove_lora` to take it off."""
+        """Add this LoRA to a timm ViT in place. Every shape and rank is checked against the backbone before
+        anything is allocated. Use `remove_lora` to take it off."""
+        made_for = f" (it was made for '{self.backbone}')" if self.backbone else ""
+        try:
+            planned = planned_shapes(model, self.config)
+        except ValueError as e:
+            raise LoRAFormatError(f"this LoRA does not fit the backbone{made_for}: {e}") from None
+        wrong = [f"{k} has shape {list(self.state[k].shape)}, the backbone needs {list(v)}"
+                 for k, v in planned.items() if k in self.state and tuple(self.state[k].shape) != v]
+        missing, unexpected = sorted(set(planned) - set(self.state)), sorted(set(self.state) - set(planned))
+        if wrong or missing or unexpected:
+            detail = "; ".join(wrong[:2]) or f"missing {missing[:4]}, unexpected {unexpected[:4]}"
+            raise LoRAFormatError(f"this LoRA does not fit the backbone{made_for}: {detail}")
         try:
             paths = inject_lora(model, self.config)
         except ValueError as e:
@@ -138,7 +159,6 @@ class LoRAAdapter:
             load_lora_state_dict(model, self.state)
         except ValueError as e:
             remove_lora(model)
-            made_for = f" (it was made for '{self.backbone}')" if self.backbone else ""
             raise LoRAFormatError(f"this LoRA does not fit the backbone{made_for}: {e}") from None
         return paths
 
@@ -154,7 +174,10 @@ class LoRAAdapter:
             self.inject(backbone.model)
             try:
                 if merged:
-                    merge_lora(backbone.model)
+                    try:
+                        merge_lora(backbone.model)
+                    except ValueError as e:  # a finite LoRA whose update overflows the weights
+                        raise LoRAFormatError(f"this LoRA cannot be used: {e}") from None
                 head = self.build_head(backbone.num_features)
                 yield head.to(backbone.device) if head is not None else None
             finally:
@@ -250,9 +273,9 @@ def save_adapter(adapter: LoRAAdapter, directory: Union[str, Path]) -> Path:
     meta = {"version": FORMAT_VERSION, "config": adapter.config.to_dict(), "backbone": adapter.backbone,
             "class_names": adapter.class_names, "head_input": "pre_logits", "info": adapter.info}
     weights = safetensors_bytes({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()},
-                         metadata={"format": "pt", "recycle": json.dumps(meta)})
+                         metadata={"format": "pt", "recycle": dumps_strict(meta)})
     atomic_write_bytes(directory / ADAPTER_WEIGHTS, weights)
-    atomic_write_bytes(directory / ADAPTER_CONFIG, json.dumps(peft_config, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(directory / ADAPTER_CONFIG, dumps_strict(peft_config, indent=2, sort_keys=True).encode())
     return directory
 
 
@@ -269,18 +292,117 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise LoRAFormatError(f"{path.name} is not a valid safetensors file (corrupt or truncated?): {e}") from None
 
 
-def _refuse_pickles(folder: Path) -> None:
+def _refuse_pickles(folder: Path, label: str) -> None:
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     raise LoRAFormatError(
-        f"'{folder}' has no {ADAPTER_WEIGHTS}"
+        f"'{label}' has no {ADAPTER_WEIGHTS}"
         + (f"; it has {pickles}, pickled weights, which are never loaded because unpickling can run arbitrary code."
            " Convert them to safetensors with a tool you trust." if pickles else "."))
 
 
-def _pattern_value(patterns: dict, path: str, default):
-    """PEFT's rule: a pattern key matches a module whose name ends with it (as a regex)."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
+def _shown(value, limit: int = 60) -> str:
+    """`value`'s repr, cut to `limit` characters, for error messages about untrusted data."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def loads_strict(text: Union[str, bytes], what: str) -> object:
+    """Parse strict JSON (no NaN, Infinity or floats out of range; bounded nesting and integers).
+
+    Raises:
+        ValueError: naming `what`, for anything that is not strict JSON.
+    """
+    def constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):
+            raise ValueError(f"{number[:20]} is out of range for a float")
+        return value
+
+    try:
+        return json.loads(text, parse_constant=constant, parse_float=finite)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to be read") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, NaN/Infinity, integers of > 4300 digits
+        raise ValueError(f"{what} is not valid JSON: {e}") from None
+
+
+def dumps_strict(value: object, **kwargs) -> str:
+    """JSON text of `value`; NaN and Infinity are refused (`ValueError`), never written."""
+    return json.dumps(value, allow_nan=False, **kwargs)
+
+
+# PEFT matches a rank_pattern/alpha_pattern key K as the regex ``(.*\.)?(K)$`` against module names. Untrusted
+# regexes can take exponential time, so only the keys PEFT itself and its users write are accepted: a module path
+# (word characters and dots, ``.`` escaped or not), optionally anchored with ``^`` and ``$``. Each character is a
+# single alternative, so checking a key is linear, and matching one is a fixed-length comparison.
+_PATTERN_KEY = re.compile(r"\^?(?:[A-Za-z0-9_]|\\\.|\.)+\$?")
+_MAX_PATTERN_KEY = 200
+_MAX_PATTERNS = 1000
+
+
+@dataclass(frozen=True)
+class _ModulePattern:
+    """A PEFT pattern key in the accepted subset; ``chars`` holds None where an unescaped ``.`` matches any one
+    character."""
+
+    key: str
+    chars: tuple
+    anchored: bool
+
+    @classmethod
+    def parse(cls, key: object, field: str, name: str) -> "_ModulePattern":
+        if not isinstance(key, str) or not key or len(key) > _MAX_PATTERN_KEY or not _PATTERN_KEY.fullmatch(key):
+            raise LoRAFormatError(
+                f"{name}: {field} key {_shown(key)} is not supported: keys must be module paths such as "
+                "'blocks.0.attn.qkv' or 'fc2' (word characters and dots, optionally escaped as '\\.' and anchored "
+                f"with '^' or '$', at most {_MAX_PATTERN_KEY} characters); other regular expressions are refused")
+        body = key[1:] if key.startswith("^") else key
+        body = body[:-1] if body.endswith("$") else body
+        chars, i = [], 0
+        while i < len(body):
+            if body[i] == "\\":
+                chars.append(".")
+                i += 2
+            else:
+                chars.append(None if body[i] == "." else body[i])
+                i += 1
+        return cls(key, tuple(chars), key.startswith("^"))
+
+    def matches(self, path: str) -> bool:
+        r"""What ``re.match(rf"(.*\.)?({key})$", path)`` gives, in time linear in the key's length."""
+        start = len(path) - len(self.chars)
+        if start < 0 or (start > 0 and (self.anchored or path[start - 1] != ".")):
+            return False
+        return all(c is None or c == p for c, p in zip(self.chars, path[start:]))
+
+
+def _number(value: object, field: str, name: str, integer: bool = False) -> Union[int, float]:
+    """A config number: an int (for ranks) or a finite positive number; anything else is refused by name."""
+    ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise LoRAFormatError(f"{name}: {field} must be {kind}, got {_shown(value)}")
+    return value
+
+
+def _patterns(cfg: dict, field: str, name: str, integer: bool) -> list[tuple[_ModulePattern, Union[int, float]]]:
+    patterns = cfg.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise LoRAFormatError(f"{name}: {field} must be an object mapping module names to values, got "
+                              f"{_shown(patterns)}")
+    if len(patterns) > _MAX_PATTERNS:
+        raise LoRAFormatError(f"{name}: {field} has {len(patterns)} keys; at most {_MAX_PATTERNS}")
+    return [(_ModulePattern.parse(k, field, name), _number(v, f"{field}[{_shown(k)}]", name, integer))
+            for k, v in patterns.items()]
+
+
+def _pattern_value(patterns: list[tuple[_ModulePattern, Union[int, float]]], path: str, default):
+    """PEFT's rule: the first key that matches the end of the module name gives its value."""
+    for pattern, value in patterns:
+        if pattern.matches(path):
             return value
     return default
 
@@ -309,22 +431,30 @@ def _check_peft_config(cfg: dict, name: str) -> None:
 def _from_peft(cfg: dict, tensors: dict[str, torch.Tensor], meta: dict, name: str) -> LoRAAdapter:
     _check_peft_config(cfg, name)
     ours = meta.get("config") if meta.get("version") == FORMAT_VERSION else None
+    if ours is not None and not isinstance(ours, dict):
+        raise LoRAFormatError(f"{name}: the metadata's 'config' must be an object, got {_shown(ours)}")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     head: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         k = _strip_prefix(key).replace(".default.", ".").replace(".modules_to_save.", ".")
-        m = re.fullmatch(r"(blocks\.\d+\.[\w.]+)\.(lora_A|lora_B)\.weight", k)
+        m = re.fullmatch(r"(blocks\.\d{1,4}\.[\w.]+)\.(lora_A|lora_B)\.weight", k)
         if m:
             pairs.setdefault(m.group(1), {})[m.group(2)] = t
         elif k in ("head.weight", "head.bias", "head.fc.weight", "head.fc.bias"):
             head[k.rsplit(".", 1)[1]] = t
         else:
-            raise LoRAFormatError(f"{name}: unsupported tensor '{key}' (only LoRA pairs on ViT blocks and a head "
-                                  "are supported)")
+            raise LoRAFormatError(f"{name}: unsupported tensor {_shown(key, 100)} (only LoRA pairs on ViT blocks "
+                                  "(block indices below 10000) and a head are supported)")
     if not pairs:
         raise LoRAFormatError(f"{name}: the file holds no LoRA weights")
     use_rslora = bool(cfg.get("use_rslora"))
-    r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    r_default = _number(cfg.get("r", 8), "'r'", name, integer=True)
+    alpha_default = _number(cfg.get("lora_alpha", 8), "'lora_alpha'", name)
+    rank_patterns = _patterns(cfg, "rank_pattern", name, integer=True)
+    alpha_patterns = _patterns(cfg, "alpha_pattern", name, integer=False)
+    dropout = cfg.get("lora_dropout") or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise LoRAFormatError(f"{name}: 'lora_dropout' must be a number in [0, 1), got {_shown(dropout)}")
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
     targets: set[str] = set()
@@ -333,17 +463,17 @@ def _from_peft(cfg: dict, tensors: dict[str, torch.Tensor], meta: dict, name: st
         if set(pair) != {"lora_A", "lora_B"}:
             raise LoRAFormatError(f"{name}: {path} has {sorted(pair)} but needs both lora_A and lora_B")
         a, b = pair["lora_A"], pair["lora_B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or not a.numel() or not b.numel():
             raise LoRAFormatError(f"{name}: {path} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, which do "
                                   "not form a low-rank pair")
         suffix = path.split(".", 2)[2]
         if suffix not in _SUFFIX_TO_TARGET:
             raise LoRAFormatError(f"{name}: LoRA on '{path}' is not supported (targets: {sorted(_SUFFIX_TO_TARGET)})")
         file_rank = a.shape[0]
-        declared = int(_pattern_value(cfg.get("rank_pattern") or {}, path, r_default))
+        declared = _pattern_value(rank_patterns, path, r_default)
         if declared != file_rank:
             raise LoRAFormatError(f"{name}: {path} has rank {file_rank} but the config says {declared}")
-        alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, path, alpha_default))
+        alpha = float(_pattern_value(alpha_patterns, path, alpha_default))
         scaling = alpha / math.sqrt(file_rank) if use_rslora else alpha / file_rank
         target = _SUFFIX_TO_TARGET[suffix]
         if qv and target == "qkv":
@@ -372,11 +502,15 @@ def _from_peft(cfg: dict, tensors: dict[str, torch.Tensor], meta: dict, name: st
             raise LoRAFormatError(f"{name}: invalid LoRA config in the file's metadata: {e}") from None
     else:
         config = LoRAConfig(targets=tuple(sorted(targets)), rank=rank, alpha=None if alpha == rank else alpha,
-                            dropout=float(cfg.get("lora_dropout") or 0.0), blocks=tuple(blocks), extra=extra)
-    class_names = meta.get("class_names")
-    return LoRAAdapter(config, state, backbone=meta.get("backbone") or cfg.get("base_model_name_or_path"),
-                       head_weight=head.get("weight"), head_bias=head.get("bias"), class_names=class_names,
-                       info=dict(meta.get("info") or {}))
+                            dropout=float(dropout), blocks=tuple(blocks), extra=extra)
+    backbone = meta.get("backbone") or cfg.get("base_model_name_or_path")
+    if backbone is not None and not isinstance(backbone, str):
+        raise LoRAFormatError(f"{name}: the backbone name must be a string, got {_shown(backbone)}")
+    info = meta.get("info") or {}
+    if not isinstance(info, dict):
+        raise LoRAFormatError(f"{name}: the metadata's 'info' must be an object, got {_shown(info)}")
+    return LoRAAdapter(config, state, backbone=backbone, head_weight=head.get("weight"), head_bias=head.get("bias"),
+                       class_names=meta.get("class_names"), info=dict(info))
 
 
 def _from_official(tensors: dict[str, torch.Tensor], name: str, backbone) -> LoRAAdapter:
@@ -409,8 +543,8 @@ def _from_official(tensors: dict[str, torch.Tensor], name: str, backbone) -> LoR
             raise LoRAFormatError(f"{name}: official LoRA Recycle files are for CLIP backbones, not '{backbone.name}'")
         fc = tensors[head_keys[0]].float()
         proj = backbone.model.head
-        if fc.shape[1] != proj.out_features:
-            raise LoRAFormatError(f"{name}: the head takes {fc.shape[1]} features but '{backbone.name}' projects to "
+        if fc.ndim != 2 or fc.shape[1] != proj.out_features:
+            raise LoRAFormatError(f"{name}: the head has shape {list(fc.shape)}, taking {fc.shape[-1]} features, but '{backbone.name}' projects to "
                                   f"{proj.out_features}")
         with torch.no_grad():  # fc(proj(x)) = (fc W_p) x + fc b_p; the official head has no bias
             head_w = fc @ proj.weight.detach().cpu().float()
@@ -419,17 +553,19 @@ def _from_official(tensors: dict[str, torch.Tensor], name: str, backbone) -> LoR
                        head_bias=head_b, info={"source": "official LoRA Recycle file", "file": name})
 
 
-def read_adapter(path: Union[str, Path], backbone=None) -> LoRAAdapter:
+def read_adapter(path: Union[str, Path], backbone=None, name: Optional[str] = None) -> LoRAAdapter:
     """Read a LoRA from a local folder (PEFT layout) or a ``.safetensors`` file (PEFT keys or official format).
 
     Args:
         path: folder or file.
         backbone: the `Backbone` it will be used with; required to map an official file's head.
+        name: what to call it in error messages (default: the file or folder name), e.g. a Hub id for a download.
 
     Raises:
         LoRAFormatError: missing, pickled, corrupt, non-LoRA or unsupported files, or non-finite values.
     """
     path = Path(path)
+    label = name or path.name
     if not path.exists():
         raise LoRAFormatError(f"LoRA path '{path}' does not exist")
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
@@ -442,31 +578,33 @@ def read_adapter(path: Union[str, Path], backbone=None) -> LoRAAdapter:
         if not weights.is_file():
             singles = sorted(path.glob("*.safetensors"))
             if len(singles) == 1 and not (path / ADAPTER_CONFIG).is_file():
-                return read_adapter(singles[0], backbone)
-            _refuse_pickles(path)
+                return read_adapter(singles[0], backbone, name)
+            _refuse_pickles(path, name or str(path))
         tensors, metadata = _read_safetensors(weights)
         config_file = path / ADAPTER_CONFIG
         if not config_file.is_file():
             raise LoRAFormatError(f"'{path}' has {ADAPTER_WEIGHTS} but no {ADAPTER_CONFIG}")
         try:
-            cfg = json.loads(config_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LoRAFormatError(f"{config_file.name} is not valid JSON: {e}") from None
+            cfg = loads_strict(config_file.read_bytes(), config_file.name)
+        except ValueError as e:
+            raise LoRAFormatError(str(e)) from None
         if not isinstance(cfg, dict):
             raise LoRAFormatError(f"{config_file.name} must hold a JSON object")
     else:
         tensors, metadata = _read_safetensors(path)
         cfg = None
     try:
-        meta = json.loads(metadata.get("recycle", "{}"))
-    except json.JSONDecodeError:
-        raise LoRAFormatError(f"{path.name}: the 'recycle' metadata is not valid JSON") from None
+        meta = loads_strict(metadata.get("recycle", "{}"), f"{label}: the 'recycle' metadata")
+    except ValueError as e:
+        raise LoRAFormatError(str(e)) from None
+    if not isinstance(meta, dict):
+        raise LoRAFormatError(f"{label}: the 'recycle' metadata must be a JSON object, got {_shown(meta)}")
     if any(re.fullmatch(r"w_a_\d{3}", k) for k in tensors):
-        return _from_official(tensors, path.name, backbone)
+        return _from_official(tensors, label, backbone)
     if cfg is None:
-        raise LoRAFormatError(f"{path.name}: a PEFT LoRA needs its {ADAPTER_CONFIG} next to it (put both in one "
+        raise LoRAFormatError(f"{label}: a PEFT LoRA needs its {ADAPTER_CONFIG} next to it (put both in one "
                               "folder)")
-    return _from_peft(cfg, tensors, meta, path.name)
+    return _from_peft(cfg, tensors, meta, label)
 
 
 
@@ -495,4 +633,4 @@ def load_lora(source: Union[str, Path], backbone=None) -> LoRAAdapter:
     if not any(folder.glob("*.safetensors")):
         raise LoRAFormatError(f"Hub repository '{source}' has no .safetensors LoRA weights (pickled .bin/.pt "
                               "weights are never downloaded or loaded)")
-    return read_adapter(folder, backbone)
+    return read_adapter(folder, backbone, source)

@@ -6,6 +6,8 @@ with `ImageError`, whose message names the file and says why.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import logging
 import warnings
@@ -20,6 +22,7 @@ __all__ = ["ImageError", "MAX_PIXELS", "load_image", "IMAGE_SUFFIXES", "list_ima
 _logger = logging.getLogger(__name__)
 
 MAX_PIXELS = 40_000_000  # 40 MP: larger images are refused before decoding (decompression-bomb guard)
+LARGE_PIXELS = 4_000_000  # after decoding an image larger than this, freed memory is returned to the OS
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 ImageSource = Union[str, Path, bytes, Image.Image]
@@ -93,6 +96,9 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, max_side: Opti
             f"{name}: image is too large ({width}x{height} = {width * height / 1e6:.0f} MP; "
             f"the limit is {max_pixels / 1e6:.0f} MP). Downscale it and try again."
         )
+    large = width * height > LARGE_PIXELS
+    if max_side is not None and hasattr(img, "draft") and not isinstance(source, Image.Image):
+        img.draft(None, (max_side, max_side))  # JPEG decodes at 1/2, 1/4 or 1/8 scale, never below max_side
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -104,10 +110,31 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, max_side: Opti
         raise ImageError(f"{name}: the image data is corrupt or truncated ({e})") from None
     if getattr(img, "n_frames", 1) > 1:
         _logger.debug("%s has %d frames; using the first", name, img.n_frames)
+    if max_side is not None and max(img.size) > 2 * max_side and img.mode in ("L", "LA", "RGB", "RGBA"):
+        # shrink (by averaging whole blocks) before the RGB copy is made
+        img = img.reduce(max(img.size) // max_side)
     img = _to_rgb(img)
     if max_side is not None and max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.BICUBIC)
+    if large:
+        _release_freed_memory()
     return img
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed after a large decode back to the OS (glibc keeps big freed blocks in its heap otherwise);
+    a no-op where the C library has no ``malloc_trim``."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def list_images(folder: Union[str, Path]) -> list[Path]:

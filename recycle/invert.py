@@ -23,11 +23,21 @@ from .formats import LoRAAdapter
 from .tokens import PruningConfig, embed_kept, forward_features_pruned, keep_mask, mask_images
 
 __all__ = ["InversionConfig", "InversionProgress", "InversionResult", "BNPrior", "load_bn_prior", "invert", "remask",
-           "DEFAULT_BN_PRIOR"]
+           "DEFAULT_BN_PRIOR", "InversionError"]
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_BN_PRIOR = "resnet50.tv_in1k"  # torchvision's ImageNet ResNet-50 (V1 weights), as in the paper's code
+
+
+class InversionError(ValueError):
+    """An inversion that cannot give usable images (the teacher's outputs are not finite). Meant for the user."""
+
+
+def _check_finite(name: str, t: Optional[torch.Tensor], when: str) -> None:
+    if t is not None and not torch.isfinite(t).all():
+        raise InversionError(f"the teacher's {name} are not finite (NaN or Inf) {when}: the LoRA or its head scales "
+                             "them beyond floating-point range, so it cannot be inverted")
 
 
 @dataclass
@@ -57,7 +67,8 @@ class InversionConfig:
                   ("l2_weight", self.l2_weight >= 0), ("jitter", 0 <= self.jitter < 0.5),
                   ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)),
                   ("batch_size", self.batch_size is None or self.batch_size >= 1),
-                  ("preview_every", self.preview_every >= 0)]
+                  ("preview_every", self.preview_every >= 0),
+                  ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2 ** 63)]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"invalid inversion setting {name}={getattr(self, name)!r}")
@@ -285,9 +296,11 @@ def invert(backbone: Backbone, adapter: LoRAAdapter, config: InversionConfig = I
                     xa = xa.flip(3)
                 prune = bool(schedule) and step >= prune_from
                 logits, _ = teacher(xa, prune)
+                _check_finite("logits", logits, f"at step {step + 1}")
                 ce = F.cross_entropy(logits, y)
                 bn = bn_prior(xa * std + mean) if bn_weight > 0 else ce.new_zeros(())
                 loss = ce + bn_weight * bn
+                _check_finite("loss", loss, f"at step {step + 1}")
                 if config.tv_weight > 0:
                     loss = loss + config.tv_weight * _total_variation(xa)
                 if config.l2_weight > 0:
@@ -319,5 +332,7 @@ def invert(backbone: Backbone, adapter: LoRAAdapter, config: InversionConfig = I
                                      steps_done=steps_done, stopped=stopped)
             if schedule:
                 result.kept, result.masked, result.logits_kept = teacher.masks(x, schedule)
+        for name in ("images", "logits", "masked", "logits_kept"):
+            _check_finite(name, getattr(result, name), "on the final images")
     _logger.info("inverted %d images (%d steps, best loss %.4f)", x.shape[0], steps_done, min(losses))
     return result

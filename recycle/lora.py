@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Optional
 
@@ -21,13 +22,21 @@ from torch import nn
 __all__ = [
     "LoRAConfig", "LoRALinear", "TARGETS", "inject_lora", "remove_lora", "merge_lora", "unmerge_lora",
     "lora_layers", "lora_state_dict", "load_lora_state_dict", "mark_only_lora_trainable", "lora_parameters",
-    "lora_suspended",
+    "lora_suspended", "planned_shapes",
 ]
 
 _logger = logging.getLogger(__name__)
 
 # Target name -> module path inside a timm ViT block. "qv" is the q and v row slices of the fused qkv.
 TARGETS = {"qv": "attn.qkv", "qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_alpha(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass
@@ -54,16 +63,28 @@ class LoRAConfig:
             raise ValueError("LoRA targets 'qv' and 'qkv' overlap (both adapt attn.qkv); choose one")
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"duplicate LoRA targets in {self.targets}")
-        if not isinstance(self.rank, int) or self.rank < 1:
+        if not _is_rank(self.rank):
             raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
-        if self.alpha is not None and (not math.isfinite(self.alpha) or self.alpha <= 0):
+        if self.alpha is not None and not _is_alpha(self.alpha):
             raise ValueError(f"LoRA alpha must be a positive finite number, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         if self.blocks is not None:
-            self.blocks = tuple(int(b) for b in self.blocks)
+            try:
+                if any(isinstance(b, bool) for b in self.blocks):
+                    raise TypeError
+                self.blocks = tuple(operator.index(b) for b in self.blocks)
+            except TypeError:
+                raise ValueError(f"LoRA block indices must be integers, got {self.blocks!r}") from None
             if any(b < 0 for b in self.blocks):
                 raise ValueError(f"LoRA block indices must be >= 0, got {self.blocks}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"LoRA per-module overrides must be a mapping, got {self.extra!r}")
+        for path, override in self.extra.items():
+            if not isinstance(override, dict) or set(override) - {"rank", "alpha"} or not _is_rank(
+                    override.get("rank", 1)) or not _is_alpha(override.get("alpha", 1.0)):
+                raise ValueError(f"LoRA override for {path!r} must be {{'rank': positive int, 'alpha': positive "
+                                 f"number}}, got {override!r}")
 
     @property
     def scaling(self) -> float:
@@ -231,17 +252,48 @@ def wrap_module(model: nn.Module, path: str, rank: int, scaling: float,
     return layer
 
 
+def _module_rank(config: LoRAConfig, path: str) -> tuple[int, Optional[float]]:
+    override = config.extra.get(path, {})
+    return override.get("rank", config.rank), override.get("alpha", config.alpha)
+
+
+def planned_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, int]]:
+    """The `lora_state_dict` keys and shapes that `inject_lora(model, config)` would create, computed without
+    allocating anything.
+
+    Raises:
+        ValueError: nothing matched, a target is not a Linear, or a rank exceeds ``min(in, out)`` of its slice (such
+            an update has no more directions than a full-rank one; refusing it bounds what a config can allocate).
+    """
+    shapes: dict[str, tuple[int, int]] = {}
+    for path, target in target_paths(model, config).items():
+        layer = _get(model, path)
+        layer = layer.base_layer if isinstance(layer, LoRALinear) else layer
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"{path} is a {type(layer).__name__}, not a Linear: LoRA cannot be added there")
+        rank, _ = _module_rank(config, path)
+        for name, (s, e) in _slices_for(target, layer).items():
+            if rank > min(layer.in_features, e - s):
+                raise ValueError(f"rank {rank} on {path} exceeds min(in, out) = {min(layer.in_features, e - s)} of "
+                                 "that layer")
+            shapes[f"{path}.lora_A.{name}"] = (rank, layer.in_features)
+            shapes[f"{path}.lora_B.{name}"] = (e - s, rank)
+    return shapes
+
+
 def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Add fresh LoRA layers (A Kaiming, B zero) to `model` in place. Returns the adapted module paths.
 
+    Every rank is checked against its layer (`planned_shapes`) before anything is allocated.
+
     Raises:
-        ValueError: nothing matched, a module is already adapted, or a target is not a Linear.
+        ValueError: nothing matched, a module is already adapted, a target is not a Linear, or a rank exceeds
+            ``min(in, out)``.
     """
+    planned_shapes(model, config)
     paths = target_paths(model, config)
     for path, target in paths.items():
-        override = config.extra.get(path, {})
-        rank = int(override.get("rank", config.rank))
-        alpha = override.get("alpha", config.alpha)
+        rank, alpha = _module_rank(config, path)
         scaling = 1.0 if alpha is None else alpha / rank
         wrap_module(model, path, rank, scaling, _slices_for(target, _get(model, path)), config.dropout)
     _logger.debug("injected LoRA into %d modules", len(paths))

@@ -95,7 +95,8 @@ class MetaConfig:
                   ("warmup", 0 <= self.warmup < self.cycle), ("cycle", self.cycle >= 1),
                   ("checkpoint_every", self.checkpoint_every >= 1), ("val_every", self.val_every >= 0),
                   ("val_episodes", self.val_episodes >= 1), ("distance", self.distance in ("l2", "sqeuclidean")),
-                  ("episode_batch", self.episode_batch >= 1)]
+                  ("episode_batch", self.episode_batch >= 1),
+                  ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2 ** 63)]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"invalid meta-training setting {name}={getattr(self, name)!r}")
@@ -293,14 +294,41 @@ def _save_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer,
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
+# Settings a resumed run may change, as they do not alter the steps already trained: how often to checkpoint, and
+# the number of steps (a longer run continues the same schedule; the change is recorded in the exported LoRA).
+RESUMABLE_CHANGES = ("checkpoint_every", "steps")
+
+
+def _check_resume(path: Path, saved: Optional[str], config: MetaConfig, step: int) -> dict:
+    """Refuse to resume from a checkpoint made with other settings (seed, lr, ...), naming them; returns the
+    recorded changes (``{"steps": [before, after]}``) of the settings that may change."""
+    try:
+        before = json.loads(saved)
+    except (TypeError, ValueError):
+        raise LoRAFormatError(f"checkpoint {path} does not record its settings, so it cannot be resumed") from None
+    now = json.loads(json.dumps(asdict(config)))
+    changed = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(f"cannot resume {path.parent}: the run was started with other settings ({diff}). Resume "
+                         "with the same settings, or start the run anew in another output folder.")
+    if config.steps < step:
+        raise ValueError(f"cannot resume {path.parent} with steps={config.steps}: its checkpoint is at step {step}")
+    return {"steps": [before.get("steps"), config.steps]} if before.get("steps") != config.steps else {}
+
+
 def _load_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer, py: random.Random,
-                     gen: torch.Generator) -> tuple[int, dict]:
+                     gen: torch.Generator, config: MetaConfig) -> tuple[int, dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
         raise LoRAFormatError(f"checkpoint {path} is unreadable ({e})") from None
+    step, extra = int(metadata["step"]), json.loads(metadata.get("extra", "{}"))
+    change = _check_resume(path, metadata.get("config"), config, step)
+    if change:  # recorded, so that the exported LoRA says how the run was extended
+        extra["resumed"] = [*extra.get("resumed", []), {"at_step": step, **change}]
     load_lora_state_dict(backbone.model, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
     device = backbone.device
     for i, p in enumerate(lora_parameters(backbone.model)):
@@ -312,7 +340,7 @@ def _load_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer,
     py.setstate((version, tuple(state), gauss))
     gen.set_state(tensors["rng.torch_gen"])
     torch.set_rng_state(tensors["rng.torch_global"])
-    return int(metadata["step"]), json.loads(metadata.get("extra", "{}"))
+    return step, extra
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -412,12 +440,12 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         opt = torch.optim.Adam(params, lr=config.lr)
         start, extra = 0, {"best_val": None, "best_step": None, "baseline_val": None}
         if resume and ckpt.is_file():
-            start, loaded = _load_checkpoint(ckpt, backbone, opt, py, gen)
+            start, loaded = _load_checkpoint(ckpt, backbone, opt, py, gen, config)
             extra.update(loaded)
-            if main:
-                _truncate_log(log_path, start)
             _logger.info("resumed from step %d", start)
-        elif log_path.exists() and main:  # a fresh start, or a resume killed before its first checkpoint
+        if main and start > 0:  # drop what a killed run logged after its last checkpoint
+            _truncate_log(log_path, start)
+        elif main and log_path.exists():  # a fresh start, or a resume killed before its first checkpoint
             log_path.unlink()
         starts = distributed.all_gather_object(start)
         if len(set(starts)) > 1:
@@ -489,7 +517,8 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         adapter = LoRAAdapter(config.lora, state, backbone.name,
                               info={**(info or {}), "meta_training": asdict(config), "steps": config.steps,
                                     "best_val": extra["best_val"], "best_step": extra["best_step"],
-                                    "baseline_val": extra["baseline_val"]})
+                                    "baseline_val": extra["baseline_val"],
+                                    **({"resumed": extra["resumed"]} if extra.get("resumed") else {})})
         if main:
             save_adapter(adapter, out / "meta-lora")
     finally:

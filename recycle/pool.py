@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import io
-import json
 import logging
 import os
 import random
@@ -31,7 +30,7 @@ from PIL import Image
 from . import distributed
 from .backbone import Backbone
 from .episodes import EpisodeSampler, EpisodeSpec
-from .formats import LoRAAdapter, atomic_write_bytes
+from .formats import LoRAAdapter, atomic_write_bytes, dumps_strict, loads_strict
 from .invert import BNPrior, InversionConfig, InversionProgress, InversionResult, invert
 
 __all__ = ["PoolError", "PoolItem", "PoolClass", "PoolEpisode", "Pool", "write_run", "invert_zoo", "POOL_FORMAT"]
@@ -70,7 +69,13 @@ def write_run(root: Union[str, Path], result: InversionResult, adapter: LoRAAdap
         patch_grid: ``(gh, gw)`` of the backbone, to interpret kept indices.
         name: the run folder's name (default: source, fingerprint and a time stamp); it must not exist yet.
     """
+    for key in ("images", "logits", "masked", "logits_kept"):
+        t = getattr(result, key)
+        if t is not None and not torch.isfinite(t).all():
+            raise PoolError(f"refusing to add the run to the pool: its {key} contain NaN or Inf")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise PoolError(f"pool folder '{root}' is a file, not a folder")
     root.mkdir(parents=True, exist_ok=True)
     fingerprint = adapter.fingerprint()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
@@ -104,7 +109,11 @@ def write_run(root: Union[str, Path], result: InversionResult, adapter: LoRAAdap
             "settings": settings, "image_size": list(result.images.shape[2:]), "patch_grid": list(patch_grid),
             "steps_done": result.steps_done, "stopped": result.stopped, "items": items,
         }
-        atomic_write_bytes(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+        try:
+            text = dumps_strict(manifest, indent=1)
+        except ValueError as e:  # e.g. NaN in the settings: never written, since it is not JSON
+            raise PoolError(f"refusing to write a manifest with a non-finite number ({e})") from None
+        atomic_write_bytes(tmp / "manifest.json", text.encode())
         final = root / name
         os.rename(tmp, final)
     except BaseException:
@@ -144,7 +153,7 @@ def invert_zoo(backbone: Backbone, zoo: Union[str, Path], root: Union[str, Path]
     for k in distributed.shard_indices(len(zoo_loras)):
         name, adapter = zoo_loras[k]
         cfg = replace(config, seed=distributed.derive_seed(config.seed, k))
-        run_settings = json.loads(json.dumps({**asdict(cfg), **(settings or {})}))
+        run_settings = loads_strict(dumps_strict({**asdict(cfg), **(settings or {})}), "inversion settings")
         run = root / f"{_slug(name)}-{adapter.fingerprint()[:8]}"
         if (run / "manifest.json").is_file():
             found = Pool._read_manifest(run / "manifest.json")["settings"]
@@ -163,6 +172,28 @@ def invert_zoo(backbone: Backbone, zoo: Union[str, Path], root: Union[str, Path]
         done.append((name, write_run(root, result, adapter, str(Path(zoo) / name), run_settings, grid, run.name),
                      result))
     return done
+
+
+def _expect(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid {what}")
+
+
+def _numbers(values: object, kind: type) -> bool:
+    """A non-empty list of ints (``kind=int``) or of ints and floats (``kind=float``); never bools."""
+    kinds = (int,) if kind is int else (int, float)
+    return isinstance(values, list) and bool(values) and all(
+        isinstance(v, kinds) and not isinstance(v, bool) for v in values)
+
+
+def _inside(run_dir: Path, name: object) -> Path:
+    """The file a manifest names, which must be a relative path that resolves inside its run folder."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise PoolError(f"{run_dir.name}: the manifest names {str(name)[:80]!r}, which is not a file inside the run")
+    path = (run_dir / name).resolve()
+    if not path.is_relative_to(run_dir.resolve()):
+        raise PoolError(f"{run_dir.name}: the manifest names {name[:80]!r}, which resolves outside the run folder")
+    return path
 
 
 @dataclass(frozen=True)
@@ -235,8 +266,8 @@ class Pool:
     @staticmethod
     def _read_manifest(path: Path) -> dict:
         try:
-            m = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            m = loads_strict(path.read_bytes(), "the manifest")
+        except (OSError, ValueError) as e:
             raise PoolError(f"{path}: unreadable manifest ({e})") from None
         if not isinstance(m, dict) or m.get("format") != POOL_FORMAT:
             raise PoolError(f"{path}: not a surrogate-pool manifest")
@@ -244,12 +275,29 @@ class Pool:
             raise PoolError(f"{path}: pool format version {m.get('version')} is not supported "
                             f"(this version reads {POOL_VERSION})")
         try:
+            source = m["source"]
+            fingerprint, class_names = source["fingerprint"], source["class_names"]
+            _expect(isinstance(fingerprint, str) and isinstance(source.get("name", ""), str), "source")
+            _expect(isinstance(class_names, list) and all(isinstance(c, str) for c in class_names), "class_names")
+            _expect(isinstance(m["items"], list), "items")
             for item in m["items"]:
+                _expect(isinstance(item, dict), "item")
+                label = item["label"]
+                _expect("logits" in item, "logits")
+                _expect(isinstance(label, int) and 0 <= label < len(class_names), f"label {label!r}")
+                _expect(isinstance(item["class"], str) and isinstance(item["sha256"], dict), "class or sha256")
+                for key in ("logits", "logits_kept"):
+                    if key in item:
+                        _expect(_numbers(item[key], float) and len(item[key]) == len(class_names), key)
+                if "kept" in item:
+                    _expect(_numbers(item["kept"], int), "kept")
                 for key in ("image", "masked"):
-                    if key in item and not (path.parent / item[key]).is_file():
-                        raise PoolError(f"{path.parent.name}: {item[key]} is listed in the manifest but missing")
-                int(item["label"]), item["class"], item["logits"], item["sha256"]
-            m["source"]["fingerprint"], m["source"]["class_names"]
+                    if key in item:
+                        if not _inside(path.parent, item[key]).is_file():
+                            raise PoolError(f"{path.parent.name}: {item[key]} is listed in the manifest but missing")
+                        _expect(isinstance(item["sha256"].get(key), str), f"sha256 of {key}")
+        except PoolError:
+            raise
         except (KeyError, TypeError, ValueError) as e:
             raise PoolError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
         return m
@@ -279,7 +327,7 @@ class Pool:
         if key not in item:
             raise PoolError(f"pool run '{self.run_dirs[ref.run].name}' has no masked images (it was inverted "
                             "without token pruning)")
-        path = self.run_dirs[ref.run] / item[key]
+        path = _inside(self.run_dirs[ref.run], item[key])
         try:
             data = path.read_bytes()
         except OSError as e:

@@ -33,9 +33,10 @@ class Prediction:
 
 
 def clean_class_name(name: str) -> str:
-    """Normalise a user-typed class name (NFC, trimmed, control characters removed)."""
+    """Normalise a user-typed class name (NFC, trimmed, line breaks and tabs made spaces, other control characters
+    removed)."""
     text = unicodedata.normalize("NFC", str(name))
-    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C")
+    text = "".join(" " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch)[0] != "C")
     return " ".join(text.split())
 
 

@@ -3,13 +3,17 @@ serves a good request. Two apps run: one as on a workstation (local paths allowe
 (``RECYCLE_ALLOW_LOCAL_PATHS=0``: only Hub ids and uploads)."""
 from __future__ import annotations
 
+import gc
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from safetensors.torch import load_file, save_file
@@ -72,18 +76,24 @@ def _invert(w, client: Client = None, classes=(0, 1), **overrides):
     return (client or w.client).predict(classes=list(classes), **{**args, **overrides}, api_name="/invert")
 
 
-def _peft_copy(w, tmp: Path, edit_config=None, edit_tensors=None) -> Path:
-    folder = shutil.copytree(w.peft, tmp / "edited")
+def _peft_copy(w, tmp: Path, edit_config=None, edit_tensors=None, edit_meta=None, name="edited") -> Path:
+    """A copy of the good PEFT LoRA, its config dict, tensors and 'recycle' metadata dict edited in place."""
+    folder = shutil.copytree(w.peft, tmp / name)
     if edit_config is not None:
         config = json.loads((folder / "adapter_config.json").read_text())
         edit_config(config)
-        (folder / "adapter_config.json").write_text(json.dumps(config))
-    if edit_tensors is not None:
+        (folder / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    if edit_tensors is not None or edit_meta is not None:
         from safetensors import safe_open
         with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
             metadata = f.metadata()
         tensors = load_file(str(folder / "adapter_model.safetensors"))
-        edit_tensors(tensors)
+        if edit_tensors is not None:
+            edit_tensors(tensors)
+        if edit_meta is not None:
+            meta = json.loads(metadata["recycle"])
+            edit_meta(meta)
+            metadata["recycle"] = json.dumps(meta)
         save_file(tensors, str(folder / "adapter_model.safetensors"), metadata=metadata)
     return folder
 
@@ -112,6 +122,46 @@ def _open_pool(w, folder, client: Client = None):
 def _set_nan(tensors):
     key = next(k for k in tensors if "lora_A" in k)
     tensors[key][0, 0] = float("nan")
+
+
+def _scale(factor):
+    def scale(tensors):
+        for key in [k for k in tensors if "lora_" in k]:
+            tensors[key] = tensors[key] * factor
+    return scale
+
+
+def _zero_size_rank(tensors):  # a few-KB file that declares rank 10^9
+    for key in [k for k in tensors if "blocks.0.attn.qkv.lora_" in k]:
+        tensors[key] = torch.zeros((10 ** 9, 0) if "lora_A" in key else (0, 10 ** 9))
+
+
+def _long_block_index(tensors):
+    for key in [k for k in tensors if ".blocks.0." in k]:
+        tensors[key.replace(".blocks.0.", f".blocks.{'7' * 5000}.")] = tensors.pop(key)
+
+
+def _config(**values):
+    return dict(edit_config=lambda c: c.update(values))
+
+
+def _meta(**values):
+    return dict(edit_meta=lambda m: m.update(values))
+
+
+REGEX = "(.*)*(.*)*(.*)*(.*)*!"
+
+
+def _hub_peft(w, h, t, repo, **edits):
+    """Publish an edited copy of the good LoRA to the fake Hub as `repo`, and load it there on the public app."""
+    publish(h.root, repo, _peft_copy(w, t, **edits))
+    return _load(w, hub_id=repo, client=w.public)
+
+
+def _upload_deep_config(w, t):
+    folder = _peft_copy(w, t)
+    (folder / "adapter_config.json").write_text("[" * 200_000 + "]" * 200_000)
+    return _load(w, files=[folder / "adapter_config.json", folder / "adapter_model.safetensors"])
 
 
 # --------------------------------------------------------------------------------------------------------- the cases
@@ -240,7 +290,66 @@ CASES: dict[str, tuple[Callable, str]] = {
                                    r"pruning layer 99 is out of range for a model with 2 blocks"),
     "negative learning rate": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, lr=-1)),
                                r"Value -1 is less than minimum value 0\.001"),
+    # adversarial LoRA files (issue 11): patterns, types, declared sizes
+    "regex in rank_pattern": (lambda w, t, h: _upload_peft(w, t, **_config(rank_pattern={REGEX: 4})),
+                              r"rank_pattern key '\(\.\*\)\*.*' is not supported.*module paths"),
+    "regex in alpha_pattern": (lambda w, t, h: _upload_peft(w, t, **_config(alpha_pattern={"(a|aa)+$": 4})),
+                               r"alpha_pattern key .* is not supported"),
+    "invalid regex in rank_pattern": (lambda w, t, h: _upload_peft(w, t, **_config(rank_pattern={"blocks.(0": 4})),
+                                      r"rank_pattern key 'blocks\.\(0' is not supported"),
+    "public: Hub LoRA with a regex pattern": (
+        lambda w, t, h: _hub_peft(w, h, t, "recycle-test/regex", **_config(rank_pattern={REGEX: 4})),
+        r"rank_pattern key .* is not supported"),
+    "r as a string": (lambda w, t, h: _upload_peft(w, t, **_config(r="8")), r"'r' must be a positive integer, got '8'"),
+    "r as null": (lambda w, t, h: _upload_peft(w, t, **_config(r=None)), r"'r' must be a positive integer, got None"),
+    "non-numeric lora_alpha": (lambda w, t, h: _upload_peft(w, t, **_config(lora_alpha="high")),
+                               r"'lora_alpha' must be a positive number, got 'high'"),
+    "string where an object is expected": (lambda w, t, h: _upload_peft(w, t, **_config(rank_pattern="qkv")),
+                                           r"rank_pattern must be an object"),
+    "peft_type as a list": (lambda w, t, h: _upload_peft(w, t, edit_config=lambda c: c.update(peft_type=[1])),
+                                     r"PEFT '\[1\]' adapter, not LoRA"),
+    "200,000-deep JSON config": (lambda w, t, h: _upload_deep_config(w, t), r"adapter_config\.json is nested too deeply"),
+    "integer class names in the metadata": (lambda w, t, h: _upload_peft(w, t, **_meta(class_names=[1, 2, 3])),
+                                            r"class names must be a list of strings, got \[1, 2, 3\]"),
+    "metadata config that is a string": (lambda w, t, h: _upload_peft(w, t, **_meta(config="qv")),
+                                         r"the metadata's 'config' must be an object, got 'qv'"),
+    "5000-digit block index": (lambda w, t, h: _upload_peft(w, t, edit_tensors=_long_block_index),
+                               r"unsupported tensor 'base_model\.model\.blocks\.777.*block indices below 10000"),
+    "rank 10^9 from zero-size tensors": (
+        lambda w, t, h: _upload_peft(w, t, edit_tensors=_zero_size_rank, **_config(rank_pattern={"qkv": 10 ** 9})),
+        r"lora_A \[1000000000, 0\] and lora_B \[0, 1000000000\].*low-rank pair"),
+    "rank 10^9 in the metadata": (
+        lambda w, t, h: (_upload_peft(w, t, edit_meta=lambda m: m["config"].update(rank=10 ** 9)), _invert(w)),
+        r"rank 1000000000 on blocks\.0\.attn\.qkv exceeds min\(in, out\) = 64"),
+    "LoRA scaled by 1e30": (lambda w, t, h: (_upload_peft(w, t, edit_tensors=_scale(1e30)), _invert(w)),
+                            r"teacher's (logits|loss) are not finite.*cannot be inverted"),
+    # inversion settings of the wrong type or out of range (issue 11)
+    "seed of 2^63": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, seed=2 ** 63)),
+                     r"seed must be a whole number from 0 to 9223372036854775807, got 9223372036854775808"),
+    "seed of 1e300": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, seed=1e300)),
+                      r"seed must be a whole number from 0 to 9223372036854775807"),
+    "pruning as a number": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning=5)),
+                            r"token pruning setting .* must be text, got a number"),
+    "pruning as a list": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning=["-1:0.75"])),
+                          r"token pruning setting .* must be text, got a list"),
+    "classes as a string": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, classes="01")),
+                            r"(classes must be a list|not in the list of choices)"),
+    # names (issue 11)
+    "class name with a newline": (lambda w, t, h: _two(w, name1="red\nwine"), r"Class 1's name contains a line break"),
+    "public: LOCAL-DIR: backbone": (lambda w, t, h: _two(w, backbone="LOCAL-DIR:/tmp", client=w.public),
+                                    r"Local paths are disabled.*'LOCAL-DIR:/tmp' cannot be used as a backbone"),
+    "public: Local-Dir: backbone": (lambda w, t, h: _two(w, backbone="Local-Dir:/etc", client=w.public),
+                                    r"Local paths are disabled.*as a backbone"),
+    "public: upper-case prefix on an existing folder": (
+        lambda w, t, h: _two(w, backbone=f"LOCAL-DIR:{w.root}", client=w.public), r"Local paths are disabled"),
+    "backbone name timm cannot read": (lambda w, t, h: _two(w, backbone="file:/etc/passwd"),
+                                       r"Backbone 'file:/etc/passwd' cannot be read: Unknown model source 'file'"),
     # pool
+    "pool image outside the pool": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: _point_outside(r, t))),
+                                    r"not a file inside the run"),
+    "NaN in a manifest": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (r / "manifest.json").write_text(
+        (r / "manifest.json").read_text().replace('"logits": [\n', '"logits": [\nNaN, ', 1)))),
+        r"unreadable manifest .*NaN is not a JSON number"),
     "missing pool": (lambda w, t, h: _open_pool(w, t / "no-pool"), r"pool folder .* does not exist"),
     "empty pool": (lambda w, t, h: (t.joinpath("empty").mkdir(), _open_pool(w, t / "empty")), r"has no runs yet"),
     "run without manifest": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (r / "manifest.json").unlink())),
@@ -256,12 +365,26 @@ CASES: dict[str, tuple[Callable, str]] = {
 }
 
 
+def _point_outside(run: Path, tmp: Path) -> None:
+    """Make the manifest name an image elsewhere on disk, with a matching checksum."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    outside = tmp / "elsewhere.png"
+    outside.write_bytes((run / manifest["items"][0]["image"]).read_bytes())
+    manifest["items"][0]["image"] = str(outside)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+
+# the names of the server's temporary and cache folders (tempfile's tmpXXXXXXXX, Gradio's uploads, the Hub cache)
+SERVER_FOLDERS = re.compile(r"recycle-app-|/gradio/|\btmp[a-z0-9_]{8}\b|models--|snapshots/")
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gets_a_clear_message_and_the_app_keeps_serving(world, tmp_path, local_hub, case):
     make, expected = CASES[case]
     with pytest.raises(AppError, match=expected) as err:
         make(world, tmp_path, local_hub)
     assert "Something went wrong" not in str(err.value) and "Traceback" not in str(err.value)
+    assert not SERVER_FOLDERS.search(str(err.value)), str(err.value)
     client = world.public if case.startswith("public:") else world.client
     quick_good_request(client, world.pics)
 
@@ -281,3 +404,51 @@ def test_a_public_server_still_serves_hub_loras_and_its_own_defaults(world, loca
     assert world.public.predict(api_name="/status").startswith("✅")  # the configured backbone is trusted
     world.public.predict("", api_name="/refresh_pool")  # the server's own pool can be browsed
     good_request(world.public, world.pics)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads resident memory from /proc")
+def test_memory_stays_bounded_under_adversarial_uploads_and_large_images(world, tmp_path):
+    """100 uploads of hostile LoRAs and 20 images of 36 megapixels leave the server within 100 MB of its start.
+
+    The app runs in this process, so this process's resident memory is the server's."""
+    from PIL import Image
+
+    w = world
+    hostile = [
+        _peft_copy(w, tmp_path, name="regex", **_config(rank_pattern={REGEX: 4})),
+        _peft_copy(w, tmp_path, name="zero-size", edit_tensors=_zero_size_rank, **_config(rank_pattern={"qkv": 10 ** 9})),
+        _peft_copy(w, tmp_path, name="long-index", edit_tensors=_long_block_index),
+        _peft_copy(w, tmp_path, name="huge-rank", edit_meta=lambda m: m["config"].update(rank=10 ** 9)),
+        _peft_copy(w, tmp_path, name="types", **_config(r=None, lora_alpha="x")),
+    ]
+    (tmp_path / "zero-size" / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    large = [blank_png(tmp_path / "large.png", 6000, 6000), tmp_path / "large.jpg"]
+    Image.new("RGB", (6000, 6000), (40, 60, 210)).save(large[1], quality=30)
+
+    def upload(folder):
+        try:
+            _load(w, files=[folder / "adapter_config.json", folder / "adapter_model.safetensors"])
+        except AppError as e:
+            assert "Something went wrong" not in str(e)
+
+    def large_request():  # 5 large queries: decoded for the model and for their thumbnails
+        _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])], queries=[large[i % 2] for i in range(5)])
+
+    for folder in hostile:  # warm up: caches, first-use allocations (but no large image: those must not stay)
+        upload(folder)
+    quick_good_request(w.client, w.pics)
+    gc.collect()
+    start = _rss_mb()
+    for i in range(100):
+        upload(hostile[i % len(hostile)])
+    for _ in range(4):
+        large_request()
+    gc.collect()
+    grown = _rss_mb() - start
+    assert grown < 100, f"resident memory grew by {grown:.0f} MB"
+    quick_good_request(w.client, w.pics)

@@ -78,3 +78,64 @@ def test_hub_backbone_downloads_then_loads_from_cache_when_the_hub_is_down(tiny_
         assert torch.equal(online.embed(x), offline.embed(x))
     with pytest.raises(BackboneError, match="unreachable"):
         load_backbone("hf-hub:testorg/never-downloaded", device="cpu")
+
+
+# ------------------------------------------------------------------------------------------- issue 11: names, pickles
+@pytest.mark.parametrize("name, expected", [
+    ("LOCAL-DIR:/some/folder", ("local-dir", "/some/folder")), ("Local-Dir:/x", ("local-dir", "/x")),
+    ("hf_hub:org/x", ("hf-hub", "org/x")), ("HF-HUB:org/x", ("hf-hub", "org/x")), ("/abs/dir", ("local-dir", "/abs/dir")),
+    ("clip-b16", (None, "vit_base_patch16_clip_224.openai")), ("vit_tiny_patch16_224", (None, "vit_tiny_patch16_224")),
+])
+def test_names_are_read_as_timm_reads_them(name, expected):
+    from recycle.backbone import backbone_source
+
+    assert backbone_source(name) == expected
+
+
+@pytest.mark.parametrize("name", ["file:/etc/passwd", "org/name", "C:/weights"])
+def test_names_timm_cannot_read_get_a_clear_error(name):
+    with pytest.raises(BackboneError, match="cannot be read"):
+        load_backbone(name)
+
+
+@pytest.fixture()
+def pickle_only(tiny_clip_dir, tmp_path):
+    """A timm folder whose weights are only a pickle (what `torch.save` writes)."""
+    folder = tmp_path / "pickled-vit"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((tiny_clip_dir / "config.json").read_bytes())
+    from safetensors.torch import load_file
+    torch.save(load_file(tiny_clip_dir / "model.safetensors"), folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.fixture()
+def no_unpickling(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+@pytest.mark.parametrize("prefix", ["", "local-dir:", "LOCAL-DIR:", "Local-Dir:"])
+def test_pickle_only_folders_are_refused_under_any_spelling(pickle_only, no_unpickling, prefix):
+    with pytest.raises(BackboneError, match=r"no model\.safetensors.*pickles.*safetensors\.torch\.save_file"):
+        load_backbone(f"{prefix}{pickle_only}", device="cpu")
+
+
+def test_the_bn_prior_name_is_read_the_same_way(pickle_only, no_unpickling):
+    from recycle.invert import load_bn_prior
+
+    with pytest.raises(BackboneError, match=r"BN prior: .*no model\.safetensors"):
+        load_bn_prior(f"Local-Dir:{pickle_only}")
+
+
+def test_pickle_only_hub_repos_are_refused(pickle_only, local_hub, no_unpickling, tiny_clip_dir):
+    import shutil
+
+    shutil.copytree(pickle_only, local_hub.root / "someone" / "pickled-vit")
+    with pytest.raises(BackboneError, match=r"'someone/pickled-vit' has no safetensors weights \(model\.safetensors\)"
+                                            r".*never loaded.*save_file"):
+        load_backbone("hf-hub:someone/pickled-vit", device="cpu")
+    # with both files, the safetensors one is used, and the pickle never is
+    shutil.copy(tiny_clip_dir / "model.safetensors", local_hub.root / "someone" / "pickled-vit")
+    assert load_backbone("hf-hub:someone/pickled-vit", device="cpu").embed_dim == 16

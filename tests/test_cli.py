@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -81,11 +82,11 @@ def test_hub_errors_are_short_and_clear(task, tiny_clip_dir, local_hub, capsys):
     cases = {"someone/pickled": "never downloaded or loaded", "someone/missing": "does not exist",
              "../etc/passwd": "neither an existing local path nor a Hub id"}
     for lora, message in cases.items():
-        assert main(base + ["--lora", lora]) == 2
+        assert main(base + ["--lora", lora]) == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     local_hub.stop()
-    assert main(base + ["--lora", "someone/other"]) == 2
+    assert main(base + ["--lora", "someone/other"]) == 1
     assert "unreachable" in capsys.readouterr().err
 
 
@@ -94,7 +95,7 @@ def test_bad_support_folder(task, tiny_clip_dir, capsys):
     (task / "support" / "blue").rename(task / "only2")
     code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"),
                  "--query", str(task / "query"), "--device", "cpu"])
-    assert code == 2 and "at least 2 classes" in capsys.readouterr().err
+    assert code == 1 and "at least 2 classes" in capsys.readouterr().err
 
 
 def _publish_tiny_resnet(repo_dir):
@@ -125,7 +126,74 @@ def test_invert_from_the_hub_into_a_pool(tiny_clip, tiny_clip_dir, local_hub, tm
     assert all(len(item["kept"]) == 8 for item in run["items"])
     assert main(args + ["--bn-prior", "none", "--seed", "1"]) == 0  # the pool grows
     assert len(Pool(out).runs) == 2
-    assert main(args + ["--bn-prior", "hf-hub:testorg/missing-prior"]) == 2
+    assert main(args + ["--bn-prior", "hf-hub:testorg/missing-prior"]) == 1
     assert "not found" in capsys.readouterr().err and len(Pool(out).runs) == 2
-    assert main([a if a != "40" else "0" for a in args] + ["--bn-prior", "none"]) == 2
+    assert main([a if a != "40" else "0" for a in args] + ["--bn-prior", "none"]) == 1
     assert "steps" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------- issue 11
+@pytest.fixture()
+def zoo_lora(tiny_clip, tmp_path):
+    """A LoRA with a head, and one without (like a meta-LoRA), in PEFT layout."""
+    from tests.helpers import colour_task, train_tiny_lora
+
+    save_adapter(train_tiny_lora(tiny_clip, *colour_task(per_class=2), steps=2), tmp_path / "with-head")
+    _publish_lora(tiny_clip, tmp_path / "headless")
+    return tmp_path
+
+
+def _user_error(capsys, code, message):
+    """The command failed as a user error: exit code 1 (not argparse's 2), one line on stderr, no traceback."""
+    err = capsys.readouterr().err
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(message, lines[0]), lines[0]
+
+
+def _invert_args(tiny_clip_dir, lora, out, *extra):
+    return ["invert", "--backbone", str(tiny_clip_dir), "--lora", str(lora), "--out", str(out), "--per-class", "1",
+            "--steps", "1", "--bn-prior", "none", "--device", "cpu", "--quiet", *extra]
+
+
+def test_user_errors_print_one_line_and_exit_with_1(zoo_lora, tiny_clip_dir, tmp_path, capsys):
+    _user_error(capsys, main(_invert_args(tiny_clip_dir, zoo_lora / "headless", tmp_path / "pool")),
+                r"no classification head")
+    (tmp_path / "a-file").write_text("not a folder")
+    _user_error(capsys, main(_invert_args(tiny_clip_dir, zoo_lora / "with-head", tmp_path / "a-file")),
+                r"pool folder '.*a-file' is a file, not a folder")
+    config = json.loads((zoo_lora / "with-head" / "adapter_config.json").read_text())
+    (zoo_lora / "with-head" / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"(a+)+$": 2}}))
+    _user_error(capsys, main(_invert_args(tiny_clip_dir, zoo_lora / "with-head", tmp_path / "pool")),
+                r"rank_pattern key '\(a\+\)\+\$' is not supported")
+    _user_error(capsys, main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(tmp_path),
+                              "--query", str(tmp_path), "--device", "bogus"]), r"'bogus' is not a device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_user_error(task, tiny_clip_dir, capsys):
+    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"),
+                 "--query", str(task / "query"), "--device", "cuda"])
+    _user_error(capsys, code, r"device 'cuda' was requested, but no CUDA GPU is available here")
+
+
+def test_meta_train_on_a_pool_with_non_finite_values_is_a_user_error(zoo_lora, tiny_clip_dir, tmp_path, capsys):
+    assert main(_invert_args(tiny_clip_dir, zoo_lora / "with-head", tmp_path / "pool")) == 0
+    manifest = next((tmp_path / "pool").glob("*/manifest.json"))
+    data = json.loads(manifest.read_text())
+    data["items"][0]["logits"][0] = "NaN-PLACEHOLDER"
+    manifest.write_text(json.dumps(data).replace('"NaN-PLACEHOLDER"', "NaN"))
+    code = main(["meta-train", "--backbone", str(tiny_clip_dir), "--pool", str(tmp_path / "pool"), "--out",
+                 str(tmp_path / "run"), "--steps", "1", "--device", "cpu", "--quiet"])
+    _user_error(capsys, code, r"unreadable manifest .*NaN is not a JSON number")
+
+
+def test_negative_pruning_layers_need_no_equals_sign():
+    from recycle.cli import build_parser
+
+    args = build_parser().parse_args(["invert", "--lora", "x", "--out", "y", "--prune", "-1:0.75", "-2,-1:0.5"])
+    assert args.prune == ["-1:0.75", "-2,-1:0.5"]
+    with pytest.raises(SystemExit) as exit_:  # a malformed command line is argparse's usage error, exit code 2
+        build_parser().parse_args(["invert", "--lora", "x"])
+    assert exit_.value.code == 2

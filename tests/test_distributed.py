@@ -185,7 +185,7 @@ def test_a_resumed_zoo_inversion_skips_finished_runs(runs, tmp_path, capsys):
     assert "inverted 1 LoRAs, 2 already done" in capsys.readouterr().out
     assert kept.stat().st_mtime_ns == stamp
     assert _pool_files(pool) == _pool_files(runs["serial"] / "pool")
-    assert main(_with(args, "--steps", "7")) == 2
+    assert main(_with(args, "--steps", "7")) == 1  # a user error
     assert "was inverted with other settings (steps differ)" in capsys.readouterr().err
 
 

@@ -113,3 +113,14 @@ def test_remask_matches_inversion_masks_and_last_block_pruning_keeps_cls(tiny_cl
         full = tiny_clip.model.forward_features(x)[:, 0]
         pruned = forward_features_pruned(tiny_clip.model, x, {1: 0.75})[0][:, 0]
     assert torch.allclose(full, pruned, atol=1e-5)
+
+
+def test_a_lora_whose_logits_overflow_stops_with_a_clear_message(tiny_clip, teacher):
+    """Finite weights scaled by 1e30: the logits overflow, and the inversion stops instead of returning NaN."""
+    from dataclasses import replace
+
+    from recycle.invert import InversionError
+
+    huge = replace(teacher, state={k: v * 1e30 for k, v in teacher.state.items()})
+    with pytest.raises(InversionError, match=r"teacher's (logits|loss) are not finite.*at step 1.*cannot be inverted"):
+        invert(tiny_clip, huge, InversionConfig(per_class=1, steps=3), classes=[0])

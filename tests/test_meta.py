@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -178,3 +179,46 @@ def test_bad_settings():
         MetaConfig(cross_fraction=1.5)
     with pytest.raises(ValueError, match="way"):
         MetaConfig(way=1)
+
+
+# ------------------------------------------------------------------------------------------------------- issue 11
+def _killed(pool_dir, tiny_clip, out, at_step, **settings):
+    """Start a run in `out` and kill it when step `at_step` is done; returns its episode source and config."""
+    source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
+    config = MetaConfig(way=3, shot=1, query=2, **settings)
+
+    def crash(record):
+        if record["step"] == at_step:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(tiny_clip, source, config, out, progress=crash)
+    return source, config
+
+
+def test_a_resume_with_other_settings_is_refused(pool_dir, tiny_clip, tmp_path):
+    source, config = _killed(pool_dir, tiny_clip, tmp_path / "run", 3, steps=4, checkpoint_every=2)
+    before = (tmp_path / "run" / "checkpoint.safetensors").read_bytes()
+    for change in ({"seed": 1}, {"lr": 0.01}, {"way": 2}, {"seed": 2, "masked": True}):
+        with pytest.raises(ValueError, match="cannot resume .*run was started with other settings") as err:
+            meta_train(tiny_clip, source, replace(config, **change), tmp_path / "run", resume=True)
+        for key, value in change.items():
+            assert f"{key}: {getattr(config, key)!r} -> {value!r}" in str(err.value)
+        assert not list(lora_layers(tiny_clip.model))
+    assert (tmp_path / "run" / "checkpoint.safetensors").read_bytes() == before  # nothing was lost
+    with pytest.raises(ValueError, match="with steps=1: its checkpoint is at step 2"):
+        meta_train(tiny_clip, source, replace(config, steps=1), tmp_path / "run", resume=True)
+    resumed = meta_train(tiny_clip, source, replace(config, checkpoint_every=1), tmp_path / "run", resume=True)
+    assert resumed.adapter.info["meta_training"]["seed"] == 0 and resumed.steps_done == 4
+    assert "resumed" not in resumed.adapter.info
+    # a longer run continues the same schedule; the exported LoRA records that it was extended, and when
+    longer = meta_train(tiny_clip, source, replace(config, steps=6), tmp_path / "run", resume=True)
+    assert longer.adapter.info["resumed"] == [{"at_step": 4, "steps": [4, 6]}]
+    assert longer.adapter.info["meta_training"]["steps"] == 6
+
+
+def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_log_lines(pool_dir, tiny_clip, tmp_path):
+    source, config = _killed(pool_dir, tiny_clip, tmp_path / "run", 2, steps=5, checkpoint_every=4)
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+    meta_train(tiny_clip, source, config, tmp_path / "run", resume=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]

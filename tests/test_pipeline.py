@@ -110,5 +110,5 @@ def test_end_to_end_cli(dataset, tiny_clip_dir, local_hub, tmp_path, capsys):
                  "--shot", "1", "--query", "3", "--episodes", "20", "--json", str(tmp_path / "hub.json")]) == 0
     assert json.loads((tmp_path / "hub.json").read_text())["results"]["me/meta-lora"] == report["results"]["recycle"]
     local_hub.stop()
-    assert main(["push", "--dir", str(run / "meta-lora"), "--repo", "me/meta-lora", "--token", "test"]) == 2
+    assert main(["push", "--dir", str(run / "meta-lora"), "--repo", "me/meta-lora", "--token", "test"]) == 1
     assert "cannot reach" in capsys.readouterr().err

@@ -130,3 +130,57 @@ def test_unmasked_pool_refuses_masked_loading(tmp_path):
     assert not pool.masked_available
     with pytest.raises(PoolError, match="no masked images"):
         pool.load(pool.classes[0].items[0], masked=True)
+
+
+# ------------------------------------------------------------------------------------------------------- issue 11
+def test_non_finite_values_are_never_written(tmp_path):
+    result = _result()
+    result.logits[0, 0] = float("nan")
+    with pytest.raises(PoolError, match="logits contain NaN or Inf"):
+        write_run(tmp_path / "pool", result, _adapter(0), "org/a", {}, (4, 4))
+    with pytest.raises(PoolError, match="non-finite number"):
+        write_run(tmp_path / "pool", _result(), _adapter(0), "org/a", {"lr": float("inf")}, (4, 4))
+    assert not any((tmp_path / "pool").iterdir())  # nothing half-written is left behind
+
+
+def _edit_manifest(pool_dir, edit):
+    run = next(p for p in sorted(pool_dir.iterdir()))
+    text = (run / "manifest.json").read_text()
+    (run / "manifest.json").write_text(edit(text, json.loads(text), run))
+    return run
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t, m, r: t.replace(str(m["items"][0]["logits"][0]), "NaN", 1), r"not valid JSON: NaN"),
+    (lambda t, m, r: t.replace(str(m["items"][0]["logits"][0]), "1e999", 1), r"1e999 is out of range"),
+    (lambda t, m, r: "[" * 100_000 + "]" * 100_000, r"nested too deeply"),
+    (lambda t, m, r: json.dumps({**m, "items": [{**m["items"][0], "logits": ["x"]}]}), r"malformed.*invalid logits"),
+    (lambda t, m, r: json.dumps({**m, "items": [{**m["items"][0], "label": 99}]}), r"malformed.*invalid label 99"),
+    (lambda t, m, r: json.dumps({**m, "source": {**m["source"], "class_names": [1, 2, 3]}}),
+     r"malformed.*invalid class_names"),
+])
+def test_manifests_are_read_as_strict_json(pool_dir, edit, message):
+    _edit_manifest(pool_dir, edit)
+    with pytest.raises(PoolError, match=message):
+        Pool(pool_dir)
+
+
+@pytest.mark.parametrize("target", ["absolute", "dotdot", "symlink"])
+def test_a_pool_never_reads_files_outside_its_runs(pool_dir, tmp_path, target):
+    """A manifest naming a file elsewhere on disk (with a matching checksum) is refused, not followed."""
+    outside = tmp_path / "secret.png"
+    run = sorted(pool_dir.iterdir())[0]
+    outside.write_bytes((run / "images" / "000000.png").read_bytes())
+
+    def edit(text, m, r):
+        if target == "symlink":
+            (r / "images" / "000000.png").unlink()
+            (r / "images" / "000000.png").symlink_to(outside)
+            return text
+        name = str(outside) if target == "absolute" else "../../secret.png"
+        m["items"][0]["image"] = name
+        return json.dumps(m)
+
+    _edit_manifest(pool_dir, edit)
+    with pytest.raises(PoolError, match=r"(not a file inside the run|resolves outside the run folder)"):
+        Pool(pool_dir)
