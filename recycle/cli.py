@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .backbone import DEFAULT_BACKBONE, BackboneError
-from .formats import LoRAFormatError, atomic_write_bytes
+from .formats import LoRAFormatError
 from .hub import HubError
 from .images import IMAGE_SUFFIXES, ImageError
+from .io import atomic_write_bytes
 from .pool import PoolError
 from .predict import SupportError
 

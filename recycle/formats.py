@@ -27,9 +27,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +39,11 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from .io import atomic_write_bytes
 from .lora import TARGETS, LoRAConfig, inject_lora, load_lora_state_dict, lora_state_dict, merge_lora, remove_lora
 
 __all__ = ["LoRAAdapter", "LoRAFormatError", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PICKLE_SUFFIXES",
-           "save_adapter", "read_adapter", "load_lora", "atomic_write_bytes"]
+           "save_adapter", "read_adapter", "load_lora"]
 
 _logger = logging.getLogger(__name__)
 
@@ -176,22 +175,6 @@ class LoRAAdapter:
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _module_groups(state: dict[str, torch.Tensor]) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """``{path: {"lora_A": {slice: t}, "lora_B": {slice: t}}}`` from a lora_state_dict."""
     groups: dict[str, dict[str, dict[str, torch.Tensor]]] = {}

@@ -96,7 +96,7 @@ def write_model_card(folder: Path, adapter, command: Optional[str] = None, resul
     """Write ``README.md`` for a LoRA folder: what it is, how it was made (data-free), the command and results."""
     import json
 
-    from .formats import atomic_write_bytes
+    from .io import atomic_write_bytes
 
     info = dict(adapter.info)
     meta = info.pop("meta_training", None)

@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 
 from .episodes import EpisodeSampler, EpisodeSpec
-from .formats import LoRAAdapter, atomic_write_bytes
+from .formats import LoRAAdapter
+from .io import atomic_write_bytes
 from .invert import InversionResult
 
 __all__ = ["PoolError", "PoolItem", "PoolClass", "PoolEpisode", "Pool", "write_run", "POOL_FORMAT"]

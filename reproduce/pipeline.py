@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from recycle.backbone import Backbone, load_backbone
 from recycle.evaluate import EvalConfig, average_loras, evaluate, image_folder
-from recycle.formats import atomic_write_bytes, read_adapter, save_adapter
+from recycle.formats import read_adapter, save_adapter
+from recycle.io import atomic_write_bytes
 from recycle.images import load_image
 from recycle.invert import InversionConfig, invert, load_bn_prior, remask
 from recycle.meta import FolderEpisodes, MetaConfig, PoolEpisodes, meta_train
