@@ -124,7 +124,7 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
 
     from .backbone import load_backbone
     from .evaluate import EvalConfig, make_validator
-    from .hub import write_model_card
+    from .card import write_model_card
     from .lora import LoRAConfig
     from .meta import MetaConfig, PoolEpisodes, ZooEpisodes, meta_train
     from .pool import Pool

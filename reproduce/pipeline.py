@@ -326,7 +326,7 @@ def plot(results: dict, path: Path) -> None:
 def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] = None) -> dict:
     """Copy the mini backbone, the best meta-LoRA (chosen on the validation split) and example tasks into `weights`,
     and the results table, JSON and plot into `results_dir`."""
-    from recycle.hub import write_model_card
+    from recycle.card import write_model_card
 
     from .glyphs import example_task
 
