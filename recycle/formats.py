@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
@@ -244,10 +243,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     if path.stat().st_size == 0:
         raise LoRAFormatError(f"{path.name} is empty (0 bytes)")
     try:
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
+        with safe_open(str(path), framework="pt") as f:  # one open: header, metadata and tensors
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LoRAFormatError(f"{path.name} is not a valid safetensors file (corrupt or truncated?): {e}") from None
 
