@@ -214,8 +214,11 @@ def save_adapter(adapter: LoRAAdapter, directory: Union[str, Path]) -> Path:
         tensors["base_model.model.head.bias"] = (adapter.head_bias if adapter.head_bias is not None
                                                  else torch.zeros(adapter.num_classes)).contiguous()
     (r, alpha), _ = Counter(per_module.values()).most_common(1)[0]
-    rank_pattern = {re.escape(p): v[0] for p, v in per_module.items() if v[0] != r}
-    alpha_pattern = {re.escape(p): v[1] for p, v in per_module.items() if v[1] != alpha}
+    # Keys are plain module names, which every PEFT reads: 0.13 falls back to looking the module's full name up
+    # verbatim, later versions match each key as a regex at the end of the name ('.' matches itself). Escaped keys
+    # (blocks\.0\.mlp...) are read by the later versions only.
+    rank_pattern = {p: v[0] for p, v in per_module.items() if v[0] != r}
+    alpha_pattern = {p: v[1] for p, v in per_module.items() if v[1] != alpha}
     blocks = sorted({int(p.split(".")[1]) for p in per_module})
     suffixes = sorted({p.split(".", 2)[2] for p in per_module})
     target_regex = rf"blocks\.({'|'.join(map(str, blocks))})\.({'|'.join(re.escape(s) for s in suffixes)})"

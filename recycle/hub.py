@@ -40,15 +40,19 @@ def is_repo_id(text: str) -> bool:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hub endpoint answers HTTP at all (any status counts), within `timeout` seconds."""
-    import httpx
+    import importlib
+
     from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
 
     if constants.HF_HUB_OFFLINE:
         return False
+    session = get_session()  # huggingface_hub's own client: httpx in 1.x, httpx2 in 2.x
+    transport = importlib.import_module(type(session).__module__.split(".")[0])
     try:
-        httpx.head(endpoint() + "/api/models", timeout=timeout)
+        session.head(endpoint() + "/api/models", timeout=timeout)
         return True
-    except httpx.HTTPError:
+    except transport.HTTPError:
         return False
 
 
