@@ -104,3 +104,20 @@ def test_shipped_cards_pass_the_hubs_validation(name):
     card = (WEIGHTS / name / "README.md").read_text()
     assert card_metadata_errors(card, lambda repo: False) == ([], [])  # local backbone: no base_model
     assert ModelCard(card).data.pipeline_tag in ("image-classification", "image-feature-extraction")
+
+
+def test_push_takes_the_token_from_hf_token_and_warns_about_one_on_the_command_line(lora_dir, tiny_clip_dir, local_hub,
+                                                                                     monkeypatch, caplog):
+    from recycle.cli import main
+
+    _card(lora_dir, str(tiny_clip_dir))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(local_hub.root.parent / "no-login" / "token"))
+    assert main(["push", "--dir", str(lora_dir), "--repo", "me/lora"]) == 2  # the fake Hub wants a token to write
+    monkeypatch.setenv("HF_TOKEN", "test")
+    assert main(["push", "--dir", str(lora_dir), "--repo", "me/lora"]) == 0
+    assert "--token" not in caplog.text
+    assert main(["push", "--dir", str(lora_dir), "--repo", "me/lora2", "--token", "test"]) == 0
+    assert "HF_TOKEN" in caplog.text and "shell history" in caplog.text
