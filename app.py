@@ -1,7 +1,7 @@
 """LoRA Recycle web app: few-shot classification, LoRA inversion into surrogate images, and a surrogate-pool browser.
 
 Layout and wiring only; the handlers are in ``app_handlers.py`` and the work is done by `recycle`. Run
-``python app.py``. Environment:
+``python app.py``, or ``gradio app.py`` to reload the app whenever a file changes. Environment:
 
 * ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: the address (default 127.0.0.1:7860).
 * ``RECYCLE_BACKBONE``: the default backbone (a timm name, an alias, ``hf-hub:ORG/REPO`` or a local directory;
@@ -29,7 +29,7 @@ from app_handlers import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SI
 from recycle.backbone import ALIASES, DEFAULT_BACKBONE
 from recycle.invert import DEFAULT_BN_PRIOR
 
-__all__ = ["build_demo", "launch_options", "main", "TABS", "QUEUE_SIZE", "PREDICT_CONCURRENCY"]
+__all__ = ["build_demo", "launch_options", "main", "demo", "TABS", "QUEUE_SIZE", "PREDICT_CONCURRENCY"]
 
 _logger = logging.getLogger("recycle.app")
 
@@ -296,8 +296,7 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
                                                 inv.bn_prior, inv.lr, inv.seed],
                          outputs=[inv.images, inv.masked, inv.run_status, inv.download, inv.add], api_name="invert",
                          concurrency_id="invert", concurrency_limit=1, show_progress_on=[inv.run_status])
-        inv.stop.click(inversion.stop, None, inv.stop_note, api_name="stop_inversion", concurrency_id="stop",
-                       concurrency_limit=None)
+        inv.stop.click(inversion.stop, None, inv.stop_note, api_name="stop_inversion", queue=False)  # never queued
 
         # pool
         pool_outputs = [pool.summary, pool.source, pool.label, pool.images, pool.masked, pool.details, pool.settings]
@@ -327,11 +326,18 @@ def launch_options(settings: Optional[AppSettings] = None) -> dict[str, Any]:
     return {"theme": theme, "css": CSS, "max_file_size": MAX_FILE_SIZE, "allowed_paths": [str(settings.examples)]}
 
 
+demo: Optional[gr.Blocks] = None  # the running app; `gradio app.py` hot-reload finds it here and rebuilds it
+
+
 def main() -> None:
+    """Build the app into the module-level `demo` and launch it (``python app.py``, or ``gradio app.py`` to reload
+    on every edit: Gradio re-runs this file and swaps in the new `demo`)."""
+    global demo
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     settings = AppSettings.from_env()
-    build_demo(settings=settings).launch(**launch_options(settings))
+    demo = build_demo(settings=settings)
+    demo.launch(**launch_options(settings))
 
 
 if __name__ == "__main__":

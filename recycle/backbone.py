@@ -9,20 +9,19 @@ CLIP models, and the pre-logits [CLS] feature for the others.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from .hub import endpoint, hub_reachable, offline_mode
+from .hub import endpoint, hub_reachable
 
-__all__ = ["Backbone", "BackboneError", "ALIASES", "DEFAULT_BACKBONE", "load_backbone", "pick_device", "backbone_source"]
+__all__ = ["Backbone", "BackboneError", "ALIASES", "DEFAULT_BACKBONE", "load_backbone", "backbone_source", "hub_repo_id",
+           "pick_device"]
 
 _logger = logging.getLogger(__name__)
 
@@ -35,8 +34,6 @@ ALIASES: dict[str, tuple[str, dict]] = {
     # position embedding when it loads the weights.
     "dinov2-s14": ("vit_small_patch14_dinov2.lvd142m", {"img_size": 224}),
 }
-_INTERP = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-           "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
 
 class BackboneError(RuntimeError):
@@ -91,7 +88,7 @@ def backbone_source(name: str) -> tuple[Optional[str], str]:
     try:
         source, rest = parse_model_name(name)
     except (ValueError, AssertionError) as e:
-        raise BackboneError(f"Backbone '{name}' cannot be read: {e}") from None
+        raise _unknown(name, f"It cannot be read: {str(e).rstrip('.')}.") from None
     return source, rest
 
 
@@ -181,44 +178,131 @@ def _safetensors_file(repo: str, revision: Optional[str], filename: Optional[str
                         f"never loaded. {_CONVERT} Then upload model.safetensors to the repository.")
 
 
-def _is_cached(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
+def _unknown(name: str, why: str = "") -> BackboneError:
+    return BackboneError(f"Unknown backbone '{name}'.{' ' + why if why else ''} Use a timm model name (see "
+                         f"timm.list_models('*clip*')), an alias ({', '.join(ALIASES)}), 'hf-hub:ORG/REPO' or a local "
+                         "directory.")
 
-    return any(isinstance(try_to_load_from_cache(repo_id, f), str)
-               for f in ("model.safetensors", "open_clip_model.safetensors"))
+
+def _parse(name: str) -> tuple[Optional[str], str]:
+    """timm's ``(source, name)`` split: ``("hf-hub", "org/repo")``, ``("local-dir", path)`` or ``(None, name)``."""
+    from timm.models import parse_model_name
+
+    try:
+        return parse_model_name(name)
+    except (ValueError, AssertionError) as e:
+        raise _unknown(name, str(e)) from None
+
+
+def _hub_repo(name: str) -> Optional[str]:
+    """The Hub repository timm would download `name` from, or None for local or non-Hub weights."""
+    import timm
+
+    prefix, rest = _parse(name)
+    if prefix == "local-dir":
+        return None
+    if prefix == "hf-hub":
+        return rest.split("@")[0]
+    if not timm.is_model(rest):
+        return None
+    return getattr(timm.models.get_pretrained_cfg(rest), "hf_hub_id", None) or None
+
+
+def hub_repo_id(name: str) -> Optional[str]:
+    """The Hub model repository a backbone name (alias, timm name, ``hf-hub:`` id) loads its weights from.
+
+    None for a local directory and for names whose weights are not on the Hub (or that timm does not know).
+    ``clip-b16`` -> ``timm/vit_base_patch16_clip_224.openai``; ``hf-hub:org/repo@rev`` -> ``org/repo``.
+    """
+    try:
+        return _hub_repo(_resolve_name(name)[0])
+    except BackboneError:
+        return None
+
+
+def _cached_weights(name: str, repo: str) -> Optional[str]:
+    """What timm would load for `name` from the local cache alone: a file, a ``local-dir:`` snapshot, or None."""
+    import timm
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download, try_to_load_from_cache
+
+    prefix, rest = _parse(name)
+    if prefix == "hf-hub":  # timm reads config.json and the weights of the repo: both are in its snapshot
+        revision = rest.split("@")[1] if "@" in rest else None
+        try:
+            folder = Path(snapshot_download(repo, revision=revision, local_files_only=True,
+                                            allow_patterns=["config.json", "*.safetensors"]))
+        except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
+            return None
+        has_weights = (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+        return f"local-dir:{folder}" if has_weights else None
+    wanted = getattr(timm.models.get_pretrained_cfg(rest), "hf_hub_filename", None)
+    for filename in ([wanted] if wanted and wanted.endswith(".safetensors") else []) + [
+            "model.safetensors", "open_clip_model.safetensors"]:
+        cached = try_to_load_from_cache(repo, filename)
+        if isinstance(cached, str):
+            return cached
+    return None
 
 
 def _create(name: str, kwargs: dict, pretrained: bool) -> nn.Module:
-    """The timm model called `name` (any form `backbone_source` reads), with safetensors weights only."""
+    """The timm model called `name` (any form `backbone_source` reads), with safetensors weights only; when the Hub
+    is unreachable, from the local cache only (for this call: no global offline switch)."""
     import timm
     from huggingface_hub import errors as hf_errors
 
     name, extra = _resolve_name(name)
     kwargs = {**extra, **kwargs}
+    prefix, rest = _parse(name)
+    if prefix is None and not timm.is_model(rest):
+        raise _unknown(name)
     hub = _hub_weights(name) if pretrained else None
-    offline = hub is not None and not hub_reachable()
-    if offline and not _is_cached(hub[0]):
-        raise BackboneError(
-            f"Cannot load backbone '{name}': the Hugging Face Hub ({endpoint()}) is unreachable and the weights of "
-            f"'{hub[0]}' are not in the local cache. Connect to the internet once to download them, or pass a local "
-            f"directory with config.json and model.safetensors (such as the shipped weights/ model).")
     try:
-        with offline_mode() if offline else contextlib.nullcontext():
-            if hub is not None:  # pin timm to the safetensors file, so it can never fall back to a pickle
-                weights = _safetensors_file(*hub, name)
-                kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}),
-                                                    "hf_hub_filename": weights, "custom_load": False}
-            return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise BackboneError(f"Unknown backbone '{name}'. Use a timm model name (see timm.list_models('*clip*')), "
-                                f"an alias ({', '.join(ALIASES)}), 'hf-hub:ORG/REPO' or a local directory.") from None
-        raise
+        if hub is not None and hub_reachable():  # pin timm to the safetensors file, so it never falls back to a pickle
+            weights = _safetensors_file(*hub, name)
+            kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}),
+                                                "hf_hub_filename": weights, "custom_load": False}
+        elif hub is not None:
+            cached = _cached_weights(name, hub[0])
+            if cached is None:
+                raise BackboneError(
+                    f"Cannot load backbone '{name}': the Hugging Face Hub ({endpoint()}) is unreachable and the "
+                    f"weights of '{hub[0]}' are not in the local cache. Connect to the internet once to download "
+                    f"them, or pass a local directory with config.json and model.safetensors (such as the shipped "
+                    f"weights/ model).")
+            if cached.startswith("local-dir:"):
+                name = cached
+            else:
+                kwargs = {**kwargs, "pretrained_cfg_overlay": {**kwargs.get("pretrained_cfg_overlay", {}),
+                                                               "file": cached}}
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError) as e:
         raise BackboneError(f"Backbone '{name}' was not found on the Hugging Face Hub ({type(e).__name__}).") from None
     except (hf_errors.EntryNotFoundError, hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
         raise BackboneError(f"Backbone '{name}': its config or weights could not be fetched from the Hub or the "
                             f"cache ({type(e).__name__}).") from None
+
+
+def _data_config(model: nn.Module) -> dict:
+    """timm's data config for `model`, with the input size the model runs at (not the pretrained one).
+
+    timm reports the pretrained size, e.g. 518 px for DINOv2, even when the model was created at 224 px.
+    """
+    from timm.data import resolve_model_data_config
+
+    overrides: dict = {"crop_pct": 1.0, "crop_mode": "squash"}
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        overrides["input_size"] = (3, *img_size)
+    return resolve_model_data_config(model, args=overrides)
+
+
+def _eval_transform(data_config: dict):
+    """PIL image -> normalised ``(C, H, W)`` tensor, by timm's `create_transform`."""
+    from timm.data import create_transform
+
+    return create_transform(**{k: data_config[k] for k in ("input_size", "interpolation", "mean", "std",
+                                                               "crop_pct", "crop_mode")}, is_training=False)
 
 
 class Backbone(nn.Module):
@@ -227,8 +311,8 @@ class Backbone(nn.Module):
     Attributes:
         model: the timm model (LoRA layers are injected into it).
         name: the name it was loaded by.
-        input_size: ``(C, H, W)`` from the pretrained config.
-        mean, std, interpolation: preprocessing from the pretrained config.
+        data_config: timm's data config (input size as the model runs, mean, std, interpolation, no crop).
+        input_size: ``(C, H, W)``; mean, std, interpolation: from `data_config`.
         embedding: ``"projection"`` (CLIP: pre-logits through CLIP's projection head) or ``"pre_logits"``.
     """
 
@@ -237,14 +321,13 @@ class Backbone(nn.Module):
         self.model = model.eval()
         self.name = name
         self.lock = threading.RLock()  # held while a LoRA is attached to the shared model
-        cfg = dict(model.pretrained_cfg)
-        self.input_size = tuple(cfg.get("input_size", (3, 224, 224)))
-        if getattr(model, "patch_embed", None) is not None and hasattr(model.patch_embed, "img_size"):
-            self.input_size = (self.input_size[0], *model.patch_embed.img_size)
-        self.mean = tuple(float(m) for m in cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(float(s) for s in cfg.get("std", (0.229, 0.224, 0.225)))
-        self.interpolation = cfg.get("interpolation", "bicubic")
-        is_clip = "clip" in str(cfg.get("architecture", name)).lower()
+        self.data_config = _data_config(model)
+        self.input_size = tuple(self.data_config["input_size"])
+        self.mean = tuple(float(m) for m in self.data_config["mean"])
+        self.std = tuple(float(s) for s in self.data_config["std"])
+        self.interpolation = self.data_config["interpolation"]
+        self._transform = _eval_transform(self.data_config)
+        is_clip = "clip" in str(model.pretrained_cfg.get("architecture", name)).lower()
         self.embedding = "projection" if is_clip and getattr(model, "num_classes", 0) > 0 else "pre_logits"
 
     @property
@@ -262,18 +345,12 @@ class Backbone(nn.Module):
         return next(self.model.parameters()).device
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """RGB PIL images -> normalised batch ``(B, C, H, W)``.
+        """RGB PIL images -> normalised batch ``(B, C, H, W)``, with timm's eval transform for this model.
 
-        Resizes straight to the input size (no crop), as the paper's evaluation does, so nothing at the border of
-        a support image is cut away.
+        Resizes straight to the input size (timm's ``squash`` crop mode at ``crop_pct=1``, no crop), as the paper's
+        evaluation does, so nothing at the border of a support image is cut away.
         """
-        _, h, w = self.input_size
-        resample = _INTERP.get(self.interpolation, Image.BICUBIC)
-        arr = np.stack([np.asarray(im.convert("RGB").resize((w, h), resample), dtype=np.float32) for im in images])
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2).div_(255.0)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return torch.stack([self._transform(im.convert("RGB")) for im in images])
 
     def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> pooled feature ``(B, num_features)``."""

@@ -12,11 +12,12 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import distributed
+from . import __version__, distributed
 from .backbone import DEFAULT_BACKBONE, BackboneError
-from .formats import LoRAFormatError, atomic_write_bytes
+from .formats import LoRAFormatError
 from .hub import HubError
 from .images import IMAGE_SUFFIXES, ImageError
+from .io import atomic_write_bytes
 from .pool import PoolError
 from .predict import SupportError
 
@@ -159,7 +160,7 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
 
     from .backbone import load_backbone
     from .evaluate import EvalConfig, make_validator
-    from .hub import write_model_card
+    from .card import write_model_card
     from .lora import LoRAConfig
     from .meta import MetaConfig, PoolEpisodes, ZooEpisodes, meta_train
     from .pool import Pool
@@ -239,15 +240,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_folder
 
+    if args.token:
+        _logger.warning("--token exposes the token in the shell history and the process list; set HF_TOKEN or run "
+                        "`hf auth login` instead")
     url = push_folder(args.dir, args.repo, token=args.token, private=args.private)
     print(f"pushed {args.dir} to {url}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m recycle", description="LoRA Recycle: tuning-free few-shot "
-                                     "learning from recycled LoRAs.")
+    prog = "recycle" if Path(sys.argv[0]).name == "recycle" else "python -m recycle"  # console script or -m
+    parser = argparse.ArgumentParser(prog=prog, description="LoRA Recycle: tuning-free few-shot learning from "
+                                     "recycled LoRAs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("predict", help="classify query images from a few labelled support images, without tuning",
@@ -258,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--support", required=True, help="folder with one subfolder of images per class")
     p.add_argument("--query", required=True, help="folder of query images (searched recursively)")
     p.add_argument("--json", help="also write the predictions to this JSON file")
-    p.add_argument("--distance", default="l2", choices=("l2", "sqeuclidean", "cosine"))
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--distance", default="l2", choices=("l2", "sqeuclidean", "cosine"),
+                   help="query-to-prototype distance (default: l2, the paper's)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("invert", help="synthesise surrogate images from a LoRA and its head into a pool",
@@ -275,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", nargs="+", help="class names or head indices (default: all)")
     p.add_argument("--per-class", type=int, default=10, help="images per class (default: 10)")
     p.add_argument("--steps", type=int, default=2000, help="optimisation steps (default: 2000, the paper's)")
-    p.add_argument("--lr", type=float, default=0.25)
+    p.add_argument("--lr", type=float, default=0.25, help="Adam learning rate on the pixels (default: 0.25)")
     p.add_argument("--prune", nargs="+", metavar="LAYER:RATIO",
                    help="pruning schedule, e.g. 11:0.75 or 3,6,8,11:0.3; 'none' to disable (default: -1:0.75, "
                         "the last block)")
@@ -284,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timm CNN whose BatchNorm statistics regularise the images, or 'none'")
     p.add_argument("--bn-weight", type=float, default=0.01, help="weight of the BN prior (default: 0.01)")
     p.add_argument("--batch-size", type=int, help="images optimised together (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_invert, ranks=True)
 
@@ -294,16 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_args(p, bf16=False)
     p.add_argument("--data", required=True, help="ImageFolder: one subfolder of images per class")
     p.add_argument("--out", required=True, help="zoo folder")
-    p.add_argument("--num-loras", type=int, required=True)
-    p.add_argument("--way", type=int, default=5)
+    p.add_argument("--num-loras", type=int, required=True, help="LoRAs in the zoo, one N-way task each")
+    p.add_argument("--way", type=int, default=5, help="classes per LoRA (default: 5)")
     p.add_argument("--steps", type=int, default=100, help="Adam steps per LoRA")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank of q and v (default: 4)")
     p.add_argument("--shift", type=float, default=0.125, help="random translation (fraction of the size)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips (e.g. for text)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the tasks and the tuning (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pretune, ranks=True)
 
     p = sub.add_parser("meta-train", help="distil one meta-LoRA from a surrogate pool or a LoRA zoo",
@@ -314,27 +321,27 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--pool", help="surrogate pool folder (from invert)")
     src.add_argument("--zoo", help="LoRA zoo folder: invert episodes online (slow; the paper's Alg. 1)")
     p.add_argument("--out", required=True, help="output folder (checkpoint, log.jsonl, meta-lora/)")
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--steps", type=int, required=True, help="meta-training steps (episodes)")
     _add_episode_args(p)
     p.add_argument("--masked", action="store_true", help="train on masked images, feeding kept tokens only")
     p.add_argument("--cross-fraction", type=float, default=0.5, help="share of cross-LoRA (CE) episodes")
     p.add_argument("--teacher-temperature", type=float, default=1.0,
                    help="KL target softmax(teacher logits / T); T < 1 sharpens soft teacher heads (choose on --val)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    p.add_argument("--rank", type=int, default=4, help="meta-LoRA rank of q and v (default: 4)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
     p.add_argument("--episode-batch", type=int, default=1,
                    help="episodes per optimiser step, loss averaged (default: 1); under torchrun split evenly "
                         "over the ranks, so it must be a multiple of their number")
     p.add_argument("--val", help="real ImageFolder validation split for model selection (never the test split)")
-    p.add_argument("--val-every", type=int, default=100)
-    p.add_argument("--val-episodes", type=int, default=100)
+    p.add_argument("--val-every", type=int, default=100, help="with --val: steps between validations (default: 100)")
+    p.add_argument("--val-episodes", type=int, default=100, help="with --val: episodes per validation (default: 100)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--invert-steps", type=int, default=200, help="with --zoo: inversion steps per episode")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="with --zoo --masked: tokens dropped")
     p.add_argument("--bn-prior", default="none", help="with --zoo: BN prior for online inversion")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the episodes (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_meta_train, ranks=True)
 
     p = sub.add_parser("eval", help="episodic few-shot evaluation with baselines, mean ± 95%% CI",
@@ -345,18 +352,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", nargs="+", metavar="[NAME=]SOURCE", help="LoRAs to score, e.g. recycle=out/meta-lora")
     p.add_argument("--zoo", help="zoo folder, for the LoRAs-average + NN baseline")
     _add_episode_args(p)
-    p.add_argument("--episodes", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--distance", default="l2", choices=("l2", "sqeuclidean", "cosine"))
+    p.add_argument("--episodes", type=int, default=600, help="episodes per method (default: 600, the paper's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the episodes (default: 0)")
+    p.add_argument("--distance", default="l2", choices=("l2", "sqeuclidean", "cosine"),
+                   help="query-to-prototype distance (default: l2, the paper's)")
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--markdown", help="write the results table as Markdown")
     p.set_defaults(func=_cmd_eval, ranks=True)
 
-    p = sub.add_parser("push", help="upload a LoRA folder (e.g. a meta-LoRA with its card) to the Hub")
+    p = sub.add_parser("push", help="upload a LoRA folder (e.g. a meta-LoRA with its card) to the Hub",
+                       description="Create the Hub model repository --repo if needed and upload the folder's "
+                                   ".safetensors, .json and .md files (pickles are refused). The Hub checks the "
+                                   "model card's metadata; meta-train writes a card it accepts. Authenticate with "
+                                   "the HF_TOKEN environment variable or `hf auth login`.")
     p.add_argument("--dir", required=True, help="folder to upload (adapter files and README.md)")
     p.add_argument("--repo", required=True, help="Hub repository ORG/NAME (created if missing)")
-    p.add_argument("--token", help="Hub token (default: the logged-in token or HF_TOKEN)")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("--token", help="Hub token; prefer the HF_TOKEN environment variable or `hf auth login`, since a "
+                                   "token on the command line lands in the shell history and the process list")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
     p.set_defaults(func=_cmd_push)
     return parser
 

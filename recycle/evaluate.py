@@ -170,5 +170,5 @@ def results_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, json_path: Union[str, Path]) -> None:
-    from .formats import atomic_write_bytes
+    from .io import atomic_write_bytes
     atomic_write_bytes(json_path, json.dumps(report, indent=2).encode())

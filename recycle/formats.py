@@ -27,25 +27,23 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from .io import atomic_write_bytes, dumps_strict, loads_strict
 from .lora import (TARGETS, LoRAConfig, inject_lora, load_lora_state_dict, lora_state_dict, merge_lora, planned_shapes,
                    remove_lora)
 
 __all__ = ["LoRAAdapter", "LoRAFormatError", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PICKLE_SUFFIXES",
-           "save_adapter", "read_adapter", "load_lora", "atomic_write_bytes", "loads_strict", "dumps_strict"]
+           "save_adapter", "read_adapter", "load_lora"]
 
 _logger = logging.getLogger(__name__)
 
@@ -199,22 +197,6 @@ class LoRAAdapter:
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _module_groups(state: dict[str, torch.Tensor]) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """``{path: {"lora_A": {slice: t}, "lora_B": {slice: t}}}`` from a lora_state_dict."""
     groups: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
@@ -255,8 +237,11 @@ def save_adapter(adapter: LoRAAdapter, directory: Union[str, Path]) -> Path:
         tensors["base_model.model.head.bias"] = (adapter.head_bias if adapter.head_bias is not None
                                                  else torch.zeros(adapter.num_classes)).contiguous()
     (r, alpha), _ = Counter(per_module.values()).most_common(1)[0]
-    rank_pattern = {re.escape(p): v[0] for p, v in per_module.items() if v[0] != r}
-    alpha_pattern = {re.escape(p): v[1] for p, v in per_module.items() if v[1] != alpha}
+    # Keys are plain module names, which every PEFT reads: 0.13 falls back to looking the module's full name up
+    # verbatim, later versions match each key as a regex at the end of the name ('.' matches itself). Escaped keys
+    # (blocks\.0\.mlp...) are read by the later versions only.
+    rank_pattern = {p: v[0] for p, v in per_module.items() if v[0] != r}
+    alpha_pattern = {p: v[1] for p, v in per_module.items() if v[1] != alpha}
     blocks = sorted({int(p.split(".")[1]) for p in per_module})
     suffixes = sorted({p.split(".", 2)[2] for p in per_module})
     target_regex = rf"blocks\.({'|'.join(map(str, blocks))})\.({'|'.join(re.escape(s) for s in suffixes)})"
@@ -284,10 +269,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     if path.stat().st_size == 0:
         raise LoRAFormatError(f"{path.name} is empty (0 bytes)")
     try:
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
+        with safe_open(str(path), framework="pt") as f:  # one open: header, metadata and tensors
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LoRAFormatError(f"{path.name} is not a valid safetensors file (corrupt or truncated?): {e}") from None
 
@@ -304,34 +287,6 @@ def _shown(value, limit: int = 60) -> str:
     """`value`'s repr, cut to `limit` characters, for error messages about untrusted data."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def loads_strict(text: Union[str, bytes], what: str) -> object:
-    """Parse strict JSON (no NaN, Infinity or floats out of range; bounded nesting and integers).
-
-    Raises:
-        ValueError: naming `what`, for anything that is not strict JSON.
-    """
-    def constant(name: str):
-        raise ValueError(f"{name} is not a JSON number")
-
-    def finite(number: str) -> float:
-        value = float(number)
-        if not math.isfinite(value):
-            raise ValueError(f"{number[:20]} is out of range for a float")
-        return value
-
-    try:
-        return json.loads(text, parse_constant=constant, parse_float=finite)
-    except RecursionError:
-        raise ValueError(f"{what} is nested too deeply to be read") from None
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, NaN/Infinity, integers of > 4300 digits
-        raise ValueError(f"{what} is not valid JSON: {e}") from None
-
-
-def dumps_strict(value: object, **kwargs) -> str:
-    """JSON text of `value`; NaN and Infinity are refused (`ValueError`), never written."""
-    return json.dumps(value, allow_nan=False, **kwargs)
 
 
 # PEFT matches a rank_pattern/alpha_pattern key K as the regex ``(.*\.)?(K)$`` against module names. Untrusted

@@ -1,28 +1,23 @@
-"""Hugging Face Hub access through huggingface_hub: reachability, offline fallback, and downloads.
+"""Hugging Face Hub access through huggingface_hub: reachability, offline fallback, downloads and uploads.
 
 The endpoint is huggingface_hub's own (``HF_ENDPOINT``), so tests and mirrors work unchanged. A Hub that cannot be
-reached is detected with one short request instead of huggingface_hub's retry loop, so callers fail (or fall back
-to the cache) in seconds.
+reached is detected with one short request instead of huggingface_hub's retry loop; then each call is made with
+``local_files_only=True``, so callers fail (or fall back to the cache) in seconds without switching other threads'
+downloads to offline mode.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import re
-import threading
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
-__all__ = ["HubError", "endpoint", "hub_reachable", "offline_mode", "is_repo_id", "download_repo_files",
-           "write_model_card", "push_folder"]
+__all__ = ["HubError", "endpoint", "hub_reachable", "is_repo_id", "download_repo_files", "push_folder"]
 
 _logger = logging.getLogger(__name__)
-_offline_lock = threading.RLock()
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 class HubError(RuntimeError):
-    """A Hub download failed. The message names the repository and says what to do."""
+    """A Hub download or upload failed. The message names the repository and says what to do."""
 
 
 def endpoint() -> str:
@@ -31,36 +26,34 @@ def endpoint() -> str:
 
 
 def is_repo_id(text: str) -> bool:
-    """True for a well-formed ``org/name`` Hub id (no path tricks such as ``..`` or absolute paths)."""
-    return bool(_REPO_ID.match(text)) and ".." not in text
+    """True for a well-formed ``org/name`` Hub id (huggingface_hub's rules: no ``..``, ``--``, paths or URLs)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if text.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hub endpoint answers HTTP at all (any status counts), within `timeout` seconds."""
-    import httpx
+    import importlib
+
     from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
 
     if constants.HF_HUB_OFFLINE:
         return False
+    session = get_session()  # huggingface_hub's own client: httpx in 1.x, httpx2 in 2.x
+    transport = importlib.import_module(type(session).__module__.split(".")[0])
     try:
-        httpx.head(endpoint() + "/api/models", timeout=timeout)
+        session.head(endpoint() + "/api/models", timeout=timeout)
         return True
-    except httpx.HTTPError:
+    except transport.HTTPError:
         return False
-
-
-@contextlib.contextmanager
-def offline_mode() -> Iterator[None]:
-    """Serve huggingface_hub calls from the local cache only, for the duration of the block."""
-    from huggingface_hub import constants
-
-    with _offline_lock:
-        previous = constants.HF_HUB_OFFLINE
-        constants.HF_HUB_OFFLINE = True
-        try:
-            yield
-        finally:
-            constants.HF_HUB_OFFLINE = previous
 
 
 def download_repo_files(repo_id: str, allow_patterns: Sequence[str], revision: Optional[str] = None) -> Path:
@@ -76,10 +69,9 @@ def download_repo_files(repo_id: str, allow_patterns: Sequence[str], revision: O
 
     if not is_repo_id(repo_id):
         raise HubError(f"'{repo_id}' is not a Hub id of the form ORG/NAME, nor an existing local path")
-    online = hub_reachable()
     try:
-        with contextlib.nullcontext() if online else offline_mode():
-            folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(allow_patterns))
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(allow_patterns),
+                                   local_files_only=not hub_reachable())
     except hf_errors.RepositoryNotFoundError:
         raise HubError(f"Hub repository '{repo_id}' does not exist, or it is private") from None
     except hf_errors.RevisionNotFoundError:
@@ -90,44 +82,6 @@ def download_repo_files(repo_id: str, allow_patterns: Sequence[str], revision: O
     except hf_errors.HfHubHTTPError as e:
         raise HubError(f"Hub request for '{repo_id}' failed: {e}") from None
     return Path(folder)
-
-
-def write_model_card(folder: Path, adapter, command: Optional[str] = None, results_md: Optional[str] = None) -> Path:
-    """Write ``README.md`` for a LoRA folder: what it is, how it was made (data-free), the command and results."""
-    import json
-
-    from .formats import atomic_write_bytes
-
-    info = dict(adapter.info)
-    meta = info.pop("meta_training", None)
-    lines = ["---", "library_name: peft", "tags:", "- lora-recycle", "- few-shot", "- timm", "- lora"]
-    if adapter.backbone and not str(adapter.backbone).startswith(("/", ".", "local-dir:")):
-        lines.append(f"base_model: {adapter.backbone}")
-    lines += ["---", "", "# Meta-LoRA (LoRA Recycle)" if meta else "# LoRA", ""]
-    if meta:
-        lines += ["A meta-LoRA distilled **without any real training data** from pre-tuned LoRAs, following "
-                  "LoRA Recycle (Hu et al., CVPR 2025): surrogate images were inverted from each LoRA and its head, "
-                  "and the meta-LoRA was meta-trained on them with a ProtoNet objective (KL to the teacher for "
-                  "single-LoRA episodes, cross-entropy for cross-LoRA episodes).", "",
-                  "Use it for tuning-free few-shot classification: embed a few labelled support images per class, "
-                  "average them into prototypes and classify queries by distance, in one forward pass:", "",
-                  "```bash", f"python -m recycle predict --backbone {adapter.backbone} --lora <this repo> "
-                  "--support SUPPORT_DIR --query QUERY_DIR", "```", ""]
-    c = adapter.config
-    lines += ["## Adapter", "", f"- backbone: `{adapter.backbone}`", f"- targets: {', '.join(c.targets)}; rank "
-              f"{c.rank}; scaling {c.scaling:g}", "- files: PEFT layout (`adapter_config.json`, "
-              "`adapter_model.safetensors`); loads with PEFT on the same timm model", ""]
-    if adapter.class_names:
-        lines += [f"- head classes: {', '.join(adapter.class_names)}", ""]
-    if meta:
-        lines += ["## How it was made", "", "```json", json.dumps({**meta, **info}, indent=1, default=str), "```", ""]
-    if command:
-        lines += ["Command:", "", "```bash", command, "```", ""]
-    if results_md:
-        lines += ["## Results", "", results_md, ""]
-    path = Path(folder) / "README.md"
-    atomic_write_bytes(path, "\n".join(lines).encode())
-    return path
 
 
 def push_folder(folder, repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
@@ -154,6 +108,11 @@ def push_folder(folder, repo_id: str, token: Optional[str] = None, private: bool
                           commit_message="Upload LoRA (LoRA Recycle)")
     except hf_errors.HfHubHTTPError as e:
         raise HubError(f"upload to '{repo_id}' failed: {e}") from None
+    except ValueError as e:
+        if "metadata in README.md" not in str(e):
+            raise
+        raise HubError(f"the Hub refused the model card of '{folder}': {e}\nFix the YAML front matter of "
+                       f"{folder / 'README.md'} (e.g. rewrite it with recycle.card.write_model_card).") from None
     except Exception as e:  # noqa: BLE001 - network failures come from several libraries
         if "connect" in type(e).__name__.lower() or isinstance(e, (ConnectionError, OSError)):
             raise HubError(f"cannot reach the Hugging Face Hub at {endpoint()} to upload '{repo_id}'") from None

@@ -45,7 +45,8 @@ from . import distributed
 from .backbone import Backbone
 from .episodes import EpisodeSampler, EpisodeSpec
 from .fewshot import prototype_logits
-from .formats import LoRAAdapter, LoRAFormatError, atomic_write_bytes, save_adapter
+from .formats import LoRAAdapter, LoRAFormatError, save_adapter
+from .io import atomic_write_bytes
 from .lora import (LoRAConfig, inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict, lora_suspended,
                    remove_lora)
 from .pool import Pool, PoolEpisode

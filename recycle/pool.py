@@ -30,8 +30,9 @@ from PIL import Image
 from . import distributed
 from .backbone import Backbone
 from .episodes import EpisodeSampler, EpisodeSpec
-from .formats import LoRAAdapter, atomic_write_bytes, dumps_strict, loads_strict
+from .formats import LoRAAdapter
 from .invert import BNPrior, InversionConfig, InversionProgress, InversionResult, invert
+from .io import atomic_write_bytes, dumps_strict, loads_strict
 
 __all__ = ["PoolError", "PoolItem", "PoolClass", "PoolEpisode", "Pool", "write_run", "invert_zoo", "POOL_FORMAT"]
 

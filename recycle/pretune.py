@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from . import distributed
 from .backbone import Backbone
 from .evaluate import image_folder
-from .formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAAdapter, atomic_write_bytes, read_adapter, save_adapter
+from .formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAAdapter, read_adapter, save_adapter
 from .images import load_image
+from .io import atomic_write_bytes
 from .lora import LoRAConfig, inject_lora, lora_parameters, remove_lora
 
 __all__ = ["PretuneConfig", "sample_tasks", "augment", "tune_lora", "pretune_zoo", "load_zoo", "ZOO_MANIFEST"]

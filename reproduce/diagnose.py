@@ -27,7 +27,7 @@ import torch
 
 from recycle.backbone import load_backbone
 from recycle.evaluate import EvalConfig, make_validator
-from recycle.formats import atomic_write_bytes
+from recycle.io import atomic_write_bytes
 from recycle.meta import FolderEpisodes, meta_train
 
 from .pipeline import MASKS, ReproConfig

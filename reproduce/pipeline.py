@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from recycle.backbone import Backbone, load_backbone
 from recycle.evaluate import EvalConfig, average_loras, evaluate, image_folder
-from recycle.formats import atomic_write_bytes, read_adapter, save_adapter
+from recycle.formats import read_adapter, save_adapter
+from recycle.io import atomic_write_bytes
 from recycle.images import load_image
 from recycle.invert import InversionConfig, invert, load_bn_prior, remask
 from recycle.meta import FolderEpisodes, MetaConfig, PoolEpisodes, meta_train
@@ -134,13 +135,14 @@ def stage_prior(cfg: ReproConfig, data: Path, out: Path) -> dict:
 
     x, y = _load_split(data / "pretrain", cfg.data.size)
     torch.manual_seed(1)
-    model = timm.create_model("resnet18", pretrained=False, layers=[1, 1, 1, 1], num_classes=int(y.max()) + 1)
+    args = dict(layers=[1, 1, 1, 1], num_classes=int(y.max()) + 1)  # saved in config.json (older timm needs them)
+    model = timm.create_model("resnet18", pretrained=False, **args)
     mean = torch.tensor((0.5, 0.5, 0.5)).view(1, 3, 1, 1)
     std = torch.tensor((0.5, 0.5, 0.5)).view(1, 3, 1, 1)
     model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
                             "input_size": (3, cfg.data.size, cfg.data.size)}
     acc = _train_classifier(model, x, y, cfg.prior_steps, cfg.pretrain_batch, 2e-3, mean, std, seed=1)
-    save_for_hf(model, str(out), safe_serialization=True)
+    save_for_hf(model, str(out), safe_serialization=True, model_args=args)
     return {"train_acc": round(acc, 4), "classes": int(y.max()) + 1}
 
 
@@ -157,7 +159,7 @@ def stage_pretrain(cfg: ReproConfig, data: Path, out: Path) -> dict:
     acc = _train_classifier(model, x, y, cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, mean, std, seed=0)
     model.reset_classifier(0)
     model.pretrained_cfg = {**model.pretrained_cfg, "hf_hub_id": None, "tag": "glyphs", "license": "apache-2.0"}
-    save_for_hf(model, str(out), safe_serialization=True)
+    save_for_hf(model, str(out), safe_serialization=True, model_args={**cfg.vit, "num_classes": 0})
     return {"train_acc": round(acc, 4), "classes": int(y.max()) + 1, "params": sum(p.numel() for p in
                                                                                   model.parameters())}
 
@@ -344,7 +346,7 @@ def plot(results: dict, path: Path) -> None:
 def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] = None) -> dict:
     """Copy the mini backbone, the best meta-LoRA (chosen on the validation split) and example tasks into `weights`,
     and the results table, JSON and plot into `results_dir`."""
-    from recycle.hub import write_model_card
+    from recycle.card import write_model_card
 
     from .glyphs import example_task
 

@@ -16,7 +16,7 @@ def save_tiny(directory: Path, architecture: str, seed: int, **kwargs) -> Path:
     """A random tiny timm model in local-dir layout (config.json + model.safetensors)."""
     torch.manual_seed(seed)
     model = timm.create_model(architecture, pretrained=False, **kwargs)
-    save_for_hf(model, directory, safe_serialization=True)
+    save_for_hf(model, directory, safe_serialization=True, model_args=kwargs)  # (older timm does not infer them)
     return directory
 
 

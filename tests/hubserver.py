@@ -1,4 +1,4 @@
-"""A small fake Hugging Face Hub, stdlib only, for running the real ``huggingface_hub`` client against 127.0.0.1.
+"""A small fake Hugging Face Hub (stdlib only, plus PyYAML imported when a model card is checked) for running the real ``huggingface_hub`` client against 127.0.0.1.
 
 Model repos are plain folders on disk, ``root/<org>/<name>/<files...>`` (subfolders allowed), all on one branch
 ``main``. A repo's commit sha is a stable fake: the sha1 of its id and of its sorted ``(path, git blob oid)`` listing,
@@ -15,7 +15,12 @@ Endpoints, each one what huggingface_hub 2.4.0 calls (read from its source):
 - ``GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=``: ``list_repo_tree``, ``list_repo_files``,
   ``snapshot_download``. One page, no ``Link`` header.
 - ``POST /api/repos/create``: ``create_repo``; 409 with the repo ``url`` if it exists (``exist_ok=True`` reads it).
-- ``POST /api/validate-yaml``: called by ``upload_folder``/``create_commit`` when a ``README.md`` is uploaded.
+- ``POST /api/validate-yaml``: called by ``upload_folder``/``create_commit`` when a ``README.md`` is uploaded, and by
+  ``RepoCard.validate``. It checks the card's metadata as the Hub does (see ``card_metadata_errors``): the YAML front
+  matter must parse to a mapping, and ``base_model`` must name model repos that exist on this server. Errors are a
+  400 with ``{"errors": [{"message": ...}]}``, which the client raises as ``ValueError("Invalid metadata in
+  README.md. ...")``; a card without front matter gets a warning. A commit that writes a ``README.md`` with bad
+  metadata is refused the same way (400), so a client that skips validation cannot land it either.
 - ``POST /api/models/{repo}/preupload/{rev}`` and ``/commit/{rev}`` (NDJSON): ``upload_file``, ``upload_folder``,
   ``create_commit``. Preupload answers ``uploadMode: "regular"`` for every file, binary ones included, so the
   client sends the content base64-encoded inside the commit (fine for files of a few MB). Answering ``"lfs"``
@@ -189,6 +194,42 @@ def _git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def card_metadata_errors(content: str, repo_exists: Callable[[str], bool]) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for a ``README.md``, as the Hub's metadata validation reports them.
+
+    Checked: front matter (between the first two ``---`` lines) that is well-formed YAML and a mapping; the types
+    of ``license``, ``library_name``, ``pipeline_tag`` (strings) and ``tags`` (a list of strings); and that every
+    ``base_model`` names a model repo that exists here, as on the Hub (where a local path or a timm model name that
+    is not an ``org/name`` repo is refused).
+    """
+    import re
+
+    import yaml
+
+    block = re.match(r"^\s*---[\r\n]+([\S\s]*?)[\r\n]+---(\r\n|\n|$)", content)
+    if block is None:
+        return [], ["Empty or missing yaml metadata in repo card (https://huggingface.co/docs/hub/model-cards)"]
+    try:
+        metadata = yaml.safe_load(block.group(1))
+    except yaml.YAMLError as error:
+        return [f"Invalid YAML in the metadata of README.md: {error}"], []
+    if metadata is None:
+        return [], ["Empty or missing yaml metadata in repo card (https://huggingface.co/docs/hub/model-cards)"]
+    if not isinstance(metadata, dict):
+        return [f"The metadata of README.md must be a YAML mapping, not {type(metadata).__name__}"], []
+    errors = [f'"{key}" must be a string' for key in ("license", "library_name", "pipeline_tag")
+              if key in metadata and not isinstance(metadata[key], str)]
+    tags = metadata.get("tags", [])
+    if not (isinstance(tags, list) and all(isinstance(tag, str) for tag in tags)):
+        errors.append('"tags" must be an array of strings')
+    base_models = metadata.get("base_model", [])
+    for base_model in base_models if isinstance(base_models, list) else [base_models]:
+        if not (isinstance(base_model, str) and repo_exists(base_model)):
+            errors.append(f'"base_model" with value "{base_model}" is not valid. Use a model id from '
+                          "https://hf.co/models.")
+    return errors, []
+
+
 def _checked(path: str) -> str:
     """A path inside a repo: relative, normalized, no ``..``."""
     if not path or any(part in ("", ".", "..") for part in path.split("/")):
@@ -202,6 +243,13 @@ class _RepoStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.lock = threading.Lock()
+
+    def exists(self, repo_id: str) -> bool:
+        try:
+            self.repo_dir(repo_id)
+        except _HubError:
+            return False
+        return True
 
     def repo_dir(self, repo_id: str) -> Path:
         org, _, name = repo_id.partition("/")
@@ -252,6 +300,10 @@ class _RepoStore:
             path = _checked(value["path"].strip("/") if key == "deletedFolder" else value["path"])
             if key == "file" and value.get("encoding") == "base64":
                 writes[path] = base64.b64decode(value["content"])
+                if path == "README.md":
+                    errors, _ = card_metadata_errors(writes[path].decode("utf-8", "replace"), self.exists)
+                    if errors:
+                        raise _HubError(400, "Invalid metadata in README.md.\n" + "\n".join(f"- {e}" for e in errors))
             elif (key == "deletedFile" and path in snapshot.files) or (
                 key == "deletedFolder" and path in snapshot.folders()
             ):
@@ -322,7 +374,7 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "POST" and parts == ["api", "repos", "create"]:
             return self._create_repo
         if method == "POST" and parts == ["api", "validate-yaml"]:
-            return partial(self._send_json, 200, {"errors": [], "warnings": []})
+            return self._validate_yaml
         if parts[:2] == ["api", "models"] and len(parts) == 4 and method == "GET":
             return partial(self._model_info, f"{parts[2]}/{parts[3]}", DEFAULT_REVISION, query)
         if parts[:2] == ["api", "models"] and len(parts) >= 6:
@@ -394,6 +446,16 @@ class _Handler(BaseHTTPRequestHandler):
             for path, entry in snapshot.files.items()
         ]
         self._send_json(200, [entry for entry in entries if listed(entry["path"])])
+
+    def _validate_yaml(self) -> None:
+        payload = self._read_json()
+        if payload.get("repoType", "model") != "model":
+            raise _HubError(400, "This fake Hub only hosts model repos")
+        store = self.server.store
+        with store.lock:
+            errors, warnings = card_metadata_errors(str(payload.get("content", "")), store.exists)
+        answer = {"errors": [{"message": e} for e in errors], "warnings": [{"message": w} for w in warnings]}
+        self._send_json(400 if errors else 200, answer)
 
     # Writes
 

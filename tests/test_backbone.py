@@ -139,3 +139,65 @@ def test_pickle_only_hub_repos_are_refused(pickle_only, local_hub, no_unpickling
     # with both files, the safetensors one is used, and the pickle never is
     shutil.copy(tiny_clip_dir / "model.safetensors", local_hub.root / "someone" / "pickled-vit")
     assert load_backbone("hf-hub:someone/pickled-vit", device="cpu").embed_dim == 16
+
+
+def _resize_and_normalise(backbone, images):
+    """The preprocessing before timm's transforms were used: PIL resize straight to the input size, then normalise."""
+    import numpy as np
+    from PIL import Image
+
+    _, h, w = backbone.input_size
+    arr = np.stack([np.asarray(im.convert("RGB").resize((w, h), Image.BICUBIC), dtype=np.float32) for im in images])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).div_(255.0)
+    return (x - torch.tensor(backbone.mean).view(1, 3, 1, 1)) / torch.tensor(backbone.std).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("name", ["weights/mini-vit", "vit_base_patch16_clip_224.openai", "dinov2-s14"])
+def test_timm_transform_equals_resize_and_normalise(name):
+    """timm's eval transform (squash, crop_pct 1) gives the same tensors as a plain resize, at the model's own size:
+    224 px for the DINOv2 alias, although timm's pretrained config says 518."""
+    from pathlib import Path
+
+    if name.startswith("weights/"):
+        name = str(Path(__file__).resolve().parent.parent / name)
+    backbone = load_backbone(name, pretrained=name.startswith("/"), device="cpu")
+    images = [make_image(0, 40), make_image(1, 300).resize((300, 180)), make_image(2, 50, "L")]
+    x = backbone.preprocess(images)
+    assert torch.equal(x, _resize_and_normalise(backbone, images))
+    assert x.shape[1:] == backbone.input_size == (3, *backbone.model.patch_embed.img_size)
+    if "dinov2" in name:
+        assert backbone.model.pretrained_cfg["input_size"][-1] == 518 and backbone.input_size == (3, 224, 224)
+
+
+def test_timm_name_loads_from_the_cache_when_the_hub_is_down_without_going_offline_globally(tiny_clip_dir, local_hub,
+                                                                                             monkeypatch):
+    """A timm name whose weights are on the Hub (here: a tiny stand-in at timm/vit_base_patch16_clip_224.openai)."""
+    import shutil
+
+    import timm
+    from huggingface_hub import constants
+
+    from tests.helpers import TINY_CLIP_ARGS
+
+    shutil.copytree(tiny_clip_dir, local_hub.root / "timm" / "vit_base_patch16_clip_224.openai")
+    shape = dict(TINY_CLIP_ARGS)
+    online = load_backbone("clip-b16", device="cpu", **shape)
+    local_hub.stop()
+    seen = []
+    create_model = timm.create_model
+
+    def observe(*args, **kwargs):  # records the global switch that other threads' downloads would see
+        seen.append(constants.HF_HUB_OFFLINE)
+        return create_model(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", observe)
+    offline = load_backbone("clip-b16", device="cpu", **shape)
+    assert seen == [False]
+    x = online.preprocess([make_image(4)])
+    with torch.no_grad():  # (the head is new: the tiny model's 16 outputs are not the pretrained config's 512)
+        assert torch.equal(online.pre_logits(x), offline.pre_logits(x))
+
+
+def test_malformed_names_are_unknown_backbones():
+    with pytest.raises(BackboneError, match="Unknown backbone 'ftp:x'"):
+        load_backbone("ftp:x")

@@ -103,8 +103,9 @@ def _publish_tiny_resnet(repo_dir):
     import timm
     from timm.models import save_for_hf
 
-    model = timm.create_model("resnet18", pretrained=False, layers=[1, 1, 1, 1], num_classes=10)
-    save_for_hf(model, str(repo_dir), safe_serialization=True)
+    args = dict(layers=[1, 1, 1, 1], num_classes=10)
+    model = timm.create_model("resnet18", pretrained=False, **args)
+    save_for_hf(model, str(repo_dir), safe_serialization=True, model_args=args)
 
 
 def test_invert_from_the_hub_into_a_pool(tiny_clip, tiny_clip_dir, local_hub, tmp_path, capsys):

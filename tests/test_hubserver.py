@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx2
 import huggingface_hub
 import pytest
 import torch
@@ -21,10 +21,13 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import _http
+from huggingface_hub.utils import _http, get_session
 from safetensors.torch import save_file
 
 from tests.hubserver import HubServer, free_port, patch_hf_endpoint
+
+# huggingface_hub's HTTP client library: httpx in 1.x, httpx2 in 2.x.
+http = importlib.import_module(type(get_session()).__module__.split(".")[0])
 
 REPO = "testorg/tiny"
 CONFIG = {"architectures": ["Tiny"], "hidden_size": 8}
@@ -57,9 +60,9 @@ def test_fixed_port_and_lifecycle(tmp_path: Path) -> None:
     assert server.url == f"http://127.0.0.1:{port}"
     with server:
         assert server.port == port
-        assert httpx2.get(f"{server.url}/api/models/no/repo").headers["X-Error-Code"] == "RepoNotFound"
-    with pytest.raises(httpx2.ConnectError):
-        httpx2.get(f"{server.url}/api/models/no/repo")
+        assert http.get(f"{server.url}/api/models/no/repo").headers["X-Error-Code"] == "RepoNotFound"
+    with pytest.raises(http.ConnectError):
+        http.get(f"{server.url}/api/models/no/repo")
     with pytest.raises(RuntimeError):
         _ = HubServer(tmp_path).url
 
@@ -155,14 +158,14 @@ def test_hub_down_serves_cached_file(hub: HubServer) -> None:
 
 def test_hub_down_without_cache_raises_connection_error(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
     hub.stop()
-    with pytest.raises(httpx2.ConnectError):
+    with pytest.raises(http.ConnectError):
         HfApi().model_info(REPO)
     # With nothing cached, hf_hub_download retries the HEAD call with backoff; record the waits instead of sleeping.
     waits: list[float] = []
     monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=waits.append))
     with pytest.raises(LocalEntryNotFoundError) as error:
         hf_hub_download(REPO, "config.json")
-    assert isinstance(error.value.__cause__, httpx2.ConnectError)
+    assert isinstance(error.value.__cause__, http.ConnectError)
     assert waits == [1, 2, 4, 8, 8]
 
 

@@ -106,7 +106,7 @@ def test_resume_equals_uninterrupted(pool_dir, tiny_clip, tmp_path):
 def test_a_kill_during_checkpointing_keeps_the_last_good_one(pool_dir, tiny_clip, tmp_path, monkeypatch):
     import os
 
-    import recycle.formats as formats
+    import recycle.io as rio
     source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
     config = MetaConfig(steps=10, way=3, shot=1, query=2, checkpoint_every=4)
     real_replace, writes = os.replace, []
@@ -116,10 +116,10 @@ def test_a_kill_during_checkpointing_keeps_the_last_good_one(pool_dir, tiny_clip
         if str(dst).endswith("checkpoint.safetensors") and len([w for w in writes if "checkpoint" in str(w)]) == 2:
             raise KeyboardInterrupt  # killed after writing the temp file, before the rename
         return real_replace(src, dst)
-    monkeypatch.setattr(formats.os, "replace", dying_replace)
+    monkeypatch.setattr(rio.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         meta_train(tiny_clip, source, config, tmp_path / "run")
-    monkeypatch.setattr(formats.os, "replace", real_replace)
+    monkeypatch.setattr(rio.os, "replace", real_replace)
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]  # no temp file left
     resumed = meta_train(tiny_clip, source, config, tmp_path / "run", resume=True)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -1,0 +1,55 @@
+"""The package: pyproject.toml's metadata, the `recycle` console script, the CLI's help, and the declared license."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tomllib
+from pathlib import Path
+from pkgutil import resolve_name
+
+import pytest
+
+import recycle
+from recycle.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def _requirements(path: Path) -> list[str]:
+    lines = (line.split("#")[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [re.sub(r"\s+", "", line) for line in lines if line and not line.startswith("-r")]
+
+
+def test_pyproject_dependencies_mirror_requirements_txt():
+    project = PYPROJECT["project"]
+    runtime = _requirements(ROOT / "requirements.txt")
+    app = [r for r in runtime if r.startswith("gradio")]
+    assert app and project["optional-dependencies"]["app"] == app
+    assert project["dependencies"] == [r for r in runtime if r not in app]
+    assert PYPROJECT["build-system"]["build-backend"] == "setuptools.build_meta"
+
+
+def test_console_script_resolves_and_prints_the_version(monkeypatch, capsys):
+    main = resolve_name(PYPROJECT["project"]["scripts"]["recycle"].replace(":", "."))
+    monkeypatch.setattr(sys, "argv", [str(Path(sys.prefix) / "bin" / "recycle"), "--version"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"recycle {recycle.__version__}"
+
+
+def test_every_command_has_a_description_and_every_option_help():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        assert parser.description, f"`{name}` has no description"
+        for action in parser._actions:
+            assert action.help, f"`{name} {'/'.join(action.option_strings) or action.dest}` has no help"
+
+
+def test_license_file_matches_the_declared_license():
+    assert PYPROJECT["project"]["license"] == "Apache-2.0"
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    assert "license: apache-2.0" in (ROOT / "README.md").read_text(encoding="utf-8").split("---")[1]
