@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -113,3 +115,17 @@ def test_remask_matches_inversion_masks_and_last_block_pruning_keeps_cls(tiny_cl
         full = tiny_clip.model.forward_features(x)[:, 0]
         pruned = forward_features_pruned(tiny_clip.model, x, {1: 0.75})[0][:, 0]
     assert torch.allclose(full, pruned, atol=1e-5)
+
+
+def test_bf16_inversion_optimises_fp32_pixels_to_the_target_classes(tiny_clip, teacher):
+    """Under bf16 the teacher and the BN prior run in bf16 while the pixels, the loss and the stored outputs stay
+    fp32; the inversion still reaches the classes, and the backbone's attention setting is restored."""
+    seen = []
+    cfg = InversionConfig(per_class=4, steps=60, lr=0.1, pruning=PruningConfig({-1: 0.5}), seed=1, bf16=True)
+    result = invert(tiny_clip, teacher, cfg, bn_prior=tiny_prior(), progress=seen.append)
+    assert all(t.dtype == torch.float32 for t in (result.images, result.masked, result.logits, result.logits_kept))
+    assert seen[-1].loss < seen[0].loss and all(math.isfinite(p.loss) and math.isfinite(p.bn) for p in seen)
+    assert seen[0].bn > 0
+    assert _teacher_accuracy(tiny_clip, teacher, result.images, result.labels) >= 0.9
+    assert result.kept.shape == (12, 8)
+    assert all(b.attn.fused_attn for b in tiny_clip.model.blocks)
