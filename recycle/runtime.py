@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 __all__ = ["PRECISIONS", "native_bf16", "cpu_bf16_flags", "resolve_precision", "check_bf16_flag", "mixed_precision",
-           "tune_allocator"]
+           "tune_allocator", "allocator_settings"]
 
 _logger = logging.getLogger(__name__)
 
@@ -139,3 +139,8 @@ def tune_allocator() -> dict[str, int]:
     _logger.info("allocator: glibc malloc tuned (%s): no mmap'd chunks, no trimming",
                  ", ".join(f"{k}={v}" for k, v in _allocator_settings.items()))
     return _allocator_settings
+
+
+def allocator_settings() -> dict[str, int]:
+    """The mallopt settings `tune_allocator` applied in this process (empty if it was not called or did nothing)."""
+    return dict(_allocator_settings or {})
