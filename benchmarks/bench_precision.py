@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_invert import load_vit, make_adapter, make_prior, time_inversion
+from benchmarks.bench_invert import _rotated, load_vit, make_adapter, make_prior, time_inversion
 from benchmarks.bench_meta import MASKINGS, Run, _label, ideal
 from benchmarks.common import (REPO, Summary, Timing, contention, environment, markdown_table, matmul_gflops,
                                report_header, run_worker, vit_block_flops, write_results)
@@ -59,11 +59,6 @@ class Setting:
 
 
 SETTINGS = [Setting(m, p, "tuned") for m in MASKINGS for p in ("fp32", "bf16")] + [Setting(0.0, "fp32", "default")]
-
-
-def _rotated(items: list, rep: int) -> list:
-    k = rep % len(items)
-    return items[k:] + items[:k]
 
 
 def _within(num: list[Run], den: list[Run], key) -> Summary:

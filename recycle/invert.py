@@ -133,7 +133,7 @@ class BNPrior(nn.Module):
             bn.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor], _output) -> None:
-        x = inputs[0].float()
+        x = inputs[0].float()  # statistics in fp32 also under bf16 autocast (the prior is part of the loss)
         mean = x.mean(dim=(0, 2, 3))
         var = x.var(dim=(0, 2, 3), unbiased=False)
         self._terms.append(torch.linalg.vector_norm(mean - module.running_mean, 2)
