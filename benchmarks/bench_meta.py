@@ -141,7 +141,8 @@ def meta_worker(args: argparse.Namespace) -> dict:
               f"({total.system:.2f}s system) {total.minor_faults} faults, others {total.others_cpu:.2f}s cpu ("
               + ", ".join(f"{k} {t.wall:.2f}s" for k, t in phases.items()) + ")", flush=True)
     saved = sum(saved_storages.values())
-    return {"masked": args.masked, "precision": args.precision, "allocator": allocator, "baseline": baseline, "peak": _memory_kib(), "steps": steps, "saved": saved,
+    return {"masked": args.masked, "precision": args.precision, "allocator": allocator, "baseline": baseline,
+            "peak": _memory_kib(), "steps": steps, "saved": saved,
             "tokens": None if episode.query_kept is None else 1 + int(episode.query_kept[0].numel()),
             "num_patches": model.patch_embed.num_patches, "dim": backbone.num_features, "depth": len(model.blocks)}
 

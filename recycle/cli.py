@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -71,7 +72,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_invert(args: argparse.Namespace) -> int:
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from tqdm import tqdm
 
@@ -127,8 +128,6 @@ def _cmd_pretune(args: argparse.Namespace) -> int:
 
 
 def _cmd_meta_train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from tqdm import tqdm
 
     from .backbone import load_backbone
@@ -195,7 +194,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     config = EvalConfig(args.way, args.shot, args.query, args.episodes, args.seed, args.distance)
     backbone = load_backbone(args.backbone, device=args.device)
-    config.bf16 = resolve_precision(args.precision, backbone.device)
+    config = replace(config, bf16=resolve_precision(args.precision, backbone.device))
     methods = {"NN": None}
     if args.zoo:
         methods["LoRAs-average + NN"] = average_loras([a for _, a in load_zoo(args.zoo, backbone)])

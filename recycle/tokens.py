@@ -5,7 +5,8 @@ over heads, paper Eq. 5–6). The survivors after the last pruning block define 
 exactly those patches, and meta-training feeds only those tokens ("double-efficient").
 
 timm's fused attention never materialises the attention matrix, so a pruning block runs attention itself from
-``attn.qkv`` and computes the [CLS] row of the attention matrix alongside. Departures from the official code, which are bugs there:
+``attn.qkv`` and computes the [CLS] row of the attention matrix alongside. Departures from the official code, which
+are bugs there:
 
 * the block's second residual is ``h + MLP(LN2(h))`` (the official code adds ``LN2(h)`` instead of ``h``);
 * selection is vectorised over the batch with ``topk``/``gather`` instead of a Python loop over images.
