@@ -142,7 +142,7 @@ class _TimedStepsDone(Exception):
 
 
 def time_inversion(backbone: Backbone, adapter: LoRAAdapter, schedule: dict[int, float], prior: Optional[BNPrior],
-                   per_class: int, steps: int, seed: int) -> list[Timing]:
+                   per_class: int, steps: int, seed: int, bf16: bool = False) -> list[Timing]:
     """Run `steps` inversion steps with pruning on from the first step; return each step's timing.
 
     A step is the interval between two progress callbacks (the first one starts just before `invert` is called, so it
@@ -156,7 +156,7 @@ def time_inversion(backbone: Backbone, adapter: LoRAAdapter, schedule: dict[int,
             raise _TimedStepsDone
 
     config = InversionConfig(per_class=per_class, steps=steps, pruning=PruningConfig(dict(schedule), start=0.0),
-                             seed=seed)
+                             seed=seed, bf16=bf16)
     marks.append(Mark.now())
     try:
         invert(backbone, adapter, config, bn_prior=prior, progress=progress)

@@ -11,6 +11,10 @@ same number of random patches (``support_kept``/``query_kept``, different per im
 zeroed, as in a masked pool; `episode_loss` then feeds only the kept tokens (`recycle.tokens.embed_kept`). At 0% the
 episode carries no kept indices, so the full forward runs (``Backbone.embed``).
 
+Steps run in fp32 unless ``--precision bf16`` (bf16 autocast, as ``meta-train --precision bf16``), and each worker
+tunes glibc malloc with `recycle.runtime.tune_allocator`, as the CLI's heavy commands do, unless ``--malloc
+default``; `benchmarks.bench_precision` compares both precisions and both allocator settings in one run.
+
 Each setting runs in a fresh process (one per setting and repeat, the settings' order rotated from one repeat to the
 next) that builds the model, runs untimed warm-up steps and then timed steps, and reports its peak resident memory
 (``getrusage(RUSAGE_SELF).ru_maxrss``, and ``VmHWM`` as a cross-check) and the same after the model, LoRA, optimiser
@@ -43,6 +47,7 @@ from recycle.backbone import Backbone
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters
 from recycle.meta import episode_loss
 from recycle.pool import PoolEpisode
+from recycle.runtime import tune_allocator
 from recycle.tokens import keep_mask, mask_images
 
 MODEL_NAME = "vit_base_patch16_clip_224"
@@ -88,6 +93,8 @@ def make_episode(way: int, shot: int, query: int, masked: float, num_patches: in
 
 def meta_worker(args: argparse.Namespace) -> dict:
     """One setting in this (fresh) process: build everything, run warm-up and timed steps, report time and memory."""
+    allocator = tune_allocator() if args.malloc == "tuned" else {}
+    bf16 = args.precision == "bf16"
     torch.manual_seed(args.seed)
     backbone = Backbone(timm.create_model(MODEL_NAME, pretrained=False), MODEL_NAME)
     model = backbone.model
@@ -117,7 +124,7 @@ def meta_worker(args: argparse.Namespace) -> dict:
         """One meta-training step; with `measure_saved`, record the storages autograd saves for the backward."""
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure_saved else nullcontext()
         with hooks:
-            (loss, _), t_loss = timed(lambda: episode_loss(backbone, episode, "l2", True, gen))
+            (loss, _), t_loss = timed(lambda: episode_loss(backbone, episode, "l2", True, gen, bf16=bf16))
         opt.zero_grad(set_to_none=True)
         _, t_bwd = timed(loss.backward)
         _, t_adam = timed(opt.step)
@@ -134,7 +141,8 @@ def meta_worker(args: argparse.Namespace) -> dict:
               f"({total.system:.2f}s system) {total.minor_faults} faults, others {total.others_cpu:.2f}s cpu ("
               + ", ".join(f"{k} {t.wall:.2f}s" for k, t in phases.items()) + ")", flush=True)
     saved = sum(saved_storages.values())
-    return {"masked": args.masked, "baseline": baseline, "peak": _memory_kib(), "steps": steps, "saved": saved,
+    return {"masked": args.masked, "precision": args.precision, "allocator": allocator, "baseline": baseline,
+            "peak": _memory_kib(), "steps": steps, "saved": saved,
             "tokens": None if episode.query_kept is None else 1 + int(episode.query_kept[0].numel()),
             "num_patches": model.patch_embed.num_patches, "dim": backbone.num_features, "depth": len(model.blocks)}
 
@@ -225,7 +233,10 @@ def report(args: argparse.Namespace, env: dict[str, str], runs: dict[float, list
         "random pixels and teacher logits, as a `PoolEpisode` of kind `single` (KL loss); masked settings carry random "
         "kept patches (same count per image) and zeroed dropped patches.\n"
         "- Step = `episode_loss` (random flips, ProtoNet, KL) + `backward()` + `Adam.step()`, model in train mode, "
-        "as in `meta_train`.\n"
+        f"as in `meta_train`, in {args.precision}"
+        + (" (bf16 autocast, `recycle.runtime.mixed_precision`)" if args.precision == "bf16" else "") + "; glibc "
+        "malloc " + ("tuned by `recycle.runtime.tune_allocator` (as the CLI's heavy commands do)"
+                     if args.malloc == "tuned" else "with its defaults") + ".\n"
         f"- One fresh process per setting and repeat: {args.warmup} untimed warm-up step(s), then {args.steps} timed "
         f"step(s); {args.repeats} repeat(s), the settings' order rotated each repeat.\n"
         "- Wall = `time.perf_counter`; CPU = `time.process_time` (all threads); others' CPU = CPU time the rest of "
@@ -301,6 +312,11 @@ def main() -> None:
     parser.add_argument("--shot", type=int, default=1, help="support images per class (default 1)")
     parser.add_argument("--query", type=int, default=15, help="queries per class (default 15)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, images and flips (default 0)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="backbone arithmetic of every step (default fp32; bench_precision compares the two)")
+    parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                        help="glibc malloc in the workers: recycle.runtime.tune_allocator, as the CLI's heavy commands "
+                             "do, or glibc's defaults (default tuned)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"results file (default {DEFAULT_OUT.relative_to(REPO)}; quick runs write none)")
     parser.add_argument("--masked", type=float, help=argparse.SUPPRESS)
@@ -320,7 +336,8 @@ def main() -> None:
     for k, v in env.items():
         print(f"{k}: {v}")
     worker_args = ["--warmup", str(args.warmup), "--steps", str(args.steps), "--way", str(args.way), "--shot",
-                   str(args.shot), "--query", str(args.query), "--seed", str(args.seed)]
+                   str(args.shot), "--query", str(args.query), "--seed", str(args.seed), "--precision", args.precision,
+                   "--malloc", args.malloc]
     runs: dict[float, list[Run]] = {m: [] for m in MASKINGS}
     dims = (0, 0)
     for rep in range(args.repeats):

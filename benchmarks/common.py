@@ -22,8 +22,10 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, TypeVar
 
 import torch
 
+from recycle.runtime import cpu_bf16_flags
+
 __all__ = ["REPO", "Timing", "Summary", "timed", "environment", "command_line", "markdown_table",
-           "vit_block_flops", "run_worker", "Mark", "contention"]
+           "vit_block_flops", "run_worker", "Mark", "contention", "matmul_gflops"]
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -112,10 +114,11 @@ def _git(*args: str) -> str:
 
 def environment(packages: Sequence[str] = ()) -> dict[str, str]:
     """What a reader needs to compare results: machine, threads, library versions, allocator settings, commit."""
-    dirty = [line[3:] for line in _git("status", "--porcelain", "--", "recycle").splitlines()]
+    dirty = [line[2:].strip() for line in _git("status", "--porcelain", "--", "recycle").splitlines()]
     env = {
         "CPU": f"{_cpu_model()}, {os.cpu_count()} logical CPUs, {len(os.sched_getaffinity(0))} usable",
         "torch CPU capability": torch.backends.cpu.get_cpu_capability(),
+        "CPU native bf16 (/proc/cpuinfo)": ", ".join(cpu_bf16_flags()) or "none",
         "torch threads (intra / inter-op)": f"{torch.get_num_threads()} / {torch.get_num_interop_threads()}",
         "python": f"{platform.python_version()} ({platform.platform()})",
         "torch": torch.__version__,
@@ -160,6 +163,20 @@ def vit_block_flops(attn_tokens: int, mlp_tokens: int, dim: int) -> int:
     `attn_tokens` when the block prunes tokens after attention). LayerNorms, softmax, GELU, biases and LoRA are left
     out; with 197 tokens this model gives the FLOP-ideal speed-ups of `/work/shared/DESIGN.md`."""
     return 8 * attn_tokens * dim ** 2 + 4 * attn_tokens ** 2 * dim + 16 * mlp_tokens * dim ** 2
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> list[float]:
+    """GFLOP/s of a plain ``(n, n) @ (n, n)`` matmul in `dtype` on the CPU with all of torch's threads, one value per
+    repeat (wall time; 2·n³ FLOPs each): the machine's practical peak for that number format."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
+    a @ b  # warm-up
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        out.append(2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return out
 
 
 def run_worker(module: str, args: Sequence[str], env: Optional[Mapping[str, Optional[str]]] = None) -> dict:

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -20,6 +21,7 @@ from .images import IMAGE_SUFFIXES, ImageError
 from .io import atomic_write_bytes
 from .pool import PoolError
 from .predict import SupportError
+from .runtime import PRECISIONS, resolve_precision, tune_allocator
 
 __all__ = ["main"]
 
@@ -28,19 +30,24 @@ _logger = logging.getLogger("recycle")
 # line without a traceback. OSError covers files that cannot be read or written (missing, a file where a folder
 # is needed, no permission).
 USER_ERRORS = (BackboneError, LoRAFormatError, HubError, ImageError, SupportError, PoolError, OSError, ValueError,
-               FloatingPointError)
+               FloatingPointError, distributed.DistributedError)
 # Exit codes (documented in the README): argparse exits with 2 for a malformed command line.
 EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # argparse reads "-1:0.75" as an option; pruning specs such as "-1:0.75" and "-2,-1:0.5" are values.
 _NEGATIVE_VALUE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d[\d,-]*:")
+# Commands that train or run the backbone over many images: they get `tune_allocator` (fewer page faults).
+HEAVY_COMMANDS = ("invert", "pretune", "meta-train", "eval")
 
 
-def _add_backbone_args(p: argparse.ArgumentParser, bf16: bool = True) -> None:
+def _add_backbone_args(p: argparse.ArgumentParser, precision: bool = True) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
                    help=f"timm name, alias, hf-hub:ORG/REPO or local directory (default: {DEFAULT_BACKBONE})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
-    if bf16:
-        p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on recent CPUs and GPUs)")
+    if precision:
+        p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="backbone arithmetic: bf16 autocast or fp32; auto = bf16 where the CPU or GPU has native "
+                            "bf16 (default: auto)")
+        p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
 
 
 def _add_episode_args(p: argparse.ArgumentParser) -> None:
@@ -62,7 +69,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     queries = sorted(p for p in query_root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     backbone = load_backbone(args.backbone, device=args.device)
     lora = load_lora(args.lora, backbone) if args.lora else None
-    clf = FewShotClassifier(backbone, lora, distance=args.distance, batch_size=args.batch_size, bf16=args.bf16)
+    clf = FewShotClassifier(backbone, lora, distance=args.distance, batch_size=args.batch_size,
+                            bf16=resolve_precision(args.precision, backbone.device))
     preds = classify(clf, support, [(str(p.relative_to(query_root)), p) for p in queries])
     width = max([len(p.file) for p in preds] + [4])
     print(f"{'file':<{width}}  {'label':<20}  prob    all")
@@ -96,6 +104,7 @@ def _cmd_invert(args: argparse.Namespace) -> int:
         raise ValueError("invert --lora inverts one LoRA in one process; to use several ranks, invert a whole zoo "
                          "with --zoo")
     backbone = load_backbone(args.backbone, device=args.device)
+    config = replace(config, bf16=resolve_precision(args.precision, backbone.device))
     adapter = None if args.zoo else load_lora(args.lora, backbone)
     try:
         prior = None if args.bn_prior.lower() == "none" else load_bn_prior(args.bn_prior, backbone.device)
@@ -171,6 +180,7 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
                         checkpoint_every=args.checkpoint_every, val_every=args.val_every if args.val else 0,
                         val_episodes=args.val_episodes, seed=args.seed, episode_batch=args.episode_batch)
     backbone = load_backbone(args.backbone, device=args.device)
+    config = replace(config, bf16=resolve_precision(args.precision, backbone.device))
     if args.pool:
         source = PoolEpisodes(Pool(args.pool), config.spec, config.masked)
         origin = {"pool": args.pool}
@@ -183,12 +193,13 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
         prune = PruningConfig({-1: args.mask_ratio} if args.masked else {})
         prior = None if args.bn_prior.lower() == "none" else load_bn_prior(args.bn_prior, backbone.device)
         source = ZooEpisodes(backbone, adapters, config.spec, config.masked,
-                             InversionConfig(steps=args.invert_steps, pruning=prune), prior)
+                             InversionConfig(steps=args.invert_steps, pruning=prune, bf16=config.bf16), prior)
         origin = {"zoo": args.zoo, "online_inversion_steps": args.invert_steps}
     validate = None
     if args.val:
         validate = make_validator(backbone, args.val, EvalConfig(config.way, config.shot, config.query,
-                                                                 config.val_episodes, seed=args.seed))
+                                                                 config.val_episodes, seed=args.seed,
+                                                                 bf16=config.bf16))
     command = "python -m recycle " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0] else None
     with tqdm(total=config.steps, desc="meta-training", unit="step", disable=args.quiet) as bar:
         def progress(record: dict) -> None:
@@ -219,8 +230,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .formats import load_lora
     from .pretune import load_zoo
 
-    config = EvalConfig(args.way, args.shot, args.query, args.episodes, args.seed, args.distance, bf16=args.bf16)
+    config = EvalConfig(args.way, args.shot, args.query, args.episodes, args.seed, args.distance)
     backbone = load_backbone(args.backbone, device=args.device)
+    config = replace(config, bf16=resolve_precision(args.precision, backbone.device))
     methods = {"NN": None}
     if args.zoo:
         methods["LoRAs-average + NN"] = average_loras([a for _, a in load_zoo(args.zoo, backbone)])
@@ -273,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="LoRA inversion with attention-guided token pruning; the images, their masks "
                                    "and the teacher's logits are added to the pool folder --out.")
     p._negative_number_matcher = _NEGATIVE_VALUE  # so that "--prune -1:0.75" works, not only "--prune=-1:0.75"
-    _add_backbone_args(p, bf16=False)
+    _add_backbone_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--lora", help="LoRA with a head: local folder or file, or Hub id ORG/NAME")
     src.add_argument("--zoo", help="zoo folder (from pretune): invert every LoRA, one run each, skipping those "
@@ -298,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretune", help="tune a zoo of LoRAs (with heads) on N-way tasks from an ImageFolder",
                        description="Sample --num-loras seeded N-way tasks from --data (one folder per class) and "
                                    "tune a LoRA and a head on each; finished LoRAs are skipped on a re-run.")
-    _add_backbone_args(p, bf16=False)
+    _add_backbone_args(p, precision=False)
     p.add_argument("--data", required=True, help="ImageFolder: one subfolder of images per class")
     p.add_argument("--out", required=True, help="zoo folder")
     p.add_argument("--num-loras", type=int, required=True, help="LoRAs in the zoo, one N-way task each")
@@ -316,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("meta-train", help="distil one meta-LoRA from a surrogate pool or a LoRA zoo",
                        description="ProtoNet meta-training of a meta-LoRA on surrogate episodes: KL to the "
                                    "teacher for single-LoRA episodes, CE for cross-LoRA ones.")
-    _add_backbone_args(p, bf16=False)
+    _add_backbone_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pool", help="surrogate pool folder (from invert)")
     src.add_argument("--zoo", help="LoRA zoo folder: invert episodes online (slow; the paper's Alg. 1)")
@@ -413,6 +425,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
+    if args.command in HEAVY_COMMANDS:
+        tune_allocator()
     try:
         if getattr(args, "ranks", False):
             return _run_on_ranks(func, args)

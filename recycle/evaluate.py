@@ -27,6 +27,7 @@ from .fewshot import FewShotClassifier, prototype_logits
 from .formats import LoRAAdapter
 from .images import list_images, load_image
 from .lora import LoRAConfig
+from .runtime import check_bf16_flag
 
 __all__ = ["EvalConfig", "image_folder", "sample_episodes", "mean_ci", "average_loras", "evaluate",
            "make_validator", "results_markdown", "write_report"]
@@ -47,6 +48,7 @@ class EvalConfig:
 
     def __post_init__(self):
         EpisodeSpec(self.way, self.shot, self.query)
+        check_bf16_flag(self.bf16)
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from .backbone import Backbone
 from .formats import LoRAAdapter
+from .runtime import mixed_precision
 
 __all__ = ["DISTANCES", "compute_prototypes", "pairwise_distances", "prototype_logits", "FewShotClassifier"]
 
@@ -80,7 +81,7 @@ class FewShotClassifier:
             afterwards (the backbone's weights are restored exactly).
         distance: ``"l2"`` (paper), ``"sqeuclidean"`` or ``"cosine"``.
         batch_size: images per forward pass.
-        bf16: run the backbone under bfloat16 autocast (CPU or GPU).
+        bf16: run the backbone under bfloat16 autocast (CPU or GPU; `recycle.runtime.mixed_precision`).
         cache_size: how many embeddings to keep, keyed by image content and LoRA (least recently used go first).
 
     Example:
@@ -125,7 +126,7 @@ class FewShotClassifier:
         with self._attached():
             for i in range(0, len(images), self.batch_size):
                 x = self.backbone.preprocess(images[i:i + self.batch_size]).to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                with mixed_precision(self.backbone.model, device, self.bf16):
                     out.append(self.backbone.embed(x).float().cpu())
         return torch.cat(out)
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from .backbone import Backbone, BackboneError
 from .formats import LoRAAdapter
+from .runtime import check_bf16_flag, mixed_precision
 from .tokens import PruningConfig, embed_kept, forward_features_pruned, keep_mask, mask_images
 
 __all__ = ["InversionConfig", "InversionProgress", "InversionResult", "BNPrior", "load_bn_prior", "invert", "remask",
@@ -57,8 +58,10 @@ class InversionConfig:
     batch_size: Optional[int] = None  # images optimised together (BN statistics are per batch); None = all
     seed: int = 0
     preview_every: int = 0  # hand the progress callback preview images every N steps (0 = never)
+    bf16: bool = False  # teacher and BN prior under bf16 autocast while optimising (pixels, loss, outputs in fp32)
 
     def __post_init__(self):
+        check_bf16_flag(self.bf16)
         if isinstance(self.pruning, (dict, str, list)):
             self.pruning = PruningConfig(self.pruning)
         self.betas = tuple(self.betas)
@@ -141,7 +144,7 @@ class BNPrior(nn.Module):
             bn.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor], _output) -> None:
-        x = inputs[0]
+        x = inputs[0].float()  # statistics in fp32 also under bf16 autocast (the prior is part of the loss)
         mean = x.mean(dim=(0, 2, 3))
         var = x.var(dim=(0, 2, 3), unbiased=False)
         self._terms.append(torch.linalg.vector_norm(mean - module.running_mean, 2)
@@ -295,10 +298,13 @@ def invert(backbone: Backbone, adapter: LoRAAdapter, config: InversionConfig = I
                 if config.flip and rng.random() < 0.5:
                     xa = xa.flip(3)
                 prune = bool(schedule) and step >= prune_from
-                logits, _ = teacher(xa, prune)
+                with mixed_precision(backbone.model, device, config.bf16):  # the BN prior too
+                    logits, _ = teacher(xa, prune)
+                    bn = bn_prior(xa * std + mean) if bn_weight > 0 else None
+                logits = logits.float()
                 _check_finite("logits", logits, f"at step {step + 1}")
                 ce = F.cross_entropy(logits, y)
-                bn = bn_prior(xa * std + mean) if bn_weight > 0 else ce.new_zeros(())
+                bn = bn.float() if bn is not None else ce.new_zeros(())
                 loss = ce + bn_weight * bn
                 _check_finite("loss", loss, f"at step {step + 1}")
                 if config.tv_weight > 0:

@@ -50,6 +50,7 @@ from .io import atomic_write_bytes
 from .lora import (LoRAConfig, inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict, lora_suspended,
                    remove_lora)
 from .pool import Pool, PoolEpisode
+from .runtime import check_bf16_flag, mixed_precision
 from .tokens import embed_kept
 
 __all__ = ["MetaConfig", "cyclic_lr", "flip_kept", "PoolEpisodes", "FolderEpisodes", "ZooEpisodes", "episode_loss",
@@ -86,8 +87,10 @@ class MetaConfig:
     val_episodes: int = 100
     seed: int = 0
     episode_batch: int = 1  # episodes per optimiser step (loss averaged); split across ranks under torchrun
+    bf16: bool = False  # the backbone's forward and backward under bf16 autocast (`recycle.runtime.mixed_precision`)
 
     def __post_init__(self):
+        check_bf16_flag(self.bf16)
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.lora.items()})
         checks = [("steps", self.steps >= 1), ("cross_fraction", 0.0 <= self.cross_fraction <= 1.0),
@@ -237,18 +240,21 @@ def _embed(backbone: Backbone, images: torch.Tensor, kept: Optional[list[torch.T
 
 
 def episode_loss(backbone: Backbone, episode: PoolEpisode, distance: str = "l2", flip: bool = True,
-                 generator: Optional[torch.Generator] = None, teacher_temperature: float = 1.0
+                 generator: Optional[torch.Generator] = None, teacher_temperature: float = 1.0, bf16: bool = False
                  ) -> tuple[torch.Tensor, float]:
     """ProtoNet loss of the LoRA-equipped `backbone` on one episode, and its query accuracy.
 
     KL(softmax(teacher / T) ‖ student) on the queries when the episode carries teacher logits (single-LoRA), else
-    cross-entropy.
+    cross-entropy. With `bf16`, the backbone runs under bf16 autocast; the embeddings, prototypes and loss are
+    float32.
     """
     n_s, n_q = episode.support.shape[0], episode.query.shape[0]
     flips = (torch.rand(n_s + n_q, generator=generator) < 0.5) if flip else torch.zeros(n_s + n_q, dtype=torch.bool)
     images = torch.cat([episode.support, episode.query])
     kept = None if episode.support_kept is None else list(episode.support_kept) + list(episode.query_kept)
-    emb = _embed(backbone, images, kept, flips)
+    with mixed_precision(backbone.model, backbone.device, bf16):
+        emb = _embed(backbone, images, kept, flips)
+    emb = emb.float()
     way = int(episode.support_labels.max()) + 1
     device = emb.device
     logits = prototype_logits(emb[:n_s], episode.support_labels.to(device), emb[n_s:], distance, way)
@@ -395,7 +401,7 @@ def _batch_gradients(backbone: Backbone, source: EpisodeSource, config: MetaConf
             kind = "cross" if rng.random() < config.cross_fraction else "single"
             episode = source.next(kind, rng)
             loss, acc = episode_loss(backbone, episode, config.distance, config.flip, episode_gen,
-                                     config.teacher_temperature)
+                                     config.teacher_temperature, config.bf16)
             if torch.isfinite(loss):
                 (loss / config.episode_batch if config.episode_batch > 1 else loss).backward()
         out.append((loss.item(), acc, episode.kind))

@@ -4,8 +4,9 @@ During inversion, a pruning block drops the patch tokens that the [CLS] token at
 over heads, paper Eq. 5–6). The survivors after the last pruning block define a patch mask: the masked image keeps
 exactly those patches, and meta-training feeds only those tokens ("double-efficient").
 
-timm's fused attention never materialises the attention matrix, so a pruning block recomputes attention
-explicitly from ``attn.qkv``. Departures from the official code, which are bugs there:
+timm's fused attention never materialises the attention matrix, so a pruning block runs attention itself from
+``attn.qkv`` and computes the [CLS] row of the attention matrix alongside. Departures from the official code, which
+are bugs there:
 
 * the block's second residual is ``h + MLP(LN2(h))`` (the official code adds ``LN2(h)`` instead of ``h``);
 * selection is vectorised over the batch with ``topk``/``gather`` instead of a Python loop over images.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["PruningConfig", "parse_schedule", "attention_with_cls_scores", "pruning_block_forward",
@@ -82,7 +84,12 @@ def kept_count(num_patches: int, schedule: dict[int, float]) -> int:
 
 
 def attention_with_cls_scores(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm `Attention` forward computed explicitly, also returning the [CLS] attention row.
+    """timm `Attention` forward that also returns the [CLS] attention row.
+
+    With timm's fused attention on (``attn.fused_attn``), the output comes from
+    `torch.nn.functional.scaled_dot_product_attention` and only the [CLS] row of the attention matrix is computed
+    on the side; otherwise (e.g. bf16 on the CPU, see `recycle.runtime.mixed_precision`) the attention matrix is
+    computed explicitly and its [CLS] row is read off.
 
     Args:
         attn: a timm ``Attention`` (``qkv``, ``num_heads``, ``scale``, ``q_norm``, ``k_norm``, ``norm``, ``proj``).
@@ -97,11 +104,17 @@ def attention_with_cls_scores(attn: nn.Module, x: torch.Tensor) -> tuple[torch.T
     qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)  # (B, H, N, hd)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
-    out = attn.attn_drop(weights) @ v
+    if getattr(attn, "fused_attn", True):
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0,
+                                             scale=attn.scale)
+        cls_row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]  # (B, H, N)
+    else:
+        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
+        out = attn.attn_drop(weights) @ v
+        cls_row = weights[:, :, 0]
     out = attn.norm(out.transpose(1, 2).reshape(b, n, -1))
     out = attn.proj_drop(attn.proj(out))
-    return out, weights[:, :, 0, :].mean(dim=1)
+    return out, cls_row.float().mean(dim=1)
 
 
 def pruning_block_forward(block: nn.Module, x: torch.Tensor, ratio: float, num_prefix: int

@@ -7,6 +7,9 @@ from pathlib import Path
 # Hermetic runs: no telemetry, no stray Hub traffic, a private cache. Set before huggingface_hub is imported.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The CLI's heavy commands tune glibc malloc for the whole process (`recycle.runtime.tune_allocator`); tests call
+# them in-process, so keep the test process on glibc's defaults (test_runtime checks the tuning in subprocesses).
+os.environ.setdefault("RECYCLE_MALLOC", "default")
 
 import pytest
 import torch

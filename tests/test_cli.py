@@ -198,3 +198,26 @@ def test_negative_pruning_layers_need_no_equals_sign():
     with pytest.raises(SystemExit) as exit_:  # a malformed command line is argparse's usage error, exit code 2
         build_parser().parse_args(["invert", "--lora", "x"])
     assert exit_.value.code == 2
+
+
+def test_precision_flags_and_allocator_tuning_for_heavy_commands(monkeypatch, tmp_path, capsys):
+    """--bf16 is short for --precision bf16 and auto is the default; the heavy commands tune the allocator before
+    they start (even when they then fail on bad input), light ones do not."""
+    from recycle import cli
+
+    parser = cli.build_parser()
+    for command in ("predict", "invert", "meta-train", "eval"):
+        required = {"predict": ["--support", "s", "--query", "q"], "invert": ["--lora", "l", "--out", "o"],
+                    "meta-train": ["--pool", "p", "--out", "o", "--steps", "1"], "eval": ["--data", "d"]}[command]
+        assert parser.parse_args([command, *required]).precision == "auto"
+        assert parser.parse_args([command, *required, "--bf16"]).precision == "bf16"
+        assert parser.parse_args([command, *required, "--precision", "fp32"]).precision == "fp32"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--data", "d", "--precision", "fp16"])
+    assert "precision" not in parser.parse_args(["pretune", "--data", "d", "--out", "o", "--num-loras", "1"])
+    calls = []
+    monkeypatch.setattr(cli, "tune_allocator", lambda: calls.append(1) or {})
+    assert main(["eval", "--data", str(tmp_path / "missing")]) == 1 and len(calls) == 1
+    assert main(["predict", "--support", str(tmp_path / "missing"), "--query", str(tmp_path)]) == 1
+    assert len(calls) == 1
+    capsys.readouterr()

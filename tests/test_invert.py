@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -124,3 +126,17 @@ def test_a_lora_whose_logits_overflow_stops_with_a_clear_message(tiny_clip, teac
     huge = replace(teacher, state={k: v * 1e30 for k, v in teacher.state.items()})
     with pytest.raises(InversionError, match=r"teacher's (logits|loss) are not finite.*at step 1.*cannot be inverted"):
         invert(tiny_clip, huge, InversionConfig(per_class=1, steps=3), classes=[0])
+
+
+def test_bf16_inversion_optimises_fp32_pixels_to_the_target_classes(tiny_clip, teacher):
+    """Under bf16 the teacher and the BN prior run in bf16 while the pixels, the loss and the stored outputs stay
+    fp32; the inversion still reaches the classes, and the backbone's attention setting is restored."""
+    seen = []
+    cfg = InversionConfig(per_class=4, steps=60, lr=0.1, pruning=PruningConfig({-1: 0.5}), seed=1, bf16=True)
+    result = invert(tiny_clip, teacher, cfg, bn_prior=tiny_prior(), progress=seen.append)
+    assert all(t.dtype == torch.float32 for t in (result.images, result.masked, result.logits, result.logits_kept))
+    assert seen[-1].loss < seen[0].loss and all(math.isfinite(p.loss) and math.isfinite(p.bn) for p in seen)
+    assert seen[0].bn > 0
+    assert _teacher_accuracy(tiny_clip, teacher, result.images, result.labels) >= 0.9
+    assert result.kept.shape == (12, 8)
+    assert all(b.attn.fused_attn for b in tiny_clip.model.blocks)

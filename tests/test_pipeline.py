@@ -9,6 +9,7 @@ from recycle.cli import main
 from recycle.evaluate import average_loras, mean_ci
 from recycle.formats import read_adapter
 from recycle.lora import remove_lora
+from recycle.runtime import native_bf16
 from tests.helpers import colour_task
 
 
@@ -88,6 +89,8 @@ def test_end_to_end_cli(dataset, tiny_clip_dir, local_hub, tmp_path, capsys):
     assert main(meta + ["--steps", "20", "--resume"]) == 0
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(0, 21)) and "val_acc" in log[0] and "val_acc" in log[-1]
+    info = read_adapter(run / "meta-lora").info
+    assert info["meta_training"]["bf16"] is native_bf16("cpu")  # --precision auto: bf16 where the CPU has it
     card = (run / "meta-lora" / "README.md").read_text()
     assert "without any real training data" in card and "meta-train" in card
 

@@ -51,6 +51,31 @@ def test_explicit_attention_equals_timm(backbone):
 
 
 @torch.no_grad()
+def test_fused_and_explicit_attention_agree(backbone):
+    """SDPA + the [CLS] row alone (timm's fused attention on) and the explicit attention matrix (off, as under bf16
+    on the CPU) give the same output and the same [CLS] scores, and the pruned block keeps the same tokens."""
+    model = backbone.model
+    block = model.blocks[0]
+    tokens = _tokens(model, _x())
+    x = block.norm1(tokens)
+    reference = block.attn(x)  # timm's fused (SDPA) forward
+    results = {}
+    for fused in (True, False):
+        block.attn.fused_attn = fused
+        try:
+            results[fused] = (*attention_with_cls_scores(block.attn, x),
+                              *pruning_block_forward(block, tokens, 0.5, model.num_prefix_tokens))
+        finally:
+            block.attn.fused_attn = True
+    for out, scores, pruned, idx in results.values():
+        assert torch.allclose(out, reference, atol=1e-5)
+        assert scores.shape == (3, model.num_prefix_tokens + 16)
+    assert torch.allclose(results[True][1], results[False][1], atol=1e-6)
+    assert torch.allclose(results[True][2], results[False][2], atol=1e-5)
+    assert torch.equal(results[True][3], results[False][3])
+
+
+@torch.no_grad()
 def test_zero_pruning_equals_unpruned(backbone):
     model = backbone.model
     tokens = _tokens(model, _x())
