@@ -418,7 +418,8 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         source: `PoolEpisodes` or `ZooEpisodes`.
         config: settings.
         out: output folder: ``checkpoint.safetensors``, ``log.jsonl``, ``meta-lora/`` (the exported LoRA).
-        resume: continue from ``out/checkpoint.safetensors`` exactly where it stopped.
+        resume: continue from ``out/checkpoint.safetensors`` exactly where it stopped (refused if the checkpoint was
+            made with other settings; only ``checkpoint_every`` may change and ``steps`` may grow).
         validate: optional ``adapter -> accuracy`` on a real validation split, run before the first step (the
             bare backbone: the meta-LoRA starts as the identity) and every ``config.val_every`` steps; the best
             adapter is exported. If no step beats the bare backbone, the exported meta-LoRA is the identity and

@@ -211,10 +211,19 @@ def _teacher_accuracy(pool: Pool, key: str) -> float:
     return round(sum(per_run) / len(per_run), 4)
 
 
-def stage_meta(cfg: ReproConfig, backbone: Backbone, name: str, source, masked: bool, data: Path, out: Path) -> dict:
+def method_name(run: str) -> str:
+    """The results' name of a meta-training run: ``recycle-75-bf16`` -> ``LoRA Recycle-75 (bf16)``."""
+    if run == "oracle":
+        return "Oracle (real zoo images)"
+    base, bf16, _ = run.partition("-bf16")
+    return "LoRA Recycle" + base[len("recycle"):] + (" (bf16)" if bf16 else "")
+
+
+def stage_meta(cfg: ReproConfig, backbone: Backbone, name: str, source, masked: bool, data: Path, out: Path,
+               bf16: bool = False) -> dict:
     from recycle.evaluate import make_validator
 
-    meta_cfg = replace(cfg.meta, masked=masked)
+    meta_cfg = replace(cfg.meta, masked=masked, bf16=bf16)
     validate = make_validator(backbone, data / "val", EvalConfig(meta_cfg.way, meta_cfg.shot, meta_cfg.query,
                                                                  meta_cfg.val_episodes, seed=123))
     result = meta_train(backbone, source, meta_cfg, out, resume=True, validate=validate,
@@ -248,19 +257,22 @@ def run(work: Path, cfg: ReproConfig) -> dict:
                                                                                    data / "zoo", work), timings)
 
     spec = cfg.meta.spec
-    runs = {"recycle": (lambda: PoolEpisodes(Pool(pools[0.75]), spec, False), False)}
+    # name -> (episode source, masked, bf16); the last masked run again in bf16, to check that bf16 meta-training
+    # scores as fp32 does
+    runs = {"recycle": (lambda: PoolEpisodes(Pool(pools[0.75]), spec, False), False, False)}
     for r in MASKS:
-        runs[f"recycle-{int(r * 100)}"] = (lambda r=r: PoolEpisodes(Pool(pools[r]), spec, True), True)
-    runs["oracle"] = (lambda: FolderEpisodes(data / "zoo", spec, backbone.input_size[1:]), False)
-    for name, (make_source, masked) in runs.items():
+        runs[f"recycle-{int(r * 100)}"] = (lambda r=r: PoolEpisodes(Pool(pools[r]), spec, True), True, False)
+    runs[f"recycle-{int(MASKS[-1] * 100)}-bf16"] = (lambda: PoolEpisodes(Pool(pools[MASKS[-1]]), spec, True), True,
+                                                    True)
+    runs["oracle"] = (lambda: FolderEpisodes(data / "zoo", spec, backbone.input_size[1:]), False, False)
+    for name, (make_source, masked, bf16) in runs.items():
         summaries[f"meta-{name}"] = _stage(work, f"meta-{name}", lambda: stage_meta(
-            cfg, backbone, name, make_source(), masked, data, work / f"meta-{name}"), timings)
+            cfg, backbone, name, make_source(), masked, data, work / f"meta-{name}", bf16), timings)
 
     def eval_stage() -> dict:
         methods = {"NN": None, "LoRAs-average + NN": average_loras([a for _, a in load_zoo(zoo, backbone)])}
         for name in runs:
-            methods["LoRA Recycle" + name[len("recycle"):] if name != "oracle" else
-                    "Oracle (real zoo images)"] = read_adapter(work / f"meta-{name}" / "meta-lora")
+            methods[method_name(name)] = read_adapter(work / f"meta-{name}" / "meta-lora")
         reports = {}
         for domain in ("test", "cross"):
             for shot in (1, 5):
@@ -282,8 +294,7 @@ def results_markdown(results: dict) -> str:
     methods = list(ev["test-1shot"]["results"])
     lines = ["| method | Han 1-shot | Han 5-shot | Hangul 1-shot | Hangul 5-shot | meta-train s/step |",
              "|---|---|---|---|---|---|"]
-    names = {"LoRA Recycle": "recycle", "LoRA Recycle-25": "recycle-25", "LoRA Recycle-50": "recycle-50",
-             "LoRA Recycle-75": "recycle-75", "Oracle (real zoo images)": "oracle"}
+    names = {method_name(k[len("meta-"):]): k[len("meta-"):] for k in s if k.startswith("meta-")}
     for m in methods:
         cells = [f"{ev[k]['results'][m]['mean']:.2f} ± {ev[k]['results'][m]['ci95']:.2f}"
                  for k in ("test-1shot", "test-5shot", "cross-1shot", "cross-5shot")]

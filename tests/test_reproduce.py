@@ -22,13 +22,14 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     cfg = ReproConfig.toy()
     results = run(tmp_path, cfg)
-    stages = ["data", "prior", "pretrain", "zoo", "invert", "surrogates", "meta-recycle", "meta-recycle-25", "meta-recycle-50",
-              "meta-recycle-75", "meta-oracle", "eval"]
+    stages = ["data", "prior", "pretrain", "zoo", "invert", "surrogates", "meta-recycle", "meta-recycle-25",
+              "meta-recycle-50", "meta-recycle-75", "meta-recycle-75-bf16", "meta-oracle", "eval"]
     assert list(results["timings_seconds"]) == stages
     ev = results["summaries"]["eval"]
     assert set(ev) - {"seconds"} == {"test-1shot", "test-5shot", "cross-1shot", "cross-5shot"}
     assert list(ev["test-1shot"]["results"]) == ["NN", "LoRAs-average + NN", "LoRA Recycle", "LoRA Recycle-25",
-                                                 "LoRA Recycle-50", "LoRA Recycle-75", "Oracle (real zoo images)"]
+                                                 "LoRA Recycle-50", "LoRA Recycle-75", "LoRA Recycle-75 (bf16)",
+                                                 "Oracle (real zoo images)"]
     splits = json.loads((tmp_path / "data" / "splits.json").read_text())
     assert len(splits["fonts"]["han"]) == 8 and splits["available"]["han"] > 5000
     names = {s: {p.name for p in (tmp_path / "data" / s).iterdir()} for s in ("pretrain", "zoo", "val", "test")}
