@@ -1,7 +1,7 @@
 """LoRA Recycle web app: few-shot classification, LoRA inversion into surrogate images, and a surrogate-pool browser.
 
-Layout and wiring only; the handlers are in ``app_handlers.py`` and the work is done by `recycle`. Run
-``python app.py``, or ``gradio app.py`` to reload the app whenever a file changes. Environment:
+Layout and wiring only; the handlers are in the ``app_ui`` package (one module per tab) and the work is done by
+`recycle`. Run ``python app.py``, or ``gradio app.py`` to reload the app whenever a file changes. Environment:
 
 * ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: the address (default 127.0.0.1:7860).
 * ``RECYCLE_BACKBONE``: the default backbone (a timm name, an alias, ``hf-hub:ORG/REPO`` or a local directory;
@@ -23,9 +23,9 @@ from typing import Any, Optional
 
 import gradio as gr
 
-from app_handlers import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES, MAX_INVERT_IMAGES,
-                          MAX_INVERT_STEPS, PRUNING_PRESETS, AppSettings, Defaults, ExampleTask, FewShot, Inversion,
-                          ModelCache, PathPolicy, PoolBrowser, find_examples, resolve_defaults)
+from app_ui import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES, MAX_INVERT_IMAGES,
+                    MAX_INVERT_STEPS, PRUNING_PRESETS, AppSettings, Defaults, ExampleTask, FewShot, Inversion, ModelCache,
+                    PathPolicy, PoolBrowser, find_examples, resolve_defaults)
 from recycle.backbone import ALIASES, DEFAULT_BACKBONE
 from recycle.invert import DEFAULT_BN_PRIOR
 

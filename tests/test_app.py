@@ -17,7 +17,8 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-import app_handlers
+import app_ui
+from app_ui import fewshot
 from recycle.backbone import load_backbone
 from recycle.formats import LoRAAdapter, save_adapter
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters
@@ -101,7 +102,7 @@ def test_status_reports_the_loaded_backbone(client, tiny_clip_dir):
 
 
 def test_too_many_images(client, pics, monkeypatch):
-    monkeypatch.setattr(app_handlers, "MAX_IMAGES", 3)
+    monkeypatch.setattr(fewshot, "MAX_IMAGES", 3)
     with pytest.raises(AppError, match=r"Too many images \(4\); at most 3"):
         classify(client, [("red", [pics["red1"]]), ("blue", [pics["blue1"], pics["blue2"]])], [pics["red_q"]])
     monkeypatch.undo()
@@ -121,7 +122,7 @@ def test_unexpected_errors_are_generic_and_logged(client, pics, monkeypatch, cap
     def broken(*args, **kwargs):
         raise RuntimeError("internal detail")
 
-    monkeypatch.setattr(app_handlers, "classify", broken)
+    monkeypatch.setattr(fewshot, "classify", broken)
     with pytest.raises(AppError, match="Something went wrong") as err:
         classify(client, [("red", [pics["red1"]]), ("blue", [pics["blue1"]])], [pics["red_q"]])
     assert "internal detail" not in str(err.value)
@@ -233,7 +234,7 @@ def test_offline_default_uses_the_shipped_weights_and_offers_examples(closed_hub
         assert [s for s in dataset["props"]["sample_labels"]] == ["Han characters (held-out classes) · 3-way 2-shot",
                                                                   "Hangul (an unseen script) · 3-way 2-shot"]
         # What a click on the first example fills in, classified with the default meta-LoRA (and without it).
-        task = app_handlers.find_examples(weights / "examples")[0]
+        task = app_ui.find_examples(weights / "examples")[0]
         cards, table = classify(client, [(c, [Path(f) for f in files]) for c, files in task.support.items()],
                                 [Path(q) for q in task.queries])
         assert len(table["data"]) == len(task.queries) == 6 and table["headers"][-1] == "backbone alone"
@@ -273,7 +274,7 @@ def test_offline_default_on_the_real_shipped_weights_solves_its_examples(closed_
     demo, client = launch(settings(tmp_path, CLIP_NAME, SHIPPED))
     try:
         assert f"with meta-LoRA `{SHIPPED / 'mini-meta-lora'}`" in client.predict(api_name="/status")
-        tasks = app_handlers.find_examples(SHIPPED / "examples")
+        tasks = app_ui.find_examples(SHIPPED / "examples")
         assert [t.name for t in tasks] == ["han", "hangul"]
         for task in tasks:
             _, table = classify(client, [(c, [Path(f) for f in files]) for c, files in task.support.items()],
@@ -286,14 +287,14 @@ def test_offline_default_on_the_real_shipped_weights_solves_its_examples(closed_
 
 
 def test_examples_are_offered_only_when_bundled(tmp_path, tiny_clip_dir):
-    assert app_handlers.find_examples(tmp_path / "missing") == []
+    assert app_ui.find_examples(tmp_path / "missing") == []
     demo = app.build_demo(settings=settings(tmp_path, str(tiny_clip_dir)))
     assert not [b for b in demo.blocks.values() if isinstance(b, gr.Dataset)]
     weights = require_toy_weights()
     demo = app.build_demo(settings=settings(tmp_path, str(tiny_clip_dir), weights))
     dataset = next(b for b in demo.blocks.values() if isinstance(b, gr.Dataset))
     assert len(dataset.samples) == 2
-    task = app_handlers.find_examples(weights / "examples")[0]
+    task = app_ui.find_examples(weights / "examples")[0]
     assert len(task.support) == 3 and all(len(f) == 2 for f in task.support.values()) and len(task.queries) == 6
 
 
@@ -303,7 +304,7 @@ def test_settings_come_from_the_environment(monkeypatch, tiny_clip_dir, tmp_path
     monkeypatch.setenv("RECYCLE_WEIGHTS", str(tmp_path / "w"))
     monkeypatch.setenv("RECYCLE_POOL", str(tmp_path / "p"))
     monkeypatch.setenv("RECYCLE_ALLOW_LOCAL_PATHS", "0")
-    s = app_handlers.AppSettings.from_env()
+    s = app_ui.AppSettings.from_env()
     assert (s.backbone, s.weights, s.pool, s.allow_local_paths) == (str(tiny_clip_dir), tmp_path / "w",
                                                                     tmp_path / "p", False)
     dropdowns = [b for b in app.build_demo().blocks.values() if isinstance(b, gr.Dropdown) and b.label.startswith(
@@ -311,27 +312,27 @@ def test_settings_come_from_the_environment(monkeypatch, tiny_clip_dir, tmp_path
     assert [d.value for d in dropdowns] == [str(tiny_clip_dir)]
     for name in ("RECYCLE_BACKBONE", "RECYCLE_WEIGHTS", "RECYCLE_POOL", "RECYCLE_ALLOW_LOCAL_PATHS"):
         monkeypatch.delenv(name)
-    s = app_handlers.AppSettings.from_env()
+    s = app_ui.AppSettings.from_env()
     assert s.backbone == app.DEFAULT_BACKBONE and s.weights == Path(app.__file__).parent / "weights"
     assert s.allow_local_paths and s.pool == Path("pool")
     monkeypatch.setenv("SPACE_ID", "org/space")  # on a Hugging Face Space, local paths are off unless asked for
-    assert not app_handlers.AppSettings.from_env().allow_local_paths
+    assert not app_ui.AppSettings.from_env().allow_local_paths
 
 
 def test_add_class_reveals_one_slot_at_a_time():
-    shown, *updates = app_handlers.FewShot.add_class(3)
+    shown, *updates = app_ui.FewShot.add_class(3)
     slots, button = updates[:-1], updates[-1]
-    assert shown == 4 and [u["visible"] for u in slots] == [True] * 4 + [False] * (app_handlers.MAX_CLASSES - 4)
+    assert shown == 4 and [u["visible"] for u in slots] == [True] * 4 + [False] * (app_ui.MAX_CLASSES - 4)
     assert button["interactive"]
-    shown, *updates = app_handlers.FewShot.add_class(app_handlers.MAX_CLASSES - 1)
-    assert shown == app_handlers.MAX_CLASSES and all(u["visible"] for u in updates[:-1])
+    shown, *updates = app_ui.FewShot.add_class(app_ui.MAX_CLASSES - 1)
+    assert shown == app_ui.MAX_CLASSES and all(u["visible"] for u in updates[:-1])
     assert not updates[-1]["interactive"]
-    assert app_handlers.FewShot.add_class(app_handlers.MAX_CLASSES)[0] == app_handlers.MAX_CLASSES
+    assert app_ui.FewShot.add_class(app_ui.MAX_CLASSES)[0] == app_ui.MAX_CLASSES
 
 
 def test_model_cache_is_bounded(tiny_clip_dir, tiny_vit_dir):
     clip, vit = str(tiny_clip_dir), str(tiny_vit_dir)
-    cache = app_handlers.ModelCache(max_backbones=2, max_classifiers=1)
+    cache = app_ui.ModelCache(max_backbones=2, max_classifiers=1)
     with cache.classifier(clip) as first:
         pass
     with cache.classifier(clip) as again:
@@ -341,7 +342,7 @@ def test_model_cache_is_bounded(tiny_clip_dir, tiny_vit_dir):
     with cache.classifier(clip) as third:
         assert third is not first and third.backbone is first.backbone  # classifier evicted, backbone kept
 
-    cache = app_handlers.ModelCache(max_backbones=1, max_classifiers=4)
+    cache = app_ui.ModelCache(max_backbones=1, max_classifiers=4)
     with cache.classifier(clip) as first:
         pass
     with cache.classifier(vit):
@@ -355,7 +356,7 @@ def test_model_cache_is_bounded(tiny_clip_dir, tiny_vit_dir):
 
 def test_session_store_is_bounded_and_releases_what_it_drops():
     dropped = []
-    store = app_handlers.SessionStore(2, on_evict=dropped.append)
+    store = app_ui.SessionStore(2, on_evict=dropped.append)
     store.set("a", 1)
     store.set("b", 2)
     store.get("a")  # "a" is now the most recent
