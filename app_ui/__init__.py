@@ -17,10 +17,10 @@ from .invert import PRUNING_PRESETS, Inversion
 from .limits import (INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES, MAX_INVERT_IMAGES, MAX_INVERT_STEPS,
                      RESULT_SESSIONS)
 from .pool import PoolBrowser
-from .settings import AppSettings, Defaults, PathPolicy, resolve_defaults
+from .settings import AppSettings, Defaults, PathPolicy, PriorChoice, resolve_defaults
 from .state import ModelCache, SessionStore
 
 __all__ = ["InputError", "AppSettings", "Defaults", "PathPolicy", "ModelCache", "SessionStore", "FewShot", "Inversion",
-           "PoolBrowser", "ExampleTask", "find_examples", "resolve_defaults", "USER_ERRORS", "EMPTY_CARDS",
+           "PoolBrowser", "PriorChoice", "ExampleTask", "find_examples", "resolve_defaults", "USER_ERRORS", "EMPTY_CARDS",
            "INITIAL_CLASSES", "MAX_CLASSES", "MAX_IMAGES", "MAX_FILE_SIZE", "MAX_INVERT_IMAGES", "MAX_INVERT_STEPS",
            "RESULT_SESSIONS", "PRUNING_PRESETS"]

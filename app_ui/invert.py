@@ -18,7 +18,7 @@ import gradio as gr
 
 from recycle.backbone import Backbone
 from recycle.formats import PICKLE_SUFFIXES, LoRAAdapter, LoRAFormatError, read_adapter
-from recycle.invert import DEFAULT_BN_PRIOR, InversionConfig, InversionProgress, InversionResult, invert
+from recycle.invert import InversionConfig, InversionProgress, InversionResult, invert
 from recycle.pool import teacher_confidence, write_run
 from recycle.tokens import PruningConfig, parse_schedule
 
@@ -179,6 +179,12 @@ class Inversion:
                     "Choose the backbone it was made for at the top of the page, then load it again.")
         return f"✅ Fits the selected backbone `{name}`: choose the classes and press **Invert**."
 
+    def prior_checkbox(self, backbone: Optional[str]) -> dict:
+        """The BN-prior checkbox for `backbone`: which prior it uses (label and info), ticked where that is the
+        shipped glyph prior."""
+        choice = self.settings.bn_prior_for(backbone.strip() if isinstance(backbone, str) else "")
+        return gr.update(value=choice.default, label=choice.label, info=choice.info)
+
     # ---- running
     def _config(self, classes: Optional[list], per_class: Any, steps: Any, pruning: Optional[str], lr: Any,
                 seed: Any) -> tuple[list[int], InversionConfig]:
@@ -229,6 +235,9 @@ class Inversion:
                 raise InputError(f"The backbone changed to `{name}` since the LoRA was loaded for "
                                       f"`{loaded.backbone}`; load the LoRA again.")
             targets, config = self._config(classes, per_class, steps, pruning, lr, seed)
+            choice = self.settings.bn_prior_for(name)
+            if bn_prior:
+                config = dataclasses.replace(config, bn_weight=choice.weight)
             names = loaded.adapter.class_names or []
             for t in targets:
                 if not 0 <= t < loaded.adapter.num_classes:
@@ -242,7 +251,7 @@ class Inversion:
                 config.pruning.resolved(len(model.model.blocks))
             except ValueError as e:
                 raise InputError(f"Pruning schedule: {e}.") from None
-            prior = self.cache.bn_prior() if bn_prior else None
+            prior = self.cache.bn_prior(choice.name) if bn_prior else None
             with loaded.adapter.attached(model):  # fails now, with a clear message, if it does not fit
                 pass
         stop = threading.Event()
@@ -293,8 +302,8 @@ class Inversion:
             with reported("Cannot invert", "inverting"):
                 if "error" in outcome:
                     raise outcome["error"]
-                yield self._finish(session, loaded, outcome["result"], config, name, prior is not None, targets,
-                                   time.monotonic() - started)
+                yield self._finish(session, loaded, outcome["result"], config, name,
+                                   choice.name if prior is not None else None, targets, time.monotonic() - started)
         finally:
             stop.set()  # a cancelled or failed run stops its worker too
             if self._stops.get(session) is stop:
@@ -309,12 +318,12 @@ class Inversion:
                 f"{elapsed:.0f} s elapsed, ~{left:.0f} s left{stop}")
 
     def _finish(self, session: str, loaded: LoadedLoRA, result: InversionResult, config: InversionConfig,
-                backbone: str, bn_prior: bool, targets: list[int], seconds: float) -> tuple:
+                backbone: str, bn_prior: Optional[str], targets: list[int], seconds: float) -> tuple:
         names = loaded.adapter.class_names or [str(i) for i in range(loaded.adapter.num_classes)]
         model = self.cache.inverter(backbone)
         grid = tuple(model.model.patch_embed.grid_size)
         settings = {**dataclasses.asdict(config), "backbone": backbone, "classes": [names[t] for t in targets],
-                    "bn_prior": DEFAULT_BN_PRIOR if bn_prior else None, "made_by": "app"}
+                    "bn_prior": bn_prior, "made_by": "app"}
         settings["pruning"]["schedule"] = {str(k): v for k, v in config.pruning.schedule.items() if v > 0}
         folder = Path(tempfile.mkdtemp(prefix="run-", dir=self._tmp))
         run = InversionRun(loaded.adapter, loaded.source, result, settings, grid, folder)

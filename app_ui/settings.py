@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 from recycle.backbone import DEFAULT_BACKBONE, Backbone, BackboneError, backbone_source
 from recycle.formats import LoRAAdapter, load_lora
 from recycle.hub import hub_reachable, is_repo_id
+from recycle.invert import DEFAULT_BN_PRIOR, InversionConfig
 
 from .errors import InputError, text_field
 from .state import ModelCache
@@ -33,8 +34,8 @@ class AppSettings:
     Attributes:
         backbone: the requested default backbone (``$RECYCLE_BACKBONE``, else the paper's CLIP).
         weights: shipped weights (``$RECYCLE_WEIGHTS``, else ``weights/`` next to app.py): ``mini-vit``,
-            ``mini-meta-lora``, ``examples/<task>/{support,query}/<class>/*.png`` and ``example-lora`` (a LoRA
-            with a head, to invert).
+            ``mini-meta-lora``, ``examples/<task>/{support,query}/<class>/*.png``, ``example-lora`` (a LoRA
+            with a head, to invert) and ``glyph-prior`` (mini-vit's BN-statistics prior).
         pool: the surrogate pool that inversions are added to (``$RECYCLE_POOL``, else ``./pool``).
         allow_local_paths: whether text fields accept local paths (``$RECYCLE_ALLOW_LOCAL_PATHS``; default: yes,
             except on a Hugging Face Space). When off, only Hub ids, uploads and the app's own files are used.
@@ -73,6 +74,47 @@ class AppSettings:
         """A zoo LoRA with its head, bundled for the inversion tab (None if not shipped)."""
         folder = self.weights / "example-lora"
         return folder if (folder / "adapter_model.safetensors").is_file() else None
+
+    @property
+    def shipped_prior(self) -> Optional[Path]:
+        """The BN-statistics prior CNN trained on mini-vit's pretraining glyphs (None if not shipped)."""
+        folder = self.weights / "glyph-prior"
+        return folder if (folder / "model.safetensors").is_file() else None
+
+    def bn_prior_for(self, backbone: str) -> "PriorChoice":
+        """The BN-statistics prior offered for `backbone`: the shipped glyph prior for the shipped mini-vit (exactly
+        that folder: the app's own file, read even with local paths off), else the paper's ImageNet ResNet-50."""
+        prior = self.shipped_prior
+        if prior is not None and _same_folder(backbone, self.shipped_backbone):
+            return PriorChoice(str(prior), GLYPH_PRIOR_WEIGHT, True,
+                               f"BN-statistics prior (the shipped `{prior.name}`, weight {GLYPH_PRIOR_WEIGHT:g})",
+                               f"A small CNN trained on {self.shipped_backbone.name}'s own pretraining glyphs: "
+                               "glyph-like images instead of noise; works offline.")
+        return PriorChoice(DEFAULT_BN_PRIOR, InversionConfig.bn_weight, False,
+                           f"BN-statistics prior ({DEFAULT_BN_PRIOR}, from the Hub)",
+                           "The paper's image prior: more natural images, slower; needs the Hub.")
+
+
+GLYPH_PRIOR_WEIGHT = 0.1  # glyph-like surrogates within 100 steps (0.01, the paper's weight for ResNet-50, is weaker)
+
+
+@dataclass(frozen=True)
+class PriorChoice:
+    """The BN-statistics prior the inversion tab uses for a backbone: what to load, its weight, whether the checkbox
+    starts ticked, and the checkbox's label and info text."""
+
+    name: str  # a timm model name (from the Hub) or the shipped prior's folder
+    weight: float
+    default: bool
+    label: str
+    info: str
+
+
+def _same_folder(name: str, folder: Path) -> bool:
+    try:
+        return Path(name).expanduser().resolve() == folder.resolve()
+    except (OSError, ValueError):  # NUL bytes, names too long for the filesystem
+        return False
 
 
 def _looks_local(text: str) -> bool:

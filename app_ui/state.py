@@ -40,7 +40,7 @@ class ModelCache:
         self._backbones: OrderedDict[str, Backbone] = OrderedDict()
         self._classifiers: OrderedDict[tuple[str, str], tuple[FewShotClassifier, threading.Lock]] = OrderedDict()
         self._inverter: Optional[tuple[str, Backbone]] = None
-        self._prior: Optional[BNPrior] = None
+        self._prior: Optional[tuple[str, BNPrior]] = None
 
     def _get(self, table: OrderedDict, key: Any) -> Any:
         with self._lock:
@@ -105,16 +105,18 @@ class ModelCache:
             self._inverter = (name, copy)
             return copy
 
-    def bn_prior(self) -> BNPrior:
-        """The BN-statistics prior of the paper (an ImageNet ResNet-50 from the Hub), loaded once."""
+    def bn_prior(self, name: str = DEFAULT_BN_PRIOR) -> BNPrior:
+        """The BN-statistics prior `name` (the paper's ImageNet ResNet-50 from the Hub by default, or a local folder
+        the app chose), loaded once; one prior is kept."""
         with self._load_lock:
-            if self._prior is None:
+            if self._prior is None or self._prior[0] != name:
+                self._prior = None
                 try:
                     device = self._inverter[1].device if self._inverter else None
-                    self._prior = load_bn_prior(DEFAULT_BN_PRIOR, device=device)
+                    self._prior = (name, load_bn_prior(name, device=device))
                 except BackboneError as e:
                     raise BackboneError(f"{e} Untick 'BN-statistics prior' to invert without it.") from None
-            return self._prior
+            return self._prior[1]
 
 
 class SessionStore(Generic[T]):

@@ -5,8 +5,11 @@ conftest.py turns Gradio's analytics off (GRADIO_ANALYTICS_ENABLED=False) before
 """
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import unicodedata
+import zipfile
 from pathlib import Path
 
 import gradio as gr
@@ -20,6 +23,7 @@ import app
 import app_ui
 from app_ui import fewshot
 from recycle.backbone import load_backbone
+from recycle.invert import DEFAULT_BN_PRIOR
 from recycle.formats import LoRAAdapter, save_adapter
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters
 from tests.apptools import (KINDS, check, classify, close, free_port, good_request, launch, make_pics, pattern,
@@ -266,6 +270,79 @@ def test_bundled_lora_can_be_inverted_offline_even_with_local_paths_off(closed_h
             client.predict(hub_id=str(SHIPPED / "examples"), files=[], api_name="/load_lora")
     finally:
         close(demo, client)
+
+
+def _zip_run(path: str) -> tuple[dict, torch.Tensor]:
+    """The manifest and the unmasked images ``(N, 3, H, W)`` in [0, 1] of an inversion's zip."""
+    with zipfile.ZipFile(path) as zf:
+        name = next(n for n in zf.namelist() if n.endswith("manifest.json"))
+        manifest = json.loads(zf.read(name))
+        folder = name.rsplit("/", 1)[0]
+        images = [torch.from_numpy(np.array(Image.open(io.BytesIO(zf.read(f"{folder}/{item['image']}"))).convert("RGB")))
+                  for item in manifest["items"]]
+    return manifest, torch.stack(images).permute(0, 3, 1, 2).float() / 255
+
+
+def _total_variation(images: torch.Tensor) -> float:
+    return ((images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+            + (images[..., :, 1:] - images[..., :, :-1]).abs().mean()).item()
+
+
+@pytest.mark.skipif(not (SHIPPED / "glyph-prior" / "model.safetensors").is_file(), reason="not shipped")
+def test_offline_inversion_of_the_bundled_lora_uses_the_glyph_prior_by_default(closed_hub, tmp_path):
+    """Offline, the BN prior is the shipped glyph CNN, ticked by default: smooth, stroke-like images the teacher still
+    recognises, where inverting without a prior gives high-frequency noise."""
+    demo, client = launch(settings(tmp_path, CLIP_NAME, SHIPPED, allow_local_paths=False))
+    try:
+        checkbox = next(c["props"] for c in client.config["components"]
+                        if str(c["props"].get("label", "")).startswith("BN-statistics prior"))
+        assert checkbox["value"] is True and "glyph-prior" in checkbox["label"] and "weight 0.1" in checkbox["label"]
+        client.predict(hub_id=str(SHIPPED / "example-lora"), files=[], api_name="/load_lora")
+        runs = {}
+        for prior in (checkbox["value"], False):  # the default, then without a prior
+            job = client.submit(classes=[0, 1, 2, 3, 4], per_class=2, steps=100, pruning="-1:0.75", bn_prior=prior,
+                                lr=0.25, seed=0, api_name="/invert")
+            job.result(timeout=300)
+            runs[prior] = _zip_run(job.outputs()[-1][3]["value"])
+        (with_prior, images), (without, noise) = runs[True], runs[False]
+        assert with_prior["settings"]["bn_prior"] == str(SHIPPED / "glyph-prior")
+        assert with_prior["settings"]["bn_weight"] == 0.1 and without["settings"]["bn_prior"] is None
+        agree = [int(torch.tensor(i["logits"]).argmax()) == i["label"] for i in with_prior["items"]]
+        assert sum(agree) / len(agree) >= 0.8, agree
+        assert _total_variation(images) < 0.75 * _total_variation(noise), (_total_variation(images),
+                                                                           _total_variation(noise))
+    finally:
+        close(demo, client)
+
+
+def test_the_glyph_prior_is_trusted_for_the_shipped_backbone_only(closed_hub, tmp_path):
+    """The shipped prior is read from disk for the shipped mini-vit only: a copy of mini-vit elsewhere gets the Hub
+    ResNet-50 (unloadable offline, so the run says so), and its folder cannot be typed in as a backbone or a LoRA."""
+    weights = require_toy_weights()
+    s = settings(tmp_path, CLIP_NAME, weights, allow_local_paths=False)
+    assert s.bn_prior_for(str(weights / "mini-vit")).name == str(weights / "glyph-prior")
+    copy = tmp_path / "mini-vit-copy"
+    shutil.copytree(weights / "mini-vit", copy)
+    for other in (str(copy), CLIP_NAME, f"local-dir:{weights / 'glyph-prior'}"):
+        choice = s.bn_prior_for(other)
+        assert choice.name == DEFAULT_BN_PRIOR and not choice.default and DEFAULT_BN_PRIOR in choice.label
+    png = next((weights / "examples").rglob("*.png"))
+    demo, client = launch(s)
+    try:
+        for field in ("backbone", "lora"):
+            with pytest.raises(AppError, match="Local paths are disabled"):
+                classify(client, [("a", [png]), ("b", [png])], [png], **{field: str(weights / "glyph-prior")})
+    finally:
+        close(demo, client)
+    local = settings(tmp_path, str(copy), weights)  # local paths on: the copy is a usable backbone
+    cache = app_ui.ModelCache()
+    inversion = app_ui.Inversion(cache, app_ui.PathPolicy(True), local, str(copy))
+    assert inversion.prior_checkbox(str(copy))["value"] is False
+    assert inversion.prior_checkbox(str(weights / "mini-vit"))["value"] is True
+    request = gr.Request(session_hash="s")
+    inversion.load(None, str(weights / "example-lora"), [], request)
+    with pytest.raises(gr.Error, match=rf"BN prior: .*{DEFAULT_BN_PRIOR.split('.')[0]}.*Untick"):
+        list(inversion.run(None, [0], 1, 2, "none", True, 0.25, 0, request, progress=lambda *a, **k: None))
 
 
 @pytest.mark.skipif(not (SHIPPED / "mini-meta-lora" / "recheck.json").is_file(), reason="no shipped weights yet")
