@@ -1,7 +1,7 @@
 """LoRA Recycle web app: few-shot classification, LoRA inversion into surrogate images, and a surrogate-pool browser.
 
-Layout and wiring only; the handlers are in ``app_handlers.py`` and the work is done by `recycle`. Run
-``python app.py``, or ``gradio app.py`` to reload the app whenever a file changes. Environment:
+Layout and wiring only; the handlers are in the ``app_ui`` package (one module per tab) and the work is done by
+`recycle`. Run ``python app.py``, or ``gradio app.py`` to reload the app whenever a file changes. Environment:
 
 * ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``: the address (default 127.0.0.1:7860).
 * ``RECYCLE_BACKBONE``: the default backbone (a timm name, an alias, ``hf-hub:ORG/REPO`` or a local directory;
@@ -23,11 +23,10 @@ from typing import Any, Optional
 
 import gradio as gr
 
-from app_handlers import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES, MAX_INVERT_IMAGES,
-                          MAX_INVERT_STEPS, PRUNING_PRESETS, AppSettings, Defaults, ExampleTask, FewShot, Inversion,
-                          ModelCache, PathPolicy, PoolBrowser, find_examples, resolve_defaults)
+from app_ui import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES, MAX_INVERT_IMAGES,
+                    MAX_INVERT_STEPS, PRUNING_PRESETS, AppSettings, Defaults, ExampleTask, FewShot, Inversion, ModelCache,
+                    PathPolicy, PoolBrowser, PriorChoice, find_examples, resolve_defaults)
 from recycle.backbone import ALIASES, DEFAULT_BACKBONE
-from recycle.invert import DEFAULT_BN_PRIOR
 
 __all__ = ["build_demo", "launch_options", "main", "demo", "TABS", "QUEUE_SIZE", "PREDICT_CONCURRENCY"]
 
@@ -155,7 +154,7 @@ def _few_shot_tab(fewshot: FewShot, defaults: Defaults, examples: list[ExampleTa
                            cards=cards, table=table)
 
 
-def _invert_tab(policy: PathPolicy, example_lora: Optional[Path]) -> SimpleNamespace:
+def _invert_tab(policy: PathPolicy, example_lora: Optional[Path], prior: PriorChoice) -> SimpleNamespace:
     gr.Markdown(INVERT_INTRO)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
@@ -181,8 +180,7 @@ def _invert_tab(policy: PathPolicy, example_lora: Optional[Path]) -> SimpleNames
             pruning = gr.Dropdown([(label, spec) for label, spec in PRUNING_PRESETS], value="-1:0.75",
                                   allow_custom_value=True, label="Token pruning",
                                   info="A preset, or type LAYER[,LAYER…]:RATIO (e.g. 11:0.75; -1 = last block).")
-            bn_prior = gr.Checkbox(False, label=f"BN-statistics prior ({DEFAULT_BN_PRIOR}, from the Hub)",
-                                   info="The paper's image prior: more natural images, slower; needs the Hub.")
+            bn_prior = gr.Checkbox(prior.default, label=prior.label, info=prior.info)  # follows the backbone
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
                     lr = gr.Number(0.25, label="Learning rate (Adam)", minimum=0.001, maximum=10)
@@ -272,7 +270,7 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
             with gr.Tab(TABS["few-shot"], id="few-shot"):
                 fs = _few_shot_tab(fewshot, defaults, examples)
             with gr.Tab(TABS["invert"], id="invert"):
-                inv = _invert_tab(policy, settings.example_lora)
+                inv = _invert_tab(policy, settings.example_lora, settings.bn_prior_for(defaults.backbone))
             with gr.Tab(TABS["pool"], id="pool") as pool_tab:
                 pool = _pool_tab(policy, settings)
 
@@ -297,6 +295,7 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
                          outputs=[inv.images, inv.masked, inv.run_status, inv.download, inv.add], api_name="invert",
                          concurrency_id="invert", concurrency_limit=1, show_progress_on=[inv.run_status])
         inv.stop.click(inversion.stop, None, inv.stop_note, api_name="stop_inversion", queue=False)  # never queued
+        backbone.change(inversion.prior_checkbox, backbone, inv.bn_prior, api_visibility="private", queue=False)
 
         # pool
         pool_outputs = [pool.summary, pool.source, pool.label, pool.images, pool.masked, pool.details, pool.settings]

@@ -53,7 +53,7 @@ _logger = logging.getLogger("bench_load")
 def serve(backbone: str, pool: str, port: int) -> None:
     """Run the app (server mode of this script, in its own process)."""
     import app
-    from app_handlers import AppSettings
+    from app_ui import AppSettings
 
     settings = AppSettings(backbone=backbone, weights=Path(pool) / "no-weights", pool=Path(pool))
     demo = app.build_demo(settings=settings)

@@ -563,10 +563,14 @@ def read_adapter(path: Union[str, Path], backbone=None, name: Optional[str] = No
 
 
 
-def load_lora(source: Union[str, Path], backbone=None) -> LoRAAdapter:
+def load_lora(source: Union[str, Path], backbone=None, hub_only: bool = False) -> LoRAAdapter:
     """Load a LoRA from a local folder or file, or download it from the Hub by ``ORG/NAME`` id.
 
     Only ``*.json``, ``*.safetensors`` and ``*.md`` files are downloaded: pickles never leave the Hub.
+
+    Args:
+        hub_only: never read `source` from disk, even where a local folder of that name exists: it must be a Hub id
+            (for servers whose users may not name local files).
 
     Raises:
         LoRAFormatError: unusable files (see `read_adapter`).
@@ -574,16 +578,18 @@ def load_lora(source: Union[str, Path], backbone=None) -> LoRAAdapter:
     """
     from .hub import HubError, download_repo_files, is_repo_id
 
-    try:
-        local = Path(source).expanduser()
-        exists = local.exists()
-    except (OSError, ValueError):  # NUL bytes, names too long for the filesystem: not a usable path
-        exists = False
-    if exists:
-        return read_adapter(local, backbone)
+    if not hub_only:
+        try:
+            local = Path(source).expanduser()
+            exists = local.exists()
+        except (OSError, ValueError):  # NUL bytes, names too long for the filesystem: not a usable path
+            exists = False
+        if exists:
+            return read_adapter(local, backbone)
     source = str(source).strip()
     if not is_repo_id(source):
-        raise HubError(f"'{source}' is neither an existing local path nor a Hub id of the form ORG/NAME")
+        raise HubError(f"'{source}' is not a Hub id of the form ORG/NAME" if hub_only else
+                       f"'{source}' is neither an existing local path nor a Hub id of the form ORG/NAME")
     folder = download_repo_files(source, ["*.json", "*.safetensors", "*.md"])
     if not any(folder.glob("*.safetensors")):
         raise LoRAFormatError(f"Hub repository '{source}' has no .safetensors LoRA weights (pickled .bin/.pt "

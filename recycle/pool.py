@@ -34,7 +34,8 @@ from .formats import LoRAAdapter
 from .invert import BNPrior, InversionConfig, InversionProgress, InversionResult, invert
 from .io import atomic_write_bytes, dumps_strict, loads_strict
 
-__all__ = ["PoolError", "PoolItem", "PoolClass", "PoolEpisode", "Pool", "write_run", "invert_zoo", "POOL_FORMAT"]
+__all__ = ["PoolError", "PoolItem", "PoolClass", "PoolEpisode", "Pool", "write_run", "invert_zoo", "teacher_confidence",
+           "POOL_FORMAT"]
 
 _logger = logging.getLogger(__name__)
 
@@ -44,6 +45,21 @@ POOL_VERSION = 1
 
 class PoolError(ValueError):
     """A pool (or one of its runs) is missing, corrupt or half-written. The message names the file."""
+
+
+def teacher_confidence(logits: Union[torch.Tensor, list], labels: Union[torch.Tensor, list]) -> torch.Tensor:
+    """The teacher's confidence in each image's own class: ``softmax(logits)[i, labels[i]]``.
+
+    Args:
+        logits: ``(N, C)`` teacher logits (a tensor, or the nested lists a manifest holds).
+        labels: ``(N,)`` class indices.
+
+    Returns:
+        ``(N,)`` float32 probabilities.
+    """
+    logits = torch.as_tensor(logits).float()
+    labels = torch.as_tensor(labels).long().view(-1, 1)
+    return logits.softmax(-1).gather(1, labels).flatten()
 
 
 def _png_bytes(image: torch.Tensor) -> bytes:

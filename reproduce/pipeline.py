@@ -354,9 +354,28 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def prior_card(summary: dict, steps: int) -> str:
+    """The model card of the shipped glyph BN prior, from the prior stage's summary (``train_acc``, ``classes``)."""
+    return (
+        "---\nlibrary_name: timm\nlicense: apache-2.0\npipeline_tag: image-classification\ntags:\n- lora-recycle\n"
+        "- bn-prior\n- timm\n- glyphs\n---\n\n"
+        "# glyph-prior: the BN-statistics prior for mini-vit\n\n"
+        "A small BatchNorm CNN (timm `resnet18` with one block per stage, `layers=[1, 1, 1, 1]`, 32 px input, "
+        "mean = std = 0.5) whose BatchNorm running statistics are the image prior of LoRA inversion "
+        "(`recycle.invert.BNPrior`). It is to `weights/mini-vit` what the paper's ImageNet ResNet-50 is to CLIP: "
+        "trained on the foundation model's own pretraining distribution, so that inverted images look like the "
+        "glyphs the backbone was pretrained on.\n\n"
+        f"Trained by `reproduce.pipeline.stage_prior` on the {summary['classes']} pretraining classes of `reproduce/` "
+        f"(Han characters rendered plain from eight Debian fonts; never on zoo, validation or test classes), "
+        f"{steps} steps, train accuracy {summary['train_acc']:.4f}. The classifier head is not used.\n\n"
+        "Load it with `recycle.invert.load_bn_prior('weights/glyph-prior')`. The app's inversion tab uses it, with "
+        "weight 0.1, whenever the backbone is the shipped `mini-vit`.\n\n"
+        "Command: `python -m reproduce.pipeline --work .cache/repro`.\n")
+
+
 def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] = None) -> dict:
-    """Copy the mini backbone, the best meta-LoRA (chosen on the validation split) and example tasks into `weights`,
-    and the results table, JSON and plot into `results_dir`."""
+    """Copy the mini backbone, its glyph BN prior, the best meta-LoRA (chosen on the validation split) and example
+    tasks into `weights`, and the results table, JSON and plot into `results_dir`."""
     from recycle.card import write_model_card
 
     from .glyphs import example_task
@@ -365,12 +384,15 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     candidates = [k for k in s if k.startswith("meta-recycle")]
     best = max(candidates, key=lambda k: s[k]["best_val"] or 0.0)
     vit_out, lora_out, examples = weights / "mini-vit", weights / "mini-meta-lora", weights / "examples"
-    example_lora = weights / "example-lora"
-    for d in (vit_out, lora_out, examples, example_lora):
+    example_lora, prior_out = weights / "example-lora", weights / "glyph-prior"
+    for d in (vit_out, lora_out, examples, example_lora, prior_out):
         shutil.rmtree(d, ignore_errors=True)
-    vit_out.mkdir(parents=True)
-    for f in ("config.json", "model.safetensors"):
-        shutil.copy2(work / "mini-vit" / f, vit_out / f)
+    for source, out in ((work / "mini-vit", vit_out), (work / "prior", prior_out)):
+        out.mkdir(parents=True)
+        for f in ("config.json", "model.safetensors"):
+            shutil.copy2(source / f, out / f)
+    atomic_write_bytes(prior_out / "README.md",
+                       prior_card(s["prior"], results["config"]["prior_steps"]).encode())
     table = results_markdown(results)
     adapter = read_adapter(work / best / "meta-lora")
     adapter.backbone = "weights/mini-vit"

@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import app
-from app_handlers import AppSettings
+from app_ui import AppSettings
 from recycle.backbone import load_backbone
 from recycle.formats import LoRAAdapter, read_adapter, save_adapter
 from recycle.invert import InversionConfig, invert

@@ -5,8 +5,11 @@ conftest.py turns Gradio's analytics off (GRADIO_ANALYTICS_ENABLED=False) before
 """
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import unicodedata
+import zipfile
 from pathlib import Path
 
 import gradio as gr
@@ -17,8 +20,10 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
-import app_handlers
+import app_ui
+from app_ui import fewshot
 from recycle.backbone import load_backbone
+from recycle.invert import DEFAULT_BN_PRIOR
 from recycle.formats import LoRAAdapter, save_adapter
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters
 from tests.apptools import (KINDS, check, classify, close, free_port, good_request, launch, make_pics, pattern,
@@ -101,7 +106,7 @@ def test_status_reports_the_loaded_backbone(client, tiny_clip_dir):
 
 
 def test_too_many_images(client, pics, monkeypatch):
-    monkeypatch.setattr(app_handlers, "MAX_IMAGES", 3)
+    monkeypatch.setattr(fewshot, "MAX_IMAGES", 3)
     with pytest.raises(AppError, match=r"Too many images \(4\); at most 3"):
         classify(client, [("red", [pics["red1"]]), ("blue", [pics["blue1"], pics["blue2"]])], [pics["red_q"]])
     monkeypatch.undo()
@@ -121,7 +126,7 @@ def test_unexpected_errors_are_generic_and_logged(client, pics, monkeypatch, cap
     def broken(*args, **kwargs):
         raise RuntimeError("internal detail")
 
-    monkeypatch.setattr(app_handlers, "classify", broken)
+    monkeypatch.setattr(fewshot, "classify", broken)
     with pytest.raises(AppError, match="Something went wrong") as err:
         classify(client, [("red", [pics["red1"]]), ("blue", [pics["blue1"]])], [pics["red_q"]])
     assert "internal detail" not in str(err.value)
@@ -233,7 +238,7 @@ def test_offline_default_uses_the_shipped_weights_and_offers_examples(closed_hub
         assert [s for s in dataset["props"]["sample_labels"]] == ["Han characters (held-out classes) · 3-way 2-shot",
                                                                   "Hangul (an unseen script) · 3-way 2-shot"]
         # What a click on the first example fills in, classified with the default meta-LoRA (and without it).
-        task = app_handlers.find_examples(weights / "examples")[0]
+        task = app_ui.find_examples(weights / "examples")[0]
         cards, table = classify(client, [(c, [Path(f) for f in files]) for c, files in task.support.items()],
                                 [Path(q) for q in task.queries])
         assert len(table["data"]) == len(task.queries) == 6 and table["headers"][-1] == "backbone alone"
@@ -267,13 +272,86 @@ def test_bundled_lora_can_be_inverted_offline_even_with_local_paths_off(closed_h
         close(demo, client)
 
 
+def _zip_run(path: str) -> tuple[dict, torch.Tensor]:
+    """The manifest and the unmasked images ``(N, 3, H, W)`` in [0, 1] of an inversion's zip."""
+    with zipfile.ZipFile(path) as zf:
+        name = next(n for n in zf.namelist() if n.endswith("manifest.json"))
+        manifest = json.loads(zf.read(name))
+        folder = name.rsplit("/", 1)[0]
+        images = [torch.from_numpy(np.array(Image.open(io.BytesIO(zf.read(f"{folder}/{item['image']}"))).convert("RGB")))
+                  for item in manifest["items"]]
+    return manifest, torch.stack(images).permute(0, 3, 1, 2).float() / 255
+
+
+def _total_variation(images: torch.Tensor) -> float:
+    return ((images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+            + (images[..., :, 1:] - images[..., :, :-1]).abs().mean()).item()
+
+
+@pytest.mark.skipif(not (SHIPPED / "glyph-prior" / "model.safetensors").is_file(), reason="not shipped")
+def test_offline_inversion_of_the_bundled_lora_uses_the_glyph_prior_by_default(closed_hub, tmp_path):
+    """Offline, the BN prior is the shipped glyph CNN, ticked by default: smooth, stroke-like images the teacher still
+    recognises, where inverting without a prior gives high-frequency noise."""
+    demo, client = launch(settings(tmp_path, CLIP_NAME, SHIPPED, allow_local_paths=False))
+    try:
+        checkbox = next(c["props"] for c in client.config["components"]
+                        if str(c["props"].get("label", "")).startswith("BN-statistics prior"))
+        assert checkbox["value"] is True and "glyph-prior" in checkbox["label"] and "weight 0.1" in checkbox["label"]
+        client.predict(hub_id=str(SHIPPED / "example-lora"), files=[], api_name="/load_lora")
+        runs = {}
+        for prior in (checkbox["value"], False):  # the default, then without a prior
+            job = client.submit(classes=[0, 1, 2, 3, 4], per_class=2, steps=100, pruning="-1:0.75", bn_prior=prior,
+                                lr=0.25, seed=0, api_name="/invert")
+            job.result(timeout=300)
+            runs[prior] = _zip_run(job.outputs()[-1][3]["value"])
+        (with_prior, images), (without, noise) = runs[True], runs[False]
+        assert with_prior["settings"]["bn_prior"] == str(SHIPPED / "glyph-prior")
+        assert with_prior["settings"]["bn_weight"] == 0.1 and without["settings"]["bn_prior"] is None
+        agree = [int(torch.tensor(i["logits"]).argmax()) == i["label"] for i in with_prior["items"]]
+        assert sum(agree) / len(agree) >= 0.8, agree
+        assert _total_variation(images) < 0.75 * _total_variation(noise), (_total_variation(images),
+                                                                           _total_variation(noise))
+    finally:
+        close(demo, client)
+
+
+def test_the_glyph_prior_is_trusted_for_the_shipped_backbone_only(closed_hub, tmp_path):
+    """The shipped prior is read from disk for the shipped mini-vit only: a copy of mini-vit elsewhere gets the Hub
+    ResNet-50 (unloadable offline, so the run says so), and its folder cannot be typed in as a backbone or a LoRA."""
+    weights = require_toy_weights()
+    s = settings(tmp_path, CLIP_NAME, weights, allow_local_paths=False)
+    assert s.bn_prior_for(str(weights / "mini-vit")).name == str(weights / "glyph-prior")
+    copy = tmp_path / "mini-vit-copy"
+    shutil.copytree(weights / "mini-vit", copy)
+    for other in (str(copy), CLIP_NAME, f"local-dir:{weights / 'glyph-prior'}"):
+        choice = s.bn_prior_for(other)
+        assert choice.name == DEFAULT_BN_PRIOR and not choice.default and DEFAULT_BN_PRIOR in choice.label
+    png = next((weights / "examples").rglob("*.png"))
+    demo, client = launch(s)
+    try:
+        for field in ("backbone", "lora"):
+            with pytest.raises(AppError, match="Local paths are disabled"):
+                classify(client, [("a", [png]), ("b", [png])], [png], **{field: str(weights / "glyph-prior")})
+    finally:
+        close(demo, client)
+    local = settings(tmp_path, str(copy), weights)  # local paths on: the copy is a usable backbone
+    cache = app_ui.ModelCache()
+    inversion = app_ui.Inversion(cache, app_ui.PathPolicy(True), local, str(copy))
+    assert inversion.prior_checkbox(str(copy))["value"] is False
+    assert inversion.prior_checkbox(str(weights / "mini-vit"))["value"] is True
+    request = gr.Request(session_hash="s")
+    inversion.load(None, str(weights / "example-lora"), [], request)
+    with pytest.raises(gr.Error, match=rf"BN prior: .*{DEFAULT_BN_PRIOR.split('.')[0]}.*Untick"):
+        list(inversion.run(None, [0], 1, 2, "none", True, 0.25, 0, request, progress=lambda *a, **k: None))
+
+
 @pytest.mark.skipif(not (SHIPPED / "mini-meta-lora" / "recheck.json").is_file(), reason="no shipped weights yet")
 def test_offline_default_on_the_real_shipped_weights_solves_its_examples(closed_hub, tmp_path):
     """The committed weights/ (not a toy run): offline, the app loads them and gets the bundled examples right."""
     demo, client = launch(settings(tmp_path, CLIP_NAME, SHIPPED))
     try:
         assert f"with meta-LoRA `{SHIPPED / 'mini-meta-lora'}`" in client.predict(api_name="/status")
-        tasks = app_handlers.find_examples(SHIPPED / "examples")
+        tasks = app_ui.find_examples(SHIPPED / "examples")
         assert [t.name for t in tasks] == ["han", "hangul"]
         for task in tasks:
             _, table = classify(client, [(c, [Path(f) for f in files]) for c, files in task.support.items()],
@@ -286,14 +364,14 @@ def test_offline_default_on_the_real_shipped_weights_solves_its_examples(closed_
 
 
 def test_examples_are_offered_only_when_bundled(tmp_path, tiny_clip_dir):
-    assert app_handlers.find_examples(tmp_path / "missing") == []
+    assert app_ui.find_examples(tmp_path / "missing") == []
     demo = app.build_demo(settings=settings(tmp_path, str(tiny_clip_dir)))
     assert not [b for b in demo.blocks.values() if isinstance(b, gr.Dataset)]
     weights = require_toy_weights()
     demo = app.build_demo(settings=settings(tmp_path, str(tiny_clip_dir), weights))
     dataset = next(b for b in demo.blocks.values() if isinstance(b, gr.Dataset))
     assert len(dataset.samples) == 2
-    task = app_handlers.find_examples(weights / "examples")[0]
+    task = app_ui.find_examples(weights / "examples")[0]
     assert len(task.support) == 3 and all(len(f) == 2 for f in task.support.values()) and len(task.queries) == 6
 
 
@@ -303,7 +381,7 @@ def test_settings_come_from_the_environment(monkeypatch, tiny_clip_dir, tmp_path
     monkeypatch.setenv("RECYCLE_WEIGHTS", str(tmp_path / "w"))
     monkeypatch.setenv("RECYCLE_POOL", str(tmp_path / "p"))
     monkeypatch.setenv("RECYCLE_ALLOW_LOCAL_PATHS", "0")
-    s = app_handlers.AppSettings.from_env()
+    s = app_ui.AppSettings.from_env()
     assert (s.backbone, s.weights, s.pool, s.allow_local_paths) == (str(tiny_clip_dir), tmp_path / "w",
                                                                     tmp_path / "p", False)
     dropdowns = [b for b in app.build_demo().blocks.values() if isinstance(b, gr.Dropdown) and b.label.startswith(
@@ -311,27 +389,27 @@ def test_settings_come_from_the_environment(monkeypatch, tiny_clip_dir, tmp_path
     assert [d.value for d in dropdowns] == [str(tiny_clip_dir)]
     for name in ("RECYCLE_BACKBONE", "RECYCLE_WEIGHTS", "RECYCLE_POOL", "RECYCLE_ALLOW_LOCAL_PATHS"):
         monkeypatch.delenv(name)
-    s = app_handlers.AppSettings.from_env()
+    s = app_ui.AppSettings.from_env()
     assert s.backbone == app.DEFAULT_BACKBONE and s.weights == Path(app.__file__).parent / "weights"
     assert s.allow_local_paths and s.pool == Path("pool")
     monkeypatch.setenv("SPACE_ID", "org/space")  # on a Hugging Face Space, local paths are off unless asked for
-    assert not app_handlers.AppSettings.from_env().allow_local_paths
+    assert not app_ui.AppSettings.from_env().allow_local_paths
 
 
 def test_add_class_reveals_one_slot_at_a_time():
-    shown, *updates = app_handlers.FewShot.add_class(3)
+    shown, *updates = app_ui.FewShot.add_class(3)
     slots, button = updates[:-1], updates[-1]
-    assert shown == 4 and [u["visible"] for u in slots] == [True] * 4 + [False] * (app_handlers.MAX_CLASSES - 4)
+    assert shown == 4 and [u["visible"] for u in slots] == [True] * 4 + [False] * (app_ui.MAX_CLASSES - 4)
     assert button["interactive"]
-    shown, *updates = app_handlers.FewShot.add_class(app_handlers.MAX_CLASSES - 1)
-    assert shown == app_handlers.MAX_CLASSES and all(u["visible"] for u in updates[:-1])
+    shown, *updates = app_ui.FewShot.add_class(app_ui.MAX_CLASSES - 1)
+    assert shown == app_ui.MAX_CLASSES and all(u["visible"] for u in updates[:-1])
     assert not updates[-1]["interactive"]
-    assert app_handlers.FewShot.add_class(app_handlers.MAX_CLASSES)[0] == app_handlers.MAX_CLASSES
+    assert app_ui.FewShot.add_class(app_ui.MAX_CLASSES)[0] == app_ui.MAX_CLASSES
 
 
 def test_model_cache_is_bounded(tiny_clip_dir, tiny_vit_dir):
     clip, vit = str(tiny_clip_dir), str(tiny_vit_dir)
-    cache = app_handlers.ModelCache(max_backbones=2, max_classifiers=1)
+    cache = app_ui.ModelCache(max_backbones=2, max_classifiers=1)
     with cache.classifier(clip) as first:
         pass
     with cache.classifier(clip) as again:
@@ -341,7 +419,7 @@ def test_model_cache_is_bounded(tiny_clip_dir, tiny_vit_dir):
     with cache.classifier(clip) as third:
         assert third is not first and third.backbone is first.backbone  # classifier evicted, backbone kept
 
-    cache = app_handlers.ModelCache(max_backbones=1, max_classifiers=4)
+    cache = app_ui.ModelCache(max_backbones=1, max_classifiers=4)
     with cache.classifier(clip) as first:
         pass
     with cache.classifier(vit):
@@ -355,7 +433,7 @@ def test_model_cache_is_bounded(tiny_clip_dir, tiny_vit_dir):
 
 def test_session_store_is_bounded_and_releases_what_it_drops():
     dropped = []
-    store = app_handlers.SessionStore(2, on_evict=dropped.append)
+    store = app_ui.SessionStore(2, on_evict=dropped.append)
     store.set("a", 1)
     store.set("b", 2)
     store.get("a")  # "a" is now the most recent

@@ -12,7 +12,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-import app_handlers
+import app_ui
 from recycle.pool import Pool
 from tests.apptools import (close, good_request, headless_lora, launch, make_pics, official_lora, publish, settings,
                             tiny_lora)
@@ -153,9 +153,9 @@ def test_an_inversion_without_a_head_or_for_another_backbone_is_refused(served, 
 def test_latest_results_are_kept_for_a_few_sessions_only(tiny_clip_dir, loras, tmp_path):
     """Memory stays bounded: one result per session, for a few sessions; dropped runs lose their files."""
     s = settings(tmp_path, str(tiny_clip_dir))
-    policy = app_handlers.PathPolicy(True)
-    inversion = app_handlers.Inversion(app_handlers.ModelCache(), policy, s, str(tiny_clip_dir))
-    assert inversion.runs.max_sessions == app_handlers.RESULT_SESSIONS
+    policy = app_ui.PathPolicy(True)
+    inversion = app_ui.Inversion(app_ui.ModelCache(), policy, s, str(tiny_clip_dir))
+    assert inversion.runs.max_sessions == app_ui.RESULT_SESSIONS
     inversion.runs.max_sessions = 2
     zips = []
     for session in ("a", "b", "c", "a"):

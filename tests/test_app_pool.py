@@ -10,7 +10,7 @@ import pytest
 import torch
 from gradio_client.exceptions import AppError
 
-import app_handlers
+from app_ui import pool as pool_tab
 from tests.apptools import close, launch, make_pool, settings, tiny_lora
 
 
@@ -66,7 +66,7 @@ def test_pool_is_browsed_by_source_and_class(client, pool_dir):
 
 
 def test_large_classes_are_shown_in_part(client, pool_dir, monkeypatch):
-    monkeypatch.setattr(app_handlers, "MAX_POOL_GALLERY", 2)
+    monkeypatch.setattr(pool_tab, "MAX_POOL_GALLERY", 2)
     *_, images, masked, details, _ = client.predict(str(pool_dir), api_name="/open_pool")
     assert len(images) == len(masked) == 2 and "(showing 2 of 3)" in details
 

@@ -40,8 +40,8 @@ def _wait_for(predicate, timeout: float) -> bool:
 @pytest.mark.slow
 def test_gradio_reload_mode_swaps_in_the_edited_app(tmp_path):
     # Gradio watches the app's folder, which must lie under the working directory: run a copy from tmp_path.
-    for name in ("app.py", "app_handlers.py"):
-        shutil.copy2(ROOT / name, tmp_path / name)
+    shutil.copy2(ROOT / "app.py", tmp_path / "app.py")
+    shutil.copytree(ROOT / "app_ui", tmp_path / "app_ui", ignore=shutil.ignore_patterns("__pycache__"))
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
            "RECYCLE_BACKBONE": str(ROOT / "weights" / "mini-vit"), "RECYCLE_WEIGHTS": str(ROOT / "weights"),

@@ -99,7 +99,7 @@ def test_hub_validation_rules():
     assert errors == [] and warnings
 
 
-@pytest.mark.parametrize("name", ["mini-meta-lora", "example-lora"])
+@pytest.mark.parametrize("name", ["mini-meta-lora", "example-lora", "glyph-prior"])
 def test_shipped_cards_pass_the_hubs_validation(name):
     card = (WEIGHTS / name / "README.md").read_text()
     assert card_metadata_errors(card, lambda repo: False) == ([], [])  # local backbone: no base_model

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recycle.backbone import load_backbone
-from recycle.formats import LoRAAdapter, LoRAFormatError, read_adapter, save_adapter
+from recycle.formats import LoRAAdapter, LoRAFormatError, load_lora, read_adapter, save_adapter
+from recycle.hub import HubError
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters, remove_lora
 
 peft = pytest.importorskip("peft")
@@ -57,6 +58,15 @@ def test_round_trip_is_exact(tiny_clip, tiny_clip_dir, tmp_path, config):
     fresh = load_backbone(str(tiny_clip_dir), device="cpu")
     loaded.inject(fresh.model)
     assert torch.allclose(_teacher_logits(fresh, loaded.build_head(fresh.num_features), x), expected, atol=1e-6)
+
+
+def test_hub_only_loading_never_reads_a_local_folder(tiny_clip, tmp_path):
+    adapter, _ = _trained_adapter(tiny_clip)
+    remove_lora(tiny_clip.model)
+    folder = save_adapter(adapter, tmp_path / "lora")
+    assert load_lora(str(folder)).class_names == ["cat", "dog", "fish"]
+    with pytest.raises(HubError, match="is not a Hub id of the form ORG/NAME"):
+        load_lora(str(folder), hub_only=True)
 
 
 def test_fused_qv_export_layout(tiny_clip, tmp_path):

@@ -1,4 +1,5 @@
 import json
+import math
 import random
 
 import pytest
@@ -8,7 +9,7 @@ from recycle.episodes import EpisodeSampler, EpisodeSpec
 from recycle.formats import LoRAAdapter
 from recycle.invert import InversionResult
 from recycle.lora import LoRAConfig
-from recycle.pool import Pool, PoolError, write_run
+from recycle.pool import Pool, PoolError, teacher_confidence, write_run
 
 
 def _adapter(seed, n_classes=3):
@@ -56,6 +57,18 @@ def test_round_trip_and_listing(pool_dir):
     masked = pool.load(ref, masked=True)
     assert masked[:, :8, :8].abs().sum() == 0  # kept but black, and still listed as kept
     assert pool.masked_available
+
+
+def test_teacher_confidence_is_the_softmax_at_each_label(pool_dir):
+    logits = torch.tensor([[0.0, math.log(3.0)], [math.log(4.0), 0.0]])  # softmax: (1/4, 3/4) and (4/5, 1/5)
+    assert torch.allclose(teacher_confidence(logits, torch.tensor([1, 1])), torch.tensor([0.75, 0.2]))
+    assert torch.allclose(teacher_confidence(logits.double(), [0, 0]), torch.tensor([0.25, 0.8]))
+    pool = Pool(pool_dir)  # the manifest's logits are lists: the same numbers as the tensors written
+    ref = pool.classes[0].items[0]
+    conf = teacher_confidence([pool.item(ref)["logits"]], [pool.classes[0].label])
+    written = _result(seed=0).logits[ref.index] if pool.sources()[pool.classes[0].source]["name"] == "org/lora-a" \
+        else _result(seed=1).logits[ref.index]
+    assert conf.item() == pytest.approx(written.softmax(-1)[pool.classes[0].label].item(), abs=1e-5)
 
 
 def test_pool_grows_and_same_lora_runs_share_a_source(pool_dir):

@@ -13,6 +13,7 @@ if glyphs.missing_fonts():
 from recycle.backbone import load_backbone  # noqa: E402
 from recycle.evaluate import EvalConfig, evaluate  # noqa: E402
 from recycle.formats import read_adapter  # noqa: E402
+from recycle.invert import load_bn_prior  # noqa: E402
 from reproduce.diagnose import report  # noqa: E402
 from reproduce.pipeline import ReproConfig, run, ship  # noqa: E402
 
@@ -51,6 +52,9 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert shipped["meta_lora"].startswith("meta-recycle")
     assert (tmp_path / "weights" / "mini-vit" / "model.safetensors").is_file()
     assert read_adapter(tmp_path / "weights" / "example-lora").head_weight is not None  # for the inversion tab
+    prior_card = (tmp_path / "weights" / "glyph-prior" / "README.md").read_text()  # the BN prior for mini-vit
+    assert load_bn_prior(str(tmp_path / "weights" / "glyph-prior")).bns
+    assert f"train accuracy {results['summaries']['prior']['train_acc']:.4f}" in prior_card
     assert "without any real training data" in (tmp_path / "weights" / "mini-meta-lora" / "README.md").read_text()
     assert len(list((tmp_path / "weights" / "examples" / "han" / "support").iterdir())) == 3
     recheck = json.loads((tmp_path / "weights" / "mini-meta-lora" / "recheck.json").read_text())

@@ -1,0 +1,229 @@
+"""The few-shot tab and the shared status line: class slots in, probability cards and a table out; the bundled
+example tasks."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import gradio as gr
+from PIL import Image
+
+from recycle.images import IMAGE_SUFFIXES, ImageError, load_image
+from recycle.predict import Prediction, SupportError, classify, clean_class_name
+
+from .errors import USER_ERRORS, as_text, file_paths, reported, text_field, user_message
+from .limits import INITIAL_CLASSES, MAX_CARDS, MAX_CLASSES, MAX_IMAGES, MAX_NAME_LENGTH, THUMBNAIL_SIZE
+from .settings import Defaults, PathPolicy
+from .state import ModelCache
+
+_logger = logging.getLogger("recycle.app")
+
+
+@dataclass
+class ExampleTask:
+    """A bundled few-shot task: ``examples/<name>/{support,query}/<class>/*.png``."""
+
+    name: str
+    label: str
+    support: dict[str, list[str]]
+    queries: list[str]
+
+
+_TASK_LABELS = {"han": "Han characters (held-out classes)", "hangul": "Hangul (an unseen script)"}
+
+
+def find_examples(root: Path, max_classes: int = MAX_CLASSES) -> list[ExampleTask]:
+    """The bundled example tasks under `root` (none if the folder does not exist), sorted by name."""
+    tasks = []
+    if not root.is_dir():
+        return tasks
+    for task in sorted(p for p in root.iterdir() if p.is_dir()):
+        support = {c.name: sorted(str(f) for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+                   for c in sorted(p for p in (task / "support").glob("*") if p.is_dir())}
+        support = {c: files for c, files in support.items() if files}
+        queries = sorted(str(f) for f in (task / "query").glob("*/*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not 2 <= len(support) <= max_classes or not queries:
+            _logger.warning("skipping example task %s: needs 2-%d classes and queries", task, max_classes)
+            continue
+        shots = max(map(len, support.values()))
+        label = (f"{_TASK_LABELS.get(task.name, task.name.replace('_', ' ').capitalize())} · {len(support)}-way "
+                 f"{shots}-shot")
+        tasks.append(ExampleTask(task.name, label, support, queries))
+    return tasks
+
+
+def _read_slots(slots: dict[str, Any]) -> dict[str, list[str]]:
+    """Class slots -> {class name: image paths}. Empty slots (no name, no images) are skipped.
+
+    Raises:
+        SupportError: a slot with images but no name, a name that is too long, or two slots with the same name.
+    """
+    support: dict[str, list[str]] = {}
+    slot_of: dict[str, int] = {}
+    for i in range(1, MAX_CLASSES + 1):
+        raw, files = as_text(slots.get(f"class_{i}_name"), f"name of class {i}"), file_paths(slots.get(f"class_{i}_images"))
+        if any(ch in raw for ch in "\n\r\v\f\x85\u2028\u2029"):
+            raise SupportError(f"Class {i}'s name contains a line break; a class name is one line of text.")
+        name = clean_class_name(raw)
+        if not name and not files:
+            if raw.strip():
+                raise SupportError(f"Class {i}'s name has only invisible characters. Give it a visible name.")
+            continue
+        if not name:
+            raise SupportError(f"Class {i} has {len(files)} image(s) but no name. Give every class a name.")
+        if len(name) > MAX_NAME_LENGTH:
+            raise SupportError(f"Class {i}'s name is {len(name)} characters long; at most {MAX_NAME_LENGTH}.")
+        if name in slot_of:
+            raise SupportError(f"Classes {slot_of[name]} and {i} are both named '{name}'. Class names must be unique "
+                               "(invisible characters and accents written differently do not count).")
+        slot_of[name] = i
+        support[name] = files
+    return support
+
+
+def _data_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _thumbnail(path: str) -> str:
+    try:
+        image = load_image(path, max_side=1024)  # upright RGB, as the model saw it
+    except ImageError:
+        return ""
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    return _data_uri(image)
+
+
+def _bar(value: float, kind: str) -> str:
+    return (f'<div class="rc-track"><div class="rc-bar rc-{kind}" style="width:{100 * value:.1f}%"></div></div>'
+            f'<span class="rc-val">{100 * value:.0f}%</span>')
+
+
+def probability_cards(predictions: list[Prediction], thumbnails: list[str],
+                      bare: Optional[list[Prediction]] = None, lora: str = "") -> str:
+    """HTML: one card per query with its thumbnail, its predicted class and a probability bar per class; with `bare`
+    (the backbone alone), a second bar per class and both predictions, side by side."""
+    esc = lambda s: html.escape(str(s))  # noqa: E731
+    parts = ['<div class="rc-cards">']
+    if bare is not None:
+        agree = sum(p.label == b.label for p, b in zip(predictions, bare))
+        parts.append(f'<div class="rc-summary">With the meta-LoRA <code>{esc(Path(lora).name or lora)}</code> and '
+                     f'with the backbone alone, <b>{agree} of {len(predictions)}</b> predictions agree. '
+                     '<span class="rc-key"><i class="rc-swatch rc-main"></i>with meta-LoRA</span>'
+                     '<span class="rc-key"><i class="rc-swatch rc-bare"></i>backbone alone</span></div>')
+    for i, (p, thumb) in enumerate(zip(predictions[:MAX_CARDS], thumbnails)):
+        b = bare[i] if bare is not None else None
+        changed = b is not None and b.label != p.label
+        parts.append(f'<div class="rc-card" data-query="{esc(p.file)}" data-label="{esc(p.label)}"'
+                     + (f' data-bare-label="{esc(b.label)}"' if b else "") + ">")
+        parts.append(f'<img class="rc-thumb" alt="{esc(p.file)}" src="{thumb}">' if thumb else
+                     '<div class="rc-thumb"></div>')
+        parts.append(f'<div class="rc-body"><div class="rc-title"><span class="rc-file">{esc(p.file)}</span> '
+                     f'<span class="rc-pred">→ <bdi>{esc(p.label)}</bdi></span>')
+        if b is not None:
+            parts.append(f' <span class="rc-badge{" rc-changed" if changed else ""}">backbone alone: '
+                         f'<bdi>{esc(b.label)}</bdi></span>')
+        parts.append("</div>")
+        for name, value in p.probs.items():
+            best = " rc-best" if name == p.label else ""
+            parts.append(f'<div class="rc-row{best}"><span class="rc-name"><bdi>{esc(name)}</bdi></span>'
+                         f'<div class="rc-bars"><div class="rc-line">{_bar(value, "main")}</div>')
+            if b is not None:
+                parts.append(f'<div class="rc-line">{_bar(b.probs[name], "bare")}</div>')
+            parts.append("</div></div>")
+        parts.append("</div></div>")
+    if len(predictions) > MAX_CARDS:
+        parts.append(f'<div class="rc-summary">Showing the first {MAX_CARDS} of {len(predictions)} queries; the '
+                     "table below has all of them.</div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _table(predictions: list[Prediction], bare: Optional[list[Prediction]]) -> dict[str, list]:
+    classes = list(predictions[0].probs)
+    headers = ["query", "prediction", *(f"p({c})" for c in classes)]
+    rows = [[p.file, p.label, *(round(p.probs[c], 4) for c in classes)] for p in predictions]
+    if bare is not None:
+        headers.append("backbone alone")
+        for row, b in zip(rows, bare):
+            row.append(b.label)
+    return {"headers": headers, "data": rows}
+
+
+EMPTY_CARDS = '<div class="rc-empty">Predictions appear here: one card per query with a bar for each class.</div>'
+
+
+class FewShot:
+    """Handlers of the few-shot tab and the shared status line."""
+
+    def __init__(self, cache: ModelCache, defaults: Defaults, policy: PathPolicy):
+        self.cache = cache
+        self.defaults = defaults
+        self.policy = policy
+
+    @property
+    def default_backbone(self) -> str:
+        return self.defaults.backbone
+
+    def _model(self, backbone: Optional[str], lora: Optional[str]) -> tuple[str, str]:
+        backbone = text_field(backbone, "backbone name") or self.defaults.backbone
+        return self.policy.backbone(backbone), self.policy.lora(lora)
+
+    def status(self, backbone: Optional[str], lora: Optional[str]) -> str:
+        """Load the chosen backbone and LoRA, and say whether they are ready or what is missing."""
+        note = f"{self.defaults.note}\n\n" if self.defaults.note and (backbone or "") in (
+            "", self.defaults.backbone) else ""
+        try:
+            backbone, lora = self._model(backbone, lora)
+            with self.cache.classifier(backbone, lora) as classifier:
+                model = classifier.backbone
+        except USER_ERRORS as e:
+            return f"{note}⚠️ **Not ready.** {user_message(e)}"
+        except Exception:  # noqa: BLE001 - reported in the UI, details in the log
+            _logger.exception("loading %s with LoRA %r failed", backbone, lora)
+            return (f"{note}⚠️ **Not ready.** Loading `{backbone}` failed unexpectedly; the details are in the server "
+                    "log.")
+        embedding = "CLIP projection" if model.embedding == "projection" else "[CLS]"
+        with_lora = f" with meta-LoRA `{lora}`" if lora else ""
+        _, h, w = model.input_size
+        return (f"{note}✅ **Ready:** `{backbone}`{with_lora}: {embedding} embedding ({model.embed_dim}-d), "
+                f"{w}×{h} px input, on {model.device}.")
+
+    def classify(self, backbone: Optional[str], lora: Optional[str], queries: Optional[list[str]],
+                 **slots: Any) -> tuple[str, dict[str, list]]:
+        """Fit the classes in the slots (``class_{i}_name``, ``class_{i}_images``) and predict every query; with a
+        LoRA, also with the backbone alone, for comparison.
+
+        Returns:
+            The probability cards (HTML) and the table of all probabilities.
+        """
+        with reported("Cannot classify", "classifying"):
+            backbone, lora = self._model(backbone, lora)
+            support = _read_slots(slots)
+            query_items = [(Path(p).name, p) for p in file_paths(queries)]
+            count = sum(map(len, support.values())) + len(query_items)
+            if count > MAX_IMAGES:
+                raise SupportError(f"Too many images ({count}); at most {MAX_IMAGES} per run.")
+            with self.cache.classifier(backbone, lora) as classifier:
+                predictions = classify(classifier, support, query_items)
+            bare = None
+            if lora:
+                with self.cache.classifier(backbone, "") as classifier:
+                    bare = classify(classifier, support, query_items)
+            thumbnails = [_thumbnail(path) for _, path in query_items[:MAX_CARDS]]
+            return probability_cards(predictions, thumbnails, bare, lora), _table(predictions, bare)
+
+    @staticmethod
+    def add_class(shown: int) -> tuple:
+        """Reveal the next class slot; the button is disabled once all `MAX_CLASSES` are shown."""
+        shown = min(int(shown or INITIAL_CLASSES) + 1, MAX_CLASSES)
+        slots = [gr.update(visible=i < shown) for i in range(MAX_CLASSES)]
+        return shown, *slots, gr.update(interactive=shown < MAX_CLASSES)
+

@@ -1,0 +1,375 @@
+"""The inversion tab: load a LoRA (Hub id or upload), invert it with live previews, stop, keep the latest result per
+session, add it to the pool, download it as a zip."""
+from __future__ import annotations
+
+import dataclasses
+import html
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import gradio as gr
+
+from recycle.backbone import Backbone
+from recycle.formats import PICKLE_SUFFIXES, LoRAAdapter, LoRAFormatError, read_adapter
+from recycle.invert import InversionConfig, InversionProgress, InversionResult, invert
+from recycle.pool import teacher_confidence, write_run
+from recycle.tokens import PruningConfig, parse_schedule
+
+from .errors import InputError, as_text, file_paths, kind_of, number_field, reported, text_field, user_message
+from .images import display_images
+from .limits import MAX_INVERT_IMAGES, MAX_INVERT_STEPS, MAX_LORA_FILES, MAX_SEED, PREVIEW_INTERVAL, \
+    RESULT_SESSIONS, SESSIONS
+from .settings import AppSettings, PathPolicy
+from .state import ModelCache, SessionStore, session_id
+
+# (label, LAYER:RATIO spec) for the pruning dropdown; any other "LAYER[,LAYER]:RATIO" can be typed in.
+PRUNING_PRESETS = [
+    ("none: keep every token", "none"),
+    ("last block, drop 75% (paper)", "-1:0.75"),
+    ("last block, drop 50%", "-1:0.5"),
+    ("last block, drop 25%", "-1:0.25"),
+    ("second-to-last block, drop 75%", "-2:0.75"),
+]
+
+
+@dataclass
+class LoadedLoRA:
+    adapter: LoRAAdapter
+    source: str  # Hub id, path, or "upload: <file names>"
+    backbone: str  # the backbone it was loaded (and checked) for
+
+
+@dataclass
+class InversionRun:
+    """A finished inversion of one session: what the pool needs, and the zip offered for download."""
+
+    lora: LoRAAdapter
+    source: str
+    result: InversionResult
+    settings: dict
+    grid: tuple[int, int]
+    folder: Path  # temporary folder holding the zip
+    zip_path: Optional[Path] = None
+    pooled: Optional[Path] = None
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _stage_upload(files: Sequence[str], folder: Path) -> Path:
+    """Uploaded LoRA files -> a path `read_adapter` understands (a PEFT folder or a single .safetensors file).
+
+    Raises:
+        LoRAFormatError: no weights, pickles, more than one weights file, or files of another kind.
+    """
+    paths = [Path(f) for f in files]
+    if len(paths) > MAX_LORA_FILES:
+        raise LoRAFormatError(f"{len(paths)} files uploaded; a LoRA is at most adapter_config.json plus "
+                              "adapter_model.safetensors")
+    pickles = [p.name for p in paths if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        raise LoRAFormatError(f"{', '.join(pickles)}: pickled weights are never loaded, because unpickling can run "
+                              "arbitrary code. Upload a .safetensors file.")
+    weights = [p for p in paths if p.suffix.lower() == ".safetensors"]
+    configs = [p for p in paths if p.suffix.lower() == ".json"]
+    other = [p.name for p in paths if p not in weights and p not in configs]
+    if other:
+        raise LoRAFormatError(f"{', '.join(other)}: not a LoRA file; upload adapter_config.json and "
+                              "adapter_model.safetensors, or one official .safetensors file")
+    if not weights:
+        raise LoRAFormatError("no weights uploaded: add adapter_model.safetensors (or an official .safetensors file)")
+    if len(weights) > 1 or len(configs) > 1:
+        raise LoRAFormatError(f"upload one LoRA at a time: got {len(weights)} .safetensors and {len(configs)} .json "
+                              "files")
+    if not configs:
+        return weights[0]
+    shutil.copyfile(configs[0], folder / "adapter_config.json")
+    shutil.copyfile(weights[0], folder / "adapter_model.safetensors")
+    return folder
+
+
+def _code(text: str) -> str:
+    """`text` made safe inside a markdown code span."""
+    return str(text).replace("`", "'")
+
+
+def _parse_pruning(text: Optional[str]) -> dict[int, float]:
+    text = as_text(text, "token pruning setting (a preset, or LAYER:RATIO such as '-1:0.75')").strip()
+    if text.lower() in ("", "none", "0", "off"):
+        return {}
+    try:
+        schedule = parse_schedule([s for s in text.replace(";", " ").split() if s])
+        PruningConfig(schedule)
+    except ValueError as e:
+        raise InputError(f"Pruning schedule '{text}': {e}. Write LAYER:RATIO, e.g. '-1:0.75' (last block, drop "
+                              "75%) or '3,7:0.3', or choose 'none'.") from None
+    return schedule
+
+
+class Inversion:
+    """Handlers of the inversion tab: load a LoRA (Hub id or upload), invert it with live previews, stop, keep the
+    latest result per session, add it to the pool, download it as a zip."""
+
+    def __init__(self, cache: ModelCache, policy: PathPolicy, settings: AppSettings, default_backbone: str):
+        self.cache = cache
+        self.policy = policy
+        self.settings = settings
+        self.default_backbone = default_backbone
+        self.loras: SessionStore[LoadedLoRA] = SessionStore(SESSIONS)
+        self.runs: SessionStore[InversionRun] = SessionStore(RESULT_SESSIONS, on_evict=InversionRun.discard)
+        self._stops: dict[str, threading.Event] = {}
+        self._running = threading.Lock()  # one inversion at a time, even if a cancelled one is still winding down
+        self._tmp = Path(tempfile.mkdtemp(prefix="recycle-app-"))
+
+    # ---- loading
+    def _backbone_name(self, backbone: Optional[str]) -> str:
+        return self.policy.backbone(text_field(backbone, "backbone name") or self.default_backbone)
+
+    def load(self, backbone: Optional[str], hub_id: Optional[str], files: Optional[list[str]],
+             request: gr.Request = None) -> tuple[str, dict]:
+        """Load the LoRA to invert: the uploaded files if any, else the Hub id. Shows its backbone and classes.
+
+        Returns:
+            The LoRA's card (markdown) and an update of the class checkboxes.
+        """
+        with reported("Cannot load the LoRA", "loading the LoRA"):
+            name = self._backbone_name(backbone)
+            uploads = file_paths(files)
+            hub_id = text_field(hub_id, "LoRA name")
+            if not uploads and not hub_id:
+                raise InputError("Enter a Hub id (ORG/NAME) or upload the LoRA's files first.")
+            model = self.cache.backbone(name)  # needed to map an official file's head, and to check the fit
+            if uploads:
+                uploaded = next((Path(f).name for f in uploads if f.endswith(".safetensors")), "LoRA")
+                source = "upload:" + uploaded
+                with tempfile.TemporaryDirectory(dir=self._tmp) as tmp:
+                    adapter = read_adapter(_stage_upload(uploads, Path(tmp)), model, uploaded)
+            else:
+                source = hub_id
+                adapter = self.policy.load_lora(hub_id, model)
+            if adapter.head_weight is None:
+                raise LoRAFormatError("This LoRA has no classification head, so there is nothing to invert (a "
+                                      "meta-LoRA, for example, has none). Load a LoRA tuned with a head.")
+            fit = self._fit(adapter, model, name)
+            self.loras.set(session_id(request), LoadedLoRA(adapter, source, name))
+            names = adapter.class_names or []
+            c = adapter.config
+            card = "\n".join([
+                f"**Loaded** `{_code(source)}`: {len(names)} classes; LoRA on {', '.join(c.targets)}, rank {c.rank}, "
+                f"scale {c.scaling:g}; made for backbone `{_code(adapter.backbone or 'unknown')}`.",
+                "", fit, "", "**Classes:** " + ", ".join(f"<bdi>{html.escape(n)}</bdi>" for n in names)])
+            choices = [(n, i) for i, n in enumerate(names)]
+            return card, gr.update(choices=choices, value=[i for _, i in choices[:2]],
+                                   info=f"{len(choices)} classes; fewer classes and images make a quicker run.")
+
+    @staticmethod
+    def _fit(adapter: LoRAAdapter, model: Backbone, name: str) -> str:
+        try:
+            with adapter.attached(model):
+                adapter.build_head(model.num_features)
+        except LoRAFormatError as e:
+            return (f"⚠️ It does **not fit** the selected backbone `{name}`: {user_message(e)}. "
+                    "Choose the backbone it was made for at the top of the page, then load it again.")
+        return f"✅ Fits the selected backbone `{name}`: choose the classes and press **Invert**."
+
+    def prior_checkbox(self, backbone: Optional[str]) -> dict:
+        """The BN-prior checkbox for `backbone`: which prior it uses (label and info), ticked where that is the
+        shipped glyph prior."""
+        choice = self.settings.bn_prior_for(backbone.strip() if isinstance(backbone, str) else "")
+        return gr.update(value=choice.default, label=choice.label, info=choice.info)
+
+    # ---- running
+    def _config(self, classes: Optional[list], per_class: Any, steps: Any, pruning: Optional[str], lr: Any,
+                seed: Any) -> tuple[list[int], InversionConfig]:
+        if not classes:
+            raise InputError("Choose at least one class to invert.")
+        if not isinstance(classes, list):
+            raise InputError(f"The classes must be a list of class choices, got {kind_of(classes)}.")
+        per_class = number_field(per_class, "number of images per class", 1, MAX_INVERT_IMAGES)
+        steps = number_field(steps, "number of steps", 1, MAX_INVERT_STEPS)
+        seed = number_field(seed or 0, "seed", 0, MAX_SEED)
+        lr = number_field(lr, "learning rate", 0, 10, whole=False)
+        if per_class * len(classes) > MAX_INVERT_IMAGES:
+            raise InputError(f"{len(classes)} classes × {per_class} images = {len(classes) * per_class} images; "
+                             f"at most {MAX_INVERT_IMAGES} per run. Choose fewer classes or images per class.")
+        if lr == 0:
+            raise InputError("The learning rate must be above 0.")
+        schedule = _parse_pruning(pruning)
+        preview = max(1, min(10, steps // 20))
+        try:
+            config = InversionConfig(per_class=per_class, steps=steps, lr=lr, seed=seed, preview_every=preview,
+                                     pruning=PruningConfig(schedule or {-1: 0.0}))
+        except ValueError as e:
+            raise InputError(f"Inversion settings: {e}.") from None
+        return [self._class_index(c) for c in classes], config
+
+    @staticmethod
+    def _class_index(c: Any) -> int:
+        try:
+            return int(c)
+        except (TypeError, ValueError):
+            raise InputError(f"Unknown class {c!r}: choose classes from the list.") from None
+
+    def run(self, backbone: Optional[str], classes: Optional[list], per_class: Any, steps: Any,
+            pruning: Optional[str], bn_prior: bool, lr: Any, seed: Any, request: gr.Request = None,
+            progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+        """Invert the session's LoRA with live previews; the last update adds the masked images and the zip.
+
+        Yields:
+            (images gallery, masked gallery, status markdown, zip file, "add to pool" button update).
+        """
+        session = session_id(request)
+        with reported("Cannot invert", "inverting"):
+            loaded = self.loras.get(session)
+            if loaded is None:
+                raise InputError("Load a LoRA first (step 1): enter a Hub id or upload its files.")
+            name = self._backbone_name(backbone)
+            if name != loaded.backbone:
+                raise InputError(f"The backbone changed to `{name}` since the LoRA was loaded for "
+                                      f"`{loaded.backbone}`; load the LoRA again.")
+            targets, config = self._config(classes, per_class, steps, pruning, lr, seed)
+            choice = self.settings.bn_prior_for(name)
+            if bn_prior:
+                config = dataclasses.replace(config, bn_weight=choice.weight)
+            names = loaded.adapter.class_names or []
+            for t in targets:
+                if not 0 <= t < loaded.adapter.num_classes:
+                    raise InputError(f"Class index {t} is out of range: the LoRA has {loaded.adapter.num_classes}"
+                                          " classes.")
+        off = gr.update(value=None, interactive=False)
+        yield [], [], "⏳ Preparing the backbone…", off, gr.update(interactive=False)
+        with reported("Cannot invert", "inverting"):
+            model = self.cache.inverter(name)
+            try:
+                config.pruning.resolved(len(model.model.blocks))
+            except ValueError as e:
+                raise InputError(f"Pruning schedule: {e}.") from None
+            prior = self.cache.bn_prior(choice.name) if bn_prior else None
+            with loaded.adapter.attached(model):  # fails now, with a clear message, if it does not fit
+                pass
+        stop = threading.Event()
+        self._stops[session] = stop
+        updates: queue.Queue = queue.Queue()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            with self._running:
+                try:
+                    outcome["result"] = invert(model, loaded.adapter, config, targets, prior,
+                                               progress=updates.put, should_stop=stop.is_set)
+                except BaseException as e:  # noqa: BLE001 - handed to the generator, which reports it
+                    outcome["error"] = e
+                finally:
+                    updates.put(None)
+
+        labels = [names[t] for t in targets for _ in range(config.per_class)]
+        started = time.monotonic()
+        worker = threading.Thread(target=work, name="inversion", daemon=True)
+        waiting = self._running.locked()
+        worker.start()
+        try:
+            if waiting:
+                yield [], [], "⏳ Waiting for the previous inversion to stop…", off, gr.update(interactive=False)
+            done, shown_at, preview = False, 0.0, None
+            while not done:
+                latest = None
+                try:
+                    item = updates.get(timeout=0.5)
+                    while True:
+                        if item is None:
+                            done = True
+                            break
+                        latest = item
+                        preview = item.preview if item.preview is not None else preview
+                        item = updates.get_nowait()
+                except queue.Empty:
+                    pass
+                if latest is not None:
+                    text = self._progress_text(latest, time.monotonic() - started, stop.is_set())
+                    progress(latest.step / latest.steps, desc=text)
+                    if preview is not None and time.monotonic() - shown_at >= PREVIEW_INTERVAL:
+                        gallery = list(zip(display_images(preview), [f"{c} · step {latest.step}" for c in labels]))
+                        preview, shown_at = None, time.monotonic()
+                        yield gallery, [], f"⏳ {text}", gr.update(), gr.update()
+            worker.join()
+            with reported("Cannot invert", "inverting"):
+                if "error" in outcome:
+                    raise outcome["error"]
+                yield self._finish(session, loaded, outcome["result"], config, name,
+                                   choice.name if prior is not None else None, targets, time.monotonic() - started)
+        finally:
+            stop.set()  # a cancelled or failed run stops its worker too
+            if self._stops.get(session) is stop:
+                del self._stops[session]
+
+    @staticmethod
+    def _progress_text(p: InversionProgress, elapsed: float, stopping: bool) -> str:
+        left = elapsed / max(p.step, 1) * (p.steps - p.step)
+        prune = " · pruning tokens" if p.pruning else ""
+        stop = " · stopping…" if stopping else ""
+        return (f"Step {p.step}/{p.steps} · loss {p.loss:.3f} · teacher accuracy {100 * p.accuracy:.0f}%{prune} · "
+                f"{elapsed:.0f} s elapsed, ~{left:.0f} s left{stop}")
+
+    def _finish(self, session: str, loaded: LoadedLoRA, result: InversionResult, config: InversionConfig,
+                backbone: str, bn_prior: Optional[str], targets: list[int], seconds: float) -> tuple:
+        names = loaded.adapter.class_names or [str(i) for i in range(loaded.adapter.num_classes)]
+        model = self.cache.inverter(backbone)
+        grid = tuple(model.model.patch_embed.grid_size)
+        settings = {**dataclasses.asdict(config), "backbone": backbone, "classes": [names[t] for t in targets],
+                    "bn_prior": bn_prior, "made_by": "app"}
+        settings["pruning"]["schedule"] = {str(k): v for k, v in config.pruning.schedule.items() if v > 0}
+        folder = Path(tempfile.mkdtemp(prefix="run-", dir=self._tmp))
+        run = InversionRun(loaded.adapter, loaded.source, result, settings, grid, folder)
+        run_dir = write_run(folder / "pool", result, loaded.adapter, loaded.source, settings, grid)
+        run.zip_path = folder / f"{run_dir.name}.zip"
+        with zipfile.ZipFile(run.zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for f in sorted(run_dir.rglob("*")):
+                if f.is_file():
+                    zf.write(f, f"{run_dir.name}/{f.relative_to(run_dir)}")
+        shutil.rmtree(folder / "pool", ignore_errors=True)
+        self.runs.set(session, run)
+        labels = result.labels
+        conf = teacher_confidence(result.logits, labels).tolist()
+        gallery = [(im, f"{names[int(y)]} · p={c:.2f}") for im, y, c in zip(display_images(result.images), labels, conf)]
+        masked = []
+        if result.masked is not None:
+            total = grid[0] * grid[1]
+            conf_kept = teacher_confidence(result.logits_kept, labels).tolist()
+            masked = [(im, f"{names[int(y)]} · {k.numel()}/{total} · p={c:.2f}")
+                      for im, y, k, c in zip(display_images(result.masked), labels, result.kept, conf_kept)]
+        mean = sum(conf) / len(conf)
+        how = (f"⏹ **Stopped** after {result.steps_done} of {config.steps} steps: these are the best images so far."
+               if result.stopped else f"✅ **Done:** {config.steps} steps in {seconds:.0f} s.")
+        status = (f"{how} {len(labels)} images; the teacher's mean confidence in their class is {mean:.2f}. "
+                  + ("The masked versions keep the patches the [CLS] token attended to most. " if masked else "")
+                  + "Add them to the pool, or download them as a zip.")
+        return (gallery, masked, status, gr.update(value=str(run.zip_path), interactive=True),
+                gr.update(interactive=True))
+
+    def stop(self, request: gr.Request = None) -> str:
+        """Ask this session's running inversion to stop; it returns the best images so far."""
+        event = self._stops.get(session_id(request))
+        if event is None:
+            return "Nothing is running."
+        event.set()
+        return "⏹ Stopping… the best images so far will be shown."
+
+    def add_to_pool(self, request: gr.Request = None) -> str:
+        """Write this session's latest inversion into the pool folder."""
+        with reported("Cannot add to the pool", "adding to the pool"):
+            run = self.runs.get(session_id(request))
+            if run is None:
+                raise InputError("There is no inversion to add yet: run one first.")
+            if run.pooled is not None:
+                return f"Already in the pool as `{run.pooled.name}`."
+            run.pooled = write_run(self.settings.pool, run.result, run.lora, run.source, run.settings, run.grid)
+            n = run.result.images.shape[0]
+            return (f"✅ Added {n} images to the pool at `{self.settings.pool}` as `{run.pooled.name}`. See the "
+                    "Surrogate pool tab.")

@@ -1,0 +1,20 @@
+"""Limits of the app: what one request, one session and the server as a whole may hold."""
+from __future__ import annotations
+
+MAX_CLASSES = 8  # class slots in the few-shot tab
+INITIAL_CLASSES = 3  # slots shown before "Add class" is pressed (the bundled examples have 3 classes)
+MAX_IMAGES = 200  # support + query images in one few-shot request
+MAX_FILE_SIZE = "20mb"  # per uploaded file
+MAX_NAME_LENGTH = 80  # characters in a class name
+MAX_FIELD_LENGTH = 300  # characters in a backbone, LoRA or folder field
+MAX_CARDS = 60  # queries shown with probability bars (all of them are in the table)
+THUMBNAIL_SIZE = 96  # px, longest side of a query thumbnail in the probability cards
+MAX_INVERT_IMAGES = 32  # classes x images per class in one inversion
+MAX_INVERT_STEPS = 2000
+MAX_SEED = 2 ** 63 - 1
+MAX_LORA_FILES = 4  # files in one LoRA upload
+MAX_POOL_GALLERY = 48  # images shown per class in the pool browser
+DISPLAY_SIZE = 160  # px: small surrogate images are enlarged (nearest neighbour) to at least this for display
+PREVIEW_INTERVAL = 0.5  # s: at most two gallery refreshes a second, however fast the backbone
+SESSIONS = 16  # sessions whose loaded LoRA is kept
+RESULT_SESSIONS = 4  # sessions whose latest inversion (images, masks, zip) is kept

@@ -1,0 +1,220 @@
+"""Where the app finds its shipped weights and pool, which local paths text fields may name, and what it starts with
+(falling back to the shipped weights when the requested backbone cannot be loaded)."""
+from __future__ import annotations
+
+import html
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from recycle.backbone import DEFAULT_BACKBONE, Backbone, BackboneError, backbone_source
+from recycle.formats import LoRAAdapter, load_lora
+from recycle.hub import hub_reachable, is_repo_id
+from recycle.invert import DEFAULT_BN_PRIOR, InversionConfig
+
+from .errors import InputError, text_field
+from .state import ModelCache
+
+_logger = logging.getLogger("recycle.app")
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass
+class AppSettings:
+    """Where the app finds its shipped weights and pool, and what users may type into text fields.
+
+    Attributes:
+        backbone: the requested default backbone (``$RECYCLE_BACKBONE``, else the paper's CLIP).
+        weights: shipped weights (``$RECYCLE_WEIGHTS``, else ``weights/`` next to app.py): ``mini-vit``,
+            ``mini-meta-lora``, ``examples/<task>/{support,query}/<class>/*.png``, ``example-lora`` (a LoRA
+            with a head, to invert) and ``glyph-prior`` (mini-vit's BN-statistics prior).
+        pool: the surrogate pool that inversions are added to (``$RECYCLE_POOL``, else ``./pool``).
+        allow_local_paths: whether text fields accept local paths (``$RECYCLE_ALLOW_LOCAL_PATHS``; default: yes,
+            except on a Hugging Face Space). When off, only Hub ids, uploads and the app's own files are used.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: Path = Path(__file__).resolve().parent.parent / "weights"
+    pool: Path = Path("pool")
+    allow_local_paths: bool = True
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "AppSettings":
+        env = {
+            "backbone": os.environ.get("RECYCLE_BACKBONE", "").strip() or DEFAULT_BACKBONE,
+            "weights": Path(os.environ.get("RECYCLE_WEIGHTS", "").strip() or cls.weights).expanduser(),
+            "pool": Path(os.environ.get("RECYCLE_POOL", "").strip() or cls.pool).expanduser(),
+            "allow_local_paths": _env_flag("RECYCLE_ALLOW_LOCAL_PATHS", default=not os.environ.get("SPACE_ID")),
+        }
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**env)
+
+    @property
+    def shipped_backbone(self) -> Path:
+        return self.weights / "mini-vit"
+
+    @property
+    def shipped_lora(self) -> Path:
+        return self.weights / "mini-meta-lora"
+
+    @property
+    def examples(self) -> Path:
+        return self.weights / "examples"
+
+    @property
+    def example_lora(self) -> Optional[Path]:
+        """A zoo LoRA with its head, bundled for the inversion tab (None if not shipped)."""
+        folder = self.weights / "example-lora"
+        return folder if (folder / "adapter_model.safetensors").is_file() else None
+
+    @property
+    def shipped_prior(self) -> Optional[Path]:
+        """The BN-statistics prior CNN trained on mini-vit's pretraining glyphs (None if not shipped)."""
+        folder = self.weights / "glyph-prior"
+        return folder if (folder / "model.safetensors").is_file() else None
+
+    def bn_prior_for(self, backbone: str) -> "PriorChoice":
+        """The BN-statistics prior offered for `backbone`: the shipped glyph prior for the shipped mini-vit (exactly
+        that folder: the app's own file, read even with local paths off), else the paper's ImageNet ResNet-50."""
+        prior = self.shipped_prior
+        if prior is not None and _same_folder(backbone, self.shipped_backbone):
+            return PriorChoice(str(prior), GLYPH_PRIOR_WEIGHT, True,
+                               f"BN-statistics prior (the shipped `{prior.name}`, weight {GLYPH_PRIOR_WEIGHT:g})",
+                               f"A small CNN trained on {self.shipped_backbone.name}'s own pretraining glyphs: "
+                               "glyph-like images instead of noise; works offline.")
+        return PriorChoice(DEFAULT_BN_PRIOR, InversionConfig.bn_weight, False,
+                           f"BN-statistics prior ({DEFAULT_BN_PRIOR}, from the Hub)",
+                           "The paper's image prior: more natural images, slower; needs the Hub.")
+
+
+GLYPH_PRIOR_WEIGHT = 0.1  # glyph-like surrogates within 100 steps (0.01, the paper's weight for ResNet-50, is weaker)
+
+
+@dataclass(frozen=True)
+class PriorChoice:
+    """The BN-statistics prior the inversion tab uses for a backbone: what to load, its weight, whether the checkbox
+    starts ticked, and the checkbox's label and info text."""
+
+    name: str  # a timm model name (from the Hub) or the shipped prior's folder
+    weight: float
+    default: bool
+    label: str
+    info: str
+
+
+def _same_folder(name: str, folder: Path) -> bool:
+    try:
+        return Path(name).expanduser().resolve() == folder.resolve()
+    except (OSError, ValueError):  # NUL bytes, names too long for the filesystem
+        return False
+
+
+def _looks_local(text: str) -> bool:
+    if text.startswith((".", "/", "~", "\\", "local-dir:")):
+        return True
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, ValueError):  # too long for a file name, and so on: not a usable path either way
+        return False
+
+
+def _local_backbone(name: str) -> bool:
+    """Whether the loader would read backbone `name` from disk (decided on the name as the loader reads it)."""
+    try:
+        return backbone_source(name)[0] == "local-dir"
+    except BackboneError:
+        return False  # not loadable at all: the loader says why
+
+
+class PathPolicy:
+    """Decides which strings typed into text fields may name local files.
+
+    With local paths allowed, anything goes (the library reports what is wrong). Without, backbones must be timm
+    names, aliases or ``hf-hub:`` ids, LoRAs must be Hub ids (downloaded, never read from disk), and the pool folder
+    is the configured one; the app's own defaults (`trusted`) stay usable.
+    """
+
+    def __init__(self, allow_local: bool, trusted: Sequence[str] = ()):
+        self.allow_local = allow_local
+        self.trusted = {str(t) for t in trusted if t}
+
+    def _refuse(self, text: str, what: str) -> None:
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise InputError(f"Local paths are disabled on this server, so '{shown}' cannot be used as {what}. "
+                         + ("Enter a Hub id of the form ORG/NAME or upload the files." if what == "a LoRA" else
+                            "Enter a timm model name, an alias or hf-hub:ORG/REPO." if what == "a backbone" else
+                            "Only the server's own pool can be browsed."))
+
+    def backbone(self, name: Optional[str]) -> str:
+        name = text_field(name, "backbone name")
+        if not self.allow_local and name not in self.trusted and (_looks_local(name) or _local_backbone(name)):
+            self._refuse(name, "a backbone")
+        return name
+
+    def lora(self, text: Optional[str]) -> str:
+        text = text_field(text, "LoRA name")
+        if self.allow_local or not text or text in self.trusted:
+            return text
+        if _looks_local(text) and not is_repo_id(text):
+            self._refuse(text, "a LoRA")
+        if not is_repo_id(text):
+            raise InputError(f"'{text}' is not a Hub id of the form ORG/NAME (local paths are disabled on this "
+                             "server)")
+        return text
+
+    def load_lora(self, text: str, backbone: Optional[Backbone]) -> LoRAAdapter:
+        """The LoRA named by `text`, read from disk only where local paths are allowed (or `text` is trusted)."""
+        text = self.lora(text)
+        return load_lora(text, backbone, hub_only=not (self.allow_local or text in self.trusted))
+
+    def folder(self, text: Optional[str], default: Path) -> Path:
+        text = text_field(text, "pool folder")
+        if not text:
+            return default
+        if not self.allow_local and Path(text).expanduser().resolve() != default.resolve():
+            self._refuse(text, "a pool folder")
+        return Path(text).expanduser()
+
+
+@dataclass
+class Defaults:
+    """What the app starts with: the backbone, the few-shot LoRA, and a note when it fell back to shipped weights."""
+
+    backbone: str
+    lora: str = ""
+    note: str = ""  # markdown, empty unless the app runs on its shipped weights instead of the requested backbone
+    offline: bool = False
+
+
+def resolve_defaults(settings: AppSettings, cache: ModelCache, requested: Optional[str] = None) -> Defaults:
+    """The requested backbone if it can be used, else the shipped mini-vit with its meta-LoRA (issue 5, §5).
+
+    Quick: a local backbone or a reachable Hub needs no loading now (Hub backbones load on first use); only when the
+    Hub is unreachable is the backbone loaded, which either reads the local cache or fails at once.
+    """
+    requested = requested or settings.backbone
+    shipped = settings.shipped_backbone
+    if not (shipped / "config.json").is_file() or _looks_local(requested):
+        return Defaults(requested)
+    if hub_reachable():
+        return Defaults(requested)
+    try:
+        cache.backbone(requested)
+        return Defaults(requested)
+    except BackboneError as e:
+        reason = str(e)
+    lora = str(settings.shipped_lora) if (settings.shipped_lora / "adapter_model.safetensors").is_file() else ""
+    with_lora = f" with its meta-LoRA `{settings.shipped_lora.name}`" if lora else ""
+    note = (f"📦 **Offline mode:** `{requested}` cannot be loaded, so the app runs on its shipped weights: the small "
+            f"`{shipped.name}` backbone{with_lora}, trained offline on rendered glyphs. Try an example below."
+            f"<details><summary>Why</summary>{html.escape(reason, quote=False)}</details>")
+    _logger.warning("default backbone %s unavailable, using shipped %s: %s", requested, shipped, reason)
+    return Defaults(str(shipped), lora, note, offline=True)
