@@ -383,6 +383,9 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     s = results["summaries"]
     candidates = [k for k in s if k.startswith("meta-recycle")]
     best = max(candidates, key=lambda k: s[k]["best_val"] or 0.0)
+    if s[best]["best_step"] == 0:  # meta_train exported the identity: no step beat the bare backbone on validation
+        _logger.warning("ship: no meta-training run beat the bare backbone on validation; the shipped meta-LoRA is "
+                        "the identity (%s at step 0)", best)
     vit_out, lora_out, examples = weights / "mini-vit", weights / "mini-meta-lora", weights / "examples"
     example_lora, prior_out = weights / "example-lora", weights / "glyph-prior"
     for d in (vit_out, lora_out, examples, example_lora, prior_out):
@@ -430,7 +433,7 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
         results_dir.mkdir(parents=True, exist_ok=True)
         for f in ("results.md", "results.json", "results.png", "surrogates.png"):
             atomic_write_bytes(results_dir / f, (work / f).read_bytes())
-    return {"meta_lora": best, "backbone_mb": round(size, 2)}
+    return {"meta_lora": best, "identity": s[best]["best_step"] == 0, "backbone_mb": round(size, 2)}
 
 
 def main() -> None:
