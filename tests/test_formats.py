@@ -101,6 +101,9 @@ def test_we_load_peft_saved_timm_adapters(tiny_clip, tiny_clip_dir, tmp_path, pr
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc2"], modules_to_save=["head"],
                           rank_pattern={key: 2}, alpha_pattern={key: 1})
     model = peft.get_peft_model(base, cfg)
+    ranks = {n: p.shape[0] for n, p in model.named_parameters() if "mlp.fc2.lora_A" in n}
+    if key.startswith("^") and all(r == 4 for r in ranks.values()):  # PEFT 0.13 ignores anchored keys
+        pytest.skip(f"peft {peft.__version__} does not apply anchored rank_pattern keys")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
