@@ -236,6 +236,7 @@ class Inversion:
                                       f"`{loaded.backbone}`; load the LoRA again.")
             targets, config = self._config(classes, per_class, steps, pruning, lr, seed)
             choice = self.settings.bn_prior_for(name)
+            config = dataclasses.replace(config, flip=choice.flip)
             if bn_prior:
                 config = dataclasses.replace(config, bn_weight=choice.weight)
             names = loaded.adapter.class_names or []

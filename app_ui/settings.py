@@ -89,7 +89,7 @@ class AppSettings:
             return PriorChoice(str(prior), GLYPH_PRIOR_WEIGHT, True,
                                f"BN-statistics prior (the shipped `{prior.name}`, weight {GLYPH_PRIOR_WEIGHT:g})",
                                f"A small CNN trained on {self.shipped_backbone.name}'s own pretraining glyphs: "
-                               "glyph-like images instead of noise; works offline.")
+                               "glyph-like images instead of noise; works offline.", flip=False)
         return PriorChoice(DEFAULT_BN_PRIOR, InversionConfig.bn_weight, False,
                            f"BN-statistics prior ({DEFAULT_BN_PRIOR}, from the Hub)",
                            "The paper's image prior: more natural images, slower; needs the Hub.")
@@ -101,13 +101,15 @@ GLYPH_PRIOR_WEIGHT = 0.1  # glyph-like surrogates within 100 steps (0.01, the pa
 @dataclass(frozen=True)
 class PriorChoice:
     """The BN-statistics prior the inversion tab uses for a backbone: what to load, its weight, whether the checkbox
-    starts ticked, and the checkbox's label and info text."""
+    starts ticked, the checkbox's label and info text, and whether inversion may flip images (not glyphs: they are
+    not mirror-symmetric)."""
 
     name: str  # a timm model name (from the Hub) or the shipped prior's folder
     weight: float
     default: bool
     label: str
     info: str
+    flip: bool = True
 
 
 def _same_folder(name: str, folder: Path) -> bool:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -32,7 +33,7 @@ FONTS = {
 }
 HAN = (0x4E00, 0x9FFF)
 HANGUL = (0xAC00, 0xD7A3)
-STYLES = ("plain", "tint")
+STYLES = ("plain", "tint", "clutter")
 
 
 @dataclass
@@ -51,14 +52,19 @@ class SplitSpec:
     seed: int = 0
     # "plain": dark ink on light paper. "tint": ink and paper in random colours per image, with at least
     # `min_contrast` luminance difference and either polarity (a style shift that keeps the glyph readable).
+    # "clutter": plain, with `clutter` fragments of other characters of the same script (from none of the splits)
+    # intruding from the image's edges around the centred class glyph.
     source_style: str = "plain"  # the pretraining split (the foundation's, and the BN prior's, data)
     downstream_style: str = "plain"  # the zoo, validation, test and cross-domain splits
     min_contrast: float = 0.35
+    clutter: int = 2
 
     def __post_init__(self):
         for name in ("source_style", "downstream_style"):
             if getattr(self, name) not in STYLES:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {STYLES}")
+        if self.clutter < 0:
+            raise ValueError(f"clutter={self.clutter!r}: must be >= 0")
         if not 0 <= self.min_contrast < 1:
             raise ValueError(f"min_contrast={self.min_contrast!r}: must be in [0, 1)")
 
@@ -92,14 +98,23 @@ def _tint_colours(rng: random.Random, min_contrast: float) -> tuple[np.ndarray, 
 
 
 def render(char: str, font: ImageFont.FreeTypeFont, rng: random.Random, size: int = 32, augment: bool = True,
-           style: str = "plain", min_contrast: float = 0.35) -> Image.Image:
-    """One glyph, ``size``×``size`` RGB, augmented with `rng`: dark on light (``plain``) or in random ink and paper
-    colours (``tint``)."""
+           style: str = "plain", min_contrast: float = 0.35, distractors: Sequence[str] = (), clutter: int = 2
+           ) -> Image.Image:
+    """One glyph, ``size``×``size`` RGB, augmented with `rng`: dark on light (``plain``), in random ink and paper
+    colours (``tint``), or plain with `clutter` characters drawn from `distractors` cut by the image's edges
+    (``clutter``)."""
     canvas = 4 * size
     img = Image.new("L", (canvas, canvas), 255)
     draw = ImageDraw.Draw(img)
     stroke = rng.choice([0, 0, 1, 2]) if augment else 0
     draw.text((canvas / 2, canvas / 2), char, font=font, fill=0, anchor="mm", stroke_width=stroke, stroke_fill=0)
+    if style == "clutter":
+        if not distractors:
+            raise ValueError("style='clutter' needs distractor characters")
+        for _ in range(clutter):  # centred 0.55-0.75 canvas away: 30-60% of the fragment shows at an edge or corner
+            angle, radius = rng.uniform(0, 2 * math.pi), rng.uniform(0.55, 0.75) * canvas
+            draw.text((canvas / 2 + radius * math.cos(angle), canvas / 2 + radius * math.sin(angle)),
+                      rng.choice(distractors), font=font, fill=0, anchor="mm", stroke_width=stroke, stroke_fill=0)
     if augment:
         angle = rng.uniform(-12, 12)
         scale = rng.uniform(0.8, 1.1)
@@ -118,7 +133,7 @@ def render(char: str, font: ImageFont.FreeTypeFont, rng: random.Random, size: in
         ink, paper = _tint_colours(rng, min_contrast)
         alpha = 1 - arr / 255
         arr = 255 * (alpha * ink + (1 - alpha) * paper)
-    elif style != "plain":
+    elif style not in STYLES:
         raise ValueError(f"style={style!r}: choose one of {STYLES}")
     if augment:
         sigma = rng.uniform(0, 10)
@@ -127,7 +142,8 @@ def render(char: str, font: ImageFont.FreeTypeFont, rng: random.Random, size: in
 
 
 def _render_split(root: Path, chars: list[str], packages: list[str], n_aug: int, size: int, seed: int,
-                  style: str = "plain", min_contrast: float = 0.35) -> None:
+                  style: str = "plain", min_contrast: float = 0.35, distractors: Sequence[str] = (),
+                  clutter: int = 2) -> None:
     fonts = {pkg: ImageFont.truetype(FONTS[pkg], size=int(2.6 * size), index=0) for pkg in packages}
     for k, ch in enumerate(chars):
         d = root / ch  # the class is named by its character
@@ -135,7 +151,8 @@ def _render_split(root: Path, chars: list[str], packages: list[str], n_aug: int,
         rng = random.Random(f"{seed}-{ord(ch)}")
         for f, (pkg, font) in enumerate(fonts.items()):
             for a in range(n_aug):
-                render(ch, font, rng, size, style=style, min_contrast=min_contrast).save(d / f"{f}_{a}.png")
+                render(ch, font, rng, size, style=style, min_contrast=min_contrast, distractors=distractors,
+                       clutter=clutter).save(d / f"{f}_{a}.png")
         if (k + 1) % 200 == 0:
             _logger.info("%s: %d/%d classes", root.name, k + 1, len(chars))
 
@@ -168,13 +185,16 @@ def build(out: Path, spec: SplitSpec = SplitSpec(), only: Optional[tuple[str, ..
         splits[name] = han[start:start + n]
         start += n
     splits["cross"] = hangul[:spec.cross]
+    # Clutter comes from characters of no split: the rest of each script, in a fixed order.
+    distractors = {"han": sorted(han[start:]), "hangul": sorted(hangul[spec.cross:])}
     for name, chars in splits.items():
         if only is not None and name not in only:
             continue
         packages = hangul_fonts if name == "cross" else han_fonts
         n_aug = {"pretrain": spec.train_aug, "zoo": spec.train_aug, "cross": spec.cross_aug}.get(name, spec.eval_aug)
         style = spec.source_style if name == "pretrain" else spec.downstream_style
-        _render_split(out / name, sorted(chars), packages, n_aug, spec.size, spec.seed, style, spec.min_contrast)
+        _render_split(out / name, sorted(chars), packages, n_aug, spec.size, spec.seed, style, spec.min_contrast,
+                      distractors["hangul" if name == "cross" else "han"], spec.clutter)
     manifest = {"spec": asdict(spec), "fonts": {"han": han_fonts, "hangul": hangul_fonts},
                 "available": {"han": len(han), "hangul": len(hangul)},
                 "splits": {k: len(v) for k, v in splits.items()}}

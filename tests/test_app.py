@@ -307,6 +307,7 @@ def test_offline_inversion_of_the_bundled_lora_uses_the_glyph_prior_by_default(c
         (with_prior, images), (without, noise) = runs[True], runs[False]
         assert with_prior["settings"]["bn_prior"] == str(SHIPPED / "glyph-prior")
         assert with_prior["settings"]["bn_weight"] == 0.1 and without["settings"]["bn_prior"] is None
+        assert with_prior["settings"]["flip"] is False  # glyphs are not mirror-symmetric
         agree = [int(torch.tensor(i["logits"]).argmax()) == i["label"] for i in with_prior["items"]]
         assert sum(agree) / len(agree) >= 0.8, agree
         assert _total_variation(images) < 0.75 * _total_variation(noise), (_total_variation(images),
@@ -326,6 +327,8 @@ def test_the_glyph_prior_is_trusted_for_the_shipped_backbone_only(closed_hub, tm
     for other in (str(copy), CLIP_NAME, f"local-dir:{weights / 'glyph-prior'}"):
         choice = s.bn_prior_for(other)
         assert choice.name == DEFAULT_BN_PRIOR and not choice.default and DEFAULT_BN_PRIOR in choice.label
+        assert choice.flip  # natural images: the paper's flips
+    assert not s.bn_prior_for(str(weights / "mini-vit")).flip
     png = next((weights / "examples").rglob("*.png"))
     demo, client = launch(s)
     try:
