@@ -34,7 +34,8 @@ class ExampleTask:
     queries: list[str]
 
 
-_TASK_LABELS = {"han": "Han characters (held-out classes)", "hangul": "Hangul (an unseen script)"}
+_TASK_LABELS = {"han": "Han characters (held-out classes)", "hangul": "Hangul (an unseen script)",
+                "kana": "Kana (an unseen script)"}
 
 
 def find_examples(root: Path, max_classes: int = MAX_CLASSES) -> list[ExampleTask]:

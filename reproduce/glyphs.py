@@ -33,6 +33,8 @@ FONTS = {
 }
 HAN = (0x4E00, 0x9FFF)
 HANGUL = (0xAC00, 0xD7A3)
+# Unicode blocks per script. Kana keeps full-size letters only (small kana repeat their big forms).
+SCRIPTS = {"han": (HAN,), "hangul": (HANGUL,), "kana": ((0x3041, 0x309F), (0x30A0, 0x30FF))}
 STYLES = ("plain", "tint", "clutter")
 
 
@@ -58,11 +60,20 @@ class SplitSpec:
     downstream_style: str = "plain"  # the zoo, validation, test and cross-domain splits
     min_contrast: float = 0.35
     clutter: int = 2
+    # The zoo, validation and test classes are always Han. The pretraining classes are Han too ("han": v1) or another
+    # script ("hangul": the foundation never sees Han); the cross-domain classes are a script no other split uses.
+    source_script: str = "han"
+    cross_script: str = "hangul"
 
     def __post_init__(self):
         for name in ("source_style", "downstream_style"):
             if getattr(self, name) not in STYLES:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {STYLES}")
+        if self.source_script not in ("han", "hangul"):
+            raise ValueError(f"source_script={self.source_script!r}: choose 'han' or 'hangul'")
+        if self.cross_script not in SCRIPTS or self.cross_script in ("han", self.source_script):
+            raise ValueError(f"cross_script={self.cross_script!r}: choose a script of {sorted(SCRIPTS)} that no other "
+                             f"split uses (pretraining: {self.source_script}, downstream: han)")
         if self.clutter < 0:
             raise ValueError(f"clutter={self.clutter!r}: must be >= 0")
         if not 0 <= self.min_contrast < 1:
@@ -79,10 +90,15 @@ def _cmap(path: str) -> set[int]:
     return set(TTFont(path, fontNumber=0, lazy=True).getBestCmap())
 
 
-def coverage(block: tuple[int, int]) -> tuple[list[str], list[str]]:
-    """(characters of `block` present in every font that covers most of the block, those fonts' packages)."""
-    sets = {pkg: {c for c in _cmap(path) if block[0] <= c <= block[1]} for pkg, path in FONTS.items()}
-    size = block[1] - block[0] + 1
+def coverage(blocks: tuple[tuple[int, int], ...]) -> tuple[list[str], list[str]]:
+    """(letters of `blocks` present in every font that covers at least a fifth of them, those fonts' packages)."""
+    import unicodedata
+
+    def wanted(c: int) -> bool:
+        return any(lo <= c <= hi for lo, hi in blocks) and unicodedata.category(chr(c)) == "Lo" and \
+            "SMALL" not in unicodedata.name(chr(c), "")
+    sets = {pkg: {c for c in _cmap(path) if wanted(c)} for pkg, path in FONTS.items()}
+    size = sum(hi - lo + 1 for lo, hi in blocks)
     usable = [pkg for pkg, s in sets.items() if len(s) >= 0.2 * size]
     common = set.intersection(*(sets[p] for p in usable))
     return [chr(c) for c in sorted(common)], usable
@@ -172,31 +188,35 @@ def build(out: Path, spec: SplitSpec = SplitSpec(), only: Optional[tuple[str, ..
         if manifest["spec"] == asdict(spec):
             return manifest
         raise ValueError(f"{out} was rendered with other settings; use another folder")
-    han, han_fonts = coverage(HAN)
-    hangul, hangul_fonts = coverage(HANGUL)
+    chars, fonts = {}, {}
     rng = random.Random(spec.seed)
-    rng.shuffle(han)
-    rng.shuffle(hangul)
-    counts = [spec.pretrain, spec.zoo, spec.val, spec.test]
-    if sum(counts) > len(han) or spec.cross > len(hangul):
-        raise ValueError(f"not enough characters: {len(han)} Han, {len(hangul)} Hangul")
-    splits, start = {}, 0
-    for name, n in zip(("pretrain", "zoo", "val", "test"), counts):
-        splits[name] = han[start:start + n]
-        start += n
-    splits["cross"] = hangul[:spec.cross]
+    for script in ("han", "hangul", "kana"):  # Han, then Hangul, shuffled by one generator (as v1 did)
+        chars[script], fonts[script] = coverage(SCRIPTS[script])
+        (rng if script != "kana" else random.Random(f"{spec.seed}-{script}")).shuffle(chars[script])
+    used = {script: 0 for script in chars}
+
+    def take(script: str, n: int, split: str) -> list[str]:
+        if used[script] + n > len(chars[script]):
+            raise ValueError(f"not enough {script} characters for the {split} split: {len(chars[script])} exist, "
+                             f"{used[script]} are taken")
+        used[script] += n
+        return chars[script][used[script] - n:used[script]]
+    splits = {"pretrain": take(spec.source_script, spec.pretrain, "pretrain")}
+    for name in ("zoo", "val", "test"):
+        splits[name] = take("han", getattr(spec, name), name)
+    splits["cross"] = take(spec.cross_script, spec.cross, "cross")
+    script_of = {"pretrain": spec.source_script, "cross": spec.cross_script}
     # Clutter comes from characters of no split: the rest of each script, in a fixed order.
-    distractors = {"han": sorted(han[start:]), "hangul": sorted(hangul[spec.cross:])}
-    for name, chars in splits.items():
+    distractors = {script: sorted(c[used[script]:]) for script, c in chars.items()}
+    for name, members in splits.items():
         if only is not None and name not in only:
             continue
-        packages = hangul_fonts if name == "cross" else han_fonts
+        script = script_of.get(name, "han")
         n_aug = {"pretrain": spec.train_aug, "zoo": spec.train_aug, "cross": spec.cross_aug}.get(name, spec.eval_aug)
         style = spec.source_style if name == "pretrain" else spec.downstream_style
-        _render_split(out / name, sorted(chars), packages, n_aug, spec.size, spec.seed, style, spec.min_contrast,
-                      distractors["hangul" if name == "cross" else "han"], spec.clutter)
-    manifest = {"spec": asdict(spec), "fonts": {"han": han_fonts, "hangul": hangul_fonts},
-                "available": {"han": len(han), "hangul": len(hangul)},
+        _render_split(out / name, sorted(members), fonts[script], n_aug, spec.size, spec.seed, style,
+                      spec.min_contrast, distractors[script], spec.clutter)
+    manifest = {"spec": asdict(spec), "fonts": fonts, "available": {k: len(v) for k, v in chars.items()},
                 "splits": {k: len(v) for k, v in splits.items()}}
     if only is None:
         manifest_path.write_text(json.dumps(manifest, indent=1))

@@ -43,20 +43,20 @@ MASKS = (0.25, 0.5, 0.75)
 
 @dataclass
 class ReproConfig:
-    # The foundation and its BN prior learn plain glyphs; every downstream split is cluttered (a domain shift).
-    data: SplitSpec = field(default_factory=lambda: SplitSpec(downstream_style="clutter"))
+    # The foundation and its BN prior learn plain glyphs; every downstream split is tinted (a domain shift).
+    data: SplitSpec = field(default_factory=lambda: SplitSpec(downstream_style="tint"))
     vit: dict = field(default_factory=lambda: dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4))
     pretrain_steps: int = 1500
     pretrain_batch: int = 128
     pretrain_lr: float = 1e-3
     prior_steps: int = 600
-    zoo: PretuneConfig = field(default_factory=lambda: PretuneConfig(num_loras=50, way=5, steps=80, lr=1e-3,
+    zoo: PretuneConfig = field(default_factory=lambda: PretuneConfig(num_loras=24, way=5, steps=200, lr=1e-3,
                                                                      flip=False, shift=0.1))
     # No flips: glyphs are not mirror-symmetric. bn_weight 0.1: strokes, not texture noise, with the glyph prior.
     invert: InversionConfig = field(default_factory=lambda: InversionConfig(
         per_class=48, steps=100, lr=0.2, bn_weight=0.1, flip=False, pruning=PruningConfig({-1: 0.75})))
     meta: MetaConfig = field(default_factory=lambda: MetaConfig(steps=2000, way=5, shot=1, query=15, flip=False,
-                                                                checkpoint_every=100, val_every=200,
+                                                                checkpoint_every=250, val_every=250,
                                                                 val_episodes=100))
     # The KL target's temperature is chosen on validation: a short run on the 75%-masked pool per candidate.
     temperatures: tuple[float, ...] = (1.0, 0.5, 0.25)
@@ -68,7 +68,7 @@ class ReproConfig:
     @classmethod
     def toy(cls) -> "ReproConfig":
         return cls(data=SplitSpec(pretrain=30, zoo=12, val=6, test=6, cross=10, train_aug=1, eval_aug=1, cross_aug=3,
-                                  downstream_style="clutter"),
+                                  downstream_style="tint"),
                    vit=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), pretrain_steps=20,
                    pretrain_batch=32, prior_steps=5,
                    zoo=PretuneConfig(num_loras=3, way=5, steps=5, flip=False),
@@ -334,11 +334,17 @@ def run(work: Path, cfg: ReproConfig) -> dict:
     return results
 
 
+def _cross_name(results: dict) -> str:
+    """The cross-domain split's script, as the results name it."""
+    return {"hangul": "Hangul", "kana": "Kana"}[results["config"]["data"].get("cross_script", "hangul")]
+
+
 def results_markdown(results: dict) -> str:
     s = results["summaries"]
     ev = s["eval"]
     methods = list(ev["test-1shot"]["results"])
-    lines = ["| method | Han 1-shot | Han 5-shot | Hangul 1-shot | Hangul 5-shot | meta-train s/step |",
+    cross = _cross_name(results)
+    lines = [f"| method | Han 1-shot | Han 5-shot | {cross} 1-shot | {cross} 5-shot | meta-train s/step |",
              "|---|---|---|---|---|---|"]
     names = {method_name(k[len("meta-"):]): k[len("meta-"):] for k in s if k.startswith("meta-")}
     for m in methods:
@@ -355,8 +361,8 @@ def results_markdown(results: dict) -> str:
               f"Teacher accuracy on its own synthetic images: {s['invert']['teacher_accuracy']:.3f}; on kept tokens: "
               + ", ".join(f"{r}: {v}" for r, v in s["invert"]["teacher_accuracy_kept_tokens"].items()) + "."]
     style = results["config"]["data"].get("downstream_style", "plain")
-    lines.append(f"Pretraining glyphs: {results['config']['data'].get('source_style', 'plain')}; zoo, validation, test "
-                 f"and Hangul glyphs: {style}.")
+    lines.append(f"Pretraining (foundation and BN prior): {source_description(s['data'])}. Zoo, validation and test: "
+                 f"Han characters, {style}, {len(s['data']['fonts']['han'])} fonts; cross-domain: {cross}, {style}.")
     oracle = s["meta-oracle"]
     if oracle.get("baseline_val") is not None:  # the ceiling check, on the validation classes
         lines.append(f"Ceiling check (validation, {c['way']}-way 1-shot): NN {100 * oracle['baseline_val']:.2f}, "
@@ -388,8 +394,9 @@ def plot(results: dict, path: Path) -> None:
     methods = ["LoRA Recycle", "LoRA Recycle-25", "LoRA Recycle-50", "LoRA Recycle-75"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     width = 0.2
+    cross = _cross_name(results)
     for i, (key, title) in enumerate([("test-1shot", "Han 1-shot"), ("test-5shot", "Han 5-shot"),
-                                      ("cross-1shot", "Hangul 1-shot"), ("cross-5shot", "Hangul 5-shot")]):
+                                      ("cross-1shot", f"{cross} 1-shot"), ("cross-5shot", f"{cross} 5-shot")]):
         means = [ev[key]["results"][m]["mean"] for m in methods]
         cis = [ev[key]["results"][m]["ci95"] for m in methods]
         ax.bar([x + (i - 1.5) * width for x in range(4)], means, width, yerr=cis, capsize=2, label=title)
@@ -413,8 +420,18 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def prior_card(summary: dict, steps: int) -> str:
-    """The model card of the shipped glyph BN prior, from the prior stage's summary (``train_acc``, ``classes``)."""
+def source_description(data: dict) -> str:
+    """What the pretraining split is, from the data stage's summary: ``"Hangul syllables rendered plain from 3 Debian
+    fonts"``."""
+    spec = data["spec"]
+    script = spec.get("source_script", "han")
+    name = {"han": "Han characters", "hangul": "Hangul syllables"}[script]
+    return f"{name} rendered {spec.get('source_style', 'plain')} from {len(data['fonts'][script])} Debian fonts"
+
+
+def prior_card(summary: dict, steps: int, source: str) -> str:
+    """The model card of the shipped glyph BN prior, from the prior stage's summary (``train_acc``, ``classes``) and
+    the `source_description`."""
     return (
         "---\nlibrary_name: timm\nlicense: apache-2.0\npipeline_tag: image-classification\ntags:\n- lora-recycle\n"
         "- bn-prior\n- timm\n- glyphs\n---\n\n"
@@ -425,7 +442,7 @@ def prior_card(summary: dict, steps: int) -> str:
         "trained on the foundation model's own pretraining distribution, so that inverted images look like the "
         "glyphs the backbone was pretrained on.\n\n"
         f"Trained by `reproduce.pipeline.stage_prior` on the {summary['classes']} pretraining classes of `reproduce/` "
-        f"(Han characters rendered plain from eight Debian fonts; never on zoo, validation or test classes), "
+        f"({source}; never on zoo, validation or test classes), "
         f"{steps} steps, train accuracy {summary['train_acc']:.4f}. The classifier head is not used.\n\n"
         "Load it with `recycle.invert.load_bn_prior('weights/glyph-prior')`. The app's inversion tab uses it, with "
         "weight 0.1, whenever the backbone is the shipped `mini-vit`.\n\n"
@@ -454,7 +471,7 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
         for f in ("config.json", "model.safetensors"):
             shutil.copy2(source / f, out / f)
     atomic_write_bytes(prior_out / "README.md",
-                       prior_card(s["prior"], results["config"]["prior_steps"]).encode())
+                       prior_card(s["prior"], results["config"]["prior_steps"], source_description(s["data"])).encode())
     table = results_markdown(results)
     adapter = read_adapter(work / best / "meta-lora")
     adapter.backbone = "weights/mini-vit"
@@ -464,8 +481,8 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     (vit_out / "README.md").write_text(
         "# mini-vit: the offline stand-in for a vision foundation model\n\n"
         f"A timm ViT ({json.dumps(results['config']['vit'])}, {s['pretrain']['params'] / 1e6:.2f} M parameters, "
-        f"{size:.1f} MB) pretrained by `reproduce/pipeline.py` to classify {s['pretrain']['classes']} Han characters "
-        "rendered from eight Debian fonts. Load it with `recycle.backbone.load_backbone('weights/mini-vit')` or "
+        f"{size:.1f} MB) pretrained by `reproduce/pipeline.py` to classify {s['pretrain']['classes']} "
+        f"{source_description(s['data'])}. Load it with `recycle.backbone.load_backbone('weights/mini-vit')` or "
         "`timm.create_model('local-dir:weights/mini-vit', pretrained=True)`.\n\n"
         "Command: `python -m reproduce.pipeline --work .cache/repro`.\n\n## Results\n\n" + table)
     # A small seeded re-evaluation that CI repeats on freshly rendered test images (tests/test_reproduce.py).
@@ -481,7 +498,7 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     save_adapter(zoo_lora, example_lora)
     write_model_card(example_lora, zoo_lora, command="python -m reproduce.pipeline --work .cache/repro",
                      results_md=f"`{zoo_name}` of the zoo, tuned on real images of its classes.\n")
-    for domain, name in (("test", "han"), ("cross", "hangul")):
+    for domain, name in (("test", "han"), ("cross", results["config"]["data"].get("cross_script", "hangul"))):
         task = example_task(work / "data" / domain, 3, seed=5, shots=2, queries=2)
         for cls, files in (task or {}).items():
             for i, f in enumerate(files):

@@ -112,3 +112,24 @@ def test_clutter_style_adds_fragments_at_the_edges_only():
         render("永", font, random.Random(0), style="clutter")
     with pytest.raises(ValueError, match="clutter=-1"):
         SplitSpec(clutter=-1)
+
+
+def test_a_hangul_source_keeps_han_out_of_pretraining_and_kana_for_the_cross_domain(tmp_path):
+    import unicodedata
+
+    from reproduce.glyphs import SplitSpec, build
+
+    spec = SplitSpec(pretrain=6, zoo=5, val=5, test=5, cross=5, train_aug=1, eval_aug=1, cross_aug=1,
+                     source_script="hangul", cross_script="kana")
+    manifest = build(tmp_path, spec)
+    assert manifest["fonts"]["hangul"] == ["fonts-wqy-microhei", "fonts-wqy-zenhei", "fonts-unifont"]
+    scripts = {"pretrain": "HANGUL SYLLABLE", "zoo": "CJK UNIFIED", "val": "CJK UNIFIED", "test": "CJK UNIFIED",
+               "cross": ("HIRAGANA LETTER", "KATAKANA LETTER")}
+    for split, prefix in scripts.items():
+        classes = [p.name for p in (tmp_path / split).iterdir()]
+        assert len(classes) == getattr(spec, split)
+        assert all(unicodedata.name(c).startswith(prefix) and "SMALL" not in unicodedata.name(c) for c in classes)
+    assert len(list((tmp_path / "pretrain").rglob("*.png"))) == 6 * 3  # Hangul: the three fonts that have it
+    for bad in (dict(source_script="kana"), dict(cross_script="han"), dict(source_script="hangul")):
+        with pytest.raises(ValueError, match="script"):
+            SplitSpec(**bad)
