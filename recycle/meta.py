@@ -164,7 +164,7 @@ class FolderEpisodes:
         h, w = input_size
         self.images: list[list[torch.Tensor]] = []
         for files in paths:
-            arrays = [np.asarray(load_image(f).resize((w, h), Image.BICUBIC)) for f in files]
+            arrays = [np.array(load_image(f).resize((w, h), Image.BICUBIC)) for f in files]
             self.images.append([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])
         self.spec = spec
         self.sampler = EpisodeSampler([list(range(len(c))) for c in self.images])

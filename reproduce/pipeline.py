@@ -1,13 +1,15 @@
 """Reproduce LoRA Recycle in miniature, fully offline, stage by stage (finished stages are skipped).
 
-    python -m reproduce.pipeline --work .cache/repro            # the full run (about 70 minutes on 2 CPU cores)
+    python -m reproduce.pipeline --work .cache/repro            # the full run (about 100 minutes on 2 CPU cores)
     python -m reproduce.pipeline --work /tmp/toy --toy          # a smoke run at toy size (about a minute)
     python -m reproduce.pipeline --work .cache/repro --ship weights   # then copy the results into weights/
 
-Stages: render glyphs → train a BN-prior CNN → pretrain the "foundation" ViT → pre-tune a LoRA zoo → invert every
-LoRA (pruning in the last block; masks at 25/50/75%) → meta-train meta-LoRAs (unmasked, 25, 50, 75% masked, and an
-oracle on the zoo classes' real images) → evaluate 5-way 1/5-shot on held-out Han characters and on Hangul.
-Every number in the results comes from this script; `results.json` and `results.md` are written to the work folder.
+Stages: render glyphs (plain pretraining classes; tinted zoo, validation, test and cross-domain classes) → train a
+BN-prior CNN on the plain source → pretrain the "foundation" ViT on it → pre-tune a LoRA zoo on tinted tasks → the
+ceiling check (an oracle meta-trained on the zoo classes' real images) → invert every LoRA (pruning in the last block;
+masks at 25/50/75%) → choose the KL temperature on validation → meta-train meta-LoRAs (unmasked, 25, 50, 75% masked,
+75% in bf16) → evaluate 5-way 1/5-shot on held-out Han characters and on Hangul. Every number in the results comes
+from this script; `results.json` and `results.md` are written to the work folder.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from recycle.backbone import Backbone, load_backbone
 from recycle.evaluate import EvalConfig, average_loras, evaluate, image_folder
-from recycle.formats import read_adapter, save_adapter
+from recycle.formats import LoRAAdapter, read_adapter, save_adapter
 from recycle.io import atomic_write_bytes
 from recycle.images import load_image
 from recycle.invert import InversionConfig, invert, load_bn_prior, remask
@@ -271,6 +273,27 @@ def stage_meta(cfg: ReproConfig, backbone: Backbone, name: str, source, masked: 
             "final_loss_mean": round(sum(r["loss"] for r in log[-20:]) / len(log[-20:]), 4)}
 
 
+def final_lora(run_dir: Path, cfg: ReproConfig, backbone: Backbone) -> LoRAAdapter:
+    """The LoRA of a meta-training run's last checkpoint (its final step), whatever model selection exported."""
+    from safetensors.torch import load_file
+
+    state = {k[len("lora."):]: v for k, v in load_file(str(run_dir / "checkpoint.safetensors")).items()
+             if k.startswith("lora.")}
+    return LoRAAdapter(cfg.meta.lora, state, backbone.name, info={"run": run_dir.name, "step": cfg.meta.steps})
+
+
+def stage_bf16_check(cfg: ReproConfig, backbone: Backbone, work: Path, data: Path) -> dict:
+    """bf16 against fp32 meta-training on the same 75%-masked pool: both runs' final meta-LoRAs (not the ones model
+    selection exported, which may both be the identity) on the test episodes of the eval stage, 1-shot."""
+    runs = {"fp32": f"recycle-{int(MASKS[-1] * 100)}", "bf16": f"recycle-{int(MASKS[-1] * 100)}-bf16"}
+    methods = {k: final_lora(work / f"meta-{r}", cfg, backbone) for k, r in runs.items()}
+    report = evaluate(backbone, data / "test", methods, EvalConfig(5, 1, cfg.eval_query, cfg.episodes, seed=2024))
+    r = report["results"]
+    diff = r["bf16"]["mean"] - r["fp32"]["mean"]
+    return {"step": cfg.meta.steps, "fp32": r["fp32"], "bf16": r["bf16"], "difference": round(diff, 2),
+            "within_fp32_ci": abs(diff) <= r["fp32"]["ci95"]}
+
+
 def run(work: Path, cfg: ReproConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     work.mkdir(parents=True, exist_ok=True)
@@ -326,6 +349,7 @@ def run(work: Path, cfg: ReproConfig) -> dict:
                 reports[f"{domain}-{shot}shot"] = evaluate(backbone, data / domain, methods, ec)
         return reports
     summaries["eval"] = _stage(work, "eval", eval_stage, timings)
+    summaries["bf16-check"] = _stage(work, "bf16-check", lambda: stage_bf16_check(cfg, backbone, work, data), timings)
     results = {"summaries": summaries, "timings_seconds": timings, "total_seconds": round(sum(timings.values()), 1),
                "config": json.loads(json.dumps(asdict(cfg), default=str))}
     atomic_write_bytes(work / "results.json", json.dumps(results, indent=1).encode())
@@ -357,7 +381,8 @@ def results_markdown(results: dict) -> str:
     c = ev["test-1shot"]["config"]
     lines += ["", f"5-way, {c['query']} queries per class, {c['episodes']} episodes, mean ± 1.96·std/√n (%). "
               "Stage times (s): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + f"; total {results['total_seconds'] / 60:.1f} min.",
+              + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+              + f"; total {results['total_seconds'] / 60:.1f} min.",
               f"Teacher accuracy on its own synthetic images: {s['invert']['teacher_accuracy']:.3f}; on kept tokens: "
               + ", ".join(f"{r}: {v}" for r, v in s["invert"]["teacher_accuracy_kept_tokens"].items()) + "."]
     style = results["config"]["data"].get("downstream_style", "plain")
@@ -373,6 +398,13 @@ def results_markdown(results: dict) -> str:
         lines.append(f"Teacher temperature chosen on validation: {t['chosen']:g} (best validation accuracy after "
                      f"{t['steps']} steps: " + ", ".join(f"T={k} {100 * v['best']:.2f}" for k, v in t["scores"].items())
                      + f"; NN {100 * next(iter(t['scores'].values()))['nn']:.2f}).")
+    if "bf16-check" in s:
+        b = s["bf16-check"]
+        lines.append(f"bf16 against fp32 meta-training (75% masked, the final step-{b['step']} meta-LoRAs, Han "
+                     "1-shot): "
+                     f"fp32 {b['fp32']['mean']:.2f} ± {b['fp32']['ci95']:.2f}, bf16 {b['bf16']['mean']:.2f} ± "
+                     f"{b['bf16']['ci95']:.2f} ({b['difference']:+.2f}, "
+                     f"{'within' if b['within_fp32_ci'] else 'outside'} the fp32 95% CI).")
     if "surrogates" in s:  # the bare backbone on surrogate episodes against real episodes of the same zoo classes
         nn = s["surrogates"]["nn_accuracy"]
         lines.append(f"How hard the surrogate tasks are: NN scores {nn['surrogate']['mean']:.2f} ± "

@@ -24,7 +24,8 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     cfg = ReproConfig.toy()
     results = run(tmp_path, cfg)
     stages = ["data", "prior", "pretrain", "zoo", "meta-oracle", "invert", "surrogates", "temperature",
-              "meta-recycle", "meta-recycle-25", "meta-recycle-50", "meta-recycle-75", "meta-recycle-75-bf16", "eval"]
+              "meta-recycle", "meta-recycle-25", "meta-recycle-50", "meta-recycle-75", "meta-recycle-75-bf16", "eval",
+              "bf16-check"]
     assert list(results["timings_seconds"]) == stages
     ev = results["summaries"]["eval"]
     assert set(ev) - {"seconds"} == {"test-1shot", "test-5shot", "cross-1shot", "cross-5shot"}
@@ -47,6 +48,10 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert chosen in cfg.temperatures and f"Teacher temperature chosen on validation: {chosen:g}" in table
     assert results["summaries"]["meta-recycle"]["teacher_temperature"] == chosen
     assert results["summaries"]["meta-oracle"]["val_curve"][0][0] == 0  # step 0: the bare backbone
+    check = results["summaries"]["bf16-check"]  # the final meta-LoRAs, trained: not the identity
+    assert check["step"] == cfg.meta.steps and "bf16 against fp32 meta-training" in table
+    gap = abs(check["bf16"]["mean"] - check["fp32"]["mean"])
+    assert check["within_fp32_ci"] == (gap <= check["fp32"]["ci95"])
     with Image.open(tmp_path / "surrogates.png") as fig:  # 2 runs x 5 classes, real | surrogate | masked
         assert fig.height > 10 * 32 and fig.width > 3 * 4 * 32
 
