@@ -54,8 +54,7 @@ from .runtime import check_bf16_flag, mixed_precision
 from .tokens import embed_kept
 
 __all__ = ["MetaConfig", "cyclic_lr", "flip_kept", "PoolEpisodes", "FolderEpisodes", "ZooEpisodes", "episode_loss",
-           "meta_train",
-           "MetaResult"]
+           "meta_train", "checkpoint_lora", "MetaResult"]
 
 _logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
@@ -324,19 +323,34 @@ def _check_resume(path: Path, saved: Optional[str], config: MetaConfig, step: in
     return {"steps": [before.get("steps"), config.steps]} if before.get("steps") != config.steps else {}
 
 
-def _load_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer, py: random.Random,
-                     gen: torch.Generator, config: MetaConfig) -> tuple[int, dict]:
+def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a checkpoint file."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
         raise LoRAFormatError(f"checkpoint {path} is unreadable ({e})") from None
+
+
+def _lora_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+
+
+def checkpoint_lora(out: Union[str, Path]) -> tuple[int, dict[str, torch.Tensor]]:
+    """(step, LoRA tensors in `lora_state_dict` layout) of the last checkpoint in the meta-training folder `out`:
+    the meta-LoRA as training left it, whatever model selection exported."""
+    metadata, tensors = _read_checkpoint(Path(out) / CHECKPOINT)
+    return int(metadata["step"]), _lora_tensors(tensors)
+
+
+def _load_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer, py: random.Random,
+                     gen: torch.Generator, config: MetaConfig) -> tuple[int, dict]:
+    metadata, tensors = _read_checkpoint(path)
     step, extra = int(metadata["step"]), json.loads(metadata.get("extra", "{}"))
     change = _check_resume(path, metadata.get("config"), config, step)
     if change:  # recorded, so that the exported LoRA says how the run was extended
         extra["resumed"] = [*extra.get("resumed", []), {"at_step": step, **change}]
-    load_lora_state_dict(backbone.model, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
+    load_lora_state_dict(backbone.model, _lora_tensors(tensors))
     device = backbone.device
     for i, p in enumerate(lora_parameters(backbone.model)):
         if f"adam.{i}.exp_avg" in tensors:

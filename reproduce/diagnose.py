@@ -29,7 +29,7 @@ from recycle.evaluate import EvalConfig, make_validator
 from recycle.io import atomic_write_bytes
 from recycle.meta import FolderEpisodes, meta_train
 
-from .pipeline import MASKS, ReproConfig
+from .pipeline import MASKS, ReproConfig, val_curve
 
 def meta_curve(work: Path, cfg: ReproConfig, train: Path, val: Path, steps: int, every: int
                ) -> list[tuple[int, float]]:
@@ -76,8 +76,7 @@ def report(work: Path, steps: int, cfg: Optional[ReproConfig] = None) -> str:
     torch.set_num_threads(cfg.threads)
     every = max(1, steps // 4)
     data = work / "data"
-    oracle = [(int(r["step"]), round(100 * r["val_acc"], 2)) for r in
-              map(json.loads, (work / "meta-oracle" / "log.jsonl").read_text().splitlines()) if "val_acc" in r]
+    oracle = [(step, round(100 * acc, 2)) for step, acc in val_curve(work / "meta-oracle")]
     with tempfile.TemporaryDirectory(prefix="diagnose-") as tmp:
         seen, unseen = _split_classes(data / "cross", Path(tmp))
         if min(len(list(seen.iterdir())), len(list(unseen.iterdir()))) < cfg.meta.way:

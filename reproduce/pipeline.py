@@ -32,7 +32,7 @@ from recycle.formats import LoRAAdapter, read_adapter, save_adapter
 from recycle.io import atomic_write_bytes
 from recycle.images import load_image
 from recycle.invert import InversionConfig, invert, load_bn_prior, remask
-from recycle.meta import FolderEpisodes, MetaConfig, PoolEpisodes, meta_train
+from recycle.meta import FolderEpisodes, MetaConfig, PoolEpisodes, checkpoint_lora, meta_train
 from recycle.pool import Pool, write_run
 from recycle.pretune import PretuneConfig, augment, load_zoo, pretune_zoo
 from recycle.tokens import PruningConfig
@@ -235,7 +235,7 @@ def _validator(cfg: ReproConfig, backbone: Backbone, data: Path):
     return make_validator(backbone, data / "val", EvalConfig(m.way, m.shot, m.query, m.val_episodes, seed=123))
 
 
-def _val_curve(out: Path) -> list[tuple[int, float]]:
+def val_curve(out: Path) -> list[tuple[int, float]]:
     """[(step, validation accuracy)] from a meta-training log; step 0 is the bare backbone."""
     records = map(json.loads, (out / "log.jsonl").read_text().splitlines())
     return [(r["step"], r["val_acc"]) for r in records if "val_acc" in r]
@@ -252,7 +252,7 @@ def stage_temperature(cfg: ReproConfig, backbone: Backbone, pool: Path, data: Pa
         meta_train(backbone, PoolEpisodes(Pool(pool), cfg.meta.spec, True),
                    replace(cfg.meta, steps=steps, masked=True, teacher_temperature=t, val_every=max(1, steps // 2),
                            checkpoint_every=steps), run_dir, resume=True, validate=validate)
-        curve = _val_curve(run_dir)
+        curve = val_curve(run_dir)
         scores[f"{t:g}"] = {"nn": curve[0][1], "best": max(a for s, a in curve if s > 0)}
         _logger.info("  teacher temperature %g: validation %s", t, scores[f"{t:g}"])
     chosen = max(cfg.temperatures, key=lambda t: scores[f"{t:g}"]["best"])
@@ -268,18 +268,15 @@ def stage_meta(cfg: ReproConfig, backbone: Backbone, name: str, source, masked: 
     times = [b["time"] - a["time"] for a, b in zip(log, log[1:]) if b["time"] > a["time"]]
     times.sort()
     return {"best_val": result.best_val, "best_step": result.best_step, "baseline_val": result.baseline_val,
-            "teacher_temperature": temperature, "val_curve": _val_curve(out),
+            "teacher_temperature": temperature, "val_curve": val_curve(out),
             "step_seconds_median": times[len(times) // 2] if times else None,
             "final_loss_mean": round(sum(r["loss"] for r in log[-20:]) / len(log[-20:]), 4)}
 
 
 def final_lora(run_dir: Path, cfg: ReproConfig, backbone: Backbone) -> LoRAAdapter:
     """The LoRA of a meta-training run's last checkpoint (its final step), whatever model selection exported."""
-    from safetensors.torch import load_file
-
-    state = {k[len("lora."):]: v for k, v in load_file(str(run_dir / "checkpoint.safetensors")).items()
-             if k.startswith("lora.")}
-    return LoRAAdapter(cfg.meta.lora, state, backbone.name, info={"run": run_dir.name, "step": cfg.meta.steps})
+    step, state = checkpoint_lora(run_dir)
+    return LoRAAdapter(cfg.meta.lora, state, backbone.name, info={"run": run_dir.name, "step": step})
 
 
 def stage_bf16_check(cfg: ReproConfig, backbone: Backbone, work: Path, data: Path) -> dict:
