@@ -27,6 +27,7 @@ from app_ui import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MA
                     MAX_INVERT_STEPS, PRUNING_PRESETS, AppSettings, Defaults, ExampleTask, FewShot, Inversion, ModelCache,
                     PathPolicy, PoolBrowser, PriorChoice, find_examples, resolve_defaults)
 from recycle.backbone import ALIASES, DEFAULT_BACKBONE
+from recycle.runtime import tune_allocator
 
 __all__ = ["build_demo", "launch_options", "main", "demo", "TABS", "QUEUE_SIZE", "PREDICT_CONCURRENCY"]
 
@@ -334,6 +335,9 @@ def main() -> None:
     global demo
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    # The app runs the backbone on every request: reuse freed memory rather than page-fault it in afresh, as the
+    # CLI's heavy commands do (RECYCLE_MALLOC=default keeps glibc's defaults). Not on import: tests build the app.
+    tune_allocator()
     settings = AppSettings.from_env()
     demo = build_demo(settings=settings)
     demo.launch(**launch_options(settings))

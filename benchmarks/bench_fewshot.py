@@ -20,7 +20,10 @@ Run from the repository root (the defaults take about 8 minutes on 2 idle cores,
 took 12-18 minutes while other processes used half the machine or more; ``--quick`` is a smoke run of about a
 minute that writes no file unless ``--out`` is given):
 
-    python -m benchmarks.bench_fewshot [--quick] [--repeats N] [--out FILE]
+    python -m benchmarks.bench_fewshot [--quick] [--repeats N] [--malloc tuned|default] [--out FILE]
+
+glibc malloc is tuned as the app and ``recycle predict`` tune it (`recycle.runtime.tune_allocator`) unless
+``--malloc default``.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from recycle.backbone import Backbone
 from recycle.fewshot import FewShotClassifier, compute_prototypes, prototype_logits
 from recycle.formats import LoRAAdapter
 from recycle.lora import LoRAConfig, inject_lora, lora_layers, remove_lora
+from recycle.runtime import allocator_settings, tune_allocator
 
 MODEL_NAME = "vit_base_patch16_clip_224.openai"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "fewshot.md"
@@ -289,6 +293,10 @@ def report(args: argparse.Namespace, env: dict[str, str], task: Task, runs: dict
         "ImageNet fine-tune with a 1000-class head.\n"
         f"- Task: {n_way}-way {n_sup // n_way}-shot, {n_q} queries ({n_images} synthetic images of 256-320 px).\n"
         f"- Batch size {args.batch_size}, in the classifier's batches: support, then queries.\n"
+        + ("- glibc malloc tuned by `recycle.runtime.tune_allocator` ("
+           + ", ".join(f"{k}={v}" for k, v in allocator_settings().items())
+           + "), as `python app.py` and `recycle predict` do.\n" if allocator_settings() else
+           "- glibc malloc with its defaults (`--malloc default`).\n") +
         "- LoRA: rank-4 q/v on all 12 blocks (`inject_lora` + `LoRAAdapter.from_model`), B ~ N(0, 0.02). "
         "`bare+lora` injects it unmerged; `clf+lora` passes it as `lora=` and gets whatever the classifier does.\n"
         f"- {args.repeats} repeat(s) of all {len(VARIANTS)} variants, interleaved, the order rotated each repeat. "
@@ -337,9 +345,14 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=15, help="queries per class (default 15)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, images and LoRA (default 0)")
+    parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                        help="glibc malloc: recycle.runtime.tune_allocator, as the app and `recycle predict` do, or "
+                             "glibc's defaults (default tuned)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"results file (default {DEFAULT_OUT.relative_to(REPO)}; quick runs write none)")
     args = parser.parse_args()
+    if args.malloc == "tuned":
+        tune_allocator()
     if args.quick:
         args.shots, args.queries = 1, 1
     args.repeats = args.repeats or (1 if args.quick else 3)

@@ -36,7 +36,7 @@ EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # argparse reads "-1:0.75" as an option; pruning specs such as "-1:0.75" and "-2,-1:0.5" are values.
 _NEGATIVE_VALUE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d[\d,-]*:")
 # Commands that train or run the backbone over many images: they get `tune_allocator` (fewer page faults).
-HEAVY_COMMANDS = ("invert", "pretune", "meta-train", "eval")
+HEAVY_COMMANDS = ("predict", "invert", "pretune", "meta-train", "eval")
 
 
 def _add_backbone_args(p: argparse.ArgumentParser, precision: bool = True) -> None:

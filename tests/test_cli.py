@@ -219,5 +219,6 @@ def test_precision_flags_and_allocator_tuning_for_heavy_commands(monkeypatch, tm
     monkeypatch.setattr(cli, "tune_allocator", lambda: calls.append(1) or {})
     assert main(["eval", "--data", str(tmp_path / "missing")]) == 1 and len(calls) == 1
     assert main(["predict", "--support", str(tmp_path / "missing"), "--query", str(tmp_path)]) == 1
-    assert len(calls) == 1
+    assert len(calls) == 2
+    assert main(["push", "--dir", str(tmp_path / "missing"), "--repo", "me/x"]) == 1 and len(calls) == 2  # light
     capsys.readouterr()
