@@ -104,13 +104,36 @@ def coverage(blocks: tuple[tuple[int, int], ...]) -> tuple[list[str], list[str]]
     return [chr(c) for c in sorted(common)], usable
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luminance weights of R, G, B
+
+
 def _tint_colours(rng: random.Random, min_contrast: float) -> tuple[np.ndarray, np.ndarray]:
     """(ink, paper) RGB in [0, 1] whose luminances differ by at least `min_contrast`."""
-    luma = np.array([0.299, 0.587, 0.114])
+    luma = np.array(LUMA)
     while True:
         ink, paper = np.array([rng.random() for _ in range(3)]), np.array([rng.random() for _ in range(3)])
         if abs(float(luma @ ink) - float(luma @ paper)) >= min_contrast:
             return ink, paper
+
+
+def recolour(x: "torch.Tensor", generator: "torch.Generator", min_contrast: float = 0.35) -> "torch.Tensor":
+    """Plain glyphs (dark ink on light paper) ``(N, 3, H, W)`` uint8 -> the same glyphs in random ink and paper
+    colours per image, drawn as the ``tint`` style draws them (luminances at least `min_contrast` apart, either
+    polarity); the ink coverage is ``1 - gray / 255``."""
+    import torch
+
+    n = x.shape[0]
+    luma = torch.tensor(LUMA)
+    ink, paper = torch.empty(n, 3), torch.empty(n, 3)
+    todo = torch.arange(n)
+    while todo.numel():  # rejection sampling, as _tint_colours
+        a, b = torch.rand(todo.numel(), 3, generator=generator), torch.rand(todo.numel(), 3, generator=generator)
+        ok = (a @ luma - b @ luma).abs() >= min_contrast
+        ink[todo[ok]], paper[todo[ok]] = a[ok], b[ok]
+        todo = todo[~ok]
+    alpha = 1 - x.float().mean(1, keepdim=True) / 255
+    out = alpha * ink[:, :, None, None] + (1 - alpha) * paper[:, :, None, None]
+    return (255 * out).round().clamp(0, 255).to(torch.uint8)
 
 
 def render(char: str, font: ImageFont.FreeTypeFont, rng: random.Random, size: int = 32, augment: bool = True,

@@ -37,7 +37,7 @@ from recycle.pool import Pool, write_run
 from recycle.pretune import PretuneConfig, augment, load_zoo, pretune_zoo
 from recycle.tokens import PruningConfig
 
-from .glyphs import SplitSpec, build
+from .glyphs import SplitSpec, build, recolour
 
 _logger = logging.getLogger("reproduce")
 MASKS = (0.25, 0.5, 0.75)
@@ -52,6 +52,11 @@ class ReproConfig:
     pretrain_batch: int = 128
     pretrain_lr: float = 1e-3
     prior_steps: int = 600
+    # The BN prior's training set: the pretraining images plus this many copies in random ink and paper colours
+    # (`glyphs.recolour`), so that its statistics cover coloured glyphs as ImageNet's cover the colours of CIFAR-FS
+    # or CUB, while the foundation sees plain glyphs only. 0 (shipped): plain only. With 2, recycling validated no
+    # better and the surrogates turned to coloured noise (results/history/run3-v2-recoloured-prior.md).
+    prior_recolour: int = 0
     zoo: PretuneConfig = field(default_factory=lambda: PretuneConfig(num_loras=24, way=5, steps=200, lr=1e-3,
                                                                      flip=False, shift=0.1))
     # No flips: glyphs are not mirror-symmetric. bn_weight 0.1: strokes, not texture noise, with the glyph prior.
@@ -72,12 +77,16 @@ class ReproConfig:
         return cls(data=SplitSpec(pretrain=30, zoo=12, val=6, test=6, cross=10, train_aug=1, eval_aug=1, cross_aug=3,
                                   downstream_style="tint"),
                    vit=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), pretrain_steps=20,
-                   pretrain_batch=32, prior_steps=5,
+                   pretrain_batch=32, prior_steps=5, prior_recolour=1,
                    zoo=PretuneConfig(num_loras=3, way=5, steps=5, flip=False),
                    invert=InversionConfig(per_class=4, steps=8, flip=False, pruning=PruningConfig({-1: 0.75})),
                    meta=MetaConfig(steps=6, way=5, shot=1, query=2, flip=False, checkpoint_every=3, val_every=3,
                                    val_episodes=3),
                    temperatures=(1.0, 0.5), temperature_steps=3, episodes=10, eval_query=2, threads=1)
+
+    def __post_init__(self):
+        if self.prior_recolour < 0:
+            raise ValueError(f"prior_recolour={self.prior_recolour!r}: must be >= 0")
 
 
 def _stage(work: Path, name: str, fn: Callable[[], dict], timings: dict) -> dict:
@@ -137,12 +146,15 @@ def _train_classifier(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
 
 
 def stage_prior(cfg: ReproConfig, data: Path, out: Path) -> dict:
-    """A small BatchNorm CNN trained on the pretraining glyphs: its BN statistics are the inversion prior here, as an
-    ImageNet ResNet-50's are for natural images in the paper."""
+    """A small BatchNorm CNN trained on the pretraining glyphs (plus ``prior_recolour`` recoloured copies of each):
+    its BN statistics are the inversion prior here, as an ImageNet ResNet-50's are for natural images in the paper."""
     import timm
     from timm.models import save_for_hf
 
     x, y = _load_split(data / "pretrain", cfg.data.size)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.cat([x, *(recolour(x, gen, cfg.data.min_contrast) for _ in range(cfg.prior_recolour))])
+    y = y.repeat(1 + cfg.prior_recolour)
     torch.manual_seed(1)
     args = dict(layers=[1, 1, 1, 1], num_classes=int(y.max()) + 1)  # saved in config.json (older timm needs them)
     model = timm.create_model("resnet18", pretrained=False, **args)
@@ -152,7 +164,7 @@ def stage_prior(cfg: ReproConfig, data: Path, out: Path) -> dict:
                             "input_size": (3, cfg.data.size, cfg.data.size)}
     acc = _train_classifier(model, x, y, cfg.prior_steps, cfg.pretrain_batch, 2e-3, mean, std, seed=1)
     save_for_hf(model, str(out), safe_serialization=True, model_args=args)
-    return {"train_acc": round(acc, 4), "classes": int(y.max()) + 1}
+    return {"train_acc": round(acc, 4), "classes": int(y.max()) + 1, "recoloured_copies": cfg.prior_recolour}
 
 
 def stage_pretrain(cfg: ReproConfig, data: Path, out: Path) -> dict:
@@ -383,7 +395,7 @@ def results_markdown(results: dict) -> str:
               f"Teacher accuracy on its own synthetic images: {s['invert']['teacher_accuracy']:.3f}; on kept tokens: "
               + ", ".join(f"{r}: {v}" for r, v in s["invert"]["teacher_accuracy_kept_tokens"].items()) + "."]
     style = results["config"]["data"].get("downstream_style", "plain")
-    lines.append(f"Pretraining (foundation and BN prior): {source_description(s['data'])}. Zoo, validation and test: "
+    lines.append(f"Pretraining: {prior_source(s)}. Zoo, validation and test: "
                  f"Han characters, {style}, {len(s['data']['fonts']['han'])} fonts; cross-domain: {cross}, {style}.")
     oracle = s["meta-oracle"]
     if oracle.get("baseline_val") is not None:  # the ceiling check, on the validation classes
@@ -458,9 +470,22 @@ def source_description(data: dict) -> str:
     return f"{name} rendered {spec.get('source_style', 'plain')} from {len(data['fonts'][script])} Debian fonts"
 
 
+def prior_source(summaries: dict) -> str:
+    """What the foundation and the BN prior were trained on, from the data and prior stages' summaries."""
+    source = source_description(summaries["data"])
+    copies = summaries["prior"].get("recoloured_copies", 0)
+    if not copies:
+        return f"foundation and BN prior: {source}"
+    return (f"foundation: {source}; BN prior: the same images and {copies} copies of each in random ink and paper "
+            "colours")
+
+
 def prior_card(summary: dict, steps: int, source: str) -> str:
-    """The model card of the shipped glyph BN prior, from the prior stage's summary (``train_acc``, ``classes``) and
-    the `source_description`."""
+    """The model card of the shipped glyph BN prior, from the prior stage's summary (``train_acc``, ``classes``,
+    ``recoloured_copies``) and the `source_description`."""
+    copies = summary.get("recoloured_copies", 0)
+    recoloured = (f", together with {copies} copies of each image in random ink and paper colours (either polarity, "
+                  "`reproduce.glyphs.recolour`)" if copies else "")
     return (
         "---\nlibrary_name: timm\nlicense: apache-2.0\npipeline_tag: image-classification\ntags:\n- lora-recycle\n"
         "- bn-prior\n- timm\n- glyphs\n---\n\n"
@@ -468,10 +493,11 @@ def prior_card(summary: dict, steps: int, source: str) -> str:
         "A small BatchNorm CNN (timm `resnet18` with one block per stage, `layers=[1, 1, 1, 1]`, 32 px input, "
         "mean = std = 0.5) whose BatchNorm running statistics are the image prior of LoRA inversion "
         "(`recycle.invert.BNPrior`). It is to `weights/mini-vit` what the paper's ImageNet ResNet-50 is to CLIP: "
-        "trained on the foundation model's own pretraining distribution, so that inverted images look like the "
-        "glyphs the backbone was pretrained on.\n\n"
+        "a generic image prior trained on the foundation model's pretraining classes only"
+        + (", whose statistics cover coloured glyphs as ImageNet's cover the colours of the paper's downstream "
+           "datasets.\n\n" if copies else ", on the images the backbone was pretrained on.\n\n") +
         f"Trained by `reproduce.pipeline.stage_prior` on the {summary['classes']} pretraining classes of `reproduce/` "
-        f"({source}; never on zoo, validation or test classes), "
+        f"({source}{recoloured}; never on zoo, validation or test classes), "
         f"{steps} steps, train accuracy {summary['train_acc']:.4f}. The classifier head is not used.\n\n"
         "Load it with `recycle.invert.load_bn_prior('weights/glyph-prior')`. The app's inversion tab uses it, with "
         "weight 0.1, whenever the backbone is the shipped `mini-vit`.\n\n"

@@ -65,6 +65,8 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     prior_card = (tmp_path / "weights" / "glyph-prior" / "README.md").read_text()  # the BN prior for mini-vit
     assert load_bn_prior(str(tmp_path / "weights" / "glyph-prior")).bns
     assert f"train accuracy {results['summaries']['prior']['train_acc']:.4f}" in prior_card
+    assert results["summaries"]["prior"]["recoloured_copies"] == cfg.prior_recolour > 0
+    assert f"{cfg.prior_recolour} copies of each image in random ink and paper colours" in prior_card
     assert "without any real training data" in (tmp_path / "weights" / "mini-meta-lora" / "README.md").read_text()
     assert len(list((tmp_path / "weights" / "examples" / "han" / "support").iterdir())) == 3
     recheck = json.loads((tmp_path / "weights" / "mini-meta-lora" / "recheck.json").read_text())
@@ -138,3 +140,30 @@ def test_a_hangul_source_keeps_han_out_of_pretraining_and_kana_for_the_cross_dom
     for bad in (dict(source_script="kana"), dict(cross_script="han"), dict(source_script="hangul")):
         with pytest.raises(ValueError, match="script"):
             SplitSpec(**bad)
+
+
+def test_recolour_paints_plain_glyphs_in_random_ink_and_paper_of_either_polarity():
+    import random
+
+    import numpy as np
+    import torch
+    from PIL import ImageFont
+
+    from reproduce.glyphs import FONTS, LUMA, recolour, render
+
+    font = ImageFont.truetype(FONTS["fonts-ipafont-gothic"], size=83)
+    plain = torch.from_numpy(np.array(render("永", font, random.Random(0), augment=False))).permute(2, 0, 1)
+    x = plain.expand(64, -1, -1, -1)
+    out = recolour(x, torch.Generator().manual_seed(0), min_contrast=0.35)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    ink_mask, paper_mask = plain[0] < 20, plain[0] > 235
+    ink = out[:, :, ink_mask].float().mean(-1) / 255  # (64, 3) colours where the glyph is
+    paper = out[:, :, paper_mask].float().mean(-1) / 255
+    contrast = (ink - paper) @ torch.tensor(LUMA)
+    assert contrast.abs().min() >= 0.33  # the glyph stays readable
+    assert (contrast > 0).any() and (contrast < 0).any()  # light-on-dark and dark-on-light both occur
+    assert paper.std(0).min() > 0.15  # colours vary from image to image
+    again = recolour(x, torch.Generator().manual_seed(0), min_contrast=0.35)
+    assert torch.equal(out, again)  # seeded
+    with pytest.raises(ValueError, match="prior_recolour=-1"):
+        ReproConfig(prior_recolour=-1)
