@@ -454,3 +454,19 @@ def test_session_store_is_bounded_and_releases_what_it_drops():
     assert (store.get("b"), store.get("a"), store.get("c"), len(store)) == (None, 1, 3, 2) and dropped == [2]
     store.set("a", 4)  # replacing a session's value releases the old one
     assert dropped == [2, 1] and store.get("a") == 4
+
+
+def test_main_tunes_the_allocator_before_it_builds_and_launches(monkeypatch):
+    """`python app.py` serves backbone forwards all day: glibc malloc is tuned at start-up, never on import."""
+    calls = []
+
+    class Demo:
+        def launch(self, **kwargs):
+            calls.append("launch")
+
+    monkeypatch.setattr(app, "tune_allocator", lambda: calls.append("tune") or {})
+    monkeypatch.setattr(app, "build_demo", lambda settings: calls.append("build") or Demo())
+    monkeypatch.setattr(app, "launch_options", lambda settings: {})
+    monkeypatch.setattr(app, "demo", None)
+    app.main()
+    assert calls == ["tune", "build", "launch"]
