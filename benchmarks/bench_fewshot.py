@@ -283,6 +283,7 @@ def report(args: argparse.Namespace, env: dict[str, str], task: Task, runs: dict
            started: str, elapsed: float) -> str:
     n_way, n_sup, n_q = len(set(task.support_labels)), len(task.support), len(task.queries)
     n_images = n_sup + n_q
+    malloc = ", ".join(f"{k}={v}" for k, v in allocator_settings().items())
     sections = [
         report_header("Few-shot classifier benchmark (CPU)", "bench_fewshot.py", env, started,
                       f"the whole run took {elapsed / 60:.1f} min"),
@@ -293,10 +294,8 @@ def report(args: argparse.Namespace, env: dict[str, str], task: Task, runs: dict
         "ImageNet fine-tune with a 1000-class head.\n"
         f"- Task: {n_way}-way {n_sup // n_way}-shot, {n_q} queries ({n_images} synthetic images of 256-320 px).\n"
         f"- Batch size {args.batch_size}, in the classifier's batches: support, then queries.\n"
-        + ("- glibc malloc tuned by `recycle.runtime.tune_allocator` ("
-           + ", ".join(f"{k}={v}" for k, v in allocator_settings().items())
-           + "), as `python app.py` and `recycle predict` do.\n" if allocator_settings() else
-           "- glibc malloc with its defaults (`--malloc default`).\n") +
+        + (f"- glibc malloc tuned by `recycle.runtime.tune_allocator` ({malloc}), as `python app.py` and "
+           "`recycle predict` do.\n" if malloc else "- glibc malloc with its defaults (`--malloc default`).\n") +
         "- LoRA: rank-4 q/v on all 12 blocks (`inject_lora` + `LoRAAdapter.from_model`), B ~ N(0, 0.02). "
         "`bare+lora` injects it unmerged; `clf+lora` passes it as `lora=` and gets whatever the classifier does.\n"
         f"- {args.repeats} repeat(s) of all {len(VARIANTS)} variants, interleaved, the order rotated each repeat. "
