@@ -16,6 +16,11 @@ taken within a repeat, then summarised as median [min, max] over repeats:
   for however the classifier attaches it (inject, merge, remove) on every call;
 - ``clf-bf16`` / ``clf+lora-bf16``: the same with ``bf16=True``.
 
+After the timed repeats, one batch of queries goes through the backbone's forward under `torch.profiler` in fp32 and
+under the classifier's bf16 autocast (`recycle.runtime.mixed_precision`), once per repeat, interleaved: the self
+time of every aten op, grouped into matmuls, softmax/GELU/LayerNorm, casts and copies and the rest, shows which part
+of the forward bf16 speeds up and which it does not.
+
 Run from the repository root (the defaults take about 8 minutes on 2 idle cores, estimated from their CPU time, and
 took 12-18 minutes while other processes used half the machine or more; ``--quick`` is a smoke run of about a
 minute that writes no file unless ``--out`` is given):
@@ -39,6 +44,7 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import (REPO, Summary, Timing, contention, environment, markdown_table, report_header, timed,
                                write_results)
@@ -46,7 +52,7 @@ from recycle.backbone import Backbone
 from recycle.fewshot import FewShotClassifier, compute_prototypes, prototype_logits
 from recycle.formats import LoRAAdapter
 from recycle.lora import LoRAConfig, inject_lora, lora_layers, remove_lora
-from recycle.runtime import allocator_settings, tune_allocator
+from recycle.runtime import allocator_settings, mixed_precision, tune_allocator
 
 MODEL_NAME = "vit_base_patch16_clip_224.openai"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "fewshot.md"
@@ -167,6 +173,49 @@ def warm_up(backbone: Backbone, task: Task, adapter: LoRAAdapter) -> None:
             FewShotClassifier(backbone, lora=lora, bf16=bf16).embed(images)
 
 
+# aten ops by what they do in a ViT forward; the self time of everything else is "other". Attention is grouped whole:
+# fp32 runs timm's fused kernel, bf16 its explicit form (two batched matmuls around a softmax; `mixed_precision`).
+OP_GROUPS = {
+    "linear layers and the patch convolution": ("aten::addmm", "aten::mm", "aten::mkldnn_convolution",
+                                                "aten::_convolution"),
+    "attention (fused, or bmm + softmax + bmm)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                                  "aten::_scaled_dot_product_attention_math", "aten::bmm",
+                                                  "aten::baddbmm", "aten::_softmax"),
+    "GELU, LayerNorm": ("aten::gelu", "aten::native_layer_norm"),
+    "casts and copies": ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous"),
+}
+
+
+def op_breakdown(backbone: Backbone, batch: torch.Tensor, bf16: bool) -> dict[str, float]:
+    """Self time in seconds per `OP_GROUPS` group (plus ``other``) of one `Backbone.embed` forward, as the classifier
+    runs it (`mixed_precision` when `bf16`); profiler self time is wall time of the op on the calling thread."""
+    with torch.inference_mode(), mixed_precision(backbone.model, "cpu", bf16):
+        backbone.embed(batch[:2])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            backbone.embed(batch)
+    groups = dict.fromkeys([*OP_GROUPS, "other"], 0.0)
+    by_op = {op: group for group, ops in OP_GROUPS.items() for op in ops}
+    for event in prof.key_averages():
+        groups[by_op.get(event.key, "other")] += event.self_cpu_time_total / 1e6
+    return groups
+
+
+def _median_groups(profiles: dict[bool, list[dict[str, float]]]) -> dict[bool, dict[str, float]]:
+    """{bf16: {group: median seconds over the profiled forwards}}."""
+    return {bf16: {g: Summary.of(p[g] for p in ps).median for g in ps[0]} for bf16, ps in profiles.items()}
+
+
+def breakdown_rows(profiles: dict[bool, list[dict[str, float]]]) -> list[list[str]]:
+    """Median seconds per group in fp32 and bf16, the group's share of the bf16 forward and its fp32 / bf16 ratio."""
+    med = _median_groups(profiles)
+    totals = {bf16: sum(m.values()) for bf16, m in med.items()}
+    rows = [[g, f"{med[False][g]:.3f}", f"{med[True][g]:.3f}", f"{100 * med[True][g] / totals[True]:.1f}%",
+             f"{med[False][g] / med[True][g]:.2f}x" if med[True][g] > 0 else "-"] for g in med[False]]
+    rows.append(["total", f"{totals[False]:.3f}", f"{totals[True]:.3f}", "100%",
+                 f"{totals[False] / totals[True]:.2f}x"])
+    return rows
+
+
 def ratio_rows(runs: dict[str, list[Run]]) -> list[list[str]]:
     """Within-repeat ratios of total wall and CPU time summarised over repeats, and the ratio of the best times."""
     rows = []
@@ -279,8 +328,18 @@ def verdict(runs: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
+def breakdown_summary(profiles: dict[bool, list[dict[str, float]]]) -> str:
+    """One sentence: bf16's speed-up of the linear layers and of the rest, and the rest's share of the bf16 forward."""
+    med = _median_groups(profiles)
+    linear = next(iter(OP_GROUPS))
+    rest = {bf16: sum(v for g, v in m.items() if g != linear) for bf16, m in med.items()}
+    return (f"bf16 runs the linear layers {med[False][linear] / med[True][linear]:.2f}x faster than fp32 and "
+            f"everything else {rest[False] / rest[True]:.2f}x; everything else is "
+            f"{100 * rest[True] / sum(med[True].values()):.0f}% of the bf16 forward.")
+
+
 def report(args: argparse.Namespace, env: dict[str, str], task: Task, runs: dict[str, list[Run]],
-           started: str, elapsed: float) -> str:
+           profiles: dict[bool, list[dict[str, float]]], started: str, elapsed: float) -> str:
     n_way, n_sup, n_q = len(set(task.support_labels)), len(task.support), len(task.queries)
     n_images = n_sup + n_q
     malloc = ", ".join(f"{k}={v}" for k, v in allocator_settings().items())
@@ -312,6 +371,12 @@ def report(args: argparse.Namespace, env: dict[str, str], task: Task, runs: dict
         "## Per variant (totals, median [min, max])\n\n" + markdown_table(
             ["variant", "wall s", "CPU s", "images/s (wall)", "others' CPU s", "minor faults"],
             variant_rows(runs, n_images)),
+        f"## Where the forward's time goes (one batch of {min(args.batch_size, n_q)} queries, torch.profiler)\n\n"
+        + markdown_table(["ops (self time)", "fp32 s", "bf16 s", "share of bf16", "fp32 / bf16"],
+                         breakdown_rows(profiles)) + "\n\n"
+        f"Median of {len(profiles[True])} profiled forwards per format (`Backbone.embed`, fp32 and under the "
+        "classifier's bf16 autocast, interleaved). " + breakdown_summary(profiles) + " The profiler's self times "
+        "are wall times of each op on the calling thread, measured apart from the timed repeats above.",
         "## bf16 autocast vs fp32: predictions\n\n" + markdown_table(
             ["pair", "same argmax", "max abs prob diff", "fp32 acc", "bf16 acc", "median fp32 top1-top2 margin",
              "near ties (margin < 2x max diff)", "median rel. embedding error", "min prototype gap / norm",
@@ -391,7 +456,14 @@ def main() -> None:
             print(f"[repeat {rep + 1}/{args.repeats}] {name:14s} total {run.total.wall:7.2f}s wall "
                   f"{run.total.cpu:7.2f}s cpu | {phases}", flush=True)
 
-    text = report(args, env, task, runs, started, time.perf_counter() - t_start)
+    batch = backbone.preprocess(task.queries[:args.batch_size])
+    profiles: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    for rep in range(args.repeats):
+        for bf16 in (False, True) if rep % 2 == 0 else (True, False):
+            profiles[bf16].append(op_breakdown(backbone, batch, bf16))
+    print(breakdown_summary(profiles), flush=True)
+
+    text = report(args, env, task, runs, profiles, started, time.perf_counter() - t_start)
     print("\n" + text)
     write_results(text, out)
 
