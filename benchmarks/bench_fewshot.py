@@ -18,8 +18,8 @@ taken within a repeat, then summarised as median [min, max] over repeats:
 
 After the timed repeats, one batch of queries goes through the backbone's forward under `torch.profiler` in fp32 and
 under the classifier's bf16 autocast (`recycle.runtime.mixed_precision`), once per repeat, interleaved: the self
-time of every aten op, grouped into matmuls, softmax/GELU/LayerNorm, casts and copies and the rest, shows which part
-of the forward bf16 speeds up and which it does not.
+time of every aten op, grouped into linear layers, attention, GELU/LayerNorm, casts and copies and the rest
+(`OP_GROUPS`), shows which part of the forward bf16 speeds up and which it does not.
 
 Run from the repository root (the defaults take about 8 minutes on 2 idle cores, estimated from their CPU time, and
 took 12-18 minutes while other processes used half the machine or more; ``--quick`` is a smoke run of about a
