@@ -200,14 +200,14 @@ def op_breakdown(backbone: Backbone, batch: torch.Tensor, bf16: bool) -> dict[st
     return groups
 
 
-def _median_groups(profiles: dict[bool, list[dict[str, float]]]) -> dict[bool, dict[str, float]]:
+def median_groups(profiles: dict[bool, list[dict[str, float]]]) -> dict[bool, dict[str, float]]:
     """{bf16: {group: median seconds over the profiled forwards}}."""
     return {bf16: {g: Summary.of(p[g] for p in ps).median for g in ps[0]} for bf16, ps in profiles.items()}
 
 
-def breakdown_rows(profiles: dict[bool, list[dict[str, float]]]) -> list[list[str]]:
-    """Median seconds per group in fp32 and bf16, the group's share of the bf16 forward and its fp32 / bf16 ratio."""
-    med = _median_groups(profiles)
+def breakdown_rows(med: dict[bool, dict[str, float]]) -> list[list[str]]:
+    """`median_groups` as rows: seconds per group in fp32 and bf16, the group's share of the bf16 forward and its
+    fp32 / bf16 ratio."""
     totals = {bf16: sum(m.values()) for bf16, m in med.items()}
     rows = [[g, f"{med[False][g]:.3f}", f"{med[True][g]:.3f}", f"{100 * med[True][g] / totals[True]:.1f}%",
              f"{med[False][g] / med[True][g]:.2f}x" if med[True][g] > 0 else "-"] for g in med[False]]
@@ -328,9 +328,9 @@ def verdict(runs: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
-def breakdown_summary(profiles: dict[bool, list[dict[str, float]]]) -> str:
-    """One sentence: bf16's speed-up of the linear layers and of the rest, and the rest's share of the bf16 forward."""
-    med = _median_groups(profiles)
+def breakdown_summary(med: dict[bool, dict[str, float]]) -> str:
+    """One sentence from `median_groups`: bf16's speed-up of the linear layers and of the rest, and the rest's share
+    of the bf16 forward."""
     linear = next(iter(OP_GROUPS))
     rest = {bf16: sum(v for g, v in m.items() if g != linear) for bf16, m in med.items()}
     return (f"bf16 runs the linear layers {med[False][linear] / med[True][linear]:.2f}x faster than fp32 and "
@@ -339,7 +339,7 @@ def breakdown_summary(profiles: dict[bool, list[dict[str, float]]]) -> str:
 
 
 def report(args: argparse.Namespace, env: dict[str, str], task: Task, runs: dict[str, list[Run]],
-           profiles: dict[bool, list[dict[str, float]]], started: str, elapsed: float) -> str:
+           med: dict[bool, dict[str, float]], started: str, elapsed: float) -> str:
     n_way, n_sup, n_q = len(set(task.support_labels)), len(task.support), len(task.queries)
     n_images = n_sup + n_q
     malloc = ", ".join(f"{k}={v}" for k, v in allocator_settings().items())
@@ -373,9 +373,9 @@ def report(args: argparse.Namespace, env: dict[str, str], task: Task, runs: dict
             variant_rows(runs, n_images)),
         f"## Where the forward's time goes (one batch of {min(args.batch_size, n_q)} queries, torch.profiler)\n\n"
         + markdown_table(["ops (self time)", "fp32 s", "bf16 s", "share of bf16", "fp32 / bf16"],
-                         breakdown_rows(profiles)) + "\n\n"
-        f"Median of {len(profiles[True])} profiled forwards per format (`Backbone.embed`, fp32 and under the "
-        "classifier's bf16 autocast, interleaved). " + breakdown_summary(profiles) + " The profiler's self times "
+                         breakdown_rows(med)) + "\n\n"
+        f"Median of {args.repeats} profiled forwards per format (`Backbone.embed`, fp32 and under the "
+        "classifier's bf16 autocast, interleaved). " + breakdown_summary(med) + " The profiler's self times "
         "are wall times of each op on the calling thread, measured apart from the timed repeats above.",
         "## bf16 autocast vs fp32: predictions\n\n" + markdown_table(
             ["pair", "same argmax", "max abs prob diff", "fp32 acc", "bf16 acc", "median fp32 top1-top2 margin",
@@ -461,9 +461,10 @@ def main() -> None:
     for rep in range(args.repeats):
         for bf16 in (False, True) if rep % 2 == 0 else (True, False):
             profiles[bf16].append(op_breakdown(backbone, batch, bf16))
-    print(breakdown_summary(profiles), flush=True)
+    med = median_groups(profiles)
+    print(breakdown_summary(med), flush=True)
 
-    text = report(args, env, task, runs, profiles, started, time.perf_counter() - t_start)
+    text = report(args, env, task, runs, med, started, time.perf_counter() - t_start)
     print("\n" + text)
     write_results(text, out)
 
