@@ -47,7 +47,8 @@ class SplitSpec:
     val: int = 50
     test: int = 200
     cross: int = 200
-    train_aug: int = 4  # per font, for pretrain and zoo classes
+    train_aug: int = 4  # per font, for the pretraining classes (and the zoo's, unless `zoo_aug` is set)
+    zoo_aug: Optional[int] = None  # per font, for the zoo classes; None: `train_aug` (v1 and v2)
     eval_aug: int = 3  # per font, for val and test classes (8 fonts -> 24 images)
     cross_aug: int = 8  # per font, for the cross-domain classes (3 fonts -> 24 images)
     size: int = 32
@@ -74,6 +75,10 @@ class SplitSpec:
         if self.cross_script not in SCRIPTS or self.cross_script in ("han", self.source_script):
             raise ValueError(f"cross_script={self.cross_script!r}: choose a script of {sorted(SCRIPTS)} that no other "
                              f"split uses (pretraining: {self.source_script}, downstream: han)")
+        for name in ("train_aug", "eval_aug", "cross_aug", "zoo_aug"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
         if self.clutter < 0:
             raise ValueError(f"clutter={self.clutter!r}: must be >= 0")
         if not 0 <= self.min_contrast < 1:
@@ -208,7 +213,7 @@ def build(out: Path, spec: SplitSpec = SplitSpec(), only: Optional[tuple[str, ..
     manifest_path = out / "splits.json"
     if manifest_path.is_file() and only is None:
         manifest = json.loads(manifest_path.read_text())
-        if manifest["spec"] == asdict(spec):
+        if SplitSpec(**manifest["spec"]) == spec:  # manifests written before a field existed get its default
             return manifest
         raise ValueError(f"{out} was rendered with other settings; use another folder")
     chars, fonts = {}, {}
@@ -235,7 +240,8 @@ def build(out: Path, spec: SplitSpec = SplitSpec(), only: Optional[tuple[str, ..
         if only is not None and name not in only:
             continue
         script = script_of.get(name, "han")
-        n_aug = {"pretrain": spec.train_aug, "zoo": spec.train_aug, "cross": spec.cross_aug}.get(name, spec.eval_aug)
+        n_aug = {"pretrain": spec.train_aug, "zoo": spec.zoo_aug or spec.train_aug,
+                 "cross": spec.cross_aug}.get(name, spec.eval_aug)
         style = spec.source_style if name == "pretrain" else spec.downstream_style
         _render_split(out / name, sorted(members), fonts[script], n_aug, spec.size, spec.seed, style,
                       spec.min_contrast, distractors[script], spec.clutter)

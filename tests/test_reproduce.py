@@ -142,6 +142,34 @@ def test_a_hangul_source_keeps_han_out_of_pretraining_and_kana_for_the_cross_dom
             SplitSpec(**bad)
 
 
+def test_zoo_aug_renders_the_zoo_denser_and_leaves_every_other_split_alone(tmp_path):
+    import json
+
+    from reproduce.glyphs import SplitSpec, build
+
+    small = dict(pretrain=3, zoo=2, val=2, test=2, cross=2, train_aug=1, eval_aug=1, cross_aug=1)
+    build(tmp_path / "a", SplitSpec(**small))
+    build(tmp_path / "b", SplitSpec(**small, zoo_aug=3))
+    for split in ("pretrain", "zoo", "val", "test", "cross"):
+        a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / split).rglob("*.png"))
+        b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b" / split).rglob("*.png"))
+        if split == "zoo":
+            assert len(b) == 3 * len(a) and set(a) < set(b)
+        else:  # the same files, pixel for pixel
+            assert a == b and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in a)
+    # A manifest written before `zoo_aug` existed still matches the spec it was rendered with, and only that one.
+    manifest = tmp_path / "a" / "splits.json"
+    old = json.loads(manifest.read_text())
+    del old["spec"]["zoo_aug"]
+    manifest.write_text(json.dumps(old))
+    build(tmp_path / "a", SplitSpec(**small))
+    with pytest.raises(ValueError, match="other settings"):
+        build(tmp_path / "a", SplitSpec(**small, zoo_aug=3))
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match=f"zoo_aug={bad}"):
+            SplitSpec(zoo_aug=bad)
+
+
 def test_recolour_paints_plain_glyphs_in_random_ink_and_paper_of_either_polarity():
     import random
 
