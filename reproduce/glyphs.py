@@ -65,8 +65,15 @@ class SplitSpec:
     # script ("hangul": the foundation never sees Han); the cross-domain classes are a script no other split uses.
     source_script: str = "han"
     cross_script: str = "hangul"
+    # Further scripts whose every covered letter joins the pretraining split (plain, `train_aug` per font): a broader
+    # source for the foundation and its prior. None of them may be the cross-domain script.
+    source_extra: tuple[str, ...] = ()
+    # Also render the test characters in this style as the split "test-<style>": the foundation's own world, for
+    # checking that a meta-LoRA tuned for the downstream style does no damage there. None: no such split.
+    check_style: Optional[str] = None
 
     def __post_init__(self):
+        self.source_extra = tuple(self.source_extra)  # JSON manifests hold lists
         for name in ("source_style", "downstream_style"):
             if getattr(self, name) not in STYLES:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {STYLES}")
@@ -75,6 +82,14 @@ class SplitSpec:
         if self.cross_script not in SCRIPTS or self.cross_script in ("han", self.source_script):
             raise ValueError(f"cross_script={self.cross_script!r}: choose a script of {sorted(SCRIPTS)} that no other "
                              f"split uses (pretraining: {self.source_script}, downstream: han)")
+        for script in self.source_extra:
+            if script not in SCRIPTS or script in ("han", self.source_script, self.cross_script):
+                raise ValueError(f"source_extra={self.source_extra!r}: {script!r} must be a script of {sorted(SCRIPTS)} "
+                                 f"other than han, the source script and the cross-domain script")
+        if len(set(self.source_extra)) != len(self.source_extra):
+            raise ValueError(f"source_extra={self.source_extra!r}: a script is named twice")
+        if self.check_style is not None and self.check_style not in STYLES:
+            raise ValueError(f"check_style={self.check_style!r}: choose one of {STYLES} or None")
         for name in ("train_aug", "eval_aug", "cross_aug", "zoo_aug"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -236,17 +251,28 @@ def build(out: Path, spec: SplitSpec = SplitSpec(), only: Optional[tuple[str, ..
     script_of = {"pretrain": spec.source_script, "cross": spec.cross_script}
     # Clutter comes from characters of no split: the rest of each script, in a fixed order.
     distractors = {script: sorted(c[used[script]:]) for script, c in chars.items()}
+    # (split, script, classes, augmentations per font, style)
+    jobs = []
     for name, members in splits.items():
-        if only is not None and name not in only:
-            continue
-        script = script_of.get(name, "han")
         n_aug = {"pretrain": spec.train_aug, "zoo": spec.zoo_aug or spec.train_aug,
                  "cross": spec.cross_aug}.get(name, spec.eval_aug)
         style = spec.source_style if name == "pretrain" else spec.downstream_style
+        jobs.append((name, script_of.get(name, "han"), members, n_aug, style))
+    for script in spec.source_extra:  # every letter of the script, beside the source script's classes
+        jobs.append(("pretrain", script, chars[script], spec.train_aug, spec.source_style))
+    if spec.check_style is not None:
+        jobs.append((f"test-{spec.check_style}", "han", splits["test"], spec.eval_aug, spec.check_style))
+    for name, script, members, n_aug, style in jobs:
+        if only is not None and name not in only:
+            continue
         _render_split(out / name, sorted(members), fonts[script], n_aug, spec.size, spec.seed, style,
                       spec.min_contrast, distractors[script], spec.clutter)
+    sizes = {k: len(v) for k, v in splits.items()}
+    sizes["pretrain"] += sum(len(chars[s]) for s in spec.source_extra)
+    if spec.check_style is not None:
+        sizes[f"test-{spec.check_style}"] = len(splits["test"])
     manifest = {"spec": asdict(spec), "fonts": fonts, "available": {k: len(v) for k, v in chars.items()},
-                "splits": {k: len(v) for k, v in splits.items()}}
+                "splits": sizes}
     if only is None:
         manifest_path.write_text(json.dumps(manifest, indent=1))
     return manifest

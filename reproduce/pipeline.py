@@ -37,6 +37,7 @@ from recycle.pool import Pool, write_run
 from recycle.pretune import PretuneConfig, augment, load_zoo, pretune_zoo
 from recycle.tokens import PruningConfig
 
+from .foundation import ContrastConfig, pretrain_contrastive
 from .glyphs import SplitSpec, build, recolour
 
 _logger = logging.getLogger("reproduce")
@@ -50,6 +51,11 @@ class ReproConfig:
     # teachers (results/pilots, pilot 9); a better-trained foundation serves the tinted domain worse (pilots 8, 10).
     data: SplitSpec = field(default_factory=lambda: SplitSpec(downstream_style="tint", zoo_aug=12))
     vit: dict = field(default_factory=lambda: dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4))
+    # "classify": the foundation learns to name the pretraining characters (v1, v2). "contrast": it learns by
+    # contrast between random views, without labels (`foundation.pretrain_contrastive`, with `contrast`), as CLIP and
+    # DINO learn: a generalist whose objective is not the downstream's.
+    foundation: str = "classify"
+    contrast: ContrastConfig = field(default_factory=ContrastConfig)
     pretrain_steps: int = 1500
     pretrain_batch: int = 128
     pretrain_lr: float = 1e-3
@@ -70,6 +76,8 @@ class ReproConfig:
     # The KL target's temperature is chosen on validation: a short run on the 75%-masked pool per candidate.
     temperatures: tuple[float, ...] = (1.0, 0.5, 0.25)
     temperature_steps: int = 400
+    oracle_steps: Optional[int] = None  # the ceiling check's meta-training steps; None: `meta.steps`
+    structure_episodes: int = 300  # validation episodes of the structure check (NN, LoRAs-average, oracle)
     episodes: int = 600
     eval_query: int = 15
     threads: int = 2
@@ -77,8 +85,9 @@ class ReproConfig:
     @classmethod
     def toy(cls) -> "ReproConfig":
         return cls(data=SplitSpec(pretrain=30, zoo=12, val=6, test=6, cross=10, train_aug=1, eval_aug=1, cross_aug=3,
-                                  downstream_style="tint"),
+                                  downstream_style="tint", source_extra=("kana",), check_style="plain"),
                    vit=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), pretrain_steps=20,
+                   foundation="contrast", contrast=ContrastConfig(steps=20, batch=16),
                    pretrain_batch=32, prior_steps=5, prior_recolour=1,
                    zoo=PretuneConfig(num_loras=3, way=5, steps=5, flip=False),
                    invert=InversionConfig(per_class=4, steps=8, flip=False, pruning=PruningConfig({-1: 0.75})),
@@ -86,9 +95,39 @@ class ReproConfig:
                                    val_episodes=3),
                    temperatures=(1.0, 0.5), temperature_steps=3, episodes=10, eval_query=2, threads=1)
 
+    @classmethod
+    def v3(cls) -> "ReproConfig":
+        """The third-generation regime: a contrastive foundation and a BN prior on a broad source (plain Han and
+        kana glyphs, recoloured on the fly for the foundation and as copies for the prior), a tinted downstream, and
+        the test characters also rendered plain for the no-damage row."""
+        return cls(data=SplitSpec(downstream_style="tint", zoo_aug=12, source_extra=("kana",), check_style="plain"),
+                   foundation="contrast", prior_recolour=2)
+
+    @classmethod
+    def v3_pilot(cls) -> "ReproConfig":
+        """v3 at pilot size, for the structure check before a full run (``--until structure``): 10 LoRAs, a 500-step
+        oracle."""
+        v3 = cls.v3()
+        return replace(v3, zoo=replace(v3.zoo, num_loras=10), oracle_steps=500,
+                       meta=replace(v3.meta, steps=500, val_every=125, checkpoint_every=125))
+
     def __post_init__(self):
+        if isinstance(self.data, dict):
+            self.data = SplitSpec(**self.data)
+        if isinstance(self.contrast, dict):
+            self.contrast = ContrastConfig(**self.contrast)
         if self.prior_recolour < 0:
             raise ValueError(f"prior_recolour={self.prior_recolour!r}: must be >= 0")
+        if self.foundation not in ("classify", "contrast"):
+            raise ValueError(f"foundation={self.foundation!r}: choose 'classify' or 'contrast'")
+        if self.oracle_steps is not None and self.oracle_steps < 1:
+            raise ValueError(f"oracle_steps={self.oracle_steps!r}: must be >= 1 or None")
+        if self.structure_episodes < 1:
+            raise ValueError(f"structure_episodes={self.structure_episodes!r}: must be >= 1")
+
+
+PRESETS: dict[str, Callable[[], ReproConfig]] = {"v2": ReproConfig, "v3": ReproConfig.v3,
+                                                 "v3-pilot": ReproConfig.v3_pilot, "toy": ReproConfig.toy}
 
 
 def _stage(work: Path, name: str, fn: Callable[[], dict], timings: dict) -> dict:
@@ -170,21 +209,47 @@ def stage_prior(cfg: ReproConfig, data: Path, out: Path) -> dict:
 
 
 def stage_pretrain(cfg: ReproConfig, data: Path, out: Path) -> dict:
-    """The "foundation model": a small timm ViT trained to classify the pretraining characters; the head is dropped."""
+    """The "foundation model": a small timm ViT trained on the pretraining images, by classifying their characters
+    or by contrast between random views (`cfg.foundation`); any head is dropped."""
     import timm
     from timm.models import save_for_hf
 
     x, y = _load_split(data / "pretrain", cfg.data.size)
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=int(y.max()) + 1, **cfg.vit)
+    classes = int(y.max()) + 1
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False,
+                              num_classes=classes if cfg.foundation == "classify" else 0, **cfg.vit)
     mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
-    acc = _train_classifier(model, x, y, cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, mean, std, seed=0)
-    model.reset_classifier(0)
+    if cfg.foundation == "classify":
+        summary = {"train_acc": round(_train_classifier(model, x, y, cfg.pretrain_steps, cfg.pretrain_batch,
+                                                        cfg.pretrain_lr, mean, std, seed=0), 4)}
+        model.reset_classifier(0)
+    else:
+        summary = pretrain_contrastive(model, x, cfg.contrast, mean, std)
     model.pretrained_cfg = {**model.pretrained_cfg, "hf_hub_id": None, "tag": "glyphs", "license": "apache-2.0"}
     save_for_hf(model, str(out), safe_serialization=True, model_args={**cfg.vit, "num_classes": 0})
-    return {"train_acc": round(acc, 4), "classes": int(y.max()) + 1, "params": sum(p.numel() for p in
-                                                                                  model.parameters())}
+    return {**summary, "objective": cfg.foundation, "classes": classes, "images": int(x.shape[0]),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def stage_structure(cfg: ReproConfig, backbone: Backbone, work: Path, data: Path) -> dict:
+    """The regime's structure, on validation classes only: NN, LoRAs-average + NN and the oracle's exported meta-LoRA
+    on the same ``structure_episodes`` 5-way 1-shot episodes (a seed no model selection used). The paper's ordering
+    is NN < LoRAs-average well below the oracle."""
+    m = cfg.meta
+    methods = {"NN": None, "LoRAs-average + NN": average_loras([a for _, a in load_zoo(work / "zoo", backbone)]),
+               "Oracle (real zoo images)": read_adapter(work / "meta-oracle" / "meta-lora")}
+    report = evaluate(backbone, data / "val", methods, EvalConfig(m.way, 1, m.query, cfg.structure_episodes, seed=99))
+    r = {k: v["mean"] for k, v in report["results"].items()}
+    nn, avg, oracle = r["NN"], r["LoRAs-average + NN"], r["Oracle (real zoo images)"]
+    checks = {"nn_at_least_45": nn >= 45, "oracle_gain_at_least_8": oracle - nn >= 8,
+              "average_gain_below_half_the_oracle_gain": avg - nn < 0.5 * (oracle - nn)}
+    for name, ok in checks.items():
+        if not ok:
+            _logger.warning("structure check %s failed: NN %.2f, LoRAs-average %.2f, oracle %.2f", name, nn, avg,
+                            oracle)
+    return {"results": report["results"], "checks": checks, "episodes": cfg.structure_episodes}
 
 
 def stage_invert(cfg: ReproConfig, backbone: Backbone, zoo: Path, prior_dir: Path, pools: dict[float, Path]
@@ -305,7 +370,8 @@ def stage_bf16_check(cfg: ReproConfig, backbone: Backbone, work: Path, data: Pat
             "within_fp32_ci": abs(diff) <= r["fp32"]["ci95"]}
 
 
-def run(work: Path, cfg: ReproConfig) -> dict:
+def run(work: Path, cfg: ReproConfig, until: Optional[str] = None) -> dict:
+    """Run (or resume) the pipeline in `work`; ``until="structure"`` stops after the structure check (a pilot)."""
     torch.set_num_threads(cfg.threads)
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -323,13 +389,17 @@ def run(work: Path, cfg: ReproConfig) -> dict:
     spec = cfg.meta.spec
     # Ceiling first: the oracle (the same meta-training on the zoo classes' real images) shows how much any
     # meta-training can add over the bare backbone on the validation classes.
+    oracle_cfg = replace(cfg, meta=replace(cfg.meta, steps=cfg.oracle_steps)) if cfg.oracle_steps else cfg
     summaries["meta-oracle"] = _stage(work, "meta-oracle", lambda: stage_meta(
-        cfg, backbone, "oracle", FolderEpisodes(data / "zoo", spec, backbone.input_size[1:]), False, data,
+        oracle_cfg, backbone, "oracle", FolderEpisodes(data / "zoo", spec, backbone.input_size[1:]), False, data,
         work / "meta-oracle"), timings)
     nn_val, oracle_val = summaries["meta-oracle"]["baseline_val"], summaries["meta-oracle"]["best_val"]
     if 100 * (oracle_val - nn_val) < 8:
         _logger.warning("ceiling check: the oracle adds only %.1f points over NN on validation (%.2f -> %.2f), "
                         "below the 8 this regime needs", 100 * (oracle_val - nn_val), 100 * nn_val, 100 * oracle_val)
+    summaries["structure"] = _stage(work, "structure", lambda: stage_structure(cfg, backbone, work, data), timings)
+    if until == "structure":
+        return {"summaries": summaries, "timings_seconds": timings}
     pools = {r: work / f"pool-{int(r * 100)}" for r in MASKS}
     summaries["invert"] = _stage(work, "invert", lambda: stage_invert(cfg, backbone, zoo, prior_dir, pools), timings)
     summaries["surrogates"] = _stage(work, "surrogates", lambda: stage_surrogates(cfg, backbone, pools[MASKS[-1]],
@@ -354,7 +424,8 @@ def run(work: Path, cfg: ReproConfig) -> dict:
         for name in [*runs, "oracle"]:
             methods[method_name(name)] = read_adapter(work / f"meta-{name}" / "meta-lora")
         reports = {}
-        for domain in ("test", "cross"):
+        domains = ["test", "cross"] + ([f"test-{cfg.data.check_style}"] if cfg.data.check_style else [])
+        for domain in domains:
             for shot in (1, 5):
                 ec = EvalConfig(5, shot, cfg.eval_query, cfg.episodes, seed=2024)
                 reports[f"{domain}-{shot}shot"] = evaluate(backbone, data / domain, methods, ec)
@@ -572,11 +643,16 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path(".cache/repro"), help="work folder (resumable)")
-    parser.add_argument("--toy", action="store_true", help="a smoke run at toy size")
+    parser.add_argument("--toy", action="store_true", help="a smoke run at toy size (the same as --preset toy)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="v2", help="the regime (default: %(default)s)")
+    parser.add_argument("--until", choices=["structure"], help="stop after this stage (a pilot)")
     parser.add_argument("--ship", type=Path, metavar="WEIGHTS", help="copy the results into this folder (weights/)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    results = run(args.work, ReproConfig.toy() if args.toy else ReproConfig())
+    results = run(args.work, PRESETS["toy" if args.toy else args.preset](), until=args.until)
+    if args.until:
+        print(json.dumps(results["summaries"][args.until], indent=1))
+        return
     print(results_markdown(results))
     if args.ship:
         print(ship(args.work, args.ship, results, Path(__file__).parent / "results"))

@@ -20,21 +20,33 @@ from reproduce.pipeline import ReproConfig, run, ship  # noqa: E402
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
 
+def splits_available_kana(work: Path) -> int:
+    return json.loads((work / "data" / "splits.json").read_text())["available"]["kana"]
+
+
 def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     cfg = ReproConfig.toy()
     results = run(tmp_path, cfg)
-    stages = ["data", "prior", "pretrain", "zoo", "meta-oracle", "invert", "surrogates", "temperature",
+    stages = ["data", "prior", "pretrain", "zoo", "meta-oracle", "structure", "invert", "surrogates", "temperature",
               "meta-recycle", "meta-recycle-25", "meta-recycle-50", "meta-recycle-75", "meta-recycle-75-bf16", "eval",
               "bf16-check"]
     assert list(results["timings_seconds"]) == stages
     ev = results["summaries"]["eval"]
-    assert set(ev) - {"seconds"} == {"test-1shot", "test-5shot", "cross-1shot", "cross-5shot"}
+    assert set(ev) - {"seconds"} == {"test-1shot", "test-5shot", "cross-1shot", "cross-5shot", "test-plain-1shot",
+                                     "test-plain-5shot"}
+    structure = results["summaries"]["structure"]
+    assert set(structure["results"]) == {"NN", "LoRAs-average + NN", "Oracle (real zoo images)"}
+    assert structure["checks"]["nn_at_least_45"] == (structure["results"]["NN"]["mean"] >= 45)
+    pretrain = results["summaries"]["pretrain"]  # the contrastive foundation, on Han and kana
+    assert pretrain["objective"] == "contrast" and 0 <= pretrain["positive_match"] <= 1
+    assert pretrain["classes"] == cfg.data.pretrain + splits_available_kana(tmp_path)
     assert list(ev["test-1shot"]["results"]) == ["NN", "LoRAs-average + NN", "LoRA Recycle", "LoRA Recycle-25",
                                                  "LoRA Recycle-50", "LoRA Recycle-75", "LoRA Recycle-75 (bf16)",
                                                  "Oracle (real zoo images)"]
     splits = json.loads((tmp_path / "data" / "splits.json").read_text())
     assert len(splits["fonts"]["han"]) == 8 and splits["available"]["han"] > 5000
     names = {s: {p.name for p in (tmp_path / "data" / s).iterdir()} for s in ("pretrain", "zoo", "val", "test")}
+    assert {p.name for p in (tmp_path / "data" / "test-plain").iterdir()} == names["test"]
     for a in names:
         for b in names:
             assert a == b or not names[a] & names[b], (a, b)  # disjoint class splits
@@ -195,3 +207,59 @@ def test_recolour_paints_plain_glyphs_in_random_ink_and_paper_of_either_polarity
     assert torch.equal(out, again)  # seeded
     with pytest.raises(ValueError, match="prior_recolour=-1"):
         ReproConfig(prior_recolour=-1)
+
+
+def test_source_extra_adds_every_letter_of_a_script_to_pretraining_and_check_style_renders_the_test_classes(tmp_path):
+    import unicodedata
+
+    import numpy as np
+
+    from reproduce.glyphs import SplitSpec, build
+
+    small = dict(pretrain=3, zoo=2, val=2, test=2, cross=2, train_aug=1, eval_aug=1, cross_aug=1)
+    manifest = build(tmp_path / "b", SplitSpec(**small, source_extra=["kana"], check_style="plain"))
+    base = build(tmp_path / "a", SplitSpec(**small))
+    pretrain = [p.name for p in (tmp_path / "b" / "pretrain").iterdir()]
+    kana = [c for c in pretrain if unicodedata.name(c).startswith(("HIRAGANA", "KATAKANA"))]
+    assert len(kana) == base["available"]["kana"] == manifest["splits"]["pretrain"] - 3 > 100
+    written = json.loads((tmp_path / "b" / "splits.json").read_text())
+    assert written["spec"]["source_extra"] == ["kana"]  # JSON holds a list, and it still matches its own spec
+    build(tmp_path / "b", SplitSpec(**small, source_extra=("kana",), check_style="plain"))
+    # the check split: the test characters, in the foundation's plain style; every other split is unchanged
+    tinted = sorted(p.relative_to(tmp_path / "b" / "test") for p in (tmp_path / "b" / "test").rglob("*.png"))
+    plain = sorted(p.relative_to(tmp_path / "b" / "test-plain") for p in (tmp_path / "b" / "test-plain").rglob("*.png"))
+    assert tinted == plain and manifest["splits"]["test-plain"] == 2
+    for f in plain:
+        with Image.open(tmp_path / "b" / "test-plain" / f) as im:
+            r, g, b = (np.asarray(c, dtype=float) for c in im.split())
+        assert np.abs(r - g).max() == 0 and np.abs(g - b).max() == 0  # grey: ink and paper uncoloured
+    for split in ("zoo", "val", "test", "cross"):
+        a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / split).rglob("*.png"))
+        assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in a)
+    for bad, field in ((dict(source_extra=("hangul",)), "source_extra"), (dict(source_extra=("han",)), "source_extra"),
+                       (dict(source_extra=("kana", "kana")), "source_extra"), (dict(check_style="neon"),
+                                                                              "check_style")):
+        with pytest.raises(ValueError, match=field):
+            SplitSpec(**bad)
+
+
+def test_contrastive_views_and_loss():
+    import torch
+
+    from reproduce.foundation import ContrastConfig, nt_xent, views
+
+    x = torch.full((64, 3, 32, 32), 250, dtype=torch.uint8)
+    x[:, :, 8:24, 14:18] = 10  # a dark bar on light paper
+    out = views(x, ContrastConfig(colour=1.0), torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert (out[:, 0] != out[:, 1]).any() and not torch.equal(out[0], out[1])  # coloured, and each view its own
+    plain = views(x, ContrastConfig(colour=0.0, rotate=0, scale=(1, 1), shift=0), torch.Generator().manual_seed(0))
+    assert (plain.int() - x.int()).abs().max() <= 1  # no warp, no colour: the image itself
+    z = torch.randn(8, 16)
+    loss, acc = nt_xent(torch.cat([z, z]), temperature=0.1)  # each view's positive is itself: a perfect match
+    assert acc == 1 and loss < 0.5
+    loss_random, _ = nt_xent(torch.randn(16, 16), temperature=0.1)
+    assert loss_random > loss
+    for bad in (dict(temperature=0), dict(colour=1.5), dict(scale=(1.2, 0.8)), dict(batch=1), dict(lr=float("nan"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ContrastConfig(**bad)
