@@ -14,7 +14,7 @@ import gradio as gr
 from PIL import Image
 
 from recycle.images import IMAGE_SUFFIXES, ImageError, load_image
-from recycle.predict import Prediction, SupportError, classify, clean_class_name
+from recycle.predict import Prediction, SupportError, classify, clean_class_name, count_correct
 
 from .errors import USER_ERRORS, as_text, file_paths, reported, text_field, user_message
 from .limits import INITIAL_CLASSES, MAX_CARDS, MAX_CLASSES, MAX_IMAGES, MAX_NAME_LENGTH, THUMBNAIL_SIZE
@@ -35,7 +35,17 @@ class ExampleTask:
 
 
 _TASK_LABELS = {"han": "Han characters (held-out classes)", "hangul": "Hangul (an unseen script)",
-                "kana": "Kana (an unseen script)"}
+                "kana": "Kana (an unseen script)", "han-plain": "Han characters, plain (the foundation's own style)"}
+
+
+def _task_label(name: str) -> str:
+    """``han-3`` -> "Han characters (held-out classes) #3"; a name of no known kind is shown capitalised."""
+    if name in _TASK_LABELS:
+        return _TASK_LABELS[name]
+    base, _, number = name.rpartition("-")
+    if base in _TASK_LABELS and number.isdigit():
+        return f"{_TASK_LABELS[base]} #{number}"
+    return name.replace("_", " ").capitalize()
 
 
 def find_examples(root: Path, max_classes: int = MAX_CLASSES) -> list[ExampleTask]:
@@ -52,8 +62,7 @@ def find_examples(root: Path, max_classes: int = MAX_CLASSES) -> list[ExampleTas
             _logger.warning("skipping example task %s: needs 2-%d classes and queries", task, max_classes)
             continue
         shots = max(map(len, support.values()))
-        label = (f"{_TASK_LABELS.get(task.name, task.name.replace('_', ' ').capitalize())} · {len(support)}-way "
-                 f"{shots}-shot")
+        label = f"{_task_label(task.name)} · {len(support)}-way {shots}-shot"
         tasks.append(ExampleTask(task.name, label, support, queries))
     return tasks
 
@@ -113,12 +122,19 @@ def probability_cards(predictions: list[Prediction], thumbnails: list[str],
     (the backbone alone), a second bar per class and both predictions, side by side."""
     esc = lambda s: html.escape(str(s))  # noqa: E731
     parts = ['<div class="rc-cards">']
+    score, bare_score = count_correct(predictions), count_correct(bare) if bare is not None else None
     if bare is not None:
         agree = sum(p.label == b.label for p, b in zip(predictions, bare))
+        correct = (f' The queries\' file names carry their classes: <b class="rc-score">{score[0]} of {score[1]}</b> '
+                   f'correct with the meta-LoRA, <b class="rc-score-bare">{bare_score[0]} of {bare_score[1]}</b> with '
+                   'the backbone alone.' if score else "")
         parts.append(f'<div class="rc-summary">With the meta-LoRA <code>{esc(Path(lora).name or lora)}</code> and '
-                     f'with the backbone alone, <b>{agree} of {len(predictions)}</b> predictions agree. '
+                     f'with the backbone alone, <b>{agree} of {len(predictions)}</b> predictions agree.{correct} '
                      '<span class="rc-key"><i class="rc-swatch rc-main"></i>with meta-LoRA</span>'
                      '<span class="rc-key"><i class="rc-swatch rc-bare"></i>backbone alone</span></div>')
+    elif score:
+        parts.append(f'<div class="rc-summary">The queries\' file names carry their classes: <b class="rc-score">'
+                     f'{score[0]} of {score[1]}</b> correct.</div>')
     for i, (p, thumb) in enumerate(zip(predictions[:MAX_CARDS], thumbnails)):
         b = bare[i] if bare is not None else None
         changed = b is not None and b.label != p.label

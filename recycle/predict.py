@@ -5,12 +5,13 @@ import logging
 import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 from .fewshot import FewShotClassifier
 from .images import ImageError, ImageSource, list_images, load_image
 
-__all__ = ["Prediction", "SupportError", "clean_class_name", "read_support_folder", "classify"]
+__all__ = ["Prediction", "SupportError", "clean_class_name", "read_support_folder", "classify", "query_label",
+           "count_correct"]
 
 _logger = logging.getLogger(__name__)
 
@@ -38,6 +39,27 @@ def clean_class_name(name: str) -> str:
     text = unicodedata.normalize("NFC", str(name))
     text = "".join(" " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch)[0] != "C")
     return " ".join(text.split())
+
+
+LABEL_SEPARATOR = "__"  # a query file named ``<class>__<anything>.<ext>`` carries its true class
+
+
+def query_label(file_name: str, classes: Sequence[str]) -> Optional[str]:
+    """The true class that a query's file name carries (``<class>__<anything>.<ext>``, as the bundled example tasks
+    name their queries) when it is one of `classes`; else None."""
+    label, sep, _ = Path(file_name).stem.rpartition(LABEL_SEPARATOR)
+    label = clean_class_name(label)
+    return label if sep and label in classes else None
+
+
+def count_correct(predictions: Sequence["Prediction"]) -> Optional[tuple[int, int]]:
+    """(correct, labelled) over the predictions whose query file names carry their class (`query_label`); None when
+    none does."""
+    labelled = [(p, query_label(p.file, list(p.probs))) for p in predictions]
+    labelled = [(p, label) for p, label in labelled if label is not None]
+    if not labelled:
+        return None
+    return sum(p.label == label for p, label in labelled), len(labelled)
 
 
 def read_support_folder(root: Union[str, Path]) -> dict[str, list[Path]]:

@@ -577,12 +577,64 @@ def prior_card(summary: dict, steps: int, source: str) -> str:
         "Command: `python -m reproduce.pipeline --work .cache/repro`.\n")
 
 
+# The bundled example tasks, by a rule fixed before any third-generation result was seen: task i = 1..8 of the test
+# split is 5-way, 1 shot (i <= 4) or 2, with 3 queries per class, drawn with seed 1000 + i; then one 5-way 1-shot task
+# of the cross-domain script and one of the test characters in the check style, both with seed 2000. Query files are
+# named ``<class>__<k>.png``, so the app can count its correct answers (`recycle.predict.query_label`).
+EXAMPLE_TASKS = 8
+
+
+def write_examples(data: Path, out: Path, cross: str, check_style: Optional[str]) -> list[str]:
+    """Write the example tasks into `out` (``<task>/{support,query}/<class>/*.png``); returns the task names."""
+    from .glyphs import example_task
+
+    plan = [(f"han-{i}", "test", 1 if i <= EXAMPLE_TASKS // 2 else 2, 1000 + i) for i in range(1, EXAMPLE_TASKS + 1)]
+    plan.append((cross, "cross", 1, 2000))
+    if check_style:
+        plan.append((f"han-{check_style}", f"test-{check_style}", 1, 2000))
+    names = []
+    for name, split, shots, seed in plan:
+        task = example_task(data / split, 5, seed=seed, shots=shots, queries=3)
+        if task is None:
+            _logger.warning("ship: split %s has fewer than 5 classes; no example task %s", split, name)
+            continue
+        for cls, files in task.items():
+            for i, f in enumerate(files):
+                d = out / name / ("support" if i < shots else "query") / cls
+                d.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, d / (f.name if i < shots else f"{cls}__{i - shots}.png"))
+        names.append(name)
+    return names
+
+
+def score_examples(backbone: Backbone, lora: LoRAAdapter, examples: Path) -> dict:
+    """Correct answers on the example tasks' queries, with the meta-LoRA and with the backbone alone, as the app
+    computes them (`recycle.fewshot.FewShotClassifier`)."""
+    from recycle.fewshot import FewShotClassifier
+    from recycle.predict import read_support_folder
+
+    tasks, totals = {}, {"NN": [0, 0], "meta-LoRA": [0, 0]}
+    for task in sorted(p for p in examples.iterdir() if p.is_dir()):
+        support = read_support_folder(task / "support")
+        images = [load_image(f) for files in support.values() for f in files]
+        labels = [c for c, files in support.items() for _ in files]
+        queries = sorted((task / "query").glob("*/*.png"))
+        truth = [q.parent.name for q in queries]
+        tasks[task.name] = {}
+        for method, adapter in (("NN", None), ("meta-LoRA", lora)):
+            predicted = FewShotClassifier(backbone, adapter).fit(images, labels).predict([load_image(q)
+                                                                                          for q in queries])
+            correct = sum(p == t for p, t in zip(predicted, truth))
+            tasks[task.name][method] = [correct, len(queries)]
+            if task.name.startswith("han-") and task.name[4:].isdigit():  # the test split's tasks
+                totals[method] = [totals[method][0] + correct, totals[method][1] + len(queries)]
+    return {"tasks": tasks, "test_tasks_total": totals}
+
+
 def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] = None) -> dict:
     """Copy the mini backbone, its glyph BN prior, the best meta-LoRA (chosen on the validation split) and example
     tasks into `weights`, and the results table, JSON and plot into `results_dir`."""
     from recycle.card import write_model_card
-
-    from .glyphs import example_task
 
     s = results["summaries"]
     candidates = [k for k in s if k.startswith("meta-recycle")]
@@ -626,13 +678,10 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     save_adapter(zoo_lora, example_lora)
     write_model_card(example_lora, zoo_lora, command="python -m reproduce.pipeline --work .cache/repro",
                      results_md=f"`{zoo_name}` of the zoo, tuned on real images of its classes.\n")
-    for domain, name in (("test", "han"), ("cross", results["config"]["data"].get("cross_script", "hangul"))):
-        task = example_task(work / "data" / domain, 3, seed=5, shots=2, queries=2)
-        for cls, files in (task or {}).items():
-            for i, f in enumerate(files):
-                d = examples / name / ("support" if i < 2 else "query") / cls
-                d.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, d / f.name)
+    data_spec = results["config"]["data"]
+    write_examples(work / "data", examples, data_spec.get("cross_script", "hangul"), data_spec.get("check_style"))
+    scores = score_examples(load_backbone(str(vit_out), device="cpu"), read_adapter(lora_out), examples)
+    atomic_write_bytes(examples / "scores.json", json.dumps(scores, indent=1).encode())
     if results_dir is not None:  # the run's table, numbers and plot, for the repository
         results_dir.mkdir(parents=True, exist_ok=True)
         for f in ("results.md", "results.json", "results.png", "surrogates.png"):

@@ -362,7 +362,8 @@ def test_offline_default_on_the_real_shipped_weights_classifies_its_examples(clo
     try:
         assert f"with meta-LoRA `{SHIPPED / 'mini-meta-lora'}`" in client.predict(api_name="/status")
         tasks = app_ui.find_examples(SHIPPED / "examples")
-        assert [t.name for t in tasks] == ["han", recheck["data"].get("cross_script", "hangul")]
+        assert [t.name for t in tasks] == sorted(p.name for p in (SHIPPED / "examples").iterdir() if p.is_dir())
+        assert recheck["data"].get("cross_script", "hangul") in [t.name for t in tasks]
         for task in tasks:
             _, table = classify(client, [(c, [Path(f) for f in files]) for c, files in task.support.items()],
                                 [Path(q) for q in task.queries])
@@ -383,9 +384,14 @@ def test_examples_are_offered_only_when_bundled(tmp_path, tiny_clip_dir):
     weights = require_toy_weights()
     demo = app.build_demo(settings=settings(tmp_path, str(tiny_clip_dir), weights))
     dataset = next(b for b in demo.blocks.values() if isinstance(b, gr.Dataset))
-    assert len(dataset.samples) == 2
-    task = app_ui.find_examples(weights / "examples")[0]
-    assert len(task.support) == 3 and all(len(f) == 2 for f in task.support.values()) and len(task.queries) == 6
+    tasks = app_ui.find_examples(weights / "examples")  # 8 test tasks, the cross-domain one and the plain one
+    assert len(dataset.samples) == len(tasks) == 10
+    assert [t.name for t in tasks] == sorted(["han-plain", "hangul", *(f"han-{i}" for i in range(1, 9))])
+    assert [t.label for t in tasks][:2] == ["Han characters (held-out classes) #1 · 5-way 1-shot",
+                                            "Han characters (held-out classes) #2 · 5-way 1-shot"]
+    task = next(t for t in tasks if t.name == "han-8")
+    assert len(task.support) == 5 and all(len(f) == 2 for f in task.support.values()) and len(task.queries) == 15
+    assert all(Path(q).name.startswith(f"{Path(q).parent.name}__") for q in task.queries)  # labelled queries
 
 
 # ------------------------------------------------------------------------------------- handlers and layout, offline
@@ -470,3 +476,22 @@ def test_main_tunes_the_allocator_before_it_builds_and_launches(monkeypatch):
     monkeypatch.setattr(app, "demo", None)
     app.main()
     assert calls == ["tune", "build", "launch"]
+
+
+def test_labelled_queries_are_scored_for_the_meta_lora_and_for_the_backbone_alone():
+    from recycle.predict import Prediction, count_correct, query_label
+
+    assert query_label("永__0.png", ["永", "木"]) == "永" and query_label("Mr. X__a.b.jpg", ["Mr. X"]) == "Mr. X"
+    assert query_label("dog.png", ["dog"]) is None and query_label("cat__1.png", ["dog"]) is None
+
+    def pred(file, label):
+        return Prediction(file, label, {"永": 0.6 if label == "永" else 0.4, "木": 0.4 if label == "永" else 0.6})
+    lora = [pred("永__0.png", "永"), pred("木__1.png", "木"), pred("木__2.png", "永"), pred("other.png", "木")]
+    bare = [pred("永__0.png", "木"), pred("木__1.png", "木"), pred("木__2.png", "永"), pred("other.png", "木")]
+    assert count_correct(lora) == (2, 3) and count_correct(bare) == (1, 3) and count_correct(lora[3:]) is None
+    cards = fewshot.probability_cards(lora, [""] * 4, bare, "weights/mini-meta-lora")
+    assert '<b class="rc-score">2 of 3</b> correct with the meta-LoRA' in cards
+    assert '<b class="rc-score-bare">1 of 3</b> with the backbone alone' in cards
+    alone = fewshot.probability_cards(bare, [""] * 4)
+    assert '<b class="rc-score">1 of 3</b> correct' in alone
+    assert "rc-score" not in fewshot.probability_cards(lora[3:], [""], bare[3:], "x")  # no labels, no score

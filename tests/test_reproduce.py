@@ -80,7 +80,11 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert results["summaries"]["prior"]["recoloured_copies"] == cfg.prior_recolour > 0
     assert f"{cfg.prior_recolour} copies of each image in random ink and paper colours" in prior_card
     assert "without any real training data" in (tmp_path / "weights" / "mini-meta-lora" / "README.md").read_text()
-    assert len(list((tmp_path / "weights" / "examples" / "han" / "support").iterdir())) == 3
+    examples = tmp_path / "weights" / "examples"
+    assert len(list((examples / "han-1" / "support").iterdir())) == 5
+    scores = json.loads((examples / "scores.json").read_text())
+    assert sorted(scores["tasks"]) == sorted(p.name for p in examples.iterdir() if p.is_dir())
+    assert scores["test_tasks_total"]["NN"][1] == scores["test_tasks_total"]["meta-LoRA"][1] == 8 * 5 * 3
     recheck = json.loads((tmp_path / "weights" / "mini-meta-lora" / "recheck.json").read_text())
     assert set(recheck["results"]) == {"NN", "meta-LoRA"} and recheck["tolerance"] > 0
     assert (tmp_path / "results" / "results.md").read_text() == (tmp_path / "results.md").read_text()
