@@ -84,8 +84,8 @@ class SplitSpec:
                              f"split uses (pretraining: {self.source_script}, downstream: han)")
         for script in self.source_extra:
             if script not in SCRIPTS or script in ("han", self.source_script, self.cross_script):
-                raise ValueError(f"source_extra={self.source_extra!r}: {script!r} must be a script of {sorted(SCRIPTS)} "
-                                 f"other than han, the source script and the cross-domain script")
+                raise ValueError(f"source_extra={self.source_extra!r}: {script!r} must be a script of "
+                                 f"{sorted(SCRIPTS)} other than han, the source script and the cross-domain script")
         if len(set(self.source_extra)) != len(self.source_extra):
             raise ValueError(f"source_extra={self.source_extra!r}: a script is named twice")
         if self.check_style is not None and self.check_style not in STYLES:

@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 from recycle.backbone import Backbone, load_backbone
 from recycle.evaluate import EvalConfig, average_loras, evaluate, image_folder
-from recycle.formats import LoRAAdapter, read_adapter, save_adapter
+from recycle.formats import LoRAAdapter, read_adapter
 from recycle.io import atomic_write_bytes
 from recycle.images import load_image
 from recycle.invert import InversionConfig, invert, load_bn_prior, remask
@@ -39,6 +38,7 @@ from recycle.tokens import PruningConfig
 
 from .foundation import ContrastConfig, pretrain_contrastive
 from .glyphs import SplitSpec, build, recolour
+from .report import method_name, plot, results_markdown
 
 _logger = logging.getLogger("reproduce")
 MASKS = (0.25, 0.5, 0.75)
@@ -48,7 +48,7 @@ MASKS = (0.25, 0.5, 0.75)
 class ReproConfig:
     # The foundation and its BN prior learn plain glyphs; every downstream split is tinted (a domain shift). The zoo
     # classes get 96 images each (12 per font), the pretraining classes 32: denser teachers' data makes stronger
-    # teachers (results/pilots, pilot 9); a better-trained foundation serves the tinted domain worse (pilots 8, 10).
+    # teachers (docs/experiments/v2-pilots, pilot 9); a better-trained foundation serves the tinted domain worse (pilots 8, 10).
     data: SplitSpec = field(default_factory=lambda: SplitSpec(downstream_style="tint", zoo_aug=12))
     vit: dict = field(default_factory=lambda: dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4))
     # "classify": the foundation learns to name the pretraining characters (v1, v2). "contrast": it learns by
@@ -63,7 +63,7 @@ class ReproConfig:
     # The BN prior's training set: the pretraining images plus this many copies in random ink and paper colours
     # (`glyphs.recolour`), so that its statistics cover coloured glyphs as ImageNet's cover the colours of CIFAR-FS
     # or CUB, while the foundation sees plain glyphs only. 0 (shipped): plain only. With 2, recycling validated no
-    # better and the surrogates turned to coloured noise (results/history/run3-v2-recoloured-prior.md).
+    # better and the surrogates turned to coloured noise (docs/experiments/history/run3-v2-recoloured-prior.md).
     prior_recolour: int = 0
     zoo: PretuneConfig = field(default_factory=lambda: PretuneConfig(num_loras=24, way=5, steps=200, lr=1e-3,
                                                                      flip=False, shift=0.1))
@@ -299,14 +299,6 @@ def _teacher_accuracy(pool: Pool, key: str) -> float:
     return round(sum(per_run) / len(per_run), 4)
 
 
-def method_name(run: str) -> str:
-    """The results' name of a meta-training run: ``recycle-75-bf16`` -> ``LoRA Recycle-75 (bf16)``."""
-    if run == "oracle":
-        return "Oracle (real zoo images)"
-    base, bf16, _ = run.partition("-bf16")
-    return "LoRA Recycle" + base[len("recycle"):] + (" (bf16)" if bf16 else "")
-
-
 def _validator(cfg: ReproConfig, backbone: Backbone, data: Path):
     from recycle.evaluate import make_validator
 
@@ -440,253 +432,6 @@ def run(work: Path, cfg: ReproConfig, until: Optional[str] = None) -> dict:
     return results
 
 
-def _cross_name(results: dict) -> str:
-    """The cross-domain split's script, as the results name it."""
-    return {"hangul": "Hangul", "kana": "Kana"}[results["config"]["data"].get("cross_script", "hangul")]
-
-
-def results_markdown(results: dict) -> str:
-    s = results["summaries"]
-    ev = s["eval"]
-    methods = list(ev["test-1shot"]["results"])
-    cross = _cross_name(results)
-    lines = [f"| method | Han 1-shot | Han 5-shot | {cross} 1-shot | {cross} 5-shot | meta-train s/step |",
-             "|---|---|---|---|---|---|"]
-    names = {method_name(k[len("meta-"):]): k[len("meta-"):] for k in s if k.startswith("meta-")}
-    for m in methods:
-        cells = [f"{ev[k]['results'][m]['mean']:.2f} ± {ev[k]['results'][m]['ci95']:.2f}"
-                 for k in ("test-1shot", "test-5shot", "cross-1shot", "cross-5shot")]
-        step = s.get(f"meta-{names[m]}", {}).get("step_seconds_median") if m in names else None
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {step:.3f} |" if step else f"| {m} | " + " | ".join(cells)
-                     + " | – |")
-    times = results["timings_seconds"]
-    c = ev["test-1shot"]["config"]
-    lines += ["", f"5-way, {c['query']} queries per class, {c['episodes']} episodes, mean ± 1.96·std/√n (%). "
-              "Stage times (s): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
-              + f"; total {results['total_seconds'] / 60:.1f} min.",
-              f"Teacher accuracy on its own synthetic images: {s['invert']['teacher_accuracy']:.3f}; on kept tokens: "
-              + ", ".join(f"{r}: {v}" for r, v in s["invert"]["teacher_accuracy_kept_tokens"].items()) + "."]
-    style = results["config"]["data"].get("downstream_style", "plain")
-    lines.append(f"Pretraining: {prior_source(s)}. Zoo, validation and test: "
-                 f"Han characters, {style}, {len(s['data']['fonts']['han'])} fonts; cross-domain: {cross}, {style}.")
-    oracle = s["meta-oracle"]
-    if oracle.get("baseline_val") is not None:  # the ceiling check, on the validation classes
-        lines.append(f"Ceiling check (validation, {c['way']}-way 1-shot): NN {100 * oracle['baseline_val']:.2f}, "
-                     f"oracle {100 * oracle['best_val']:.2f} at step {oracle['best_step']} "
-                     f"({100 * (oracle['best_val'] - oracle['baseline_val']):+.2f}).")
-    if "temperature" in s:
-        t = s["temperature"]
-        lines.append(f"Teacher temperature chosen on validation: {t['chosen']:g} (best validation accuracy after "
-                     f"{t['steps']} steps: " + ", ".join(f"T={k} {100 * v['best']:.2f}" for k, v in t["scores"].items())
-                     + f"; NN {100 * next(iter(t['scores'].values()))['nn']:.2f}).")
-    if "bf16-check" in s:
-        b = s["bf16-check"]
-        lines.append(f"bf16 against fp32 meta-training (75% masked, the final step-{b['step']} meta-LoRAs, Han "
-                     "1-shot): "
-                     f"fp32 {b['fp32']['mean']:.2f} ± {b['fp32']['ci95']:.2f}, bf16 {b['bf16']['mean']:.2f} ± "
-                     f"{b['bf16']['ci95']:.2f} ({b['difference']:+.2f}, "
-                     f"{'within' if b['within_fp32_ci'] else 'outside'} the fp32 95% CI).")
-    if "surrogates" in s:  # the bare backbone on surrogate episodes against real episodes of the same zoo classes
-        nn = s["surrogates"]["nn_accuracy"]
-        lines.append(f"How hard the surrogate tasks are: NN scores {nn['surrogate']['mean']:.2f} ± "
-                     f"{nn['surrogate']['ci95']:.2f} on surrogate {c['way']}-way {s['surrogates']['shot']}-shot "
-                     f"episodes and {nn['real']['mean']:.2f} ± {nn['real']['ci95']:.2f} on real episodes of the same "
-                     "classes ([figure](surrogates.png)).")
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict, path: Path) -> None:
-    """Accuracy at each masking level (bars) and meta-training speed-up over unmasked (line)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ev, s = results["summaries"]["eval"], results["summaries"]
-    levels = ["recycle", "recycle-25", "recycle-50", "recycle-75"]
-    labels = ["0%", "25%", "50%", "75%"]
-    methods = ["LoRA Recycle", "LoRA Recycle-25", "LoRA Recycle-50", "LoRA Recycle-75"]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    width = 0.2
-    cross = _cross_name(results)
-    for i, (key, title) in enumerate([("test-1shot", "Han 1-shot"), ("test-5shot", "Han 5-shot"),
-                                      ("cross-1shot", f"{cross} 1-shot"), ("cross-5shot", f"{cross} 5-shot")]):
-        means = [ev[key]["results"][m]["mean"] for m in methods]
-        cis = [ev[key]["results"][m]["ci95"] for m in methods]
-        ax.bar([x + (i - 1.5) * width for x in range(4)], means, width, yerr=cis, capsize=2, label=title)
-    nn = ev["test-1shot"]["results"]["NN"]["mean"]
-    ax.axhline(nn, color="grey", linestyle=":", linewidth=1, label="NN, Han 1-shot")
-    ax.set_xticks(range(4), labels)
-    ax.set_xlabel("tokens masked in meta-training")
-    ax.set_ylabel("5-way accuracy (%)")
-    ax.set_ylim(0, 125)
-    ax.set_yticks(range(0, 101, 20))
-    speed = [s[f"meta-{lv}"]["step_seconds_median"] for lv in levels]
-    ax2 = ax.twinx()
-    ax2.plot(range(4), [speed[0] / v for v in speed], "k-o", label="meta-training speed-up")
-    ax2.set_ylabel("meta-training speed-up vs 0% (×)")
-    ax2.set_ylim(0, max(4.5, max(speed[0] / v for v in speed) * 1.1))
-    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="upper center", fontsize=7, ncol=3)
-    ax.set_title("LoRA Recycle in miniature: accuracy and speed vs masking")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def source_description(data: dict) -> str:
-    """What the pretraining split is, from the data stage's summary: ``"Hangul syllables rendered plain from 3 Debian
-    fonts"``."""
-    spec = data["spec"]
-    script = spec.get("source_script", "han")
-    name = {"han": "Han characters", "hangul": "Hangul syllables"}[script]
-    return f"{name} rendered {spec.get('source_style', 'plain')} from {len(data['fonts'][script])} Debian fonts"
-
-
-def prior_source(summaries: dict) -> str:
-    """What the foundation and the BN prior were trained on, from the data and prior stages' summaries."""
-    source = source_description(summaries["data"])
-    copies = summaries["prior"].get("recoloured_copies", 0)
-    if not copies:
-        return f"foundation and BN prior: {source}"
-    return (f"foundation: {source}; BN prior: the same images and {copies} copies of each in random ink and paper "
-            "colours")
-
-
-def prior_card(summary: dict, steps: int, source: str) -> str:
-    """The model card of the shipped glyph BN prior, from the prior stage's summary (``train_acc``, ``classes``,
-    ``recoloured_copies``) and the `source_description`."""
-    copies = summary.get("recoloured_copies", 0)
-    recoloured = (f", together with {copies} copies of each image in random ink and paper colours (either polarity, "
-                  "`reproduce.glyphs.recolour`)" if copies else "")
-    return (
-        "---\nlibrary_name: timm\nlicense: apache-2.0\npipeline_tag: image-classification\ntags:\n- lora-recycle\n"
-        "- bn-prior\n- timm\n- glyphs\n---\n\n"
-        "# glyph-prior: the BN-statistics prior for mini-vit\n\n"
-        "A small BatchNorm CNN (timm `resnet18` with one block per stage, `layers=[1, 1, 1, 1]`, 32 px input, "
-        "mean = std = 0.5) whose BatchNorm running statistics are the image prior of LoRA inversion "
-        "(`recycle.invert.BNPrior`). It is to `weights/mini-vit` what the paper's ImageNet ResNet-50 is to CLIP: "
-        "a generic image prior trained on the foundation model's pretraining classes only"
-        + (", whose statistics cover coloured glyphs as ImageNet's cover the colours of the paper's downstream "
-           "datasets.\n\n" if copies else ", on the images the backbone was pretrained on.\n\n") +
-        f"Trained by `reproduce.pipeline.stage_prior` on the {summary['classes']} pretraining classes of `reproduce/` "
-        f"({source}{recoloured}; never on zoo, validation or test classes), "
-        f"{steps} steps, train accuracy {summary['train_acc']:.4f}. The classifier head is not used.\n\n"
-        "Load it with `recycle.invert.load_bn_prior('weights/glyph-prior')`. The app's inversion tab uses it, with "
-        "weight 0.1, whenever the backbone is the shipped `mini-vit`.\n\n"
-        "Command: `python -m reproduce.pipeline --work .cache/repro`.\n")
-
-
-# The bundled example tasks, by a rule fixed before any third-generation result was seen: task i = 1..8 of the test
-# split is 5-way, 1 shot (i <= 4) or 2, with 3 queries per class, drawn with seed 1000 + i; then one 5-way 1-shot task
-# of the cross-domain script and one of the test characters in the check style, both with seed 2000. Query files are
-# named ``<class>__<k>.png``, so the app can count its correct answers (`recycle.predict.query_label`).
-EXAMPLE_TASKS = 8
-
-
-def write_examples(data: Path, out: Path, cross: str, check_style: Optional[str]) -> list[str]:
-    """Write the example tasks into `out` (``<task>/{support,query}/<class>/*.png``); returns the task names."""
-    from .glyphs import example_task
-
-    plan = [(f"han-{i}", "test", 1 if i <= EXAMPLE_TASKS // 2 else 2, 1000 + i) for i in range(1, EXAMPLE_TASKS + 1)]
-    plan.append((cross, "cross", 1, 2000))
-    if check_style:
-        plan.append((f"han-{check_style}", f"test-{check_style}", 1, 2000))
-    names = []
-    for name, split, shots, seed in plan:
-        task = example_task(data / split, 5, seed=seed, shots=shots, queries=3)
-        if task is None:
-            _logger.warning("ship: split %s has fewer than 5 classes; no example task %s", split, name)
-            continue
-        for cls, files in task.items():
-            for i, f in enumerate(files):
-                d = out / name / ("support" if i < shots else "query") / cls
-                d.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, d / (f.name if i < shots else f"{cls}__{i - shots}.png"))
-        names.append(name)
-    return names
-
-
-def score_examples(backbone: Backbone, lora: LoRAAdapter, examples: Path) -> dict:
-    """Correct answers on the example tasks' queries, with the meta-LoRA and with the backbone alone, as the app
-    computes them (`recycle.fewshot.FewShotClassifier`)."""
-    from recycle.fewshot import FewShotClassifier
-    from recycle.predict import read_support_folder
-
-    tasks, totals = {}, {"NN": [0, 0], "meta-LoRA": [0, 0]}
-    for task in sorted(p for p in examples.iterdir() if p.is_dir()):
-        support = read_support_folder(task / "support")
-        images = [load_image(f) for files in support.values() for f in files]
-        labels = [c for c, files in support.items() for _ in files]
-        queries = sorted((task / "query").glob("*/*.png"))
-        truth = [q.parent.name for q in queries]
-        tasks[task.name] = {}
-        for method, adapter in (("NN", None), ("meta-LoRA", lora)):
-            predicted = FewShotClassifier(backbone, adapter).fit(images, labels).predict([load_image(q)
-                                                                                          for q in queries])
-            correct = sum(p == t for p, t in zip(predicted, truth))
-            tasks[task.name][method] = [correct, len(queries)]
-            if task.name.startswith("han-") and task.name[4:].isdigit():  # the test split's tasks
-                totals[method] = [totals[method][0] + correct, totals[method][1] + len(queries)]
-    return {"tasks": tasks, "test_tasks_total": totals}
-
-
-def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] = None) -> dict:
-    """Copy the mini backbone, its glyph BN prior, the best meta-LoRA (chosen on the validation split) and example
-    tasks into `weights`, and the results table, JSON and plot into `results_dir`."""
-    from recycle.card import write_model_card
-
-    s = results["summaries"]
-    candidates = [k for k in s if k.startswith("meta-recycle")]
-    best = max(candidates, key=lambda k: s[k]["best_val"] or 0.0)
-    if s[best]["best_step"] == 0:  # meta_train exported the identity: no step beat the bare backbone on validation
-        _logger.warning("ship: no meta-training run beat the bare backbone on validation; the shipped meta-LoRA is "
-                        "the identity (%s at step 0)", best)
-    vit_out, lora_out, examples = weights / "mini-vit", weights / "mini-meta-lora", weights / "examples"
-    example_lora, prior_out = weights / "example-lora", weights / "glyph-prior"
-    for d in (vit_out, lora_out, examples, example_lora, prior_out):
-        shutil.rmtree(d, ignore_errors=True)
-    for source, out in ((work / "mini-vit", vit_out), (work / "prior", prior_out)):
-        out.mkdir(parents=True)
-        for f in ("config.json", "model.safetensors"):
-            shutil.copy2(source / f, out / f)
-    atomic_write_bytes(prior_out / "README.md",
-                       prior_card(s["prior"], results["config"]["prior_steps"], source_description(s["data"])).encode())
-    table = results_markdown(results)
-    adapter = read_adapter(work / best / "meta-lora")
-    adapter.backbone = "weights/mini-vit"
-    save_adapter(adapter, lora_out)
-    write_model_card(lora_out, adapter, command="python -m reproduce.pipeline --work .cache/repro", results_md=table)
-    size = sum(f.stat().st_size for f in vit_out.iterdir()) / 1e6
-    (vit_out / "README.md").write_text(
-        "# mini-vit: the offline stand-in for a vision foundation model\n\n"
-        f"A timm ViT ({json.dumps(results['config']['vit'])}, {s['pretrain']['params'] / 1e6:.2f} M parameters, "
-        f"{size:.1f} MB) pretrained by `reproduce/pipeline.py` to classify {s['pretrain']['classes']} "
-        f"{source_description(s['data'])}. Load it with `recycle.backbone.load_backbone('weights/mini-vit')` or "
-        "`timm.create_model('local-dir:weights/mini-vit', pretrained=True)`.\n\n"
-        "Command: `python -m reproduce.pipeline --work .cache/repro`.\n\n## Results\n\n" + table)
-    # A small seeded re-evaluation that CI repeats on freshly rendered test images (tests/test_reproduce.py).
-    recheck_cfg = EvalConfig(5, 1, results["config"]["eval_query"], 100, seed=7)
-    report = evaluate(load_backbone(str(vit_out), device="cpu"), work / "data" / "test",
-                      {"NN": None, "meta-LoRA": read_adapter(lora_out)}, recheck_cfg)
-    recheck = {"data": results["config"]["data"], "eval": asdict(recheck_cfg), "tolerance": 1.0,
-               "results": {m: r["mean"] for m, r in report["results"].items()}}
-    atomic_write_bytes(lora_out / "recheck.json", json.dumps(recheck, indent=1).encode())
-    # One zoo LoRA (with its head) for the app's inversion tab.
-    zoo_name, zoo_lora = load_zoo(work / "zoo")[0]
-    zoo_lora.backbone = "weights/mini-vit"
-    save_adapter(zoo_lora, example_lora)
-    write_model_card(example_lora, zoo_lora, command="python -m reproduce.pipeline --work .cache/repro",
-                     results_md=f"`{zoo_name}` of the zoo, tuned on real images of its classes.\n")
-    data_spec = results["config"]["data"]
-    write_examples(work / "data", examples, data_spec.get("cross_script", "hangul"), data_spec.get("check_style"))
-    scores = score_examples(load_backbone(str(vit_out), device="cpu"), read_adapter(lora_out), examples)
-    atomic_write_bytes(examples / "scores.json", json.dumps(scores, indent=1).encode())
-    if results_dir is not None:  # the run's table, numbers and plot, for the repository
-        results_dir.mkdir(parents=True, exist_ok=True)
-        for f in ("results.md", "results.json", "results.png", "surrogates.png"):
-            atomic_write_bytes(results_dir / f, (work / f).read_bytes())
-    return {"meta_lora": best, "identity": s[best]["best_step"] == 0, "backbone_mb": round(size, 2)}
 
 
 def main() -> None:
@@ -704,6 +449,8 @@ def main() -> None:
         return
     print(results_markdown(results))
     if args.ship:
+        from .ship import ship
+
         print(ship(args.work, args.ship, results, Path(__file__).parent / "results"))
 
 

@@ -206,7 +206,8 @@ def toy_weights() -> Optional[Path]:
 
     if missing_fonts():
         return None
-    from reproduce.pipeline import ReproConfig, run, ship
+    from reproduce.pipeline import ReproConfig, run
+    from reproduce.ship import ship
 
     work = Path(tempfile.mkdtemp(prefix="toy-weights-"))
     atexit.register(shutil.rmtree, work, True)

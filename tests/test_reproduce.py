@@ -15,7 +15,8 @@ from recycle.evaluate import EvalConfig, evaluate  # noqa: E402
 from recycle.formats import read_adapter  # noqa: E402
 from recycle.invert import load_bn_prior  # noqa: E402
 from reproduce.diagnose import report  # noqa: E402
-from reproduce.pipeline import ReproConfig, run, ship  # noqa: E402
+from reproduce.pipeline import ReproConfig, run  # noqa: E402
+from reproduce.ship import ship  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 

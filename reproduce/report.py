@@ -1,0 +1,149 @@
+"""The reproduction's written results: the results table, the plot, and the text of the shipped cards."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def method_name(run: str) -> str:
+    """The results' name of a meta-training run: ``recycle-75-bf16`` -> ``LoRA Recycle-75 (bf16)``."""
+    if run == "oracle":
+        return "Oracle (real zoo images)"
+    base, bf16, _ = run.partition("-bf16")
+    return "LoRA Recycle" + base[len("recycle"):] + (" (bf16)" if bf16 else "")
+
+
+def cross_name(results: dict) -> str:
+    """The cross-domain split's script, as the results name it."""
+    return {"hangul": "Hangul", "kana": "Kana"}[results["config"]["data"].get("cross_script", "hangul")]
+
+
+def results_markdown(results: dict) -> str:
+    s = results["summaries"]
+    ev = s["eval"]
+    methods = list(ev["test-1shot"]["results"])
+    cross = cross_name(results)
+    lines = [f"| method | Han 1-shot | Han 5-shot | {cross} 1-shot | {cross} 5-shot | meta-train s/step |",
+             "|---|---|---|---|---|---|"]
+    names = {method_name(k[len("meta-"):]): k[len("meta-"):] for k in s if k.startswith("meta-")}
+    for m in methods:
+        cells = [f"{ev[k]['results'][m]['mean']:.2f} ± {ev[k]['results'][m]['ci95']:.2f}"
+                 for k in ("test-1shot", "test-5shot", "cross-1shot", "cross-5shot")]
+        step = s.get(f"meta-{names[m]}", {}).get("step_seconds_median") if m in names else None
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {step:.3f} |" if step else f"| {m} | " + " | ".join(cells)
+                     + " | – |")
+    times = results["timings_seconds"]
+    c = ev["test-1shot"]["config"]
+    lines += ["", f"5-way, {c['query']} queries per class, {c['episodes']} episodes, mean ± 1.96·std/√n (%). "
+              "Stage times (s): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+              + f"; total {results['total_seconds'] / 60:.1f} min.",
+              f"Teacher accuracy on its own synthetic images: {s['invert']['teacher_accuracy']:.3f}; on kept tokens: "
+              + ", ".join(f"{r}: {v}" for r, v in s["invert"]["teacher_accuracy_kept_tokens"].items()) + "."]
+    style = results["config"]["data"].get("downstream_style", "plain")
+    lines.append(f"Pretraining: {prior_source(s)}. Zoo, validation and test: "
+                 f"Han characters, {style}, {len(s['data']['fonts']['han'])} fonts; cross-domain: {cross}, {style}.")
+    oracle = s["meta-oracle"]
+    if oracle.get("baseline_val") is not None:  # the ceiling check, on the validation classes
+        lines.append(f"Ceiling check (validation, {c['way']}-way 1-shot): NN {100 * oracle['baseline_val']:.2f}, "
+                     f"oracle {100 * oracle['best_val']:.2f} at step {oracle['best_step']} "
+                     f"({100 * (oracle['best_val'] - oracle['baseline_val']):+.2f}).")
+    if "temperature" in s:
+        t = s["temperature"]
+        lines.append(f"Teacher temperature chosen on validation: {t['chosen']:g} (best validation accuracy after "
+                     f"{t['steps']} steps: " + ", ".join(f"T={k} {100 * v['best']:.2f}" for k, v in t["scores"].items())
+                     + f"; NN {100 * next(iter(t['scores'].values()))['nn']:.2f}).")
+    if "bf16-check" in s:
+        b = s["bf16-check"]
+        lines.append(f"bf16 against fp32 meta-training (75% masked, the final step-{b['step']} meta-LoRAs, Han "
+                     "1-shot): "
+                     f"fp32 {b['fp32']['mean']:.2f} ± {b['fp32']['ci95']:.2f}, bf16 {b['bf16']['mean']:.2f} ± "
+                     f"{b['bf16']['ci95']:.2f} ({b['difference']:+.2f}, "
+                     f"{'within' if b['within_fp32_ci'] else 'outside'} the fp32 95% CI).")
+    if "surrogates" in s:  # the bare backbone on surrogate episodes against real episodes of the same zoo classes
+        nn = s["surrogates"]["nn_accuracy"]
+        lines.append(f"How hard the surrogate tasks are: NN scores {nn['surrogate']['mean']:.2f} ± "
+                     f"{nn['surrogate']['ci95']:.2f} on surrogate {c['way']}-way {s['surrogates']['shot']}-shot "
+                     f"episodes and {nn['real']['mean']:.2f} ± {nn['real']['ci95']:.2f} on real episodes of the same "
+                     "classes ([figure](surrogates.png)).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Accuracy at each masking level (bars) and meta-training speed-up over unmasked (line)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev, s = results["summaries"]["eval"], results["summaries"]
+    levels = ["recycle", "recycle-25", "recycle-50", "recycle-75"]
+    labels = ["0%", "25%", "50%", "75%"]
+    methods = ["LoRA Recycle", "LoRA Recycle-25", "LoRA Recycle-50", "LoRA Recycle-75"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    width = 0.2
+    cross = cross_name(results)
+    for i, (key, title) in enumerate([("test-1shot", "Han 1-shot"), ("test-5shot", "Han 5-shot"),
+                                      ("cross-1shot", f"{cross} 1-shot"), ("cross-5shot", f"{cross} 5-shot")]):
+        means = [ev[key]["results"][m]["mean"] for m in methods]
+        cis = [ev[key]["results"][m]["ci95"] for m in methods]
+        ax.bar([x + (i - 1.5) * width for x in range(4)], means, width, yerr=cis, capsize=2, label=title)
+    nn = ev["test-1shot"]["results"]["NN"]["mean"]
+    ax.axhline(nn, color="grey", linestyle=":", linewidth=1, label="NN, Han 1-shot")
+    ax.set_xticks(range(4), labels)
+    ax.set_xlabel("tokens masked in meta-training")
+    ax.set_ylabel("5-way accuracy (%)")
+    ax.set_ylim(0, 125)
+    ax.set_yticks(range(0, 101, 20))
+    speed = [s[f"meta-{lv}"]["step_seconds_median"] for lv in levels]
+    ax2 = ax.twinx()
+    ax2.plot(range(4), [speed[0] / v for v in speed], "k-o", label="meta-training speed-up")
+    ax2.set_ylabel("meta-training speed-up vs 0% (×)")
+    ax2.set_ylim(0, max(4.5, max(speed[0] / v for v in speed) * 1.1))
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper center", fontsize=7, ncol=3)
+    ax.set_title("LoRA Recycle in miniature: accuracy and speed vs masking")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def source_description(data: dict) -> str:
+    """What the pretraining split is, from the data stage's summary: ``"Hangul syllables rendered plain from 3 Debian
+    fonts"``."""
+    spec = data["spec"]
+    script = spec.get("source_script", "han")
+    name = {"han": "Han characters", "hangul": "Hangul syllables"}[script]
+    return f"{name} rendered {spec.get('source_style', 'plain')} from {len(data['fonts'][script])} Debian fonts"
+
+
+def prior_source(summaries: dict) -> str:
+    """What the foundation and the BN prior were trained on, from the data and prior stages' summaries."""
+    source = source_description(summaries["data"])
+    copies = summaries["prior"].get("recoloured_copies", 0)
+    if not copies:
+        return f"foundation and BN prior: {source}"
+    return (f"foundation: {source}; BN prior: the same images and {copies} copies of each in random ink and paper "
+            "colours")
+
+
+def prior_card(summary: dict, steps: int, source: str) -> str:
+    """The model card of the shipped glyph BN prior, from the prior stage's summary (``train_acc``, ``classes``,
+    ``recoloured_copies``) and the `source_description`."""
+    copies = summary.get("recoloured_copies", 0)
+    recoloured = (f", together with {copies} copies of each image in random ink and paper colours (either polarity, "
+                  "`reproduce.glyphs.recolour`)" if copies else "")
+    return (
+        "---\nlibrary_name: timm\nlicense: apache-2.0\npipeline_tag: image-classification\ntags:\n- lora-recycle\n"
+        "- bn-prior\n- timm\n- glyphs\n---\n\n"
+        "# glyph-prior: the BN-statistics prior for mini-vit\n\n"
+        "A small BatchNorm CNN (timm `resnet18` with one block per stage, `layers=[1, 1, 1, 1]`, 32 px input, "
+        "mean = std = 0.5) whose BatchNorm running statistics are the image prior of LoRA inversion "
+        "(`recycle.invert.BNPrior`). It is to `weights/mini-vit` what the paper's ImageNet ResNet-50 is to CLIP: "
+        "a generic image prior trained on the foundation model's pretraining classes only"
+        + (", whose statistics cover coloured glyphs as ImageNet's cover the colours of the paper's downstream "
+           "datasets.\n\n" if copies else ", on the images the backbone was pretrained on.\n\n") +
+        f"Trained by `reproduce.pipeline.stage_prior` on the {summary['classes']} pretraining classes of `reproduce/` "
+        f"({source}{recoloured}; never on zoo, validation or test classes), "
+        f"{steps} steps, train accuracy {summary['train_acc']:.4f}. The classifier head is not used.\n\n"
+        "Load it with `recycle.invert.load_bn_prior('weights/glyph-prior')`. The app's inversion tab uses it, with "
+        "weight 0.1, whenever the backbone is the shipped `mini-vit`.\n\n"
+        "Command: `python -m reproduce.pipeline --work .cache/repro`.\n")
