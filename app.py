@@ -103,7 +103,8 @@ def _gallery(label: str, columns: int) -> gr.Gallery:
                       interactive=False, elem_classes=["pixelated", "tight"], fit_columns=False)
 
 
-def _few_shot_tab(fewshot: FewShot, defaults: Defaults, examples: list[ExampleTask]) -> SimpleNamespace:
+def _few_shot_tab(fewshot: FewShot, defaults: Defaults, examples: list[ExampleTask], backbone: gr.Dropdown,
+                  settings: AppSettings) -> SimpleNamespace:
     initial = min(MAX_CLASSES, max([INITIAL_CLASSES, *(len(t.support) for t in examples)]))
     gr.Markdown(FEW_SHOT_INTRO)
     lora = gr.Textbox(defaults.lora, label="Meta-LoRA (optional)", max_lines=1,
@@ -138,6 +139,9 @@ def _few_shot_tab(fewshot: FewShot, defaults: Defaults, examples: list[ExampleTa
             with gr.Accordion("All probabilities (table)", open=False):
                 table = gr.Dataframe(label="All queries", interactive=False, wrap=True)
     if examples:
+        # The bundled tasks were made for the shipped backbone and its meta-LoRA: an example selects them too.
+        model = ([str(settings.shipped_backbone), str(settings.shipped_lora)]
+                 if (settings.shipped_backbone / "config.json").is_file() else [])
         rows = []
         for task in examples:
             items = list(task.support.items())
@@ -145,14 +149,18 @@ def _few_shot_tab(fewshot: FewShot, defaults: Defaults, examples: list[ExampleTa
             for i in range(MAX_CLASSES):
                 name, files = items[i] if i < len(items) else ("", [])
                 row += [name, files]
-            rows.append([*row, task.queries])
+            rows.append([*row, task.queries, *model])
         inputs = [c for i in range(1, MAX_CLASSES + 1) for c in (slots[f"class_{i}_name"], slots[f"class_{i}_images"])]
         with examples_box:
-            gr.Examples(rows, inputs=[*inputs, queries], example_labels=[t.label for t in examples],
-                        label="New here? Click an example to fill in the classes and queries, then press Run")
+            example_set = gr.Examples(rows, inputs=[*inputs, queries, *([backbone, lora] if model else [])],
+                        example_labels=[t.label for t in examples],
+                        label="New here? Click an example: it fills in the classes and queries and selects the "
+                              "shipped backbone and meta-LoRA it was made for. Then press Run.")
+    else:
+        example_set = None
     clear.add([*slots.values(), queries, cards, table])
     return SimpleNamespace(lora=lora, slots=slots, groups=groups, shown=shown, add=add, queries=queries, run=run,
-                           cards=cards, table=table)
+                           cards=cards, table=table, examples=example_set)
 
 
 def _invert_tab(policy: PathPolicy, example_lora: Optional[Path], prior: PriorChoice) -> SimpleNamespace:
@@ -269,7 +277,7 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
         status = gr.Markdown(f"Loading `{defaults.backbone}`…", elem_id="status")
         with gr.Tabs() as tabs:
             with gr.Tab(TABS["few-shot"], id="few-shot"):
-                fs = _few_shot_tab(fewshot, defaults, examples)
+                fs = _few_shot_tab(fewshot, defaults, examples, backbone, settings)
             with gr.Tab(TABS["invert"], id="invert"):
                 inv = _invert_tab(policy, settings.example_lora, settings.bn_prior_for(defaults.backbone))
             with gr.Tab(TABS["pool"], id="pool") as pool_tab:
@@ -280,6 +288,9 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
         gr.on([demo.load, backbone.change, fs.lora.submit], fewshot.status, inputs=[backbone, fs.lora],
               outputs=status, api_name="status", **load)
         demo.load(_select_tab, None, tabs, api_visibility="private", queue=False)
+        if fs.examples is not None:  # an example may switch the backbone and meta-LoRA: say which model answers now
+            fs.examples.load_input_event.then(fewshot.status, inputs=[backbone, fs.lora], outputs=status,
+                                              api_visibility="private", **load)
 
         # few-shot
         fs.add.click(fewshot.add_class, inputs=fs.shown, outputs=[fs.shown, *fs.groups, fs.add], api_name="add_class",

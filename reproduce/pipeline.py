@@ -48,7 +48,8 @@ MASKS = (0.25, 0.5, 0.75)
 class ReproConfig:
     # The foundation and its BN prior learn plain glyphs; every downstream split is tinted (a domain shift). The zoo
     # classes get 96 images each (12 per font), the pretraining classes 32: denser teachers' data makes stronger
-    # teachers (docs/experiments/v2-pilots, pilot 9); a better-trained foundation serves the tinted domain worse (pilots 8, 10).
+    # teachers (docs/experiments/v2-pilots, pilot 9); a better-trained foundation serves the tinted domain worse
+    # (pilots 8, 10).
     data: SplitSpec = field(default_factory=lambda: SplitSpec(downstream_style="tint", zoo_aug=12))
     vit: dict = field(default_factory=lambda: dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4))
     # "classify": the foundation learns to name the pretraining characters (v1, v2). "contrast": it learns by

@@ -22,12 +22,16 @@ def results_markdown(results: dict) -> str:
     ev = s["eval"]
     methods = list(ev["test-1shot"]["results"])
     cross = cross_name(results)
-    lines = [f"| method | Han 1-shot | Han 5-shot | {cross} 1-shot | {cross} 5-shot | meta-train s/step |",
-             "|---|---|---|---|---|---|"]
+    columns = {"test-1shot": "Han 1-shot", "test-5shot": "Han 5-shot", "cross-1shot": f"{cross} 1-shot",
+               "cross-5shot": f"{cross} 5-shot"}
+    check = results["config"]["data"].get("check_style")
+    if check and f"test-{check}-1shot" in ev:  # the test characters in the foundation's own style: no damage there
+        columns.update({f"test-{check}-1shot": f"Han {check} 1-shot", f"test-{check}-5shot": f"Han {check} 5-shot"})
+    lines = ["| method | " + " | ".join(columns.values()) + " | meta-train s/step |",
+             "|---|" + "---|" * len(columns) + "---|"]
     names = {method_name(k[len("meta-"):]): k[len("meta-"):] for k in s if k.startswith("meta-")}
     for m in methods:
-        cells = [f"{ev[k]['results'][m]['mean']:.2f} ± {ev[k]['results'][m]['ci95']:.2f}"
-                 for k in ("test-1shot", "test-5shot", "cross-1shot", "cross-5shot")]
+        cells = [f"{ev[k]['results'][m]['mean']:.2f} ± {ev[k]['results'][m]['ci95']:.2f}" for k in columns]
         step = s.get(f"meta-{names[m]}", {}).get("step_seconds_median") if m in names else None
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {step:.3f} |" if step else f"| {m} | " + " | ".join(cells)
                      + " | – |")
@@ -42,6 +46,11 @@ def results_markdown(results: dict) -> str:
     style = results["config"]["data"].get("downstream_style", "plain")
     lines.append(f"Pretraining: {prior_source(s)}. Zoo, validation and test: "
                  f"Han characters, {style}, {len(s['data']['fonts']['han'])} fonts; cross-domain: {cross}, {style}.")
+    if "structure" in s:  # NN, LoRAs-average and the oracle on the same validation episodes
+        r = {k: v["mean"] for k, v in s["structure"]["results"].items()}
+        lines.append(f"Structure check (validation, {s['structure']['episodes']} episodes, 5-way 1-shot): NN "
+                     f"{r['NN']:.2f}, LoRAs-average + NN {r['LoRAs-average + NN']:.2f}, oracle "
+                     f"{r['Oracle (real zoo images)']:.2f}.")
     oracle = s["meta-oracle"]
     if oracle.get("baseline_val") is not None:  # the ceiling check, on the validation classes
         lines.append(f"Ceiling check (validation, {c['way']}-way 1-shot): NN {100 * oracle['baseline_val']:.2f}, "
@@ -111,8 +120,11 @@ def source_description(data: dict) -> str:
     fonts"``."""
     spec = data["spec"]
     script = spec.get("source_script", "han")
-    name = {"han": "Han characters", "hangul": "Hangul syllables"}[script]
-    return f"{name} rendered {spec.get('source_style', 'plain')} from {len(data['fonts'][script])} Debian fonts"
+    names = {"han": "Han characters", "hangul": "Hangul syllables", "kana": "kana"}
+    scripts = [script, *spec.get("source_extra", [])]
+    fonts = max(len(data["fonts"][s]) for s in scripts)
+    listed = " and ".join(names[s] for s in scripts)
+    return f"{listed} rendered {spec.get('source_style', 'plain')} from {fonts} Debian fonts"
 
 
 def prior_source(summaries: dict) -> str:
@@ -147,3 +159,42 @@ def prior_card(summary: dict, steps: int, source: str) -> str:
         "Load it with `recycle.invert.load_bn_prior('weights/glyph-prior')`. The app's inversion tab uses it, with "
         "weight 0.1, whenever the backbone is the shipped `mini-vit`.\n\n"
         "Command: `python -m reproduce.pipeline --work .cache/repro`.\n")
+
+
+def weights_readme(results: dict, meta_run: str, scores: dict, sizes_mb: dict[str, float]) -> str:
+    """``weights/README.md``, from a run's results, the shipped run's name (``recycle``, ``recycle-75`` ...), the
+    example tasks' scores (`ship.score_examples`) and the shipped folders' sizes."""
+    s, ev = results["summaries"], results["summaries"]["eval"]
+    shipped = method_name(meta_run)
+    best = s[f"meta-{meta_run}"]
+
+    def cell(key: str, method: str) -> str:
+        r = ev[key]["results"][method]
+        return f"{r['mean']:.2f} ± {r['ci95']:.2f}"
+    total = scores["test_tasks_total"]
+    tasks = sorted(scores["tasks"])
+    objective = ("by contrast between random views, without labels" if s["pretrain"].get("objective") == "contrast"
+                 else "to classify their characters")
+    vit_line = (f"- `mini-vit/` ({sizes_mb['mini-vit']:.1f} MB): a timm ViT ({s['pretrain']['params'] / 1e6:.2f} M "
+                f"parameters) pretrained on {source_description(s['data'])}, {objective};\n")
+    return (
+        "# weights/\n\n"
+        "The weights the app ships with, for when the default backbone (CLIP ViT-B/16 from the Hugging Face Hub) "
+        "cannot be loaded. All of it is written by the offline reproduction, `python -m reproduce.pipeline --work "
+        ".cache/repro --ship weights` (see [`reproduce/README.md`](../reproduce/README.md)); this file too.\n\n"
+        + vit_line
+        + f"- `mini-meta-lora/` ({sizes_mb['mini-meta-lora']:.2f} MB): its meta-LoRA, recycled data-free from a zoo of "
+        f"{s['zoo']['loras']} LoRAs (`{shipped}`, step {best['best_step']}, the best on the validation classes), "
+        "with a model card and `recheck.json`, a seeded re-evaluation that CI repeats;\n"
+        f"- `examples/`: {len(tasks)} example tasks for the few-shot tab ({', '.join(tasks)}), drawn by a fixed seeded "
+        "rule (`reproduce.ship.write_examples`); their queries' file names carry their classes, so the app counts "
+        "its correct answers. `examples/scores.json` has them;\n"
+        f"- `example-lora/` ({sizes_mb['example-lora']:.2f} MB): one LoRA of the zoo with its head, offered by the "
+        "inversion tab, so that inverting works offline and on a Space;\n"
+        f"- `glyph-prior/` ({sizes_mb['glyph-prior']:.1f} MB): the BN-statistics prior for `mini-vit`, trained on "
+        "the foundation's source (`glyph-prior/README.md`).\n\n"
+        f"5-way 1-shot on held-out Han classes (600 episodes): {shipped} {cell('test-1shot', shipped)}, the backbone "
+        f"alone (NN) {cell('test-1shot', 'NN')}; 5-shot {cell('test-5shot', shipped)} against "
+        f"{cell('test-5shot', 'NN')}. On the {len([t for t in tasks if t[4:].isdigit()])} test-split example tasks "
+        f"the app answers {total['meta-LoRA'][0]} of {total['meta-LoRA'][1]} queries correctly with the meta-LoRA "
+        f"and {total['NN'][0]} of {total['NN'][1]} with the backbone alone.\n")

@@ -17,7 +17,7 @@ from recycle.images import load_image
 from recycle.io import atomic_write_bytes
 from recycle.pretune import load_zoo
 
-from .report import prior_card, results_markdown, source_description
+from .report import prior_card, results_markdown, source_description, weights_readme
 
 _logger = logging.getLogger("reproduce")
 
@@ -106,8 +106,11 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     (vit_out / "README.md").write_text(
         "# mini-vit: the offline stand-in for a vision foundation model\n\n"
         f"A timm ViT ({json.dumps(results['config']['vit'])}, {s['pretrain']['params'] / 1e6:.2f} M parameters, "
-        f"{size:.1f} MB) pretrained by `reproduce/pipeline.py` to classify {s['pretrain']['classes']} "
-        f"{source_description(s['data'])}. Load it with `recycle.backbone.load_backbone('weights/mini-vit')` or "
+        f"{size:.1f} MB) pretrained by `reproduce/pipeline.py` "
+        + ("by contrast between random views, without labels, on " if s["pretrain"].get("objective") == "contrast"
+           else "to classify ")
+        + f"{s['pretrain']['classes']} classes of {source_description(s['data'])}. Load it with "
+        "`recycle.backbone.load_backbone('weights/mini-vit')` or "
         "`timm.create_model('local-dir:weights/mini-vit', pretrained=True)`.\n\n"
         "Command: `python -m reproduce.pipeline --work .cache/repro`.\n\n## Results\n\n" + table)
     # A small seeded re-evaluation that CI repeats on freshly rendered test images (tests/test_reproduce.py).
@@ -127,6 +130,9 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     write_examples(work / "data", examples, data_spec.get("cross_script", "hangul"), data_spec.get("check_style"))
     scores = score_examples(load_backbone(str(vit_out), device="cpu"), read_adapter(lora_out), examples)
     atomic_write_bytes(examples / "scores.json", json.dumps(scores, indent=1).encode())
+    sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 1e6
+             for d in (vit_out, lora_out, example_lora, prior_out)}
+    atomic_write_bytes(weights / "README.md", weights_readme(results, best[len("meta-"):], scores, sizes).encode())
     if results_dir is not None:  # the run's table, numbers and plot, for the repository
         results_dir.mkdir(parents=True, exist_ok=True)
         for f in ("results.md", "results.json", "results.png", "surrogates.png"):

@@ -386,6 +386,9 @@ def test_examples_are_offered_only_when_bundled(tmp_path, tiny_clip_dir):
     dataset = next(b for b in demo.blocks.values() if isinstance(b, gr.Dataset))
     tasks = app_ui.find_examples(weights / "examples")  # 8 test tasks, the cross-domain one and the plain one
     assert len(dataset.samples) == len(tasks) == 10
+    # each example selects the shipped backbone and meta-LoRA it was made for, after the slots and the queries
+    assert all(sample[-2:] == [str(weights / "mini-vit"), str(weights / "mini-meta-lora")]
+               for sample in dataset.samples)
     assert [t.name for t in tasks] == sorted(["han-plain", "hangul", *(f"han-{i}" for i in range(1, 9))])
     assert [t.label for t in tasks][:2] == ["Han characters (held-out classes) #1 · 5-way 1-shot",
                                             "Han characters (held-out classes) #2 · 5-way 1-shot"]

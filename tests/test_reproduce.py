@@ -16,6 +16,7 @@ from recycle.formats import read_adapter  # noqa: E402
 from recycle.invert import load_bn_prior  # noqa: E402
 from reproduce.diagnose import report  # noqa: E402
 from reproduce.pipeline import ReproConfig, run  # noqa: E402
+from reproduce.report import method_name  # noqa: E402
 from reproduce.ship import ship  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
@@ -86,6 +87,12 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     scores = json.loads((examples / "scores.json").read_text())
     assert sorted(scores["tasks"]) == sorted(p.name for p in examples.iterdir() if p.is_dir())
     assert scores["test_tasks_total"]["NN"][1] == scores["test_tasks_total"]["meta-LoRA"][1] == 8 * 5 * 3
+    readme = (tmp_path / "weights" / "README.md").read_text()  # written from the results, never by hand
+    shipped_name = method_name(shipped["meta_lora"][len("meta-"):])
+    nn = results["summaries"]["eval"]["test-1shot"]["results"]["NN"]
+    assert f"the backbone alone (NN) {nn['mean']:.2f} ± {nn['ci95']:.2f}" in readme and f"`{shipped_name}`" in readme
+    total = scores["test_tasks_total"]["meta-LoRA"]
+    assert f"{total[0]} of {total[1]} queries correctly with the meta-LoRA" in readme
     recheck = json.loads((tmp_path / "weights" / "mini-meta-lora" / "recheck.json").read_text())
     assert set(recheck["results"]) == {"NN", "meta-LoRA"} and recheck["tolerance"] > 0
     assert (tmp_path / "results" / "results.md").read_text() == (tmp_path / "results.md").read_text()
