@@ -197,7 +197,7 @@ class Defaults:
 
 
 def resolve_defaults(settings: AppSettings, cache: ModelCache, requested: Optional[str] = None) -> Defaults:
-    """The requested backbone if it can be used, else the shipped mini-vit with its meta-LoRA (issue 5, §5).
+    """The requested backbone if it can be used, else the shipped mini-vit with its meta-LoRA.
 
     Quick: a local backbone or a reachable Hub needs no loading now (Hub backbones load on first use); only when the
     Hub is unreachable is the backbone loaded, which either reads the local cache or fails at once.

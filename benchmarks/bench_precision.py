@@ -15,7 +15,7 @@ downloaded here; speeds are those of the real architecture.
   weights), without pruning and with the library's default schedule ``{11: 0.75}``, in fp32 and in bf16
   (``InversionConfig(bf16=True)``, i.e. ``invert --precision bf16``), interleaved in this process (malloc tuned).
 
-Targets (issue 14): bf16 step >= 2.0x faster than fp32 at 0% and at 75% masking; kept-token CPU speed-up >= 95% of
+Targets: bf16 step >= 2.0x faster than fp32 at 0% and at 75% masking; kept-token CPU speed-up >= 95% of
 the FLOP-ideal at 25/50/75%; system time <= 5% of the CPU time at 0% in fp32 (allocator tuned).
 
 Run from the repository root (about 25 minutes on 2 quiet cores with the defaults; ``--quick`` is a smoke run of a few

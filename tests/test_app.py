@@ -221,7 +221,7 @@ def test_app_starts_without_its_default_backbone_and_without_shipped_weights(pic
 
 
 def test_offline_default_uses_the_shipped_weights_and_offers_examples(closed_hub, tmp_path):
-    """Issue 5 §5: without the Hub, the app runs on weights/mini-vit + mini-meta-lora and offers example tasks."""
+    """Without the Hub, the app runs on weights/mini-vit + mini-meta-lora and offers example tasks."""
     weights = require_toy_weights()
     s = settings(tmp_path, CLIP_NAME, weights)
     demo, client = launch(s)

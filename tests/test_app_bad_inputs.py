@@ -290,7 +290,7 @@ CASES: dict[str, tuple[Callable, str]] = {
                                    r"pruning layer 99 is out of range for a model with 2 blocks"),
     "negative learning rate": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, lr=-1)),
                                r"Value -1 is less than minimum value 0\.001"),
-    # adversarial LoRA files (issue 11): patterns, types, declared sizes
+    # adversarial LoRA files: patterns, types, declared sizes
     "regex in rank_pattern": (lambda w, t, h: _upload_peft(w, t, **_config(rank_pattern={REGEX: 4})),
                               r"rank_pattern key '\(\.\*\)\*.*' is not supported.*module paths"),
     "regex in alpha_pattern": (lambda w, t, h: _upload_peft(w, t, **_config(alpha_pattern={"(a|aa)+$": 4})),
@@ -323,7 +323,7 @@ CASES: dict[str, tuple[Callable, str]] = {
         r"rank 1000000000 on blocks\.0\.attn\.qkv exceeds min\(in, out\) = 64"),
     "LoRA scaled by 1e30": (lambda w, t, h: (_upload_peft(w, t, edit_tensors=_scale(1e30)), _invert(w)),
                             r"teacher's (logits|loss) are not finite.*cannot be inverted"),
-    # inversion settings of the wrong type or out of range (issue 11)
+    # inversion settings of the wrong type or out of range
     "seed of 2^63": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, seed=2 ** 63)),
                      r"seed must be a whole number from 0 to 9223372036854775807, got 9223372036854775808"),
     "seed of 1e300": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, seed=1e300)),
@@ -334,7 +334,7 @@ CASES: dict[str, tuple[Callable, str]] = {
                           r"token pruning setting .* must be text, got a list"),
     "classes as a string": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, classes="01")),
                             r"(classes must be a list|not in the list of choices)"),
-    # names (issue 11)
+    # names
     "class name with a newline": (lambda w, t, h: _two(w, name1="red\nwine"), r"Class 1's name contains a line break"),
     "public: LOCAL-DIR: backbone": (lambda w, t, h: _two(w, backbone="LOCAL-DIR:/tmp", client=w.public),
                                     r"Local paths are disabled.*'LOCAL-DIR:/tmp' cannot be used as a backbone"),

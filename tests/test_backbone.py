@@ -80,7 +80,7 @@ def test_hub_backbone_downloads_then_loads_from_cache_when_the_hub_is_down(tiny_
         load_backbone("hf-hub:testorg/never-downloaded", device="cpu")
 
 
-# ------------------------------------------------------------------------------------------- issue 11: names, pickles
+# --------------------------------------------------------------------------------------------------- names, pickles
 @pytest.mark.parametrize("name, expected", [
     ("LOCAL-DIR:/some/folder", ("local-dir", "/some/folder")), ("Local-Dir:/x", ("local-dir", "/x")),
     ("hf_hub:org/x", ("hf-hub", "org/x")), ("HF-HUB:org/x", ("hf-hub", "org/x")), ("/abs/dir", ("local-dir", "/abs/dir")),

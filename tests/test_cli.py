@@ -133,7 +133,7 @@ def test_invert_from_the_hub_into_a_pool(tiny_clip, tiny_clip_dir, local_hub, tm
     assert "steps" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------------------------------- issue 11
+# ------------------------------------------------------------------------------------------------- hostile input
 @pytest.fixture()
 def zoo_lora(tiny_clip, tmp_path):
     """A LoRA with a head, and one without (like a meta-LoRA), in PEFT layout."""

@@ -207,7 +207,7 @@ def test_wrong_backbone_shapes_are_refused(tiny_clip, tiny_vit, tmp_path):
         loaded.build_head(tiny_vit.num_features)
 
 
-# ------------------------------------------------------------------------------------- hostile files (issue 11)
+# ---------------------------------------------------------------------------------------------- hostile files
 def _edited(tiny_clip, tmp_path, edit_config=None, edit_meta=None, edit_tensors=None, config=LoRAConfig()):
     """Save a good adapter, then apply the edits to its config dict, its 'recycle' metadata dict and its tensors."""
     from safetensors import safe_open

@@ -181,7 +181,7 @@ def test_bad_settings():
         MetaConfig(way=1)
 
 
-# ------------------------------------------------------------------------------------------------------- issue 11
+# ------------------------------------------------------------------------------------------------- hostile input
 def _killed(pool_dir, tiny_clip, out, at_step, **settings):
     """Start a run in `out` and kill it when step `at_step` is done; returns its episode source and config."""
     source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)

@@ -53,3 +53,11 @@ def test_license_file_matches_the_declared_license():
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
     assert "license: apache-2.0" in (ROOT / "README.md").read_text(encoding="utf-8").split("---")[1]
+
+
+def test_the_readme_results_table_is_the_reproductions_own():
+    """The results table quoted in the README is the one reproduce/ wrote, row for row."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    written = (ROOT / "reproduce" / "results" / "results.md").read_text(encoding="utf-8")
+    rows = [line for line in written.splitlines() if line.startswith("|")]
+    assert len(rows) >= 4 and "\n".join(rows) in readme

@@ -145,7 +145,7 @@ def test_unmasked_pool_refuses_masked_loading(tmp_path):
         pool.load(pool.classes[0].items[0], masked=True)
 
 
-# ------------------------------------------------------------------------------------------------------- issue 11
+# ------------------------------------------------------------------------------------------------- hostile input
 def test_non_finite_values_are_never_written(tmp_path):
     result = _result()
     result.logits[0, 0] = float("nan")
