@@ -164,7 +164,7 @@ def load_bn_prior(name: str = DEFAULT_BN_PRIOR, device: Optional[torch.device] =
     from .backbone import _create
 
     try:
-        model = _create(name, {}, pretrained=True)
+        model = _create(name, {}, pretrained=True, what="BN prior")
     except BackboneError as e:
         raise BackboneError(f"BN prior: {e}") from None
     cfg = model.pretrained_cfg
