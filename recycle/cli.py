@@ -39,6 +39,12 @@ _NEGATIVE_VALUE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d[\d,-]*:")
 HEAVY_COMMANDS = ("predict", "invert", "pretune", "meta-train", "eval")
 
 
+def terminal_safe(text: str) -> str:
+    """`text` with every unprintable character (CR, ESC of ANSI sequences, bidi controls, ...) written as its
+    Python escape, so a file or class name cannot move the cursor or recolour the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def _add_backbone_args(p: argparse.ArgumentParser, precision: bool = True) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
                    help=f"timm name, alias, hf-hub:ORG/REPO or local directory (default: {DEFAULT_BACKBONE})")
@@ -72,11 +78,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     clf = FewShotClassifier(backbone, lora, distance=args.distance, batch_size=args.batch_size,
                             bf16=resolve_precision(args.precision, backbone.device))
     preds = classify(clf, support, [(str(p.relative_to(query_root)), p) for p in queries])
-    width = max([len(p.file) for p in preds] + [4])
+    files = [terminal_safe(p.file) for p in preds]
+    width = max([len(f) for f in files] + [4])
     print(f"{'file':<{width}}  {'label':<20}  prob    all")
-    for p in preds:
-        others = "  ".join(f"{c}={v:.2f}" for c, v in p.probs.items())
-        print(f"{p.file:<{width}}  {p.label:<20}  {p.probs[p.label]:.3f}   {others}")
+    for p, file in zip(preds, files):
+        others = "  ".join(f"{terminal_safe(c)}={v:.2f}" for c, v in p.probs.items())
+        print(f"{file:<{width}}  {terminal_safe(p.label):<20}  {p.probs[p.label]:.3f}   {others}")
     if args.json:
         atomic_write_bytes(args.json, json.dumps([p.to_dict() for p in preds], indent=2, ensure_ascii=False).encode())
         _logger.info("wrote %s", args.json)

@@ -222,3 +222,43 @@ def test_precision_flags_and_allocator_tuning_for_heavy_commands(monkeypatch, tm
     assert len(calls) == 2
     assert main(["push", "--dir", str(tmp_path / "missing"), "--repo", "me/x"]) == 1 and len(calls) == 2  # light
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------------- hostile backbones, devices, terminal names
+def test_hostile_backbone_folder_and_devices_are_one_line_user_errors(task, tiny_clip_dir, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(tiny_clip_dir, tmp_path / "deep")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"]["depth"] = "4"
+    (folder / "config.json").write_text(json.dumps(config))
+    args = ["predict", "--support", str(task / "support"), "--query", str(task / "query")]
+    assert main(args + ["--backbone", str(folder), "--device", "cpu"]) == 1
+    _user_error(capsys, 1, r"config\.json: 'depth' must be an integer, not '4'")
+    for device in ("meta", "xpu"):
+        assert main(args + ["--backbone", str(tiny_clip_dir), "--device", device]) == 1
+        _user_error(capsys, 1, rf"device '{device}'")
+
+
+def test_nan_weights_never_give_predictions(task, tiny_clip_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_clip_dir, tmp_path / "nan")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["norm.weight"][:] = float("nan")
+    save_file(tensors, folder / "model.safetensors")
+    code = main(["predict", "--backbone", str(folder), "--support", str(task / "support"), "--query",
+                 str(task / "query"), "--device", "cpu"])
+    _user_error(capsys, code, r"non-finite embeddings")
+
+
+def test_query_names_with_terminal_escapes_are_printed_escaped(task, tiny_clip_dir, capsys):
+    shutil_src = task / "query" / "g.png"
+    (task / "query" / "evil\r\x1b[31mred.png").write_bytes(shutil_src.read_bytes())
+    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"), "--query",
+                 str(task / "query"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "\x1b" not in out and "\r" not in out
+    assert "evil\\r\\x1b[31mred.png" in out
