@@ -165,7 +165,8 @@ def _cmd_pretune(args: argparse.Namespace) -> int:
     with tqdm(total=config.num_loras, desc="pre-tuning", unit="LoRA", disable=args.quiet) as bar:
         manifest = pretune_zoo(backbone, args.data, args.out, config,
                                lambda done, total, entry: bar.update(done - bar.n))
-    accs = [e["holdout_acc"] for e in manifest["loras"] if e["holdout_acc"] == e["holdout_acc"]]
+    accs = [e["holdout_acc"] for e in manifest["loras"] if isinstance(e.get("holdout_acc"), (int, float))
+            and e["holdout_acc"] == e["holdout_acc"]]
     mean = f", mean held-out accuracy {sum(accs) / len(accs):.1%}" if accs else ""
     print(f"zoo {args.out}: {len(manifest['loras'])} LoRAs{mean}")
     return 0

@@ -165,6 +165,14 @@ def invert_zoo(backbone: Backbone, zoo: Union[str, Path], root: Union[str, Path]
 
     root = Path(root)
     zoo_loras = load_zoo(zoo, backbone)
+    runs: dict[str, str] = {}
+    for name, adapter in zoo_loras:  # two LoRAs must never share a run folder
+        run_name = f"{_slug(name)}-{adapter.fingerprint()[:8]}"
+        if run_name in runs:
+            raise PoolError(f"zoo '{zoo}': LoRAs {runs[run_name]!r} and {name!r} would both be inverted into the pool "
+                            f"run '{run_name}' (the same weights, or names that are the same as folder names); "
+                            "remove one or rename it")
+        runs[run_name] = name
     grid = tuple(backbone.model.patch_embed.grid_size)
     done = []
     for k in distributed.shard_indices(len(zoo_loras)):
@@ -177,15 +185,19 @@ def invert_zoo(backbone: Backbone, zoo: Union[str, Path], root: Union[str, Path]
             if found != run_settings:
                 changed = sorted(key for key in set(found) | set(run_settings)
                                  if found.get(key) != run_settings.get(key))
-                raise PoolError(f"{run} was inverted with other settings ({', '.join(changed)} differ); use another "
-                                "pool folder, or the settings it was made with")
+                raise PoolError(f"{run} (LoRA {name!r} of the zoo) was inverted with other settings "
+                                f"({', '.join(changed)} differ); use another pool folder, or the settings it was made "
+                                "with")
             _logger.info("pool: %s is already inverted (%s)", name, run.name)
             done.append((name, run, None))
             continue
         if run.exists():
             raise PoolError(f"{run} exists but holds no manifest.json, so it is not a finished run; remove it")
-        result = invert(backbone, adapter, cfg, bn_prior=bn_prior,
-                        progress=None if progress is None else lambda p, n=name: progress(n, p))
+        try:
+            result = invert(backbone, adapter, cfg, bn_prior=bn_prior,
+                            progress=None if progress is None else lambda p, n=name: progress(n, p))
+        except ValueError as e:  # a LoRA without a head, a teacher with non-finite outputs: name the LoRA
+            raise type(e)(f"zoo '{zoo}', LoRA {name!r}: {e}") from None
         done.append((name, write_run(root, result, adapter, str(Path(zoo) / name), run_settings, grid, run.name),
                      result))
     return done
