@@ -25,7 +25,8 @@ import gradio as gr
 
 from app_ui import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES, MAX_INVERT_IMAGES,
                     MAX_INVERT_STEPS, PRUNING_PRESETS, AppSettings, Defaults, ExampleTask, FewShot, Inversion, ModelCache,
-                    PathPolicy, PoolBrowser, PriorChoice, find_examples, resolve_defaults)
+                    PathPolicy, PoolBrowser, PriorChoice, find_examples, md_code,
+                    resolve_defaults)
 from recycle.backbone import ALIASES, DEFAULT_BACKBONE
 from recycle.runtime import tune_allocator
 
@@ -266,7 +267,7 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
                                allow_custom_value=True, label="Backbone (all tabs)",
                                info="timm name, alias or hf-hub:ORG/REPO"
                                     + (", or a local folder" if policy.allow_local else ""))
-        status = gr.Markdown(f"Loading `{defaults.backbone}`…", elem_id="status")
+        status = gr.Markdown(f"Loading {md_code(defaults.backbone)}…", elem_id="status")
         with gr.Tabs() as tabs:
             with gr.Tab(TABS["few-shot"], id="few-shot"):
                 fs = _few_shot_tab(fewshot, defaults, examples)

@@ -2,7 +2,6 @@
 them."""
 from __future__ import annotations
 
-import html
 from typing import Optional
 
 import gradio as gr
@@ -12,6 +11,7 @@ from recycle.pool import Pool, PoolError, teacher_confidence
 from .errors import reported
 from .images import display_images
 from .limits import MAX_POOL_GALLERY
+from .markup import md_text
 from .settings import AppSettings, PathPolicy
 
 
@@ -51,7 +51,7 @@ class PoolBrowser:
             source = sources[0][1]
             classes = self._class_choices(pool, source)
             images = sum(len(r["items"]) for r in pool.runs)
-            summary = (f"**{pool.root}**: {_plural(len(pool.runs), 'inversion run')} from "
+            summary = (f"**{md_text(pool.root)}**: {_plural(len(pool.runs), 'inversion run')} from "
                        f"{_plural(len(sources), 'LoRA')}, {_plural(len(pool.classes), 'class')}, "
                        f"{_plural(images, 'image')}" + (", with masked versions." if pool.masked_available else "."))
             shown = self._show(pool, source, classes[0][1])
@@ -66,7 +66,7 @@ class PoolBrowser:
             empty = gr.update(choices=[], value=None)
             hint = (" Invert a LoRA in the **Invert a LoRA** tab and press **Add to pool**."
                     if "no runs" in e.message or "does not exist" in e.message else "")
-            return f"ℹ️ {e.message}.{hint}", empty, empty, [], [], "", None
+            return f"ℹ️ {md_text(e.message, 1000)}.{hint}", empty, empty, [], [], "", None
 
     def choose_source(self, folder: Optional[str], source: Optional[str]) -> tuple:
         """The classes of `source`, with the first one shown."""
@@ -108,7 +108,7 @@ class PoolBrowser:
                                             "created": pool.runs[r].get("created")} for r in runs}
         shown = (f"showing {len(items)} of {len(cls.items)}" if len(cls.items) > len(items) else
                  _plural(len(items), "image"))
-        details = (f"**<bdi>{html.escape(cls.name)}</bdi>** ({shown}): the teacher LoRA's mean confidence in this "
+        details = (f"**<bdi>{md_text(cls.name)}</bdi>** ({shown}): the teacher LoRA's mean confidence in this "
                    f"class is **{sum(conf) / len(conf):.2f}** on the images"
                    + (f" and **{sum(conf_kept) / len(conf_kept):.2f}** on their kept tokens." if conf_kept else "."))
         return images, masked, details, settings
