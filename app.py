@@ -17,20 +17,45 @@ Deep links: ``?tab=few-shot``, ``?tab=invert`` or ``?tab=pool`` opens that tab.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-import gradio as gr
 
-from app_ui import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES, MAX_INVERT_IMAGES,
-                    MAX_INVERT_STEPS, PRUNING_PRESETS, AppSettings, Defaults, ExampleTask, FewShot, Inversion, ModelCache,
-                    PathPolicy, PoolBrowser, PriorChoice, find_examples, md_code,
+def server_port() -> Optional[int]:
+    """``GRADIO_SERVER_PORT`` as a port number (None when unset, for Gradio's default).
+
+    Raises:
+        ValueError: the variable is not a whole number from 1 to 65535.
+    """
+    raw = os.environ.get("GRADIO_SERVER_PORT", "").strip()
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 65535):
+        raise ValueError(f"GRADIO_SERVER_PORT={raw[:40]!r} is not a port: use a whole number from 1 to 65535")
+    return int(raw)
+
+
+if __name__ == "__main__":  # Gradio reads GRADIO_SERVER_PORT as it is imported: check it first
+    try:
+        server_port()
+    except ValueError as _e:
+        raise SystemExit(f"error: {_e}") from None
+
+import gradio as gr  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
+
+from app_ui import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES,  # noqa: E402
+                    MAX_INVERT_IMAGES, MAX_INVERT_STEPS, PRUNING_PRESETS, AppSettings, Defaults, ExampleTask, FewShot,
+                    Inversion, ModelCache, PathPolicy, PoolBrowser, PriorChoice, find_examples, md_code,
                     resolve_defaults)
-from recycle.backbone import ALIASES, DEFAULT_BACKBONE
-from recycle.runtime import tune_allocator
+from app_ui.http import URLLengthLimit  # noqa: E402
+from app_ui.inputs import FiniteNumber, FiniteSlider, StrictCheckbox  # noqa: E402
+from recycle.backbone import ALIASES, DEFAULT_BACKBONE  # noqa: E402
+from recycle.runtime import tune_allocator  # noqa: E402
 
-__all__ = ["build_demo", "launch_options", "main", "demo", "TABS", "QUEUE_SIZE", "PREDICT_CONCURRENCY"]
+__all__ = ["build_demo", "launch_options", "main", "server_port", "demo", "TABS", "QUEUE_SIZE", "PREDICT_CONCURRENCY"]
 
 _logger = logging.getLogger("recycle.app")
 
@@ -176,17 +201,17 @@ def _invert_tab(policy: PathPolicy, example_lora: Optional[Path], prior: PriorCh
             gr.Markdown("### 2 · Settings")
             classes = gr.CheckboxGroup([], label="Classes to invert", info="Load a LoRA to see its classes.")
             with gr.Row():
-                per_class = gr.Slider(1, 16, value=1, step=1, label="Images per class")
-                steps = gr.Slider(10, MAX_INVERT_STEPS, value=100, step=10, label="Steps",
-                                  info="the paper: 2000; fewer is quicker")
+                per_class = FiniteSlider(1, 16, value=1, step=1, label="Images per class")
+                steps = FiniteSlider(10, MAX_INVERT_STEPS, value=100, step=10, label="Steps",
+                                    info="the paper: 2000; fewer is quicker")
             pruning = gr.Dropdown([(label, spec) for label, spec in PRUNING_PRESETS], value="-1:0.75",
                                   allow_custom_value=True, label="Token pruning",
                                   info="A preset, or type LAYER[,LAYER…]:RATIO (e.g. 11:0.75; -1 = last block).")
-            bn_prior = gr.Checkbox(prior.default, label=prior.label, info=prior.info)  # follows the backbone
+            bn_prior = StrictCheckbox(prior.default, label=prior.label, info=prior.info)  # follows the backbone
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
-                    lr = gr.Number(0.25, label="Learning rate (Adam)", minimum=0.001, maximum=10)
-                    seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+                    lr = FiniteNumber(0.25, label="Learning rate (Adam)", minimum=0.001, maximum=10)
+                    seed = FiniteNumber(0, label="Seed", precision=0, minimum=0)
             gr.Markdown(f"At most {MAX_INVERT_IMAGES} images per run; one inversion runs at a time (others wait in "
                         "the queue).")
             with gr.Row():
@@ -319,12 +344,14 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
 
 
 def launch_options(settings: Optional[AppSettings] = None) -> dict[str, Any]:
-    """Keyword arguments for `gr.Blocks.launch` (theme, CSS, upload limit, example files); tests launch with them."""
+    """Keyword arguments for `gr.Blocks.launch` (theme, CSS, upload limit, example files, the URL length limit);
+    tests launch with them."""
     settings = settings or AppSettings.from_env()
     system_fonts = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the page also works offline
     theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", font=system_fonts,
                            font_mono=["ui-monospace", "monospace"])
-    return {"theme": theme, "css": CSS, "max_file_size": MAX_FILE_SIZE, "allowed_paths": [str(settings.examples)]}
+    return {"theme": theme, "css": CSS, "max_file_size": MAX_FILE_SIZE, "allowed_paths": [str(settings.examples)],
+            "app_kwargs": {"middleware": [Middleware(URLLengthLimit)]}}
 
 
 demo: Optional[gr.Blocks] = None  # the running app; `gradio app.py` hot-reload finds it here and rebuilds it
@@ -336,9 +363,14 @@ def main() -> None:
     global demo
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
-    # The app runs the backbone on every request: reuse freed memory rather than page-fault it in afresh, as the
-    # CLI's heavy commands do (RECYCLE_MALLOC=default keeps glibc's defaults). Not on import: tests build the app.
-    tune_allocator()
+    try:
+        server_port()
+        # The app runs the backbone on every request: reuse freed memory rather than page-fault it in afresh, as
+        # the CLI's heavy commands do (RECYCLE_MALLOC=default keeps glibc's defaults). Not on import: tests build
+        # the app.
+        tune_allocator()
+    except ValueError as e:  # a bad environment variable: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     settings = AppSettings.from_env()
     demo = build_demo(settings=settings)
     demo.launch(**launch_options(settings))

@@ -18,3 +18,4 @@ DISPLAY_SIZE = 160  # px: small surrogate images are enlarged (nearest neighbour
 PREVIEW_INTERVAL = 0.5  # s: at most two gallery refreshes a second, however fast the backbone
 SESSIONS = 16  # sessions whose loaded LoRA is kept
 RESULT_SESSIONS = 4  # sessions whose latest inversion (images, masks, zip) is kept
+MAX_URL_LENGTH = 8192  # bytes of path and query in one request; longer URLs get 414 URI Too Long

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -43,6 +44,24 @@ def terminal_safe(text: str) -> str:
     """`text` with every unprintable character (CR, ESC of ANSI sequences, bidi controls, ...) written as its
     Python escape, so a file or class name cannot move the cursor or recolour the terminal."""
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _number(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float from `low` to `high` (bounds excluded where open); anything else is a usage
+    error that names the option, before any work starts."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+        if not (math.isfinite(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high)):
+            raise argparse.ArgumentTypeError(
+                f"{text[:40]} is out of range: expected a number {'above' if low_open else 'at least'} {low:g} "
+                f"and {'below' if high_open else 'at most'} {high:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
 
 
 def _add_backbone_args(p: argparse.ArgumentParser, precision: bool = True) -> None:
@@ -302,14 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", nargs="+", help="class names or head indices (default: all)")
     p.add_argument("--per-class", type=int, default=10, help="images per class (default: 10)")
     p.add_argument("--steps", type=int, default=2000, help="optimisation steps (default: 2000, the paper's)")
-    p.add_argument("--lr", type=float, default=0.25, help="Adam learning rate on the pixels (default: 0.25)")
+    p.add_argument("--lr", type=_number(0, 10, low_open=True), default=0.25,
+                   help="Adam learning rate on the pixels, above 0 and at most 10 (default: 0.25)")
     p.add_argument("--prune", nargs="+", metavar="LAYER:RATIO",
                    help="pruning schedule, e.g. 11:0.75 or 3,6,8,11:0.3; 'none' to disable (default: -1:0.75, "
                         "the last block)")
-    p.add_argument("--prune-start", type=float, default=0.25, help="fraction of steps before pruning starts")
+    p.add_argument("--prune-start", type=_number(0, 1), default=0.25,
+                   help="fraction of steps before pruning starts, 0 to 1 (default: 0.25)")
     p.add_argument("--bn-prior", default="resnet50.tv_in1k",
                    help="timm CNN whose BatchNorm statistics regularise the images, or 'none'")
-    p.add_argument("--bn-weight", type=float, default=0.01, help="weight of the BN prior (default: 0.01)")
+    p.add_argument("--bn-weight", type=_number(0, 1000), default=0.01,
+                   help="weight of the BN prior, 0 to 1000 (default: 0.01)")
     p.add_argument("--batch-size", type=int, help="images optimised together (default: all)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -324,10 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-loras", type=int, required=True, help="LoRAs in the zoo, one N-way task each")
     p.add_argument("--way", type=int, default=5, help="classes per LoRA (default: 5)")
     p.add_argument("--steps", type=int, default=100, help="Adam steps per LoRA")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=_number(0, 1, low_open=True), default=1e-3,
+                   help="Adam learning rate, above 0 and at most 1 (default: 1e-3)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank of q and v (default: 4)")
-    p.add_argument("--shift", type=float, default=0.125, help="random translation (fraction of the size)")
+    p.add_argument("--shift", type=_number(0, 0.5, high_open=True), default=0.125,
+                   help="random translation, a fraction of the size below 0.5 (default: 0.125)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips (e.g. for text)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the tasks and the tuning (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -344,10 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, required=True, help="meta-training steps (episodes)")
     _add_episode_args(p)
     p.add_argument("--masked", action="store_true", help="train on masked images, feeding kept tokens only")
-    p.add_argument("--cross-fraction", type=float, default=0.5, help="share of cross-LoRA (CE) episodes")
-    p.add_argument("--teacher-temperature", type=float, default=1.0,
+    p.add_argument("--cross-fraction", type=_number(0, 1), default=0.5,
+                   help="share of cross-LoRA (CE) episodes, 0 to 1 (default: 0.5)")
+    p.add_argument("--teacher-temperature", type=_number(0, 100, low_open=True), default=1.0,
                    help="KL target softmax(teacher logits / T); T < 1 sharpens soft teacher heads (choose on --val)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=_number(0, 1, low_open=True), default=1e-3,
+                   help="Adam learning rate, above 0 and at most 1 (default: 1e-3)")
     p.add_argument("--rank", type=int, default=4, help="meta-LoRA rank of q and v (default: 4)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
     p.add_argument("--episode-batch", type=int, default=1,
@@ -358,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-episodes", type=int, default=100, help="with --val: episodes per validation (default: 100)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--invert-steps", type=int, default=200, help="with --zoo: inversion steps per episode")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="with --zoo --masked: tokens dropped")
+    p.add_argument("--mask-ratio", type=_number(0, 1, high_open=True), default=0.75,
+                   help="with --zoo --masked: fraction of the tokens dropped, below 1 (default: 0.75)")
     p.add_argument("--bn-prior", default="none", help="with --zoo: BN prior for online inversion")
     p.add_argument("--seed", type=int, default=0, help="random seed of the episodes (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -433,9 +460,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
-    if args.command in HEAVY_COMMANDS:
-        tune_allocator()
     try:
+        if args.command in HEAVY_COMMANDS:
+            tune_allocator()
         if getattr(args, "ranks", False):
             return _run_on_ranks(func, args)
         return func(args)

@@ -11,6 +11,7 @@ run; the pool grows by adding runs. Runs from the same LoRA (same fingerprint) f
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import io
 import logging
@@ -91,9 +92,20 @@ def write_run(root: Union[str, Path], result: InversionResult, adapter: LoRAAdap
         if t is not None and not torch.isfinite(t).all():
             raise PoolError(f"refusing to add the run to the pool: its {key} contain NaN or Inf")
     root = Path(root)
+    if root.is_symlink() and not root.exists():
+        raise PoolError(f"pool folder '{root}' is a symbolic link to '{os.readlink(root)}', which does not exist")
     if root.exists() and not root.is_dir():
         raise PoolError(f"pool folder '{root}' is a file, not a folder")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return _write_run(root, result, adapter, source, settings, patch_grid, name)
+    except OSError as e:  # no permission, a read-only or full disk, a special filesystem such as /proc
+        raise PoolError(f"cannot write the run into the pool folder '{root}': {e.strerror or e}"
+                        + (" (the disk is full)" if getattr(e, "errno", None) == errno.ENOSPC else "")) from None
+
+
+def _write_run(root: Path, result: InversionResult, adapter: LoRAAdapter, source: str, settings: dict,
+               patch_grid: tuple[int, int], name: Optional[str]) -> Path:
     fingerprint = adapter.fingerprint()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     name = name or f"{_slug(Path(source).name if os.sep in source else source)}-{fingerprint[:8]}-{stamp}"
@@ -272,7 +284,11 @@ class Pool:
             raise PoolError(f"pool folder '{self.root}' does not exist")
         self.runs: list[dict] = []
         self.run_dirs: list[Path] = []
-        for d in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        try:
+            folders = sorted(p for p in self.root.iterdir() if p.is_dir())
+        except OSError as e:
+            raise PoolError(f"pool folder '{self.root}' cannot be read: {e.strerror or e}") from None
+        for d in folders:
             if d.name.startswith("."):
                 continue  # a run still being written (or abandoned mid-write): never read as complete
             manifest = d / "manifest.json"

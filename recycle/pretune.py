@@ -52,11 +52,14 @@ class PretuneConfig:
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.lora.items()})
         checks = [("num_loras", self.num_loras >= 1), ("way", self.way >= 2), ("steps", self.steps >= 1),
-                  ("lr", self.lr > 0), ("batch_size", self.batch_size >= 1), ("holdout", 0 <= self.holdout < 1),
+                  ("lr", 0 < self.lr <= 1), ("batch_size", self.batch_size >= 1), ("holdout", 0 <= self.holdout < 1),
                   ("shift", 0 <= self.shift < 0.5)]
         for name, ok in checks:
             if not ok:
-                raise ValueError(f"invalid pre-tuning setting {name}={getattr(self, name)!r}")
+                expected = {"lr": "a number above 0 and at most 1", "shift": "a fraction from 0 to 0.5 (excluded)",
+                            "holdout": "a fraction from 0 to 1 (excluded)"}.get(name)
+                raise ValueError(f"invalid pre-tuning setting {name}={getattr(self, name)!r}"
+                                 + (f": expected {expected}" if expected else ""))
 
 
 def sample_tasks(num_classes: int, num_loras: int, way: int, seed: int) -> list[list[int]]:

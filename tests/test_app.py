@@ -471,3 +471,18 @@ def test_main_tunes_the_allocator_before_it_builds_and_launches(monkeypatch):
     monkeypatch.setattr(app, "demo", None)
     app.main()
     assert calls == ["tune", "build", "launch"]
+
+
+@pytest.mark.parametrize("env", [{"GRADIO_SERVER_PORT": "abc"}, {"GRADIO_SERVER_PORT": "99999"},
+                                 {"GRADIO_SERVER_PORT": "-1"}, {"RECYCLE_MALLOC": "junk"}, {"RECYCLE_MALLOC": "off"}])
+def test_bad_environment_variables_stop_the_app_with_one_line(env, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    app_py = Path(__file__).resolve().parent.parent / "app.py"
+    out = subprocess.run([sys.executable, str(app_py)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "RECYCLE_BACKBONE": "none", **env})
+    name = next(iter(env))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {name}={env[name]!r} is not a")

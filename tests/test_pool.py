@@ -197,3 +197,32 @@ def test_a_pool_never_reads_files_outside_its_runs(pool_dir, tmp_path, target):
     _edit_manifest(pool_dir, edit)
     with pytest.raises(PoolError, match=r"(not a file inside the run|resolves outside the run folder)"):
         Pool(pool_dir)
+
+
+def test_pool_folders_that_cannot_be_written_give_clear_errors(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import recycle.pool as rpool
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(PoolError, match=r"pool folder '.*dangling' is a symbolic link to '.*gone', which does not"):
+        write_run(tmp_path / "dangling", _result(), _adapter(0), "org/a", {}, (4, 4))
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(PoolError, match=r"cannot write the run into the pool folder '/proc/self/pool'"):
+            write_run("/proc/self/pool", _result(), _adapter(0), "org/a", {}, (4, 4))
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(rpool.Path, "write_bytes", full_disk)
+    with pytest.raises(PoolError, match=r"cannot write the run into the pool folder .*No space left.*disk is full"):
+        write_run(tmp_path / "pool", _result(), _adapter(0), "org/a", {}, (4, 4))
+    assert list((tmp_path / "pool").iterdir()) == []  # nothing half-written is left
+
+
+def test_unreadable_pool_folders_give_clear_errors(tmp_path):
+    with pytest.raises(PoolError, match=r"pool folder '.*' (does not exist|cannot be read)"):
+        Pool(tmp_path / "missing")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(PoolError, match=r"pool folder '.*dangling' does not exist"):
+        Pool(tmp_path / "dangling")
