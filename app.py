@@ -51,7 +51,7 @@ from app_ui import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MA
                     Inversion, ModelCache, PathPolicy, PoolBrowser, PriorChoice, find_examples, md_code,
                     resolve_defaults)
 from app_ui.http import URLLengthLimit  # noqa: E402
-from app_ui.inputs import FiniteNumber, FiniteSlider, StrictCheckbox  # noqa: E402
+from app_ui.inputs import finite, strict  # noqa: E402
 from recycle.backbone import ALIASES, DEFAULT_BACKBONE  # noqa: E402
 from recycle.runtime import tune_allocator  # noqa: E402
 
@@ -201,17 +201,17 @@ def _invert_tab(policy: PathPolicy, example_lora: Optional[Path], prior: PriorCh
             gr.Markdown("### 2 · Settings")
             classes = gr.CheckboxGroup([], label="Classes to invert", info="Load a LoRA to see its classes.")
             with gr.Row():
-                per_class = FiniteSlider(1, 16, value=1, step=1, label="Images per class")
-                steps = FiniteSlider(10, MAX_INVERT_STEPS, value=100, step=10, label="Steps",
-                                    info="the paper: 2000; fewer is quicker")
+                per_class = finite(gr.Slider(1, 16, value=1, step=1, label="Images per class"))
+                steps = finite(gr.Slider(10, MAX_INVERT_STEPS, value=100, step=10, label="Steps",
+                                         info="the paper: 2000; fewer is quicker"))
             pruning = gr.Dropdown([(label, spec) for label, spec in PRUNING_PRESETS], value="-1:0.75",
                                   allow_custom_value=True, label="Token pruning",
                                   info="A preset, or type LAYER[,LAYER…]:RATIO (e.g. 11:0.75; -1 = last block).")
-            bn_prior = StrictCheckbox(prior.default, label=prior.label, info=prior.info)  # follows the backbone
+            bn_prior = strict(gr.Checkbox(prior.default, label=prior.label, info=prior.info))  # follows the backbone
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
-                    lr = FiniteNumber(0.25, label="Learning rate (Adam)", minimum=0.001, maximum=10)
-                    seed = FiniteNumber(0, label="Seed", precision=0, minimum=0)
+                    lr = finite(gr.Number(0.25, label="Learning rate (Adam)", minimum=0.001, maximum=10))
+                    seed = finite(gr.Number(0, label="Seed", precision=0, minimum=0))
             gr.Markdown(f"At most {MAX_INVERT_IMAGES} images per run; one inversion runs at a time (others wait in "
                         "the queue).")
             with gr.Row():

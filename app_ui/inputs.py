@@ -1,4 +1,4 @@
-"""Input components that check the raw value an API caller sends before Gradio's own processing, which fails with a
+"""Input checks of components: the raw value an API caller sends before Gradio's own processing, which fails with a
 generic error on text where a number or a flag is expected: numbers may come as numeric text, and must be finite;
 a checkbox takes true or false only. Each error names the field by its label."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import gradio as gr
 
 from .errors import kind_of
 
-__all__ = ["FiniteNumber", "FiniteSlider", "StrictCheckbox", "finite_number"]
+__all__ = ["finite", "strict", "finite_number"]
 
 
 def finite_number(value: Any, label: str) -> float:
@@ -36,37 +36,30 @@ def finite_number(value: Any, label: str) -> float:
     return value
 
 
-class FiniteSlider(gr.Slider):
-    """`gr.Slider` whose value must be a finite number (numeric text is read as its number)."""
+def finite(component: gr.components.Component) -> gr.components.Component:
+    """`component` (a slider or a number box) with its value checked by `finite_number` before Gradio's own
+    processing; returns it."""
+    original = component.preprocess
 
-    def get_block_name(self) -> str:
-        return "slider"
+    def preprocess(payload: Any) -> Any:
+        if payload is None and isinstance(component, gr.Number):
+            return original(payload)
+        return original(finite_number(payload, component.label or "The value"))
 
-    def preprocess(self, payload: Any) -> Any:
-        return super().preprocess(finite_number(payload, self.label or "The value"))
-
-
-class FiniteNumber(gr.Number):
-    """`gr.Number` whose value must be a finite number (numeric text is read as its number)."""
-
-    def get_block_name(self) -> str:
-        return "number"
-
-    def preprocess(self, payload: Any) -> Any:
-        if payload is None:
-            return super().preprocess(payload)
-        return super().preprocess(finite_number(payload, self.label or "The value"))
+    component.preprocess = preprocess
+    return component
 
 
-class StrictCheckbox(gr.Checkbox):
-    """`gr.Checkbox` that takes true or false only (the text "false" would otherwise count as ticked)."""
+def strict(checkbox: gr.Checkbox) -> gr.Checkbox:
+    """`checkbox` taking true or false only (the text "false" would otherwise count as ticked); returns it."""
+    original = checkbox.preprocess
 
-    def get_block_name(self) -> str:
-        return "checkbox"
-
-    def preprocess(self, payload: Any) -> Any:
+    def preprocess(payload: Any) -> Any:
         if not isinstance(payload, bool):
             got = f"the text {payload[:40]!r}" if isinstance(payload, str) else kind_of(payload)
-            raise gr.Error(f"{self.label or 'The checkbox'} must be true or false, got {got}.",
+            raise gr.Error(f"{checkbox.label or 'The checkbox'} must be true or false, got {got}.",
                            title="Invalid setting", print_exception=False)
-        return super().preprocess(payload)
+        return original(payload)
+
+    checkbox.preprocess = preprocess
+    return checkbox
