@@ -47,9 +47,9 @@ import gradio as gr  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
 from app_ui import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES,  # noqa: E402
-                    MAX_INVERT_IMAGES, MAX_INVERT_STEPS, PRUNING_PRESETS, AppSettings, Defaults, ExampleTask, FewShot,
-                    Inversion, ModelCache, PathPolicy, PoolBrowser, PriorChoice, find_examples, md_code,
-                    resolve_defaults)
+                    MAX_INVERT_IMAGES, MAX_INVERT_STEPS, MAX_POOL_GALLERY, PRUNING_PRESETS, AppSettings, Defaults,
+                    ExampleTask, FewShot, Inversion, ModelCache, PathPolicy, PoolBrowser, PriorChoice, find_examples,
+                    md_code, resolve_defaults)
 from app_ui.http import URLLengthLimit  # noqa: E402
 from app_ui.inputs import finite, strict  # noqa: E402
 from recycle.backbone import ALIASES, DEFAULT_BACKBONE  # noqa: E402
@@ -244,13 +244,15 @@ def _pool_tab(policy: PathPolicy, settings: AppSettings) -> SimpleNamespace:
     with gr.Row():
         source = gr.Dropdown([], label="Source LoRA", interactive=True, scale=3)
         label = gr.Dropdown([], label="Class", interactive=True, scale=2)
+        page = finite(gr.Number(1, label=f"Page ({MAX_POOL_GALLERY} images each)", precision=0, minimum=1,
+                                scale=1, min_width=120))
     details = gr.Markdown("")
     with gr.Row(equal_height=False):
         images = _gallery("Images", columns=3)
         masked = _gallery("Masked (kept tokens only)", columns=3)
     with gr.Accordion("Settings that made these images", open=False):
         settings_json = gr.JSON(label="Inversion settings per run")
-    return SimpleNamespace(folder=folder, refresh=refresh, summary=summary, source=source, label=label,
+    return SimpleNamespace(folder=folder, refresh=refresh, summary=summary, source=source, label=label, page=page,
                            details=details, images=images, masked=masked, settings=settings_json)
 
 
@@ -328,13 +330,19 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
         pool_outputs = [pool.summary, pool.source, pool.label, pool.images, pool.masked, pool.details, pool.settings]
         gr.on([pool.refresh.click, pool.folder.submit], browser.open, inputs=pool.folder, outputs=pool_outputs,
               api_name="open_pool", **browse)
-        gr.on([demo.load, pool_tab.select], browser.refresh, inputs=pool.folder, outputs=pool_outputs,
-              api_name="refresh_pool", api_visibility="undocumented", **browse)
+        pool_tab.select(browser.refresh, inputs=pool.folder, outputs=pool_outputs, api_name="refresh_pool",
+                        api_visibility="undocumented", **browse)
+        # a page load reads the pool only when it opens on the pool tab (?tab=pool)
+        demo.load(browser.refresh_if_shown, inputs=pool.folder, outputs=pool_outputs, api_visibility="private",
+                  **browse)
         pool.source.input(browser.choose_source, inputs=[pool.folder, pool.source],
                           outputs=[pool.label, pool.images, pool.masked, pool.details, pool.settings],
                           api_name="pool_source", **browse)
-        pool.label.input(browser.show, inputs=[pool.folder, pool.source, pool.label],
+        pool.label.input(browser.show, inputs=[pool.folder, pool.source, pool.label, pool.page],
                          outputs=[pool.images, pool.masked, pool.details, pool.settings], api_name="pool_class",
+                         **browse)
+        pool.page.submit(browser.show, inputs=[pool.folder, pool.source, pool.label, pool.page],
+                         outputs=[pool.images, pool.masked, pool.details, pool.settings], api_name="pool_page",
                          **browse)
         inv.add.click(inversion.add_to_pool, None, inv.pool_note, api_name="add_to_pool", **browse).then(
             browser.refresh, inputs=pool.folder, outputs=pool_outputs, api_visibility="private", **browse)

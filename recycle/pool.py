@@ -19,7 +19,9 @@ import os
 import random
 import re
 import shutil
+import stat
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -35,13 +37,17 @@ from .formats import LoRAAdapter
 from .invert import BNPrior, InversionConfig, InversionProgress, InversionResult, invert
 from .io import atomic_write_bytes, dumps_strict, loads_strict
 
-__all__ = ["PoolError", "PoolItem", "PoolClass", "PoolEpisode", "Pool", "write_run", "invert_zoo", "teacher_confidence",
-           "POOL_FORMAT"]
+__all__ = ["PoolError", "PoolItem", "PoolClass", "PoolEpisode", "Pool", "PoolIndex", "write_run", "invert_zoo",
+           "teacher_confidence", "POOL_FORMAT", "MAX_MANIFEST_BYTES", "MAX_RUN_ITEMS"]
 
 _logger = logging.getLogger(__name__)
 
 POOL_FORMAT = "recycle-pool"
 POOL_VERSION = 1
+# A run's manifest is read only up to these sizes (a run of 1000 classes x 10 images with 1000 logits each is about
+# 200 MB); callers serving untrusted requests pass smaller bounds.
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_RUN_ITEMS = 100_000
 
 
 class PoolError(ValueError):
@@ -270,6 +276,78 @@ class PoolEpisode:
     query_kept: Optional[list[torch.Tensor]] = None
 
 
+def _run_folders(root: Path) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(name, (mtime_ns, size, inode) of its manifest)`` of every finished run folder under `root`, by name.
+
+    Raises:
+        PoolError: `root` is missing or unreadable, or a run folder has no manifest.
+    """
+    if not root.is_dir():
+        raise PoolError(f"pool folder '{root}' does not exist")
+    found = []
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_dir():
+                    continue  # a run still being written (or abandoned mid-write): never read as complete
+                try:
+                    st = os.stat(os.path.join(entry.path, "manifest.json"))
+                except FileNotFoundError:
+                    st = None
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    raise PoolError(f"pool run '{entry.name}' has no manifest.json: it is incomplete or not a pool "
+                                    "run")
+                found.append((entry.name, (st.st_mtime_ns, st.st_size, st.st_ino)))
+    except OSError as e:
+        raise PoolError(f"pool folder '{root}' cannot be read: {e.strerror or e}") from None
+    return sorted(found)
+
+
+class PoolIndex:
+    """A pool folder's runs, read once and then kept up to date: each call lists the folder and re-reads only the
+    manifests that are new or changed (by modification time, size and inode), so browsing a large pool costs one
+    directory listing and one `stat` per run instead of re-reading and re-checking every manifest.
+
+    Args:
+        root: the pool folder.
+        max_manifest_bytes, max_items: bounds of each run's manifest (see `Pool`).
+    """
+
+    def __init__(self, root: Union[str, Path], max_manifest_bytes: int = MAX_MANIFEST_BYTES,
+                 max_items: int = MAX_RUN_ITEMS):
+        self.root = Path(root)
+        self.max_manifest_bytes, self.max_items = max_manifest_bytes, max_items
+        self._manifests: dict[str, tuple[tuple[int, int, int], dict]] = {}
+        self._pool: Optional[Pool] = None
+        self._lock = threading.Lock()
+        self.reads = 0  # manifests read so far (for tests and logs)
+
+    def pool(self) -> Pool:
+        """The pool as it is on disk now.
+
+        Raises:
+            PoolError: as `Pool` does (missing folder, no runs, a bad manifest, which is read again next time).
+        """
+        with self._lock:
+            listing = _run_folders(self.root)
+            manifests: dict[str, tuple[tuple[int, int, int], dict]] = {}
+            changed = len(listing) != len(self._manifests)
+            for name, key in listing:
+                known = self._manifests.get(name)
+                if known is not None and known[0] == key:
+                    manifests[name] = known
+                    continue
+                path = self.root / name / "manifest.json"
+                manifests[name] = (key, Pool._read_manifest(path, self.max_manifest_bytes, self.max_items))
+                self.reads += 1
+                changed = True
+            if changed or self._pool is None:
+                self._pool = Pool.from_manifests(self.root, [self.root / n for n in manifests],
+                                                 [m for _, m in manifests.values()])
+            self._manifests = manifests
+            return self._pool
+
+
 class Pool:
     """Read a surrogate pool: list its sources and classes, load images, sample episodes.
 
@@ -278,24 +356,22 @@ class Pool:
             that is missing; image checksums are verified as images are loaded.
     """
 
-    def __init__(self, root: Union[str, Path]):
+    def __init__(self, root: Union[str, Path], max_manifest_bytes: int = MAX_MANIFEST_BYTES,
+                 max_items: int = MAX_RUN_ITEMS):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise PoolError(f"pool folder '{self.root}' does not exist")
-        self.runs: list[dict] = []
-        self.run_dirs: list[Path] = []
-        try:
-            folders = sorted(p for p in self.root.iterdir() if p.is_dir())
-        except OSError as e:
-            raise PoolError(f"pool folder '{self.root}' cannot be read: {e.strerror or e}") from None
-        for d in folders:
-            if d.name.startswith("."):
-                continue  # a run still being written (or abandoned mid-write): never read as complete
-            manifest = d / "manifest.json"
-            if not manifest.is_file():
-                raise PoolError(f"pool run '{d.name}' has no manifest.json: it is incomplete or not a pool run")
-            self.runs.append(self._read_manifest(manifest))
-            self.run_dirs.append(d)
+        self.run_dirs = [self.root / name for name, _ in _run_folders(self.root)]
+        self.runs = [self._read_manifest(d / "manifest.json", max_manifest_bytes, max_items) for d in self.run_dirs]
+        self._index()
+
+    @classmethod
+    def from_manifests(cls, root: Union[str, Path], run_dirs: list[Path], runs: list[dict]) -> "Pool":
+        """A pool of manifests already read (and validated) by `_read_manifest`, e.g. kept by a `PoolIndex`."""
+        pool = cls.__new__(cls)
+        pool.root, pool.run_dirs, pool.runs = Path(root), list(run_dirs), list(runs)
+        pool._index()
+        return pool
+
+    def _index(self) -> None:
         if not self.runs:
             raise PoolError(f"pool '{self.root}' has no runs yet (invert a LoRA into it first)")
         classes: dict[tuple[str, int], PoolClass] = {}
@@ -309,11 +385,19 @@ class Pool:
         self.classes = list(classes.values())
 
     @staticmethod
-    def _read_manifest(path: Path) -> dict:
+    def _read_manifest(path: Path, max_bytes: int = MAX_MANIFEST_BYTES, max_items: int = MAX_RUN_ITEMS) -> dict:
         try:
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise PoolError(f"{path}: the manifest is {size:,} bytes, more than the {max_bytes:,} accepted")
             m = loads_strict(path.read_bytes(), "the manifest")
         except (OSError, ValueError) as e:
+            if isinstance(e, PoolError):
+                raise
             raise PoolError(f"{path}: unreadable manifest ({e})") from None
+        if isinstance(m, dict) and isinstance(m.get("items"), list) and len(m["items"]) > max_items:
+            raise PoolError(f"{path}: the manifest lists {len(m['items']):,} images, more than the {max_items:,} "
+                            "accepted in one run")
         if not isinstance(m, dict) or m.get("format") != POOL_FORMAT:
             raise PoolError(f"{path}: not a surrogate-pool manifest")
         if m.get("version") != POOL_VERSION:

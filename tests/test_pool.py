@@ -226,3 +226,36 @@ def test_unreadable_pool_folders_give_clear_errors(tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     with pytest.raises(PoolError, match=r"pool folder '.*dangling' does not exist"):
         Pool(tmp_path / "dangling")
+
+
+def test_a_pool_index_reads_each_manifest_once_and_follows_changes(pool_dir):
+    import json as _json
+
+    from recycle.pool import PoolIndex
+
+    index = PoolIndex(pool_dir)
+    first = index.pool()
+    assert len(first.runs) == 2 and index.reads == 2
+    assert index.pool() is first and index.reads == 2  # nothing changed: nothing read, the same pool
+    write_run(pool_dir, _result(seed=2), _adapter(2), "org/lora-c", {"steps": 10}, (4, 4))
+    grown = index.pool()
+    assert len(grown.runs) == 3 and index.reads == 3  # only the new run is read
+    run = sorted(p for p in pool_dir.iterdir() if p.is_dir())[0]
+    manifest = _json.loads((run / "manifest.json").read_text())
+    manifest["settings"]["steps"] = 11
+    (run / "manifest.json").write_text(_json.dumps(manifest))
+    changed = index.pool()
+    assert index.reads == 4 and any(r["settings"]["steps"] == 11 for r in changed.runs)
+    import shutil
+    shutil.rmtree(run)
+    assert len(index.pool().runs) == 2 and index.reads == 4  # a removed run disappears without reading
+    assert index.pool().masked_available
+
+
+def test_manifest_bounds(pool_dir):
+    run = sorted(p for p in pool_dir.iterdir() if p.is_dir())[0]
+    size = (run / "manifest.json").stat().st_size
+    with pytest.raises(PoolError, match=rf"the manifest is {size:,} bytes, more than the 100 accepted"):
+        Pool(pool_dir, max_manifest_bytes=100)
+    with pytest.raises(PoolError, match=r"the manifest lists 12 images, more than the 5 accepted in one run"):
+        Pool(pool_dir, max_items=5)
