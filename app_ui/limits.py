@@ -17,6 +17,7 @@ MAX_POOL_GALLERY = 48  # images shown per page of a class in the pool browser
 MAX_POOL_SOURCES = 200  # source LoRAs listed in the pool browser's dropdown
 MAX_POOL_MANIFEST_BYTES = 8 << 20  # bytes of one run's manifest read by the pool browser
 MAX_POOL_RUN_ITEMS = 5000  # images in one run's manifest read by the pool browser
+MAX_POOL_RUNS = 5000  # runs of one pool read by the pool browser (the first, by folder name)
 MAX_POOL_SETTINGS_CHARS = 20_000  # characters of one run's settings sent to the browser
 POOL_INDEXES = 4  # pool folders whose index (the parsed manifests) the server keeps
 DISPLAY_SIZE = 160  # px: small surrogate images are enlarged (nearest neighbour) to at least this for display

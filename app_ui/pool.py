@@ -15,8 +15,8 @@ from recycle.pool import Pool, PoolError, PoolIndex, teacher_confidence
 
 from .errors import number_field, reported
 from .images import display_images
-from .limits import (MAX_POOL_GALLERY, MAX_POOL_MANIFEST_BYTES, MAX_POOL_RUN_ITEMS, MAX_POOL_SETTINGS_CHARS,
-                     MAX_POOL_SOURCES, POOL_INDEXES)
+from .limits import (MAX_POOL_GALLERY, MAX_POOL_MANIFEST_BYTES, MAX_POOL_RUN_ITEMS, MAX_POOL_RUNS,
+                     MAX_POOL_SETTINGS_CHARS, MAX_POOL_SOURCES, POOL_INDEXES)
 from .markup import md_text
 from .settings import AppSettings, PathPolicy
 
@@ -44,16 +44,20 @@ class PoolBrowser:
         self._indexes: OrderedDict[str, PoolIndex] = OrderedDict()  # the most recently browsed pool folders
         self._lock = threading.Lock()
 
-    def _open(self, folder: Optional[str]) -> Pool:
-        """The pool in `folder` (the server's own by default), from an index kept per folder: each request lists
-        the folder and reads only new or changed manifests, each bounded in size."""
+    def _index(self, folder: Optional[str]) -> PoolIndex:
+        """The index of the pool in `folder` (the server's own by default), kept per folder: each request lists the
+        folder and reads only new or changed manifests, each bounded in size, of at most `MAX_POOL_RUNS` runs."""
         root = str(self.policy.folder(folder or "", self.settings.pool))
         with self._lock:
-            index = self._indexes.pop(root, None) or PoolIndex(root, MAX_POOL_MANIFEST_BYTES, MAX_POOL_RUN_ITEMS)
+            index = self._indexes.pop(root, None) or PoolIndex(root, MAX_POOL_MANIFEST_BYTES, MAX_POOL_RUN_ITEMS,
+                                                               MAX_POOL_RUNS)
             self._indexes[root] = index
             while len(self._indexes) > POOL_INDEXES:
                 self._indexes.popitem(last=False)
-        return index.pool()
+        return index
+
+    def _open(self, folder: Optional[str]) -> Pool:
+        return self._index(folder).pool()
 
     @staticmethod
     def _source_choices(pool: Pool) -> list[tuple[str, str]]:
@@ -73,7 +77,8 @@ class PoolBrowser:
             (summary markdown, source dropdown, class dropdown, images, masked images, details markdown, settings).
         """
         with reported("Cannot open the pool", "opening the pool"):
-            pool = self._open(folder)
+            index = self._index(folder)
+            pool = index.pool()
             sources = self._source_choices(pool)
             source = sources[0][1]
             classes = self._class_choices(pool, source)
@@ -82,7 +87,9 @@ class PoolBrowser:
             summary = (f"**{md_text(pool.root)}**: {_plural(len(pool.runs), 'inversion run')} from "
                        f"{_plural(n_sources, 'LoRA')}, {_plural(len(pool.classes), 'class')}, "
                        f"{_plural(images, 'image')}" + (", with masked versions." if pool.masked_available else ".")
-                       + (f" The first {len(sources)} LoRAs are listed." if n_sources > len(sources) else ""))
+                       + (f" The first {len(sources)} LoRAs are listed." if n_sources > len(sources) else "")
+                       + (f" Only the first {len(pool.runs)} of its {index.total_runs} runs are read."
+                          if index.total_runs > len(pool.runs) else ""))
             shown = self._show(pool, source, classes[0][1])
             return (summary, gr.update(choices=sources, value=source), gr.update(choices=classes, value=classes[0][1]),
                     *shown)

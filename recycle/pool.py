@@ -311,12 +311,15 @@ class PoolIndex:
     Args:
         root: the pool folder.
         max_manifest_bytes, max_items: bounds of each run's manifest (see `Pool`).
+        max_runs: if given, only the first `max_runs` runs (by folder name) are read; `total_runs` says how many
+            the folder holds.
     """
 
     def __init__(self, root: Union[str, Path], max_manifest_bytes: int = MAX_MANIFEST_BYTES,
-                 max_items: int = MAX_RUN_ITEMS):
+                 max_items: int = MAX_RUN_ITEMS, max_runs: Optional[int] = None):
         self.root = Path(root)
-        self.max_manifest_bytes, self.max_items = max_manifest_bytes, max_items
+        self.max_manifest_bytes, self.max_items, self.max_runs = max_manifest_bytes, max_items, max_runs
+        self.total_runs = 0
         self._manifests: dict[str, tuple[tuple[int, int, int], dict]] = {}
         self._pool: Optional[Pool] = None
         self._lock = threading.Lock()
@@ -330,6 +333,9 @@ class PoolIndex:
         """
         with self._lock:
             listing = _run_folders(self.root)
+            self.total_runs = len(listing)
+            if self.max_runs is not None:
+                listing = listing[:self.max_runs]
             manifests: dict[str, tuple[tuple[int, int, int], dict]] = {}
             changed = len(listing) != len(self._manifests)
             for name, key in listing:

@@ -142,3 +142,12 @@ def test_a_page_load_reads_the_pool_only_on_the_pool_tab(pool_dir, tiny_clip_dir
     class Request:
         query_params = {"tab": "pool"}
     assert browser.refresh_if_shown(str(pool_dir), Request()) == ("shown",) and opened == [str(pool_dir)]
+
+
+def test_only_the_first_runs_of_a_huge_pool_are_read(client, pool_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(pool_tab, "MAX_POOL_RUNS", 1)
+    monkeypatch.setattr(pool_tab, "MAX_POOL_SOURCES", 1)
+    copy = shutil.copytree(pool_dir, tmp_path / "pool")
+    summary, sources, *_ = client.predict(str(copy), api_name="/open_pool")
+    assert "1 inversion run from 1 LoRA" in plain(summary) and "Only the first 1 of its 2 runs are read" in \
+        plain(summary) and len(sources["choices"]) == 1

@@ -259,3 +259,10 @@ def test_manifest_bounds(pool_dir):
         Pool(pool_dir, max_manifest_bytes=100)
     with pytest.raises(PoolError, match=r"the manifest lists 12 images, more than the 5 accepted in one run"):
         Pool(pool_dir, max_items=5)
+
+
+def test_a_pool_index_reads_at_most_max_runs(pool_dir):
+    from recycle.pool import PoolIndex
+
+    index = PoolIndex(pool_dir, max_runs=1)
+    assert len(index.pool().runs) == 1 and index.total_runs == 2 and index.reads == 1
