@@ -447,7 +447,7 @@ def _run_on_ranks(func: Callable[[argparse.Namespace], int], args: argparse.Name
         # abort the other. Say what failed and leave now; the launcher (or the peers' timeouts) ends the other ranks.
         if not isinstance(e, USER_ERRORS + (KeyboardInterrupt,)):
             traceback.print_exc()
-        print(f"rank {rank} of {world} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"rank {rank} of {world} failed: {type(e).__name__}: {terminal_safe(str(e))}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_USER_ERROR)  # a bug: 1, traceback
@@ -467,7 +467,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _run_on_ranks(func, args)
         return func(args)
     except USER_ERRORS as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
+        print("error: " + terminal_safe(" ".join(str(e).split())), file=sys.stderr)  # one line, no escapes
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -308,3 +308,10 @@ def test_the_distributed_timeout_must_be_a_sane_number_of_seconds(value, monkeyp
         distributed.timeout()
     monkeypatch.setenv("RECYCLE_DIST_TIMEOUT", "604800")
     assert distributed.timeout().total_seconds() == 604800
+
+
+def test_error_messages_are_printed_without_terminal_escapes(task, tiny_clip_dir, capsys):
+    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"), "--query",
+                 str(task / "evil\x1b[2J"), "--device", "cpu"])  # a missing folder whose name clears the screen
+    err = capsys.readouterr().err
+    assert code == 1 and "\x1b" not in err and "evil\\x1b[2J" in err, err
