@@ -253,6 +253,11 @@ def check_weights_header(path: Path, model: nn.Module, classifier: Optional[str]
     where = str(path)
     header, data_size = _read_header(path)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # the model's tensors in float64, plus room for a classifier of another size: what reading the file may cost
+    most = 8 * sum(math.prod(shape) for shape in expected.values()) + (64 << 20)
+    if data_size > most:
+        raise ModelCheckError(f"{where} holds {data_size:,} bytes of tensors, more than the model its config.json "
+                              f"describes can use ({most:,})")
     spans = []
     for name, info in header.items():
         if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)

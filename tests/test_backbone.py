@@ -279,6 +279,8 @@ HOSTILE_BACKBONES = {
         {"pos_embed": {"dtype": "F32", "shape": [10 ** 6, 10 ** 6], "data_offsets": [0, 4 * 10 ** 12]}})),
         r"tensor 'pos_embed' declares shape \[1000000, 1000000\] but its data"),
     "wrong shapes": (dict(weights=_wrong_shape), r"'blocks\.0\.attn\.qkv\.weight' has shape \[10, 64\], but the model"),
+    "padded with 100 MB": (dict(weights=lambda p: p.read_bytes() + bytes(100 << 20)),
+                           r"model\.safetensors holds [\d,]+ bytes of tensors, more than the model .* can use"),
     "tensor the model lacks": (dict(weights=lambda p: _header_bytes(
         {"evil": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)),
         r"tensor 'evil' is not part of the model"),
