@@ -27,7 +27,9 @@ __all__ = ["ModelCheckError", "LIMITS", "MAX_PARAMS", "MAX_TOKENS", "MAX_CONFIG_
 MAX_PARAMS = 1_100_000_000
 # The most patch tokens a ViT may have (a 2048 px image in 16 px patches).
 MAX_TOKENS = 16_384
-MAX_CONFIG_BYTES = 1 << 20
+# Hub configs can list 21,843 ImageNet-22k labels with descriptions.
+MAX_CONFIG_BYTES = 8 << 20
+_LABEL_FIELDS = ("label_names", "label_descriptions", "labels")
 # safetensors' own limit is 100 MB; timm models need well under 1 MB.
 MAX_HEADER_BYTES = 16 << 20
 # Bounds of the numbers in a config's ``model_args``: field -> (kind, lowest, highest).
@@ -40,7 +42,7 @@ LIMITS: dict[str, tuple[type, float, float]] = {
     "output_stride": (int, 1, 64), "num_features": (int, 0, 65536), "embed_len": (int, 1, MAX_TOKENS + 256),
 }
 # Any other number in a config: finite and within these bounds; lists and nesting are bounded too.
-_OTHER_INT, _OTHER_FLOAT, _MAX_LIST, _MAX_NESTING, _MAX_TEXT = 100_000, 1e6, 64, 4, 1000
+_OTHER_INT, _OTHER_FLOAT, _MAX_LIST, _MAX_NESTING, _MAX_TEXT = 100_000, 1e6, 64, 4, 10_000
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
@@ -166,6 +168,11 @@ def check_config(path: Path, what: str = "backbone") -> dict:
         if key in cfg and cfg[key] is not None:
             _check_bounded(cfg[key], key, where)
     for key, value in pretrained.items():
+        if key in _LABEL_FIELDS:  # long lists or maps of texts, bounded by the file's size
+            texts = list(value.values()) if isinstance(value, dict) else value
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise ModelCheckError(f"{where}: 'pretrained_cfg.{key}' must hold texts")
+            continue
         _check_value(value, f"pretrained_cfg.{key}", where)
     _check_preprocessing(pretrained, where)
     sizes = [model_args.get("img_size"), model_args.get("patch_size")]

@@ -355,3 +355,11 @@ def test_hostile_bn_prior_folders_are_refused(tiny_clip_dir, tiny_resnet_dir, tm
     with pytest.raises(BackboneError, match=r"BN prior: .*'mean' must be a list of numbers"):
         load_bn_prior(str(_hostile_copy(tiny_resnet_dir, tmp_path, edit_config=lambda c: c["pretrained_cfg"].update(
             mean="bright"))))
+
+
+def test_a_config_with_many_label_names_is_accepted(tiny_clip_dir, tmp_path):
+    """Hub configs of ImageNet-22k models list 21,843 labels (and descriptions): long lists of texts are fine."""
+    folder = _hostile_copy(tiny_clip_dir, tmp_path, edit_config=lambda c: c["pretrained_cfg"].update(
+        label_names=[f"n{i:08d}" for i in range(21843)],
+        label_descriptions={f"n{i:08d}": f"a thing number {i}" for i in range(21843)}))
+    assert load_backbone(str(folder), device="cpu").embed_dim == 16
