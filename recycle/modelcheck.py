@@ -194,7 +194,7 @@ def build_on_meta(name: str, kwargs: dict, where: str) -> nn.Module:
     try:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError, IndexError, ZeroDivisionError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever timm raises on these arguments, the config is at fault
         raise ModelCheckError(f"{where}: timm cannot build this model from its config "
                               f"({type(e).__name__}: {str(e)[:200]})") from None
     count = sum(p.numel() for p in model.parameters())
