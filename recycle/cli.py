@@ -206,6 +206,10 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
                         lr=args.lr, lora=LoRAConfig(rank=args.rank),
                         checkpoint_every=args.checkpoint_every, val_every=args.val_every if args.val else 0,
                         val_episodes=args.val_episodes, seed=args.seed, episode_batch=args.episode_batch)
+    out = Path(args.out)
+    if args.resume and not (out / "checkpoint.safetensors").is_file() and not (out / "log.jsonl").is_file():
+        raise ValueError(f"--resume: nothing to resume in {out}: it holds no checkpoint.safetensors and no log.jsonl "
+                         "(no run was started there); check --out, or leave out --resume to start a new run")
     backbone = load_backbone(args.backbone, device=args.device)
     config = replace(config, bf16=resolve_precision(args.precision, backbone.device))
     if args.pool:

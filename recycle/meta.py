@@ -443,9 +443,9 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         config: settings.
         out: output folder: ``checkpoint.safetensors``, ``log.jsonl``, ``meta-lora/`` (the exported LoRA).
         resume: continue from ``out/checkpoint.safetensors`` exactly where it stopped (refused if the checkpoint was
-            made with other settings; only ``checkpoint_every`` may change and ``steps`` may grow). Refused when
-            `out` holds neither a checkpoint nor a log; with a log but no checkpoint (a run killed before its first
-            checkpoint) it says so and starts from step 0.
+            made with other settings; only ``checkpoint_every`` may change and ``steps`` may grow). Without a
+            checkpoint it logs a warning and starts from step 0 (the command line refuses ``--resume`` on a folder
+            that holds neither a checkpoint nor a log).
         validate: optional ``adapter -> accuracy`` on a real validation split, run before the first step (the
             bare backbone: the meta-LoRA starts as the identity) and every ``config.val_every`` steps; the best
             adapter is exported. If no step beats the bare backbone, the exported meta-LoRA is the identity and
@@ -462,11 +462,9 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
     out = Path(out)
     ckpt, log_path = out / CHECKPOINT, out / LOG
     if resume and not ckpt.is_file():
-        if not log_path.is_file():  # no run was ever started here: most likely a wrong folder
-            raise ValueError(f"nothing to resume in {out}: it holds no {CHECKPOINT} and no {LOG}; check the folder, "
-                             "or leave out resume to start a new run")
-        _logger.warning("resume: %s holds no %s (the run stopped before its first checkpoint), so training starts "
-                        "again from step 0", out, CHECKPOINT)
+        _logger.warning("resume: %s holds no %s (%s), so training starts from step 0", out, CHECKPOINT,
+                        "the run stopped before its first checkpoint" if log_path.is_file() else "no run was started "
+                        "there")
     out.mkdir(parents=True, exist_ok=True)
     py = random.Random(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
