@@ -266,9 +266,11 @@ def _check_before_build(name: str, kwargs: dict, pretrained: bool, what: str) ->
     from . import modelcheck
 
     prefix, rest = _parse(name)
-    if prefix == "local-dir":
+    if prefix == "local-dir":  # the weights file timm's local-dir loader picks among safetensors files
         folder = Path(rest)
-        config, weights = folder / "config.json", folder / "model.safetensors"
+        named = [folder / f for f in ("model.safetensors", "open_clip_model.safetensors",
+                                      "open_clip_pytorch_model.safetensors") if (folder / f).is_file()]
+        config, weights = folder / "config.json", (named or sorted(folder.glob("*.safetensors")) or [None])[0]
     elif prefix == "hf-hub":
         repo, _, revision = rest.partition("@")
         config = Path(hf_hub_download(repo, "config.json", revision=revision or None))
@@ -280,7 +282,9 @@ def _check_before_build(name: str, kwargs: dict, pretrained: bool, what: str) ->
         cfg = modelcheck.check_config(config, what)
         meta = modelcheck.build_on_meta(name, kwargs, str(config))
         modelcheck.check_model_kind(meta, what, str(config))
-        if pretrained and weights is not None:
+        if pretrained and weights is None:
+            raise modelcheck.ModelCheckError(f"{config.parent} has no .safetensors weights")
+        if pretrained:
             classifier = cfg.get("pretrained_cfg", {}).get("classifier") or getattr(meta, "pretrained_cfg", {}).get(
                 "classifier")
             modelcheck.check_weights_header(weights, meta, classifier if isinstance(classifier, str) else None)
