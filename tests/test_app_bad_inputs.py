@@ -405,9 +405,20 @@ CASES: dict[str, tuple[Callable, str]] = {
         r / "manifest.json").write_text('{"format": "other"}'))), r"not a surrogate-pool manifest"),
     "modified pool image": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: pattern("red", 1, (32, 32)).save(
         r / "images" / "000000.png"))), r"checksum mismatch"),
+    "9 MB manifest": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: _edit_manifest(
+        r, lambda m: m["settings"].update(blob="x" * (9 << 20))))), r"the manifest is [\d,]+ bytes, more than the "
+                                                                   r"8,388,608 accepted"),
+    "200,000-item manifest": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: _edit_manifest(
+        r, lambda m: m.update(items=[{}] * 200_000)))), r"the manifest lists 200,000 images, more than the 5,000"),
     "pool image deleted": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (
         r / "masked" / "000001.png").unlink())), r"masked/000001\.png is listed in the manifest but missing"),
 }
+
+
+def _edit_manifest(run: Path, edit: Callable[[dict], None]) -> None:
+    manifest = json.loads((run / "manifest.json").read_text())
+    edit(manifest)
+    (run / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _point_outside(run: Path, tmp: Path) -> None:
