@@ -102,7 +102,8 @@ def _publishable_files(folder: Path) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     pickles, links = [], []
     for directory, subdirs, names in os.walk(folder, followlinks=False):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and not os.path.islink(os.path.join(directory, d)))
+        subdirs[:] = sorted(d for d in subdirs
+                            if not d.startswith(".") and not os.path.islink(os.path.join(directory, d)))
         for name in sorted(names):
             path = Path(directory) / name
             relative = path.relative_to(folder).as_posix()

@@ -34,7 +34,8 @@ def world(tiny_clip_dir, tiny_vit_dir, tmp_path_factory):
     public_app = settings(root / "public", str(tiny_clip_dir), allow_local_paths=False)
     demo, client = launch(open_app)
     public_demo, public = launch(public_app)
-    yield SimpleNamespace(root=root, pics=pics, peft=peft, pool=pool, client=client, public=public, clip_dir=tiny_clip_dir,
+    yield SimpleNamespace(root=root, pics=pics, peft=peft, pool=pool, client=client, public=public,
+                          clip_dir=tiny_clip_dir,
                           official=official_lora(tiny_clip_dir, root / "official" / "task.safetensors"),
                           headless=headless_lora(tiny_clip_dir, root / "headless"),
                           vit_lora=tiny_lora(tiny_vit_dir, root / "vit-lora", steps=2))
