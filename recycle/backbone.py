@@ -172,9 +172,17 @@ def _safetensors_file(repo: str, revision: Optional[str], filename: Optional[str
     from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hf_errors
 
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    from .modelcheck import MAX_WEIGHTS_BYTES
+
     candidates = _safetensors_names(filename)
     for candidate in candidates:
         try:
+            size = get_hf_file_metadata(hf_hub_url(repo, candidate, revision=revision)).size
+            if size is not None and size > MAX_WEIGHTS_BYTES:  # refused before a byte of it is downloaded
+                raise BackboneError(f"Backbone '{name}': {candidate} of the Hub repository '{repo}' is {size:,} bytes, "
+                                    f"more than any model accepted here needs ({MAX_WEIGHTS_BYTES:,})")
             hf_hub_download(repo, candidate, revision=revision)
             return candidate
         except hf_errors.LocalEntryNotFoundError:

@@ -20,11 +20,13 @@ from torch import nn
 
 from .io import loads_strict
 
-__all__ = ["ModelCheckError", "LIMITS", "MAX_PARAMS", "MAX_TOKENS", "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES",
+__all__ = ["ModelCheckError", "LIMITS", "MAX_PARAMS", "MAX_WEIGHTS_BYTES", "MAX_TOKENS", "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES",
            "check_config", "build_on_meta", "check_weights_header", "check_model_kind"]
 
 # The largest model accepted: 1.1 billion parameters (ViT-g/14 has 1.0 billion), 4.4 GB in float32.
 MAX_PARAMS = 1_100_000_000
+# The largest weights file downloaded: the largest model in float64, plus room for a classifier of another size.
+MAX_WEIGHTS_BYTES = 8 * MAX_PARAMS + (64 << 20)
 # The most patch tokens a ViT may have (a 2048 px image in 16 px patches).
 MAX_TOKENS = 16_384
 # Hub configs can list 21,843 ImageNet-22k labels with descriptions.

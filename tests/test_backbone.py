@@ -363,3 +363,20 @@ def test_a_config_with_many_label_names_is_accepted(tiny_clip_dir, tmp_path):
         label_names=[f"n{i:08d}" for i in range(21843)],
         label_descriptions={f"n{i:08d}": f"a thing number {i}" for i in range(21843)}))
     assert load_backbone(str(folder), device="cpu").embed_dim == 16
+
+
+def test_a_hub_weights_file_larger_than_any_accepted_model_is_never_downloaded(tiny_clip_dir, local_hub, tmp_path,
+                                                                               monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    import recycle.modelcheck
+
+    shutil.copytree(tiny_clip_dir, local_hub.root / "evil" / "huge-weights")
+    monkeypatch.setattr(recycle.modelcheck, "MAX_WEIGHTS_BYTES", 1000)
+    with pytest.raises(BackboneError, match=r"model\.safetensors of the Hub repository 'evil/huge-weights' is "
+                                            r"[\d,]+ bytes, more than any model accepted here needs \(1,000\)"):
+        load_backbone("hf-hub:evil/huge-weights", device="cpu")
+    from pathlib import Path
+    assert not list(Path(constants.HF_HUB_CACHE).rglob("model.safetensors"))
