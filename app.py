@@ -17,19 +17,45 @@ Deep links: ``?tab=few-shot``, ``?tab=invert`` or ``?tab=pool`` opens that tab.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
-import gradio as gr
 
-from app_ui import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES, MAX_INVERT_IMAGES,
-                    MAX_INVERT_STEPS, PRUNING_PRESETS, AppSettings, Defaults, ExampleTask, FewShot, Inversion, ModelCache,
-                    PathPolicy, PoolBrowser, PriorChoice, find_examples, resolve_defaults)
-from recycle.backbone import ALIASES, DEFAULT_BACKBONE
-from recycle.runtime import tune_allocator
+def server_port() -> Optional[int]:
+    """``GRADIO_SERVER_PORT`` as a port number (None when unset, for Gradio's default).
 
-__all__ = ["build_demo", "launch_options", "main", "demo", "TABS", "QUEUE_SIZE", "PREDICT_CONCURRENCY"]
+    Raises:
+        ValueError: the variable is not a whole number from 1 to 65535.
+    """
+    raw = os.environ.get("GRADIO_SERVER_PORT", "").strip()
+    if not raw:
+        return None
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 65535):
+        raise ValueError(f"GRADIO_SERVER_PORT={raw[:40]!r} is not a port: use a whole number from 1 to 65535")
+    return int(raw)
+
+
+if __name__ == "__main__":  # Gradio reads GRADIO_SERVER_PORT as it is imported: check it first
+    try:
+        server_port()
+    except ValueError as _e:
+        raise SystemExit(f"error: {_e}") from None
+
+import gradio as gr  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
+
+from app_ui import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES,  # noqa: E402
+                    MAX_INVERT_IMAGES, MAX_INVERT_STEPS, MAX_POOL_GALLERY, PRUNING_PRESETS, AppSettings, Defaults,
+                    ExampleTask, FewShot, Inversion, ModelCache, PathPolicy, PoolBrowser, PriorChoice, find_examples,
+                    md_code, resolve_defaults)
+from app_ui.http import URLLengthLimit  # noqa: E402
+from app_ui.inputs import finite, strict  # noqa: E402
+from recycle.backbone import ALIASES, DEFAULT_BACKBONE  # noqa: E402
+from recycle.runtime import tune_allocator  # noqa: E402
+
+__all__ = ["build_demo", "launch_options", "main", "server_port", "demo", "TABS", "QUEUE_SIZE", "PREDICT_CONCURRENCY"]
 
 _logger = logging.getLogger("recycle.app")
 
@@ -183,17 +209,17 @@ def _invert_tab(policy: PathPolicy, example_lora: Optional[Path], prior: PriorCh
             gr.Markdown("### 2 · Settings")
             classes = gr.CheckboxGroup([], label="Classes to invert", info="Load a LoRA to see its classes.")
             with gr.Row():
-                per_class = gr.Slider(1, 16, value=1, step=1, label="Images per class")
-                steps = gr.Slider(10, MAX_INVERT_STEPS, value=100, step=10, label="Steps",
-                                  info="the paper: 2000; fewer is quicker")
+                per_class = finite(gr.Slider(1, 16, value=1, step=1, label="Images per class"))
+                steps = finite(gr.Slider(10, MAX_INVERT_STEPS, value=100, step=10, label="Steps",
+                                         info="the paper: 2000; fewer is quicker"))
             pruning = gr.Dropdown([(label, spec) for label, spec in PRUNING_PRESETS], value="-1:0.75",
                                   allow_custom_value=True, label="Token pruning",
                                   info="A preset, or type LAYER[,LAYER…]:RATIO (e.g. 11:0.75; -1 = last block).")
-            bn_prior = gr.Checkbox(prior.default, label=prior.label, info=prior.info)  # follows the backbone
+            bn_prior = strict(gr.Checkbox(prior.default, label=prior.label, info=prior.info))  # follows the backbone
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
-                    lr = gr.Number(0.25, label="Learning rate (Adam)", minimum=0.001, maximum=10)
-                    seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+                    lr = finite(gr.Number(0.25, label="Learning rate (Adam)", minimum=0.001, maximum=10))
+                    seed = finite(gr.Number(0, label="Seed", precision=0, minimum=0))
             gr.Markdown(f"At most {MAX_INVERT_IMAGES} images per run; one inversion runs at a time (others wait in "
                         "the queue).")
             with gr.Row():
@@ -226,13 +252,15 @@ def _pool_tab(policy: PathPolicy, settings: AppSettings) -> SimpleNamespace:
     with gr.Row():
         source = gr.Dropdown([], label="Source LoRA", interactive=True, scale=3)
         label = gr.Dropdown([], label="Class", interactive=True, scale=2)
+        page = finite(gr.Number(1, label=f"Page ({MAX_POOL_GALLERY} images each)", precision=0, minimum=1,
+                                scale=1, min_width=120))
     details = gr.Markdown("")
     with gr.Row(equal_height=False):
         images = _gallery("Images", columns=3)
         masked = _gallery("Masked (kept tokens only)", columns=3)
     with gr.Accordion("Settings that made these images", open=False):
         settings_json = gr.JSON(label="Inversion settings per run")
-    return SimpleNamespace(folder=folder, refresh=refresh, summary=summary, source=source, label=label,
+    return SimpleNamespace(folder=folder, refresh=refresh, summary=summary, source=source, label=label, page=page,
                            details=details, images=images, masked=masked, settings=settings_json)
 
 
@@ -274,7 +302,7 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
                                allow_custom_value=True, label="Backbone (all tabs)",
                                info="timm name, alias or hf-hub:ORG/REPO"
                                     + (", or a local folder" if policy.allow_local else ""))
-        status = gr.Markdown(f"Loading `{defaults.backbone}`…", elem_id="status")
+        status = gr.Markdown(f"Loading {md_code(defaults.backbone)}…", elem_id="status")
         with gr.Tabs() as tabs:
             with gr.Tab(TABS["few-shot"], id="few-shot"):
                 fs = _few_shot_tab(fewshot, defaults, examples, backbone, settings)
@@ -313,13 +341,19 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
         pool_outputs = [pool.summary, pool.source, pool.label, pool.images, pool.masked, pool.details, pool.settings]
         gr.on([pool.refresh.click, pool.folder.submit], browser.open, inputs=pool.folder, outputs=pool_outputs,
               api_name="open_pool", **browse)
-        gr.on([demo.load, pool_tab.select], browser.refresh, inputs=pool.folder, outputs=pool_outputs,
-              api_name="refresh_pool", api_visibility="undocumented", **browse)
+        pool_tab.select(browser.refresh, inputs=pool.folder, outputs=pool_outputs, api_name="refresh_pool",
+                        api_visibility="undocumented", **browse)
+        # a page load reads the pool only when it opens on the pool tab (?tab=pool)
+        demo.load(browser.refresh_if_shown, inputs=pool.folder, outputs=pool_outputs, api_visibility="private",
+                  **browse)
         pool.source.input(browser.choose_source, inputs=[pool.folder, pool.source],
                           outputs=[pool.label, pool.images, pool.masked, pool.details, pool.settings],
                           api_name="pool_source", **browse)
-        pool.label.input(browser.show, inputs=[pool.folder, pool.source, pool.label],
+        pool.label.input(browser.show, inputs=[pool.folder, pool.source, pool.label, pool.page],
                          outputs=[pool.images, pool.masked, pool.details, pool.settings], api_name="pool_class",
+                         **browse)
+        pool.page.submit(browser.show, inputs=[pool.folder, pool.source, pool.label, pool.page],
+                         outputs=[pool.images, pool.masked, pool.details, pool.settings], api_name="pool_page",
                          **browse)
         inv.add.click(inversion.add_to_pool, None, inv.pool_note, api_name="add_to_pool", **browse).then(
             browser.refresh, inputs=pool.folder, outputs=pool_outputs, api_visibility="private", **browse)
@@ -329,12 +363,14 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
 
 
 def launch_options(settings: Optional[AppSettings] = None) -> dict[str, Any]:
-    """Keyword arguments for `gr.Blocks.launch` (theme, CSS, upload limit, example files); tests launch with them."""
+    """Keyword arguments for `gr.Blocks.launch` (theme, CSS, upload limit, example files, the URL length limit);
+    tests launch with them."""
     settings = settings or AppSettings.from_env()
     system_fonts = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the page also works offline
     theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", font=system_fonts,
                            font_mono=["ui-monospace", "monospace"])
-    return {"theme": theme, "css": CSS, "max_file_size": MAX_FILE_SIZE, "allowed_paths": [str(settings.examples)]}
+    return {"theme": theme, "css": CSS, "max_file_size": MAX_FILE_SIZE, "allowed_paths": [str(settings.examples)],
+            "app_kwargs": {"middleware": [Middleware(URLLengthLimit)]}}
 
 
 demo: Optional[gr.Blocks] = None  # the running app; `gradio app.py` hot-reload finds it here and rebuilds it
@@ -346,9 +382,14 @@ def main() -> None:
     global demo
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
-    # The app runs the backbone on every request: reuse freed memory rather than page-fault it in afresh, as the
-    # CLI's heavy commands do (RECYCLE_MALLOC=default keeps glibc's defaults). Not on import: tests build the app.
-    tune_allocator()
+    try:
+        server_port()
+        # The app runs the backbone on every request: reuse freed memory rather than page-fault it in afresh, as
+        # the CLI's heavy commands do (RECYCLE_MALLOC=default keeps glibc's defaults). Not on import: tests build
+        # the app.
+        tune_allocator()
+    except ValueError as e:  # a bad environment variable: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     settings = AppSettings.from_env()
     demo = build_demo(settings=settings)
     demo.launch(**launch_options(settings))

@@ -47,14 +47,19 @@ def _server_folders() -> list[tuple[str, str]]:
             (str(constants.HF_HUB_CACHE), "the downloaded files")]
 
 
-def user_message(e: BaseException) -> str:
-    """A user error's message, HTML-escaped, with the server's temporary and cache folders replaced by the name of
+def user_text(e: BaseException) -> str:
+    """A user error's message as plain text, with the server's temporary and cache folders replaced by the name of
     the file they hold (or "the uploaded files" / "the downloaded files")."""
     text = str(e)
     for root, what in _server_folders():
         text = re.sub(re.escape(root) + r"[^\s'\"`]*",
                       lambda m: Path(m.group()).name if Path(m.group()).suffix else what, text)
-    return html.escape(text, quote=False)
+    return text
+
+
+def user_message(e: BaseException) -> str:
+    """`user_text`, HTML-escaped (for error pop-ups)."""
+    return html.escape(user_text(e), quote=False)
 
 
 def _user_error(e: BaseException, title: str) -> gr.Error:

@@ -16,7 +16,8 @@ from PIL import Image
 from recycle.images import IMAGE_SUFFIXES, ImageError, load_image
 from recycle.predict import Prediction, SupportError, classify, clean_class_name, count_correct
 
-from .errors import USER_ERRORS, as_text, file_paths, reported, text_field, user_message
+from .errors import USER_ERRORS, as_text, file_paths, reported, text_field, user_text
+from .markup import md_code, md_text
 from .limits import INITIAL_CLASSES, MAX_CARDS, MAX_CLASSES, MAX_IMAGES, MAX_NAME_LENGTH, THUMBNAIL_SIZE
 from .settings import Defaults, PathPolicy
 from .state import ModelCache
@@ -202,15 +203,15 @@ class FewShot:
             with self.cache.classifier(backbone, lora) as classifier:
                 model = classifier.backbone
         except USER_ERRORS as e:
-            return f"{note}⚠️ **Not ready.** {user_message(e)}"
+            return f"{note}⚠️ **Not ready.** {md_text(user_text(e), 1000)}"
         except Exception:  # noqa: BLE001 - reported in the UI, details in the log
             _logger.exception("loading %s with LoRA %r failed", backbone, lora)
-            return (f"{note}⚠️ **Not ready.** Loading `{backbone}` failed unexpectedly; the details are in the server "
-                    "log.")
+            return (f"{note}⚠️ **Not ready.** Loading {md_code(backbone)} failed unexpectedly; the details are in "
+                    "the server log.")
         embedding = "CLIP projection" if model.embedding == "projection" else "[CLS]"
-        with_lora = f" with meta-LoRA `{lora}`" if lora else ""
+        with_lora = f" with meta-LoRA {md_code(lora)}" if lora else ""
         _, h, w = model.input_size
-        return (f"{note}✅ **Ready:** `{backbone}`{with_lora}: {embedding} embedding ({model.embed_dim}-d), "
+        return (f"{note}✅ **Ready:** {md_code(backbone)}{with_lora}: {embedding} embedding ({model.embed_dim}-d), "
                 f"{w}×{h} px input, on {model.device}.")
 
     def classify(self, backbone: Optional[str], lora: Optional[str], queries: Optional[list[str]],

@@ -3,7 +3,6 @@ session, add it to the pool, download it as a zip."""
 from __future__ import annotations
 
 import dataclasses
-import html
 import queue
 import shutil
 import tempfile
@@ -22,8 +21,9 @@ from recycle.invert import InversionConfig, InversionProgress, InversionResult, 
 from recycle.pool import teacher_confidence, write_run
 from recycle.tokens import PruningConfig, parse_schedule
 
-from .errors import InputError, as_text, file_paths, kind_of, number_field, reported, text_field, user_message
+from .errors import InputError, as_text, file_paths, kind_of, number_field, reported, text_field, user_text
 from .images import display_images
+from .markup import md_code, md_text
 from .limits import MAX_INVERT_IMAGES, MAX_INVERT_STEPS, MAX_LORA_FILES, MAX_SEED, PREVIEW_INTERVAL, \
     RESULT_SESSIONS, SESSIONS
 from .settings import AppSettings, PathPolicy
@@ -95,11 +95,6 @@ def _stage_upload(files: Sequence[str], folder: Path) -> Path:
     return folder
 
 
-def _code(text: str) -> str:
-    """`text` made safe inside a markdown code span."""
-    return str(text).replace("`", "'")
-
-
 def _parse_pruning(text: Optional[str]) -> dict[int, float]:
     text = as_text(text, "token pruning setting (a preset, or LAYER:RATIO such as '-1:0.75')").strip()
     if text.lower() in ("", "none", "0", "off"):
@@ -162,9 +157,10 @@ class Inversion:
             names = adapter.class_names or []
             c = adapter.config
             card = "\n".join([
-                f"**Loaded** `{_code(source)}`: {len(names)} classes; LoRA on {', '.join(c.targets)}, rank {c.rank}, "
-                f"scale {c.scaling:g}; made for backbone `{_code(adapter.backbone or 'unknown')}`.",
-                "", fit, "", "**Classes:** " + ", ".join(f"<bdi>{html.escape(n)}</bdi>" for n in names)])
+                f"**Loaded** {md_code(source)}: {len(names)} classes; LoRA on "
+                f"{md_text(', '.join(c.targets))}, rank {c.rank}, scale {c.scaling:g}; made for backbone "
+                f"{md_code(adapter.backbone or 'unknown')}.",
+                "", fit, "", "**Classes:** " + ", ".join(f"<bdi>{md_text(n)}</bdi>" for n in names)])
             choices = [(n, i) for i, n in enumerate(names)]
             return card, gr.update(choices=choices, value=[i for _, i in choices[:2]],
                                    info=f"{len(choices)} classes; fewer classes and images make a quicker run.")
@@ -175,9 +171,9 @@ class Inversion:
             with adapter.attached(model):
                 adapter.build_head(model.num_features)
         except LoRAFormatError as e:
-            return (f"⚠️ It does **not fit** the selected backbone `{name}`: {user_message(e)}. "
+            return (f"⚠️ It does **not fit** the selected backbone {md_code(name)}: {md_text(user_text(e), 1000)}. "
                     "Choose the backbone it was made for at the top of the page, then load it again.")
-        return f"✅ Fits the selected backbone `{name}`: choose the classes and press **Invert**."
+        return f"✅ Fits the selected backbone {md_code(name)}: choose the classes and press **Invert**."
 
     def prior_checkbox(self, backbone: Optional[str]) -> dict:
         """The BN-prior checkbox for `backbone`: which prior it uses (label and info), ticked where that is the
@@ -369,8 +365,8 @@ class Inversion:
             if run is None:
                 raise InputError("There is no inversion to add yet: run one first.")
             if run.pooled is not None:
-                return f"Already in the pool as `{run.pooled.name}`."
+                return f"Already in the pool as {md_code(run.pooled.name)}."
             run.pooled = write_run(self.settings.pool, run.result, run.lora, run.source, run.settings, run.grid)
             n = run.result.images.shape[0]
-            return (f"✅ Added {n} images to the pool at `{self.settings.pool}` as `{run.pooled.name}`. See the "
-                    "Surrogate pool tab.")
+            return (f"✅ Added {n} images to the pool at {md_code(self.settings.pool)} as {md_code(run.pooled.name)}. "
+                    "See the Surrogate pool tab.")

@@ -2,21 +2,37 @@
 them."""
 from __future__ import annotations
 
-import html
-from typing import Optional
+import itertools
+import json
+import math
+import threading
+from collections import OrderedDict
+from typing import Any, Optional
 
 import gradio as gr
 
-from recycle.pool import Pool, PoolError, teacher_confidence
+from recycle.pool import Pool, PoolError, PoolIndex, teacher_confidence
 
-from .errors import reported
+from .errors import number_field, reported
 from .images import display_images
-from .limits import MAX_POOL_GALLERY
+from .limits import (MAX_POOL_GALLERY, MAX_POOL_MANIFEST_BYTES, MAX_POOL_RUN_ITEMS, MAX_POOL_RUNS,
+                     MAX_POOL_SETTINGS_CHARS, MAX_POOL_SOURCES, POOL_INDEXES)
+from .markup import md_text
 from .settings import AppSettings, PathPolicy
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("s") else f"{n} {word}s"
+
+
+def _bounded(value: dict) -> Any:
+    """`value` if its JSON is at most `MAX_POOL_SETTINGS_CHARS` characters, else a note saying it was left out (a
+    manifest's settings are free-form, and everything shown is sent to the browser)."""
+    text = json.dumps(value, default=str)
+    if len(text) <= MAX_POOL_SETTINGS_CHARS:
+        return value
+    return {"note": f"{len(text):,} characters of settings, more than the {MAX_POOL_SETTINGS_CHARS:,} shown; see "
+                    "the run's manifest.json"}
 
 
 class PoolBrowser:
@@ -25,15 +41,30 @@ class PoolBrowser:
     def __init__(self, policy: PathPolicy, settings: AppSettings):
         self.policy = policy
         self.settings = settings
+        self._indexes: OrderedDict[str, PoolIndex] = OrderedDict()  # the most recently browsed pool folders
+        self._lock = threading.Lock()
+
+    def _index(self, folder: Optional[str]) -> PoolIndex:
+        """The index of the pool in `folder` (the server's own by default), kept per folder: each request lists the
+        folder and reads only new or changed manifests, each bounded in size, of at most `MAX_POOL_RUNS` runs."""
+        root = str(self.policy.folder(folder or "", self.settings.pool))
+        with self._lock:
+            index = self._indexes.pop(root, None) or PoolIndex(root, MAX_POOL_MANIFEST_BYTES, MAX_POOL_RUN_ITEMS,
+                                                               MAX_POOL_RUNS)
+            self._indexes[root] = index
+            while len(self._indexes) > POOL_INDEXES:
+                self._indexes.popitem(last=False)
+        return index
 
     def _open(self, folder: Optional[str]) -> Pool:
-        return Pool(self.policy.folder(folder or "", self.settings.pool))
+        return self._index(folder).pool()
 
     @staticmethod
     def _source_choices(pool: Pool) -> list[tuple[str, str]]:
+        """The first `MAX_POOL_SOURCES` sources (LoRAs), as dropdown choices."""
         return [(f"{s['name']} ({fp[:8]}): {_plural(len(s['class_names']), 'class')}, {_plural(s['images'], 'image')}",
                  fp)
-                for fp, s in pool.sources().items()]
+                for fp, s in itertools.islice(pool.sources().items(), MAX_POOL_SOURCES)]
 
     @staticmethod
     def _class_choices(pool: Pool, source: Optional[str]) -> list[tuple[str, str]]:
@@ -46,14 +77,19 @@ class PoolBrowser:
             (summary markdown, source dropdown, class dropdown, images, masked images, details markdown, settings).
         """
         with reported("Cannot open the pool", "opening the pool"):
-            pool = self._open(folder)
+            index = self._index(folder)
+            pool = index.pool()
             sources = self._source_choices(pool)
             source = sources[0][1]
             classes = self._class_choices(pool, source)
             images = sum(len(r["items"]) for r in pool.runs)
-            summary = (f"**{pool.root}**: {_plural(len(pool.runs), 'inversion run')} from "
-                       f"{_plural(len(sources), 'LoRA')}, {_plural(len(pool.classes), 'class')}, "
-                       f"{_plural(images, 'image')}" + (", with masked versions." if pool.masked_available else "."))
+            n_sources = len({r["source"]["fingerprint"] for r in pool.runs})
+            summary = (f"**{md_text(pool.root)}**: {_plural(len(pool.runs), 'inversion run')} from "
+                       f"{_plural(n_sources, 'LoRA')}, {_plural(len(pool.classes), 'class')}, "
+                       f"{_plural(images, 'image')}" + (", with masked versions." if pool.masked_available else ".")
+                       + (f" The first {len(sources)} LoRAs are listed." if n_sources > len(sources) else "")
+                       + (f" Only the first {len(pool.runs)} of its {index.total_runs} runs are read."
+                          if index.total_runs > len(pool.runs) else ""))
             shown = self._show(pool, source, classes[0][1])
             return (summary, gr.update(choices=sources, value=source), gr.update(choices=classes, value=classes[0][1]),
                     *shown)
@@ -66,7 +102,13 @@ class PoolBrowser:
             empty = gr.update(choices=[], value=None)
             hint = (" Invert a LoRA in the **Invert a LoRA** tab and press **Add to pool**."
                     if "no runs" in e.message or "does not exist" in e.message else "")
-            return f"ℹ️ {e.message}.{hint}", empty, empty, [], [], "", None
+            return f"ℹ️ {md_text(e.message, 1000)}.{hint}", empty, empty, [], [], "", None
+
+    def refresh_if_shown(self, folder: Optional[str], request: gr.Request = None) -> tuple:
+        """`refresh` when the page was opened on the pool tab (``?tab=pool``); otherwise nothing is read or changed."""
+        if request is not None and request.query_params.get("tab") == "pool":
+            return self.refresh(folder)
+        return tuple(gr.skip() for _ in range(7))
 
     def choose_source(self, folder: Optional[str], source: Optional[str]) -> tuple:
         """The classes of `source`, with the first one shown."""
@@ -77,18 +119,24 @@ class PoolBrowser:
                 raise PoolError(f"The pool has no LoRA with fingerprint '{source}'. Press Refresh.")
             return gr.update(choices=classes, value=classes[0][1]), *self._show(pool, source, classes[0][1])
 
-    def show(self, folder: Optional[str], source: Optional[str], label: Optional[str]) -> tuple:
-        """Images of one class of one source: unmasked and masked, captioned with the teacher's confidence."""
+    def show(self, folder: Optional[str], source: Optional[str], label: Optional[str], page: Any = 1) -> tuple:
+        """Images of one class of one source, a page of `MAX_POOL_GALLERY` at a time: unmasked and masked, captioned
+        with the teacher's confidence (a page beyond the last shows the last)."""
         with reported("Cannot open the pool", "showing pool images"):
-            return self._show(self._open(folder), source, label)
+            page = number_field(1 if page is None else page, "page", 1, 10 ** 9)
+            return self._show(self._open(folder), source, label, page)
 
     @staticmethod
-    def _show(pool: Pool, source: Optional[str], label: Optional[str]) -> tuple:
+    def _show(pool: Pool, source: Optional[str], label: Optional[str], page: int = 1) -> tuple:
         match = [c for c in pool.classes if c.source == source and str(c.label) == str(label)]
         if not match:
-            raise PoolError(f"The pool has no class {label!r} from LoRA {source!r}. Press Refresh.")
+            raise PoolError(f"The pool has no class {str(label)[:80]!r} from LoRA {str(source)[:80]!r}. Press "
+                            "Refresh.")
         cls = match[0]
-        items = cls.items[:MAX_POOL_GALLERY]
+        pages = max(1, math.ceil(len(cls.items) / MAX_POOL_GALLERY))
+        page = min(page, pages)
+        first = (page - 1) * MAX_POOL_GALLERY
+        items = cls.items[first:first + MAX_POOL_GALLERY]
         images, masked, conf, conf_kept = [], [], [], []
         for ref in items:
             item = pool.item(ref)
@@ -102,13 +150,13 @@ class PoolBrowser:
                 masked.append((display_images(pool.load(ref, masked=True)[None])[0],
                                f"{len(item['kept'])} patches · p={pk:.2f}"))
         runs = sorted({ref.run for ref in items})
-        settings = {pool.run_dirs[r].name: {"settings": pool.runs[r]["settings"],
-                                            "steps_done": pool.runs[r].get("steps_done"),
-                                            "stopped": pool.runs[r].get("stopped"),
-                                            "created": pool.runs[r].get("created")} for r in runs}
-        shown = (f"showing {len(items)} of {len(cls.items)}" if len(cls.items) > len(items) else
-                 _plural(len(items), "image"))
-        details = (f"**<bdi>{html.escape(cls.name)}</bdi>** ({shown}): the teacher LoRA's mean confidence in this "
+        settings = {pool.run_dirs[r].name: _bounded({"settings": pool.runs[r]["settings"],
+                                                     "steps_done": pool.runs[r].get("steps_done"),
+                                                     "stopped": pool.runs[r].get("stopped"),
+                                                     "created": pool.runs[r].get("created")}) for r in runs}
+        shown = (f"showing {first + 1}–{first + len(items)} of {len(cls.items)}, page {page} of {pages}"
+                 if pages > 1 else _plural(len(items), "image"))
+        details = (f"**<bdi>{md_text(cls.name)}</bdi>** ({shown}): the teacher LoRA's mean confidence in this "
                    f"class is **{sum(conf) / len(conf):.2f}** on the images"
                    + (f" and **{sum(conf_kept) / len(conf_kept):.2f}** on their kept tokens." if conf_kept else "."))
         return images, masked, details, settings

@@ -2,7 +2,6 @@
 (falling back to the shipped weights when the requested backbone cannot be loaded)."""
 from __future__ import annotations
 
-import html
 import logging
 import os
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from recycle.hub import hub_reachable, is_repo_id
 from recycle.invert import DEFAULT_BN_PRIOR, InversionConfig
 
 from .errors import InputError, text_field
+from .markup import md_code, md_text
 from .state import ModelCache
 
 _logger = logging.getLogger("recycle.app")
@@ -214,9 +214,9 @@ def resolve_defaults(settings: AppSettings, cache: ModelCache, requested: Option
     except BackboneError as e:
         reason = str(e)
     lora = str(settings.shipped_lora) if (settings.shipped_lora / "adapter_model.safetensors").is_file() else ""
-    with_lora = f" with its meta-LoRA `{settings.shipped_lora.name}`" if lora else ""
-    note = (f"📦 **Offline mode:** `{requested}` cannot be loaded, so the app runs on its shipped weights: the small "
-            f"`{shipped.name}` backbone{with_lora}, trained offline on rendered glyphs. Try an example below."
-            f"<details><summary>Why</summary>{html.escape(reason, quote=False)}</details>")
+    with_lora = f" with its meta-LoRA {md_code(settings.shipped_lora.name)}" if lora else ""
+    note = (f"📦 **Offline mode:** {md_code(requested)} cannot be loaded, so the app runs on its shipped weights: the "
+            f"small {md_code(shipped.name)} backbone{with_lora}, trained offline on rendered glyphs. Try an example "
+            f"below.<details><summary>Why</summary>{md_text(reason, 1000)}</details>")
     _logger.warning("default backbone %s unavailable, using shipped %s: %s", requested, shipped, reason)
     return Defaults(str(shipped), lora, note, offline=True)

@@ -44,7 +44,8 @@ def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.devi
     """`device` if given, else CUDA when available, else CPU.
 
     Raises:
-        ValueError: `device` is not a device name, or names a CUDA device this machine does not have.
+        ValueError: `device` is not a device name, cannot run a model (``meta``), or names a device this machine does
+            not have.
     """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,6 +53,13 @@ def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.devi
         chosen = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"'{device}' is not a device: use cpu, cuda, cuda:N or auto") from None
+    if chosen.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device '{device}' cannot run a model here: use cpu, cuda, cuda:N or auto")
+    if chosen.type in ("mps", "xpu"):
+        backend = getattr(torch.backends, "mps", None) if chosen.type == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            raise ValueError(f"device '{device}' was requested, but this machine has no {chosen.type.upper()} device; "
+                             "use cpu, cuda or auto")
     if chosen.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -164,9 +172,17 @@ def _safetensors_file(repo: str, revision: Optional[str], filename: Optional[str
     from huggingface_hub import hf_hub_download
     from huggingface_hub import errors as hf_errors
 
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    from .modelcheck import MAX_WEIGHTS_BYTES
+
     candidates = _safetensors_names(filename)
     for candidate in candidates:
         try:
+            size = get_hf_file_metadata(hf_hub_url(repo, candidate, revision=revision)).size
+            if size is not None and size > MAX_WEIGHTS_BYTES:  # refused before a byte of it is downloaded
+                raise BackboneError(f"Backbone '{name}': {candidate} of the Hub repository '{repo}' is {size:,} bytes, "
+                                    f"more than any model accepted here needs ({MAX_WEIGHTS_BYTES:,})")
             hf_hub_download(repo, candidate, revision=revision)
             return candidate
         except hf_errors.LocalEntryNotFoundError:
@@ -245,9 +261,49 @@ def _cached_weights(name: str, repo: str) -> Optional[str]:
     return None
 
 
-def _create(name: str, kwargs: dict, pretrained: bool) -> nn.Module:
+def _check_before_build(name: str, kwargs: dict, pretrained: bool, what: str) -> None:
+    """For a model timm builds from a ``config.json`` (``local-dir:`` or ``hf-hub:``): validate the config, build the
+    model on the meta device (bounded size, right kind), and check the weights' safetensors header against it, all
+    before timm allocates anything (`recycle.modelcheck`).
+
+    Raises:
+        BackboneError: naming the file and the field or tensor that is out of bounds or does not fit.
+    """
+    from huggingface_hub import hf_hub_download
+
+    from . import modelcheck
+
+    prefix, rest = _parse(name)
+    if prefix == "local-dir":  # the weights file timm's local-dir loader picks among safetensors files
+        folder = Path(rest)
+        named = [folder / f for f in ("model.safetensors", "open_clip_model.safetensors",
+                                      "open_clip_pytorch_model.safetensors") if (folder / f).is_file()]
+        config, weights = folder / "config.json", (named or sorted(folder.glob("*.safetensors")) or [None])[0]
+    elif prefix == "hf-hub":
+        repo, _, revision = rest.partition("@")
+        config = Path(hf_hub_download(repo, "config.json", revision=revision or None))
+        filename = kwargs.get("pretrained_cfg_overlay", {}).get("hf_hub_filename") or "model.safetensors"
+        weights = Path(hf_hub_download(repo, filename, revision=revision or None)) if pretrained else None
+    else:
+        return
+    try:
+        cfg = modelcheck.check_config(config, what)
+        meta = modelcheck.build_on_meta(name, kwargs, str(config))
+        modelcheck.check_model_kind(meta, what, str(config))
+        if pretrained and weights is None:
+            raise modelcheck.ModelCheckError(f"{config.parent} has no .safetensors weights")
+        if pretrained:
+            classifier = cfg.get("pretrained_cfg", {}).get("classifier") or getattr(meta, "pretrained_cfg", {}).get(
+                "classifier")
+            modelcheck.check_weights_header(weights, meta, classifier if isinstance(classifier, str) else None)
+    except modelcheck.ModelCheckError as e:
+        raise BackboneError(f"{'Backbone ' if what == 'backbone' else ''}'{name}': {e}") from None
+
+
+def _create(name: str, kwargs: dict, pretrained: bool, what: str = "backbone") -> nn.Module:
     """The timm model called `name` (any form `backbone_source` reads), with safetensors weights only; when the Hub
-    is unreachable, from the local cache only (for this call: no global offline switch)."""
+    is unreachable, from the local cache only (for this call: no global offline switch). `what` (``"backbone"`` or
+    ``"BN prior"``) is the kind of model expected."""
     import timm
     from huggingface_hub import errors as hf_errors
 
@@ -275,6 +331,7 @@ def _create(name: str, kwargs: dict, pretrained: bool) -> nn.Module:
             else:
                 kwargs = {**kwargs, "pretrained_cfg_overlay": {**kwargs.get("pretrained_cfg_overlay", {}),
                                                                "file": cached}}
+        _check_before_build(name, kwargs, pretrained, what)
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError) as e:
         raise BackboneError(f"Backbone '{name}' was not found on the Hugging Face Hub ({type(e).__name__}).") from None
@@ -376,6 +433,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, pretrained: bool = True,
     Raises:
         BackboneError: unknown name, missing directory or files, or Hub unreachable with nothing cached.
     """
+    device = pick_device(device)  # a bad device is refused before anything is loaded
     model = _create(name, kwargs, pretrained)
     if not hasattr(model, "blocks") or not hasattr(model, "forward_head"):
         raise BackboneError(f"Backbone '{name}' is a {type(model).__name__}; LoRA Recycle needs a timm ViT.")

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -37,6 +38,30 @@ EXIT_OK, EXIT_USER_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 _NEGATIVE_VALUE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d[\d,-]*:")
 # Commands that train or run the backbone over many images: they get `tune_allocator` (fewer page faults).
 HEAVY_COMMANDS = ("predict", "invert", "pretune", "meta-train", "eval")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every unprintable character (CR, ESC of ANSI sequences, bidi controls, ...) written as its
+    Python escape, so a file or class name cannot move the cursor or recolour the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _number(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float from `low` to `high` (bounds excluded where open); anything else is a usage
+    error that names the option, before any work starts."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+        if not (math.isfinite(value) and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high)):
+            raise argparse.ArgumentTypeError(
+                f"{text[:40]} is out of range: expected a number {'above' if low_open else 'at least'} {low:g} "
+                f"and {'below' if high_open else 'at most'} {high:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
 
 
 def _add_backbone_args(p: argparse.ArgumentParser, precision: bool = True) -> None:
@@ -72,11 +97,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     clf = FewShotClassifier(backbone, lora, distance=args.distance, batch_size=args.batch_size,
                             bf16=resolve_precision(args.precision, backbone.device))
     preds = classify(clf, support, [(str(p.relative_to(query_root)), p) for p in queries])
-    width = max([len(p.file) for p in preds] + [4])
+    files = [terminal_safe(p.file) for p in preds]
+    width = max([len(f) for f in files] + [4])
     print(f"{'file':<{width}}  {'label':<20}  prob    all")
-    for p in preds:
-        others = "  ".join(f"{c}={v:.2f}" for c, v in p.probs.items())
-        print(f"{p.file:<{width}}  {p.label:<20}  {p.probs[p.label]:.3f}   {others}")
+    for p, file in zip(preds, files):
+        others = "  ".join(f"{terminal_safe(c)}={v:.2f}" for c, v in p.probs.items())
+        print(f"{file:<{width}}  {terminal_safe(p.label):<20}  {p.probs[p.label]:.3f}   {others}")
     if args.json:
         atomic_write_bytes(args.json, json.dumps([p.to_dict() for p in preds], indent=2, ensure_ascii=False).encode())
         _logger.info("wrote %s", args.json)
@@ -158,7 +184,8 @@ def _cmd_pretune(args: argparse.Namespace) -> int:
     with tqdm(total=config.num_loras, desc="pre-tuning", unit="LoRA", disable=args.quiet) as bar:
         manifest = pretune_zoo(backbone, args.data, args.out, config,
                                lambda done, total, entry: bar.update(done - bar.n))
-    accs = [e["holdout_acc"] for e in manifest["loras"] if e["holdout_acc"] == e["holdout_acc"]]
+    accs = [e["holdout_acc"] for e in manifest["loras"] if isinstance(e.get("holdout_acc"), (int, float))
+            and e["holdout_acc"] == e["holdout_acc"]]
     mean = f", mean held-out accuracy {sum(accs) / len(accs):.1%}" if accs else ""
     print(f"zoo {args.out}: {len(manifest['loras'])} LoRAs{mean}")
     return 0
@@ -179,6 +206,10 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
                         lr=args.lr, lora=LoRAConfig(rank=args.rank),
                         checkpoint_every=args.checkpoint_every, val_every=args.val_every if args.val else 0,
                         val_episodes=args.val_episodes, seed=args.seed, episode_batch=args.episode_batch)
+    out = Path(args.out)
+    if args.resume and not (out / "checkpoint.safetensors").is_file() and not (out / "log.jsonl").is_file():
+        raise ValueError(f"--resume: nothing to resume in {out}: it holds no checkpoint.safetensors and no log.jsonl "
+                         "(no run was started there); check --out, or leave out --resume to start a new run")
     backbone = load_backbone(args.backbone, device=args.device)
     config = replace(config, bf16=resolve_precision(args.precision, backbone.device))
     if args.pool:
@@ -294,14 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", nargs="+", help="class names or head indices (default: all)")
     p.add_argument("--per-class", type=int, default=10, help="images per class (default: 10)")
     p.add_argument("--steps", type=int, default=2000, help="optimisation steps (default: 2000, the paper's)")
-    p.add_argument("--lr", type=float, default=0.25, help="Adam learning rate on the pixels (default: 0.25)")
+    p.add_argument("--lr", type=_number(0, 10, low_open=True), default=0.25,
+                   help="Adam learning rate on the pixels, above 0 and at most 10 (default: 0.25)")
     p.add_argument("--prune", nargs="+", metavar="LAYER:RATIO",
                    help="pruning schedule, e.g. 11:0.75 or 3,6,8,11:0.3; 'none' to disable (default: -1:0.75, "
                         "the last block)")
-    p.add_argument("--prune-start", type=float, default=0.25, help="fraction of steps before pruning starts")
+    p.add_argument("--prune-start", type=_number(0, 1), default=0.25,
+                   help="fraction of steps before pruning starts, 0 to 1 (default: 0.25)")
     p.add_argument("--bn-prior", default="resnet50.tv_in1k",
                    help="timm CNN whose BatchNorm statistics regularise the images, or 'none'")
-    p.add_argument("--bn-weight", type=float, default=0.01, help="weight of the BN prior (default: 0.01)")
+    p.add_argument("--bn-weight", type=_number(0, 1000), default=0.01,
+                   help="weight of the BN prior, 0 to 1000 (default: 0.01)")
     p.add_argument("--batch-size", type=int, help="images optimised together (default: all)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -316,10 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-loras", type=int, required=True, help="LoRAs in the zoo, one N-way task each")
     p.add_argument("--way", type=int, default=5, help="classes per LoRA (default: 5)")
     p.add_argument("--steps", type=int, default=100, help="Adam steps per LoRA")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=_number(0, 1, low_open=True), default=1e-3,
+                   help="Adam learning rate, above 0 and at most 1 (default: 1e-3)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step (default: 32)")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank of q and v (default: 4)")
-    p.add_argument("--shift", type=float, default=0.125, help="random translation (fraction of the size)")
+    p.add_argument("--shift", type=_number(0, 0.5, high_open=True), default=0.125,
+                   help="random translation, a fraction of the size below 0.5 (default: 0.125)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips (e.g. for text)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the tasks and the tuning (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -336,10 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, required=True, help="meta-training steps (episodes)")
     _add_episode_args(p)
     p.add_argument("--masked", action="store_true", help="train on masked images, feeding kept tokens only")
-    p.add_argument("--cross-fraction", type=float, default=0.5, help="share of cross-LoRA (CE) episodes")
-    p.add_argument("--teacher-temperature", type=float, default=1.0,
+    p.add_argument("--cross-fraction", type=_number(0, 1), default=0.5,
+                   help="share of cross-LoRA (CE) episodes, 0 to 1 (default: 0.5)")
+    p.add_argument("--teacher-temperature", type=_number(0, 100, low_open=True), default=1.0,
                    help="KL target softmax(teacher logits / T); T < 1 sharpens soft teacher heads (choose on --val)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=_number(0, 1, low_open=True), default=1e-3,
+                   help="Adam learning rate, above 0 and at most 1 (default: 1e-3)")
     p.add_argument("--rank", type=int, default=4, help="meta-LoRA rank of q and v (default: 4)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default: 50)")
     p.add_argument("--episode-batch", type=int, default=1,
@@ -350,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-episodes", type=int, default=100, help="with --val: episodes per validation (default: 100)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--invert-steps", type=int, default=200, help="with --zoo: inversion steps per episode")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="with --zoo --masked: tokens dropped")
+    p.add_argument("--mask-ratio", type=_number(0, 1, high_open=True), default=0.75,
+                   help="with --zoo --masked: fraction of the tokens dropped, below 1 (default: 0.75)")
     p.add_argument("--bn-prior", default="none", help="with --zoo: BN prior for online inversion")
     p.add_argument("--seed", type=int, default=0, help="random seed of the episodes (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -412,7 +451,7 @@ def _run_on_ranks(func: Callable[[argparse.Namespace], int], args: argparse.Name
         # abort the other. Say what failed and leave now; the launcher (or the peers' timeouts) ends the other ranks.
         if not isinstance(e, USER_ERRORS + (KeyboardInterrupt,)):
             traceback.print_exc()
-        print(f"rank {rank} of {world} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"rank {rank} of {world} failed: {type(e).__name__}: {terminal_safe(str(e))}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED if isinstance(e, KeyboardInterrupt) else EXIT_USER_ERROR)  # a bug: 1, traceback
@@ -425,14 +464,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
-    if args.command in HEAVY_COMMANDS:
-        tune_allocator()
     try:
+        if args.command in HEAVY_COMMANDS:
+            tune_allocator()
         if getattr(args, "ranks", False):
             return _run_on_ranks(func, args)
         return func(args)
     except USER_ERRORS as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line
+        print("error: " + terminal_safe(" ".join(str(e).split())), file=sys.stderr)  # one line, no escapes
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import os
 import time
 from typing import Any, Callable, Optional, Sequence, TypeVar
@@ -37,6 +38,7 @@ T = TypeVar("T")
 
 TIMEOUT_ENV = "RECYCLE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
+MAX_TIMEOUT_S = 7 * 24 * 3600
 _owned = False  # whether `setup` initialised the process group (and the matching `teardown` destroys it)
 _users = 0  # `setup` calls not yet matched by `teardown` while the group is ours
 
@@ -51,14 +53,19 @@ def launched() -> bool:
 
 
 def timeout() -> _dt.timedelta:
-    """The timeout of every collective: ``RECYCLE_DIST_TIMEOUT`` seconds (default 1800)."""
+    """The timeout of every collective: ``RECYCLE_DIST_TIMEOUT`` seconds (default 1800, at most 7 days).
+
+    Raises:
+        ValueError: the variable is not a finite number of seconds in that range.
+    """
     raw = os.environ.get(TIMEOUT_ENV, "")
     try:
         seconds = float(raw) if raw else DEFAULT_TIMEOUT_S
     except ValueError:
         raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if not seconds > 0:
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_S):
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a number of seconds above 0 and at most {MAX_TIMEOUT_S} "
+                         "(7 days)")
     return _dt.timedelta(seconds=seconds)
 
 

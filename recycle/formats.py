@@ -455,6 +455,12 @@ def _from_peft(cfg: dict, tensors: dict[str, torch.Tensor], meta: dict, name: st
             config = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ours.items()})
         except (TypeError, ValueError) as e:
             raise LoRAFormatError(f"{name}: invalid LoRA config in the file's metadata: {e}") from None
+        for path, (tensor_rank, _) in sorted(ranks.items()):  # the metadata must describe the tensors it sits on
+            override = config.extra.get(path) if isinstance(config.extra, dict) else None
+            declared = override.get("rank", config.rank) if isinstance(override, dict) else config.rank
+            if declared != tensor_rank:
+                raise LoRAFormatError(f"{name}: the file's metadata says rank {_shown(declared)} for {path}, but its "
+                                      f"tensors have rank {tensor_rank}; the file is inconsistent, so it is refused")
     else:
         config = LoRAConfig(targets=tuple(sorted(targets)), rank=rank, alpha=None if alpha == rank else alpha,
                             dropout=float(dropout), blocks=tuple(blocks), extra=extra)

@@ -8,6 +8,8 @@ downloads to offline mode.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -84,8 +86,53 @@ def download_repo_files(repo_id: str, allow_patterns: Sequence[str], revision: O
     return Path(folder)
 
 
+PUBLISHED_SUFFIXES = (".safetensors", ".json", ".md")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def _publishable_files(folder: Path) -> dict[str, bytes]:
+    """``{path inside folder: content}`` of the files `push_folder` uploads: regular files (never symbolic links, nor
+    anything under a linked or hidden folder) ending in `PUBLISHED_SUFFIXES`, read without following links.
+
+    Raises:
+        HubError: `folder` is not a folder, or holds pickles.
+    """
+    if folder.is_symlink() or not folder.is_dir():
+        raise HubError(f"'{folder}' is not a folder with .safetensors weights")
+    files: dict[str, bytes] = {}
+    pickles, links = [], []
+    for directory, subdirs, names in os.walk(folder, followlinks=False):
+        subdirs[:] = sorted(d for d in subdirs
+                            if not d.startswith(".") and not os.path.islink(os.path.join(directory, d)))
+        for name in sorted(names):
+            path = Path(directory) / name
+            relative = path.relative_to(folder).as_posix()
+            if name.startswith("."):
+                continue
+            if name.endswith(_PICKLE_SUFFIXES):
+                pickles.append(relative)
+            if not name.endswith(PUBLISHED_SUFFIXES):
+                continue
+            if path.is_symlink() or not stat.S_ISREG(path.lstat().st_mode):
+                links.append(relative)
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                with os.fdopen(fd, "rb") as f:
+                    files[relative] = f.read()
+            except OSError as e:
+                raise HubError(f"cannot read {path} ({e.strerror or e})") from None
+    if pickles:
+        raise HubError(f"'{folder}' contains pickled files {pickles}; only safetensors are published")
+    if links:
+        _logger.warning("push: %s skipped: symbolic links and special files are never pushed, only regular files",
+                        ", ".join(links))
+    return files
+
+
 def push_folder(folder, repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
-    """Create `repo_id` if needed and upload `folder` (safetensors, JSON and Markdown files only); returns its URL.
+    """Create `repo_id` if needed and upload `folder` (its regular safetensors, JSON and Markdown files only, never
+    symbolic links); returns its URL.
 
     Raises:
         HubError: malformed id, nothing to upload, pickles in the folder, or the upload failed.
@@ -93,19 +140,21 @@ def push_folder(folder, repo_id: str, token: Optional[str] = None, private: bool
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hf_errors
 
+    from huggingface_hub import CommitOperationAdd
+
     folder = Path(folder)
     if not is_repo_id(repo_id):
         raise HubError(f"'{repo_id}' is not a Hub id of the form ORG/NAME")
-    if not folder.is_dir() or not any(folder.glob("*.safetensors")):
-        raise HubError(f"'{folder}' is not a folder with .safetensors weights")
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
-    if pickles:
-        raise HubError(f"'{folder}' contains pickled files {pickles}; only safetensors are published")
+    files = _publishable_files(folder)
+    if not any(name.endswith(".safetensors") for name in files):
+        raise HubError(f"'{folder}' is not a folder with .safetensors weights (symbolic links are never pushed)")
     api = HfApi(endpoint=endpoint(), token=token)
     try:
         api.create_repo(repo_id, exist_ok=True, private=private)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=["*.safetensors", "*.json", "*.md"],
-                          commit_message="Upload LoRA (LoRA Recycle)")
+        # The bytes read now are uploaded, so nothing can be swapped for a link between the check and the upload.
+        api.create_commit(repo_id=repo_id, commit_message="Upload LoRA (LoRA Recycle)",
+                          operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=data)
+                                      for name, data in files.items()])
     except hf_errors.HfHubHTTPError as e:
         raise HubError(f"upload to '{repo_id}' failed: {e}") from None
     except ValueError as e:

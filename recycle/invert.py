@@ -41,6 +41,11 @@ def _check_finite(name: str, t: Optional[torch.Tensor], when: str) -> None:
                              "them beyond floating-point range, so it cannot be inverted")
 
 
+# Upper bounds of the float settings (comparisons with NaN fail, so NaN and infinity are refused too).
+MAX_INVERSION_LR = 10.0
+MAX_LOSS_WEIGHT = 1000.0
+
+
 @dataclass
 class InversionConfig:
     """Inversion settings; defaults are the paper's."""
@@ -65,16 +70,20 @@ class InversionConfig:
         if isinstance(self.pruning, (dict, str, list)):
             self.pruning = PruningConfig(self.pruning)
         self.betas = tuple(self.betas)
-        checks = [("per_class", self.per_class >= 1), ("steps", self.steps >= 1), ("lr", self.lr > 0),
-                  ("bn_weight", self.bn_weight >= 0), ("tv_weight", self.tv_weight >= 0),
-                  ("l2_weight", self.l2_weight >= 0), ("jitter", 0 <= self.jitter < 0.5),
+        checks = [("per_class", self.per_class >= 1), ("steps", self.steps >= 1),
+                  ("lr", 0 < self.lr <= MAX_INVERSION_LR), ("bn_weight", 0 <= self.bn_weight <= MAX_LOSS_WEIGHT),
+                  ("tv_weight", 0 <= self.tv_weight <= MAX_LOSS_WEIGHT),
+                  ("l2_weight", 0 <= self.l2_weight <= MAX_LOSS_WEIGHT), ("jitter", 0 <= self.jitter < 0.5),
                   ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)),
                   ("batch_size", self.batch_size is None or self.batch_size >= 1),
                   ("preview_every", self.preview_every >= 0),
                   ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2 ** 63)]
         for name, ok in checks:
             if not ok:
-                raise ValueError(f"invalid inversion setting {name}={getattr(self, name)!r}")
+                expected = {"lr": f"a number above 0 and at most {MAX_INVERSION_LR:g}"}.get(
+                    name, f"a number from 0 to {MAX_LOSS_WEIGHT:g}" if name.endswith("_weight") else "")
+                raise ValueError(f"invalid inversion setting {name}={getattr(self, name)!r}"
+                                 + (f": expected {expected}" if expected else ""))
 
 
 @dataclass
@@ -164,7 +173,7 @@ def load_bn_prior(name: str = DEFAULT_BN_PRIOR, device: Optional[torch.device] =
     from .backbone import _create
 
     try:
-        model = _create(name, {}, pretrained=True)
+        model = _create(name, {}, pretrained=True, what="BN prior")
     except BackboneError as e:
         raise BackboneError(f"BN prior: {e}") from None
     cfg = model.pretrained_cfg

@@ -61,6 +61,14 @@ CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
 
 
+# Upper bounds of the float settings (comparisons with NaN fail, so NaN and infinity are refused too).
+MAX_META_LR = 1.0
+MAX_TEACHER_TEMPERATURE = 100.0
+_EXPECTED = {"lr": f"a number above 0 and at most {MAX_META_LR:g}",
+             "teacher_temperature": f"a number above 0 and at most {MAX_TEACHER_TEMPERATURE:g}",
+             "cross_fraction": "a fraction from 0 to 1", "min_lr": "a number from 0 to lr"}
+
+
 @dataclass
 class MetaConfig:
     """Meta-training settings; defaults follow the paper (5-way 1-shot, 15 queries, Adam 1e-3, 25+75 cycle)."""
@@ -93,8 +101,8 @@ class MetaConfig:
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.lora.items()})
         checks = [("steps", self.steps >= 1), ("cross_fraction", 0.0 <= self.cross_fraction <= 1.0),
-                  ("teacher_temperature", self.teacher_temperature > 0), ("lr", self.lr > 0),
-                  ("min_lr", 0 <= self.min_lr <= self.lr),
+                  ("teacher_temperature", 0 < self.teacher_temperature <= MAX_TEACHER_TEMPERATURE),
+                  ("lr", 0 < self.lr <= MAX_META_LR), ("min_lr", 0 <= self.min_lr <= self.lr),
                   ("warmup", 0 <= self.warmup < self.cycle), ("cycle", self.cycle >= 1),
                   ("checkpoint_every", self.checkpoint_every >= 1), ("val_every", self.val_every >= 0),
                   ("val_episodes", self.val_episodes >= 1), ("distance", self.distance in ("l2", "sqeuclidean")),
@@ -102,7 +110,9 @@ class MetaConfig:
                   ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2 ** 63)]
         for name, ok in checks:
             if not ok:
-                raise ValueError(f"invalid meta-training setting {name}={getattr(self, name)!r}")
+                expected = _EXPECTED.get(name)
+                raise ValueError(f"invalid meta-training setting {name}={getattr(self, name)!r}"
+                                 + (f": expected {expected}" if expected else ""))
         self.spec  # validates way/shot/query
 
     @property
@@ -433,7 +443,9 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         config: settings.
         out: output folder: ``checkpoint.safetensors``, ``log.jsonl``, ``meta-lora/`` (the exported LoRA).
         resume: continue from ``out/checkpoint.safetensors`` exactly where it stopped (refused if the checkpoint was
-            made with other settings; only ``checkpoint_every`` may change and ``steps`` may grow).
+            made with other settings; only ``checkpoint_every`` may change and ``steps`` may grow). Without a
+            checkpoint it logs a warning and starts from step 0 (the command line refuses ``--resume`` on a folder
+            that holds neither a checkpoint nor a log).
         validate: optional ``adapter -> accuracy`` on a real validation split, run before the first step (the
             bare backbone: the meta-LoRA starts as the identity) and every ``config.val_every`` steps; the best
             adapter is exported. If no step beats the bare backbone, the exported meta-LoRA is the identity and
@@ -448,8 +460,12 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         raise ValueError(f"episode_batch={config.episode_batch} cannot be split evenly over {world} ranks; use a "
                          f"multiple of {world}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt, log_path = out / CHECKPOINT, out / LOG
+    if resume and not ckpt.is_file():
+        _logger.warning("resume: %s holds no %s (%s), so training starts from step 0", out, CHECKPOINT,
+                        "the run stopped before its first checkpoint" if log_path.is_file() else "no run was started "
+                        "there")
+    out.mkdir(parents=True, exist_ok=True)
     py = random.Random(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)

@@ -11,6 +11,7 @@ run; the pool grows by adding runs. Runs from the same LoRA (same fingerprint) f
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import io
 import logging
@@ -18,7 +19,9 @@ import os
 import random
 import re
 import shutil
+import stat
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -34,13 +37,17 @@ from .formats import LoRAAdapter
 from .invert import BNPrior, InversionConfig, InversionProgress, InversionResult, invert
 from .io import atomic_write_bytes, dumps_strict, loads_strict
 
-__all__ = ["PoolError", "PoolItem", "PoolClass", "PoolEpisode", "Pool", "write_run", "invert_zoo", "teacher_confidence",
-           "POOL_FORMAT"]
+__all__ = ["PoolError", "PoolItem", "PoolClass", "PoolEpisode", "Pool", "PoolIndex", "write_run", "invert_zoo",
+           "teacher_confidence", "POOL_FORMAT", "MAX_MANIFEST_BYTES", "MAX_RUN_ITEMS"]
 
 _logger = logging.getLogger(__name__)
 
 POOL_FORMAT = "recycle-pool"
 POOL_VERSION = 1
+# A run's manifest is read only up to these sizes (a run of 1000 classes x 10 images with 1000 logits each is about
+# 200 MB); callers serving untrusted requests pass smaller bounds.
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_RUN_ITEMS = 100_000
 
 
 class PoolError(ValueError):
@@ -91,9 +98,20 @@ def write_run(root: Union[str, Path], result: InversionResult, adapter: LoRAAdap
         if t is not None and not torch.isfinite(t).all():
             raise PoolError(f"refusing to add the run to the pool: its {key} contain NaN or Inf")
     root = Path(root)
+    if root.is_symlink() and not root.exists():
+        raise PoolError(f"pool folder '{root}' is a symbolic link to '{os.readlink(root)}', which does not exist")
     if root.exists() and not root.is_dir():
         raise PoolError(f"pool folder '{root}' is a file, not a folder")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return _write_run(root, result, adapter, source, settings, patch_grid, name)
+    except OSError as e:  # no permission, a read-only or full disk, a special filesystem such as /proc
+        raise PoolError(f"cannot write the run into the pool folder '{root}': {e.strerror or e}"
+                        + (" (the disk is full)" if getattr(e, "errno", None) == errno.ENOSPC else "")) from None
+
+
+def _write_run(root: Path, result: InversionResult, adapter: LoRAAdapter, source: str, settings: dict,
+               patch_grid: tuple[int, int], name: Optional[str]) -> Path:
     fingerprint = adapter.fingerprint()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     name = name or f"{_slug(Path(source).name if os.sep in source else source)}-{fingerprint[:8]}-{stamp}"
@@ -165,6 +183,14 @@ def invert_zoo(backbone: Backbone, zoo: Union[str, Path], root: Union[str, Path]
 
     root = Path(root)
     zoo_loras = load_zoo(zoo, backbone)
+    runs: dict[str, str] = {}
+    for name, adapter in zoo_loras:  # two LoRAs must never share a run folder
+        run_name = f"{_slug(name)}-{adapter.fingerprint()[:8]}"
+        if run_name in runs:
+            raise PoolError(f"zoo '{zoo}': LoRAs {runs[run_name]!r} and {name!r} would both be inverted into the pool "
+                            f"run '{run_name}' (the same weights, or names that are the same as folder names); "
+                            "remove one or rename it")
+        runs[run_name] = name
     grid = tuple(backbone.model.patch_embed.grid_size)
     done = []
     for k in distributed.shard_indices(len(zoo_loras)):
@@ -177,15 +203,19 @@ def invert_zoo(backbone: Backbone, zoo: Union[str, Path], root: Union[str, Path]
             if found != run_settings:
                 changed = sorted(key for key in set(found) | set(run_settings)
                                  if found.get(key) != run_settings.get(key))
-                raise PoolError(f"{run} was inverted with other settings ({', '.join(changed)} differ); use another "
-                                "pool folder, or the settings it was made with")
+                raise PoolError(f"{run} (LoRA {name!r} of the zoo) was inverted with other settings "
+                                f"({', '.join(changed)} differ); use another pool folder, or the settings it was made "
+                                "with")
             _logger.info("pool: %s is already inverted (%s)", name, run.name)
             done.append((name, run, None))
             continue
         if run.exists():
             raise PoolError(f"{run} exists but holds no manifest.json, so it is not a finished run; remove it")
-        result = invert(backbone, adapter, cfg, bn_prior=bn_prior,
-                        progress=None if progress is None else lambda p, n=name: progress(n, p))
+        try:
+            result = invert(backbone, adapter, cfg, bn_prior=bn_prior,
+                            progress=None if progress is None else lambda p, n=name: progress(n, p))
+        except ValueError as e:  # a LoRA without a head, a teacher with non-finite outputs: name the LoRA
+            raise type(e)(f"zoo '{zoo}', LoRA {name!r}: {e}") from None
         done.append((name, write_run(root, result, adapter, str(Path(zoo) / name), run_settings, grid, run.name),
                      result))
     return done
@@ -246,6 +276,84 @@ class PoolEpisode:
     query_kept: Optional[list[torch.Tensor]] = None
 
 
+def _run_folders(root: Path) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(name, (mtime_ns, size, inode) of its manifest)`` of every finished run folder under `root`, by name.
+
+    Raises:
+        PoolError: `root` is missing or unreadable, or a run folder has no manifest.
+    """
+    if not root.is_dir():
+        raise PoolError(f"pool folder '{root}' does not exist")
+    found = []
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_dir():
+                    continue  # a run still being written (or abandoned mid-write): never read as complete
+                try:
+                    st = os.stat(os.path.join(entry.path, "manifest.json"))
+                except FileNotFoundError:
+                    st = None
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    raise PoolError(f"pool run '{entry.name}' has no manifest.json: it is incomplete or not a pool "
+                                    "run")
+                found.append((entry.name, (st.st_mtime_ns, st.st_size, st.st_ino)))
+    except OSError as e:
+        raise PoolError(f"pool folder '{root}' cannot be read: {e.strerror or e}") from None
+    return sorted(found)
+
+
+class PoolIndex:
+    """A pool folder's runs, read once and then kept up to date: each call lists the folder and re-reads only the
+    manifests that are new or changed (by modification time, size and inode), so browsing a large pool costs one
+    directory listing and one `stat` per run instead of re-reading and re-checking every manifest.
+
+    Args:
+        root: the pool folder.
+        max_manifest_bytes, max_items: bounds of each run's manifest (see `Pool`).
+        max_runs: if given, only the first `max_runs` runs (by folder name) are read; `total_runs` says how many
+            the folder holds.
+    """
+
+    def __init__(self, root: Union[str, Path], max_manifest_bytes: int = MAX_MANIFEST_BYTES,
+                 max_items: int = MAX_RUN_ITEMS, max_runs: Optional[int] = None):
+        self.root = Path(root)
+        self.max_manifest_bytes, self.max_items, self.max_runs = max_manifest_bytes, max_items, max_runs
+        self.total_runs = 0
+        self._manifests: dict[str, tuple[tuple[int, int, int], dict]] = {}
+        self._pool: Optional[Pool] = None
+        self._lock = threading.Lock()
+        self.reads = 0  # manifests read so far (for tests and logs)
+
+    def pool(self) -> Pool:
+        """The pool as it is on disk now.
+
+        Raises:
+            PoolError: as `Pool` does (missing folder, no runs, a bad manifest, which is read again next time).
+        """
+        with self._lock:
+            listing = _run_folders(self.root)
+            self.total_runs = len(listing)
+            if self.max_runs is not None:
+                listing = listing[:self.max_runs]
+            manifests: dict[str, tuple[tuple[int, int, int], dict]] = {}
+            changed = len(listing) != len(self._manifests)
+            for name, key in listing:
+                known = self._manifests.get(name)
+                if known is not None and known[0] == key:
+                    manifests[name] = known
+                    continue
+                path = self.root / name / "manifest.json"
+                manifests[name] = (key, Pool._read_manifest(path, self.max_manifest_bytes, self.max_items))
+                self.reads += 1
+                changed = True
+            if changed or self._pool is None:
+                self._pool = Pool.from_manifests(self.root, [self.root / n for n in manifests],
+                                                 [m for _, m in manifests.values()])
+            self._manifests = manifests
+            return self._pool
+
+
 class Pool:
     """Read a surrogate pool: list its sources and classes, load images, sample episodes.
 
@@ -254,20 +362,22 @@ class Pool:
             that is missing; image checksums are verified as images are loaded.
     """
 
-    def __init__(self, root: Union[str, Path]):
+    def __init__(self, root: Union[str, Path], max_manifest_bytes: int = MAX_MANIFEST_BYTES,
+                 max_items: int = MAX_RUN_ITEMS):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise PoolError(f"pool folder '{self.root}' does not exist")
-        self.runs: list[dict] = []
-        self.run_dirs: list[Path] = []
-        for d in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            if d.name.startswith("."):
-                continue  # a run still being written (or abandoned mid-write): never read as complete
-            manifest = d / "manifest.json"
-            if not manifest.is_file():
-                raise PoolError(f"pool run '{d.name}' has no manifest.json: it is incomplete or not a pool run")
-            self.runs.append(self._read_manifest(manifest))
-            self.run_dirs.append(d)
+        self.run_dirs = [self.root / name for name, _ in _run_folders(self.root)]
+        self.runs = [self._read_manifest(d / "manifest.json", max_manifest_bytes, max_items) for d in self.run_dirs]
+        self._index()
+
+    @classmethod
+    def from_manifests(cls, root: Union[str, Path], run_dirs: list[Path], runs: list[dict]) -> "Pool":
+        """A pool of manifests already read (and validated) by `_read_manifest`, e.g. kept by a `PoolIndex`."""
+        pool = cls.__new__(cls)
+        pool.root, pool.run_dirs, pool.runs = Path(root), list(run_dirs), list(runs)
+        pool._index()
+        return pool
+
+    def _index(self) -> None:
         if not self.runs:
             raise PoolError(f"pool '{self.root}' has no runs yet (invert a LoRA into it first)")
         classes: dict[tuple[str, int], PoolClass] = {}
@@ -281,11 +391,19 @@ class Pool:
         self.classes = list(classes.values())
 
     @staticmethod
-    def _read_manifest(path: Path) -> dict:
+    def _read_manifest(path: Path, max_bytes: int = MAX_MANIFEST_BYTES, max_items: int = MAX_RUN_ITEMS) -> dict:
         try:
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise PoolError(f"{path}: the manifest is {size:,} bytes, more than the {max_bytes:,} accepted")
             m = loads_strict(path.read_bytes(), "the manifest")
         except (OSError, ValueError) as e:
+            if isinstance(e, PoolError):
+                raise
             raise PoolError(f"{path}: unreadable manifest ({e})") from None
+        if isinstance(m, dict) and isinstance(m.get("items"), list) and len(m["items"]) > max_items:
+            raise PoolError(f"{path}: the manifest lists {len(m['items']):,} images, more than the {max_items:,} "
+                            "accepted in one run")
         if not isinstance(m, dict) or m.get("format") != POOL_FORMAT:
             raise PoolError(f"{path}: not a surrogate-pool manifest")
         if m.get("version") != POOL_VERSION:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
+import torch
+
 from .fewshot import FewShotClassifier
 from .images import ImageError, ImageSource, list_images, load_image
 
@@ -115,6 +117,10 @@ def classify(classifier: FewShotClassifier, support: Mapping[str, Sequence[Image
     query_images = _load_all(list(queries), "query")
     classifier.fit(images, labels)
     probs = classifier.predict_proba(query_images)
+    if not bool(torch.isfinite(probs).all()):
+        raise SupportError(f"the backbone '{classifier.backbone.name}' (with its LoRA, if any) gives non-finite "
+                           "embeddings for these images, so no prediction can be made; its weights or "
+                           "preprocessing numbers are broken")
     out = []
     for (display, _), p in zip(queries, probs.tolist()):
         best = max(range(len(p)), key=p.__getitem__)

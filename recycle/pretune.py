@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,11 +52,14 @@ class PretuneConfig:
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.lora.items()})
         checks = [("num_loras", self.num_loras >= 1), ("way", self.way >= 2), ("steps", self.steps >= 1),
-                  ("lr", self.lr > 0), ("batch_size", self.batch_size >= 1), ("holdout", 0 <= self.holdout < 1),
+                  ("lr", 0 < self.lr <= 1), ("batch_size", self.batch_size >= 1), ("holdout", 0 <= self.holdout < 1),
                   ("shift", 0 <= self.shift < 0.5)]
         for name, ok in checks:
             if not ok:
-                raise ValueError(f"invalid pre-tuning setting {name}={getattr(self, name)!r}")
+                expected = {"lr": "a number above 0 and at most 1", "shift": "a fraction from 0 to 0.5 (excluded)",
+                            "holdout": "a fraction from 0 to 1 (excluded)"}.get(name)
+                raise ValueError(f"invalid pre-tuning setting {name}={getattr(self, name)!r}"
+                                 + (f": expected {expected}" if expected else ""))
 
 
 def sample_tasks(num_classes: int, num_loras: int, way: int, seed: int) -> list[list[int]]:
@@ -120,14 +124,88 @@ def tune_lora(backbone: Backbone, x: torch.Tensor, y: torch.Tensor, config: Pret
     return adapter, acc
 
 
-def _read_manifest(root: Path) -> dict:
+MAX_ZOO_MANIFEST_BYTES = 16 << 20
+MAX_ZOO_LORAS = 100_000
+
+
+def _zoo_name_problem(name: object) -> Optional[str]:
+    """Why `name` cannot be a LoRA's folder name inside a zoo (None when it can)."""
+    if not isinstance(name, str):
+        return f"its name must be text, got {json.dumps(name)[:40]}"
+    if not name or name in (".", "..") or len(name) > 255:
+        return f"its name {name[:60]!r} is not a folder name"
+    if "/" in name or "\\" in name or name.startswith("~") or Path(name).is_absolute():
+        return f"its name {name[:60]!r} is a path; a zoo lists the names of folders inside it"
+    if not name.isprintable():
+        return f"its name {name[:60]!r} contains control characters"
+    return None
+
+
+def read_zoo_manifest(root: Path) -> dict:
+    """The zoo manifest ``root/zoo.json``, validated (``{}`` when there is none): an object whose ``loras`` is a list
+    of entries, each an object with a unique ``name`` that is a folder inside the zoo; ``config``, if present, is an
+    object.
+
+    Raises:
+        ValueError: naming the file and the entry: too large, not UTF-8 or strict JSON, or of the wrong shape.
+    """
     path = root / ZOO_MANIFEST
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is corrupt ({e}); delete it to rebuild the zoo manifest") from None
+        size = path.stat().st_size
+        if size > MAX_ZOO_MANIFEST_BYTES:
+            raise ValueError(f"{path} is {size} bytes; a zoo manifest is at most {MAX_ZOO_MANIFEST_BYTES} bytes")
+        # zoos written before held-out accuracies were stored as null hold NaN there: read as null
+        manifest = json.loads(path.read_bytes(), parse_constant=lambda _: None,
+                              parse_float=lambda text: float(text) if math.isfinite(float(text)) else None)
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror or e})") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be read") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix or delete it to rebuild the zoo manifest") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} holds a JSON {type(manifest).__name__ if manifest is not None else 'null'}; a zoo "
+                         "manifest is an object with a 'loras' list")
+    loras = manifest.get("loras", [])
+    if not isinstance(loras, list):
+        raise ValueError(f"{path}: 'loras' must be a list of entries, got {json.dumps(loras)[:40]}")
+    if len(loras) > MAX_ZOO_LORAS:
+        raise ValueError(f"{path} lists {len(loras)} LoRAs; at most {MAX_ZOO_LORAS}")
+    if not isinstance(manifest.get("config", {}), dict):
+        raise ValueError(f"{path}: 'config' must be an object")
+    seen: dict[str, int] = {}
+    for k, entry in enumerate(loras):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: entry {k + 1} of 'loras' must be an object, got {json.dumps(entry)[:40]}")
+        if "name" not in entry:
+            raise ValueError(f"{path}: entry {k + 1} of 'loras' has no 'name'")
+        problem = _zoo_name_problem(entry["name"])
+        if problem:
+            raise ValueError(f"{path}: entry {k + 1} of 'loras': {problem}")
+        name = entry["name"]
+        if name in seen:
+            raise ValueError(f"{path}: entries {seen[name] + 1} and {k + 1} of 'loras' are both named {name!r}; "
+                             "each LoRA must be listed once")
+        seen[name] = k
+        classes = entry.get("classes", [])
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            raise ValueError(f"{path}: LoRA {name!r}: 'classes' must be a list of names")
+    return manifest
+
+
+def _read_manifest(root: Path) -> dict:
+    return read_zoo_manifest(root)
+
+
+def _accuracy(value: object) -> Optional[float]:
+    """A held-out accuracy as the manifest stores it: rounded, or None when there is none (NaN)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(value, 4) if math.isfinite(value) else None
 
 
 def _finished(directory: Path) -> bool:
@@ -141,7 +219,7 @@ def _entry_from_disk(directory: Path) -> dict:
     adapter = read_adapter(directory)
     stamp = _dt.datetime.fromtimestamp((directory / ADAPTER_CONFIG).stat().st_mtime, _dt.timezone.utc)
     return {"name": directory.name, "classes": adapter.class_names,
-            "holdout_acc": round(float(adapter.info.get("holdout_acc", float("nan"))), 4),
+            "holdout_acc": _accuracy(adapter.info.get("holdout_acc")),
             "created": stamp.isoformat(timespec="seconds")}
 
 
@@ -185,7 +263,7 @@ def pretune_zoo(backbone: Backbone, data: Union[str, Path], out: Union[str, Path
         adapter.info = {"made_by": "recycle pretune", "data": str(data), "task": k, "holdout_acc": acc,
                         "steps": config.steps}
         save_adapter(adapter, out / name)
-        entry = {"name": name, "classes": adapter.class_names, "holdout_acc": round(acc, 4),
+        entry = {"name": name, "classes": adapter.class_names, "holdout_acc": _accuracy(acc),
                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         manifest["loras"].append(entry)
         if serial:  # with several ranks only rank 0 writes the manifest, at the end
@@ -206,13 +284,34 @@ def pretune_zoo(backbone: Backbone, data: Union[str, Path], out: Union[str, Path
 
 
 def load_zoo(root: Union[str, Path], backbone: Optional[Backbone] = None) -> list[tuple[str, LoRAAdapter]]:
-    """``[(name, adapter)]`` for every LoRA in a zoo folder (listed in ``zoo.json``, or every subfolder)."""
+    """``[(name, adapter)]`` for every LoRA in a zoo folder (listed in ``zoo.json``, or every subfolder).
+
+    Raises:
+        FileNotFoundError: the zoo folder does not exist.
+        ValueError: ``zoo.json`` is malformed (see `read_zoo_manifest`), a listed LoRA's folder is missing or resolves
+            outside the zoo, or the zoo holds no LoRAs.
+        LoRAFormatError: a LoRA cannot be used; the message names it.
+    """
+    from .formats import LoRAFormatError
+
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"zoo folder '{root}' does not exist")
-    manifest = _read_manifest(root)
+    manifest = read_zoo_manifest(root)
     names = [e["name"] for e in manifest.get("loras", [])] or sorted(
         d.name for d in root.iterdir() if (d / "adapter_model.safetensors").is_file())
     if not names:
         raise ValueError(f"zoo '{root}' holds no LoRAs")
-    return [(n, read_adapter(root / n, backbone)) for n in names]
+    inside = root.resolve()
+    out = []
+    for name in names:
+        folder = root / name
+        if not folder.resolve().is_relative_to(inside):
+            raise ValueError(f"{root / ZOO_MANIFEST}: LoRA {name!r} resolves outside the zoo folder")
+        if not folder.is_dir():
+            raise ValueError(f"{root / ZOO_MANIFEST} lists LoRA {name!r}, but the zoo has no folder {folder}")
+        try:
+            out.append((name, read_adapter(folder, backbone)))
+        except LoRAFormatError as e:
+            raise LoRAFormatError(f"zoo '{root}', LoRA {name!r}: {e}") from None
+    return out

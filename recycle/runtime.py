@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 __all__ = ["PRECISIONS", "native_bf16", "cpu_bf16_flags", "resolve_precision", "check_bf16_flag", "mixed_precision",
-           "tune_allocator", "allocator_settings"]
+           "tune_allocator", "allocator_settings", "malloc_choice", "MALLOC_CHOICES"]
 
 _logger = logging.getLogger(__name__)
 
@@ -107,6 +107,23 @@ def mixed_precision(model: nn.Module, device: Union[str, torch.device], enabled:
             m.fused_attn = True
 
 
+MALLOC_CHOICES = ("tuned", "default")
+
+
+def malloc_choice() -> str:
+    """``RECYCLE_MALLOC``: ``tuned`` (also when unset or empty) or ``default`` (glibc's own settings), in any case.
+
+    Raises:
+        ValueError: any other value, naming the variable and the values it takes.
+    """
+    raw = os.environ.get("RECYCLE_MALLOC", "")
+    value = raw.strip().lower() or "tuned"
+    if value not in MALLOC_CHOICES:
+        raise ValueError(f"RECYCLE_MALLOC={raw[:40]!r} is not a setting: use 'tuned' (the default) to tune glibc "
+                         "malloc, or 'default' to keep glibc's defaults")
+    return value
+
+
 def tune_allocator() -> dict[str, int]:
     """Keep freed memory in the process instead of unmapping it (glibc malloc only): ``M_MMAP_MAX = 0`` serves every
     allocation from the heap, and ``M_TRIM_THRESHOLD`` at its maximum never returns the heap's top to the system.
@@ -116,14 +133,18 @@ def tune_allocator() -> dict[str, int]:
     its holes made the peak about 40% higher (pilot runs with 2 and 4 blocks). Call it once where a heavy command
     starts; set ``RECYCLE_MALLOC=default`` to skip it. Idempotent.
 
+    Raises:
+        ValueError: ``RECYCLE_MALLOC`` has a value other than ``tuned`` or ``default`` (see `malloc_choice`).
+
     Returns:
         The mallopt settings applied (empty when skipped or not on glibc).
     """
     global _allocator_settings
     if _allocator_settings is not None:
         return _allocator_settings
+    choice = malloc_choice()  # a bad value is refused before anything is set
     _allocator_settings = {}
-    if os.environ.get("RECYCLE_MALLOC", "").lower() == "default":
+    if choice == "default":
         _logger.info("allocator: glibc defaults kept (RECYCLE_MALLOC=default)")
         return _allocator_settings
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

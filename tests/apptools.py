@@ -226,3 +226,22 @@ def require_toy_weights() -> Path:
         from reproduce.glyphs import missing_fonts
         pytest.skip(f"the toy shipped weights need the Debian fonts {missing_fonts()} (see reproduce/)")
     return weights
+
+
+def plain(markdown: str) -> str:
+    """The text a reader sees of `markdown` (rendered as CommonMark with inline HTML, tags dropped, entities
+    decoded)."""
+    import html as _html
+    import re as _re
+
+    from markdown_it import MarkdownIt
+
+    rendered = MarkdownIt("commonmark", {"html": True}).render(markdown)
+    return _html.unescape(_re.sub(r"<[^>]+>", "", rendered)).strip()
+
+
+def rendered(markdown: str) -> str:
+    """`markdown` rendered to HTML as CommonMark with inline HTML."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": True}).render(markdown)

@@ -27,7 +27,7 @@ from recycle.invert import DEFAULT_BN_PRIOR
 from recycle.formats import LoRAAdapter, read_adapter, save_adapter
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters
 from tests.apptools import (KINDS, check, classify, close, free_port, good_request, launch, make_pics, pattern,
-                            require_toy_weights, settings)
+                            plain, require_toy_weights, settings)
 
 CLIP_NAME = "vit_base_patch16_clip_224.openai"  # on the Hub only: unloadable here
 
@@ -102,7 +102,7 @@ def test_good_request(client, pics):
 
 def test_status_reports_the_loaded_backbone(client, tiny_clip_dir):
     status = client.predict(api_name="/status")
-    assert status.startswith("✅") and str(tiny_clip_dir) in status and "16-d" in status
+    assert status.startswith("✅") and str(tiny_clip_dir) in plain(status) and "16-d" in status
 
 
 def test_too_many_images(client, pics, monkeypatch):
@@ -192,7 +192,7 @@ def test_lora_is_compared_with_the_backbone_alone(client, pics, tiny_clip_dir, t
     assert [row[-1] for row in table["data"]] == ["blue", "stripes", "red"]  # the easy task: both get it right
     assert "3 of 3</b> predictions agree" in cards and cards.count('data-bare-label="') == 3
     assert cards.count('class="rc-bar rc-main"') == 9 and cards.count('class="rc-bar rc-bare"') == 9
-    assert f"with meta-LoRA `{good}`" in client.predict(lora=str(good), api_name="/status")
+    assert f"with meta-LoRA {good}" in plain(client.predict(lora=str(good), api_name="/status"))
     with pytest.raises(AppError, match="does not fit the backbone"):
         good_request(client, pics, lora=str(_random_lora(tiny_vit_dir, tmp_path / "vit-lora")))
     good_request(client, pics)
@@ -202,7 +202,7 @@ def test_backbone_that_cannot_be_loaded(client, pics, closed_hub):
     with pytest.raises(AppError, match=rf"Cannot load backbone '{CLIP_NAME}'.*unreachable"):
         good_request(client, pics, backbone=CLIP_NAME)
     status = client.predict(backbone=CLIP_NAME, api_name="/status")
-    assert status.startswith("⚠️") and CLIP_NAME in status and closed_hub in status
+    assert status.startswith("⚠️") and CLIP_NAME in plain(status) and closed_hub in plain(status)
     good_request(client, pics)
 
 
@@ -211,8 +211,8 @@ def test_app_starts_without_its_default_backbone_and_without_shipped_weights(pic
     demo, client = launch(settings(tmp_path, CLIP_NAME))
     try:
         status = client.predict(api_name="/status")
-        assert status.startswith("⚠️ **Not ready.**") and f"Cannot load backbone '{CLIP_NAME}'" in status
-        assert "not in the local cache" in status
+        assert status.startswith("⚠️ **Not ready.**") and f"Cannot load backbone '{CLIP_NAME}'" in plain(status)
+        assert "not in the local cache" in plain(status)
         with pytest.raises(AppError, match=CLIP_NAME):
             good_request(client, pics)
         good_request(client, pics, backbone=str(tiny_clip_dir))
@@ -227,8 +227,9 @@ def test_offline_default_uses_the_shipped_weights_and_offers_examples(closed_hub
     demo, client = launch(s)
     try:
         status = client.predict(api_name="/status")
-        assert "Offline mode" in status and f"`{CLIP_NAME}` cannot be loaded" in status and "unreachable" in status
-        assert f"✅ **Ready:** `{weights / 'mini-vit'}` with meta-LoRA `{weights / 'mini-meta-lora'}`" in status
+        assert "Offline mode" in status and f"{CLIP_NAME} cannot be loaded" in plain(status)
+        assert "unreachable" in plain(status)
+        assert f"✅ Ready: {weights / 'mini-vit'} with meta-LoRA {weights / 'mini-meta-lora'}" in plain(status)
         config = client.config
         dropdown = next(c for c in config["components"] if c["props"].get("label") == "Backbone (all tabs)")
         lora = next(c for c in config["components"] if c["props"].get("label") == "Meta-LoRA (optional)")
@@ -360,7 +361,7 @@ def test_offline_default_on_the_real_shipped_weights_classifies_its_examples(clo
     lora = read_adapter(SHIPPED / "mini-meta-lora", backbone)
     demo, client = launch(settings(tmp_path, CLIP_NAME, SHIPPED))
     try:
-        assert f"with meta-LoRA `{SHIPPED / 'mini-meta-lora'}`" in client.predict(api_name="/status")
+        assert f"with meta-LoRA {SHIPPED / 'mini-meta-lora'}" in plain(client.predict(api_name="/status"))
         tasks = app_ui.find_examples(SHIPPED / "examples")
         assert [t.name for t in tasks] == sorted(p.name for p in (SHIPPED / "examples").iterdir() if p.is_dir())
         assert recheck["data"].get("cross_script", "hangul") in [t.name for t in tasks]
@@ -498,3 +499,18 @@ def test_labelled_queries_are_scored_for_the_meta_lora_and_for_the_backbone_alon
     alone = fewshot.probability_cards(bare, [""] * 4)
     assert '<b class="rc-score">1 of 3</b> correct' in alone
     assert "rc-score" not in fewshot.probability_cards(lora[3:], [""], bare[3:], "x")  # no labels, no score
+
+
+@pytest.mark.parametrize("env", [{"GRADIO_SERVER_PORT": "abc"}, {"GRADIO_SERVER_PORT": "99999"},
+                                 {"GRADIO_SERVER_PORT": "-1"}, {"RECYCLE_MALLOC": "junk"}, {"RECYCLE_MALLOC": "off"}])
+def test_bad_environment_variables_stop_the_app_with_one_line(env, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    app_py = Path(__file__).resolve().parent.parent / "app.py"
+    out = subprocess.run([sys.executable, str(app_py)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "RECYCLE_BACKBONE": "none", **env})
+    name = next(iter(env))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {name}={env[name]!r} is not a")

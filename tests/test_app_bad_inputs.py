@@ -19,8 +19,7 @@ from gradio_client.exceptions import AppError
 from safetensors.torch import load_file, save_file
 
 from tests.apptools import (blank_png, classify, close, good_request, headless_lora, launch, make_pics, make_pool,
-                            official_lora, pattern, publish, quick_good_request, settings,
-                            tiny_lora)
+                            official_lora, pattern, plain, publish, quick_good_request, settings, tiny_lora)
 
 
 # -------------------------------------------------------------------------------------------------------- fixtures
@@ -36,6 +35,7 @@ def world(tiny_clip_dir, tiny_vit_dir, tmp_path_factory):
     demo, client = launch(open_app)
     public_demo, public = launch(public_app)
     yield SimpleNamespace(root=root, pics=pics, peft=peft, pool=pool, client=client, public=public,
+                          clip_dir=tiny_clip_dir,
                           official=official_lora(tiny_clip_dir, root / "official" / "task.safetensors"),
                           headless=headless_lora(tiny_clip_dir, root / "headless"),
                           vit_lora=tiny_lora(tiny_vit_dir, root / "vit-lora", steps=2))
@@ -162,6 +162,24 @@ def _upload_deep_config(w, t):
     folder = _peft_copy(w, t)
     (folder / "adapter_config.json").write_text("[" * 200_000 + "]" * 200_000)
     return _load(w, files=[folder / "adapter_config.json", folder / "adapter_model.safetensors"])
+
+
+def _hostile_backbone(w, t, edit=None, text=None) -> Path:
+    """A copy of the tiny CLIP folder with its config.json edited (a dict edit, or raw text)."""
+    folder = shutil.copytree(w.clip_dir, t / "hostile-vit")
+    if edit is not None:
+        config = json.loads((folder / "config.json").read_text())
+        edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    if text is not None:
+        (folder / "config.json").write_text(text)
+    return folder
+
+
+def _hub_backbone(w, h, t, repo, **edits):
+    """Publish a hostile backbone to the fake Hub and use it as the backbone on the public app."""
+    publish(h.root, repo, _hostile_backbone(w, t, **edits))
+    return _two(w, backbone=f"hf-hub:{repo}", client=w.public)
 
 
 # --------------------------------------------------------------------------------------------------------- the cases
@@ -320,7 +338,10 @@ CASES: dict[str, tuple[Callable, str]] = {
         r"lora_A \[1000000000, 0\] and lora_B \[0, 1000000000\].*low-rank pair"),
     "rank 10^9 in the metadata": (
         lambda w, t, h: (_upload_peft(w, t, edit_meta=lambda m: m["config"].update(rank=10 ** 9)), _invert(w)),
-        r"rank 1000000000 on blocks\.0\.attn\.qkv exceeds min\(in, out\) = 64"),
+        r"metadata says rank 1000000000 for blocks\.0\.attn\.qkv, but its tensors have rank 4"),
+    "rank 100000 in the metadata over rank-4 tensors": (
+        lambda w, t, h: _upload_peft(w, t, edit_meta=lambda m: m["config"].update(rank=100_000)),
+        r"metadata says rank 100000 for blocks\.0\.attn\.qkv, but its tensors have rank 4; .*inconsistent"),
     "LoRA scaled by 1e30": (lambda w, t, h: (_upload_peft(w, t, edit_tensors=_scale(1e30)), _invert(w)),
                             r"teacher's (logits|loss) are not finite.*cannot be inverted"),
     # inversion settings of the wrong type or out of range
@@ -344,6 +365,31 @@ CASES: dict[str, tuple[Callable, str]] = {
         lambda w, t, h: _two(w, backbone=f"LOCAL-DIR:{w.root}", client=w.public), r"Local paths are disabled"),
     "backbone name timm cannot read": (lambda w, t, h: _two(w, backbone="file:/etc/passwd"),
                                        r"Unknown backbone 'file:/etc/passwd'"),
+    # backbone folders and Hub repos whose config.json describes a huge or wrong model (checked before building)
+    "public: Hub backbone of depth 1000": (
+        lambda w, t, h: _hub_backbone(w, h, t, "evil/deep-vit", edit=lambda c: c["model_args"].update(depth=1000)),
+        r"hf-hub:evil/deep-vit.*config\.json: 'depth' is 1000, outside the accepted range 1 to 128"),
+    "backbone with img_size 10^9": (
+        lambda w, t, h: _two(w, backbone=str(_hostile_backbone(w, t, edit=lambda c: c["model_args"].update(
+            img_size=10 ** 9)))), r"config\.json: 'img_size' is 1000000000, outside the accepted range"),
+    "backbone of depth 10^6": (
+        lambda w, t, h: _two(w, backbone=str(_hostile_backbone(w, t, edit=lambda c: c["model_args"].update(
+            depth=10 ** 6)))), r"'depth' is 1000000, outside"),
+    "transformers config as the backbone": (
+        lambda w, t, h: _two(w, backbone=str(_hostile_backbone(w, t, text='{"model_type": "vit"}'))),
+        r"is a transformers config \(model_type 'vit'\), not a timm one"),
+    "backbone weights with the wrong shapes": (
+        lambda w, t, h: _two(w, backbone=str(_hostile_backbone(w, t, edit=lambda c: c["model_args"].update(
+            embed_dim=32, num_heads=2)))), r"model\.safetensors: tensor '.*' has shape \[.*\], but the model"),
+    # inversion settings sent as text through the API
+    "steps as the text 'nan'": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, steps="nan")),
+                                r"Steps must be a finite number, got nan"),
+    "steps as the text 'many'": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, steps="many")),
+                                 r"Steps must be a number, got 'many'"),
+    "learning rate 'inf'": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, lr="inf")),
+                            r"Learning rate \(Adam\) must be a finite number, got inf"),
+    "BN prior as the text 'false'": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, bn_prior="false")),
+                                     r"must be true or false, got the text 'false'"),
     # pool
     "pool image outside the pool": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: _point_outside(r, t))),
                                     r"not a file inside the run"),
@@ -360,9 +406,20 @@ CASES: dict[str, tuple[Callable, str]] = {
         r / "manifest.json").write_text('{"format": "other"}'))), r"not a surrogate-pool manifest"),
     "modified pool image": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: pattern("red", 1, (32, 32)).save(
         r / "images" / "000000.png"))), r"checksum mismatch"),
+    "9 MB manifest": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: _edit_manifest(
+        r, lambda m: m["settings"].update(blob="x" * (9 << 20))))), r"the manifest is [\d,]+ bytes, more than the "
+                                                                   r"8,388,608 accepted"),
+    "200,000-item manifest": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: _edit_manifest(
+        r, lambda m: m.update(items=[{}] * 200_000)))), r"the manifest lists 200,000 images, more than the 5,000"),
     "pool image deleted": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (
         r / "masked" / "000001.png").unlink())), r"masked/000001\.png is listed in the manifest but missing"),
 }
+
+
+def _edit_manifest(run: Path, edit: Callable[[dict], None]) -> None:
+    manifest = json.loads((run / "manifest.json").read_text())
+    edit(manifest)
+    (run / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _point_outside(run: Path, tmp: Path) -> None:
@@ -398,7 +455,7 @@ def test_the_suite_is_broad():
 def test_a_public_server_still_serves_hub_loras_and_its_own_defaults(world, local_hub):
     publish(local_hub.root, "recycle-test/colours", world.peft)
     card, _ = _load(world, hub_id="recycle-test/colours", client=world.public)
-    assert "**Loaded** `recycle-test/colours`" in card
+    assert "Loaded recycle-test/colours" in plain(card)
     card, _ = _load(world, files=[world.official], client=world.public)  # uploads are fine too
     assert "✅ Fits" in card
     assert world.public.predict(api_name="/status").startswith("✅")  # the configured backbone is trusted
@@ -452,3 +509,21 @@ def test_memory_stays_bounded_under_adversarial_uploads_and_large_images(world, 
     grown = _rss_mb() - start
     assert grown < 100, f"resident memory grew by {grown:.0f} MB"
     quick_good_request(w.client, w.pics)
+
+
+def test_a_huge_page_link_gets_414_not_a_server_error(world):
+    import urllib.error
+    import urllib.request
+
+    base = world.client.src.rstrip("/")
+    assert urllib.request.urlopen(f"{base}/?tab=pool", timeout=30).status == 200
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{base}/?tab={'x' * 100_000}", timeout=30)
+    assert info.value.code == 414
+    quick_good_request(world.client, world.pics)
+
+
+def test_steps_as_numeric_text_are_read_as_numbers(world):
+    """'1e1' is a number: the inversion runs with 10 steps."""
+    _load(world, files=[world.peft / "adapter_config.json", world.peft / "adapter_model.safetensors"])
+    _invert(world, steps="1e1", lr="0.25")

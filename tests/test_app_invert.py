@@ -14,8 +14,8 @@ from gradio_client.exceptions import AppError
 
 import app_ui
 from recycle.pool import Pool
-from tests.apptools import (close, good_request, headless_lora, launch, make_pics, official_lora, publish, settings,
-                            tiny_lora)
+from tests.apptools import (close, good_request, headless_lora, launch, make_pics, official_lora, plain, publish,
+                            settings, tiny_lora)
 
 INVERT = dict(per_class=2, steps=40, pruning="-1:0.75", bn_prior=False, lr=0.25, seed=0)
 
@@ -57,7 +57,7 @@ def test_hub_lora_is_shown_inverted_with_previews_pooled_and_zipped(served, lora
     client, s = served
     publish(local_hub.root, "recycle-test/colours", loras["peft"])
     card, classes = client.predict(hub_id="recycle-test/colours", files=[], api_name="/load_lora")
-    assert "**Loaded** `recycle-test/colours`: 3 classes" in card and "rank 4" in card
+    assert "Loaded recycle-test/colours: 3 classes" in plain(card) and "rank 4" in card
     assert "✅ Fits the selected backbone" in card and "<bdi>red</bdi>, <bdi>green</bdi>, <bdi>blue</bdi>" in card
     assert classes["choices"] == [["red", 0], ["green", 1], ["blue", 2]] and classes["value"] == [0, 1]
 
@@ -81,7 +81,7 @@ def test_hub_lora_is_shown_inverted_with_previews_pooled_and_zipped(served, lora
         "-1": 0.75}
 
     note = client.predict(api_name="/add_to_pool")
-    assert note.startswith("✅ Added 4 images to the pool") and str(s.pool) in note
+    assert note.startswith("✅ Added 4 images to the pool") and str(s.pool) in plain(note)
     assert client.predict(api_name="/add_to_pool").startswith("Already in the pool")  # not added twice
     pool = Pool(s.pool)
     assert [c.name for c in pool.classes] == ["red", "blue"] and pool.masked_available
@@ -89,15 +89,15 @@ def test_hub_lora_is_shown_inverted_with_previews_pooled_and_zipped(served, lora
     (local_hub.root / "recycle-test" / "official").mkdir(parents=True)  # the official format, from the Hub too
     (local_hub.root / "recycle-test" / "official" / "lora.safetensors").write_bytes(loras["official"].read_bytes())
     card, classes = client.predict(hub_id="recycle-test/official", files=[], api_name="/load_lora")
-    assert "**Loaded** `recycle-test/official`: 3 classes" in card and "✅ Fits" in card
+    assert "Loaded recycle-test/official: 3 classes" in plain(card) and "✅ Fits" in card
 
 
 def test_uploaded_files_peft_pair_and_official_single_file(served, loras):
     client, _ = served
     card, classes = _upload(client, loras["peft"] / "adapter_config.json", loras["peft"] / "adapter_model.safetensors")
-    assert "`upload:adapter_model.safetensors`: 3 classes" in card and len(classes["choices"]) == 3
+    assert "upload:adapter_model.safetensors: 3 classes" in plain(card) and len(classes["choices"]) == 3
     card, classes = _upload(client, loras["official"])
-    assert "`upload:lora_task7.safetensors`: 3 classes" in card and "✅ Fits" in card
+    assert "upload:lora_task7.safetensors: 3 classes" in plain(card) and "✅ Fits" in card
     assert [c[0] for c in classes["choices"]] == ["class_0", "class_1", "class_2"]
     images, masked, status, _ = _invert(client, classes=(2,), per_class=3, steps=10, pruning="none")[-1]
     assert len(images) == 3 and masked == [] and "10 steps" in status and "masked" not in status
@@ -145,7 +145,7 @@ def test_an_inversion_without_a_head_or_for_another_backbone_is_refused(served, 
     with pytest.raises(AppError, match="no classification head"):
         _upload(client, *(headless_lora(tiny_clip_dir, tmp_path / "meta").iterdir()))
     card, _ = _upload(client, *(tiny_lora(tiny_vit_dir, tmp_path / "vit-lora", steps=2).iterdir()))
-    assert "does **not fit** the selected backbone" in card and str(tiny_vit_dir) in card
+    assert "does **not fit** the selected backbone" in card and str(tiny_vit_dir) in plain(card)
     with pytest.raises(AppError, match="does not fit the backbone"):
         _invert(client)
 
@@ -165,3 +165,40 @@ def test_latest_results_are_kept_for_a_few_sessions_only(tiny_clip_dir, loras, t
         zips.append(Path(last[3]["value"]))
     assert len(inversion.runs) == 2 and inversion.runs.get("b") is None
     assert [z.is_file() for z in zips] == [False, False, True, True]  # a's first run was replaced, b's evicted
+
+
+HOSTILE_NAMES = ["[x](http://evil.example)", "# big", "<img src=x onerror=alert(1)>", "a\n\n- item", "*em* `code`"]
+
+
+def test_names_and_metadata_from_a_lora_file_render_as_text(served, tiny_clip_dir, tmp_path):
+    """Markdown in a LoRA's metadata (its backbone, its class names) is shown as the text it is: no link, heading,
+    image, list or emphasis comes from a file."""
+    from recycle.formats import read_adapter, save_adapter
+    from tests.apptools import rendered
+
+    client, _ = served
+    folder = tiny_lora(tiny_clip_dir, tmp_path / "hostile", HOSTILE_NAMES, steps=1)
+    adapter = read_adapter(folder)
+    adapter.backbone = "vit\n\n# Owned\n[click here](http://evil.example)\nhttp://bare.example"
+    save_adapter(adapter, folder)
+    card, classes = _upload(client, folder / "adapter_config.json", folder / "adapter_model.safetensors")
+    html = rendered(card)
+    for tag in ("<a ", "<h1", "<h2", "<img", "<li", "<em", "<ul"):
+        assert tag not in html, (tag, html)
+    text = plain(card)
+    assert "[click here](http://evil.example)" in text and "# Owned" in text
+    assert all(name.replace("\n", " ") in text for name in HOSTILE_NAMES)
+    assert [c[0] for c in classes["choices"]] == HOSTILE_NAMES  # the checkbox labels are text already
+
+
+def test_md_text_shows_any_text_as_itself_on_one_line():
+    import unicodedata
+
+    from app_ui.markup import md_code, md_text
+    from tests.apptools import rendered
+
+    for text in HOSTILE_NAMES + ["a|b|c", "1. one", "&amp;", "x\\y", "<script>alert(1)</script>", "\u202eevil"]:
+        html = rendered(f"**{md_text(text)}** and {md_code(text)}")
+        assert html.count("<p>") == 1 and "<a " not in html and "<script" not in html and "<img" not in html
+        shown = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf") else ch for ch in text).strip()
+        assert plain(md_text(text)) == shown

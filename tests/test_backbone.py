@@ -201,3 +201,182 @@ def test_timm_name_loads_from_the_cache_when_the_hub_is_down_without_going_offli
 def test_malformed_names_are_unknown_backbones():
     with pytest.raises(BackboneError, match="Unknown backbone 'ftp:x'"):
         load_backbone("ftp:x")
+
+
+# ------------------------------------------------------------------- hostile backbone and prior folders: checked first
+def _hostile_copy(src, tmp_path, edit_config=None, weights=None, config_text=None):
+    """A copy of a tiny model folder with its config.json edited (a dict edit, or raw text) or its weights replaced."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(src, tmp_path / "hostile")
+    if edit_config is not None:
+        config = json.loads((folder / "config.json").read_text())
+        edit_config(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    if config_text is not None:
+        (folder / "config.json").write_text(config_text)
+    if weights is not None:
+        (folder / "model.safetensors").write_bytes(weights(folder / "model.safetensors"))
+    return folder
+
+
+def _args(**values):
+    return lambda c: c["model_args"].update(values)
+
+
+def _header_bytes(header: dict, data: bytes = b"") -> bytes:
+    import json
+    import struct
+
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def _wrong_shape(path):
+    from safetensors.torch import load_file, save_file
+    import io  # noqa: F401
+
+    tensors = load_file(path)
+    tensors["blocks.0.attn.qkv.weight"] = torch.zeros(10, 64)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp)
+    return tmp.read_bytes()
+
+
+HOSTILE_BACKBONES = {
+    # config.json: its shape and its numbers (each would otherwise build, or try to build, the model it describes)
+    "depth 1000": (dict(edit_config=_args(depth=1000)), r"config\.json: 'depth' is 1000, outside the accepted range"),
+    "depth 10^6": (dict(edit_config=_args(depth=10 ** 6)), r"'depth' is 1000000, outside"),
+    "depth as text": (dict(edit_config=_args(depth="4")), r"config\.json: 'depth' must be an integer, not '4'"),
+    "negative depth": (dict(edit_config=_args(depth=-3)), r"'depth' is -3, outside the accepted range 1 to 128"),
+    "img_size 10^9": (dict(edit_config=_args(img_size=10 ** 9)), r"'img_size' is 1000000000, outside"),
+    "fractional embed_dim": (dict(edit_config=_args(embed_dim=128.5)), r"'embed_dim' must be an integer, not 128\.5"),
+    "wide and deep": (dict(edit_config=_args(embed_dim=8192, depth=128, num_heads=64)),
+                      r"model of [\d,]+ parameters, more than the 1,100,000,000 accepted"),
+    "too many tokens": (dict(edit_config=_args(img_size=4096, patch_size=8)), r"262144 tokens, more than the 16384"),
+    "huge unknown number": (dict(edit_config=_args(reg_tokens=10 ** 9)), r"'reg_tokens' is 1000000000"),
+    "list-shaped config": (dict(config_text="[1, 2]"), r"config\.json holds a JSON list; a timm model config is"),
+    "config that is not JSON": (dict(config_text="{nope"), r"config\.json is not valid JSON"),
+    "architecture 5": (dict(edit_config=lambda c: c.update(architecture=5)),
+                       r"'architecture' must be a timm model name, not 5"),
+    "unknown architecture": (dict(edit_config=lambda c: c.update(architecture="vit_huge_nonsense")),
+                             r"'architecture' is 'vit_huge_nonsense', which timm does not know"),
+    "ResNet config as a backbone": (dict(edit_config=lambda c: c.update(
+        architecture="resnet18", model_args={"num_classes": 16}, pretrained_cfg={"num_classes": 16})),
+                                    r"describes a ResNet; LoRA Recycle needs a timm ViT"),
+    "transformers config": (dict(config_text='{"model_type": "vit", "architectures": ["ViTModel"]}'),
+                            r"is a transformers config \(model_type 'vit'\), not a timm one"),
+    "NaN mean": (dict(edit_config=lambda c: c["pretrained_cfg"].update(mean=[float("nan"), 0, 0])),
+                 r"config\.json is not valid JSON: NaN is not a JSON number"),
+    "zero std": (dict(edit_config=lambda c: c["pretrained_cfg"].update(std=[0, 1, 1])), r"'std' is \[0, 1, 1\]"),
+    # model.safetensors: checked against the model the config describes, from its header alone
+    "empty weights": (dict(weights=lambda p: b""), r"model\.safetensors is empty or truncated \(0 bytes\)"),
+    "truncated weights": (dict(weights=lambda p: p.read_bytes()[:-1000]), r"model\.safetensors.*truncated"),
+    "120 MB header": (dict(weights=lambda p: (120 << 20).to_bytes(8, "little") + b"{}"),
+                      r"header declares 125829120 bytes, more than"),
+    "huge declared shape": (dict(weights=lambda p: _header_bytes(
+        {"pos_embed": {"dtype": "F32", "shape": [10 ** 6, 10 ** 6], "data_offsets": [0, 4 * 10 ** 12]}})),
+        r"tensor 'pos_embed' declares shape \[1000000, 1000000\] but its data"),
+    "wrong shapes": (dict(weights=_wrong_shape), r"'blocks\.0\.attn\.qkv\.weight' has shape \[10, 64\], but the model"),
+    "padded with 100 MB": (dict(weights=lambda p: p.read_bytes() + bytes(100 << 20)),
+                           r"model\.safetensors holds [\d,]+ bytes of tensors, more than the model .* can use"),
+    "tensor the model lacks": (dict(weights=lambda p: _header_bytes(
+        {"evil": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)),
+        r"tensor 'evil' is not part of the model"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_BACKBONES))
+def test_hostile_backbone_folders_are_refused_before_anything_is_built(tiny_clip_dir, tmp_path, monkeypatch, case):
+    import timm
+
+    edits, expected = HOSTILE_BACKBONES[case]
+    folder = _hostile_copy(tiny_clip_dir, tmp_path, **edits)
+    built = []
+    create_model = timm.create_model
+
+    def watch(*args, **kwargs):  # records every real (not meta-device) build
+        if torch.empty(0).device.type != "meta":
+            built.append(args[0])
+        return create_model(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", watch)
+    with pytest.raises(BackboneError, match=expected) as info:
+        load_backbone(str(folder), device="cpu")
+    assert str(folder) in str(info.value) and built == []
+
+
+def test_a_hub_backbone_config_is_checked_before_it_is_built(tiny_clip_dir, local_hub, tmp_path):
+    folder = _hostile_copy(tiny_clip_dir, tmp_path, edit_config=_args(depth=1000))
+    import shutil
+
+    shutil.copytree(folder, local_hub.root / "evil" / "deep-vit")
+    with pytest.raises(BackboneError, match=r"hf-hub:evil/deep-vit.*config\.json: 'depth' is 1000, outside"):
+        load_backbone("hf-hub:evil/deep-vit", device="cpu")
+
+
+def test_the_shipped_and_tiny_backbones_pass_the_checks(tiny_vit):
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parent.parent / "weights" / "mini-vit"
+    assert load_backbone(str(shipped), device="cpu").embed_dim > 0 and tiny_vit.embed_dim == 48
+
+
+@pytest.mark.parametrize("device, expected", [("meta", r"device 'meta' cannot run a model"),
+                                              ("xpu", r"device 'xpu' was requested, but this machine has no XPU")])
+def test_devices_that_cannot_run_here_are_refused_before_loading(tiny_clip_dir, device, expected):
+    if device == "xpu" and getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
+        pytest.skip("this machine has an XPU")
+    with pytest.raises(ValueError, match=expected):
+        load_backbone(str(tiny_clip_dir), device=device)
+
+
+@pytest.fixture()
+def tiny_resnet_dir(tmp_path):
+    from tests.helpers import save_tiny
+
+    return save_tiny(tmp_path / "tiny-resnet", "resnet18", 0, num_classes=10)
+
+
+def test_hostile_bn_prior_folders_are_refused(tiny_clip_dir, tiny_resnet_dir, tmp_path):
+    import json
+    import shutil
+
+    from recycle.invert import load_bn_prior
+
+    assert load_bn_prior(str(tiny_resnet_dir)) is not None  # the good one loads
+    with pytest.raises(BackboneError, match=r"BN prior: .*transformers config \(model_type 'resnet'\)"):
+        load_bn_prior(str(_hostile_copy(tiny_resnet_dir, tmp_path, config_text=json.dumps(
+            {"model_type": "resnet", "architectures": ["ResNetForImageClassification"]}))))
+    shutil.rmtree(tmp_path / "hostile")
+    with pytest.raises(BackboneError, match=r"BN prior: .*describes a VisionTransformer, which has no BatchNorm"):
+        load_bn_prior(str(tiny_clip_dir))
+    with pytest.raises(BackboneError, match=r"BN prior: .*'mean' must be a list of numbers"):
+        load_bn_prior(str(_hostile_copy(tiny_resnet_dir, tmp_path, edit_config=lambda c: c["pretrained_cfg"].update(
+            mean="bright"))))
+
+
+def test_a_config_with_many_label_names_is_accepted(tiny_clip_dir, tmp_path):
+    """Hub configs of ImageNet-22k models list 21,843 labels (and descriptions): long lists of texts are fine."""
+    folder = _hostile_copy(tiny_clip_dir, tmp_path, edit_config=lambda c: c["pretrained_cfg"].update(
+        label_names=[f"n{i:08d}" for i in range(21843)],
+        label_descriptions={f"n{i:08d}": f"a thing number {i}" for i in range(21843)}))
+    assert load_backbone(str(folder), device="cpu").embed_dim == 16
+
+
+def test_a_hub_weights_file_larger_than_any_accepted_model_is_never_downloaded(tiny_clip_dir, local_hub, tmp_path,
+                                                                               monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    import recycle.modelcheck
+
+    shutil.copytree(tiny_clip_dir, local_hub.root / "evil" / "huge-weights")
+    monkeypatch.setattr(recycle.modelcheck, "MAX_WEIGHTS_BYTES", 1000)
+    with pytest.raises(BackboneError, match=r"model\.safetensors of the Hub repository 'evil/huge-weights' is "
+                                            r"[\d,]+ bytes, more than any model accepted here needs \(1,000\)"):
+        load_backbone("hf-hub:evil/huge-weights", device="cpu")
+    from pathlib import Path
+    assert not list(Path(constants.HF_HUB_CACHE).rglob("model.safetensors"))

@@ -121,3 +121,25 @@ def test_push_takes_the_token_from_hf_token_and_warns_about_one_on_the_command_l
     assert "--token" not in caplog.text
     assert main(["push", "--dir", str(lora_dir), "--repo", "me/lora2", "--token", "test"]) == 0
     assert "HF_TOKEN" in caplog.text and "shell history" in caplog.text
+
+
+def test_push_uploads_regular_files_only_never_what_a_link_points_to(lora_dir, tiny_clip_dir, local_hub, tmp_path):
+    _card(lora_dir, str(tiny_clip_dir))
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "token.json").write_text('{"token": "hf_secret"}')
+    (lora_dir / "leak.json").symlink_to(secret / "token.json")
+    (lora_dir / "linked").symlink_to(secret, target_is_directory=True)
+    (lora_dir / "nested").mkdir()
+    (lora_dir / "nested" / "notes.md").write_text("kept")
+    push_folder(lora_dir, "me/lora", token="test")
+    repo = local_hub.root / "me" / "lora"
+    pushed = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
+    assert pushed == ["README.md", "adapter_config.json", "adapter_model.safetensors", "nested/notes.md"]
+    assert not any("hf_secret" in p.read_text(errors="ignore") for p in repo.rglob("*") if p.is_file())
+    # a folder whose only weights are a link has nothing to push
+    only_link = tmp_path / "only-link"
+    only_link.mkdir()
+    (only_link / "adapter_model.safetensors").symlink_to(lora_dir / "adapter_model.safetensors")
+    with pytest.raises(HubError, match="symbolic links are never pushed"):
+        push_folder(only_link, "me/lora2", token="test")

@@ -222,3 +222,96 @@ def test_precision_flags_and_allocator_tuning_for_heavy_commands(monkeypatch, tm
     assert len(calls) == 2
     assert main(["push", "--dir", str(tmp_path / "missing"), "--repo", "me/x"]) == 1 and len(calls) == 2  # light
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------------- hostile backbones, devices, terminal names
+def test_hostile_backbone_folder_and_devices_are_one_line_user_errors(task, tiny_clip_dir, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(tiny_clip_dir, tmp_path / "deep")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"]["depth"] = "4"
+    (folder / "config.json").write_text(json.dumps(config))
+    args = ["predict", "--support", str(task / "support"), "--query", str(task / "query")]
+    assert main(args + ["--backbone", str(folder), "--device", "cpu"]) == 1
+    _user_error(capsys, 1, r"config\.json: 'depth' must be an integer, not '4'")
+    for device in ("meta", "xpu"):
+        assert main(args + ["--backbone", str(tiny_clip_dir), "--device", device]) == 1
+        _user_error(capsys, 1, rf"device '{device}'")
+
+
+def test_nan_weights_never_give_predictions(task, tiny_clip_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_clip_dir, tmp_path / "nan")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["norm.weight"][:] = float("nan")
+    save_file(tensors, folder / "model.safetensors")
+    code = main(["predict", "--backbone", str(folder), "--support", str(task / "support"), "--query",
+                 str(task / "query"), "--device", "cpu"])
+    _user_error(capsys, code, r"non-finite embeddings")
+
+
+def test_query_names_with_terminal_escapes_are_printed_escaped(task, tiny_clip_dir, capsys):
+    shutil_src = task / "query" / "g.png"
+    (task / "query" / "evil\r\x1b[31mred.png").write_bytes(shutil_src.read_bytes())
+    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"), "--query",
+                 str(task / "query"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "\x1b" not in out and "\r" not in out
+    assert "evil\\r\\x1b[31mred.png" in out
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["meta-train", "--pool", "p", "--out", "o", "--steps", "1", "--lr", "1e300"], "--lr"),
+    (["meta-train", "--pool", "p", "--out", "o", "--steps", "1", "--teacher-temperature", "inf"],
+     "--teacher-temperature"),
+    (["meta-train", "--pool", "p", "--out", "o", "--steps", "1", "--cross-fraction", "nan"], "--cross-fraction"),
+    (["meta-train", "--zoo", "z", "--out", "o", "--steps", "1", "--mask-ratio", "1"], "--mask-ratio"),
+    (["invert", "--lora", "l", "--out", "o", "--bn-weight", "inf"], "--bn-weight"),
+    (["invert", "--lora", "l", "--out", "o", "--bn-weight", "1e308"], "--bn-weight"),
+    (["invert", "--lora", "l", "--out", "o", "--lr", "inf"], "--lr"),
+    (["invert", "--lora", "l", "--out", "o", "--prune-start", "-0.5"], "--prune-start"),
+    (["pretune", "--data", "d", "--out", "o", "--num-loras", "1", "--lr", "nan"], "--lr"),
+    (["pretune", "--data", "d", "--out", "o", "--num-loras", "1", "--shift", "1e9"], "--shift"),
+])
+def test_float_options_are_checked_before_any_work(argv, option, capsys, monkeypatch):
+    import recycle.backbone
+
+    monkeypatch.setattr(recycle.backbone, "load_backbone", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {option}: " in err and "out of range" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["junk", "off", "1"])
+def test_unknown_allocator_settings_are_refused(value, monkeypatch, task, tiny_clip_dir, capsys):
+    import recycle.runtime
+
+    monkeypatch.setattr(recycle.runtime, "_allocator_settings", None)
+    monkeypatch.setenv("RECYCLE_MALLOC", value)
+    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"), "--query",
+                 str(task / "query"), "--device", "cpu"])
+    _user_error(capsys, code, rf"RECYCLE_MALLOC='{value}' is not a setting: use 'tuned'.*or 'default'")
+    assert recycle.runtime.allocator_settings() == {}
+
+
+@pytest.mark.parametrize("value", ["inf", "1e20", "nan", "-5", "abc"])
+def test_the_distributed_timeout_must_be_a_sane_number_of_seconds(value, monkeypatch):
+    from recycle import distributed
+
+    monkeypatch.setenv("RECYCLE_DIST_TIMEOUT", value)
+    with pytest.raises(ValueError, match=rf"RECYCLE_DIST_TIMEOUT='{value}'"):
+        distributed.timeout()
+    monkeypatch.setenv("RECYCLE_DIST_TIMEOUT", "604800")
+    assert distributed.timeout().total_seconds() == 604800
+
+
+def test_error_messages_are_printed_without_terminal_escapes(task, tiny_clip_dir, capsys):
+    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"), "--query",
+                 str(task / "evil\x1b[2J"), "--device", "cpu"])  # a missing folder whose name clears the screen
+    err = capsys.readouterr().err
+    assert code == 1 and "\x1b" not in err and "evil\\x1b[2J" in err, err

@@ -222,3 +222,39 @@ def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_log_lines(pool_d
     meta_train(tiny_clip, source, config, tmp_path / "run", resume=True)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+
+
+def test_resume_without_a_checkpoint_says_so(pool_dir, tiny_clip, tmp_path, caplog):
+    source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
+    config = MetaConfig(steps=2, way=3, shot=1, query=2, checkpoint_every=4)
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "log.jsonl").write_text('{"step": 1}\n')  # killed before its first checkpoint
+    with caplog.at_level("WARNING"):
+        assert meta_train(tiny_clip, source, config, tmp_path / "killed", resume=True).steps_done == 2
+    assert "holds no checkpoint.safetensors (the run stopped before its first checkpoint), so training starts from " \
+           "step 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        meta_train(tiny_clip, source, config, tmp_path / "new", resume=True)
+    assert "(no run was started there), so training starts from step 0" in caplog.text
+
+
+def test_the_cli_refuses_to_resume_a_folder_without_a_run(tmp_path, capsys, monkeypatch):
+    import recycle.backbone
+    from recycle.cli import main
+
+    monkeypatch.setattr(recycle.backbone, "load_backbone", lambda *a, **k: pytest.fail("work started"))
+    code = main(["meta-train", "--pool", str(tmp_path / "pool"), "--out", str(tmp_path / "typo"), "--steps", "1",
+                 "--resume"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--resume: nothing to resume in" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("field, value", [("lr", 1e300), ("lr", float("inf")), ("lr", float("nan")),
+                                          ("teacher_temperature", float("inf")), ("teacher_temperature", 1e308),
+                                          ("cross_fraction", float("nan"))])
+def test_float_settings_must_be_finite_and_in_range(field, value):
+    with pytest.raises(ValueError, match=rf"invalid meta-training setting {field}=.*expected"):
+        MetaConfig(**{field: value})
+    with pytest.raises(ValueError, match=r"invalid inversion setting (lr|bn_weight)=.*expected"):
+        InversionConfig(**({"lr": value} if field == "lr" else {"bn_weight": value}))

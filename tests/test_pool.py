@@ -197,3 +197,72 @@ def test_a_pool_never_reads_files_outside_its_runs(pool_dir, tmp_path, target):
     _edit_manifest(pool_dir, edit)
     with pytest.raises(PoolError, match=r"(not a file inside the run|resolves outside the run folder)"):
         Pool(pool_dir)
+
+
+def test_pool_folders_that_cannot_be_written_give_clear_errors(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import recycle.pool as rpool
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(PoolError, match=r"pool folder '.*dangling' is a symbolic link to '.*gone', which does not"):
+        write_run(tmp_path / "dangling", _result(), _adapter(0), "org/a", {}, (4, 4))
+    if os.path.isdir("/proc/self"):
+        with pytest.raises(PoolError, match=r"cannot write the run into the pool folder '/proc/self/pool'"):
+            write_run("/proc/self/pool", _result(), _adapter(0), "org/a", {}, (4, 4))
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(rpool.Path, "write_bytes", full_disk)
+    with pytest.raises(PoolError, match=r"cannot write the run into the pool folder .*No space left.*disk is full"):
+        write_run(tmp_path / "pool", _result(), _adapter(0), "org/a", {}, (4, 4))
+    assert list((tmp_path / "pool").iterdir()) == []  # nothing half-written is left
+
+
+def test_unreadable_pool_folders_give_clear_errors(tmp_path):
+    with pytest.raises(PoolError, match=r"pool folder '.*' (does not exist|cannot be read)"):
+        Pool(tmp_path / "missing")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(PoolError, match=r"pool folder '.*dangling' does not exist"):
+        Pool(tmp_path / "dangling")
+
+
+def test_a_pool_index_reads_each_manifest_once_and_follows_changes(pool_dir):
+    import json as _json
+
+    from recycle.pool import PoolIndex
+
+    index = PoolIndex(pool_dir)
+    first = index.pool()
+    assert len(first.runs) == 2 and index.reads == 2
+    assert index.pool() is first and index.reads == 2  # nothing changed: nothing read, the same pool
+    write_run(pool_dir, _result(seed=2), _adapter(2), "org/lora-c", {"steps": 10}, (4, 4))
+    grown = index.pool()
+    assert len(grown.runs) == 3 and index.reads == 3  # only the new run is read
+    run = sorted(p for p in pool_dir.iterdir() if p.is_dir())[0]
+    manifest = _json.loads((run / "manifest.json").read_text())
+    manifest["settings"]["steps"] = 11
+    (run / "manifest.json").write_text(_json.dumps(manifest))
+    changed = index.pool()
+    assert index.reads == 4 and any(r["settings"]["steps"] == 11 for r in changed.runs)
+    import shutil
+    shutil.rmtree(run)
+    assert len(index.pool().runs) == 2 and index.reads == 4  # a removed run disappears without reading
+    assert index.pool().masked_available
+
+
+def test_manifest_bounds(pool_dir):
+    run = sorted(p for p in pool_dir.iterdir() if p.is_dir())[0]
+    size = (run / "manifest.json").stat().st_size
+    with pytest.raises(PoolError, match=rf"the manifest is {size:,} bytes, more than the 100 accepted"):
+        Pool(pool_dir, max_manifest_bytes=100)
+    with pytest.raises(PoolError, match=r"the manifest lists 12 images, more than the 5 accepted in one run"):
+        Pool(pool_dir, max_items=5)
+
+
+def test_a_pool_index_reads_at_most_max_runs(pool_dir):
+    from recycle.pool import PoolIndex
+
+    index = PoolIndex(pool_dir, max_runs=1)
+    assert len(index.pool().runs) == 1 and index.total_runs == 2 and index.reads == 1
