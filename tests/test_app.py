@@ -236,15 +236,22 @@ def test_offline_default_uses_the_shipped_weights_and_offers_examples(closed_hub
         assert dropdown["props"]["value"] == str(weights / "mini-vit")
         assert lora["props"]["value"] == str(weights / "mini-meta-lora")
         dataset = next(c for c in config["components"] if c["type"] == "dataset")
-        assert [s for s in dataset["props"]["sample_labels"]] == ["Han characters (held-out classes) · 3-way 2-shot",
-                                                                  "Hangul (an unseen script) · 3-way 2-shot"]
+        labels = dataset["props"]["sample_labels"]
+        assert labels[0] == "Han characters (held-out classes) #1 · 5-way 1-shot" and len(labels) == 10
+        assert "Hangul (an unseen script) · 5-way 1-shot" in labels
         # What a click on the first example fills in, classified with the default meta-LoRA (and without it).
         task = app_ui.find_examples(weights / "examples")[0]
         cards, table = classify(client, [(c, [Path(f) for f in files]) for c, files in task.support.items()],
                                 [Path(q) for q in task.queries])
-        assert len(table["data"]) == len(task.queries) == 6 and table["headers"][-1] == "backbone alone"
+        assert len(table["data"]) == len(task.queries) == 15 and table["headers"][-1] == "backbone alone"
         assert {row[1] for row in table["data"]} <= set(task.support)
-        assert cards.count('class="rc-card"') == 6
+        assert cards.count('class="rc-card"') == 15
+        # the queries carry their classes: the page counts correct answers with and without the meta-LoRA
+        truth = [Path(q).name.split("__")[0] for q in task.queries]
+        lora_ok = sum(row[1] == t for row, t in zip(table["data"], truth))
+        bare_ok = sum(row[-1] == t for row, t in zip(table["data"], truth))
+        assert f'<b class="rc-score">{lora_ok} of 15</b>' in cards
+        assert f'<b class="rc-score-bare">{bare_ok} of 15</b>' in cards
     finally:
         close(demo, client)
 
