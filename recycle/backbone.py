@@ -88,6 +88,10 @@ def backbone_source(name: str) -> tuple[Optional[str], str]:
     try:
         source, rest = parse_model_name(name)
     except (ValueError, AssertionError) as e:
+        from .hub import is_repo_id
+
+        if is_repo_id(name.split("@")[0]):  # a bare ORG/REPO (transformers' way of naming a Hub model)
+            return "hf-hub", name
         raise _unknown(name, f"It cannot be read: {str(e).rstrip('.')}.") from None
     return source, rest
 
@@ -376,7 +380,11 @@ def load_backbone(name: str = DEFAULT_BACKBONE, pretrained: bool = True,
     Raises:
         BackboneError: unknown name, missing directory or files, or Hub unreachable with nothing cached.
     """
-    model = _create(name, kwargs, pretrained)
+    from .transformers_vit import load_transformers_vit
+
+    model = load_transformers_vit(name, pretrained)  # None unless `name` is a transformers checkpoint
+    if model is None:
+        model = _create(name, kwargs, pretrained)
     if not hasattr(model, "blocks") or not hasattr(model, "forward_head"):
         raise BackboneError(f"Backbone '{name}' is a {type(model).__name__}; LoRA Recycle needs a timm ViT.")
     backbone = Backbone(model, name)
