@@ -1,0 +1,340 @@
+"""transformers ViTs and their PEFT adapters, made with transformers and PEFT themselves, read by recycle.
+
+The adapters are made in the name layout the installed transformers produces; the other layout (transformers 4's
+``encoder.layer.{i}.attention.attention.query`` or 5's ``layers.{i}.attention.q_proj``) is made from it by renaming
+the keys, the target modules and the pattern keys exactly as the other version names those modules.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from recycle.backbone import BackboneError, load_backbone  # noqa: E402
+from recycle.formats import LoRAFormatError, load_lora  # noqa: E402
+from tests.helpers import make_image  # noqa: E402
+
+CLASSES = ["apple", "pear", "plum"]
+TINY = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=96, num_labels=3, id2label=dict(enumerate(CLASSES)),
+            label2id={c: i for i, c in enumerate(CLASSES)})
+
+# Module names within a block: transformers 4 <-> transformers 5.
+V4_TO_V5 = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
+            "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj",
+            "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+V5_LEAF = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
+
+
+def _installed_layout() -> str:
+    names = [n for n, _ in transformers.ViTModel(transformers.ViTConfig(**TINY)).named_modules()]
+    return "transformers5" if any(n.endswith("attention.q_proj") for n in names) else "transformers4"
+
+
+LAYOUT = _installed_layout()
+OTHER = "transformers4" if LAYOUT == "transformers5" else "transformers5"
+
+
+def _leaf(name: str, layout: str) -> str:
+    """A target-module name written in transformers 4's words ("query", "dense"...) in `layout`'s words."""
+    return V5_LEAF.get(name, name) if layout == "transformers5" else name
+
+
+def _module_v4_to_v5(name: str) -> str:
+    m = re.fullmatch(r"(.*?)encoder\.layer\.(\d+)\.(.+)", name)
+    if not m:
+        return name
+    for old, new in V4_TO_V5.items():
+        if m.group(3) == old or m.group(3).startswith(old + "."):
+            return f"{m.group(1)}layers.{m.group(2)}.{new}{m.group(3)[len(old):]}"
+    return f"{m.group(1)}layers.{m.group(2)}.{m.group(3)}"  # the LayerNorms keep their names
+
+
+def _module_v5_to_v4(name: str) -> str:
+    m = re.fullmatch(r"(.*?)layers\.(\d+)\.(.+)", name)
+    if not m:
+        return name
+    for old, new in V4_TO_V5.items():
+        if m.group(3) == new or m.group(3).startswith(new + "."):
+            return f"{m.group(1)}encoder.layer.{m.group(2)}.{old}{m.group(3)[len(new):]}"
+    return f"{m.group(1)}encoder.layer.{m.group(2)}.{m.group(3)}"
+
+
+def rename_adapter(src: Path, dst: Path, to: str) -> Path:
+    """Copy PEFT adapter `src` to `dst` with every module name in layout `to` (keys, patterns, targets)."""
+    rename = _module_v4_to_v5 if to == "transformers5" else _module_v5_to_v4
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(src / "adapter_model.safetensors")
+    save_file({rename(k): v for k, v in tensors.items()}, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    leaves = {"transformers5": {"query": ["q_proj"], "key": ["k_proj"], "value": ["v_proj"],
+                                "dense": ["o_proj", "fc1", "fc2"]},
+              "transformers4": {"q_proj": ["query"], "k_proj": ["key"], "v_proj": ["value"], "o_proj": ["dense"],
+                                "fc1": ["dense"], "fc2": ["dense"]}}[to]
+    cfg["target_modules"] = sorted({new for t in cfg["target_modules"] for new in leaves.get(t, [t])})
+    for field in ("rank_pattern", "alpha_pattern"):  # pattern keys: full module paths or leaf names
+        renamed = {}
+        for k, v in (cfg.get(field) or {}).items():
+            new = rename(k)
+            renamed[leaves[new][0] if new in leaves and len(leaves[new]) == 1 else new] = v
+        cfg[field] = renamed
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def hf_vit_dir(tmp_path_factory) -> Path:
+    """A tiny random ViTForImageClassification with a non-zero head, saved by transformers with a preprocessor."""
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(**TINY))
+    with torch.no_grad():
+        for p in model.parameters():  # larger than the init's 0.02 so every layer matters to the logits
+            p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp("hf_vit")
+    model.save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6],
+                                   image_std=[0.2, 0.25, 0.3]).save_pretrained(folder)
+    return folder
+
+
+def _peft_model(base_dir: Path, seed: int, **lora):
+    torch.manual_seed(seed)
+    base = transformers.ViTForImageClassification.from_pretrained(base_dir)
+    model = peft.get_peft_model(base, peft.LoraConfig(**lora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:  # a trained adapter: B and the head are not zero
+                p.copy_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def _inputs() -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+
+def _recycle_logits(backbone, adapter, x):
+    with torch.no_grad(), adapter.attached(backbone) as head:
+        return head(backbone.pre_logits(x))
+
+
+# The PEFT guide's recipe, and a variant with every target, patterns and rsLoRA.
+RECIPES = {
+    "guide": dict(r=4, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"]),
+    "variant": dict(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"], use_rslora=True,
+                    rank_pattern={"layer.1.intermediate.dense": 2}, alpha_pattern={"value": 3.0},
+                    modules_to_save=["classifier"]),
+}
+
+
+def _recipe(name: str, layout: str) -> dict:
+    lora = dict(RECIPES[name])
+    leaves = [_leaf(t, layout) for t in lora["target_modules"]]
+    if layout == "transformers5" and "dense" in leaves:
+        leaves = [t for t in leaves if t != "dense"] + ["o_proj", "fc1", "fc2"]
+    lora["target_modules"] = leaves
+    if layout == "transformers5":
+        lora["rank_pattern"] = {"layers.1.mlp.fc1": 2} if "rank_pattern" in lora else {}
+        lora["alpha_pattern"] = {"v_proj": 3.0} if "alpha_pattern" in lora else {}
+    return lora
+
+
+@pytest.fixture(scope="module", params=sorted(RECIPES))
+def hf_adapter(request, hf_vit_dir, tmp_path_factory):
+    """(adapter folder in the installed layout, the same in the other layout, PEFT's logits on `_inputs()`)."""
+    model = _peft_model(hf_vit_dir, 1, **_recipe(request.param, LAYOUT))
+    folder = tmp_path_factory.mktemp(f"adapter_{request.param}")
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        logits = model(pixel_values=_inputs()).logits
+    other = rename_adapter(folder, tmp_path_factory.mktemp(f"adapter_{request.param}_other"), OTHER)
+    return folder, other, logits
+
+
+# ----------------------------------------------------------------------------------------------- backbones
+def test_transformers_vit_folder_loads_with_transformers_outputs(hf_vit_dir):
+    backbone = load_backbone(str(hf_vit_dir), device="cpu")
+    reference = transformers.ViTForImageClassification.from_pretrained(hf_vit_dir).eval()
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.allclose(backbone.model(x), reference(pixel_values=x).logits, atol=1e-5)
+        hidden = reference.vit(pixel_values=x).last_hidden_state[:, 0]
+        assert torch.allclose(backbone.pre_logits(x), hidden, atol=1e-5)
+    assert backbone.model.norm.eps == 1e-12 and backbone.model.blocks[0].norm1.eps == 1e-12
+    assert backbone.embedding == "pre_logits" and backbone.input_size == (3, 32, 32)
+    assert backbone.mean == (0.4, 0.5, 0.6) and backbone.std == (0.2, 0.25, 0.3)
+    assert backbone.model.pretrained_cfg["label_names"] == CLASSES
+
+
+def test_preprocessing_matches_the_image_processor(hf_vit_dir):
+    backbone = load_backbone(str(hf_vit_dir), device="cpu")
+    processor = transformers.ViTImageProcessor.from_pretrained(hf_vit_dir)
+    for size in (32, 45):
+        image = make_image(3, size=size)
+        ours = backbone.preprocess([image])
+        theirs = processor(images=[image], return_tensors="pt")["pixel_values"]
+        assert ours.shape == theirs.shape == (1, 3, 32, 32)
+        # The same resize and normalisation: at most one grey level apart where the two resamplers round apart.
+        assert (ours - theirs).abs().max() < (1e-6 if size == 32 else 1.01 / 255 / 0.2)
+
+
+def test_vit_model_without_head_and_the_transformers5_weight_names(hf_vit_dir, tmp_path):
+    reference = transformers.ViTModel.from_pretrained(hf_vit_dir, add_pooling_layer=True).eval()
+    folder = tmp_path / "renamed"
+    folder.mkdir()
+    (folder / "config.json").write_text((hf_vit_dir / "config.json").read_text())
+    weights = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    names = {"transformers5": _module_v4_to_v5, "transformers4": lambda k: k}
+    for layout in ("transformers4", "transformers5"):
+        on_disk = {}
+        for k, v in weights.items():
+            k4 = _module_v5_to_v4(k)  # whatever the installed version calls it, write it in `layout`'s names
+            on_disk[names[layout](k4)] = v
+        save_file(on_disk, folder / "model.safetensors")
+        backbone = load_backbone(str(folder), device="cpu")
+        x = _inputs()
+        with torch.no_grad():
+            assert backbone.model.num_classes == 0
+            assert torch.allclose(backbone.pre_logits(x), reference(pixel_values=x).last_hidden_state[:, 0],
+                                  atol=1e-5), layout
+
+
+def test_bad_transformers_folders_get_clear_errors(hf_vit_dir, tmp_path):
+    def folder_with(config: dict, weights: dict | None = None, pickle: bool = False) -> str:
+        folder = tmp_path / f"f{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        if weights is not None:
+            save_file(weights, folder / "model.safetensors")
+        if pickle:
+            (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+        return str(folder)
+
+    config = json.loads((hf_vit_dir / "config.json").read_text())
+    weights = load_file(hf_vit_dir / "model.safetensors")
+    with pytest.raises(BackboneError, match="model_type 'deit' is not supported"):
+        load_backbone(folder_with({**config, "model_type": "deit"}, weights))
+    with pytest.raises(BackboneError, match="pickles, which are never loaded.*save_pretrained"):
+        load_backbone(folder_with(config, pickle=True))
+    with pytest.raises(BackboneError, match="has shape .* config.json implies"):
+        load_backbone(folder_with({**config, "hidden_size": 128}, weights))
+    with pytest.raises(BackboneError, match="lacks .* tensors"):
+        load_backbone(folder_with({**config, "num_hidden_layers": 3}, weights))
+    with pytest.raises(BackboneError, match="not divisible"):
+        load_backbone(folder_with({**config, "num_attention_heads": 5}, weights))
+    with pytest.raises(BackboneError, match="no known ViT layout"):
+        load_backbone(folder_with(config, {"x": torch.zeros(2)}))
+
+
+def test_hub_ids_of_transformers_vits_load(hf_vit_dir, local_hub):
+    import shutil
+
+    shutil.copytree(hf_vit_dir, local_hub.root / "google" / "tiny-vit")
+    x = _inputs()
+    reference = load_backbone(str(hf_vit_dir), device="cpu")
+    for name in ("hf-hub:google/tiny-vit", "google/tiny-vit"):
+        backbone = load_backbone(name, device="cpu")
+        assert backbone.model.pretrained_cfg["hf_hub_id"] == "google/tiny-vit"
+        with torch.no_grad():
+            assert torch.equal(backbone.model(x), reference.model(x))
+    with pytest.raises(BackboneError, match="not found"):
+        load_backbone("google/no-such-vit", device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+@pytest.mark.parametrize("which", ["installed", "other"])
+def test_peft_adapters_give_peft_logits(hf_vit_dir, hf_adapter, which):
+    installed, other, peft_logits = hf_adapter
+    backbone = load_backbone(str(hf_vit_dir), device="cpu")
+    adapter = load_lora(installed if which == "installed" else other, backbone)
+    assert adapter.class_names == CLASSES and adapter.num_classes == 3
+    assert adapter.info["layout"] == (LAYOUT if which == "installed" else OTHER)
+    logits = _recycle_logits(backbone, adapter, _inputs())
+    assert (logits - peft_logits).abs().max() < 1e-4
+    # The bare backbone's classifier is not the adapter's: the comparison can fail.
+    with torch.no_grad():
+        assert (backbone.model(_inputs()) - peft_logits).abs().max() > 1e-2
+
+
+def test_scales_survive_rank_and_alpha_patterns_and_rslora(hf_vit_dir, tmp_path):
+    lora = _recipe("variant", LAYOUT)
+    model = _peft_model(hf_vit_dir, 2, **lora)
+    model.save_pretrained(tmp_path / "a")
+    backbone = load_backbone(str(hf_vit_dir), device="cpu")
+    adapter = load_lora(tmp_path / "a", backbone)
+    assert set(adapter.config.targets) == {"qkv", "proj", "fc1", "fc2"}
+    assert adapter.config.extra["blocks.1.mlp.fc1"]["rank"] == 2
+    with torch.no_grad():
+        expected = model(pixel_values=_inputs()).logits
+    assert (_recycle_logits(backbone, adapter, _inputs()) - expected).abs().max() < 1e-4
+    # Without rsLoRA the same tensors mean another update: the reader must honour the flag.
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    cfg["use_rslora"] = False
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    plain = load_lora(tmp_path / "a", backbone)
+    assert (_recycle_logits(backbone, plain, _inputs()) - expected).abs().max() > 1e-3
+
+
+def test_refused_adapters_say_why(hf_vit_dir, hf_adapter, tmp_path):
+    import shutil
+
+    installed, _, _ = hf_adapter
+    backbone = load_backbone(str(hf_vit_dir), device="cpu")
+
+    def variant(**changes) -> Path:
+        folder = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(installed, folder)
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+        return folder
+
+    with pytest.raises(LoRAFormatError, match="trains biases"):
+        load_lora(variant(bias="all"), backbone)
+    with pytest.raises(LoRAFormatError, match="not LoRA"):
+        load_lora(variant(peft_type="LOHA"), backbone)
+    pickled = variant()
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(LoRAFormatError, match=r"never loaded.*save_pretrained"):
+        load_lora(pickled, backbone)
+
+
+def test_head_less_clip_adapters_load_but_cannot_be_inverted(tiny_clip, tmp_path):
+    """A FusionBench-style CLIP vision LoRA (q_proj/v_proj, no head) lands on timm CLIP's qkv rows."""
+    from recycle.invert import InversionConfig, invert
+
+    d, r = tiny_clip.num_features, 4
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(2):
+        for p in ("q_proj", "v_proj"):
+            key = f"base_model.model.vision_model.encoder.layers.{i}.self_attn.{p}"
+            tensors[key + ".lora_A.weight"] = torch.randn(r, d, generator=g)
+            tensors[key + ".lora_B.weight"] = torch.randn(d, r, generator=g)
+    folder = tmp_path / "clip-lora"
+    folder.mkdir()
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"], "bias": "none",
+        "base_model_name_or_path": "openai/clip-vit-base-patch16"}))
+    adapter = load_lora(folder, tiny_clip)
+    assert adapter.head_weight is None and adapter.config.targets == ("qv",) and adapter.config.scaling == 2
+    assert adapter.backbone == "vit_base_patch16_clip_224.openai"
+    x = _inputs()
+    with torch.no_grad(), adapter.attached(tiny_clip):
+        qkv = tiny_clip.model.blocks[1].attn.qkv
+        y = qkv(x.new_ones(1, d))
+    base = qkv.base_layer if hasattr(qkv, "base_layer") else qkv
+    ones = x.new_ones(1, d)
+    key = "base_model.model.vision_model.encoder.layers.1.self_attn."
+    want_q = base(ones)[:, :d] + 2 * ones @ tensors[key + "q_proj.lora_A.weight"].T @ tensors[
+        key + "q_proj.lora_B.weight"].T
+    assert torch.allclose(y[:, :d], want_q, atol=1e-4) and torch.allclose(y[:, d:2 * d], base(ones)[:, d:2 * d])
+    with pytest.raises(ValueError, match="no classification head"):
+        invert(tiny_clip, adapter, InversionConfig(steps=1))
