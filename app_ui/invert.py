@@ -20,6 +20,7 @@ from recycle.backbone import Backbone
 from recycle.formats import PICKLE_SUFFIXES, LoRAAdapter, LoRAFormatError, read_adapter
 from recycle.invert import InversionConfig, InversionProgress, InversionResult, invert
 from recycle.pool import teacher_confidence, write_run
+from recycle.provenance import provenance_mismatch
 from recycle.tokens import PruningConfig, parse_schedule
 
 from .errors import InputError, as_text, file_paths, kind_of, number_field, reported, text_field, user_message
@@ -177,6 +178,11 @@ class Inversion:
         except LoRAFormatError as e:
             return (f"⚠️ It does **not fit** the selected backbone `{name}`: {user_message(e)}. "
                     "Choose the backbone it was made for at the top of the page, then load it again.")
+        mismatch = provenance_mismatch(adapter.backbone, model)
+        if mismatch:  # the shapes fit, but the weights are another model's (e.g. a ViT-B/16 LoRA on CLIP ViT-B/16)
+            return (f"⚠️ It fits the selected backbone `{_code(name)}` in shape only: it was made for "
+                    f"`{_code(adapter.backbone or '')}`, another model, so its outputs would mean nothing here. Switch "
+                    f"the backbone at the top of the page to `{_code(adapter.backbone or '')}`, then load it again.")
         return f"✅ Fits the selected backbone `{name}`: choose the classes and press **Invert**."
 
     def prior_checkbox(self, backbone: Optional[str]) -> dict:

@@ -39,9 +39,12 @@ _NEGATIVE_VALUE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d[\d,-]*:")
 HEAVY_COMMANDS = ("predict", "invert", "pretune", "meta-train", "eval")
 
 
-def _add_backbone_args(p: argparse.ArgumentParser, precision: bool = True) -> None:
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
-                   help=f"timm name, alias, hf-hub:ORG/REPO or local directory (default: {DEFAULT_BACKBONE})")
+def _add_backbone_args(p: argparse.ArgumentParser, precision: bool = True, from_lora: bool = False) -> None:
+    default = (f"the backbone the --lora names (its base_model_name_or_path), else {DEFAULT_BACKBONE}" if from_lora
+               else DEFAULT_BACKBONE)
+    p.add_argument("--backbone", default=None if from_lora else DEFAULT_BACKBONE,
+                   help=f"timm name, alias, hf-hub:ORG/REPO, ORG/REPO of a transformers ViT, or local directory "
+                        f"(default: {default})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     if precision:
         p.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -83,6 +86,29 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backbone_of(lora: str) -> str:
+    """The backbone LoRA `lora` names (read without a backbone), or the default when it names none."""
+    from .formats import load_lora
+
+    try:
+        made_for = load_lora(lora).backbone
+    except LoRAFormatError:  # e.g. an official file, whose head needs the backbone: the real load says what is wrong
+        made_for = None
+    if made_for:
+        _logger.info("using the backbone the LoRA was made for: %s", made_for)
+        return made_for
+    _logger.info("the LoRA names no backbone; using %s", DEFAULT_BACKBONE)
+    return DEFAULT_BACKBONE
+
+
+def _warn_provenance(adapter, backbone) -> None:
+    from .provenance import provenance_mismatch
+
+    mismatch = provenance_mismatch(adapter.backbone, backbone)
+    if mismatch:
+        _logger.warning("the LoRA fits the backbone in shape, but %s; its outputs will mean nothing there", mismatch)
+
+
 def _cmd_invert(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -103,9 +129,13 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     if not args.zoo and distributed.world_size() > 1:
         raise ValueError("invert --lora inverts one LoRA in one process; to use several ranks, invert a whole zoo "
                          "with --zoo")
+    if args.backbone is None:
+        args.backbone = _backbone_of(args.lora) if args.lora else DEFAULT_BACKBONE
     backbone = load_backbone(args.backbone, device=args.device)
     config = replace(config, bf16=resolve_precision(args.precision, backbone.device))
     adapter = None if args.zoo else load_lora(args.lora, backbone)
+    if adapter is not None:
+        _warn_provenance(adapter, backbone)
     try:
         prior = None if args.bn_prior.lower() == "none" else load_bn_prior(args.bn_prior, backbone.device)
     except BackboneError as e:
@@ -260,6 +290,31 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .backbone import load_backbone
+    from .formats import load_lora
+    from .formats_transformers import save_transformers_peft
+
+    if args.backbone is None:
+        args.backbone = _backbone_of(args.lora)
+    backbone = load_backbone(args.backbone, device="cpu")
+    cfg = backbone.model.pretrained_cfg
+    if cfg.get("source") != "transformers":
+        raise ValueError(f"backbone '{args.backbone}' is a timm model, and recycle's LoRA files already are PEFT's "
+                         "layout for it; export writes LoRAs made on a transformers ViT (a folder or Hub repo in "
+                         "transformers' layout)")
+    adapter = load_lora(args.lora, backbone)
+    with adapter.attached(backbone):  # refuses, with the reason, a LoRA that does not fit this backbone
+        adapter.build_head(backbone.num_features)
+    _warn_provenance(adapter, backbone)
+    base = cfg.get("hf_hub_id") or adapter.info.get("base_model") or args.backbone
+    out = save_transformers_peft(adapter, args.out, layout=args.layout, base_model=base)
+    kind = "ViTForImageClassification" if adapter.head_weight is not None else "ViTModel"
+    print(f"wrote {out} ({args.layout} names): load it with PeftModel.from_pretrained({kind}.from_pretrained("
+          f"'{base}'), '{out}')")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     prog = "recycle" if Path(sys.argv[0]).name == "recycle" else "python -m recycle"  # console script or -m
     parser = argparse.ArgumentParser(prog=prog, description="LoRA Recycle: tuning-free few-shot learning from "
@@ -285,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="LoRA inversion with attention-guided token pruning; the images, their masks "
                                    "and the teacher's logits are added to the pool folder --out.")
     p._negative_number_matcher = _NEGATIVE_VALUE  # so that "--prune -1:0.75" works, not only "--prune=-1:0.75"
-    _add_backbone_args(p)
+    _add_backbone_args(p, from_lora=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--lora", help="LoRA with a head: local folder or file, or Hub id ORG/NAME")
     src.add_argument("--zoo", help="zoo folder (from pretune): invert every LoRA, one run each, skipping those "
@@ -371,6 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--markdown", help="write the results table as Markdown")
     p.set_defaults(func=_cmd_eval, ranks=True)
+
+    p = sub.add_parser("export", help="write a (meta-)LoRA made on a transformers ViT as a PEFT adapter of it",
+                       description="Write --lora, made on a transformers ViT backbone, in that model's PEFT layout, "
+                                   "so PeftModel.from_pretrained loads it into ViTForImageClassification (a LoRA with "
+                                   "a head) or ViTModel (a meta-LoRA) with the same outputs.")
+    p.add_argument("--lora", required=True, help="LoRA or meta-LoRA: local folder or file, or Hub id ORG/NAME")
+    p.add_argument("--backbone", help="the transformers ViT it was made on (default: the one the LoRA names)")
+    p.add_argument("--out", required=True, help="folder to write adapter_config.json and adapter_model.safetensors to")
+    p.add_argument("--layout", choices=("transformers5", "transformers4"), default="transformers5",
+                   help="module names: transformers 5's (layers.N.attention.q_proj, the default) or transformers "
+                        "4's (encoder.layer.N.attention.attention.query)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("push", help="upload a LoRA folder (e.g. a meta-LoRA with its card) to the Hub",
                        description="Create the Hub model repository --repo if needed and upload the folder's "
