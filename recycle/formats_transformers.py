@@ -273,8 +273,8 @@ def save_transformers_peft(adapter: LoRAAdapter, directory: Union[str, Path], la
     per_module: dict[str, tuple[int, float]] = {}
 
     def put(module: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.clone()  # q, k and v share A: one copy each
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.clone()
         per_module[module] = (int(a.shape[0]), scaling * a.shape[0])
 
     for path, group in _groups(adapter.state).items():

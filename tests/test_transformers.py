@@ -338,3 +338,124 @@ def test_head_less_clip_adapters_load_but_cannot_be_inverted(tiny_clip, tmp_path
     assert torch.allclose(y[:, :d], want_q, atol=1e-4) and torch.allclose(y[:, d:2 * d], base(ones)[:, d:2 * d])
     with pytest.raises(ValueError, match="no classification head"):
         invert(tiny_clip, adapter, InversionConfig(steps=1))
+
+
+# ----------------------------------------------------------------------------------------------- export
+def _vit_module_names(model) -> set[str]:
+    return {n for n, _ in model.named_modules()}
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_exported_loras_load_into_peft_with_equal_outputs(hf_vit_dir, tmp_path, head):
+    """A (meta-)LoRA made on the converted backbone, written in the base's PEFT layout, loads into transformers."""
+    from recycle.formats import LoRAAdapter
+    from recycle.formats_transformers import save_transformers_peft
+    from recycle.lora import LoRAConfig, inject_lora, lora_parameters, remove_lora
+
+    backbone = load_backbone(str(hf_vit_dir), device="cpu")
+    torch.manual_seed(3)
+    config = LoRAConfig(targets=("qv", "fc1") if head else ("qkv", "proj", "fc2"), rank=2, alpha=3.0,
+                        extra={"blocks.1.mlp.fc1" if head else "blocks.0.mlp.fc2": {"rank": 3, "alpha": 1.5}})
+    inject_lora(backbone.model, config)
+    with torch.no_grad():
+        for p in lora_parameters(backbone.model):
+            p.copy_(torch.randn_like(p) * 0.3)
+    linear = torch.nn.Linear(backbone.num_features, 3) if head else None
+    adapter = LoRAAdapter.from_model(backbone.model, config, linear, CLASSES if head else None, str(hf_vit_dir))
+    remove_lora(backbone.model)
+    save_transformers_peft(adapter, tmp_path / "out", layout=LAYOUT, base_model="google/tiny-vit")
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "google/tiny-vit" and cfg["peft_type"] == "LORA"
+    x = _inputs()
+    if head:
+        base = transformers.ViTForImageClassification.from_pretrained(hf_vit_dir)
+        model = peft.PeftModel.from_pretrained(base, tmp_path / "out").eval()
+        with torch.no_grad():
+            theirs = model(pixel_values=x).logits
+        ours = _recycle_logits(backbone, adapter, x)
+    else:
+        base = transformers.ViTModel.from_pretrained(hf_vit_dir, add_pooling_layer=False)
+        model = peft.PeftModel.from_pretrained(base, tmp_path / "out").eval()
+        with torch.no_grad(), adapter.attached(backbone):
+            ours = backbone.pre_logits(x)
+            theirs = model(pixel_values=x).last_hidden_state[:, 0]
+    assert sum("lora_A" in n for n in _vit_module_names(model)) > 0
+    with torch.no_grad():
+        bare = backbone.model(x) if head else backbone.pre_logits(x)
+    assert (ours - bare).abs().max() > 1e-2  # the LoRA changes the outputs, so the comparison below can fail
+    assert (ours - theirs).abs().max() < 1e-4
+    # ...and recycle reads its own export back to the same outputs.
+    again = load_lora(tmp_path / "out", backbone)
+    if head:
+        assert again.class_names == CLASSES
+        assert (_recycle_logits(backbone, again, x) - ours).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def test_cli_inverts_a_peft_adapter_on_its_own_backbone(hf_vit_dir, hf_adapter, tmp_path, capsys):
+    from recycle.cli import main
+    from recycle.pool import Pool
+
+    installed, other, _ = hf_adapter
+    out = tmp_path / "pool"
+    common = ["--out", str(out), "--per-class", "1", "--steps", "2", "--classes", "apple", "plum", "--bn-prior",
+              "none", "--device", "cpu", "--quiet"]
+    assert main(["invert", "--backbone", str(hf_vit_dir), "--lora", str(other)] + common) == 0
+    assert main(["invert", "--lora", str(installed)] + common + ["--seed", "1"]) == 0  # the adapter names its base
+    assert "teacher accuracy" in capsys.readouterr().out
+    pool = Pool(out)
+    assert len(pool.runs) == 2 and [c.name for c in pool.classes] == ["apple", "plum"]
+
+
+def test_cli_export_round_trips_through_peft(hf_vit_dir, hf_adapter, tiny_clip_dir, tmp_path, capsys):
+    from recycle.cli import main
+
+    installed, other, peft_logits = hf_adapter
+    assert main(["export", "--lora", str(other), "--backbone", str(hf_vit_dir), "--out", str(tmp_path / "x"),
+                 "--layout", LAYOUT]) == 0
+    assert "PeftModel.from_pretrained(ViTForImageClassification" in capsys.readouterr().out
+    base = transformers.ViTForImageClassification.from_pretrained(hf_vit_dir)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "x").eval()
+    with torch.no_grad():
+        assert (model(pixel_values=_inputs()).logits - peft_logits).abs().max() < 1e-4
+    assert main(["export", "--lora", str(installed), "--backbone", str(tiny_clip_dir), "--out",
+                 str(tmp_path / "y")]) == 1
+    assert "is a timm model" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_provenance_is_compared_not_only_shapes():
+    from types import SimpleNamespace
+
+    from recycle.provenance import provenance_mismatch
+
+    def backbone(name, hub=None):
+        return SimpleNamespace(name=name, model=SimpleNamespace(pretrained_cfg={"hf_hub_id": hub}))
+
+    clip = backbone("vit_base_patch16_clip_224.openai", "timm/vit_base_patch16_clip_224.openai")
+    assert "made for 'google/vit-base-patch16-224-in21k'" in provenance_mismatch(
+        "google/vit-base-patch16-224-in21k", clip)
+    assert provenance_mismatch("clip-b16", clip) is None
+    assert provenance_mismatch("openai/clip-vit-base-patch16", clip) is None  # the same weights in transformers
+    assert provenance_mismatch("hf-hub:timm/vit_base_patch16_clip_224.openai@main", clip) is None
+    vit = backbone("google/vit-base-patch16-224-in21k", "google/vit-base-patch16-224-in21k")
+    assert provenance_mismatch("vit_base_patch16_224.orig_in21k", vit) is None
+    assert provenance_mismatch("clip-b16", vit) is not None
+    assert provenance_mismatch("./some/local/folder", clip) is None and provenance_mismatch(None, clip) is None
+
+
+def test_app_fit_check_names_the_backbone_a_lora_was_made_for(tiny_clip_dir, local_hub):
+    """A LoRA that fits CLIP's shapes but was made on another model is not called a fit."""
+    import shutil
+    from dataclasses import replace
+
+    pytest.importorskip("gradio")
+    from app_ui.invert import Inversion
+    from tests.helpers import colour_task, train_tiny_lora
+
+    shutil.copytree(tiny_clip_dir, local_hub.root / "timm" / "vit_base_patch16_clip_224.openai")
+    clip = load_backbone("hf-hub:timm/vit_base_patch16_clip_224.openai", device="cpu")
+    adapter = train_tiny_lora(clip, *colour_task(), steps=1)
+    ok = Inversion._fit(replace(adapter, backbone="clip-b16"), clip, "clip-b16")
+    assert ok.startswith("✅")
+    other = Inversion._fit(replace(adapter, backbone="google/vit-base-patch16-224-in21k"), clip, "clip-b16")
+    assert other.startswith("⚠️") and "in shape only" in other and "google/vit-base-patch16-224-in21k" in other
