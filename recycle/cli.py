@@ -101,6 +101,30 @@ def _backbone_of(lora: str) -> str:
     return DEFAULT_BACKBONE
 
 
+def _zoo_backbone(zoo: str) -> str:
+    """The backbone a zoo's zoo.json names (a zoo gathered from the Hub names its base), else the default."""
+    from .io import loads_strict
+
+    path = Path(zoo) / "zoo.json"
+    try:
+        named = loads_strict(path.read_bytes(), str(path)).get("backbone") if path.is_file() else None
+    except (ValueError, AttributeError):
+        named = None
+    return named if isinstance(named, str) and named else DEFAULT_BACKBONE
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from .hub_loras import describe, gather_zoo
+
+    if args.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    manifest = gather_zoo(args.hub, args.out, limit=args.limit, search=args.search,
+                          progress=lambda lora: print(describe([lora])))
+    print(f"zoo {args.out}: {len(manifest['loras'])} LoRAs from the Hub for {args.hub}; invert them with "
+          f"`recycle invert --zoo {args.out} --out POOL` (the backbone is read from zoo.json)")
+    return 0
+
+
 def _warn_provenance(adapter, backbone) -> None:
     from .provenance import provenance_mismatch
 
@@ -130,7 +154,7 @@ def _cmd_invert(args: argparse.Namespace) -> int:
         raise ValueError("invert --lora inverts one LoRA in one process; to use several ranks, invert a whole zoo "
                          "with --zoo")
     if args.backbone is None:
-        args.backbone = _backbone_of(args.lora) if args.lora else DEFAULT_BACKBONE
+        args.backbone = _backbone_of(args.lora) if args.lora else _zoo_backbone(args.zoo)
     backbone = load_backbone(args.backbone, device=args.device)
     config = replace(config, bf16=resolve_precision(args.precision, backbone.device))
     adapter = None if args.zoo else load_lora(args.lora, backbone)
@@ -426,6 +450,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--markdown", help="write the results table as Markdown")
     p.set_defaults(func=_cmd_eval, ranks=True)
+
+    p = sub.add_parser("zoo", help="gather the Hub's LoRAs (with heads) for a backbone into a zoo folder",
+                       description="List the Hub's PEFT LoRAs for --hub (tagged base_model:adapter:BASE, plus a name "
+                                   "search for older adapters), vet each from its config and safetensors header "
+                                   "without downloading weights, and download the usable ones into --out with a "
+                                   "zoo.json (repo, revision and classes of each). Safetensors only.")
+    p.add_argument("--hub", required=True, metavar="BASE", help="the backbone's Hub id, e.g. "
+                                                                "google/vit-base-patch16-224-in21k")
+    p.add_argument("--out", required=True, help="zoo folder (created or grown)")
+    p.add_argument("--limit", type=int, default=20, help="the most candidates to vet (default: 20)")
+    p.add_argument("--search", help="text to search repo names for (default: the name part of BASE)")
+    p.set_defaults(func=_cmd_zoo)
 
     p = sub.add_parser("export", help="write a (meta-)LoRA made on a transformers ViT as a PEFT adapter of it",
                        description="Write --lora, made on a transformers ViT backbone, in that model's PEFT layout, "

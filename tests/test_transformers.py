@@ -459,3 +459,100 @@ def test_app_fit_check_names_the_backbone_a_lora_was_made_for(tiny_clip_dir, loc
     assert ok.startswith("✅")
     other = Inversion._fit(replace(adapter, backbone="google/vit-base-patch16-224-in21k"), clip, "clip-b16")
     assert other.startswith("⚠️") and "in shape only" in other and "google/vit-base-patch16-224-in21k" in other
+
+
+# ----------------------------------------------------------------------------------------------- the Hub's LoRAs
+def _publish(root: Path, repo: str, adapter_dir: Path, card_base: str | None = None, labels: bool = False,
+             **config_changes) -> Path:
+    """Put a PEFT adapter on the fake Hub as `repo`, naming google/tiny-vit as its base."""
+    import shutil
+
+    folder = root / repo
+    folder.mkdir(parents=True)
+    shutil.copy(adapter_dir / "adapter_model.safetensors", folder)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "google/tiny-vit",
+                                                            **config_changes}))
+    if card_base:
+        (folder / "README.md").write_text(f"---\nbase_model: {card_base}\nlibrary_name: peft\n---\n# {repo}\n")
+    if labels:
+        (folder / "config.json").write_text(json.dumps({"id2label": {"0": "salad", "1": "soup", "2": "cake"}}))
+    return folder
+
+
+@pytest.fixture()
+def hub_with_loras(local_hub, hf_vit_dir, hf_adapter, tmp_path):
+    """The fake Hub holding google/tiny-vit and LoRAs for it as people publish them, good and bad."""
+    import shutil
+
+    installed, other, _ = hf_adapter
+    root = local_hub.root
+    shutil.copytree(hf_vit_dir, root / "google" / "tiny-vit")
+    _publish(root, "alice/food-lora", installed, card_base="google/tiny-vit", labels=True)  # tagged, with labels
+    _publish(root, "bob/tiny-vit-finetuned-lora-beans", other)  # old: no card, found by its name
+    pickled = _publish(root, "carol/tiny-vit-lora-bin", installed, card_base="google/tiny-vit")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    headless = _publish(root, "dave/tiny-vit-meta", installed, card_base="google/tiny-vit")
+    tensors = load_file(headless / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "classifier" not in k}, headless / "adapter_model.safetensors")
+    _publish(root, "erin/tiny-vit-loha", installed, card_base="google/tiny-vit", peft_type="LOHA")
+    _publish(root, "frank/other-lora", installed, card_base="google/tiny-vit", base_model_name_or_path="org/else")
+    return local_hub
+
+
+def test_fake_hub_answers_list_models_and_safetensors_headers_as_the_hub(hub_with_loras):
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    tagged = list(api.list_models(filter=["peft", "base_model:adapter:google/tiny-vit"], sort="downloads",
+                                  expand=["siblings", "sha", "tags"]))
+    assert [m.id for m in tagged] == ["alice/food-lora", "carol/tiny-vit-lora-bin", "dave/tiny-vit-meta",
+                                      "erin/tiny-vit-loha", "frank/other-lora"]
+    assert "safetensors" in tagged[0].tags and "adapter_model.safetensors" in [s.rfilename for s in tagged[0].siblings]
+    assert [m.id for m in api.list_models(filter="peft", search="TINY-VIT")] == [
+        "bob/tiny-vit-finetuned-lora-beans", "carol/tiny-vit-lora-bin", "dave/tiny-vit-meta", "erin/tiny-vit-loha"]
+    assert [m.id for m in api.list_models(filter="transformers")] == ["google/tiny-vit"]
+    header = api.parse_safetensors_file_metadata("alice/food-lora", "adapter_model.safetensors")
+    assert header.tensors["base_model.model.classifier.weight"].shape == [3, 64]
+
+
+def test_hub_loras_are_found_and_vetted_without_their_weights(hub_with_loras):
+    from recycle.hub_loras import find_hub_loras
+
+    found = {x.repo: x for x in find_hub_loras("google/tiny-vit", include_unusable=True)}
+    assert found["alice/food-lora"].usable and found["alice/food-lora"].classes == ["salad", "soup", "cake"]
+    bob = found["bob/tiny-vit-finetuned-lora-beans"]
+    assert bob.usable and bob.classes == CLASSES  # it names none: the base's id2label, which has as many classes
+    assert "pickle" in found["carol/tiny-vit-lora-bin"].problem
+    assert "no classification head" in found["dave/tiny-vit-meta"].problem
+    assert "not LoRA" in found["erin/tiny-vit-loha"].problem
+    assert "made for 'org/else'" in found["frank/other-lora"].problem
+    assert [x.repo for x in find_hub_loras("hf-hub:google/tiny-vit")] == ["alice/food-lora",
+                                                                          "bob/tiny-vit-finetuned-lora-beans"]
+    # Vetting downloaded JSON only: no weights are in the cache.
+    from huggingface_hub import scan_cache_dir
+
+    cached = {f.file_name for repo in scan_cache_dir().repos for rev in repo.revisions for f in rev.files}
+    assert "adapter_model.safetensors" not in cached and "adapter_config.json" in cached
+
+
+def test_cli_zoo_from_the_hub_then_invert_it(hub_with_loras, tmp_path, capsys):
+    from recycle.cli import main
+    from recycle.pool import Pool
+
+    zoo = tmp_path / "zoo"
+    assert main(["zoo", "--hub", "google/tiny-vit", "--out", str(zoo), "--limit", "10"]) == 0
+    manifest = json.loads((zoo / "zoo.json").read_text())
+    assert manifest["backbone"] == "google/tiny-vit"
+    entries = {e["repo"]: e for e in manifest["loras"]}
+    assert set(entries) == {"alice/food-lora", "bob/tiny-vit-finetuned-lora-beans"}
+    assert entries["alice/food-lora"]["classes"] == ["salad", "soup", "cake"]
+    assert entries["bob/tiny-vit-finetuned-lora-beans"]["classes"] == CLASSES  # the base's id2label
+    assert all(len(e["revision"]) == 40 for e in entries.values())
+    capsys.readouterr()
+    assert main(["invert", "--zoo", str(zoo), "--out", str(tmp_path / "pool"), "--per-class", "1", "--steps", "1",
+                 "--bn-prior", "none", "--device", "cpu", "--quiet"]) == 0  # on google/tiny-vit, from zoo.json
+    assert len(Pool(tmp_path / "pool").runs) == 2
+    hub_with_loras.stop()
+    assert main(["zoo", "--hub", "google/tiny-vit", "--out", str(tmp_path / "zoo2")]) == 1
+    assert "cannot be reached" in capsys.readouterr().err and not (tmp_path / "zoo2").exists()
