@@ -556,3 +556,25 @@ def test_cli_zoo_from_the_hub_then_invert_it(hub_with_loras, tmp_path, capsys):
     hub_with_loras.stop()
     assert main(["zoo", "--hub", "google/tiny-vit", "--out", str(tmp_path / "zoo2")]) == 1
     assert "cannot be reached" in capsys.readouterr().err and not (tmp_path / "zoo2").exists()
+
+
+def test_app_lists_the_hubs_loras_for_the_backbone_and_loads_one(hub_with_loras, tmp_path):
+    pytest.importorskip("gradio")
+    from tests.apptools import close, launch, settings
+
+    demo, client = launch(settings(tmp_path, "hf-hub:google/tiny-vit"))
+    try:
+        note, picker = client.predict(backbone="hf-hub:google/tiny-vit", text="", api_name="/hub_loras")
+        assert "2 LoRAs for `google/tiny-vit`" in note and "salad, soup, cake" in note
+        assert [c[1] for c in picker["choices"]] == ["alice/food-lora", "bob/tiny-vit-finetuned-lora-beans"]
+        note, picker = client.predict(backbone="hf-hub:google/tiny-vit", text="BEANS", api_name="/hub_loras")
+        assert [c[1] for c in picker["choices"]] == ["bob/tiny-vit-finetuned-lora-beans"]
+        card, classes = client.predict(hub_id="alice/food-lora", files=[], api_name="/load_lora")
+        assert "3 classes" in card and "✅ Fits" in card and "salad" in card
+        hub_with_loras.stop()
+        cached, _ = client.predict(backbone="hf-hub:google/tiny-vit", text="", api_name="/hub_loras")
+        assert "2 LoRAs" in cached  # served from the listing cache
+        down, picker = client.predict(backbone="hf-hub:google/tiny-vit", text="food", api_name="/hub_loras")
+        assert down.startswith("⚠️") and "cannot be reached" in down and picker["choices"] == []
+    finally:
+        close(demo, client)
