@@ -314,6 +314,18 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _installed_vit_layout() -> str:
+    """ "new" when the installed transformers names ViT modules ``layers.N.attention.q_proj``, else "old" (also when
+    transformers is not installed: recycle never needs it)."""
+    try:
+        from transformers import ViTConfig, ViTModel
+    except ImportError:
+        return "old"
+    tiny = ViTModel(ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+                              image_size=8, patch_size=8))
+    return "new" if any(n.endswith("attention.q_proj") for n, _ in tiny.named_modules()) else "old"
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .backbone import load_backbone
     from .formats import load_lora
@@ -332,9 +344,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         adapter.build_head(backbone.num_features)
     _warn_provenance(adapter, backbone)
     base = cfg.get("hf_hub_id") or adapter.info.get("base_model") or args.backbone
-    out = save_transformers_peft(adapter, args.out, layout=args.layout, base_model=base)
+    layout = _installed_vit_layout() if args.layout == "auto" else args.layout
+    out = save_transformers_peft(adapter, args.out, layout=layout, base_model=base)
     kind = "ViTForImageClassification" if adapter.head_weight is not None else "ViTModel"
-    print(f"wrote {out} ({args.layout} names): load it with PeftModel.from_pretrained({kind}.from_pretrained("
+    print(f"wrote {out} ({layout} module names): load it with PeftModel.from_pretrained({kind}.from_pretrained("
           f"'{base}'), '{out}')")
     return 0
 
@@ -470,9 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", required=True, help="LoRA or meta-LoRA: local folder or file, or Hub id ORG/NAME")
     p.add_argument("--backbone", help="the transformers ViT it was made on (default: the one the LoRA names)")
     p.add_argument("--out", required=True, help="folder to write adapter_config.json and adapter_model.safetensors to")
-    p.add_argument("--layout", choices=("transformers5", "transformers4"), default="transformers5",
-                   help="module names: transformers 5's (layers.N.attention.q_proj, the default) or transformers "
-                        "4's (encoder.layer.N.attention.attention.query)")
+    p.add_argument("--layout", choices=("auto", "new", "old"), default="auto",
+                   help="module names, those of the transformers that will load it: new (layers.N.attention.q_proj, "
+                        "later transformers 5 releases), old (encoder.layer.N.attention.attention.query, transformers "
+                        "4 and 5.0), or auto: those of the transformers installed here, else old (default: auto)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("push", help="upload a LoRA folder (e.g. a meta-LoRA with its card) to the Hub",

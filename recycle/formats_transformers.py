@@ -2,10 +2,11 @@
 
 Read (`from_transformers_peft`):
 
-* ``ViTForImageClassification`` / ``ViTModel`` adapters (PEFT's image-classification guide), in transformers 4 names
-  (``vit.encoder.layer.{i}.attention.attention.{query,key,value}``, ``attention.output.dense``,
-  ``intermediate.dense``, ``output.dense``) or transformers 5 names (``vit.layers.{i}.attention.{q,k,v,o}_proj``,
-  ``mlp.fc1``, ``mlp.fc2``), with the ``classifier`` as head (``modules_to_save``);
+* ``ViTForImageClassification`` / ``ViTModel`` adapters (PEFT's image-classification guide), in the "old" module
+  names of transformers 4 and 5.0 (``vit.encoder.layer.{i}.attention.attention.{query,key,value}``,
+  ``attention.output.dense``, ``intermediate.dense``, ``output.dense``) or the "new" ones of later 5.x releases
+  (``vit.layers.{i}.attention.{q,k,v,o}_proj``, ``mlp.fc1``, ``mlp.fc2``), with the ``classifier`` as head
+  (``modules_to_save``);
 * CLIP vision adapters (``vision_model.encoder.layers.{i}.self_attn.{q,k,v,out}_proj``, ``mlp.fc1/fc2``), usually
   without a head, onto timm's CLIP.
 
@@ -45,13 +46,13 @@ CLIP_BASES = {
     "openai/clip-vit-base-patch32": "vit_base_patch32_clip_224.openai",
     "openai/clip-vit-large-patch14": "vit_large_patch14_clip_224.openai",
 }
-LAYOUTS = ("transformers5", "transformers4")
+LAYOUTS = ("new", "old")
 
 # Module name (after "base_model.model.") -> (family, block, part). Parts: q, k, v, proj, fc1, fc2.
 _PATTERNS = [
-    ("transformers4", re.compile(r"(?:vit\.)?encoder\.layer\.(\d{1,4})\.(attention\.attention\.(?:query|key|value)"
+    ("old", re.compile(r"(?:vit\.)?encoder\.layer\.(\d{1,4})\.(attention\.attention\.(?:query|key|value)"
                                  r"|attention\.output\.dense|intermediate\.dense|output\.dense)")),
-    ("transformers5", re.compile(r"(?:vit\.)?layers\.(\d{1,4})\.(attention\.[qkvo]_proj|mlp\.fc[12])")),
+    ("new", re.compile(r"(?:vit\.)?layers\.(\d{1,4})\.(attention\.[qkvo]_proj|mlp\.fc[12])")),
     ("clip", re.compile(r"(?:(?:model\.)?vision_model\.)?encoder\.layers\.(\d{1,4})\.(self_attn\.(?:[qkv]|out)_proj"
                         r"|mlp\.fc[12])")),
 ]
@@ -65,10 +66,10 @@ _PARTS = {
 _TIMM_PATH = {"proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 # The names `save_transformers_peft` writes, per layout.
 _WRITE_NAMES = {
-    "transformers4": ("encoder.layer.{i}.", {"q": "attention.attention.query", "k": "attention.attention.key",
+    "old": ("encoder.layer.{i}.", {"q": "attention.attention.query", "k": "attention.attention.key",
                                              "v": "attention.attention.value", "proj": "attention.output.dense",
                                              "fc1": "intermediate.dense", "fc2": "output.dense"}),
-    "transformers5": ("layers.{i}.", {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
+    "new": ("layers.{i}.", {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
                                       "proj": "attention.o_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}),
 }
 
@@ -250,15 +251,15 @@ def _groups(state: dict[str, torch.Tensor]) -> dict[str, dict[str, dict[str, tor
     return groups
 
 
-def save_transformers_peft(adapter: LoRAAdapter, directory: Union[str, Path], layout: str = "transformers5",
+def save_transformers_peft(adapter: LoRAAdapter, directory: Union[str, Path], layout: str = "new",
                            base_model: Optional[str] = None) -> Path:
     """Write `adapter` (made on a timm ViT converted from a transformers ViT) as a PEFT adapter of that transformers
     model, atomically file by file. Returns the directory.
 
     With a head the adapter is for ``ViTForImageClassification`` (module names under ``vit.``, the head as
-    ``classifier`` in ``modules_to_save``); without, for ``ViTModel``. ``layout`` picks the module names:
-    ``transformers5`` (``layers.{i}.attention.q_proj`` ..., what PEFT on transformers 5 targets) or ``transformers4``
-    (``encoder.layer.{i}.attention.attention.query`` ...). A fused ``qkv`` LoRA is written as q, k and v LoRAs sharing
+    ``classifier`` in ``modules_to_save``); without, for ``ViTModel``. ``layout`` picks the module names, those of
+    the transformers that will load it: ``new`` (``layers.{i}.attention.q_proj`` ..., later transformers 5 releases)
+    or ``old`` (``encoder.layer.{i}.attention.attention.query`` ..., transformers 4 and 5.0). A fused ``qkv`` LoRA is written as q, k and v LoRAs sharing
     its A (a part whose B is zero is left out); each module keeps its scale through ``rank_pattern`` and
     ``alpha_pattern``.
 

@@ -15,8 +15,9 @@ What makes the outputs equal to transformers':
 * mean, std, size and resampling from the preprocessor config (transformers' defaults: 0.5, 0.5, the config's
   image size, bilinear).
 
-Both weight-name layouts are read: transformers 4's ``encoder.layer.{i}.attention.attention.query`` ... (which
-``save_pretrained`` still writes) and transformers 5's module names ``layers.{i}.attention.q_proj`` ...
+Both weight-name layouts are read: the "old" ``encoder.layer.{i}.attention.attention.query`` ... (transformers 4
+and 5.0; ``save_pretrained`` still writes it) and the "new" module names of later 5.x releases,
+``layers.{i}.attention.q_proj`` ...
 """
 from __future__ import annotations
 
@@ -47,14 +48,14 @@ _MAX_CONFIG_BYTES = 1 << 20
 
 # Per-block module names of the two layouts -> timm's (q, k, v are gathered into qkv).
 _LAYOUTS = {
-    "transformers4": {
+    "old": {
         "block": "encoder.layer.{i}.",
         "modules": {"attention.attention.query": "q", "attention.attention.key": "k",
                     "attention.attention.value": "v", "attention.output.dense": "attn.proj",
                     "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
                     "layernorm_before": "norm1", "layernorm_after": "norm2"},
     },
-    "transformers5": {
+    "new": {
         "block": "layers.{i}.",
         "modules": {"attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
                     "attention.o_proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
@@ -172,9 +173,9 @@ def _rename(keys: list[str], depth: int, what: str) -> tuple[dict[str, tuple[str
              if any(k.startswith(prefix + lay["block"].format(i=0)) for k in keys)]
     if len(found) != 1:
         raise TransformersViTError(
-            f"{what}: the weights are in no known ViT layout (expected '{prefix}encoder.layer.0....' of transformers "
-            f"4 or '{prefix}layers.0....' of transformers 5)" if not found else
-            f"{what}: the weights mix the transformers 4 and 5 name layouts")
+            f"{what}: the weights are in no known ViT layout (expected '{prefix}encoder.layer.0....' or "
+            f"'{prefix}layers.0....', transformers' old and new module names)" if not found else
+            f"{what}: the weights mix transformers' old and new module names")
     layout = _LAYOUTS[found[0]]
     fixed = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
              "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",

@@ -1,8 +1,9 @@
 """transformers ViTs and their PEFT adapters, made with transformers and PEFT themselves, read by recycle.
 
-The adapters are made in the name layout the installed transformers produces; the other layout (transformers 4's
-``encoder.layer.{i}.attention.attention.query`` or 5's ``layers.{i}.attention.q_proj``) is made from it by renaming
-the keys, the target modules and the pattern keys exactly as the other version names those modules.
+The adapters are made in the module names the installed transformers uses; the other layout ("old":
+``encoder.layer.{i}.attention.attention.query`` of transformers 4 and 5.0, or "new": ``layers.{i}.attention.q_proj`` of
+later 5.x releases) is made from it by renaming the keys, the target modules and the pattern keys exactly as the
+other versions name those modules.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ TINY = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, nu
             intermediate_size=96, num_labels=3, id2label=dict(enumerate(CLASSES)),
             label2id={c: i for i, c in enumerate(CLASSES)})
 
-# Module names within a block: transformers 4 <-> transformers 5.
+# Module names within a block: old <-> new.
 V4_TO_V5 = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
             "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj",
             "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
@@ -36,16 +37,16 @@ V5_LEAF = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
 
 def _installed_layout() -> str:
     names = [n for n, _ in transformers.ViTModel(transformers.ViTConfig(**TINY)).named_modules()]
-    return "transformers5" if any(n.endswith("attention.q_proj") for n in names) else "transformers4"
+    return "new" if any(n.endswith("attention.q_proj") for n in names) else "old"
 
 
 LAYOUT = _installed_layout()
-OTHER = "transformers4" if LAYOUT == "transformers5" else "transformers5"
+OTHER = "old" if LAYOUT == "new" else "new"
 
 
 def _leaf(name: str, layout: str) -> str:
-    """A target-module name written in transformers 4's words ("query", "dense"...) in `layout`'s words."""
-    return V5_LEAF.get(name, name) if layout == "transformers5" else name
+    """A target-module name written in the old words ("query", "dense"...) in `layout`'s words."""
+    return V5_LEAF.get(name, name) if layout == "new" else name
 
 
 def _module_v4_to_v5(name: str) -> str:
@@ -70,14 +71,14 @@ def _module_v5_to_v4(name: str) -> str:
 
 def rename_adapter(src: Path, dst: Path, to: str) -> Path:
     """Copy PEFT adapter `src` to `dst` with every module name in layout `to` (keys, patterns, targets)."""
-    rename = _module_v4_to_v5 if to == "transformers5" else _module_v5_to_v4
+    rename = _module_v4_to_v5 if to == "new" else _module_v5_to_v4
     dst.mkdir(parents=True, exist_ok=True)
     tensors = load_file(src / "adapter_model.safetensors")
     save_file({rename(k): v for k, v in tensors.items()}, dst / "adapter_model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((src / "adapter_config.json").read_text())
-    leaves = {"transformers5": {"query": ["q_proj"], "key": ["k_proj"], "value": ["v_proj"],
+    leaves = {"new": {"query": ["q_proj"], "key": ["k_proj"], "value": ["v_proj"],
                                 "dense": ["o_proj", "fc1", "fc2"]},
-              "transformers4": {"q_proj": ["query"], "k_proj": ["key"], "v_proj": ["value"], "o_proj": ["dense"],
+              "old": {"q_proj": ["query"], "k_proj": ["key"], "v_proj": ["value"], "o_proj": ["dense"],
                                 "fc1": ["dense"], "fc2": ["dense"]}}[to]
     cfg["target_modules"] = sorted({new for t in cfg["target_modules"] for new in leaves.get(t, [t])})
     for field in ("rank_pattern", "alpha_pattern"):  # pattern keys: full module paths or leaf names
@@ -129,7 +130,7 @@ def _recycle_logits(backbone, adapter, x):
 RECIPES = {
     "guide": dict(r=4, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"]),
     "variant": dict(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"], use_rslora=True,
-                    rank_pattern={"layer.1.intermediate.dense": 2}, alpha_pattern={"value": 3.0},
+                    rank_pattern={"encoder.layer.1.intermediate.dense": 2}, alpha_pattern={"value": 3.0},
                     modules_to_save=["classifier"]),
 }
 
@@ -137,10 +138,10 @@ RECIPES = {
 def _recipe(name: str, layout: str) -> dict:
     lora = dict(RECIPES[name])
     leaves = [_leaf(t, layout) for t in lora["target_modules"]]
-    if layout == "transformers5" and "dense" in leaves:
+    if layout == "new" and "dense" in leaves:
         leaves = [t for t in leaves if t != "dense"] + ["o_proj", "fc1", "fc2"]
     lora["target_modules"] = leaves
-    if layout == "transformers5":
+    if layout == "new":
         lora["rank_pattern"] = {"layers.1.mlp.fc1": 2} if "rank_pattern" in lora else {}
         lora["alpha_pattern"] = {"v_proj": 3.0} if "alpha_pattern" in lora else {}
     return lora
@@ -185,14 +186,14 @@ def test_preprocessing_matches_the_image_processor(hf_vit_dir):
         assert (ours - theirs).abs().max() < (1e-6 if size == 32 else 1.01 / 255 / 0.2)
 
 
-def test_vit_model_without_head_and_the_transformers5_weight_names(hf_vit_dir, tmp_path):
+def test_vit_model_without_head_and_both_weight_name_layouts(hf_vit_dir, tmp_path):
     reference = transformers.ViTModel.from_pretrained(hf_vit_dir, add_pooling_layer=True).eval()
     folder = tmp_path / "renamed"
     folder.mkdir()
     (folder / "config.json").write_text((hf_vit_dir / "config.json").read_text())
     weights = {k: v.contiguous() for k, v in reference.state_dict().items()}
-    names = {"transformers5": _module_v4_to_v5, "transformers4": lambda k: k}
-    for layout in ("transformers4", "transformers5"):
+    names = {"new": _module_v4_to_v5, "old": lambda k: k}
+    for layout in ("old", "new"):
         on_disk = {}
         for k, v in weights.items():
             k4 = _module_v5_to_v4(k)  # whatever the installed version calls it, write it in `layout`'s names
@@ -411,9 +412,10 @@ def test_cli_export_round_trips_through_peft(hf_vit_dir, hf_adapter, tiny_clip_d
     from recycle.cli import main
 
     installed, other, peft_logits = hf_adapter
-    assert main(["export", "--lora", str(other), "--backbone", str(hf_vit_dir), "--out", str(tmp_path / "x"),
-                 "--layout", LAYOUT]) == 0
-    assert "PeftModel.from_pretrained(ViTForImageClassification" in capsys.readouterr().out
+    assert main(["export", "--lora", str(other), "--backbone", str(hf_vit_dir), "--out", str(tmp_path / "x")]) == 0
+    printed = capsys.readouterr().out
+    assert f"({LAYOUT} module names)" in printed  # auto: the installed transformers' names
+    assert "PeftModel.from_pretrained(ViTForImageClassification" in printed
     base = transformers.ViTForImageClassification.from_pretrained(hf_vit_dir)
     model = peft.PeftModel.from_pretrained(base, tmp_path / "x").eval()
     with torch.no_grad():
@@ -530,9 +532,10 @@ def test_hub_loras_are_found_and_vetted_without_their_weights(hub_with_loras):
     assert [x.repo for x in find_hub_loras("hf-hub:google/tiny-vit")] == ["alice/food-lora",
                                                                           "bob/tiny-vit-finetuned-lora-beans"]
     # Vetting downloaded JSON only: no weights are in the cache.
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
 
-    cached = {f.file_name for repo in scan_cache_dir().repos for rev in repo.revisions for f in rev.files}
+    cache = scan_cache_dir(constants.HF_HUB_CACHE)
+    cached = {f.file_name for repo in cache.repos for rev in repo.revisions for f in rev.files}
     assert "adapter_model.safetensors" not in cached and "adapter_config.json" in cached
 
 
