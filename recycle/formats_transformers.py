@@ -259,9 +259,9 @@ def save_transformers_peft(adapter: LoRAAdapter, directory: Union[str, Path], la
     With a head the adapter is for ``ViTForImageClassification`` (module names under ``vit.``, the head as
     ``classifier`` in ``modules_to_save``); without, for ``ViTModel``. ``layout`` picks the module names, those of
     the transformers that will load it: ``new`` (``layers.{i}.attention.q_proj`` ..., later transformers 5 releases)
-    or ``old`` (``encoder.layer.{i}.attention.attention.query`` ..., transformers 4 and 5.0). A fused ``qkv`` LoRA is written as q, k and v LoRAs sharing
-    its A (a part whose B is zero is left out); each module keeps its scale through ``rank_pattern`` and
-    ``alpha_pattern``.
+    or ``old`` (``encoder.layer.{i}.attention.attention.query`` ..., transformers 4 and 5.0). A fused ``qkv`` LoRA
+    is written as q, k and v LoRAs sharing its A (a part whose B is zero is left out); each module keeps its scale
+    through ``rank_pattern`` and ``alpha_pattern``.
 
     Raises:
         ValueError: an unknown layout.
