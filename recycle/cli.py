@@ -39,10 +39,10 @@ _NEGATIVE_VALUE = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d[\d,-]*:")
 HEAVY_COMMANDS = ("predict", "invert", "pretune", "meta-train", "eval")
 
 
-def _add_backbone_args(p: argparse.ArgumentParser, precision: bool = True, from_lora: bool = False) -> None:
-    default = (f"the backbone the --lora names (its base_model_name_or_path), else {DEFAULT_BACKBONE}" if from_lora
-               else DEFAULT_BACKBONE)
-    p.add_argument("--backbone", default=None if from_lora else DEFAULT_BACKBONE,
+def _add_backbone_args(p: argparse.ArgumentParser, precision: bool = True, derived: Optional[str] = None) -> None:
+    """`derived`: where the command finds the backbone when --backbone is not given (the default otherwise)."""
+    default = f"{derived}, else {DEFAULT_BACKBONE}" if derived else DEFAULT_BACKBONE
+    p.add_argument("--backbone", default=None if derived else DEFAULT_BACKBONE,
                    help=f"timm name, alias, hf-hub:ORG/REPO, ORG/REPO of a transformers ViT, or local directory "
                         f"(default: {default})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
@@ -233,6 +233,8 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
                         lr=args.lr, lora=LoRAConfig(rank=args.rank),
                         checkpoint_every=args.checkpoint_every, val_every=args.val_every if args.val else 0,
                         val_episodes=args.val_episodes, seed=args.seed, episode_batch=args.episode_batch)
+    if args.backbone is None:
+        args.backbone = _zoo_backbone(args.zoo) if args.zoo else DEFAULT_BACKBONE
     backbone = load_backbone(args.backbone, device=args.device)
     config = replace(config, bf16=resolve_precision(args.precision, backbone.device))
     if args.pool:
@@ -377,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="LoRA inversion with attention-guided token pruning; the images, their masks "
                                    "and the teacher's logits are added to the pool folder --out.")
     p._negative_number_matcher = _NEGATIVE_VALUE  # so that "--prune -1:0.75" works, not only "--prune=-1:0.75"
-    _add_backbone_args(p, from_lora=True)
+    _add_backbone_args(p, derived="the backbone the --lora names (its base_model_name_or_path) or --zoo's zoo.json "
+                                  "names")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--lora", help="LoRA with a head: local folder or file, or Hub id ORG/NAME")
     src.add_argument("--zoo", help="zoo folder (from pretune): invert every LoRA, one run each, skipping those "
@@ -420,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("meta-train", help="distil one meta-LoRA from a surrogate pool or a LoRA zoo",
                        description="ProtoNet meta-training of a meta-LoRA on surrogate episodes: KL to the "
                                    "teacher for single-LoRA episodes, CE for cross-LoRA ones.")
-    _add_backbone_args(p)
+    _add_backbone_args(p, derived="with --zoo, the backbone its zoo.json names")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pool", help="surrogate pool folder (from invert)")
     src.add_argument("--zoo", help="LoRA zoo folder: invert episodes online (slow; the paper's Alg. 1)")

@@ -539,7 +539,7 @@ def test_hub_loras_are_found_and_vetted_without_their_weights(hub_with_loras):
     assert "adapter_model.safetensors" not in cached and "adapter_config.json" in cached
 
 
-def test_cli_zoo_from_the_hub_then_invert_it(hub_with_loras, tmp_path, capsys):
+def test_cli_zoo_from_the_hub_then_invert_meta_train_and_export(hub_with_loras, tmp_path, capsys):
     from recycle.cli import main
     from recycle.pool import Pool
 
@@ -556,6 +556,12 @@ def test_cli_zoo_from_the_hub_then_invert_it(hub_with_loras, tmp_path, capsys):
     assert main(["invert", "--zoo", str(zoo), "--out", str(tmp_path / "pool"), "--per-class", "1", "--steps", "1",
                  "--bn-prior", "none", "--device", "cpu", "--quiet"]) == 0  # on google/tiny-vit, from zoo.json
     assert len(Pool(tmp_path / "pool").runs) == 2
+    run = tmp_path / "run"
+    assert main(["meta-train", "--zoo", str(zoo), "--out", str(run), "--steps", "1", "--way", "2", "--shot", "1",
+                 "--query", "1", "--invert-steps", "1", "--device", "cpu", "--quiet"]) == 0  # on zoo.json's backbone
+    assert main(["export", "--lora", str(run / "meta-lora"), "--out", str(tmp_path / "meta-peft")]) == 0
+    exported = json.loads((tmp_path / "meta-peft" / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == "google/tiny-vit" and exported["modules_to_save"] is None
     hub_with_loras.stop()
     assert main(["zoo", "--hub", "google/tiny-vit", "--out", str(tmp_path / "zoo2")]) == 1
     assert "cannot be reached" in capsys.readouterr().err and not (tmp_path / "zoo2").exists()
