@@ -242,35 +242,53 @@ def timm_state_dict(tensors: dict[str, torch.Tensor], depth: int, what: str = "w
     return out
 
 
+def _channels(value, default: tuple, n: int, what: str, field: str) -> tuple:
+    """A per-channel list from a preprocessor config (one number is repeated); finite numbers only."""
+    value = default if value is None else value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * n
+    if not isinstance(value, (list, tuple)) or len(value) != n or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        raise TransformersViTError(f"{what}: preprocessor_config.json {field} must be {n} finite numbers, got "
+                                   f"{str(value)[:40]}")
+    return tuple(float(v) for v in value)
+
+
 def _preprocessing(folder: Path, kw: dict, what: str) -> dict:
-    """timm pretrained-config fields for transformers' image processor (defaults when there is none)."""
-    mean, std, size, interp = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), kw["img_size"], "bilinear"
+    """timm pretrained-config fields for transformers' image processor (defaults when there is none): resize to
+    the model's size, scale to [0, 1], normalise."""
+    n = kw["in_chans"]
+    mean, std, size, interp = (0.5,) * n, (0.5,) * n, kw["img_size"], "bilinear"
     path = folder / "preprocessor_config.json"
     if path.is_file():
         pre = read_json(path, what)
+        factor = pre.get("rescale_factor", 1 / 255)
+        if pre.get("do_rescale", True) is not True or isinstance(factor, bool) or not isinstance(
+                factor, (int, float)) or abs(factor * 255 - 1) > 1e-6:
+            raise TransformersViTError(f"{what}: preprocessor_config.json does not scale pixels by 1/255, which is "
+                                       "the only scaling supported")
         if pre.get("do_normalize", True):
-            mean = tuple(pre.get("image_mean", mean))
-            std = tuple(pre.get("image_std", std))
+            mean = _channels(pre.get("image_mean"), mean, n, what, "image_mean")
+            std = _channels(pre.get("image_std"), std, n, what, "image_std")
+            if not all(s > 0 for s in std):
+                raise TransformersViTError(f"{what}: preprocessor_config.json image_std must be positive")
         else:
-            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        if len(mean) != kw["in_chans"] or len(std) != kw["in_chans"] or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in mean + std) \
-                or not all(s > 0 for s in std):
-            raise TransformersViTError(f"{what}: preprocessor_config.json has an unusable image_mean/image_std")
+            mean, std = (0.0,) * n, (1.0,) * n
         raw = pre.get("size")
         if isinstance(raw, dict) and isinstance(raw.get("height"), int) and isinstance(raw.get("width"), int):
             size = (raw["height"], raw["width"])
         elif isinstance(raw, int) and not isinstance(raw, bool):
             size = (raw, raw)
-        if tuple(size) != tuple(kw["img_size"]):
+        if pre.get("do_resize", True) and tuple(size) != tuple(kw["img_size"]):
             raise TransformersViTError(f"{what}: preprocessor_config.json resizes to {list(size)} but the model "
                                        f"takes {list(kw['img_size'])}")
-        if pre.get("do_resize", True) and pre.get("resample", 2) not in _RESAMPLE:
+        resample = pre.get("resample", 2)
+        if isinstance(resample, bool) or resample not in _RESAMPLE:
             raise TransformersViTError(f"{what}: preprocessor_config.json has an unknown resample "
-                                       f"{str(pre.get('resample'))[:20]!r}")
-        interp = _RESAMPLE[pre.get("resample", 2)]
-    return {"mean": tuple(float(m) for m in mean), "std": tuple(float(s) for s in std),
-            "input_size": (kw["in_chans"], *size), "interpolation": interp, "crop_pct": 1.0, "crop_mode": "squash"}
+                                       f"{str(resample)[:20]!r}")
+        interp = _RESAMPLE[resample]
+    return {"mean": mean, "std": std, "input_size": (n, *kw["img_size"]), "interpolation": interp, "crop_pct": 1.0,
+            "crop_mode": "squash"}
 
 
 def label_names(cfg: dict, n: int) -> Optional[list[str]]:

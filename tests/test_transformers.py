@@ -587,3 +587,18 @@ def test_app_lists_the_hubs_loras_for_the_backbone_and_loads_one(hub_with_loras,
         assert down.startswith("⚠️") and "cannot be reached" in down and picker["choices"] == []
     finally:
         close(demo, client)
+
+
+@pytest.mark.parametrize("preprocessor, match", [
+    ({"image_mean": "grey"}, "image_mean must be 3 finite numbers"), ({"do_rescale": False}, "1/255"),
+    ({"rescale_factor": "x"}, "1/255"), ({"resample": "bilinear"}, "unknown resample"),
+    ({"image_std": [0, 1, 1]}, "image_std must be positive"), ({"size": {"height": 64, "width": 64}}, "resizes to"),
+])
+def test_unusable_preprocessor_configs_are_refused(hf_vit_dir, tmp_path, preprocessor, match):
+    import shutil
+
+    folder = tmp_path / "vit"
+    shutil.copytree(hf_vit_dir, folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    with pytest.raises(BackboneError, match=match):
+        load_backbone(str(folder), device="cpu")
