@@ -602,3 +602,17 @@ def test_unusable_preprocessor_configs_are_refused(hf_vit_dir, tmp_path, preproc
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     with pytest.raises(BackboneError, match=match):
         load_backbone(str(folder), device="cpu")
+
+
+def test_the_cards_base_model_names_the_backbone_when_the_config_does_not(hf_adapter, tmp_path):
+    import shutil
+
+    installed, _, _ = hf_adapter
+    folder = tmp_path / "a"
+    shutil.copytree(installed, folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": None}))
+    (folder / "README.md").write_text("---\nbase_model:\n- google/vit-base-patch16-224-in21k\nlibrary_name: peft\n---\n")
+    assert load_lora(folder).backbone == "google/vit-base-patch16-224-in21k"
+    (folder / "README.md").write_text("---\nbase_model: [unclosed\n---\n")
+    assert load_lora(folder).backbone is None
