@@ -179,6 +179,7 @@ def _invert_tab(policy: PathPolicy, example_lora: Optional[Path], prior: PriorCh
                 hub_note = gr.Markdown("", elem_id="hub-loras")
             load = gr.Button("Load LoRA", variant="secondary")
             card = gr.Markdown("No LoRA loaded yet.", elem_id="lora-card")
+            switch = gr.Button("Switch the backbone", visible=False, variant="secondary")
             gr.Markdown("### 2 · Settings")
             classes = gr.CheckboxGroup([], label="Classes to invert", info="Load a LoRA to see its classes.")
             with gr.Row():
@@ -209,7 +210,8 @@ def _invert_tab(policy: PathPolicy, example_lora: Optional[Path], prior: PriorCh
                 download = gr.DownloadButton("Download zip", interactive=False)
             pool_note = gr.Markdown("")
     return SimpleNamespace(hub_id=hub_id, hub_search=hub_search, hub_list=hub_list, hub_found=hub_found,
-                           hub_note=hub_note, files=files, load=load, card=card, classes=classes, per_class=per_class,
+                           hub_note=hub_note, files=files, load=load, switch=switch, card=card, classes=classes,
+                           per_class=per_class,
                            steps=steps, pruning=pruning, bn_prior=bn_prior, lr=lr, seed=seed, invert=invert, stop=stop,
                            stop_note=stop_note, run_status=run_status, images=images, masked=masked, add=add,
                            download=download, pool_note=pool_note)
@@ -299,7 +301,13 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
 
         # inversion
         gr.on([inv.load.click, inv.hub_id.submit], inversion.load, inputs=[backbone, inv.hub_id, inv.files],
-              outputs=[inv.card, inv.classes], api_name="load_lora", **load)
+              outputs=[inv.card, inv.classes], api_name="load_lora", **load).then(
+            inversion.switch_offer, None, inv.switch, api_name="switch_offer", api_visibility="undocumented", **load)
+        inv.switch.click(inversion.switch_backbone, backbone, backbone, api_name="switch_backbone",
+                         api_visibility="undocumented", queue=False).then(
+            inversion.load, inputs=[backbone, inv.hub_id, inv.files], outputs=[inv.card, inv.classes],
+            api_visibility="private", **load).then(inversion.switch_offer, None, inv.switch,
+                                                   api_visibility="private", **load)
         inv.invert.click(inversion.run, inputs=[backbone, inv.classes, inv.per_class, inv.steps, inv.pruning,
                                                 inv.bn_prior, inv.lr, inv.seed],
                          outputs=[inv.images, inv.masked, inv.run_status, inv.download, inv.add], api_name="invert",

@@ -45,6 +45,7 @@ class LoadedLoRA:
     adapter: LoRAAdapter
     source: str  # Hub id, path, or "upload: <file names>"
     backbone: str  # the backbone it was loaded (and checked) for
+    made_for: Optional[str] = None  # the backbone it names, when that is not the selected one and may be chosen
 
 
 @dataclass
@@ -159,7 +160,7 @@ class Inversion:
                 raise LoRAFormatError("This LoRA has no classification head, so there is nothing to invert (a "
                                       "meta-LoRA, for example, has none). Load a LoRA tuned with a head.")
             fit = self._fit(adapter, model, name)
-            self.loras.set(session_id(request), LoadedLoRA(adapter, source, name))
+            self.loras.set(session_id(request), LoadedLoRA(adapter, source, name, self._offer(adapter, name, fit)))
             names = adapter.class_names or []
             c = adapter.config
             card = "\n".join([
@@ -169,6 +170,29 @@ class Inversion:
             choices = [(n, i) for i, n in enumerate(names)]
             return card, gr.update(choices=choices, value=[i for _, i in choices[:2]],
                                    info=f"{len(choices)} classes; fewer classes and images make a quicker run.")
+
+    def _offer(self, adapter: LoRAAdapter, name: str, fit: str) -> Optional[str]:
+        """The backbone to offer to switch to: the one the LoRA names, when it does not fit the selected one and the
+        path policy lets a user choose it."""
+        if fit.startswith("✅") or not adapter.backbone or adapter.backbone == name:
+            return None
+        try:
+            return self.policy.backbone(adapter.backbone)
+        except InputError:  # e.g. a local folder on a server whose users may not name one
+            return None
+
+    def switch_offer(self, request: gr.Request = None) -> dict:
+        """The "switch the backbone" button: shown, naming the backbone, when the session's LoRA was made for another
+        one that can be chosen."""
+        loaded = self.loras.get(session_id(request))
+        made_for = loaded.made_for if loaded is not None else None
+        return gr.update(visible=made_for is not None,
+                         value=f"Switch the backbone to {made_for}" if made_for else "Switch the backbone")
+
+    def switch_backbone(self, backbone: Optional[str], request: gr.Request = None) -> str:
+        """The backbone the session's LoRA was made for (the current one when there is none to switch to)."""
+        loaded = self.loras.get(session_id(request))
+        return loaded.made_for if loaded is not None and loaded.made_for else (backbone or self.default_backbone)
 
     @staticmethod
     def _fit(adapter: LoRAAdapter, model: Backbone, name: str) -> str:

@@ -612,7 +612,42 @@ def test_the_cards_base_model_names_the_backbone_when_the_config_does_not(hf_ada
     shutil.copytree(installed, folder)
     cfg = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": None}))
-    (folder / "README.md").write_text("---\nbase_model:\n- google/vit-base-patch16-224-in21k\nlibrary_name: peft\n---\n")
+    card = "---\nbase_model:\n- google/vit-base-patch16-224-in21k\nlibrary_name: peft\n---\n"
+    (folder / "README.md").write_text(card)
     assert load_lora(folder).backbone == "google/vit-base-patch16-224-in21k"
     (folder / "README.md").write_text("---\nbase_model: [unclosed\n---\n")
     assert load_lora(folder).backbone is None
+
+
+def test_app_offers_to_switch_to_the_backbone_a_lora_was_made_for(hub_with_loras, tiny_clip_dir, tmp_path):
+    import shutil
+
+    pytest.importorskip("gradio")
+    from tests.apptools import close, launch, settings
+
+    clip = "hf-hub:timm/vit_base_patch16_clip_224.openai"
+    shutil.copytree(tiny_clip_dir, hub_with_loras.root / "timm" / "vit_base_patch16_clip_224.openai")
+    demo, client = launch(settings(tmp_path, clip))
+    try:
+        card, _ = client.predict(backbone=clip, hub_id="alice/food-lora", files=[], api_name="/load_lora")
+        # The guide's q/v LoRA fits tiny CLIP's widths (in shape only); the variant's MLP LoRA does not fit at all.
+        assert ("in shape only" in card or "does not fit" in card) and "google/tiny-vit" in card
+        assert client.predict(clip, api_name="/switch_backbone") == "google/tiny-vit"
+        card, _ = client.predict(backbone="google/tiny-vit", hub_id="alice/food-lora", files=[],
+                                 api_name="/load_lora")
+        assert "✅ Fits" in card
+        assert client.predict("google/tiny-vit", api_name="/switch_backbone") == "google/tiny-vit"
+    finally:
+        close(demo, client)
+    # The button itself (gradio_client does not return button updates): shown only while the LoRA does not fit.
+    from types import SimpleNamespace
+
+    from app_ui import Inversion, ModelCache, PathPolicy
+
+    inversion = Inversion(ModelCache(), PathPolicy(True), settings(tmp_path, clip), clip)
+    request = SimpleNamespace(session_hash="s1")
+    inversion.load(clip, "alice/food-lora", [], request)
+    offer = inversion.switch_offer(request)
+    assert offer["visible"] is True and offer["value"] == "Switch the backbone to google/tiny-vit"
+    inversion.load("google/tiny-vit", "alice/food-lora", [], request)
+    assert inversion.switch_offer(request)["visible"] is False
