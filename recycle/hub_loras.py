@@ -55,12 +55,15 @@ class HubLoRA:
 
 def _small_json(api, repo: str, filename: str, revision: Optional[str]) -> Optional[dict]:
     """A small JSON file of the repo, or None when it is missing or not a JSON object."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub import errors as hf_errors
 
     from .io import loads_strict
 
-    try:
+    try:  # the size first (a HEAD request), so that a huge "config" is never downloaded
+        size = get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision, endpoint=api.endpoint)).size
+        if size is not None and size > _MAX_CONFIG_BYTES:
+            return None
         path = Path(hf_hub_download(repo, filename, revision=revision, endpoint=api.endpoint))
     except hf_errors.EntryNotFoundError:
         return None
