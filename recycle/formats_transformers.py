@@ -97,8 +97,9 @@ def is_transformers_adapter(tensors: dict) -> bool:
     return False
 
 
-def _class_names(folder: Optional[Path], backbone, n: int, name: str) -> Optional[list[str]]:
-    """``id2label`` of the adapter's own config.json, else the backbone's (when it names `n` classes), else None."""
+def _class_names(folder: Optional[Path], backbone, n: int, name: str, base: Optional[str]) -> Optional[list[str]]:
+    """``id2label`` of the adapter's own config.json, else the backbone's (when it names `n` classes and is not known
+    to be another model than the adapter's `base`), else None."""
     from .transformers_vit import TransformersViTError, label_names, read_json
 
     if folder is not None and (folder / "config.json").is_file():
@@ -108,8 +109,12 @@ def _class_names(folder: Optional[Path], backbone, n: int, name: str) -> Optiona
             raise LoRAFormatError(str(e)) from None
         if names:
             return names
+    from .provenance import provenance_mismatch
+
     cfg = getattr(getattr(backbone, "model", None), "pretrained_cfg", None) or {}
-    names = cfg.get("label_names") if cfg.get("source") == "transformers" else None
+    if cfg.get("source") != "transformers" or provenance_mismatch(base, backbone):
+        return None
+    names = cfg.get("label_names")
     return list(names) if isinstance(names, (list, tuple)) and len(names) == n else None
 
 
@@ -239,7 +244,7 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
             "layout": family, "base_model": base}
     _logger.info("read %s: %s layout, targets %s, %d blocks, %d classes", name, family, targets, len(blocks), n)
     return LoRAAdapter(config, state, backbone=backbone_name, head_weight=head.get("weight"),
-                       head_bias=head.get("bias"), class_names=_class_names(folder, backbone, n, name) if n else None,
+                       head_bias=head.get("bias"), class_names=_class_names(folder, backbone, n, name, base) if n else None,
                        info=info)
 
 
