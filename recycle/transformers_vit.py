@@ -130,21 +130,22 @@ def _vit_kwargs(cfg: dict, what: str) -> dict:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise TransformersViTError(f"{what}: layer_norm_eps must be a number in (0, 1), got {str(eps)[:40]!r}")
     act = cfg.get("hidden_act", "gelu")
-    if act not in _ACTIVATIONS:
+    if not isinstance(act, str) or act not in _ACTIVATIONS:
         raise TransformersViTError(f"{what}: hidden_act {str(act)[:40]!r} is not supported (supported: "
                                    f"{', '.join(_ACTIVATIONS)})")
     qkv_bias = cfg.get("qkv_bias", True)
     if not isinstance(qkv_bias, bool):
         raise TransformersViTError(f"{what}: qkv_bias must be true or false")
+    ratio = hidden / dim if int(dim * (hidden / dim)) == hidden else (hidden + 0.5) / dim  # timm: int(dim * ratio)
     return {"img_size": sizes, "patch_size": patch, "in_chans": channels, "embed_dim": dim, "depth": depth,
-            "num_heads": heads, "mlp_ratio": hidden / dim, "qkv_bias": qkv_bias, "class_token": True,
+            "num_heads": heads, "mlp_ratio": ratio, "qkv_bias": qkv_bias, "class_token": True,
             "global_pool": "token", "fc_norm": False, "norm_layer": partial(nn.LayerNorm, eps=float(eps)),
             "act_layer": _ACTIVATIONS[act], "weight_init": "skip"}
 
 
 def _expected_shapes(kw: dict, num_classes: int) -> dict[str, tuple[int, ...]]:
     """timm state-dict key -> shape for the model `kw` describes."""
-    d, h = kw["embed_dim"], int(round(kw["mlp_ratio"] * kw["embed_dim"]))
+    d, h = kw["embed_dim"], int(kw["embed_dim"] * kw["mlp_ratio"])  # as timm's blocks compute it
     p, c = kw["patch_size"], kw["in_chans"]
     grid = (kw["img_size"][0] // p) * (kw["img_size"][1] // p)
     shapes = {"cls_token": (1, 1, d), "pos_embed": (1, grid + 1, d), "patch_embed.proj.weight": (d, c, p, p),

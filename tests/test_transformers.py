@@ -656,3 +656,22 @@ def test_app_offers_to_switch_to_the_backbone_a_lora_was_made_for(hub_with_loras
     assert offer["visible"] is True and offer["value"] == "Switch the backbone to google/tiny-vit"
     inversion.load("google/tiny-vit", "alice/food-lora", [], request)
     assert inversion.switch_offer(request)["visible"] is False
+
+
+def test_other_vit_configs_convert_exactly(tmp_path):
+    """Widths timm's mlp_ratio cannot express as a round number, the tanh GELU, no q/k/v bias, timm's eps."""
+    torch.manual_seed(4)
+    config = transformers.ViTConfig(image_size=24, patch_size=8, hidden_size=48, num_hidden_layers=1,
+                                    num_attention_heads=4, intermediate_size=100, hidden_act="gelu_new",
+                                    qkv_bias=False, layer_norm_eps=1e-6, num_labels=2)
+    reference = transformers.ViTForImageClassification(config).eval()
+    reference.save_pretrained(tmp_path)
+    backbone = load_backbone(str(tmp_path), device="cpu")
+    x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(backbone.model(x), reference(pixel_values=x).logits, atol=1e-5)
+    assert backbone.model.blocks[0].mlp.fc1.out_features == 100 and backbone.model.norm.eps == 1e-6
+    config_json = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config_json, "hidden_act": ["gelu"]}))
+    with pytest.raises(BackboneError, match="hidden_act"):
+        load_backbone(str(tmp_path), device="cpu")
