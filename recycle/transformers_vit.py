@@ -34,7 +34,7 @@ from torch import nn
 from .io import loads_strict
 
 __all__ = ["TransformersViTError", "SUPPORTED_MODEL_TYPES", "is_transformers_config", "vit_from_folder",
-           "load_transformers_vit", "timm_state_dict", "vit_layouts"]
+           "load_transformers_vit", "timm_state_dict", "label_names", "read_json"]
 
 _logger = logging.getLogger(__name__)
 
@@ -62,11 +62,6 @@ _LAYOUTS = {
                     "layernorm_before": "norm1", "layernorm_after": "norm2"},
     },
 }
-
-
-def vit_layouts() -> dict[str, dict[str, str]]:
-    """Layout name -> {transformers module name inside a block: timm's name ("q"/"k"/"v" for qkv slices)}."""
-    return {name: dict(layout["modules"]) for name, layout in _LAYOUTS.items()}
 
 
 class TransformersViTError(ValueError):
