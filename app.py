@@ -159,8 +159,8 @@ def _invert_tab(policy: PathPolicy, example_lora: Optional[Path], prior: PriorCh
     gr.Markdown(INVERT_INTRO)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
-            gr.Markdown("### 1 · LoRA\nA LoRA with a classification head: PEFT adapters for timm ViTs, or the "
-                        "official LoRA Recycle files.")
+            gr.Markdown("### 1 · LoRA\nA LoRA with a classification head: PEFT adapters for timm or transformers "
+                        "ViTs (such as PEFT's image-classification guide makes), or the official LoRA Recycle files.")
             hub_id = gr.Textbox(label="Hub id", placeholder="ORG/NAME" + (" or a local folder" if policy.allow_local
                                                                           else ""), max_lines=1, elem_id="hub-id")
             files = gr.File(label="…or upload its files", file_count="multiple", height=130,

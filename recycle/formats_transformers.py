@@ -35,23 +35,20 @@ from .formats import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAAdapter, LoRAFormatEr
                       _module_scaling, _number, _pattern_value, _patterns, _shown)
 from .io import atomic_write_bytes, dumps_strict
 from .lora import LoRAConfig
+from .provenance import EQUIVALENT
 
 __all__ = ["is_transformers_adapter", "from_transformers_peft", "save_transformers_peft", "CLIP_BASES", "LAYOUTS"]
 
 _logger = logging.getLogger(__name__)
 
 # transformers CLIP repositories -> the timm model holding the same weights.
-CLIP_BASES = {
-    "openai/clip-vit-base-patch16": "vit_base_patch16_clip_224.openai",
-    "openai/clip-vit-base-patch32": "vit_base_patch32_clip_224.openai",
-    "openai/clip-vit-large-patch14": "vit_large_patch14_clip_224.openai",
-}
+CLIP_BASES = {hub: timm_name for hub, timm_name in EQUIVALENT.items() if hub.startswith("openai/clip-")}
 LAYOUTS = ("new", "old")
 
 # Module name (after "base_model.model.") -> (family, block, part). Parts: q, k, v, proj, fc1, fc2.
 _PATTERNS = [
     ("old", re.compile(r"(?:vit\.)?encoder\.layer\.(\d{1,4})\.(attention\.attention\.(?:query|key|value)"
-                                 r"|attention\.output\.dense|intermediate\.dense|output\.dense)")),
+                       r"|attention\.output\.dense|intermediate\.dense|output\.dense)")),
     ("new", re.compile(r"(?:vit\.)?layers\.(\d{1,4})\.(attention\.[qkvo]_proj|mlp\.fc[12])")),
     ("clip", re.compile(r"(?:(?:model\.)?vision_model\.)?encoder\.layers\.(\d{1,4})\.(self_attn\.(?:[qkv]|out)_proj"
                         r"|mlp\.fc[12])")),
