@@ -317,15 +317,19 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _installed_vit_layout() -> str:
-    """ "new" when the installed transformers names ViT modules ``layers.N.attention.q_proj``, else "old" (also when
-    transformers is not installed: recycle never needs it)."""
+    """ "new" when the transformers installed here names ViT modules ``layers.N.attention.q_proj``, else "old" (also
+    when it is not installed). Decided on the text of its ViT module, without importing transformers."""
+    import importlib.util
+
     try:
-        from transformers import ViTConfig, ViTModel
-    except ImportError:
+        spec = importlib.util.find_spec("transformers")
+    except (ImportError, ValueError):
+        spec = None
+    source = Path(spec.origin).parent / "models" / "vit" / "modeling_vit.py" if spec and spec.origin else None
+    try:
+        return "new" if source is not None and "self.q_proj" in source.read_text("utf-8") else "old"
+    except OSError:
         return "old"
-    tiny = ViTModel(ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
-                              image_size=8, patch_size=8))
-    return "new" if any(n.endswith("attention.q_proj") for n, _ in tiny.named_modules()) else "old"
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -489,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("auto", "new", "old"), default="auto",
                    help="module names, those of the transformers that will load it: new (layers.N.attention.q_proj, "
                         "later transformers 5 releases), old (encoder.layer.N.attention.attention.query, transformers "
-                        "4 and 5.0), or auto: those of the transformers installed here, else old (default: auto)")
+                        "4 and 5.0), or auto: those of the transformers installed here (read from its source, not "
+                        "imported), else old (default: auto)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("push", help="upload a LoRA folder (e.g. a meta-LoRA with its card) to the Hub",

@@ -77,9 +77,12 @@ def _small_json(api, repo: str, filename: str, revision: Optional[str]) -> Optio
 
 
 def vet_hub_lora(api, repo: str, base: str, revision: Optional[str] = None,
-                 siblings: Optional[list[str]] = None) -> HubLoRA:
+                 siblings: Optional[list[str]] = None, tagged: bool = False) -> HubLoRA:
     """Vet Hub repo `repo` as a LoRA with a head for backbone `base`, reading only its JSON files and the header of
     its safetensors file. Never raises for a bad candidate: the answer's ``problem`` says what is wrong.
+
+    `tagged`: the Hub tags it ``base_model:adapter:<base>`` (its card names `base`), which stands in for an adapter
+    config whose ``base_model_name_or_path`` is a path on its author's machine.
 
     Raises:
         HubError: the Hub cannot be reached.
@@ -113,7 +116,10 @@ def vet_hub_lora(api, repo: str, base: str, revision: Optional[str] = None,
         if cfg.get("bias", "none") != "none" or cfg.get("use_dora"):
             found.problem = "it trains biases or uses DoRA, which LoRA Recycle does not support"
             return found
-        if not canonical_ids(found.base_model) & canonical_ids(base):
+        named = canonical_ids(found.base_model)
+        if tagged and not named:  # e.g. "/content/vit-base" in the config, the Hub id in the card
+            found.base_model = base
+        elif not named & canonical_ids(base):
             found.problem = f"it was made for {found.base_model!r}, not {base!r}"
             return found
         header = api.parse_safetensors_file_metadata(repo, filename="adapter_model.safetensors",
@@ -185,7 +191,8 @@ def find_hub_loras(base: str, search: Optional[str] = None, limit: int = 20, inc
         base_config: Optional[dict] = None
         for model in ranked:
             siblings = [s.rfilename for s in model.siblings or []]
-            lora = vet_hub_lora(api, model.id, base, model.sha, siblings)
+            lora = vet_hub_lora(api, model.id, base, model.sha, siblings,
+                                tagged=f"base_model:adapter:{base}" in (model.tags or []))
             lora.tags = list(model.tags or [])
             if lora.usable and lora.classes is None:  # the base's id2label, when it has as many classes
                 if base_config is None:

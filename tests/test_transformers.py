@@ -499,6 +499,9 @@ def hub_with_loras(local_hub, hf_vit_dir, hf_adapter, tmp_path):
     save_file({k: v for k, v in tensors.items() if "classifier" not in k}, headless / "adapter_model.safetensors")
     _publish(root, "erin/tiny-vit-loha", installed, card_base="google/tiny-vit", peft_type="LOHA")
     _publish(root, "frank/other-lora", installed, card_base="google/tiny-vit", base_model_name_or_path="org/else")
+    _publish(root, "hank/food-lora-colab", installed, card_base="google/tiny-vit",  # its config names a local path
+             base_model_name_or_path="/content/tiny-vit")
+    _publish(root, "ivan/tiny-vit-lora-untagged-local", installed, base_model_name_or_path="/content/tiny-vit")
     huge = _publish(root, "gina/tiny-vit-lora-huge-config", installed, card_base="google/tiny-vit")
     (huge / "config.json").write_text(json.dumps({"id2label": {"0": "x"}, "padding": "." * (1 << 20)}))
     return local_hub
@@ -511,11 +514,12 @@ def test_fake_hub_answers_list_models_and_safetensors_headers_as_the_hub(hub_wit
     tagged = list(api.list_models(filter=["peft", "base_model:adapter:google/tiny-vit"], sort="downloads",
                                   expand=["siblings", "sha", "tags"]))
     assert [m.id for m in tagged] == ["alice/food-lora", "carol/tiny-vit-lora-bin", "dave/tiny-vit-meta",
-                                      "erin/tiny-vit-loha", "frank/other-lora", "gina/tiny-vit-lora-huge-config"]
+                                      "erin/tiny-vit-loha", "frank/other-lora", "gina/tiny-vit-lora-huge-config",
+                                      "hank/food-lora-colab"]
     assert "safetensors" in tagged[0].tags and "adapter_model.safetensors" in [s.rfilename for s in tagged[0].siblings]
     assert [m.id for m in api.list_models(filter="peft", search="TINY-VIT")] == [
         "bob/tiny-vit-finetuned-lora-beans", "carol/tiny-vit-lora-bin", "dave/tiny-vit-meta", "erin/tiny-vit-loha",
-        "gina/tiny-vit-lora-huge-config"]
+        "gina/tiny-vit-lora-huge-config", "ivan/tiny-vit-lora-untagged-local"]
     assert [m.id for m in api.list_models(filter="transformers")] == ["google/tiny-vit"]
     header = api.parse_safetensors_file_metadata("alice/food-lora", "adapter_model.safetensors")
     assert header.tensors["base_model.model.classifier.weight"].shape == [3, 64]
@@ -533,8 +537,11 @@ def test_hub_loras_are_found_and_vetted_without_their_weights(hub_with_loras):
     assert "not LoRA" in found["erin/tiny-vit-loha"].problem
     assert "made for 'org/else'" in found["frank/other-lora"].problem
     assert found["gina/tiny-vit-lora-huge-config"].classes == CLASSES  # its 1 MiB config.json is not even fetched
+    assert found["hank/food-lora-colab"].usable and found["hank/food-lora-colab"].base_model == "google/tiny-vit"
+    assert "made for '/content/tiny-vit'" in found["ivan/tiny-vit-lora-untagged-local"].problem
     assert [x.repo for x in find_hub_loras("hf-hub:google/tiny-vit")] == [
-        "alice/food-lora", "bob/tiny-vit-finetuned-lora-beans", "gina/tiny-vit-lora-huge-config"]
+        "alice/food-lora", "bob/tiny-vit-finetuned-lora-beans", "gina/tiny-vit-lora-huge-config",
+        "hank/food-lora-colab"]
     # Vetting downloaded JSON only: no weights are in the cache.
     from huggingface_hub import constants, scan_cache_dir
 
@@ -552,14 +559,15 @@ def test_cli_zoo_from_the_hub_then_invert_meta_train_and_export(hub_with_loras, 
     manifest = json.loads((zoo / "zoo.json").read_text())
     assert manifest["backbone"] == "google/tiny-vit"
     entries = {e["repo"]: e for e in manifest["loras"]}
-    assert set(entries) == {"alice/food-lora", "bob/tiny-vit-finetuned-lora-beans", "gina/tiny-vit-lora-huge-config"}
+    assert set(entries) == {"alice/food-lora", "bob/tiny-vit-finetuned-lora-beans", "gina/tiny-vit-lora-huge-config",
+                            "hank/food-lora-colab"}
     assert entries["alice/food-lora"]["classes"] == ["salad", "soup", "cake"]
     assert entries["bob/tiny-vit-finetuned-lora-beans"]["classes"] == CLASSES  # the base's id2label
     assert all(len(e["revision"]) == 40 for e in entries.values())
     capsys.readouterr()
     assert main(["invert", "--zoo", str(zoo), "--out", str(tmp_path / "pool"), "--per-class", "1", "--steps", "1",
                  "--bn-prior", "none", "--device", "cpu", "--quiet"]) == 0  # on google/tiny-vit, from zoo.json
-    assert len(Pool(tmp_path / "pool").runs) == 3
+    assert len(Pool(tmp_path / "pool").runs) == 4
     run = tmp_path / "run"
     assert main(["meta-train", "--zoo", str(zoo), "--out", str(run), "--steps", "1", "--way", "2", "--shot", "1",
                  "--query", "1", "--invert-steps", "1", "--device", "cpu", "--quiet"]) == 0  # on zoo.json's backbone
@@ -578,16 +586,16 @@ def test_app_lists_the_hubs_loras_for_the_backbone_and_loads_one(hub_with_loras,
     demo, client = launch(settings(tmp_path, "hf-hub:google/tiny-vit"))
     try:
         note, picker = client.predict(backbone="hf-hub:google/tiny-vit", text="", api_name="/hub_loras")
-        assert "3 LoRAs for `google/tiny-vit`" in note and "salad, soup, cake" in note
+        assert "4 LoRAs for `google/tiny-vit`" in note and "salad, soup, cake" in note
         assert [c[1] for c in picker["choices"]] == ["alice/food-lora", "bob/tiny-vit-finetuned-lora-beans",
-                                                     "gina/tiny-vit-lora-huge-config"]
+                                                     "gina/tiny-vit-lora-huge-config", "hank/food-lora-colab"]
         note, picker = client.predict(backbone="hf-hub:google/tiny-vit", text="BEANS", api_name="/hub_loras")
         assert [c[1] for c in picker["choices"]] == ["bob/tiny-vit-finetuned-lora-beans"]
         card, classes = client.predict(hub_id="alice/food-lora", files=[], api_name="/load_lora")
         assert "3 classes" in card and "✅ Fits" in card and "salad" in card
         hub_with_loras.stop()
         cached, _ = client.predict(backbone="hf-hub:google/tiny-vit", text="", api_name="/hub_loras")
-        assert "3 LoRAs" in cached  # served from the listing cache
+        assert "4 LoRAs" in cached  # served from the listing cache
         down, picker = client.predict(backbone="hf-hub:google/tiny-vit", text="food", api_name="/hub_loras")
         assert down.startswith("⚠️") and "cannot be reached" in down and picker["choices"] == []
     finally:
