@@ -683,3 +683,27 @@ def test_other_vit_configs_convert_exactly(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config_json, "hidden_act": ["gelu"]}))
     with pytest.raises(BackboneError, match="hidden_act"):
         load_backbone(str(tmp_path), device="cpu")
+
+
+def test_some_layers_and_unequal_q_v_ranks(hf_vit_dir, tmp_path):
+    """layers_to_transform adapts block 1 only; a rank_pattern gives v another rank than q (fused into one qkv LoRA)."""
+    value = _leaf("value", LAYOUT)
+    lora = dict(r=2, lora_alpha=4, target_modules=[_leaf("query", LAYOUT), value], layers_to_transform=[1],
+                rank_pattern={value: 3}, modules_to_save=["classifier"])
+    model = _peft_model(hf_vit_dir, 6, **lora)
+    model.save_pretrained(tmp_path / "a")
+    backbone = load_backbone(str(hf_vit_dir), device="cpu")
+    adapter = load_lora(tmp_path / "a", backbone)
+    assert adapter.config.blocks == (1,) and adapter.config.targets == ("qkv",)
+    with torch.no_grad():
+        expected = model(pixel_values=_inputs()).logits
+    assert (_recycle_logits(backbone, adapter, _inputs()) - expected).abs().max() < 1e-4
+    # Targets that differ between blocks cannot be one LoRAConfig: refused, saying so.
+    model = _peft_model(hf_vit_dir, 7, **{**lora, "layers_to_transform": [0, 1]})
+    model.save_pretrained(tmp_path / "b")
+    both = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    uneven = {k: v for k, v in both.items() if not (".0." in k and value in k)}
+    assert len(uneven) == len(both) - 2  # block 0 keeps q, loses v
+    save_file(uneven, tmp_path / "b" / "adapter_model.safetensors")
+    with pytest.raises(LoRAFormatError, match="differ between blocks"):
+        load_lora(tmp_path / "b", backbone)
