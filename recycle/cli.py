@@ -351,8 +351,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     _warn_provenance(adapter, backbone)
     base = cfg.get("hf_hub_id") or adapter.info.get("base_model") or args.backbone
     layout = _installed_vit_layout() if args.layout == "auto" else args.layout
-    out = save_transformers_peft(adapter, args.out, layout=layout, base_model=base)
-    kind = "ViTForImageClassification" if adapter.head_weight is not None else "ViTModel"
+    model_type = cfg.get("model_type", "vit")
+    out = save_transformers_peft(adapter, args.out, layout=layout, base_model=base, model_type=model_type)
+    kind = ("DeiT" if model_type == "deit" else "ViT") + ("ForImageClassification" if adapter.head_weight is not None
+                                                          else "Model")
     print(f"wrote {out} ({layout} module names): load it with PeftModel.from_pretrained({kind}.from_pretrained("
           f"'{base}'), '{out}')")
     return 0

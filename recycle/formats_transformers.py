@@ -47,9 +47,9 @@ LAYOUTS = ("new", "old")
 
 # Module name (after "base_model.model.") -> (family, block, part). Parts: q, k, v, proj, fc1, fc2.
 _PATTERNS = [
-    ("old", re.compile(r"(?:vit\.)?encoder\.layer\.(\d{1,4})\.(attention\.attention\.(?:query|key|value)"
+    ("old", re.compile(r"(?:vit\.|deit\.)?encoder\.layer\.(\d{1,4})\.(attention\.attention\.(?:query|key|value)"
                        r"|attention\.output\.dense|intermediate\.dense|output\.dense)")),
-    ("new", re.compile(r"(?:vit\.)?layers\.(\d{1,4})\.(attention\.[qkvo]_proj|mlp\.fc[12])")),
+    ("new", re.compile(r"(?:vit\.|deit\.)?layers\.(\d{1,4})\.(attention\.[qkvo]_proj|mlp\.fc[12])")),
     ("clip", re.compile(r"(?:(?:model\.)?vision_model\.)?encoder\.layers\.(\d{1,4})\.(self_attn\.(?:[qkv]|out)_proj"
                         r"|mlp\.fc[12])")),
 ]
@@ -254,12 +254,13 @@ def _groups(state: dict[str, torch.Tensor]) -> dict[str, dict[str, dict[str, tor
 
 
 def save_transformers_peft(adapter: LoRAAdapter, directory: Union[str, Path], layout: str = "new",
-                           base_model: Optional[str] = None) -> Path:
+                           base_model: Optional[str] = None, model_type: str = "vit") -> Path:
     """Write `adapter` (made on a timm ViT converted from a transformers ViT) as a PEFT adapter of that transformers
     model, atomically file by file. Returns the directory.
 
-    With a head the adapter is for ``ViTForImageClassification`` (module names under ``vit.``, the head as
-    ``classifier`` in ``modules_to_save``); without, for ``ViTModel``. ``layout`` picks the module names, those of
+    With a head the adapter is for ``ViTForImageClassification`` (module names under ``vit.``, or ``deit.`` for
+    `model_type` ``deit``, the head as ``classifier`` in ``modules_to_save``); without, for ``ViTModel``
+    (``DeiTModel``). ``layout`` picks the module names, those of
     the transformers that will load it: ``new`` (``layers.{i}.attention.q_proj`` ..., later transformers 5 releases)
     or ``old`` (``encoder.layer.{i}.attention.attention.query`` ..., transformers 4 and 5.0). A fused ``qkv`` LoRA
     is written as q, k and v LoRAs sharing its A (a part whose B is zero is left out); each module keeps its scale
@@ -271,7 +272,9 @@ def save_transformers_peft(adapter: LoRAAdapter, directory: Union[str, Path], la
     if layout not in _WRITE_NAMES:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     block_fmt, names = _WRITE_NAMES[layout]
-    prefix = "vit." if adapter.head_weight is not None else ""
+    if model_type not in ("vit", "deit"):
+        raise ValueError(f"unknown model_type {model_type!r}; choose vit or deit")
+    prefix = f"{model_type}." if adapter.head_weight is not None else ""
     tensors: dict[str, torch.Tensor] = {}
     per_module: dict[str, tuple[int, float]] = {}
 

@@ -1,9 +1,10 @@
-"""transformers ViT checkpoints (``ViTModel``, ``ViTForImageClassification``) as timm `VisionTransformer`s.
+"""transformers ViT and DeiT checkpoints (``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
+``DeiTForImageClassification``) as timm `VisionTransformer`s.
 
-A folder in transformers' layout (``config.json`` with ``model_type: vit``, ``model.safetensors`` and optionally
-``preprocessor_config.json``), or a Hub repository holding one, is converted without importing transformers: the
-config gives the architecture, the safetensors header is checked against it before anything is allocated, and the
-weights are renamed onto timm's modules.
+A folder in transformers' layout (``config.json`` with ``model_type: vit`` or ``deit``, ``model.safetensors`` and
+optionally ``preprocessor_config.json``), or a Hub repository holding one, is converted without importing
+transformers: the config gives the architecture, the safetensors header is checked against it before anything is
+allocated, and the weights are renamed onto timm's modules.
 
 What makes the outputs equal to transformers':
 
@@ -12,6 +13,9 @@ What makes the outputs equal to transformers':
 * the [CLS] token after the final LayerNorm feeds the head (timm's ``global_pool="token"``; the pooler, which
   ``ViTForImageClassification`` does not use, is dropped);
 * the ``classifier`` is timm's ``head``;
+* DeiT's distillation token is timm's register token, right after [CLS] (``reg_tokens=1``); the two heads of
+  ``DeiTForImageClassificationWithTeacher`` average [CLS] and that token, which is no head on [CLS], so they are
+  dropped (the backbone is used for its embedding);
 * mean, std, size and resampling from the preprocessor config (transformers' defaults: 0.5, 0.5, the config's
   image size, bilinear).
 
@@ -38,7 +42,7 @@ __all__ = ["TransformersViTError", "SUPPORTED_MODEL_TYPES", "is_transformers_con
 
 _logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("vit",)
+SUPPORTED_MODEL_TYPES = ("vit", "deit")
 # transformers' ``hidden_act`` -> what timm's Mlp runs (``nn.GELU`` is the exact erf GELU transformers' "gelu" is).
 _ACTIVATIONS = {"gelu": nn.GELU, "gelu_pytorch_tanh": partial(nn.GELU, approximate="tanh"),
                 "gelu_new": partial(nn.GELU, approximate="tanh")}
@@ -106,7 +110,8 @@ def _vit_kwargs(cfg: dict, what: str) -> dict:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise TransformersViTError(
             f"{what}: transformers model_type {str(model_type)[:40]!r} is not supported as a backbone; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (ViTModel, ViTForImageClassification). Use a timm model instead.")
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (ViTModel, ViTForImageClassification, DeiTModel, "
+            "DeiTForImageClassification). Use a timm model instead.")
     dim = _int(cfg, "hidden_size", what, 768)
     heads = _int(cfg, "num_attention_heads", what, 12)
     if dim % heads:
@@ -134,6 +139,7 @@ def _vit_kwargs(cfg: dict, what: str) -> dict:
     ratio = hidden / dim if int(dim * (hidden / dim)) == hidden else (hidden + 0.5) / dim  # timm: int(dim * ratio)
     return {"img_size": sizes, "patch_size": patch, "in_chans": channels, "embed_dim": dim, "depth": depth,
             "num_heads": heads, "mlp_ratio": ratio, "qkv_bias": qkv_bias, "class_token": True,
+            "reg_tokens": 1 if model_type == "deit" else 0,  # DeiT's distillation token, after [CLS]
             "global_pool": "token", "fc_norm": False, "norm_layer": partial(nn.LayerNorm, eps=float(eps)),
             "act_layer": _ACTIVATIONS[act], "weight_init": "skip"}
 
@@ -143,8 +149,12 @@ def _expected_shapes(kw: dict, num_classes: int) -> dict[str, tuple[int, ...]]:
     d, h = kw["embed_dim"], int(kw["embed_dim"] * kw["mlp_ratio"])  # as timm's blocks compute it
     p, c = kw["patch_size"], kw["in_chans"]
     grid = (kw["img_size"][0] // p) * (kw["img_size"][1] // p)
-    shapes = {"cls_token": (1, 1, d), "pos_embed": (1, grid + 1, d), "patch_embed.proj.weight": (d, c, p, p),
-              "patch_embed.proj.bias": (d,), "norm.weight": (d,), "norm.bias": (d,)}
+    prefix_tokens = 1 + kw["reg_tokens"]
+    shapes = {"cls_token": (1, 1, d), "pos_embed": (1, grid + prefix_tokens, d),
+              "patch_embed.proj.weight": (d, c, p, p), "patch_embed.proj.bias": (d,), "norm.weight": (d,),
+              "norm.bias": (d,)}
+    if kw["reg_tokens"]:
+        shapes["reg_token"] = (1, kw["reg_tokens"], d)
     for i in range(kw["depth"]):
         b = f"blocks.{i}."
         shapes.update({b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "norm2.weight": (d,),
@@ -164,7 +174,7 @@ def _rename(keys: list[str], depth: int, what: str) -> tuple[dict[str, tuple[str
     Raises:
         TransformersViTError: neither layout is present, or the file mixes them.
     """
-    prefix = "vit." if any(k.startswith("vit.") for k in keys) else ""
+    prefix = next((p for p in ("vit.", "deit.") if any(k.startswith(p) for k in keys)), "")
     found = [name for name, lay in _LAYOUTS.items()
              if any(k.startswith(prefix + lay["block"].format(i=0)) for k in keys)]
     if len(found) != 1:
@@ -176,7 +186,8 @@ def _rename(keys: list[str], depth: int, what: str) -> tuple[dict[str, tuple[str
     fixed = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
              "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
              "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-             "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+             "embeddings.distillation_token": "reg_token", "layernorm.weight": "norm.weight",
+             "layernorm.bias": "norm.bias"}
     block = re.compile(re.escape(prefix + layout["block"]).replace(r"\{i\}", r"(\d{1,4})") + r"(.+)\.(weight|bias)")
     out: dict[str, tuple[str, Optional[str]]] = {}
     for key in keys:
@@ -270,7 +281,9 @@ def _preprocessing(folder: Path, kw: dict, what: str) -> dict:
                 raise TransformersViTError(f"{what}: preprocessor_config.json image_std must be positive")
         else:
             mean, std = (0.0,) * n, (1.0,) * n
-        raw = pre.get("size")
+        # The size the model sees: the crop when the processor crops (DeiT: resize to 256, crop 224). recycle
+        # resizes whole images to it, without cropping, as it does for every backbone.
+        raw = pre.get("crop_size") if pre.get("do_center_crop") else pre.get("size")
         if isinstance(raw, dict) and isinstance(raw.get("height"), int) and isinstance(raw.get("width"), int):
             size = (raw["height"], raw["width"])
         elif isinstance(raw, int) and not isinstance(raw, bool):

@@ -220,8 +220,8 @@ def test_bad_transformers_folders_get_clear_errors(hf_vit_dir, tmp_path):
 
     config = json.loads((hf_vit_dir / "config.json").read_text())
     weights = load_file(hf_vit_dir / "model.safetensors")
-    with pytest.raises(BackboneError, match="model_type 'deit' is not supported"):
-        load_backbone(folder_with({**config, "model_type": "deit"}, weights))
+    with pytest.raises(BackboneError, match="model_type 'dinov2' is not supported"):
+        load_backbone(folder_with({**config, "model_type": "dinov2"}, weights))
     with pytest.raises(BackboneError, match="pickles, which are never loaded.*save_pretrained"):
         load_backbone(folder_with(config, pickle=True))
     with pytest.raises(BackboneError, match="has shape .* config.json implies"):
@@ -707,3 +707,43 @@ def test_some_layers_and_unequal_q_v_ranks(hf_vit_dir, tmp_path):
     save_file(uneven, tmp_path / "b" / "adapter_model.safetensors")
     with pytest.raises(LoRAFormatError, match="differ between blocks"):
         load_lora(tmp_path / "b", backbone)
+
+
+def test_deit_backbones_adapters_and_export(tmp_path):
+    """DeiT: the distillation token after [CLS]; a PEFT LoRA on DeiTForImageClassification; its export loads back."""
+    from recycle.cli import main
+
+    torch.manual_seed(8)
+    config = transformers.DeiTConfig(**{**TINY, "intermediate_size": 128})
+    base = transformers.DeiTForImageClassification(config)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    base.save_pretrained(tmp_path / "deit")
+    transformers.DeiTImageProcessor(size={"height": 40, "width": 40},
+                                    crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "deit")
+    backbone = load_backbone(str(tmp_path / "deit"), device="cpu")
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.allclose(backbone.model(x), base.eval()(pixel_values=x).logits, atol=1e-5)
+    assert backbone.input_size == (3, 32, 32) and backbone.model.num_prefix_tokens == 2
+
+    torch.manual_seed(9)
+    model = peft.get_peft_model(transformers.DeiTForImageClassification.from_pretrained(tmp_path / "deit"),
+                                peft.LoraConfig(r=2, lora_alpha=4, modules_to_save=["classifier"],
+                                                target_modules=[_leaf("query", LAYOUT), _leaf("value", LAYOUT)]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+        expected = model.eval()(pixel_values=x).logits
+    model.save_pretrained(tmp_path / "lora")
+    adapter = load_lora(tmp_path / "lora", backbone)
+    assert adapter.class_names == CLASSES
+    assert (_recycle_logits(backbone, adapter, x) - expected).abs().max() < 1e-4
+    assert main(["export", "--lora", str(tmp_path / "lora"), "--backbone", str(tmp_path / "deit"), "--out",
+                 str(tmp_path / "out")]) == 0
+    again = peft.PeftModel.from_pretrained(transformers.DeiTForImageClassification.from_pretrained(tmp_path / "deit"),
+                                           tmp_path / "out").eval()
+    with torch.no_grad():
+        assert (again(pixel_values=x).logits - expected).abs().max() < 1e-4
