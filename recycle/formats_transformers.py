@@ -240,9 +240,9 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
     info = {"source": "PEFT adapter on transformers " + ("CLIP" if family == "clip" else "ViT"),
             "layout": family, "base_model": base}
     _logger.info("read %s: %s layout, targets %s, %d blocks, %d classes", name, family, targets, len(blocks), n)
+    names = _class_names(folder, backbone, n, name, base) if n else None
     return LoRAAdapter(config, state, backbone=backbone_name, head_weight=head.get("weight"),
-                       head_bias=head.get("bias"), class_names=_class_names(folder, backbone, n, name, base) if n else None,
-                       info=info)
+                       head_bias=head.get("bias"), class_names=names, info=info)
 
 
 def _groups(state: dict[str, torch.Tensor]) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
