@@ -48,8 +48,8 @@ from starlette.middleware import Middleware  # noqa: E402
 
 from app_ui import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES,  # noqa: E402
                     MAX_INVERT_IMAGES, MAX_INVERT_STEPS, MAX_POOL_GALLERY, PRUNING_PRESETS, AppSettings, Defaults,
-                    ExampleTask, FewShot, Inversion, ModelCache, PathPolicy, PoolBrowser, PriorChoice, find_examples,
-                    md_code, resolve_defaults)
+                    ExampleTask, FewShot, HubLoRAList, Inversion, ModelCache, PathPolicy, PoolBrowser, PriorChoice,
+                    find_examples, md_code, resolve_defaults)
 from app_ui.http import URLLengthLimit  # noqa: E402
 from app_ui.inputs import finite, strict  # noqa: E402
 from recycle.backbone import ALIASES, DEFAULT_BACKBONE  # noqa: E402
@@ -193,8 +193,8 @@ def _invert_tab(policy: PathPolicy, example_lora: Optional[Path], prior: PriorCh
     gr.Markdown(INVERT_INTRO)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
-            gr.Markdown("### 1 · LoRA\nA LoRA with a classification head: PEFT adapters for timm ViTs, or the "
-                        "official LoRA Recycle files.")
+            gr.Markdown("### 1 · LoRA\nA LoRA with a classification head: PEFT adapters for timm or transformers "
+                        "ViTs (such as PEFT's image-classification guide makes), or the official LoRA Recycle files.")
             hub_id = gr.Textbox(label="Hub id", placeholder="ORG/NAME" + (" or a local folder" if policy.allow_local
                                                                           else ""), max_lines=1, elem_id="hub-id")
             files = gr.File(label="…or upload its files", file_count="multiple", height=130,
@@ -204,8 +204,16 @@ def _invert_tab(policy: PathPolicy, example_lora: Optional[Path], prior: PriorCh
             if example_lora is not None:  # works offline and on a Space: the app's own file is trusted
                 gr.Examples([[str(example_lora)]], inputs=[hub_id], label="No LoRA at hand? Try the bundled one "
                             "(5 Han characters, tuned on the shipped mini-vit), then press Load LoRA")
+            with gr.Accordion("LoRAs on the Hub for this backbone", open=False):
+                with gr.Row():
+                    hub_search = gr.Textbox(label="Name contains", placeholder="e.g. food101 (empty: all)",
+                                            max_lines=1, scale=3)
+                    hub_list = gr.Button("Search the Hub", scale=1, min_width=120)
+                hub_found = gr.Dropdown([], label="Found", interactive=True)
+                hub_note = gr.Markdown("", elem_id="hub-loras")
             load = gr.Button("Load LoRA", variant="secondary")
             card = gr.Markdown("No LoRA loaded yet.", elem_id="lora-card")
+            switch = gr.Button("Switch the backbone", visible=False, variant="secondary")
             gr.Markdown("### 2 · Settings")
             classes = gr.CheckboxGroup([], label="Classes to invert", info="Load a LoRA to see its classes.")
             with gr.Row():
@@ -235,7 +243,9 @@ def _invert_tab(policy: PathPolicy, example_lora: Optional[Path], prior: PriorCh
                 add = gr.Button("Add to pool", interactive=False)
                 download = gr.DownloadButton("Download zip", interactive=False)
             pool_note = gr.Markdown("")
-    return SimpleNamespace(hub_id=hub_id, files=files, load=load, card=card, classes=classes, per_class=per_class,
+    return SimpleNamespace(hub_id=hub_id, hub_search=hub_search, hub_list=hub_list, hub_found=hub_found,
+                           hub_note=hub_note, files=files, load=load, switch=switch, card=card, classes=classes,
+                           per_class=per_class,
                            steps=steps, pruning=pruning, bn_prior=bn_prior, lr=lr, seed=seed, invert=invert, stop=stop,
                            stop_note=stop_note, run_status=run_status, images=images, masked=masked, add=add,
                            download=download, pool_note=pool_note)
@@ -293,6 +303,7 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
                        str(settings.example_lora or "")} - {""}
     fewshot = FewShot(cache, defaults, policy)
     inversion = Inversion(cache, policy, settings, defaults.backbone)
+    hub_loras = HubLoRAList(policy, defaults.backbone)
     browser = PoolBrowser(policy, settings)
     examples = find_examples(settings.examples)
 
@@ -329,11 +340,21 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
 
         # inversion
         gr.on([inv.load.click, inv.hub_id.submit], inversion.load, inputs=[backbone, inv.hub_id, inv.files],
-              outputs=[inv.card, inv.classes], api_name="load_lora", **load)
+              outputs=[inv.card, inv.classes], api_name="load_lora", **load).then(
+            inversion.switch_offer, None, inv.switch, api_name="switch_offer", api_visibility="undocumented", **load)
+        inv.switch.click(inversion.switch_backbone, backbone, backbone, api_name="switch_backbone",
+                         api_visibility="undocumented", queue=False).then(
+            inversion.load, inputs=[backbone, inv.hub_id, inv.files], outputs=[inv.card, inv.classes],
+            api_visibility="private", **load).then(inversion.switch_offer, None, inv.switch,
+                                                   api_visibility="private", **load)
         inv.invert.click(inversion.run, inputs=[backbone, inv.classes, inv.per_class, inv.steps, inv.pruning,
                                                 inv.bn_prior, inv.lr, inv.seed],
                          outputs=[inv.images, inv.masked, inv.run_status, inv.download, inv.add], api_name="invert",
                          concurrency_id="invert", concurrency_limit=1, show_progress_on=[inv.run_status])
+        gr.on([inv.hub_list.click, inv.hub_search.submit], hub_loras.search, inputs=[backbone, inv.hub_search],
+              outputs=[inv.hub_note, inv.hub_found], api_name="hub_loras", **load)
+        inv.hub_found.input(lambda repo: repo or "", inv.hub_found, inv.hub_id, api_visibility="private",
+                            queue=False)
         inv.stop.click(inversion.stop, None, inv.stop_note, api_name="stop_inversion", queue=False)  # never queued
         backbone.change(inversion.prior_checkbox, backbone, inv.bn_prior, api_visibility="private", queue=False)
 

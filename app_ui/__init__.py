@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .errors import USER_ERRORS, InputError
 from .fewshot import EMPTY_CARDS, ExampleTask, FewShot, find_examples
-from .invert import PRUNING_PRESETS, Inversion
+from .invert import PRUNING_PRESETS, HubLoRAList, Inversion
 from .limits import (INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES, MAX_INVERT_IMAGES, MAX_INVERT_STEPS,
                      MAX_POOL_GALLERY, RESULT_SESSIONS)
 from .markup import md_code, md_text
@@ -22,7 +22,8 @@ from .settings import AppSettings, Defaults, PathPolicy, PriorChoice, resolve_de
 from .state import ModelCache, SessionStore
 
 __all__ = ["InputError", "AppSettings", "Defaults", "PathPolicy", "ModelCache", "SessionStore", "FewShot", "Inversion",
-           "PoolBrowser", "PriorChoice", "ExampleTask", "find_examples", "resolve_defaults", "USER_ERRORS", "EMPTY_CARDS",
+           "HubLoRAList", "PoolBrowser", "PriorChoice", "ExampleTask", "find_examples", "resolve_defaults",
+           "USER_ERRORS", "EMPTY_CARDS",
            "INITIAL_CLASSES", "MAX_CLASSES", "MAX_IMAGES", "MAX_FILE_SIZE", "MAX_INVERT_IMAGES", "MAX_INVERT_STEPS",
            "RESULT_SESSIONS", "PRUNING_PRESETS", "MAX_POOL_GALLERY",
            "md_code", "md_text"]

@@ -19,6 +19,7 @@ from recycle.backbone import Backbone
 from recycle.formats import PICKLE_SUFFIXES, LoRAAdapter, LoRAFormatError, read_adapter
 from recycle.invert import InversionConfig, InversionProgress, InversionResult, invert
 from recycle.pool import teacher_confidence, write_run
+from recycle.provenance import provenance_mismatch
 from recycle.tokens import PruningConfig, parse_schedule
 
 from .errors import InputError, as_text, file_paths, kind_of, number_field, reported, text_field, user_text
@@ -44,6 +45,7 @@ class LoadedLoRA:
     adapter: LoRAAdapter
     source: str  # Hub id, path, or "upload: <file names>"
     backbone: str  # the backbone it was loaded (and checked) for
+    made_for: Optional[str] = None  # the backbone it names, when that is not the selected one and may be chosen
 
 
 @dataclass
@@ -153,7 +155,7 @@ class Inversion:
                 raise LoRAFormatError("This LoRA has no classification head, so there is nothing to invert (a "
                                       "meta-LoRA, for example, has none). Load a LoRA tuned with a head.")
             fit = self._fit(adapter, model, name)
-            self.loras.set(session_id(request), LoadedLoRA(adapter, source, name))
+            self.loras.set(session_id(request), LoadedLoRA(adapter, source, name, self._offer(adapter, name, fit)))
             names = adapter.class_names or []
             c = adapter.config
             card = "\n".join([
@@ -165,6 +167,29 @@ class Inversion:
             return card, gr.update(choices=choices, value=[i for _, i in choices[:2]],
                                    info=f"{len(choices)} classes; fewer classes and images make a quicker run.")
 
+    def _offer(self, adapter: LoRAAdapter, name: str, fit: str) -> Optional[str]:
+        """The backbone to offer to switch to: the one the LoRA names, when it does not fit the selected one and the
+        path policy lets a user choose it."""
+        if fit.startswith("✅") or not adapter.backbone or adapter.backbone == name:
+            return None
+        try:
+            return self.policy.backbone(adapter.backbone)
+        except InputError:  # e.g. a local folder on a server whose users may not name one
+            return None
+
+    def switch_offer(self, request: gr.Request = None) -> dict:
+        """The "switch the backbone" button: shown, naming the backbone, when the session's LoRA was made for another
+        one that can be chosen."""
+        loaded = self.loras.get(session_id(request))
+        made_for = loaded.made_for if loaded is not None else None
+        return gr.update(visible=made_for is not None,
+                         value=f"Switch the backbone to {made_for}" if made_for else "Switch the backbone")
+
+    def switch_backbone(self, backbone: Optional[str], request: gr.Request = None) -> str:
+        """The backbone the session's LoRA was made for (the current one when there is none to switch to)."""
+        loaded = self.loras.get(session_id(request))
+        return loaded.made_for if loaded is not None and loaded.made_for else (backbone or self.default_backbone)
+
     @staticmethod
     def _fit(adapter: LoRAAdapter, model: Backbone, name: str) -> str:
         try:
@@ -173,6 +198,11 @@ class Inversion:
         except LoRAFormatError as e:
             return (f"⚠️ It does **not fit** the selected backbone {md_code(name)}: {md_text(user_text(e), 1000)}. "
                     "Choose the backbone it was made for at the top of the page, then load it again.")
+        mismatch = provenance_mismatch(adapter.backbone, model)
+        if mismatch:  # the shapes fit, but the weights are another model's (e.g. a ViT-B/16 LoRA on CLIP ViT-B/16)
+            return (f"⚠️ It fits the selected backbone {md_code(name)} in shape only: it was made for "
+                    f"{md_code(adapter.backbone or '')}, another model, so its outputs would mean nothing here. Switch "
+                    f"the backbone at the top of the page to {md_code(adapter.backbone or '')}, then load it again.")
         return f"✅ Fits the selected backbone {md_code(name)}: choose the classes and press **Invert**."
 
     def prior_checkbox(self, backbone: Optional[str]) -> dict:
@@ -370,3 +400,65 @@ class Inversion:
             n = run.result.images.shape[0]
             return (f"✅ Added {n} images to the pool at {md_code(self.settings.pool)} as {md_code(run.pooled.name)}. "
                     "See the Surrogate pool tab.")
+
+
+class HubLoRAList:
+    """"LoRAs on the Hub for this backbone": the vetted Hub LoRAs with a head for the selected backbone, searchable
+    by name, cached for a while per (backbone, search); an unreachable Hub is a message, not an error."""
+
+    TTL = 600.0  # seconds a listing is reused
+    SIZE = 32  # listings kept
+
+    def __init__(self, policy: PathPolicy, default_backbone: str, limit: int = 20):
+        self.policy = policy
+        self.default_backbone = default_backbone
+        self.limit = limit
+        self._cache: dict[tuple[str, str], tuple[float, list]] = {}
+        self._lock = threading.Lock()
+
+    def _listing(self, base: str, text: str) -> list:
+        from recycle.hub_loras import find_hub_loras
+
+        key = (base, text.lower())
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and time.monotonic() - hit[0] < self.TTL:
+                return hit[1]
+        found = find_hub_loras(base, search=text or None, limit=self.limit)
+        if text:  # the tagged listing holds every LoRA for the base: keep those whose name matches
+            found = [x for x in found if text.lower() in x.repo.lower()]
+        with self._lock:
+            if len(self._cache) >= self.SIZE:
+                self._cache.pop(min(self._cache, key=lambda k: self._cache[k][0]))
+            self._cache[key] = (time.monotonic(), found)
+        return found
+
+    def search(self, backbone: Optional[str], text: Optional[str]) -> tuple[str, dict]:
+        """The listing as markdown and the choices of the picker (each choice fills the Hub id field)."""
+        from recycle.backbone import hub_repo_id
+        from recycle.hub import HubError
+
+        with reported("Cannot list the Hub's LoRAs", "listing the Hub's LoRAs"):
+            name = self.policy.backbone(text_field(backbone, "backbone name") or self.default_backbone)
+            text = text_field(text, "search text")
+            base = hub_repo_id(name)
+            if base is None:
+                return (f"The backbone {md_code(name)} is not a Hub model, and LoRAs on the Hub name their base by "
+                        "Hub id: choose a Hub backbone (e.g. `hf-hub:google/vit-base-patch16-224-in21k`) to list "
+                        "LoRAs for it.", gr.update(choices=[], value=None))
+            try:
+                found = self._listing(base, text)
+            except HubError as e:
+                return f"⚠️ {user_message(e)}", gr.update(choices=[], value=None)
+            if not found:
+                none = (f"No LoRA with a classification head was found on the Hub for {md_code(base)}"
+                        + (f" whose name contains {md_code(text)}." if text else "."))
+                return none, gr.update(choices=[], value=None)
+            rows = [f"| {md_code(x.repo)} | {x.num_classes} | "
+                    + md_text(", ".join((x.classes or [])[:6]) + ("…" if len(x.classes or []) > 6 else ""))
+                    + " |" for x in found]
+            table = "\n".join([f"{len(found)} LoRAs for {md_code(base)} (vetted: safetensors, LoRA, a head). Pick one "
+                               "to fill in the Hub id, then press **Load LoRA**.", "",
+                               "| repository | classes | names |", "|---|---|---|", *rows])
+            return table, gr.update(choices=[(f"{x.repo} · {x.num_classes} classes", x.repo) for x in found],
+                                    value=None)

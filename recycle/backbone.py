@@ -96,6 +96,10 @@ def backbone_source(name: str) -> tuple[Optional[str], str]:
     try:
         source, rest = parse_model_name(name)
     except (ValueError, AssertionError) as e:
+        from .hub import is_repo_id
+
+        if is_repo_id(name.split("@")[0]):  # a bare ORG/REPO (transformers' way of naming a Hub model)
+            return "hf-hub", name
         raise _unknown(name, f"It cannot be read: {str(e).rstrip('.')}.") from None
     return source, rest
 
@@ -433,8 +437,12 @@ def load_backbone(name: str = DEFAULT_BACKBONE, pretrained: bool = True,
     Raises:
         BackboneError: unknown name, missing directory or files, or Hub unreachable with nothing cached.
     """
+    from .transformers_vit import load_transformers_vit
+
     device = pick_device(device)  # a bad device is refused before anything is loaded
-    model = _create(name, kwargs, pretrained)
+    model = load_transformers_vit(name, pretrained)  # None unless `name` is a transformers checkpoint
+    if model is None:
+        model = _create(name, kwargs, pretrained)
     if not hasattr(model, "blocks") or not hasattr(model, "forward_head"):
         raise BackboneError(f"Backbone '{name}' is a {type(model).__name__}; LoRA Recycle needs a timm ViT.")
     backbone = Backbone(model, name)

@@ -64,9 +64,12 @@ def _number(low: float, high: float, low_open: bool = False, high_open: bool = F
     return parse
 
 
-def _add_backbone_args(p: argparse.ArgumentParser, precision: bool = True) -> None:
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
-                   help=f"timm name, alias, hf-hub:ORG/REPO or local directory (default: {DEFAULT_BACKBONE})")
+def _add_backbone_args(p: argparse.ArgumentParser, precision: bool = True, derived: Optional[str] = None) -> None:
+    """`derived`: where the command finds the backbone when --backbone is not given (the default otherwise)."""
+    default = f"{derived}, else {DEFAULT_BACKBONE}" if derived else DEFAULT_BACKBONE
+    p.add_argument("--backbone", default=None if derived else DEFAULT_BACKBONE,
+                   help=f"timm name, alias, hf-hub:ORG/REPO, ORG/REPO of a transformers ViT, or local directory "
+                        f"(default: {default})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     if precision:
         p.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -109,6 +112,53 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backbone_of(lora: str) -> str:
+    """The backbone LoRA `lora` names (read without a backbone), or the default when it names none."""
+    from .formats import load_lora
+
+    try:
+        made_for = load_lora(lora).backbone
+    except LoRAFormatError:  # e.g. an official file, whose head needs the backbone: the real load says what is wrong
+        made_for = None
+    if made_for:
+        _logger.info("using the backbone the LoRA was made for: %s", made_for)
+        return made_for
+    _logger.info("the LoRA names no backbone; using %s", DEFAULT_BACKBONE)
+    return DEFAULT_BACKBONE
+
+
+def _zoo_backbone(zoo: str) -> str:
+    """The backbone a zoo's zoo.json names (a zoo gathered from the Hub names its base), else the default."""
+    from .io import loads_strict
+
+    path = Path(zoo) / "zoo.json"
+    try:
+        named = loads_strict(path.read_bytes(), str(path)).get("backbone") if path.is_file() else None
+    except (ValueError, AttributeError):
+        named = None
+    return named if isinstance(named, str) and named else DEFAULT_BACKBONE
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from .hub_loras import describe, gather_zoo
+
+    if args.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    manifest = gather_zoo(args.hub, args.out, limit=args.limit, search=args.search,
+                          progress=lambda lora: print(describe([lora])))
+    print(f"zoo {args.out}: {len(manifest['loras'])} LoRAs from the Hub for {args.hub}; invert them with "
+          f"`recycle invert --zoo {args.out} --out POOL` (the backbone is read from zoo.json)")
+    return 0
+
+
+def _warn_provenance(adapter, backbone) -> None:
+    from .provenance import provenance_mismatch
+
+    mismatch = provenance_mismatch(adapter.backbone, backbone)
+    if mismatch:
+        _logger.warning("the LoRA fits the backbone in shape, but %s; its outputs will mean nothing there", mismatch)
+
+
 def _cmd_invert(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -129,9 +179,13 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     if not args.zoo and distributed.world_size() > 1:
         raise ValueError("invert --lora inverts one LoRA in one process; to use several ranks, invert a whole zoo "
                          "with --zoo")
+    if args.backbone is None:
+        args.backbone = _backbone_of(args.lora) if args.lora else _zoo_backbone(args.zoo)
     backbone = load_backbone(args.backbone, device=args.device)
     config = replace(config, bf16=resolve_precision(args.precision, backbone.device))
     adapter = None if args.zoo else load_lora(args.lora, backbone)
+    if adapter is not None:
+        _warn_provenance(adapter, backbone)
     try:
         prior = None if args.bn_prior.lower() == "none" else load_bn_prior(args.bn_prior, backbone.device)
     except BackboneError as e:
@@ -206,6 +260,8 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
                         lr=args.lr, lora=LoRAConfig(rank=args.rank),
                         checkpoint_every=args.checkpoint_every, val_every=args.val_every if args.val else 0,
                         val_episodes=args.val_episodes, seed=args.seed, episode_batch=args.episode_batch)
+    if args.backbone is None:
+        args.backbone = _zoo_backbone(args.zoo) if args.zoo else DEFAULT_BACKBONE
     out = Path(args.out)
     if args.resume and not (out / "checkpoint.safetensors").is_file() and not (out / "log.jsonl").is_file():
         raise ValueError(f"--resume: nothing to resume in {out}: it holds no checkpoint.safetensors and no log.jsonl "
@@ -291,6 +347,50 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _installed_vit_layout() -> str:
+    """ "new" when the transformers installed here names ViT modules ``layers.N.attention.q_proj``, else "old" (also
+    when it is not installed). Decided on the text of its ViT module, without importing transformers."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("transformers")
+    except (ImportError, ValueError):
+        spec = None
+    source = Path(spec.origin).parent / "models" / "vit" / "modeling_vit.py" if spec and spec.origin else None
+    try:
+        return "new" if source is not None and "self.q_proj" in source.read_text("utf-8") else "old"
+    except OSError:
+        return "old"
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .backbone import load_backbone
+    from .formats import load_lora
+    from .formats_transformers import save_transformers_peft
+
+    if args.backbone is None:
+        args.backbone = _backbone_of(args.lora)
+    backbone = load_backbone(args.backbone, device="cpu")
+    cfg = backbone.model.pretrained_cfg
+    if cfg.get("source") != "transformers":
+        raise ValueError(f"backbone '{args.backbone}' is a timm model, and recycle's LoRA files already are PEFT's "
+                         "layout for it; export writes LoRAs made on a transformers ViT (a folder or Hub repo in "
+                         "transformers' layout)")
+    adapter = load_lora(args.lora, backbone)
+    with adapter.attached(backbone):  # refuses, with the reason, a LoRA that does not fit this backbone
+        adapter.build_head(backbone.num_features)
+    _warn_provenance(adapter, backbone)
+    base = cfg.get("hf_hub_id") or adapter.info.get("base_model") or args.backbone
+    layout = _installed_vit_layout() if args.layout == "auto" else args.layout
+    model_type = cfg.get("model_type", "vit")
+    out = save_transformers_peft(adapter, args.out, layout=layout, base_model=base, model_type=model_type)
+    kind = ("DeiT" if model_type == "deit" else "ViT") + ("ForImageClassification" if adapter.head_weight is not None
+                                                          else "Model")
+    print(f"wrote {out} ({layout} module names): load it with PeftModel.from_pretrained({kind}.from_pretrained("
+          f"'{base}'), '{out}')")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     prog = "recycle" if Path(sys.argv[0]).name == "recycle" else "python -m recycle"  # console script or -m
     parser = argparse.ArgumentParser(prog=prog, description="LoRA Recycle: tuning-free few-shot learning from "
@@ -316,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="LoRA inversion with attention-guided token pruning; the images, their masks "
                                    "and the teacher's logits are added to the pool folder --out.")
     p._negative_number_matcher = _NEGATIVE_VALUE  # so that "--prune -1:0.75" works, not only "--prune=-1:0.75"
-    _add_backbone_args(p)
+    _add_backbone_args(p, derived="the backbone the --lora names (its base_model_name_or_path) or --zoo's zoo.json "
+                                  "names")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--lora", help="LoRA with a head: local folder or file, or Hub id ORG/NAME")
     src.add_argument("--zoo", help="zoo folder (from pretune): invert every LoRA, one run each, skipping those "
@@ -364,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("meta-train", help="distil one meta-LoRA from a surrogate pool or a LoRA zoo",
                        description="ProtoNet meta-training of a meta-LoRA on surrogate episodes: KL to the "
                                    "teacher for single-LoRA episodes, CE for cross-LoRA ones.")
-    _add_backbone_args(p)
+    _add_backbone_args(p, derived="with --zoo, the backbone its zoo.json names")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pool", help="surrogate pool folder (from invert)")
     src.add_argument("--zoo", help="LoRA zoo folder: invert episodes online (slow; the paper's Alg. 1)")
@@ -410,6 +511,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report as JSON")
     p.add_argument("--markdown", help="write the results table as Markdown")
     p.set_defaults(func=_cmd_eval, ranks=True)
+
+    p = sub.add_parser("zoo", help="gather the Hub's LoRAs (with heads) for a backbone into a zoo folder",
+                       description="List the Hub's PEFT LoRAs for --hub (tagged base_model:adapter:BASE, plus a name "
+                                   "search for older adapters), vet each from its config and safetensors header "
+                                   "without downloading weights, and download the usable ones into --out with a "
+                                   "zoo.json (repo, revision and classes of each). Safetensors only.")
+    p.add_argument("--hub", required=True, metavar="BASE", help="the backbone's Hub id, e.g. "
+                                                                "google/vit-base-patch16-224-in21k")
+    p.add_argument("--out", required=True, help="zoo folder (created or grown)")
+    p.add_argument("--limit", type=int, default=20, help="the most candidates to vet (default: 20)")
+    p.add_argument("--search", help="text to search repo names for (default: the name part of BASE)")
+    p.set_defaults(func=_cmd_zoo)
+
+    p = sub.add_parser("export", help="write a (meta-)LoRA made on a transformers ViT as a PEFT adapter of it",
+                       description="Write --lora, made on a transformers ViT backbone, in that model's PEFT layout, "
+                                   "so PeftModel.from_pretrained loads it into ViTForImageClassification (a LoRA with "
+                                   "a head) or ViTModel (a meta-LoRA) with the same outputs.")
+    p.add_argument("--lora", required=True, help="LoRA or meta-LoRA: local folder or file, or Hub id ORG/NAME")
+    p.add_argument("--backbone", help="the transformers ViT it was made on (default: the one the LoRA names)")
+    p.add_argument("--out", required=True, help="folder to write adapter_config.json and adapter_model.safetensors to")
+    p.add_argument("--layout", choices=("auto", "new", "old"), default="auto",
+                   help="module names, those of the transformers that will load it: new (layers.N.attention.q_proj, "
+                        "later transformers 5 releases), old (encoder.layer.N.attention.attention.query, transformers "
+                        "4 and 5.0), or auto: those of the transformers installed here (read from its source, not "
+                        "imported), else old (default: auto)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("push", help="upload a LoRA folder (e.g. a meta-LoRA with its card) to the Hub",
                        description="Create the Hub model repository --repo if needed and upload the folder's "

@@ -280,7 +280,9 @@ def _refuse_pickles(folder: Path, label: str) -> None:
     raise LoRAFormatError(
         f"'{label}' has no {ADAPTER_WEIGHTS}"
         + (f"; it has {pickles}, pickled weights, which are never loaded because unpickling can run arbitrary code."
-           " Convert them to safetensors with a tool you trust." if pickles else "."))
+           " Convert them where you trust them: PeftModel.from_pretrained(base_model, folder).save_pretrained(folder)"
+           " writes adapter_model.safetensors (PEFT >= 0.7), or safetensors.torch.save_file(state_dict, "
+           f"'{ADAPTER_WEIGHTS}') next to {ADAPTER_CONFIG}." if pickles else "."))
 
 
 def _shown(value, limit: int = 60) -> str:
@@ -565,7 +567,29 @@ def read_adapter(path: Union[str, Path], backbone=None, name: Optional[str] = No
     if cfg is None:
         raise LoRAFormatError(f"{label}: a PEFT LoRA needs its {ADAPTER_CONFIG} next to it (put both in one "
                               "folder)")
-    return _from_peft(cfg, tensors, meta, label)
+    from .formats_transformers import from_transformers_peft, is_transformers_adapter
+
+    if is_transformers_adapter(tensors):  # made on a transformers ViT or CLIP: mapped onto the timm ViT
+        adapter = from_transformers_peft(cfg, tensors, label, path if path.is_dir() else None, backbone)
+    else:
+        adapter = _from_peft(cfg, tensors, meta, label)
+    if adapter.backbone is None and path.is_dir():
+        adapter.backbone = _card_base_model(path / "README.md")
+    return adapter
+
+
+def _card_base_model(card: Path) -> Optional[str]:
+    """The ``base_model`` of a model card's metadata (the first, if several), or None."""
+    from huggingface_hub.repocard import metadata_load
+
+    if not card.is_file() or card.stat().st_size > 1 << 20:
+        return None
+    try:
+        base = (metadata_load(card) or {}).get("base_model")
+    except Exception:  # noqa: BLE001 - malformed YAML: the card just names no base
+        return None
+    base = base[0] if isinstance(base, list) and base else base
+    return base if isinstance(base, str) and base.strip() else None
 
 
 

@@ -12,6 +12,16 @@ Endpoints, each one what huggingface_hub 2.4.0 calls (read from its source):
 - ``GET /api/models/{repo}`` and ``/api/models/{repo}/revision/{rev}``: ``model_info``, ``repo_info``,
   ``repo_exists``, and ``snapshot_download`` (which resolves the revision to a sha first). ``?blobs=true``
   (``files_metadata=True``) adds sizes and blob ids to ``siblings``.
+- ``GET /api/models?filter=...&search=...&author=...&sort=...&limit=...&expand=...``: ``list_models``. Every
+  ``filter`` value must be one of the repo's tags; ``search`` is a case-insensitive substring of the repo id. Tags are
+  derived as the Hub derives them: the library (the card's ``library_name``, else ``peft`` for a repo holding
+  ``adapter_config.json``, ``timm`` or ``transformers`` from ``config.json``), the card's ``tags``, ``safetensors``
+  when a ``.safetensors`` file is present, ``license:X``, and for each card ``base_model`` B ``base_model:B`` plus
+  ``base_model:adapter:B`` (peft repos) or ``base_model:finetune:B``. With ``expand``, an item holds ``id``/``_id``
+  and the expanded fields only (``siblings``, ``sha``, ``tags``, ``downloads``, ...). One page, sorted by id (every
+  repo has 0 downloads).
+- ``GET /{repo}/resolve/{rev}/{path}`` with ``Range: bytes=A-B``: 206 with those bytes and ``Content-Range``, as
+  ``parse_safetensors_file_metadata`` reads a header without downloading the weights.
 - ``GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=``: ``list_repo_tree``, ``list_repo_files``,
   ``snapshot_download``. One page, no ``Link`` header.
 - ``POST /api/repos/create``: ``create_repo``; 409 with the repo ``url`` if it exists (``exist_ok=True`` reads it).
@@ -67,6 +77,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -230,6 +241,46 @@ def card_metadata_errors(content: str, repo_exists: Callable[[str], bool]) -> tu
     return errors, []
 
 
+def repo_tags(repo_dir: Path, files: list[str]) -> list[str]:
+    """The tags the Hub derives for a model repo from its card metadata and its files (see the module docstring)."""
+    import re
+
+    meta: dict = {}
+    card = repo_dir / "README.md"
+    if card.is_file():
+        import yaml
+
+        block = re.match(r"^\s*---[\r\n]+([\S\s]*?)[\r\n]+---(\r\n|\n|$)", card.read_text("utf-8", "replace"))
+        try:
+            loaded = yaml.safe_load(block.group(1)) if block else None
+        except yaml.YAMLError:
+            loaded = None
+        meta = loaded if isinstance(loaded, dict) else {}
+    library = meta.get("library_name")
+    if not isinstance(library, str):
+        library = None
+        if "adapter_config.json" in files:
+            library = "peft"
+        elif "config.json" in files:
+            try:
+                config = json.loads((repo_dir / "config.json").read_text("utf-8"))
+            except (ValueError, OSError):
+                config = {}
+            library = "timm" if "architecture" in config else "transformers" if "model_type" in config else None
+    tags = [library] if library else []
+    tags += [t for t in meta.get("tags") or [] if isinstance(t, str)]
+    if any(f.endswith(".safetensors") for f in files):
+        tags.append("safetensors")
+    if isinstance(meta.get("license"), str):
+        tags.append(f"license:{meta['license']}")
+    bases = meta.get("base_model") or []
+    relation = "adapter" if library == "peft" else "finetune"
+    for base in bases if isinstance(bases, list) else [bases]:
+        if isinstance(base, str):
+            tags += [f"base_model:{base}", f"base_model:{relation}:{base}"]
+    return list(dict.fromkeys(tags))
+
+
 def _checked(path: str) -> str:
     """A path inside a repo: relative, normalized, no ``..``."""
     if not path or any(part in ("", ".", "..") for part in path.split("/")):
@@ -375,6 +426,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._create_repo
         if method == "POST" and parts == ["api", "validate-yaml"]:
             return self._validate_yaml
+        if parts == ["api", "models"] and method == "GET":
+            return self._list_models
         if parts[:2] == ["api", "models"] and len(parts) == 4 and method == "GET":
             return partial(self._model_info, f"{parts[2]}/{parts[3]}", DEFAULT_REVISION, query)
         if parts[:2] == ["api", "models"] and len(parts) >= 6:
@@ -402,7 +455,51 @@ class _Handler(BaseHTTPRequestHandler):
                 raise _HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": snapshot.sha})
             data = (store.repo_dir(repo_id) / path).read_bytes() if self.command == "GET" else b""
         headers = {"ETag": f'"{entry.oid}"', "X-Repo-Commit": snapshot.sha, "Content-Length": str(entry.size)}
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "").strip())
+        if wanted and self.command == "GET":
+            start = int(wanted.group(1))
+            end = min(int(wanted.group(2)) if wanted.group(2) else entry.size - 1, entry.size - 1)
+            if start >= entry.size:
+                raise _HubError(416, f"Range not satisfiable: {self.headers['Range']}", None,
+                                {"Content-Range": f"bytes */{entry.size}"})
+            headers.update({"Content-Range": f"bytes {start}-{end}/{entry.size}",
+                            "Content-Length": str(end - start + 1)})
+            self._send(206, data[start:end + 1], "application/octet-stream", headers)
+            return
         self._send(200, data, "application/octet-stream", headers)
+
+    def _list_models(self) -> None:
+        query = parse_qs(urlsplit(self.path).query)
+        filters = query.get("filter", [])
+        search = (query.get("search") or [""])[-1].lower()
+        author = (query.get("author") or [""])[-1]
+        limit = int((query.get("limit") or ["1000"])[-1])
+        expand = query.get("expand", [])
+        store = self.server.store
+        items = []
+        with store.lock:
+            for org in sorted(p for p in store.root.iterdir() if p.is_dir()):
+                for repo_dir in sorted(p for p in org.iterdir() if p.is_dir()):
+                    repo_id = f"{org.name}/{repo_dir.name}"
+                    if (search and search not in repo_id.lower()) or (author and org.name != author):
+                        continue
+                    snapshot = store.snapshot(repo_id, DEFAULT_REVISION)
+                    tags = repo_tags(repo_dir, list(snapshot.files))
+                    if not all(f in tags for f in filters):
+                        continue
+                    info = {"_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id,
+                            "modelId": repo_id, "author": org.name, "sha": snapshot.sha,
+                            "lastModified": time.strftime("%Y-%m-%dT%H:%M:%S.000Z",
+                                                          time.gmtime(snapshot.last_modified)),
+                            "private": False, "downloads": 0, "likes": 0, "tags": tags,
+                            "library_name": next((t for t in tags if t in ("peft", "timm", "transformers")), None),
+                            "siblings": [{"rfilename": path} for path in snapshot.files]}
+                    if expand:
+                        info = {k: v for k, v in info.items() if k in ("_id", "id") or k in expand}
+                    else:
+                        info.pop("siblings")
+                    items.append(info)
+        self._send_json(200, items[:limit])
 
     def _model_info(self, repo_id: str, revision: str, query: dict[str, str]) -> None:
         with self.server.store.lock:
