@@ -449,7 +449,7 @@ class HubLoRAList:
             try:
                 found = self._listing(base, text)
             except HubError as e:
-                return f"⚠️ {user_message(e)}", gr.update(choices=[], value=None)
+                return f"⚠️ {md_text(user_text(e), 1000)}", gr.update(choices=[], value=None)
             if not found:
                 none = (f"No LoRA with a classification head was found on the Hub for {md_code(base)}"
                         + (f" whose name contains {md_code(text)}." if text else "."))

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .io import loads_strict
+from .modelcheck import MAX_CONFIG_BYTES
 
 __all__ = ["TransformersViTError", "SUPPORTED_MODEL_TYPES", "is_transformers_config", "vit_from_folder",
            "load_transformers_vit", "timm_state_dict", "label_names", "read_json"]
@@ -48,7 +49,7 @@ _ACTIVATIONS = {"gelu": nn.GELU, "gelu_pytorch_tanh": partial(nn.GELU, approxima
                 "gelu_new": partial(nn.GELU, approximate="tanh")}
 # PIL resampling codes, as preprocessor configs store them -> timm's interpolation names.
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-_MAX_CONFIG_BYTES = 1 << 20
+_MAX_CONFIG_BYTES = MAX_CONFIG_BYTES  # room for 21,843 ImageNet-22k labels in id2label
 
 # Per-block module names of the two layouts -> timm's (q, k, v are gathered into qkv).
 _LAYOUTS = {
@@ -73,7 +74,7 @@ class TransformersViTError(ValueError):
 
 
 def read_json(path: Path, what: str) -> dict:
-    """A JSON object from `path` (at most 1 MiB, strict JSON).
+    """A JSON object from `path` (at most `modelcheck.MAX_CONFIG_BYTES`, strict JSON).
 
     Raises:
         TransformersViTError: missing, too large, malformed or not an object.
@@ -81,7 +82,8 @@ def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise TransformersViTError(f"{what}: {path.name} is missing")
     if path.stat().st_size > _MAX_CONFIG_BYTES:
-        raise TransformersViTError(f"{what}: {path.name} is larger than 1 MiB; that is not a model config")
+        raise TransformersViTError(f"{what}: {path.name} is larger than {_MAX_CONFIG_BYTES >> 20} MiB; that is not a "
+                                   "model config")
     try:
         value = loads_strict(path.read_bytes(), f"{what}: {path.name}")
     except ValueError as e:
@@ -418,7 +420,11 @@ def load_transformers_vit(name: str, pretrained: bool = True) -> Optional[nn.Mod
             folder = Path(rest).expanduser()
             if not (folder / "config.json").is_file():
                 return None
-            if not is_transformers_config(read_json(folder / "config.json", name)):
+            try:
+                config = read_json(folder / "config.json", name)
+            except TransformersViTError:  # not a readable JSON object: the timm path's checks name the problem
+                return None
+            if not is_transformers_config(config):
                 return None
             return vit_from_folder(folder, name, None, pretrained)
         if source == "hf-hub":

@@ -266,8 +266,9 @@ HOSTILE_BACKBONES = {
     "ResNet config as a backbone": (dict(edit_config=lambda c: c.update(
         architecture="resnet18", model_args={"num_classes": 16}, pretrained_cfg={"num_classes": 16})),
                                     r"describes a ResNet; LoRA Recycle needs a timm ViT"),
+    # a transformers ViT config goes to the transformers loader, which checks the weights' names against it
     "transformers config": (dict(config_text='{"model_type": "vit", "architectures": ["ViTModel"]}'),
-                            r"is a transformers config \(model_type 'vit'\), not a timm one"),
+                            r"weights are in no known ViT layout"),
     "NaN mean": (dict(edit_config=lambda c: c["pretrained_cfg"].update(mean=[float("nan"), 0, 0])),
                  r"config\.json is not valid JSON: NaN is not a JSON number"),
     "zero std": (dict(edit_config=lambda c: c["pretrained_cfg"].update(std=[0, 1, 1])), r"'std' is \[0, 1, 1\]"),

@@ -460,6 +460,9 @@ def test_app_fit_check_names_the_backbone_a_lora_was_made_for(tiny_clip_dir, loc
     ok = Inversion._fit(replace(adapter, backbone="clip-b16"), clip, "clip-b16")
     assert ok.startswith("✅")
     other = Inversion._fit(replace(adapter, backbone="google/vit-base-patch16-224-in21k"), clip, "clip-b16")
+    from tests.apptools import plain
+
+    other = plain(other)
     assert other.startswith("⚠️") and "in shape only" in other and "google/vit-base-patch16-224-in21k" in other
 
 
@@ -581,22 +584,25 @@ def test_cli_zoo_from_the_hub_then_invert_meta_train_and_export(hub_with_loras, 
 
 def test_app_lists_the_hubs_loras_for_the_backbone_and_loads_one(hub_with_loras, tmp_path):
     pytest.importorskip("gradio")
-    from tests.apptools import close, launch, settings
+    from tests.apptools import close, launch, plain, settings
 
     demo, client = launch(settings(tmp_path, "hf-hub:google/tiny-vit"))
     try:
         note, picker = client.predict(backbone="hf-hub:google/tiny-vit", text="", api_name="/hub_loras")
-        assert "4 LoRAs for `google/tiny-vit`" in note and "salad, soup, cake" in note
+        note = plain(note)
+        assert "4 LoRAs for google/tiny-vit" in note and "salad, soup, cake" in note
         assert [c[1] for c in picker["choices"]] == ["alice/food-lora", "bob/tiny-vit-finetuned-lora-beans",
                                                      "gina/tiny-vit-lora-huge-config", "hank/food-lora-colab"]
         note, picker = client.predict(backbone="hf-hub:google/tiny-vit", text="BEANS", api_name="/hub_loras")
         assert [c[1] for c in picker["choices"]] == ["bob/tiny-vit-finetuned-lora-beans"]
         card, classes = client.predict(hub_id="alice/food-lora", files=[], api_name="/load_lora")
+        card = plain(card)
         assert "3 classes" in card and "✅ Fits" in card and "salad" in card
         hub_with_loras.stop()
         cached, _ = client.predict(backbone="hf-hub:google/tiny-vit", text="", api_name="/hub_loras")
-        assert "4 LoRAs" in cached  # served from the listing cache
+        assert "4 LoRAs" in plain(cached)  # served from the listing cache
         down, picker = client.predict(backbone="hf-hub:google/tiny-vit", text="food", api_name="/hub_loras")
+        down = plain(down)
         assert down.startswith("⚠️") and "cannot be reached" in down and picker["choices"] == []
     finally:
         close(demo, client)
@@ -636,7 +642,7 @@ def test_app_offers_to_switch_to_the_backbone_a_lora_was_made_for(hub_with_loras
     import shutil
 
     pytest.importorskip("gradio")
-    from tests.apptools import close, launch, settings
+    from tests.apptools import close, launch, plain, settings
 
     clip = "hf-hub:timm/vit_base_patch16_clip_224.openai"
     shutil.copytree(tiny_clip_dir, hub_with_loras.root / "timm" / "vit_base_patch16_clip_224.openai")
@@ -644,6 +650,7 @@ def test_app_offers_to_switch_to_the_backbone_a_lora_was_made_for(hub_with_loras
     try:
         card, _ = client.predict(backbone=clip, hub_id="alice/food-lora", files=[], api_name="/load_lora")
         # The guide's q/v LoRA fits tiny CLIP's widths (in shape only); the variant's MLP LoRA does not fit at all.
+        card = plain(card)
         assert ("in shape only" in card or "does not fit" in card) and "google/tiny-vit" in card
         assert client.predict(clip, api_name="/switch_backbone") == "google/tiny-vit"
         card, _ = client.predict(backbone="google/tiny-vit", hub_id="alice/food-lora", files=[],
