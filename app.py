@@ -11,6 +11,8 @@ Layout and wiring only; the handlers are in the ``app_ui`` package (one module p
 * ``RECYCLE_POOL``: the surrogate pool that inversions are added to (default ``./pool``).
 * ``RECYCLE_ALLOW_LOCAL_PATHS``: ``0`` makes text fields accept only Hub ids (and uploads), for public servers;
   the default is ``1``, except on a Hugging Face Space.
+* ``SPACES_ZERO_GPU``: set by a ZeroGPU Space; prediction and inversion then run under ``spaces.GPU``
+  (`app_ui.zerogpu`).
 
 Deep links: ``?tab=few-shot``, ``?tab=invert`` or ``?tab=pool`` opens that tab.
 """
@@ -52,6 +54,7 @@ from app_ui import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MA
                     md_code, resolve_defaults)
 from app_ui.http import URLLengthLimit  # noqa: E402
 from app_ui.inputs import finite, strict  # noqa: E402
+from app_ui.zerogpu import wrap_handlers  # noqa: E402
 from recycle.backbone import ALIASES, DEFAULT_BACKBONE  # noqa: E402
 from recycle.runtime import tune_allocator  # noqa: E402
 
@@ -294,6 +297,7 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
     fewshot = FewShot(cache, defaults, policy)
     inversion = Inversion(cache, policy, settings, defaults.backbone)
     browser = PoolBrowser(policy, settings)
+    wrap_handlers(fewshot, inversion)  # on ZeroGPU hardware, prediction and inversion run under spaces.GPU
     examples = find_examples(settings.examples)
 
     with gr.Blocks(title="LoRA Recycle", delete_cache=CACHE_CLEANUP) as demo:
