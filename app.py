@@ -9,6 +9,8 @@ Layout and wiring only; the handlers are in the ``app_ui`` package (one module p
   shipped ``mini-vit`` and its meta-LoRA, and says so.
 * ``RECYCLE_WEIGHTS``: the shipped weights and example tasks (default ``weights/`` next to this file).
 * ``RECYCLE_POOL``: the surrogate pool that inversions are added to (default ``./pool``).
+* ``RECYCLE_POOL_REPO``: a Hub dataset ``ORG/NAME`` that **Add to pool** also pushes to, when a Hub token is
+  configured (``HF_TOKEN``).
 * ``RECYCLE_ALLOW_LOCAL_PATHS``: ``0`` makes text fields accept only Hub ids (and uploads), for public servers;
   the default is ``1``, except on a Hugging Face Space.
 * ``SPACES_ZERO_GPU``: set by a ZeroGPU Space; prediction and inversion then run under ``spaces.GPU``
@@ -247,9 +249,9 @@ def _invert_tab(policy: PathPolicy, example_lora: Optional[Path], prior: PriorCh
 def _pool_tab(policy: PathPolicy, settings: AppSettings) -> SimpleNamespace:
     gr.Markdown(POOL_INTRO)
     with gr.Row(equal_height=False):
-        folder = gr.Textbox(str(settings.pool), label="Pool folder", max_lines=1, scale=4,
-                            interactive=policy.allow_local,
-                            info="Press Enter to open." if policy.allow_local else "Set by the server (RECYCLE_POOL).")
+        hub = "or a Hub dataset: datasets/ORG/NAME. Press Enter to open."
+        folder = gr.Textbox(str(settings.pool), label="Pool folder or Hub dataset", max_lines=1, scale=4,
+                            info=f"A folder, {hub}" if policy.allow_local else f"The server's pool (RECYCLE_POOL), {hub}")
         refresh = gr.Button("↻ Refresh", scale=1, min_width=120)
     summary = gr.Markdown("", elem_id="pool-summary")
     with gr.Row():
@@ -392,9 +394,9 @@ def main() -> None:
         # the CLI's heavy commands do (RECYCLE_MALLOC=default keeps glibc's defaults). Not on import: tests build
         # the app.
         tune_allocator()
+        settings = AppSettings.from_env()
     except ValueError as e:  # a bad environment variable: one line, no traceback
         raise SystemExit(f"error: {e}") from None
-    settings = AppSettings.from_env()
     demo = build_demo(settings=settings)
     demo.launch(**launch_options(settings))
 

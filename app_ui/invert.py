@@ -26,6 +26,7 @@ from recycle.tokens import PruningConfig, parse_schedule
 from .errors import InputError, as_text, file_paths, kind_of, number_field, reported, text_field, user_text
 from .images import display_images
 from .markup import md_code, md_text
+from .pool import push_run
 from .limits import MAX_INVERT_IMAGES, MAX_INVERT_STEPS, MAX_LORA_FILES, MAX_SEED, PREVIEW_INTERVAL, \
     RESULT_SESSIONS, SESSIONS
 from .settings import AppSettings, PathPolicy
@@ -410,5 +411,6 @@ class Inversion:
                 return f"Already in the pool as {md_code(run.pooled.name)}."
             run.pooled = write_run(self.settings.pool, run.result, run.lora, run.source, run.settings, run.grid)
             n = run.result.images.shape[0]
+            pushed = push_run(self.settings, run.pooled)
             return (f"✅ Added {n} images to the pool at {md_code(self.settings.pool)} as {md_code(run.pooled.name)}. "
-                    "See the Surrogate pool tab.")
+                    "See the Surrogate pool tab." + (f" {pushed}" if pushed else ""))

@@ -195,7 +195,8 @@ def _read_regular(path: Path) -> bytes:
 def pool_dataset_files(pool_root: Union[str, Path], repo_id: str, runs: Optional[Iterable[str]] = None
                        ) -> dict[str, bytes]:
     """``{path in the dataset repo: content}`` of the pool at `pool_root` (or of its runs named in `runs`), plus the
-    dataset card. Images are checksum-verified against their manifests as they are read.
+    dataset card, which describes the whole local pool. Images are checksum-verified against their manifests as
+    they are read.
 
     Raises:
         PoolError: the pool is missing or invalid, a run or file name is not publishable, a named run is missing, or
@@ -230,7 +231,7 @@ def pool_dataset_files(pool_root: Union[str, Path], repo_id: str, runs: Optional
                 files[f"{base}/{item[key]}"] = data
         lines = "".join(dumps_strict(row) + "\n" for row in run_metadata(name, manifest))
         files[f"{base}/metadata.jsonl"] = lines.encode()
-    files["README.md"] = dataset_card(pool, wanted, repo_id).encode()
+    files["README.md"] = dataset_card(pool, list(range(len(names))), repo_id).encode()  # the whole local pool
     return files
 
 
