@@ -15,7 +15,7 @@ import gradio as gr
 
 from recycle.hub import HubError
 from recycle.pool import Pool, PoolError, PoolIndex, teacher_confidence
-from recycle.pool_hub import HubPoolLimits, fetch_pool, hub_dataset_id, push_pool
+from recycle.pool_hub import HubPoolLimits, fetch_pool, hub_dataset_id, push_pool, remove_downloads
 
 from .errors import number_field, reported, text_field, user_text
 from .images import display_images
@@ -72,8 +72,13 @@ class PoolBrowser:
         with self._lock:
             self._hub[repo] = known
             self._hub.move_to_end(repo)
+            dropped = []
             while len(self._hub) > POOL_INDEXES:
-                self._hub.popitem(last=False)
+                dropped.append(self._hub.popitem(last=False)[0])
+        # The disk holds at most the latest commit of the last few datasets opened.
+        remove_downloads(repo, keep=known)
+        for other in dropped:
+            remove_downloads(other)
         return known
 
     def _index(self, folder: Optional[str], refresh: bool = False) -> PoolIndex:

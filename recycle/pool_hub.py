@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -39,7 +40,7 @@ from .pool import (MAX_MANIFEST_BYTES, MAX_RUN_ITEMS, POOL_FORMAT, POOL_VERSION,
                    teacher_confidence)
 
 __all__ = ["HubPoolLimits", "DATA_DIR", "hub_dataset_id", "run_metadata", "dataset_card", "pool_dataset_files",
-           "push_pool", "fetch_pool", "pool_cache_dir"]
+           "push_pool", "fetch_pool", "pool_cache_dir", "remove_downloads"]
 
 _logger = logging.getLogger(__name__)
 
@@ -358,3 +359,20 @@ def fetch_pool(repo_id: str, limits: HubPoolLimits = HubPoolLimits(), revision: 
     _logger.info("pool dataset %s at %s: %s", repo_id, sha[:12], target)
     return target / DATA_DIR
 
+
+
+def remove_downloads(repo_id: str, keep: Optional[Union[str, Path]] = None,
+                     cache_dir: Optional[Union[str, Path]] = None) -> int:
+    """Delete the downloaded commits of the pool dataset `repo_id` (all, or all but the one whose pool folder is
+    `keep`, as `fetch_pool` returned it); returns how many were deleted. Only folders inside the dataset's own
+    folder of the cache are removed, never what a link points to."""
+    folder = (Path(cache_dir) if cache_dir is not None else pool_cache_dir()) / repo_id.replace("/", "--")
+    if not is_repo_id(repo_id) or folder.is_symlink() or not folder.is_dir():
+        return 0
+    kept = Path(keep).parent if keep is not None else None
+    removed = 0
+    for commit in folder.iterdir():
+        if commit.is_dir() and not commit.is_symlink() and (kept is None or commit != kept):
+            shutil.rmtree(commit, ignore_errors=True)
+            removed += 1
+    return removed

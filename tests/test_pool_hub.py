@@ -183,3 +183,21 @@ def test_push_pool_command(local_hub, pool_dir, tmp_path, monkeypatch, capsys):
     assert err.startswith("error: pool folder") and "does not exist" in err and len(err.splitlines()) == 1
     assert main(["push-pool", "--pool", str(pool_dir), "--repo", "bad id"]) == 1
     assert "not a Hub id" in capsys.readouterr().err
+
+
+def test_older_downloads_are_removed_and_only_inside_the_cache(local_hub, pool_dir, tmp_path):
+    from recycle.pool_hub import remove_downloads
+
+    runs = [d.name for d in Pool(pool_dir).run_dirs]
+    push_pool(pool_dir, REPO, token="test", runs=[runs[0]])
+    first = fetch_pool(REPO, cache_dir=tmp_path / "cache")
+    push_pool(pool_dir, REPO, token="test", runs=[runs[1]])  # a new commit
+    second = fetch_pool(REPO, cache_dir=tmp_path / "cache")
+    assert first != second and len(Pool(second).runs) == 2
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "cache" / "org--pool" / "link").symlink_to(outside, target_is_directory=True)
+    assert remove_downloads(REPO, keep=second, cache_dir=tmp_path / "cache") == 1
+    assert not first.exists() and second.is_dir() and outside.is_dir()
+    assert remove_downloads(REPO, cache_dir=tmp_path / "cache") == 1 and not second.exists()
+    assert remove_downloads("../..", cache_dir=tmp_path / "cache") == 0
