@@ -9,8 +9,12 @@ Layout and wiring only; the handlers are in the ``app_ui`` package (one module p
   shipped ``mini-vit`` and its meta-LoRA, and says so.
 * ``RECYCLE_WEIGHTS``: the shipped weights and example tasks (default ``weights/`` next to this file).
 * ``RECYCLE_POOL``: the surrogate pool that inversions are added to (default ``./pool``).
+* ``RECYCLE_POOL_REPO``: a Hub dataset ``ORG/NAME`` that **Add to pool** also pushes to, when a Hub token is
+  configured (``HF_TOKEN``).
 * ``RECYCLE_ALLOW_LOCAL_PATHS``: ``0`` makes text fields accept only Hub ids (and uploads), for public servers;
   the default is ``1``, except on a Hugging Face Space.
+* ``SPACES_ZERO_GPU``: set by a ZeroGPU Space; prediction and inversion then run under ``spaces.GPU``
+  (`app_ui.zerogpu`).
 
 Deep links: ``?tab=few-shot``, ``?tab=invert`` or ``?tab=pool`` opens that tab.
 """
@@ -52,6 +56,7 @@ from app_ui import (EMPTY_CARDS, INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MA
                     find_examples, md_code, resolve_defaults)
 from app_ui.http import URLLengthLimit  # noqa: E402
 from app_ui.inputs import finite, strict  # noqa: E402
+from app_ui.zerogpu import wrap_handlers  # noqa: E402
 from recycle.backbone import ALIASES, DEFAULT_BACKBONE  # noqa: E402
 from recycle.runtime import tune_allocator  # noqa: E402
 
@@ -254,9 +259,9 @@ def _invert_tab(policy: PathPolicy, example_lora: Optional[Path], prior: PriorCh
 def _pool_tab(policy: PathPolicy, settings: AppSettings) -> SimpleNamespace:
     gr.Markdown(POOL_INTRO)
     with gr.Row(equal_height=False):
-        folder = gr.Textbox(str(settings.pool), label="Pool folder", max_lines=1, scale=4,
-                            interactive=policy.allow_local,
-                            info="Press Enter to open." if policy.allow_local else "Set by the server (RECYCLE_POOL).")
+        hub = "or a Hub dataset: datasets/ORG/NAME. Press Enter to open."
+        folder = gr.Textbox(str(settings.pool), label="Pool folder or Hub dataset", max_lines=1, scale=4,
+                            info=f"A folder, {hub}" if policy.allow_local else f"The server's pool (RECYCLE_POOL), {hub}")
         refresh = gr.Button("↻ Refresh", scale=1, min_width=120)
     summary = gr.Markdown("", elem_id="pool-summary")
     with gr.Row():
@@ -305,6 +310,7 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
     inversion = Inversion(cache, policy, settings, defaults.backbone)
     hub_loras = HubLoRAList(policy, defaults.backbone)
     browser = PoolBrowser(policy, settings)
+    wrap_handlers(fewshot, inversion)  # on ZeroGPU hardware, prediction and inversion run under spaces.GPU
     examples = find_examples(settings.examples)
 
     with gr.Blocks(title="LoRA Recycle", delete_cache=CACHE_CLEANUP) as demo:
@@ -409,9 +415,9 @@ def main() -> None:
         # the CLI's heavy commands do (RECYCLE_MALLOC=default keeps glibc's defaults). Not on import: tests build
         # the app.
         tune_allocator()
+        settings = AppSettings.from_env()
     except ValueError as e:  # a bad environment variable: one line, no traceback
         raise SystemExit(f"error: {e}") from None
-    settings = AppSettings.from_env()
     demo = build_demo(settings=settings)
     demo.launch(**launch_options(settings))
 

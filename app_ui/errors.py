@@ -37,14 +37,17 @@ USER_ERRORS = (InputError, SupportError, ImageError, BackboneError, LoRAFormatEr
 
 
 def _server_folders() -> list[tuple[str, str]]:
-    """Folders whose names mean nothing to a user (staged uploads, Gradio's upload cache, the Hub cache), each with
+    """Folders whose names mean nothing to a user (staged uploads, Gradio's upload cache, the Hub cache, downloaded
+    pool datasets), each with
     what to call a folder inside it."""
     from huggingface_hub import constants
+
+    from recycle.pool_hub import pool_cache_dir
 
     tmp = tempfile.gettempdir()
     gradio_tmp = os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tmp, "gradio")
     return [(os.path.join(tmp, "recycle-app-"), "the uploaded files"), (gradio_tmp, "the uploaded files"),
-            (str(constants.HF_HUB_CACHE), "the downloaded files")]
+            (str(constants.HF_HUB_CACHE), "the downloaded files"), (str(pool_cache_dir()), "the downloaded pool")]
 
 
 def user_text(e: BaseException) -> str:

@@ -3,11 +3,13 @@ session, add it to the pool, download it as a zip."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import shutil
 import tempfile
 import threading
 import time
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from recycle.tokens import PruningConfig, parse_schedule
 from .errors import InputError, as_text, file_paths, kind_of, number_field, reported, text_field, user_text
 from .images import display_images
 from .markup import md_code, md_text
+from .pool import push_run
 from .limits import MAX_INVERT_IMAGES, MAX_INVERT_STEPS, MAX_LORA_FILES, MAX_SEED, PREVIEW_INTERVAL, \
     RESULT_SESSIONS, SESSIONS
 from .settings import AppSettings, PathPolicy
@@ -121,7 +124,7 @@ class Inversion:
         self.default_backbone = default_backbone
         self.loras: SessionStore[LoadedLoRA] = SessionStore(SESSIONS)
         self.runs: SessionStore[InversionRun] = SessionStore(RESULT_SESSIONS, on_evict=InversionRun.discard)
-        self._stops: dict[str, threading.Event] = {}
+        self._stops: dict[str, tuple[threading.Event, Path]] = {}
         self._running = threading.Lock()  # one inversion at a time, even if a cancelled one is still winding down
         self._tmp = Path(tempfile.mkdtemp(prefix="recycle-app-"))
 
@@ -272,38 +275,80 @@ class Inversion:
                                           " classes.")
         off = gr.update(value=None, interactive=False)
         yield [], [], "⏳ Preparing the backbone…", off, gr.update(interactive=False)
+        # The Stop button reaches the computation through a file, so that it also works when the computation runs
+        # in another process (ZeroGPU forks one); in this process the event is enough.
+        stop = threading.Event()
+        stop_file = self._tmp / f"stop-{uuid.uuid4().hex}"
+        self._stops[session] = (stop, stop_file)
+        labels = [names[t] for t in targets for _ in range(config.per_class)]
+        frames = self.compute(name, loaded.adapter, targets, config, choice.name if bn_prior else None, labels,
+                              str(stop_file))
+        started = time.monotonic()
+        try:
+            for frame in frames:
+                if frame[0] == "progress":
+                    progress(frame[1], desc=frame[2])
+                elif frame[0] == "preview":
+                    yield frame[1], [], f"⏳ {frame[2]}", gr.update(), gr.update()
+                elif frame[0] == "waiting":
+                    yield [], [], f"⏳ {frame[1]}", off, gr.update(interactive=False)
+                else:  # ("done", result, grid)
+                    with reported("Cannot invert", "inverting"):
+                        yield self._finish(session, loaded, frame[1], config, name,
+                                           choice.name if bn_prior else None, targets, time.monotonic() - started,
+                                           frame[2])
+        finally:
+            stop.set()
+            frames.close()  # a cancelled or failed run stops its worker too
+            stop_file.unlink(missing_ok=True)
+            if self._stops.get(session, (None,))[0] is stop:
+                del self._stops[session]
+
+    def compute(self, name: str, adapter: LoRAAdapter, targets: list[int], config: InversionConfig,
+                prior_name: Optional[str], labels: list[str], stop_file: str) -> Iterator[tuple]:
+        """The inversion itself, on the backbone's inversion copy: the part that needs the accelerator. It takes
+        and yields plain values only and keeps no session state, so it can run in another process (ZeroGPU runs it
+        in a forked worker; `app_ui.zerogpu`).
+
+        Yields:
+            ``("waiting", text)`` while a previous inversion winds down, ``("progress", fraction, text)``,
+            ``("preview", gallery, text)`` every `PREVIEW_INTERVAL` seconds, and last ``("done", result, grid)``.
+        """
         with reported("Cannot invert", "inverting"):
             model = self.cache.inverter(name)
             try:
                 config.pruning.resolved(len(model.model.blocks))
             except ValueError as e:
                 raise InputError(f"Pruning schedule: {e}.") from None
-            prior = self.cache.bn_prior(choice.name) if bn_prior else None
-            with loaded.adapter.attached(model):  # fails now, with a clear message, if it does not fit
+            prior = self.cache.bn_prior(prior_name) if prior_name else None
+            with adapter.attached(model):  # fails now, with a clear message, if it does not fit
                 pass
+            grid = tuple(model.model.patch_embed.grid_size)
         stop = threading.Event()
-        self._stops[session] = stop
+
+        def should_stop() -> bool:
+            return stop.is_set() or os.path.exists(stop_file)
+
         updates: queue.Queue = queue.Queue()
         outcome: dict[str, Any] = {}
 
         def work() -> None:
             with self._running:
                 try:
-                    outcome["result"] = invert(model, loaded.adapter, config, targets, prior,
-                                               progress=updates.put, should_stop=stop.is_set)
+                    outcome["result"] = invert(model, adapter, config, targets, prior, progress=updates.put,
+                                               should_stop=should_stop)
                 except BaseException as e:  # noqa: BLE001 - handed to the generator, which reports it
                     outcome["error"] = e
                 finally:
                     updates.put(None)
 
-        labels = [names[t] for t in targets for _ in range(config.per_class)]
         started = time.monotonic()
         worker = threading.Thread(target=work, name="inversion", daemon=True)
         waiting = self._running.locked()
         worker.start()
         try:
             if waiting:
-                yield [], [], "⏳ Waiting for the previous inversion to stop…", off, gr.update(interactive=False)
+                yield ("waiting", "Waiting for the previous inversion to stop…")
             done, shown_at, preview = False, 0.0, None
             while not done:
                 latest = None
@@ -319,22 +364,19 @@ class Inversion:
                 except queue.Empty:
                     pass
                 if latest is not None:
-                    text = self._progress_text(latest, time.monotonic() - started, stop.is_set())
-                    progress(latest.step / latest.steps, desc=text)
+                    text = self._progress_text(latest, time.monotonic() - started, should_stop())
+                    yield ("progress", latest.step / latest.steps, text)
                     if preview is not None and time.monotonic() - shown_at >= PREVIEW_INTERVAL:
                         gallery = list(zip(display_images(preview), [f"{c} · step {latest.step}" for c in labels]))
                         preview, shown_at = None, time.monotonic()
-                        yield gallery, [], f"⏳ {text}", gr.update(), gr.update()
+                        yield ("preview", gallery, text)
             worker.join()
             with reported("Cannot invert", "inverting"):
                 if "error" in outcome:
                     raise outcome["error"]
-                yield self._finish(session, loaded, outcome["result"], config, name,
-                                   choice.name if prior is not None else None, targets, time.monotonic() - started)
+            yield ("done", outcome["result"], grid)
         finally:
             stop.set()  # a cancelled or failed run stops its worker too
-            if self._stops.get(session) is stop:
-                del self._stops[session]
 
     @staticmethod
     def _progress_text(p: InversionProgress, elapsed: float, stopping: bool) -> str:
@@ -345,10 +387,9 @@ class Inversion:
                 f"{elapsed:.0f} s elapsed, ~{left:.0f} s left{stop}")
 
     def _finish(self, session: str, loaded: LoadedLoRA, result: InversionResult, config: InversionConfig,
-                backbone: str, bn_prior: Optional[str], targets: list[int], seconds: float) -> tuple:
+                backbone: str, bn_prior: Optional[str], targets: list[int], seconds: float,
+                grid: tuple[int, int]) -> tuple:
         names = loaded.adapter.class_names or [str(i) for i in range(loaded.adapter.num_classes)]
-        model = self.cache.inverter(backbone)
-        grid = tuple(model.model.patch_embed.grid_size)
         settings = {**dataclasses.asdict(config), "backbone": backbone, "classes": [names[t] for t in targets],
                     "bn_prior": bn_prior, "made_by": "app"}
         settings["pruning"]["schedule"] = {str(k): v for k, v in config.pruning.schedule.items() if v > 0}
@@ -382,10 +423,12 @@ class Inversion:
 
     def stop(self, request: gr.Request = None) -> str:
         """Ask this session's running inversion to stop; it returns the best images so far."""
-        event = self._stops.get(session_id(request))
-        if event is None:
+        running = self._stops.get(session_id(request))
+        if running is None:
             return "Nothing is running."
+        event, stop_file = running
         event.set()
+        stop_file.touch()
         return "⏹ Stopping… the best images so far will be shown."
 
     def add_to_pool(self, request: gr.Request = None) -> str:
@@ -398,8 +441,9 @@ class Inversion:
                 return f"Already in the pool as {md_code(run.pooled.name)}."
             run.pooled = write_run(self.settings.pool, run.result, run.lora, run.source, run.settings, run.grid)
             n = run.result.images.shape[0]
+            pushed = push_run(self.settings, run.pooled)
             return (f"✅ Added {n} images to the pool at {md_code(self.settings.pool)} as {md_code(run.pooled.name)}. "
-                    "See the Surrogate pool tab.")
+                    "See the Surrogate pool tab." + (f" {pushed}" if pushed else ""))
 
 
 class HubLoRAList:

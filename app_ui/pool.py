@@ -1,5 +1,6 @@
 """The pool tab: sources (LoRAs) and classes, images with their teacher confidences, and the settings that made
-them."""
+them; of the server's pool, a local folder, or a pool dataset on the Hub (``datasets/ORG/NAME``). **Add to pool** can
+also push each run to a Hub dataset (`push_run`)."""
 from __future__ import annotations
 
 import itertools
@@ -7,18 +8,25 @@ import json
 import math
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Optional
 
 import gradio as gr
 
+from recycle.hub import HubError
 from recycle.pool import Pool, PoolError, PoolIndex, teacher_confidence
+from recycle.pool_hub import HubPoolLimits, fetch_pool, hub_dataset_id, push_pool, remove_downloads
 
-from .errors import number_field, reported
+from .errors import number_field, reported, text_field, user_text
 from .images import display_images
-from .limits import (MAX_POOL_GALLERY, MAX_POOL_MANIFEST_BYTES, MAX_POOL_RUN_ITEMS, MAX_POOL_RUNS,
-                     MAX_POOL_SETTINGS_CHARS, MAX_POOL_SOURCES, POOL_INDEXES)
-from .markup import md_text
+from .limits import (MAX_HUB_POOL_BYTES, MAX_HUB_POOL_FILES, MAX_POOL_GALLERY, MAX_POOL_MANIFEST_BYTES,
+                     MAX_POOL_RUN_ITEMS, MAX_POOL_RUNS, MAX_POOL_SETTINGS_CHARS, MAX_POOL_SOURCES, POOL_INDEXES)
+from .markup import md_code, md_text
 from .settings import AppSettings, PathPolicy
+
+# A Hub pool is downloaded within these bounds, then read with the same bounds as a local one.
+HUB_POOL_LIMITS = HubPoolLimits(max_runs=MAX_POOL_RUNS, max_files=MAX_HUB_POOL_FILES, max_bytes=MAX_HUB_POOL_BYTES,
+                                max_manifest_bytes=MAX_POOL_MANIFEST_BYTES, max_items=MAX_POOL_RUN_ITEMS)
 
 
 def _plural(n: int, word: str) -> str:
@@ -42,12 +50,42 @@ class PoolBrowser:
         self.policy = policy
         self.settings = settings
         self._indexes: OrderedDict[str, PoolIndex] = OrderedDict()  # the most recently browsed pool folders
+        self._hub: OrderedDict[str, str] = OrderedDict()  # Hub dataset id -> the pool folder of its downloaded commit
         self._lock = threading.Lock()
 
-    def _index(self, folder: Optional[str]) -> PoolIndex:
-        """The index of the pool in `folder` (the server's own by default), kept per folder: each request lists the
-        folder and reads only new or changed manifests, each bounded in size, of at most `MAX_POOL_RUNS` runs."""
-        root = str(self.policy.folder(folder or "", self.settings.pool))
+    @staticmethod
+    def _hub_id(folder: Optional[str]) -> Optional[str]:
+        text = text_field(folder, "pool folder")
+        return hub_dataset_id(text) if text else None
+
+    def _root(self, folder: Optional[str], refresh: bool) -> str:
+        """The local folder of the pool named by `folder`: a local folder (as the path policy allows), or the pool
+        folder of a Hub dataset's latest commit, downloaded within `HUB_POOL_LIMITS` (looked up again when
+        `refresh`, else the commit last opened)."""
+        repo = self._hub_id(folder)
+        if repo is None:
+            return str(self.policy.folder(folder or "", self.settings.pool))
+        with self._lock:
+            known = self._hub.get(repo)
+        if known is None or refresh:
+            known = str(fetch_pool(repo, HUB_POOL_LIMITS))
+        with self._lock:
+            self._hub[repo] = known
+            self._hub.move_to_end(repo)
+            dropped = []
+            while len(self._hub) > POOL_INDEXES:
+                dropped.append(self._hub.popitem(last=False)[0])
+        # The disk holds at most the latest commit of the last few datasets opened.
+        remove_downloads(repo, keep=known)
+        for other in dropped:
+            remove_downloads(other)
+        return known
+
+    def _index(self, folder: Optional[str], refresh: bool = False) -> PoolIndex:
+        """The index of the pool in `folder` (the server's own by default, or a Hub dataset), kept per folder: each
+        request lists the folder and reads only new or changed manifests, each bounded in size, of at most
+        `MAX_POOL_RUNS` runs."""
+        root = self._root(folder, refresh)
         with self._lock:
             index = self._indexes.pop(root, None) or PoolIndex(root, MAX_POOL_MANIFEST_BYTES, MAX_POOL_RUN_ITEMS,
                                                                MAX_POOL_RUNS)
@@ -77,14 +115,16 @@ class PoolBrowser:
             (summary markdown, source dropdown, class dropdown, images, masked images, details markdown, settings).
         """
         with reported("Cannot open the pool", "opening the pool"):
-            index = self._index(folder)
+            index = self._index(folder, refresh=True)
             pool = index.pool()
+            repo = self._hub_id(folder)
             sources = self._source_choices(pool)
             source = sources[0][1]
             classes = self._class_choices(pool, source)
             images = sum(len(r["items"]) for r in pool.runs)
             n_sources = len({r["source"]["fingerprint"] for r in pool.runs})
-            summary = (f"**{md_text(pool.root)}**: {_plural(len(pool.runs), 'inversion run')} from "
+            summary = (f"**{md_text(f'datasets/{repo}' if repo else pool.root)}**: "
+                       f"{_plural(len(pool.runs), 'inversion run')} from "
                        f"{_plural(n_sources, 'LoRA')}, {_plural(len(pool.classes), 'class')}, "
                        f"{_plural(images, 'image')}" + (", with masked versions." if pool.masked_available else ".")
                        + (f" The first {len(sources)} LoRAs are listed." if n_sources > len(sources) else "")
@@ -160,3 +200,21 @@ class PoolBrowser:
                    f"class is **{sum(conf) / len(conf):.2f}** on the images"
                    + (f" and **{sum(conf_kept) / len(conf_kept):.2f}** on their kept tokens." if conf_kept else "."))
         return images, masked, details, settings
+
+
+def push_run(settings: AppSettings, run_dir: Path) -> str:
+    """Push a run just added to the server's pool to the Hub dataset ``settings.pool_repo``, if one is configured and
+    a Hub token is; returns a note for the user (empty when no dataset is configured). A failed push loses nothing:
+    the run stays in the local pool, and the note says why it was not pushed."""
+    if not settings.pool_repo:
+        return ""
+    from huggingface_hub import get_token
+
+    where = md_code(f"datasets/{settings.pool_repo}")
+    if not get_token():
+        return f"Not pushed to {where}: no Hub token is configured (set HF_TOKEN)."
+    try:
+        push_pool(settings.pool, settings.pool_repo, runs=[run_dir.name])
+    except (HubError, PoolError) as e:
+        return f"⚠️ Not pushed to {where}: {md_text(user_text(e), 500)}. The run is kept in the local pool."
+    return f"Pushed to the Hub dataset {where}."

@@ -39,12 +39,22 @@ class AppSettings:
         pool: the surrogate pool that inversions are added to (``$RECYCLE_POOL``, else ``./pool``).
         allow_local_paths: whether text fields accept local paths (``$RECYCLE_ALLOW_LOCAL_PATHS``; default: yes,
             except on a Hugging Face Space). When off, only Hub ids, uploads and the app's own files are used.
+        pool_repo: a Hub dataset ``ORG/NAME`` that **Add to pool** also pushes each run to, when a Hub token is
+            configured (``$RECYCLE_POOL_REPO``; ``HF_TOKEN`` or ``hf auth login`` for the token).
+
+    Raises:
+        ValueError: `pool_repo` is not a Hub id.
     """
 
     backbone: str = DEFAULT_BACKBONE
     weights: Path = Path(__file__).resolve().parent.parent / "weights"
     pool: Path = Path("pool")
     allow_local_paths: bool = True
+    pool_repo: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.pool_repo is not None and not is_repo_id(self.pool_repo):
+            raise ValueError(f"RECYCLE_POOL_REPO={self.pool_repo[:80]!r} is not a Hub dataset id: use ORG/NAME")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "AppSettings":
@@ -53,6 +63,7 @@ class AppSettings:
             "weights": Path(os.environ.get("RECYCLE_WEIGHTS", "").strip() or cls.weights).expanduser(),
             "pool": Path(os.environ.get("RECYCLE_POOL", "").strip() or cls.pool).expanduser(),
             "allow_local_paths": _env_flag("RECYCLE_ALLOW_LOCAL_PATHS", default=not os.environ.get("SPACE_ID")),
+            "pool_repo": os.environ.get("RECYCLE_POOL_REPO", "").strip() or None,
         }
         env.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**env)

@@ -388,6 +388,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                                           else "Model")
     print(f"wrote {out} ({layout} module names): load it with PeftModel.from_pretrained({kind}.from_pretrained("
           f"'{base}'), '{out}')")
+
+
+def _cmd_push_pool(args: argparse.Namespace) -> int:
+    from .pool_hub import push_pool
+
+    if args.token:
+        _logger.warning("--token exposes the token in the shell history and the process list; set HF_TOKEN or run "
+                        "`hf auth login` instead")
+    url = push_pool(args.pool, args.repo, token=args.token, private=args.private, runs=args.run or None)
+    print(f"pushed pool {args.pool} to {url}")
     return 0
 
 
@@ -549,6 +559,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "token on the command line lands in the shell history and the process list")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser("push-pool", help="publish a surrogate pool as a Hub dataset that `datasets` reads",
+                       description="Create the Hub dataset --repo if needed and upload the pool in one commit, as an "
+                                   "imagefolder dataset: data/<run>/ holds each run's manifest, images, masked images "
+                                   "and a metadata.jsonl (class, source LoRA, teacher confidence, kept patches, "
+                                   "masked-image path per image); README.md is a dataset card with the settings. "
+                                   "Images are checked against their manifests' checksums first. Authenticate with "
+                                   "the HF_TOKEN environment variable or `hf auth login`.")
+    p.add_argument("--pool", required=True, help="the pool folder")
+    p.add_argument("--repo", required=True, help="Hub dataset ORG/NAME (created if missing)")
+    p.add_argument("--run", action="append", metavar="RUN",
+                   help="push only this run folder of the pool (repeatable; default: every run)")
+    p.add_argument("--token", help="Hub token; prefer the HF_TOKEN environment variable or `hf auth login`")
+    p.add_argument("--private", action="store_true", help="create the dataset as private")
+    p.set_defaults(func=_cmd_push_pool)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 Model repos are plain folders on disk, ``root/<org>/<name>/<files...>`` (subfolders allowed), all on one branch
 ``main``. A repo's commit sha is a stable fake: the sha1 of its id and of its sorted ``(path, git blob oid)`` listing,
-so it changes exactly when the content does. Only model repos exist (no datasets, spaces, PRs or other branches).
+so it changes exactly when the content does. Model and dataset repos exist (no spaces, PRs or other branches).
 
 Endpoints, each one what huggingface_hub 2.4.0 calls (read from its source):
 
@@ -37,6 +37,11 @@ Endpoints, each one what huggingface_hub 2.4.0 calls (read from its source):
   would not lead to the LFS batch API: with ``hf_xet`` installed, 2.4.0 uploads LFS files through the Xet
   protocol (a separate CAS service), and only falls back to LFS batch when Xet is disabled. The commit
   understands ``file``, ``deletedFile`` and ``deletedFolder`` operations and the ``parentCommit`` check.
+
+- Dataset repos: ``root/datasets/<org>/<name>/...`` (``datasets`` cannot be a user name on the Hub, so no model
+  repo is ever there), served by the same routes under ``/api/datasets/...`` and ``/datasets/{repo}/resolve/...``
+  (``dataset_info``, ``snapshot_download(repo_type="dataset")``, ``hf_hub_download``, ``create_commit``), created by
+  ``create_repo(repo_type="dataset")``; ``validate-yaml`` checks a dataset card as a model card.
 
 Anything else is a 404, e.g. the client's best-effort ``GET /api/agent-harnesses`` (user-agent detection, which
 shrugs it off; serving it would make the client cache the answer under the real ``HF_HOME``).
@@ -389,6 +394,24 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class _DatasetView:
+    """The server as the dataset routes see it: the same URL and settings, the store of dataset repos
+    (``root/datasets``)."""
+
+    def __init__(self, server: _Server) -> None:
+        self._server = server
+        root = server.store.root / "datasets"
+        if not hasattr(server, "dataset_store"):
+            server.dataset_store = _RepoStore(root)  # type: ignore[attr-defined]
+            server.dataset_store.lock = server.store.lock  # type: ignore[attr-defined]
+        self.store = server.dataset_store  # type: ignore[attr-defined]
+        self.url = f"{server.url}/datasets"
+        self.verbose = server.verbose
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Routes requests; HTTP/1.0 (the default) closes the connection after each answer."""
 
@@ -413,6 +436,10 @@ class _Handler(BaseHTTPRequestHandler):
         # Split before unquoting: the client quotes revisions and tree paths with safe="" (``refs%2Fpr%2F1``).
         parts = [unquote(part) for part in split.path.strip("/").split("/")]
         query = {key: values[-1] for key, values in parse_qs(split.query).items()}
+        if parts[:2] == ["api", "datasets"] or (parts[:1] == ["datasets"] and len(parts) >= 6):
+            # A dataset repo: the model routes, on the dataset store.
+            parts = ["api", "models", *parts[2:]] if parts[0] == "api" else parts[1:]
+            self.server = _DatasetView(self.server)
         try:
             self._route(parts, query)()
         except _HubError as error:
@@ -546,8 +573,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _validate_yaml(self) -> None:
         payload = self._read_json()
-        if payload.get("repoType", "model") != "model":
-            raise _HubError(400, "This fake Hub only hosts model repos")
+        if payload.get("repoType", "model") not in ("model", "dataset"):
+            raise _HubError(400, "This fake Hub only hosts model and dataset repos")
         store = self.server.store
         with store.lock:
             errors, warnings = card_metadata_errors(str(payload.get("content", "")), store.exists)
@@ -563,8 +590,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _create_repo(self) -> None:
         self._require_token()
         payload = self._read_json()
+        if payload.get("type") == "dataset":  # the same routine on the dataset store
+            self.server = _DatasetView(self.server)
+            payload["type"] = "model"
         if payload.get("type", "model") != "model":
-            raise _HubError(400, "This fake Hub only hosts model repos")
+            raise _HubError(400, "This fake Hub only hosts model and dataset repos")
         if not payload.get("organization"):
             raise _HubError(400, "Pass a namespaced repo id: '<org>/<name>'")
         repo_id = f"{_checked(payload['organization'])}/{_checked(payload['name'])}"

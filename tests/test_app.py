@@ -509,7 +509,8 @@ def test_labelled_queries_are_scored_for_the_meta_lora_and_for_the_backbone_alon
 
 
 @pytest.mark.parametrize("env", [{"GRADIO_SERVER_PORT": "abc"}, {"GRADIO_SERVER_PORT": "99999"},
-                                 {"GRADIO_SERVER_PORT": "-1"}, {"RECYCLE_MALLOC": "junk"}, {"RECYCLE_MALLOC": "off"}])
+                                 {"GRADIO_SERVER_PORT": "-1"}, {"RECYCLE_MALLOC": "junk"}, {"RECYCLE_MALLOC": "off"},
+                                 {"RECYCLE_POOL_REPO": "not/a/repo"}])
 def test_bad_environment_variables_stop_the_app_with_one_line(env, tmp_path):
     import os
     import subprocess

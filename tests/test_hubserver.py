@@ -197,3 +197,19 @@ def test_timm_hf_hub_model_loads_through_server(hub: HubServer) -> None:
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), source(images), rtol=0, atol=0)
+
+
+def test_dataset_repos_are_created_uploaded_listed_and_downloaded(hub: HubServer, tmp_path: Path) -> None:
+    api = HfApi(token="test")
+    url = api.create_repo("testorg/data", repo_type="dataset")
+    assert str(url).endswith("/datasets/testorg/data") and (hub.root / "datasets" / "testorg" / "data").is_dir()
+    api.upload_file(path_or_fileobj=b"a,b\n1,2\n", path_in_repo="sub/table.csv", repo_id="testorg/data",
+                    repo_type="dataset")
+    info = api.dataset_info("testorg/data", files_metadata=True)
+    assert {s.rfilename: s.size for s in info.siblings or []} == {"sub/table.csv": 8}
+    path = hf_hub_download("testorg/data", "sub/table.csv", repo_type="dataset")
+    assert Path(path).read_bytes() == b"a,b\n1,2\n"
+    folder = snapshot_download("testorg/data", repo_type="dataset", local_dir=tmp_path / "copy")
+    assert (Path(folder) / "sub" / "table.csv").read_bytes() == b"a,b\n1,2\n"
+    assert not api.repo_exists("testorg/data") and api.repo_exists("testorg/data", repo_type="dataset")
+    assert not api.repo_exists(REPO, repo_type="dataset")  # model and dataset repos are apart
