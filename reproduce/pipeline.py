@@ -131,7 +131,7 @@ PRESETS: dict[str, Callable[[], ReproConfig]] = {"v2": ReproConfig, "v3": ReproC
                                                  "v3-pilot": ReproConfig.v3_pilot, "toy": ReproConfig.toy}
 
 
-def _stage(work: Path, name: str, fn: Callable[[], dict], timings: dict) -> dict:
+def run_stage(work: Path, name: str, fn: Callable[[], dict], timings: dict) -> dict:
     """Run `fn` unless ``work/<name>.done.json`` exists; record and return its summary."""
     marker = work / f"{name}.done.json"
     if marker.is_file():
@@ -364,12 +364,32 @@ def stage_bf16_check(cfg: ReproConfig, backbone: Backbone, work: Path, data: Pat
 
 
 def run(work: Path, cfg: ReproConfig, until: Optional[str] = None) -> dict:
-    """Run (or resume) the pipeline in `work`; ``until="structure"`` stops after the structure check (a pilot)."""
+    """Run (or resume) the pipeline in `work`. With `until` (a stage name), stop after that stage and return the
+    summaries so far: ``until="structure"`` is the structure pilot, ``until="meta-recycle"`` a recycling pilot."""
+    try:
+        return _run(work, cfg, until)
+    except _Until as stop:
+        return stop.partial
+
+
+class _Until(Exception):
+    def __init__(self, partial: dict):
+        self.partial = partial
+
+
+def _run(work: Path, cfg: ReproConfig, until: Optional[str]) -> dict:
     torch.set_num_threads(cfg.threads)
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    summaries: dict[str, dict] = {}
+
+    def _stage(work: Path, name: str, fn: Callable[[], dict], timings: dict) -> dict:
+        summaries[name] = run_stage(work, name, fn, timings)
+        if name == until:
+            raise _Until({"summaries": summaries, "timings_seconds": timings})
+        return summaries[name]
     data, prior_dir, vit_dir, zoo = work / "data", work / "prior", work / "mini-vit", work / "zoo"
-    summaries = {"data": _stage(work, "data", lambda: build(data, cfg.data), timings)}
+    _stage(work, "data", lambda: build(data, cfg.data), timings)
     summaries["prior"] = _stage(work, "prior", lambda: stage_prior(cfg, data, prior_dir), timings)
     summaries["pretrain"] = _stage(work, "pretrain", lambda: stage_pretrain(cfg, data, vit_dir), timings)
     backbone = load_backbone(str(vit_dir), device="cpu")
@@ -391,8 +411,6 @@ def run(work: Path, cfg: ReproConfig, until: Optional[str] = None) -> dict:
         _logger.warning("ceiling check: the oracle adds only %.1f points over NN on validation (%.2f -> %.2f), "
                         "below the 8 this regime needs", 100 * (oracle_val - nn_val), 100 * nn_val, 100 * oracle_val)
     summaries["structure"] = _stage(work, "structure", lambda: stage_structure(cfg, backbone, work, data), timings)
-    if until == "structure":
-        return {"summaries": summaries, "timings_seconds": timings}
     pools = {r: work / f"pool-{int(r * 100)}" for r in MASKS}
     summaries["invert"] = _stage(work, "invert", lambda: stage_invert(cfg, backbone, zoo, prior_dir, pools), timings)
     summaries["surrogates"] = _stage(work, "surrogates", lambda: stage_surrogates(cfg, backbone, pools[MASKS[-1]],
@@ -440,7 +458,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(".cache/repro"), help="work folder (resumable)")
     parser.add_argument("--toy", action="store_true", help="a smoke run at toy size (the same as --preset toy)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="v2", help="the regime (default: %(default)s)")
-    parser.add_argument("--until", choices=["structure"], help="stop after this stage (a pilot)")
+    parser.add_argument("--until", metavar="STAGE", help="stop after this stage (a pilot): structure, meta-recycle, ...")
     parser.add_argument("--ship", type=Path, metavar="WEIGHTS", help="copy the results into this folder (weights/)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

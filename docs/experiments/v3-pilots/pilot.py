@@ -1,6 +1,6 @@
 """A v3 structure pilot: the `v3-pilot` preset with overrides, run up to the structure check (validation only).
 
-    python docs/experiments/v3-pilots/pilot.py WORK [--from DONE_WORK] [contrast.colour=0.5 ...]
+    python docs/experiments/v3-pilots/pilot.py WORK [--from DONE_WORK] [--until STAGE] [contrast.colour=0.5 ...]
 
 `--from` copies the data and prior stages (and their done markers) of an earlier pilot, so pilots that change only
 the foundation share them. Overrides are ``field=value`` or ``section.field=value`` of `ReproConfig`, parsed as JSON.
@@ -33,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("work", type=Path)
     parser.add_argument("--from", dest="source", type=Path)
+    parser.add_argument("--until", default="structure", help="the last stage to run (default: structure)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -43,7 +44,7 @@ def main() -> None:
             if not (args.work / name).exists():
                 shutil.copytree(args.source / name, args.work / name)
                 shutil.copy2(args.source / f"{name}.done.json", args.work / f"{name}.done.json")
-    result = run(args.work, cfg, until="structure")
+    result = run(args.work, cfg, until=args.until)
     print("PILOT", args.work, args.overrides, json.dumps(result["summaries"]["pretrain"]),
           json.dumps({k: v["mean"] for k, v in result["summaries"]["structure"]["results"].items()}), flush=True)
 
