@@ -388,6 +388,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                                           else "Model")
     print(f"wrote {out} ({layout} module names): load it with PeftModel.from_pretrained({kind}.from_pretrained("
           f"'{base}'), '{out}')")
+    return 0
 
 
 def _cmd_push_pool(args: argparse.Namespace) -> int:
