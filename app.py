@@ -138,7 +138,7 @@ def _few_shot_tab(fewshot: FewShot, defaults: Defaults, examples: list[ExampleTa
                   settings: AppSettings) -> SimpleNamespace:
     initial = min(MAX_CLASSES, max([INITIAL_CLASSES, *(len(t.support) for t in examples)]))
     gr.Markdown(FEW_SHOT_INTRO)
-    lora = gr.Textbox(defaults.lora, label="Meta-LoRA (optional)", max_lines=1,
+    lora = gr.Textbox(defaults.lora, label="Meta-LoRA (optional)", max_lines=1, elem_id="meta-lora",
                       placeholder="Hub id ORG/NAME" + ("" if fewshot.policy.allow_local else " (local paths are off)"),
                       info="e.g. a meta-LoRA; press Enter to load it. Leave empty for the backbone alone.")
     with gr.Column() as examples_box:  # filled below, once the inputs exist

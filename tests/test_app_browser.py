@@ -94,22 +94,34 @@ def test_rendered_page_shows_the_tabs_and_the_status(served):
 
 
 def test_few_shot_from_an_example(served, browser):
-    url, _, _ = served
+    """A click on an example fills in its task and selects the shipped backbone and meta-LoRA it was made for (the
+    status line says so); Run then answers with and without the meta-LoRA."""
+    import app_ui
+
+    url, backbone, s = served
     browser.open(f"{url}/?tab=few-shot")
     browser.wait_for(_has_text("Ready:"), what="the status")
     browser.idle()
     browser.screenshot(SCREENSHOTS / "few-shot-start.png")
-    if not shipped_weights():
+    weights = shipped_weights()
+    if not weights:
         pytest.skip("no example tasks: the toy shipped weights need the Debian fonts of reproduce/")
-    _click(browser, "Han characters (held-out classes) · 3-way 2-shot")
-    browser.wait_for("document.querySelectorAll('#component-0 img, .gallery-item img, img').length >= 9",
-                     what="the example images")
+    task = app_ui.find_examples(weights / "examples")[0]
+    _type(browser, "meta-lora", "")  # the visitor cleared the meta-LoRA: the example brings it back
+    _click(browser, task.label)
+    lora = str(weights / "mini-meta-lora")
+    browser.wait_for(f"document.querySelector('#meta-lora textarea, #meta-lora input').value === {json.dumps(lora)}",
+                     what="the example's meta-LoRA")
+    browser.wait_for(_has_text("with meta-LoRA"), what="the status naming the meta-LoRA")
+    assert str(backbone) in browser.text()
     _click(browser, "Run")
     cards = browser.wait_for("document.querySelectorAll('.rc-card').length", what="the prediction cards")
     browser.idle()
-    assert cards == 6
+    assert cards == len(task.queries)
     text = browser.text()
     assert "predictions agree" in text and "backbone alone" in text
+    if all("__" in Path(q).name for q in task.queries):  # labelled queries: both models' correct answers counted
+        assert re.search(r"\d+ of \d+ correct with the meta-LoRA, \d+ of \d+ with the backbone alone", text)
     browser.screenshot(SCREENSHOTS / "few-shot.png")
 
 
