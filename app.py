@@ -261,7 +261,8 @@ def _pool_tab(policy: PathPolicy, settings: AppSettings) -> SimpleNamespace:
     with gr.Row(equal_height=False):
         hub = "or a Hub dataset: datasets/ORG/NAME. Press Enter to open."
         folder = gr.Textbox(str(settings.pool), label="Pool folder or Hub dataset", max_lines=1, scale=4,
-                            info=f"A folder, {hub}" if policy.allow_local else f"The server's pool (RECYCLE_POOL), {hub}")
+                            info=(f"A folder, {hub}" if policy.allow_local
+                                  else f"The server's pool (RECYCLE_POOL), {hub}"))
         refresh = gr.Button("↻ Refresh", scale=1, min_width=120)
     summary = gr.Markdown("", elem_id="pool-summary")
     with gr.Row():

@@ -77,7 +77,8 @@ def _read_slots(slots: dict[str, Any]) -> dict[str, list[str]]:
     support: dict[str, list[str]] = {}
     slot_of: dict[str, int] = {}
     for i in range(1, MAX_CLASSES + 1):
-        raw, files = as_text(slots.get(f"class_{i}_name"), f"name of class {i}"), file_paths(slots.get(f"class_{i}_images"))
+        raw = as_text(slots.get(f"class_{i}_name"), f"name of class {i}")
+        files = file_paths(slots.get(f"class_{i}_images"))
         if any(ch in raw for ch in "\n\r\v\f\x85\u2028\u2029"):
             raise SupportError(f"Class {i}'s name contains a line break; a class name is one line of text.")
         name = clean_class_name(raw)

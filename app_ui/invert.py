@@ -405,7 +405,8 @@ class Inversion:
         self.runs.set(session, run)
         labels = result.labels
         conf = teacher_confidence(result.logits, labels).tolist()
-        gallery = [(im, f"{names[int(y)]} · p={c:.2f}") for im, y, c in zip(display_images(result.images), labels, conf)]
+        gallery = [(im, f"{names[int(y)]} · p={c:.2f}")
+                   for im, y, c in zip(display_images(result.images), labels, conf)]
         masked = []
         if result.masked is not None:
             total = grid[0] * grid[1]

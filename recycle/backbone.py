@@ -20,8 +20,8 @@ from torch import nn
 
 from .hub import endpoint, hub_reachable
 
-__all__ = ["Backbone", "BackboneError", "ALIASES", "DEFAULT_BACKBONE", "load_backbone", "backbone_source", "hub_repo_id",
-           "pick_device"]
+__all__ = ["Backbone", "BackboneError", "ALIASES", "DEFAULT_BACKBONE", "load_backbone", "backbone_source",
+           "hub_repo_id", "pick_device"]
 
 _logger = logging.getLogger(__name__)
 

@@ -507,8 +507,8 @@ def _from_official(tensors: dict[str, torch.Tensor], name: str, backbone) -> LoR
         fc = tensors[head_keys[0]].float()
         proj = backbone.model.head
         if fc.ndim != 2 or fc.shape[1] != proj.out_features:
-            raise LoRAFormatError(f"{name}: the head has shape {list(fc.shape)}, taking {fc.shape[-1]} features, but '{backbone.name}' projects to "
-                                  f"{proj.out_features}")
+            raise LoRAFormatError(f"{name}: the head has shape {list(fc.shape)}, taking {fc.shape[-1]} features, but "
+                                  f"'{backbone.name}' projects to {proj.out_features}")
         with torch.no_grad():  # fc(proj(x)) = (fc W_p) x + fc b_p; the official head has no bias
             head_w = fc @ proj.weight.detach().cpu().float()
             head_b = fc @ proj.bias.detach().cpu().float() if proj.bias is not None else torch.zeros(fc.shape[0])

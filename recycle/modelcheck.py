@@ -20,8 +20,8 @@ from torch import nn
 
 from .io import loads_strict
 
-__all__ = ["ModelCheckError", "LIMITS", "MAX_PARAMS", "MAX_WEIGHTS_BYTES", "MAX_TOKENS", "MAX_CONFIG_BYTES", "MAX_HEADER_BYTES",
-           "check_config", "build_on_meta", "check_weights_header", "check_model_kind"]
+__all__ = ["ModelCheckError", "LIMITS", "MAX_PARAMS", "MAX_WEIGHTS_BYTES", "MAX_TOKENS", "MAX_CONFIG_BYTES",
+           "MAX_HEADER_BYTES", "check_config", "build_on_meta", "check_weights_header", "check_model_kind"]
 
 # The largest model accepted: 1.1 billion parameters (ViT-g/14 has 1.0 billion), 4.4 GB in float32.
 MAX_PARAMS = 1_100_000_000

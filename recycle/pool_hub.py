@@ -169,7 +169,8 @@ Browse it in the LoRA Recycle app (pool tab: `datasets/{repo_id}`), or download 
 | column | meaning |
 |---|---|
 | `image` | the surrogate image (`file_name` in `data/<run>/metadata.jsonl`) |
-| `masked` | the image with the dropped patches zeroed (`masked_file_name`); an image inverted without pruning is its own masked version |
+| `masked` | the image with the dropped patches zeroed (`masked_file_name`); an image inverted without pruning \
+is its own masked version |
 | `class`, `label` | its class name, and the class's index in the source LoRA's head |
 | `source`, `source_fingerprint` | the LoRA it was inverted from, and the fingerprint of its weights |
 | `run` | the inversion run (`data/<run>/`, whose `manifest.json` holds the settings and the teacher's logits) |

@@ -458,7 +458,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(".cache/repro"), help="work folder (resumable)")
     parser.add_argument("--toy", action="store_true", help="a smoke run at toy size (the same as --preset toy)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="v2", help="the regime (default: %(default)s)")
-    parser.add_argument("--until", metavar="STAGE", help="stop after this stage (a pilot): structure, meta-recycle, ...")
+    parser.add_argument("--until", metavar="STAGE",
+                        help="stop after this stage (a pilot): structure, meta-recycle, ...")
     parser.add_argument("--ship", type=Path, metavar="WEIGHTS", help="copy the results into this folder (weights/)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -1,4 +1,5 @@
-"""A small fake Hugging Face Hub (stdlib only, plus PyYAML imported when a model card is checked) for running the real ``huggingface_hub`` client against 127.0.0.1.
+"""A small fake Hugging Face Hub (stdlib only, plus PyYAML imported when a model card is checked) for running the
+real ``huggingface_hub`` client against 127.0.0.1.
 
 Model repos are plain folders on disk, ``root/<org>/<name>/<files...>`` (subfolders allowed), all on one branch
 ``main``. A repo's commit sha is a stable fake: the sha1 of its id and of its sorted ``(path, git blob oid)`` listing,

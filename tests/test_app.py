@@ -286,8 +286,8 @@ def _zip_run(path: str) -> tuple[dict, torch.Tensor]:
         name = next(n for n in zf.namelist() if n.endswith("manifest.json"))
         manifest = json.loads(zf.read(name))
         folder = name.rsplit("/", 1)[0]
-        images = [torch.from_numpy(np.array(Image.open(io.BytesIO(zf.read(f"{folder}/{item['image']}"))).convert("RGB")))
-                  for item in manifest["items"]]
+        images = [torch.from_numpy(np.array(Image.open(io.BytesIO(zf.read(f"{folder}/{item['image']}")))
+                                            .convert("RGB"))) for item in manifest["items"]]
     return manifest, torch.stack(images).permute(0, 3, 1, 2).float() / 255
 
 

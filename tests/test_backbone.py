@@ -83,9 +83,11 @@ def test_hub_backbone_downloads_then_loads_from_cache_when_the_hub_is_down(tiny_
 # --------------------------------------------------------------------------------------------------- names, pickles
 @pytest.mark.parametrize("name, expected", [
     ("LOCAL-DIR:/some/folder", ("local-dir", "/some/folder")), ("Local-Dir:/x", ("local-dir", "/x")),
-    ("hf_hub:org/x", ("hf-hub", "org/x")), ("HF-HUB:org/x", ("hf-hub", "org/x")), ("/abs/dir", ("local-dir", "/abs/dir")),
+    ("hf_hub:org/x", ("hf-hub", "org/x")), ("HF-HUB:org/x", ("hf-hub", "org/x")),
+    ("/abs/dir", ("local-dir", "/abs/dir")),
     ("clip-b16", (None, "vit_base_patch16_clip_224.openai")), ("vit_tiny_patch16_224", (None, "vit_tiny_patch16_224")),
-    ("google/vit-base-patch16-224", ("hf-hub", "google/vit-base-patch16-224")),  # a bare Hub id, as transformers names it
+    # a bare Hub id, as transformers names it
+    ("google/vit-base-patch16-224", ("hf-hub", "google/vit-base-patch16-224")),
 ])
 def test_names_are_read_as_timm_reads_them(name, expected):
     from recycle.backbone import backbone_source

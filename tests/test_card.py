@@ -115,7 +115,8 @@ def test_push_takes_the_token_from_hf_token_and_warns_about_one_on_the_command_l
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(local_hub.root.parent / "no-login" / "token"))
-    assert main(["push", "--dir", str(lora_dir), "--repo", "me/lora"]) == 1  # a user error: the fake Hub wants a token to write
+    # a user error: the fake Hub wants a token to write
+    assert main(["push", "--dir", str(lora_dir), "--repo", "me/lora"]) == 1
     monkeypatch.setenv("HF_TOKEN", "test")
     assert main(["push", "--dir", str(lora_dir), "--repo", "me/lora"]) == 0
     assert "--token" not in caplog.text

@@ -232,8 +232,9 @@ def _edited(tiny_clip, tmp_path, edit_config=None, edit_meta=None, edit_tensors=
     return folder
 
 
-KEYS = ["fc2", "mlp.fc2", r"mlp\.fc2", "blocks.1.mlp.fc2", r"^blocks\.1\.mlp\.fc2$", "^fc2", "lp.fc2", "b.ocks.0.attn.qkv",
-        "blocks.0.attn.qkv$", "attn", "qkv", "0.attn.qkv", ".attn.qkv", r"\.attn\.qkv", "^blocks.0.attn.qkv"]
+KEYS = ["fc2", "mlp.fc2", r"mlp\.fc2", "blocks.1.mlp.fc2", r"^blocks\.1\.mlp\.fc2$", "^fc2", "lp.fc2",
+        "b.ocks.0.attn.qkv", "blocks.0.attn.qkv$", "attn", "qkv", "0.attn.qkv", ".attn.qkv", r"\.attn\.qkv",
+        "^blocks.0.attn.qkv"]
 PATHS = ["blocks.0.attn.qkv", "blocks.1.mlp.fc2", "blocks.10.mlp.fc2", "blocks.0.attn.proj", "xblocks.0.attn.qkv"]
 
 
