@@ -356,6 +356,24 @@ def _patterns(cfg: dict, field: str, name: str, integer: bool) -> list[tuple[_Mo
             for k, v in patterns.items()]
 
 
+
+def peft_scale_settings(cfg: dict, name: str) -> tuple[bool, int, float, list, list, float]:
+    """The scale settings of a PEFT LoRA config, checked: (use_rslora, r, lora_alpha, rank_pattern entries,
+    alpha_pattern entries, lora_dropout).
+
+    Raises:
+        LoRAFormatError: a setting of the wrong type or out of range, naming the file `name`.
+    """
+    r_default = _number(cfg.get("r", 8), "'r'", name, integer=True)
+    alpha_default = _number(cfg.get("lora_alpha", 8), "'lora_alpha'", name)
+    rank_patterns = _patterns(cfg, "rank_pattern", name, integer=True)
+    alpha_patterns = _patterns(cfg, "alpha_pattern", name, integer=False)
+    dropout = cfg.get("lora_dropout") or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise LoRAFormatError(f"{name}: 'lora_dropout' must be a number in [0, 1), got {_shown(dropout)}")
+    return bool(cfg.get("use_rslora")), r_default, alpha_default, rank_patterns, alpha_patterns, float(dropout)
+
+
 def _pattern_value(patterns: list[tuple[_ModulePattern, Union[int, float]]], path: str, default):
     """PEFT's rule: the first key that matches the end of the module name gives its value."""
     for pattern, value in patterns:
@@ -404,14 +422,7 @@ def _from_peft(cfg: dict, tensors: dict[str, torch.Tensor], meta: dict, name: st
                                   "(block indices below 10000) and a head are supported)")
     if not pairs:
         raise LoRAFormatError(f"{name}: the file holds no LoRA weights")
-    use_rslora = bool(cfg.get("use_rslora"))
-    r_default = _number(cfg.get("r", 8), "'r'", name, integer=True)
-    alpha_default = _number(cfg.get("lora_alpha", 8), "'lora_alpha'", name)
-    rank_patterns = _patterns(cfg, "rank_pattern", name, integer=True)
-    alpha_patterns = _patterns(cfg, "alpha_pattern", name, integer=False)
-    dropout = cfg.get("lora_dropout") or 0.0
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise LoRAFormatError(f"{name}: 'lora_dropout' must be a number in [0, 1), got {_shown(dropout)}")
+    use_rslora, r_default, alpha_default, rank_patterns, alpha_patterns, dropout = peft_scale_settings(cfg, name)
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}
     targets: set[str] = set()

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from .formats import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAAdapter, LoRAFormatError, _check_peft_config,
-                      _module_scaling, _number, _pattern_value, _patterns, _shown)
+                      _module_scaling, _pattern_value, _shown, peft_scale_settings)
 from .io import atomic_write_bytes, dumps_strict
 from .lora import LoRAConfig
 from .provenance import EQUIVALENT
@@ -152,14 +152,7 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
     if family == "clip" and head:
         raise LoRAFormatError(f"{name}: a classifier on a CLIP adapter (CLIPForImageClassification pools the patch "
                               "tokens) is not supported; CLIP LoRAs are read without a head")
-    use_rslora = bool(cfg.get("use_rslora"))
-    r_default = _number(cfg.get("r", 8), "'r'", name, integer=True)
-    alpha_default = _number(cfg.get("lora_alpha", 8), "'lora_alpha'", name)
-    rank_patterns = _patterns(cfg, "rank_pattern", name, integer=True)
-    alpha_patterns = _patterns(cfg, "alpha_pattern", name, integer=False)
-    dropout = cfg.get("lora_dropout") or 0.0
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise LoRAFormatError(f"{name}: 'lora_dropout' must be a number in [0, 1), got {_shown(dropout)}")
+    use_rslora, r_default, alpha_default, rank_patterns, alpha_patterns, dropout = peft_scale_settings(cfg, name)
 
     # block -> part -> (A, B, scale)
     blocks: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}

@@ -130,6 +130,37 @@ def _publishable_files(folder: Path) -> dict[str, bytes]:
     return files
 
 
+def upload_files(repo_id: str, files: dict[str, bytes], message: str, repo_type: str = "model",
+                 token: Optional[str] = None, private: bool = False, card_hint: str = "") -> None:
+    """Create `repo_id` if needed and commit `files` (path in the repo -> bytes read beforehand, so nothing can be
+    swapped for a link between a check and the upload) in one commit.
+
+    Raises:
+        HubError: the Hub refused the upload or its card (`card_hint` says how to fix the card), or is unreachable.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import errors as hf_errors
+
+    kind = "dataset " if repo_type == "dataset" else ""
+    api = HfApi(endpoint=endpoint(), token=token)
+    try:
+        api.create_repo(repo_id, repo_type=repo_type, exist_ok=True, private=private)
+        api.create_commit(repo_id=repo_id, repo_type=repo_type, commit_message=message,
+                          operations=[CommitOperationAdd(path_in_repo=path, path_or_fileobj=data)
+                                      for path, data in files.items()])
+    except hf_errors.HfHubHTTPError as e:
+        raise HubError(f"upload to {kind}'{repo_id}' failed: {e}") from None
+    except ValueError as e:
+        if "metadata in README.md" not in str(e):
+            raise
+        raise HubError(f"the Hub refused the {'dataset' if kind else 'model'} card of '{repo_id}': {e}"
+                       + (f"\n{card_hint}" if card_hint else "")) from None
+    except Exception as e:  # noqa: BLE001 - network failures come from several libraries
+        if "connect" in type(e).__name__.lower() or isinstance(e, (ConnectionError, OSError)):
+            raise HubError(f"cannot reach the Hugging Face Hub at {endpoint()} to upload '{repo_id}'") from None
+        raise
+
+
 def push_folder(folder, repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
     """Create `repo_id` if needed and upload `folder` (its regular safetensors, JSON and Markdown files only, never
     symbolic links); returns its URL.
@@ -137,33 +168,13 @@ def push_folder(folder, repo_id: str, token: Optional[str] = None, private: bool
     Raises:
         HubError: malformed id, nothing to upload, pickles in the folder, or the upload failed.
     """
-    from huggingface_hub import HfApi
-    from huggingface_hub import errors as hf_errors
-
-    from huggingface_hub import CommitOperationAdd
-
     folder = Path(folder)
     if not is_repo_id(repo_id):
         raise HubError(f"'{repo_id}' is not a Hub id of the form ORG/NAME")
     files = _publishable_files(folder)
     if not any(name.endswith(".safetensors") for name in files):
         raise HubError(f"'{folder}' is not a folder with .safetensors weights (symbolic links are never pushed)")
-    api = HfApi(endpoint=endpoint(), token=token)
-    try:
-        api.create_repo(repo_id, exist_ok=True, private=private)
-        # The bytes read now are uploaded, so nothing can be swapped for a link between the check and the upload.
-        api.create_commit(repo_id=repo_id, commit_message="Upload LoRA (LoRA Recycle)",
-                          operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=data)
-                                      for name, data in files.items()])
-    except hf_errors.HfHubHTTPError as e:
-        raise HubError(f"upload to '{repo_id}' failed: {e}") from None
-    except ValueError as e:
-        if "metadata in README.md" not in str(e):
-            raise
-        raise HubError(f"the Hub refused the model card of '{folder}': {e}\nFix the YAML front matter of "
-                       f"{folder / 'README.md'} (e.g. rewrite it with recycle.card.write_model_card).") from None
-    except Exception as e:  # noqa: BLE001 - network failures come from several libraries
-        if "connect" in type(e).__name__.lower() or isinstance(e, (ConnectionError, OSError)):
-            raise HubError(f"cannot reach the Hugging Face Hub at {endpoint()} to upload '{repo_id}'") from None
-        raise
+    upload_files(repo_id, files, "Upload LoRA (LoRA Recycle)", token=token, private=private,
+                 card_hint=f"Fix the YAML front matter of {folder / 'README.md'} (e.g. rewrite it with "
+                           "recycle.card.write_model_card).")
     return f"{endpoint()}/{repo_id}"

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from .hub import HubError, endpoint, is_repo_id
+from .hub import HubError, endpoint, is_repo_id, upload_files
 from .io import atomic_write_bytes, dumps_strict
 from .pool import (MAX_MANIFEST_BYTES, MAX_RUN_ITEMS, POOL_FORMAT, POOL_VERSION, Pool, PoolError, _inside,
                    teacher_confidence)
@@ -246,29 +246,11 @@ def push_pool(pool_root: Union[str, Path], repo_id: str, token: Optional[str] = 
         HubError: malformed id, or the upload failed (the message says why).
         PoolError: as `pool_dataset_files`.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub import errors as hf_errors
-
     if not is_repo_id(repo_id):
         raise HubError(f"'{repo_id}' is not a Hub id of the form ORG/NAME")
     files = pool_dataset_files(pool_root, repo_id, runs)
-    api = HfApi(endpoint=endpoint(), token=token)
-    try:
-        api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private)
-        api.create_commit(repo_id=repo_id, repo_type="dataset",
-                          commit_message=f"Add {len(files) - 1} pool files (LoRA Recycle)",
-                          operations=[CommitOperationAdd(path_in_repo=path, path_or_fileobj=data)
-                                      for path, data in files.items()])
-    except hf_errors.HfHubHTTPError as e:
-        raise HubError(f"upload to dataset '{repo_id}' failed: {e}") from None
-    except ValueError as e:
-        if "metadata in README.md" not in str(e):
-            raise
-        raise HubError(f"the Hub refused the dataset card of '{repo_id}': {e}") from None
-    except Exception as e:  # noqa: BLE001 - network failures come from several libraries
-        if "connect" in type(e).__name__.lower() or isinstance(e, (ConnectionError, OSError)):
-            raise HubError(f"cannot reach the Hugging Face Hub at {endpoint()} to upload '{repo_id}'") from None
-        raise
+    upload_files(repo_id, files, f"Add {len(files) - 1} pool files (LoRA Recycle)", repo_type="dataset",
+                 token=token, private=private)
     _logger.info("pushed %d files of pool %s to dataset %s", len(files), pool_root, repo_id)
     return f"{endpoint()}/datasets/{repo_id}"
 
