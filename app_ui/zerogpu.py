@@ -89,8 +89,10 @@ def wrap_handlers(fewshot: Any, inversion: Any) -> bool:
 
     Call it before the handlers are wired to events. Returns whether they were wrapped.
     """
+    if not zero_gpu():
+        return False
     classify: Optional[Callable] = gpu(fewshot.classify, classify_duration)
-    if classify is fewshot.classify:
+    if getattr(classify, "__func__", None) is type(fewshot).classify:  # `spaces` could not be imported
         return False
     fewshot.classify = classify
     inversion.compute = gpu(inversion.compute, compute_duration)

@@ -27,7 +27,7 @@ from recycle.invert import DEFAULT_BN_PRIOR
 from recycle.formats import LoRAAdapter, read_adapter, save_adapter
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters
 from tests.apptools import (KINDS, check, classify, close, free_port, good_request, launch, make_pics, pattern,
-                            plain, require_toy_weights, settings)
+                            plain, publish, require_toy_weights, settings)
 
 CLIP_NAME = "vit_base_patch16_clip_224.openai"  # on the Hub only: unloadable here
 
@@ -522,3 +522,25 @@ def test_bad_environment_variables_stop_the_app_with_one_line(env, tmp_path):
     name = next(iter(env))
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: {name}={env[name]!r} is not a")
+
+
+def test_online_the_examples_bring_the_shipped_model_even_with_local_paths_off(local_hub, tiny_clip_dir, tmp_path):
+    """As on a Space: the default backbone loads from a reachable Hub and text fields take Hub ids only, yet an
+    example selects the shipped backbone and meta-LoRA it was made for, and the status then names them."""
+    weights = require_toy_weights()
+    publish(local_hub.root, f"timm/{CLIP_NAME}", tiny_clip_dir)
+    demo, client = launch(settings(tmp_path, CLIP_NAME, weights, allow_local_paths=False))
+    try:
+        status = plain(client.predict(api_name="/status"))
+        assert f"✅ Ready: {CLIP_NAME}" in status and "Offline mode" not in status  # the Hub default, online
+        dataset = next(c for c in client.config["components"] if c["type"] == "dataset")
+        shipped = [str(weights / "mini-vit"), str(weights / "mini-meta-lora")]
+        samples = dataset["props"]["samples"]
+        assert samples and all(sample[-2:] == shipped for sample in samples)
+        # what the example's click sets, checked by the same handler that answers the page
+        status = plain(client.predict(backbone=shipped[0], lora=shipped[1], api_name="/status"))
+        assert f"✅ Ready: {shipped[0]} with meta-LoRA {shipped[1]}" in status
+        refused = plain(client.predict(backbone=str(tiny_clip_dir), lora="", api_name="/status"))
+        assert "Not ready" in refused  # any other local path stays refused
+    finally:
+        close(demo, client)

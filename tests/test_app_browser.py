@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import pytest
 
 from tests.apptools import close, free_port, launch, publish, settings, tiny_lora, toy_weights
-from tests.browser import CHROMIUM, FLAGS, Browser
+from tests.browser import CHROMIUM, Browser
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
                                                          "(apt-get install chromium; see tests/debian-packages.txt)")
@@ -79,18 +77,18 @@ def _has_text(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------- tests
-def test_rendered_page_shows_the_tabs_and_the_status(served):
-    """Chromium's --dump-dom: the page as rendered, after Gradio's scripts have run and the status has loaded."""
+def test_rendered_page_shows_the_tabs_and_the_status(served, browser):
+    """The page as rendered, after Gradio's scripts have run and the status has loaded."""
     url, backbone, _ = served
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        flags = [f for f in FLAGS if f != "--remote-debugging-pipe"]
-        dom = subprocess.run([CHROMIUM, *flags, f"--user-data-dir={profile}", "--virtual-time-budget=15000",
-                              "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    browser.open(url)
+    browser.wait_for(_has_text("Ready:"), what="the status")
+    dom = browser.html()
     for tab in ("Few-shot", "Invert a LoRA", "Surrogate pool"):
         assert f">{tab}<" in dom or f"{tab}</button>" in dom, tab
-    assert "LoRA Recycle" in dom and "Ready:" in dom and str(backbone) in dom
+    text = browser.text()
+    assert "LoRA Recycle" in text and "Ready:" in text and str(backbone) in text
     if shipped_weights():
-        assert "Offline mode" in dom and "Han characters (held-out classes)" in dom
+        assert "Offline mode" in text and "Han characters (held-out classes)" in text
 
 
 def test_few_shot_from_an_example(served, browser):
