@@ -528,11 +528,12 @@ def test_online_the_examples_bring_the_shipped_model_even_with_local_paths_off(l
     """As on a Space: the default backbone loads from a reachable Hub and text fields take Hub ids only, yet an
     example selects the shipped backbone and meta-LoRA it was made for, and the status then names them."""
     weights = require_toy_weights()
+    online = f"hf-hub:timm/{CLIP_NAME}"  # the tiny CLIP on the fake Hub, in timm's Hub layout
     publish(local_hub.root, f"timm/{CLIP_NAME}", tiny_clip_dir)
-    demo, client = launch(settings(tmp_path, CLIP_NAME, weights, allow_local_paths=False))
+    demo, client = launch(settings(tmp_path, online, weights, allow_local_paths=False))
     try:
         status = plain(client.predict(api_name="/status"))
-        assert f"✅ Ready: {CLIP_NAME}" in status and "Offline mode" not in status  # the Hub default, online
+        assert f"✅ Ready: {online}" in status and "Offline mode" not in status  # the Hub default, online
         dataset = next(c for c in client.config["components"] if c["type"] == "dataset")
         shipped = [str(weights / "mini-vit"), str(weights / "mini-meta-lora")]
         samples = dataset["props"]["samples"]
