@@ -275,3 +275,22 @@ def test_contrastive_views_and_loss():
     for bad in (dict(temperature=0), dict(colour=1.5), dict(scale=(1.2, 0.8)), dict(batch=1), dict(lr=float("nan"))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ContrastConfig(**bad)
+
+
+@pytest.mark.skipif(not (WEIGHTS / "examples" / "scores.json").is_file(), reason="no shipped example scores")
+def test_the_shipped_weights_readme_is_written_from_the_results():
+    """weights/README.md is exactly what reproduce.report writes from the committed results and example scores."""
+    from reproduce.report import weights_readme
+
+    results = json.loads((WEIGHTS.parent / "reproduce" / "results" / "results.json").read_text())
+    scores = json.loads((WEIGHTS / "examples" / "scores.json").read_text())
+    run = read_adapter(WEIGHTS / "mini-meta-lora").info.get("run", "recycle")
+    sizes = {d: sum(f.stat().st_size for f in (WEIGHTS / d).rglob("*") if f.is_file()) / 1e6
+             for d in ("mini-vit", "mini-meta-lora", "example-lora", "glyph-prior")}
+    assert (WEIGHTS / "README.md").read_text() == weights_readme(results, run, scores, sizes)
+    tasks = sorted(p.name for p in (WEIGHTS / "examples").iterdir() if p.is_dir())
+    assert sorted(scores["tasks"]) == tasks and len([t for t in tasks if t[4:].isdigit()]) == 8
+    from reproduce.ship import score_examples  # the recorded scores are what the shipped models answer now
+
+    backbone = load_backbone(str(WEIGHTS / "mini-vit"), device="cpu")
+    assert score_examples(backbone, read_adapter(WEIGHTS / "mini-meta-lora"), WEIGHTS / "examples") == scores
