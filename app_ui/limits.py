@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 MAX_CLASSES = 8  # class slots in the few-shot tab
-INITIAL_CLASSES = 3  # slots shown before "Add class" is pressed (the bundled examples have 3 classes)
+INITIAL_CLASSES = 3  # slots shown before "Add class" is pressed (more when a bundled example task has more classes)
 MAX_IMAGES = 200  # support + query images in one few-shot request
 MAX_FILE_SIZE = "20mb"  # per uploaded file
 MAX_NAME_LENGTH = 80  # characters in a class name
