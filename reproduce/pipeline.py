@@ -366,10 +366,17 @@ def stage_bf16_check(cfg: ReproConfig, backbone: Backbone, work: Path, data: Pat
 def run(work: Path, cfg: ReproConfig, until: Optional[str] = None) -> dict:
     """Run (or resume) the pipeline in `work`. With `until` (a stage name), stop after that stage and return the
     summaries so far: ``until="structure"`` is the structure pilot, ``until="meta-recycle"`` a recycling pilot."""
+    if until is not None and until not in STAGES:
+        raise ValueError(f"until={until!r}: not a stage; choose one of {', '.join(STAGES)}")
     try:
         return _run(work, cfg, until)
     except _Until as stop:
         return stop.partial
+
+
+STAGES = ("data", "prior", "pretrain", "zoo", "meta-oracle", "structure", "invert", "surrogates", "temperature",
+          "meta-recycle", *(f"meta-recycle-{int(r * 100)}" for r in MASKS), f"meta-recycle-{int(MASKS[-1] * 100)}-bf16",
+          "eval", "bf16-check")
 
 
 class _Until(Exception):
@@ -458,7 +465,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(".cache/repro"), help="work folder (resumable)")
     parser.add_argument("--toy", action="store_true", help="a smoke run at toy size (the same as --preset toy)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="v2", help="the regime (default: %(default)s)")
-    parser.add_argument("--until", metavar="STAGE",
+    parser.add_argument("--until", metavar="STAGE", choices=STAGES,
                         help="stop after this stage (a pilot): structure, meta-recycle, ...")
     parser.add_argument("--ship", type=Path, metavar="WEIGHTS", help="copy the results into this folder (weights/)")
     args = parser.parse_args()

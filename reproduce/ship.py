@@ -15,6 +15,7 @@ from recycle.evaluate import EvalConfig, evaluate
 from recycle.formats import LoRAAdapter, read_adapter, save_adapter
 from recycle.images import load_image
 from recycle.io import atomic_write_bytes
+from recycle.predict import LABEL_SEPARATOR
 from recycle.pretune import load_zoo
 
 from .report import prior_card, results_markdown, source_description, weights_readme
@@ -47,7 +48,7 @@ def write_examples(data: Path, out: Path, cross: str, check_style: Optional[str]
             for i, f in enumerate(files):
                 d = out / name / ("support" if i < shots else "query") / cls
                 d.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, d / (f.name if i < shots else f"{cls}__{i - shots}.png"))
+                shutil.copy2(f, d / (f.name if i < shots else f"{cls}{LABEL_SEPARATOR}{i - shots}.png"))
         names.append(name)
     return names
 

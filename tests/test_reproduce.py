@@ -33,6 +33,11 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
               "meta-recycle", "meta-recycle-25", "meta-recycle-50", "meta-recycle-75", "meta-recycle-75-bf16", "eval",
               "bf16-check"]
     assert list(results["timings_seconds"]) == stages
+    from reproduce.pipeline import STAGES
+
+    assert list(STAGES) == stages  # --until names exactly these
+    with pytest.raises(ValueError, match="until='invrt': not a stage"):
+        run(tmp_path, cfg, until="invrt")
     ev = results["summaries"]["eval"]
     assert set(ev) - {"seconds"} == {"test-1shot", "test-5shot", "cross-1shot", "cross-5shot", "test-plain-1shot",
                                      "test-plain-5shot"}
