@@ -1,11 +1,12 @@
-"""Handlers of the LoRA Recycle app: UI values in, `recycle` calls, UI values out. The layout lives in ``app.py``.
+"""The LoRA Recycle app's tabs: UI values in, `recycle` calls, UI values out. ``app.py`` assembles them.
 
-One module per tab (`fewshot`, `invert`, `pool`) and the state they share: `limits`, `errors` (what is shown to the
-user and how), `settings` (paths, the path policy, the startup defaults) and `state` (the model cache and the
-per-session store). Everything that holds memory between requests is bounded: loaded models (`ModelCache`),
-per-session state (`SessionStore`: the loaded LoRA and the latest inversion of each of a few sessions), and the zip
-files of inversion runs (deleted with their session entry). Errors meant for the user (`USER_ERRORS`) are shown as
-they are; anything else is logged and reported as a generic error, and the app keeps serving.
+One module per tab (`fewshot`, `invert` with `hub_loras`, `pool`: each lays out its components, wires its events and
+holds its handlers) and the state they share: `limits`, `errors` (what is shown to the user and how), `settings`
+(paths, the path policy, the startup defaults) and `state` (the model cache and the per-session store). Everything
+that holds memory between requests is bounded: loaded models (`ModelCache`), per-session state (`SessionStore`: the
+loaded LoRA and the latest inversion of each of a few sessions), and the zip files of inversion runs (deleted with
+their session entry). Errors meant for the user (`USER_ERRORS`) are shown as they are; anything else is logged and
+reported as a generic error, and the app keeps serving.
 
 Imports go one way: ``app.py`` → ``app_ui`` → ``recycle``.
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 from .errors import USER_ERRORS, InputError
 from .fewshot import EMPTY_CARDS, ExampleTask, FewShot, find_examples
-from .invert import PRUNING_PRESETS, HubLoRAList, Inversion
+from .hub_loras import HubLoRAList
+from .invert import PRUNING_PRESETS, Inversion
 from .limits import (INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES, MAX_INVERT_IMAGES, MAX_INVERT_STEPS,
                      MAX_POOL_GALLERY, RESULT_SESSIONS)
 from .markup import md_code, md_text

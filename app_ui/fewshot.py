@@ -18,8 +18,9 @@ from recycle.predict import Prediction, SupportError, classify, clean_class_name
 
 from .errors import USER_ERRORS, as_text, file_paths, reported, text_field, user_text
 from .markup import md_code, md_text
-from .limits import INITIAL_CLASSES, MAX_CARDS, MAX_CLASSES, MAX_IMAGES, MAX_NAME_LENGTH, THUMBNAIL_SIZE
-from .settings import Defaults, PathPolicy
+from .limits import (INITIAL_CLASSES, LOADING, MAX_CARDS, MAX_CLASSES, MAX_IMAGES, MAX_NAME_LENGTH,
+                     PREDICT_CONCURRENCY, THUMBNAIL_SIZE)
+from .settings import AppSettings, Defaults, PathPolicy
 from .state import ModelCache
 
 _logger = logging.getLogger("recycle.app")
@@ -246,3 +247,95 @@ class FewShot:
         slots = [gr.update(visible=i < shown) for i in range(MAX_CLASSES)]
         return shown, *slots, gr.update(interactive=shown < MAX_CLASSES)
 
+
+INTRO = """\
+Give a name and a few example images for each class, add the images to classify, and press **Run**. Each query goes \
+to the class whose mean embedding (prototype) is nearest; nothing is trained. With a meta-LoRA, the predictions of \
+the backbone alone are shown beside them.
+"""
+
+
+@dataclass
+class FewShotTab:
+    """The few-shot tab's components by name; `slots` maps ``class_{i}_name`` / ``class_{i}_images`` to the class
+    slots' components."""
+
+    lora: gr.Textbox
+    slots: dict
+    groups: list
+    shown: gr.State
+    add: gr.Button
+    queries: gr.File
+    run: gr.Button
+    cards: gr.HTML
+    table: gr.Dataframe
+    examples: Optional[gr.Examples]
+
+
+def _example_set(examples: list[ExampleTask], slots: dict, queries: gr.File, model: list, model_inputs: list
+                 ) -> gr.Examples:
+    rows = []
+    for task in examples:
+        items = list(task.support.items())
+        row: list[Any] = []
+        for i in range(MAX_CLASSES):
+            name, files = items[i] if i < len(items) else ("", [])
+            row += [name, files]
+        rows.append([*row, task.queries, *model])
+    inputs = [c for i in range(1, MAX_CLASSES + 1) for c in (slots[f"class_{i}_name"], slots[f"class_{i}_images"])]
+    return gr.Examples(rows, inputs=[*inputs, queries, *model_inputs], example_labels=[t.label for t in examples],
+                       label="New here? Click an example: it fills in the classes and queries and selects the "
+                             "shipped backbone and meta-LoRA it was made for. Then press Run.")
+
+
+def few_shot_tab(fewshot: FewShot, defaults: Defaults, examples: list[ExampleTask], settings: AppSettings,
+                 backbone: gr.Dropdown, status: gr.Markdown) -> FewShotTab:
+    """Lay out the few-shot tab and wire its events. The bundled example tasks were made for the shipped backbone
+    and its meta-LoRA, so an example selects them too, and `status` then says which model answers."""
+    initial = min(MAX_CLASSES, max([INITIAL_CLASSES, *(len(t.support) for t in examples)]))
+    gr.Markdown(INTRO)
+    lora = gr.Textbox(defaults.lora, label="Meta-LoRA (optional)", max_lines=1, elem_id="meta-lora",
+                      placeholder="Hub id ORG/NAME" + ("" if fewshot.policy.allow_local else " (local paths are off)"),
+                      info="e.g. a meta-LoRA; press Enter to load it. Leave empty for the backbone alone.")
+    with gr.Column() as examples_box:  # filled below, once the inputs exist
+        pass
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1):
+            gr.Markdown(f"### 1 · Classes\nA name and a few example images for each class (drag and drop), "
+                        f"up to {MAX_CLASSES} classes.")
+            groups, slots = [], {}
+            for i in range(1, MAX_CLASSES + 1):
+                with gr.Group(visible=i <= initial) as group:
+                    slots[f"class_{i}_name"] = gr.Textbox("", show_label=False, placeholder=f"Class {i} name",
+                                                          max_lines=1)
+                    slots[f"class_{i}_images"] = gr.Gallery(label=f"Class {i} images", file_types=["image"],
+                                                            type="filepath", columns=6, height=150,
+                                                            object_fit="contain", interactive=True,
+                                                            fit_columns=False, elem_classes="class-images")
+                groups.append(group)
+            shown = gr.State(initial)
+            add = gr.Button("＋ Add class", size="sm", interactive=initial < MAX_CLASSES)
+        with gr.Column(scale=1):
+            gr.Markdown(f"### 2 · Queries\nThe images to classify (at most {MAX_IMAGES} images in all).")
+            queries = gr.File(label="Query images", file_count="multiple", file_types=["image"], height=150)
+            with gr.Row():
+                clear = gr.ClearButton(value="Clear")
+                run = gr.Button("Run", variant="primary")
+            gr.Markdown("### 3 · Predictions")
+            cards = gr.HTML(EMPTY_CARDS, elem_id="predictions")
+            with gr.Accordion("All probabilities (table)", open=False):
+                table = gr.Dataframe(label="All queries", interactive=False, wrap=True)
+    example_set = None
+    if examples:
+        shipped = (settings.shipped_backbone / "config.json").is_file()
+        model = [str(settings.shipped_backbone), str(settings.shipped_lora)] if shipped else []
+        with examples_box:
+            example_set = _example_set(examples, slots, queries, model, [backbone, lora] if shipped else [])
+        example_set.load_input_event.then(fewshot.status, inputs=[backbone, lora], outputs=status,
+                                          api_visibility="private", **LOADING)
+    clear.add([*slots.values(), queries, cards, table])
+    add.click(fewshot.add_class, inputs=shown, outputs=[shown, *groups, add], api_name="add_class",
+              api_visibility="undocumented", queue=False)
+    run.click(fewshot.classify, inputs=[backbone, lora, queries], inputs_kwargs=slots, outputs=[cards, table],
+              api_name="classify", concurrency_id="predict", concurrency_limit=PREDICT_CONCURRENCY)
+    return FewShotTab(lora, slots, groups, shown, add, queries, run, cards, table, example_set)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import gradio as gr
 import torch
 from PIL import Image
 
@@ -20,3 +21,9 @@ def display_images(images: torch.Tensor) -> list[Image.Image]:
             pil = pil.resize((pil.width * factor, pil.height * factor), Image.NEAREST)
         out.append(pil)
     return out
+
+
+def surrogate_gallery(label: str, columns: int) -> gr.Gallery:
+    """An output gallery of surrogate images: lossless, crisp pixels, as tall as its images."""
+    return gr.Gallery(label=label, columns=columns, height="auto", format="png", object_fit="contain",
+                      interactive=False, elem_classes=["pixelated", "tight"], fit_columns=False)

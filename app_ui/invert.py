@@ -10,25 +10,27 @@ import tempfile
 import threading
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import gradio as gr
 
 from recycle.backbone import Backbone
-from recycle.formats import PICKLE_SUFFIXES, LoRAAdapter, LoRAFormatError, read_adapter
+from recycle.formats import LoRAAdapter, LoRAFormatError, read_adapter, stage_lora_files
 from recycle.invert import InversionConfig, InversionProgress, InversionResult, invert
-from recycle.pool import teacher_confidence, write_run
+from recycle.pool import run_settings, teacher_confidence, write_run, zip_run
 from recycle.provenance import provenance_mismatch
 from recycle.tokens import PruningConfig, parse_schedule
 
 from .errors import InputError, as_text, file_paths, kind_of, number_field, reported, text_field, user_text
 from .images import display_images
 from .markup import md_code, md_text
+from .hub_loras import HubLoRAList
 from .pool import push_run
-from .limits import MAX_INVERT_IMAGES, MAX_INVERT_STEPS, MAX_LORA_FILES, MAX_SEED, PREVIEW_INTERVAL, \
+from .images import surrogate_gallery
+from .inputs import finite, strict
+from .limits import LOADING, MAX_INVERT_IMAGES, MAX_INVERT_STEPS, MAX_LORA_FILES, MAX_SEED, PREVIEW_INTERVAL, \
     RESULT_SESSIONS, SESSIONS
 from .settings import AppSettings, PathPolicy
 from .state import ModelCache, SessionStore, session_id
@@ -66,38 +68,6 @@ class InversionRun:
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _stage_upload(files: Sequence[str], folder: Path) -> Path:
-    """Uploaded LoRA files -> a path `read_adapter` understands (a PEFT folder or a single .safetensors file).
-
-    Raises:
-        LoRAFormatError: no weights, pickles, more than one weights file, or files of another kind.
-    """
-    paths = [Path(f) for f in files]
-    if len(paths) > MAX_LORA_FILES:
-        raise LoRAFormatError(f"{len(paths)} files uploaded; a LoRA is at most adapter_config.json plus "
-                              "adapter_model.safetensors")
-    pickles = [p.name for p in paths if p.suffix.lower() in PICKLE_SUFFIXES]
-    if pickles:
-        raise LoRAFormatError(f"{', '.join(pickles)}: pickled weights are never loaded, because unpickling can run "
-                              "arbitrary code. Upload a .safetensors file.")
-    weights = [p for p in paths if p.suffix.lower() == ".safetensors"]
-    configs = [p for p in paths if p.suffix.lower() == ".json"]
-    other = [p.name for p in paths if p not in weights and p not in configs]
-    if other:
-        raise LoRAFormatError(f"{', '.join(other)}: not a LoRA file; upload adapter_config.json and "
-                              "adapter_model.safetensors, or one official .safetensors file")
-    if not weights:
-        raise LoRAFormatError("no weights uploaded: add adapter_model.safetensors (or an official .safetensors file)")
-    if len(weights) > 1 or len(configs) > 1:
-        raise LoRAFormatError(f"upload one LoRA at a time: got {len(weights)} .safetensors and {len(configs)} .json "
-                              "files")
-    if not configs:
-        return weights[0]
-    shutil.copyfile(configs[0], folder / "adapter_config.json")
-    shutil.copyfile(weights[0], folder / "adapter_model.safetensors")
-    return folder
 
 
 def _parse_pruning(text: Optional[str]) -> dict[int, float]:
@@ -150,7 +120,7 @@ class Inversion:
                 uploaded = next((Path(f).name for f in uploads if f.endswith(".safetensors")), "LoRA")
                 source = "upload:" + uploaded
                 with tempfile.TemporaryDirectory(dir=self._tmp) as tmp:
-                    adapter = read_adapter(_stage_upload(uploads, Path(tmp)), model, uploaded)
+                    adapter = read_adapter(stage_lora_files(uploads, Path(tmp), MAX_LORA_FILES), model, uploaded)
             else:
                 source = hub_id
                 adapter = self.policy.load_lora(hub_id, model)
@@ -390,17 +360,12 @@ class Inversion:
                 backbone: str, bn_prior: Optional[str], targets: list[int], seconds: float,
                 grid: tuple[int, int]) -> tuple:
         names = loaded.adapter.class_names or [str(i) for i in range(loaded.adapter.num_classes)]
-        settings = {**dataclasses.asdict(config), "backbone": backbone, "classes": [names[t] for t in targets],
-                    "bn_prior": bn_prior, "made_by": "app"}
-        settings["pruning"]["schedule"] = {str(k): v for k, v in config.pruning.schedule.items() if v > 0}
+        settings = run_settings(config, backbone=backbone, classes=[names[t] for t in targets], bn_prior=bn_prior,
+                                made_by="app")
         folder = Path(tempfile.mkdtemp(prefix="run-", dir=self._tmp))
         run = InversionRun(loaded.adapter, loaded.source, result, settings, grid, folder)
         run_dir = write_run(folder / "pool", result, loaded.adapter, loaded.source, settings, grid)
-        run.zip_path = folder / f"{run_dir.name}.zip"
-        with zipfile.ZipFile(run.zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
-            for f in sorted(run_dir.rglob("*")):
-                if f.is_file():
-                    zf.write(f, f"{run_dir.name}/{f.relative_to(run_dir)}")
+        run.zip_path = zip_run(run_dir, folder / f"{run_dir.name}.zip")
         shutil.rmtree(folder / "pool", ignore_errors=True)
         self.runs.set(session, run)
         labels = result.labels
@@ -447,63 +412,121 @@ class Inversion:
                     "See the Surrogate pool tab." + (f" {pushed}" if pushed else ""))
 
 
-class HubLoRAList:
-    """"LoRAs on the Hub for this backbone": the vetted Hub LoRAs with a head for the selected backbone, searchable
-    by name, cached for a while per (backbone, search); an unreachable Hub is a message, not an error."""
+INTRO = """\
+Inversion optimises random pixels until the LoRA's classifier is confident they show each class, so the images \
+reveal what the LoRA learned, with no training data. While it runs, the best images so far appear every few steps. \
+After a quarter of the steps, the [CLS] token's attention decides which patches to keep: the **masked** versions keep \
+only those.
+"""
 
-    TTL = 600.0  # seconds a listing is reused
-    SIZE = 32  # listings kept
 
-    def __init__(self, policy: PathPolicy, default_backbone: str, limit: int = 20):
-        self.policy = policy
-        self.default_backbone = default_backbone
-        self.limit = limit
-        self._cache: dict[tuple[str, str], tuple[float, list]] = {}
-        self._lock = threading.Lock()
+@dataclass
+class InvertTab:
+    """The inversion tab's components by name."""
 
-    def _listing(self, base: str, text: str) -> list:
-        from recycle.hub_loras import find_hub_loras
+    hub_id: gr.Textbox
+    files: gr.File
+    hub_search: gr.Textbox
+    hub_list: gr.Button
+    hub_found: gr.Dropdown
+    hub_note: gr.Markdown
+    load: gr.Button
+    card: gr.Markdown
+    switch: gr.Button
+    classes: gr.CheckboxGroup
+    per_class: gr.Slider
+    steps: gr.Slider
+    pruning: gr.Dropdown
+    bn_prior: gr.Checkbox
+    lr: gr.Number
+    seed: gr.Number
+    invert: gr.Button
+    stop: gr.Button
+    stop_note: gr.Markdown
+    run_status: gr.Markdown
+    images: gr.Gallery
+    masked: gr.Gallery
+    add: gr.Button
+    download: gr.DownloadButton
+    pool_note: gr.Markdown
 
-        key = (base, text.lower())
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None and time.monotonic() - hit[0] < self.TTL:
-                return hit[1]
-        found = find_hub_loras(base, search=text or None, limit=self.limit)
-        if text:  # the tagged listing holds every LoRA for the base: keep those whose name matches
-            found = [x for x in found if text.lower() in x.repo.lower()]
-        with self._lock:
-            if len(self._cache) >= self.SIZE:
-                self._cache.pop(min(self._cache, key=lambda k: self._cache[k][0]))
-            self._cache[key] = (time.monotonic(), found)
-        return found
 
-    def search(self, backbone: Optional[str], text: Optional[str]) -> tuple[str, dict]:
-        """The listing as markdown and the choices of the picker (each choice fills the Hub id field)."""
-        from recycle.backbone import hub_repo_id
-        from recycle.hub import HubError
+def invert_tab(inversion: Inversion, hub_loras: HubLoRAList, policy: PathPolicy, settings: AppSettings,
+               default_backbone: str, backbone: gr.Dropdown) -> InvertTab:
+    """Lay out the inversion tab and wire its events (**Add to pool** is wired by the app, which also refreshes the
+    pool tab)."""
+    prior = settings.bn_prior_for(default_backbone)
+    gr.Markdown(INTRO)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=320):
+            gr.Markdown("### 1 · LoRA\nA LoRA with a classification head: PEFT adapters for timm or transformers "
+                        "ViTs (such as PEFT's image-classification guide makes), or the official LoRA Recycle files.")
+            hub_id = gr.Textbox(label="Hub id", placeholder="ORG/NAME" + (" or a local folder" if policy.allow_local
+                                                                          else ""), max_lines=1, elem_id="hub-id")
+            files = gr.File(label="…or upload its files", file_count="multiple", height=130,
+                            file_types=[".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl"])
+            gr.Markdown("Upload `adapter_config.json` with `adapter_model.safetensors`, or one official "
+                        "`.safetensors` file, then press **Load LoRA**.", elem_classes="hint")
+            if settings.example_lora is not None:  # works offline and on a Space: the app's own file is trusted
+                gr.Examples([[str(settings.example_lora)]], inputs=[hub_id], label="No LoRA at hand? Try the "
+                            "bundled one (5 Han characters, tuned on the shipped mini-vit), then press Load LoRA")
+            with gr.Accordion("LoRAs on the Hub for this backbone", open=False):
+                with gr.Row():
+                    hub_search = gr.Textbox(label="Name contains", placeholder="e.g. food101 (empty: all)",
+                                            max_lines=1, scale=3)
+                    hub_list = gr.Button("Search the Hub", scale=1, min_width=120)
+                hub_found = gr.Dropdown([], label="Found", interactive=True)
+                hub_note = gr.Markdown("", elem_id="hub-loras")
+            load = gr.Button("Load LoRA", variant="secondary")
+            card = gr.Markdown("No LoRA loaded yet.", elem_id="lora-card")
+            switch = gr.Button("Switch the backbone", visible=False, variant="secondary")
+            gr.Markdown("### 2 · Settings")
+            classes = gr.CheckboxGroup([], label="Classes to invert", info="Load a LoRA to see its classes.")
+            with gr.Row():
+                per_class = finite(gr.Slider(1, 16, value=1, step=1, label="Images per class"))
+                steps = finite(gr.Slider(10, MAX_INVERT_STEPS, value=100, step=10, label="Steps",
+                                         info="the paper: 2000; fewer is quicker"))
+            pruning = gr.Dropdown([(label, spec) for label, spec in PRUNING_PRESETS], value="-1:0.75",
+                                  allow_custom_value=True, label="Token pruning",
+                                  info="A preset, or type LAYER[,LAYER…]:RATIO (e.g. 11:0.75; -1 = last block).")
+            bn_prior = strict(gr.Checkbox(prior.default, label=prior.label, info=prior.info))  # follows the backbone
+            with gr.Accordion("Advanced", open=False):
+                with gr.Row():
+                    lr = finite(gr.Number(0.25, label="Learning rate (Adam)", minimum=0.001, maximum=10))
+                    seed = finite(gr.Number(0, label="Seed", precision=0, minimum=0))
+            gr.Markdown(f"At most {MAX_INVERT_IMAGES} images per run; one inversion runs at a time (others wait in "
+                        "the queue).")
+            with gr.Row():
+                invert_button = gr.Button("Invert", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+            stop_note = gr.Markdown("")
+        with gr.Column(scale=3, min_width=360):
+            gr.Markdown("### 3 · Surrogate images")
+            run_status = gr.Markdown("Load a LoRA, choose classes and press **Invert**.", elem_id="run-status")
+            images = surrogate_gallery("Inverted images (best so far)", columns=4)
+            masked = surrogate_gallery("Masked: only the kept patches (kept/all · confidence)", columns=4)
+            with gr.Row():
+                add = gr.Button("Add to pool", interactive=False)
+                download = gr.DownloadButton("Download zip", interactive=False)
+            pool_note = gr.Markdown("")
+    t = InvertTab(hub_id, files, hub_search, hub_list, hub_found, hub_note, load, card, switch, classes, per_class,
+                  steps, pruning, bn_prior, lr, seed, invert_button, stop, stop_note, run_status, images, masked, add,
+                  download, pool_note)
 
-        with reported("Cannot list the Hub's LoRAs", "listing the Hub's LoRAs"):
-            name = self.policy.backbone(text_field(backbone, "backbone name") or self.default_backbone)
-            text = text_field(text, "search text")
-            base = hub_repo_id(name)
-            if base is None:
-                return (f"The backbone {md_code(name)} is not a Hub model, and LoRAs on the Hub name their base by "
-                        "Hub id: choose a Hub backbone (e.g. `hf-hub:google/vit-base-patch16-224-in21k`) to list "
-                        "LoRAs for it.", gr.update(choices=[], value=None))
-            try:
-                found = self._listing(base, text)
-            except HubError as e:
-                return f"⚠️ {md_text(user_text(e), 1000)}", gr.update(choices=[], value=None)
-            if not found:
-                none = (f"No LoRA with a classification head was found on the Hub for {md_code(base)}"
-                        + (f" whose name contains {md_code(text)}." if text else "."))
-                return none, gr.update(choices=[], value=None)
-            rows = [f"| {md_code(x.repo)} | {x.num_classes} | "
-                    + md_text(", ".join((x.classes or [])[:6]) + ("…" if len(x.classes or []) > 6 else ""))
-                    + " |" for x in found]
-            table = "\n".join([f"{len(found)} LoRAs for {md_code(base)} (vetted: safetensors, LoRA, a head). Pick one "
-                               "to fill in the Hub id, then press **Load LoRA**.", "",
-                               "| repository | classes | names |", "|---|---|---|", *rows])
-            return table, gr.update(choices=[(f"{x.repo} · {x.num_classes} classes", x.repo) for x in found],
-                                    value=None)
+    lora_in, lora_out = [backbone, hub_id, files], [card, classes]
+    gr.on([load.click, hub_id.submit], inversion.load, inputs=lora_in, outputs=lora_out, api_name="load_lora",
+          **LOADING).then(inversion.switch_offer, None, switch, api_name="switch_offer",
+                          api_visibility="undocumented", **LOADING)
+    switch.click(inversion.switch_backbone, backbone, backbone, api_name="switch_backbone",
+                 api_visibility="undocumented", queue=False).then(
+        inversion.load, inputs=lora_in, outputs=lora_out, api_visibility="private", **LOADING).then(
+        inversion.switch_offer, None, switch, api_visibility="private", **LOADING)
+    invert_button.click(inversion.run, inputs=[backbone, classes, per_class, steps, pruning, bn_prior, lr, seed],
+                        outputs=[images, masked, run_status, download, add], api_name="invert",
+                        concurrency_id="invert", concurrency_limit=1, show_progress_on=[run_status])
+    gr.on([hub_list.click, hub_search.submit], hub_loras.search, inputs=[backbone, hub_search],
+          outputs=[hub_note, hub_found], api_name="hub_loras", **LOADING)
+    hub_found.input(lambda repo: repo or "", hub_found, hub_id, api_visibility="private", queue=False)
+    stop.click(inversion.stop, None, stop_note, api_name="stop_inversion", queue=False)  # never queued
+    backbone.change(inversion.prior_checkbox, backbone, bn_prior, api_visibility="private", queue=False)
+    return t

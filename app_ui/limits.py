@@ -27,3 +27,6 @@ PREVIEW_INTERVAL = 0.5  # s: at most two gallery refreshes a second, however fas
 SESSIONS = 16  # sessions whose loaded LoRA is kept
 RESULT_SESSIONS = 4  # sessions whose latest inversion (images, masks, zip) is kept
 MAX_URL_LENGTH = 8192  # bytes of path and query in one request; longer URLs get 414 URI Too Long
+QUEUE_SIZE = 32  # requests waiting in the queue; more are refused with "queue full"
+PREDICT_CONCURRENCY = 2  # few-shot predictions at once (inversion has its own single slot)
+LOADING = dict(concurrency_id="load", concurrency_limit=2)  # model and LoRA loads at once (event keyword arguments)

@@ -8,25 +8,62 @@ import json
 import math
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import gradio as gr
 
 from recycle.hub import HubError
-from recycle.pool import Pool, PoolError, PoolIndex, teacher_confidence
+from recycle.pool import EmptyPoolError, Pool, PoolError, PoolIndex, teacher_confidence
 from recycle.pool_hub import HubPoolLimits, fetch_pool, hub_dataset_id, push_pool, remove_downloads
 
 from .errors import number_field, reported, text_field, user_text
-from .images import display_images
+from .inputs import finite
+from .images import display_images, surrogate_gallery
 from .limits import (MAX_HUB_POOL_BYTES, MAX_HUB_POOL_FILES, MAX_POOL_GALLERY, MAX_POOL_MANIFEST_BYTES,
                      MAX_POOL_RUN_ITEMS, MAX_POOL_RUNS, MAX_POOL_SETTINGS_CHARS, MAX_POOL_SOURCES, POOL_INDEXES)
 from .markup import md_code, md_text
 from .settings import AppSettings, PathPolicy
 
+INTRO = "The pool holds inverted images, their masks and the teacher's logits, grouped by source LoRA and class."
+BROWSE = dict(concurrency_id="pool", concurrency_limit=2)  # pool reads at once
+
 # A Hub pool is downloaded within these bounds, then read with the same bounds as a local one.
 HUB_POOL_LIMITS = HubPoolLimits(max_runs=MAX_POOL_RUNS, max_files=MAX_HUB_POOL_FILES, max_bytes=MAX_HUB_POOL_BYTES,
                                 max_manifest_bytes=MAX_POOL_MANIFEST_BYTES, max_items=MAX_POOL_RUN_ITEMS)
+
+
+class ClassView(NamedTuple):
+    """What the tab shows of one class: its images, their masked versions, a caption and the runs' settings. The
+    field names are the tab's component names (`PoolTab`)."""
+
+    images: list
+    masked: list
+    details: str
+    settings: Any
+
+
+class SourceView(NamedTuple):
+    """A source LoRA chosen: its class list, and its first class shown."""
+
+    label: Any
+    images: list
+    masked: list
+    details: str
+    settings: Any
+
+
+class PoolView(NamedTuple):
+    """A pool opened: its summary, the source and class lists, and the first class shown."""
+
+    summary: str
+    source: Any
+    label: Any
+    images: list
+    masked: list
+    details: str
+    settings: Any
 
 
 def _plural(n: int, word: str) -> str:
@@ -108,58 +145,64 @@ class PoolBrowser:
     def _class_choices(pool: Pool, source: Optional[str]) -> list[tuple[str, str]]:
         return [(f"{c.name} ({len(c.items)})", str(c.label)) for c in pool.classes if c.source == source]
 
-    def open(self, folder: Optional[str]) -> tuple:
-        """Open the pool: its summary and the source list, with the first source and class shown.
-
-        Returns:
-            (summary markdown, source dropdown, class dropdown, images, masked images, details markdown, settings).
-        """
+    def open(self, folder: Optional[str]) -> PoolView:
+        """Open the pool: its summary and the source list, with the first source and class shown."""
         with reported("Cannot open the pool", "opening the pool"):
-            index = self._index(folder, refresh=True)
-            pool = index.pool()
-            repo = self._hub_id(folder)
-            sources = self._source_choices(pool)
-            source = sources[0][1]
-            classes = self._class_choices(pool, source)
-            images = sum(len(r["items"]) for r in pool.runs)
-            n_sources = len({r["source"]["fingerprint"] for r in pool.runs})
-            summary = (f"**{md_text(f'datasets/{repo}' if repo else pool.root)}**: "
-                       f"{_plural(len(pool.runs), 'inversion run')} from "
-                       f"{_plural(n_sources, 'LoRA')}, {_plural(len(pool.classes), 'class')}, "
-                       f"{_plural(images, 'image')}" + (", with masked versions." if pool.masked_available else ".")
-                       + (f" The first {len(sources)} LoRAs are listed." if n_sources > len(sources) else "")
-                       + (f" Only the first {len(pool.runs)} of its {index.total_runs} runs are read."
-                          if index.total_runs > len(pool.runs) else ""))
-            shown = self._show(pool, source, classes[0][1])
-            return (summary, gr.update(choices=sources, value=source), gr.update(choices=classes, value=classes[0][1]),
-                    *shown)
+            return self._open_view(folder)
 
-    def refresh(self, folder: Optional[str]) -> tuple:
-        """Like `open`, but a missing or empty pool is explained in the summary instead of raised."""
+    def _open_view(self, folder: Optional[str]) -> PoolView:
+        index = self._index(folder, refresh=True)
+        pool = index.pool()
+        repo = self._hub_id(folder)
+        sources = self._source_choices(pool)
+        source = sources[0][1]
+        classes = self._class_choices(pool, source)
+        images = sum(len(r["items"]) for r in pool.runs)
+        n_sources = len({r["source"]["fingerprint"] for r in pool.runs})
+        summary = (f"**{md_text(f'datasets/{repo}' if repo else pool.root)}**: "
+                   f"{_plural(len(pool.runs), 'inversion run')} from "
+                   f"{_plural(n_sources, 'LoRA')}, {_plural(len(pool.classes), 'class')}, "
+                   f"{_plural(images, 'image')}" + (", with masked versions." if pool.masked_available else ".")
+                   + (f" The first {len(sources)} LoRAs are listed." if n_sources > len(sources) else "")
+                   + (f" Only the first {len(pool.runs)} of its {index.total_runs} runs are read."
+                      if index.total_runs > len(pool.runs) else ""))
+        return PoolView(summary, gr.update(choices=sources, value=source),
+                        gr.update(choices=classes, value=classes[0][1]), *self._show(pool, source, classes[0][1]))
+
+    def refresh(self, folder: Optional[str]) -> PoolView:
+        """Like `open`, but a problem is explained in the summary instead of raised; for a pool that does not exist
+        yet or holds no runs, with how to start one."""
         try:
-            return self.open(folder)
+            with reported("Cannot open the pool", "opening the pool"):
+                try:
+                    return self._open_view(folder)
+                except EmptyPoolError as e:
+                    hint = " Invert a LoRA in the **Invert a LoRA** tab and press **Add to pool**."
+                    return self._empty_view(f"{user_text(e)}.{hint}")
         except gr.Error as e:
-            empty = gr.update(choices=[], value=None)
-            hint = (" Invert a LoRA in the **Invert a LoRA** tab and press **Add to pool**."
-                    if "no runs" in e.message or "does not exist" in e.message else "")
-            return f"ℹ️ {md_text(e.message, 1000)}.{hint}", empty, empty, [], [], "", None
+            return self._empty_view(f"{e.message}.")
 
-    def refresh_if_shown(self, folder: Optional[str], request: gr.Request = None) -> tuple:
+    @staticmethod
+    def _empty_view(message: str) -> PoolView:
+        empty = gr.update(choices=[], value=None)
+        return PoolView(f"ℹ️ {md_text(message, 1000)}", empty, empty, [], [], "", None)
+
+    def refresh_if_shown(self, folder: Optional[str], request: gr.Request = None) -> PoolView:
         """`refresh` when the page was opened on the pool tab (``?tab=pool``); otherwise nothing is read or changed."""
         if request is not None and request.query_params.get("tab") == "pool":
             return self.refresh(folder)
-        return tuple(gr.skip() for _ in range(7))
+        return PoolView(*(gr.skip() for _ in PoolView._fields))
 
-    def choose_source(self, folder: Optional[str], source: Optional[str]) -> tuple:
+    def choose_source(self, folder: Optional[str], source: Optional[str]) -> SourceView:
         """The classes of `source`, with the first one shown."""
         with reported("Cannot open the pool", "opening the pool"):
             pool = self._open(folder)
             classes = self._class_choices(pool, source)
             if not classes:
                 raise PoolError(f"The pool has no LoRA with fingerprint '{source}'. Press Refresh.")
-            return gr.update(choices=classes, value=classes[0][1]), *self._show(pool, source, classes[0][1])
+            return SourceView(gr.update(choices=classes, value=classes[0][1]), *self._show(pool, source, classes[0][1]))
 
-    def show(self, folder: Optional[str], source: Optional[str], label: Optional[str], page: Any = 1) -> tuple:
+    def show(self, folder: Optional[str], source: Optional[str], label: Optional[str], page: Any = 1) -> ClassView:
         """Images of one class of one source, a page of `MAX_POOL_GALLERY` at a time: unmasked and masked, captioned
         with the teacher's confidence (a page beyond the last shows the last)."""
         with reported("Cannot open the pool", "showing pool images"):
@@ -167,7 +210,7 @@ class PoolBrowser:
             return self._show(self._open(folder), source, label, page)
 
     @staticmethod
-    def _show(pool: Pool, source: Optional[str], label: Optional[str], page: int = 1) -> tuple:
+    def _show(pool: Pool, source: Optional[str], label: Optional[str], page: int = 1) -> ClassView:
         match = [c for c in pool.classes if c.source == source and str(c.label) == str(label)]
         if not match:
             raise PoolError(f"The pool has no class {str(label)[:80]!r} from LoRA {str(source)[:80]!r}. Press "
@@ -199,7 +242,7 @@ class PoolBrowser:
         details = (f"**<bdi>{md_text(cls.name)}</bdi>** ({shown}): the teacher LoRA's mean confidence in this "
                    f"class is **{sum(conf) / len(conf):.2f}** on the images"
                    + (f" and **{sum(conf_kept) / len(conf_kept):.2f}** on their kept tokens." if conf_kept else "."))
-        return images, masked, details, settings
+        return ClassView(images, masked, details, settings)
 
 
 def push_run(settings: AppSettings, run_dir: Path) -> str:
@@ -218,3 +261,62 @@ def push_run(settings: AppSettings, run_dir: Path) -> str:
     except (HubError, PoolError) as e:
         return f"⚠️ Not pushed to {where}: {md_text(user_text(e), 500)}. The run is kept in the local pool."
     return f"Pushed to the Hub dataset {where}."
+
+
+@dataclass
+class PoolTab:
+    """The pool tab's components, by the names the views (`PoolView`, `SourceView`, `ClassView`) use."""
+
+    folder: gr.Textbox
+    refresh: gr.Button
+    summary: gr.Markdown
+    source: gr.Dropdown
+    label: gr.Dropdown
+    page: gr.Number
+    details: gr.Markdown
+    images: gr.Gallery
+    masked: gr.Gallery
+    settings: gr.JSON
+
+    def outputs(self, view: type) -> list:
+        """The components a handler returning `view` (a NamedTuple of this tab) fills, in its field order."""
+        return [getattr(self, name) for name in view._fields]
+
+
+def pool_tab(browser: PoolBrowser, policy: PathPolicy, settings: AppSettings, demo: gr.Blocks, tab: gr.Tab
+             ) -> PoolTab:
+    """Lay out the pool tab inside `tab` and wire its events; a page load reads the pool only when it opens on this
+    tab (``?tab=pool``)."""
+    gr.Markdown(INTRO)
+    with gr.Row(equal_height=False):
+        hub = "or a Hub dataset: datasets/ORG/NAME. Press Enter to open."
+        folder = gr.Textbox(str(settings.pool), label="Pool folder or Hub dataset", max_lines=1, scale=4,
+                            info=(f"A folder, {hub}" if policy.allow_local
+                                  else f"The server's pool (RECYCLE_POOL), {hub}"))
+        refresh = gr.Button("↻ Refresh", scale=1, min_width=120)
+    summary = gr.Markdown("", elem_id="pool-summary")
+    with gr.Row():
+        source = gr.Dropdown([], label="Source LoRA", interactive=True, scale=3)
+        label = gr.Dropdown([], label="Class", interactive=True, scale=2)
+        page = finite(gr.Number(1, label=f"Page ({MAX_POOL_GALLERY} images each)", precision=0, minimum=1,
+                                scale=1, min_width=120))
+    details = gr.Markdown("")
+    with gr.Row(equal_height=False):
+        images = surrogate_gallery("Images", columns=3)
+        masked = surrogate_gallery("Masked (kept tokens only)", columns=3)
+    with gr.Accordion("Settings that made these images", open=False):
+        settings_json = gr.JSON(label="Inversion settings per run")
+    t = PoolTab(folder, refresh, summary, source, label, page, details, images, masked, settings_json)
+
+    gr.on([refresh.click, folder.submit], browser.open, inputs=folder, outputs=t.outputs(PoolView),
+          api_name="open_pool", **BROWSE)
+    tab.select(browser.refresh, inputs=folder, outputs=t.outputs(PoolView), api_name="refresh_pool",
+               api_visibility="undocumented", **BROWSE)
+    demo.load(browser.refresh_if_shown, inputs=folder, outputs=t.outputs(PoolView), api_visibility="private",
+              **BROWSE)
+    source.input(browser.choose_source, inputs=[folder, source], outputs=t.outputs(SourceView),
+                 api_name="pool_source", **BROWSE)
+    shown = [folder, source, label, page]
+    label.input(browser.show, inputs=shown, outputs=t.outputs(ClassView), api_name="pool_class", **BROWSE)
+    page.submit(browser.show, inputs=shown, outputs=t.outputs(ClassView), api_name="pool_page", **BROWSE)
+    return t

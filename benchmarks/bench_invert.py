@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import (REPO, Mark, Summary, Timing, contention, environment, markdown_table, report_header,
-                               run_worker, timed, vit_block_flops, write_results)
+                               rotated, run_worker, timed, vit_block_flops, write_results)
 from recycle.backbone import Backbone
 from recycle.formats import LoRAAdapter
 from recycle.invert import BNPrior, InversionConfig, InversionProgress, invert
@@ -83,11 +83,6 @@ def _mean(timings: Sequence[Timing]) -> Timing:
     n = len(timings)
     return Timing(total.wall / n, total.cpu / n, total.others_cpu / n, total.minor_faults // n,
                   total.major_faults // n, total.system / n)
-
-
-def _rotated(items: Sequence, rep: int) -> list:
-    k = rep % len(items)
-    return list(items[k:]) + list(items[:k])
 
 
 # ------------------------------------------------------------------------------------------------------------ models
@@ -188,7 +183,7 @@ def time_blocks(backbone: Backbone, adapter: LoRAAdapter, batch: int, repeats: i
         for fn in variants.values():  # warm-up
             run(fn)
         for rep in range(repeats):
-            for name in _rotated(BLOCK_VARIANTS, rep):
+            for name in rotated(BLOCK_VARIANTS, rep):
                 out[name].append(timed(functools.partial(run, variants[name]))[1])
     return out
 
@@ -212,7 +207,7 @@ def run_inversion(args: argparse.Namespace, backbone: Backbone, adapter: LoRAAda
     time_inversion(backbone, adapter, SCHEDULES["{3, 6, 8, 11: 0.3}"], None, args.per_class, 1, args.seed)
     steps: dict[tuple[str, bool], list[list[Timing]]] = {c: [] for c in configs}
     for rep in range(args.repeats):
-        for name, with_prior in _rotated(configs, rep):
+        for name, with_prior in rotated(configs, rep):
             gc.collect()
             ts = time_inversion(backbone, adapter, SCHEDULES[name], prior if with_prior else None, args.per_class,
                                 args.steps, args.seed + rep)
@@ -270,7 +265,7 @@ def tokens_worker(args: argparse.Namespace) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in TOKEN_VARIANTS}
     patch_embed: list[Timing] = []
     for rep in range(args.repeats):
-        for name in _rotated(list(TOKEN_VARIANTS), rep):
+        for name in rotated(list(TOKEN_VARIANTS), rep):
             gc.collect()
             t_fwd, t_bwd = forward_backward(images, kept[name])
             runs[name].append({"forward": asdict(t_fwd), "backward": asdict(t_bwd)})

@@ -6,7 +6,7 @@ by Adam at 1e-3. One step is exactly what `recycle.meta.meta_train` does per ste
 flips, ProtoNet logits, KL to the teacher's logits) + ``backward()`` + ``Adam.step()``, model in train mode.
 
 Episode: a 5-way 1-shot task with 15 queries per class (80 images of 224 px), built directly as a
-`recycle.pool.PoolEpisode` from random [0, 1] images and random teacher logits. With masking, every image keeps the
+`recycle.episodes.PoolEpisode` from random [0, 1] images and random teacher logits. With masking, every image keeps the
 same number of random patches (``support_kept``/``query_kept``, different per image) and its dropped patches are
 zeroed, as in a masked pool; `episode_loss` then feeds only the kept tokens (`recycle.tokens.embed_kept`). At 0% the
 episode carries no kept indices, so the full forward runs (``Backbone.embed``).
@@ -41,12 +41,12 @@ from typing import Optional
 import timm
 import torch
 
-from benchmarks.common import (REPO, Summary, Timing, contention, environment, markdown_table, report_header,
-                               run_worker, timed, vit_block_flops, write_results)
+from benchmarks.common import (REPO, Summary, Timing, contention, environment, markdown_table, masking_label,
+                               report_header, run_worker, timed, vit_block_flops, write_results)
 from recycle.backbone import Backbone
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters
 from recycle.meta import episode_loss
-from recycle.pool import PoolEpisode
+from recycle.episodes import PoolEpisode
 from recycle.runtime import tune_allocator
 from recycle.tokens import keep_mask, mask_images
 
@@ -56,10 +56,6 @@ MASKINGS = (0.0, 0.25, 0.5, 0.75)  # fraction of the patches masked
 # Table 5 of the paper (CUB, batch 100, GPU): masking -> (throughput it/s, GPU memory GB).
 PAPER_TABLE5 = {0.0: (1.76, 12.86), 0.25: (2.34, 9.40), 0.5: (3.63, 6.23), 0.75: (6.83, 3.31)}
 PHASES = ("episode_loss", "backward", "adam")
-
-
-def _label(masked: float) -> str:
-    return f"{int(100 * masked)}% masked" if masked else "0% (all tokens)"
 
 
 def _memory_kib() -> dict[str, int]:
@@ -137,7 +133,8 @@ def meta_worker(args: argparse.Namespace) -> dict:
         phases = step(measure_saved=i == 0 and not args.warmup)
         steps.append({k: asdict(t) for k, t in phases.items()})
         total = functools.reduce(operator.add, phases.values())
-        print(f"  [{_label(args.masked)}] step {i + 1}/{args.steps}: {total.wall:.2f}s wall {total.cpu:.2f}s cpu "
+        print(f"  [{masking_label(args.masked)}] step {i + 1}/{args.steps}: {total.wall:.2f}s wall "
+              f"{total.cpu:.2f}s cpu "
               f"({total.system:.2f}s system) {total.minor_faults} faults, others {total.others_cpu:.2f}s cpu ("
               + ", ".join(f"{k} {t.wall:.2f}s" for k, t in phases.items()) + ")", flush=True)
     saved = sum(saved_storages.values())
@@ -192,7 +189,7 @@ def report(args: argparse.Namespace, env: dict[str, str], runs: dict[float, list
     step_rows, ratio_rows, mem_rows, raw = [], [], [], []
     for masked, rs in runs.items():
         steps = [r.step() for r in rs]
-        step_rows.append([_label(masked), str(rs[0].tokens), Summary.of(t.wall for t in steps).format(".2f"),
+        step_rows.append([masking_label(masked), str(rs[0].tokens), Summary.of(t.wall for t in steps).format(".2f"),
                           Summary.of(t.cpu for t in steps).format(".2f"),
                           Summary.of(t.system for t in steps).format(".2f"),
                           *(Summary.of(r.phase(p) for r in rs).format(".2f") for p in PHASES),
@@ -203,11 +200,11 @@ def report(args: argparse.Namespace, env: dict[str, str], runs: dict[float, list
         cpu = Summary.of(b.step().cpu / r.step().cpu for b, r in zip(base, rs))
         paper_its, paper_gb = PAPER_TABLE5[masked]
         ideal_x = ideal(rs[0].tokens, full_tokens, dim)
-        ratio_rows.append([_label(masked), wall.format(), cpu.format(), f"{ideal_x:.2f}",
+        ratio_rows.append([masking_label(masked), wall.format(), cpu.format(), f"{ideal_x:.2f}",
                            f"{100 * cpu.median / ideal_x:.0f}%", f"{paper_its / PAPER_TABLE5[0.0][0]:.2f}"])
         rel = Summary.of(100 * (r.increase_mib / b.increase_mib - 1) for b, r in zip(base, rs))
         peak_rel = Summary.of(100 * (r.peak["ru_maxrss"] / b.peak["ru_maxrss"] - 1) for b, r in zip(base, rs))
-        mem_rows.append([_label(masked), Summary.of(r.baseline["ru_maxrss"] / 1024 for r in rs).format(".0f"),
+        mem_rows.append([masking_label(masked), Summary.of(r.baseline["ru_maxrss"] / 1024 for r in rs).format(".0f"),
                          Summary.of(r.peak["ru_maxrss"] / 1024 for r in rs).format(".0f"),
                          Summary.of(r.peak["VmHWM"] / 1024 for r in rs).format(".0f"),
                          Summary.of(r.increase_mib for r in rs).format(".0f"),
@@ -218,9 +215,9 @@ def report(args: argparse.Namespace, env: dict[str, str], runs: dict[float, list
         for rep, r in enumerate(rs):
             for i, s in enumerate(r.steps):
                 for phase, t in s.items():
-                    raw.append([str(rep + 1), _label(masked), str(i + 1), phase, f"{t.wall:.3f}", f"{t.cpu:.3f}",
+                    raw.append([str(rep + 1), masking_label(masked), str(i + 1), phase, f"{t.wall:.3f}", f"{t.cpu:.3f}",
                                 f"{t.others_cpu:.2f}", str(t.minor_faults)])
-            raw.append([str(rep + 1), _label(masked), "-", "memory (KiB)",
+            raw.append([str(rep + 1), masking_label(masked), "-", "memory (KiB)",
                         f"ru_maxrss {r.baseline['ru_maxrss']} -> {r.peak['ru_maxrss']}",
                         f"VmHWM {r.baseline['VmHWM']} -> {r.peak['VmHWM']}", "-", "-"])
     sections = [
@@ -280,7 +277,7 @@ def interpretation(runs: dict[float, list[Run]], full_tokens: int, dim: int) -> 
         mem = Summary.of(r.increase_mib / b.increase_mib for b, r in zip(base, rs)).median
         saved = rs[0].saved / base[0].saved
         paper_its, paper_gb = PAPER_TABLE5[masked]
-        lines.append(f"- **{_label(masked)}** ({rs[0].tokens} of {full_tokens} tokens, "
+        lines.append(f"- **{masking_label(masked)}** ({rs[0].tokens} of {full_tokens} tokens, "
                      f"{100 * rs[0].tokens / full_tokens:.0f}%): step {cpu:.2f}x faster in CPU time and {wall:.2f}x "
                      f"in wall time (FLOP-ideal {ideal(rs[0].tokens, full_tokens, dim):.2f}x, paper "
                      f"{paper_its / PAPER_TABLE5[0.0][0]:.2f}x); the steps' resident memory is {100 * mem:.0f}% and "
@@ -343,7 +340,7 @@ def main() -> None:
     for rep in range(args.repeats):
         k = rep % len(MASKINGS)
         for masked in MASKINGS[k:] + MASKINGS[:k]:
-            print(f"[repeat {rep + 1}/{args.repeats}] {_label(masked)}: fresh process", flush=True)
+            print(f"[repeat {rep + 1}/{args.repeats}] {masking_label(masked)}: fresh process", flush=True)
             data = run_worker("benchmarks.bench_meta", [*worker_args, "--masked", str(masked)])
             runs[masked].append(Run.from_json(data))
             dims = (1 + data["num_patches"], data["dim"])

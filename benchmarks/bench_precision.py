@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_invert import _rotated, load_vit, make_adapter, make_prior, time_inversion
-from benchmarks.bench_meta import MASKINGS, Run, _label, ideal
-from benchmarks.common import (REPO, Summary, Timing, contention, environment, markdown_table, matmul_gflops,
-                               report_header, run_worker, vit_block_flops, write_results)
+from benchmarks.bench_invert import load_vit, make_adapter, make_prior, time_inversion
+from benchmarks.bench_meta import MASKINGS, Run, ideal
+from benchmarks.common import (REPO, Summary, Timing, contention, environment, markdown_table, masking_label,
+                               matmul_gflops, report_header, rotated, run_worker, vit_block_flops, write_results)
 from recycle.runtime import allocator_settings, tune_allocator
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "precision.md"
@@ -55,7 +55,8 @@ class Setting:
 
     @property
     def label(self) -> str:
-        return f"{_label(self.masked)}, {self.precision}" + (", glibc defaults" if self.malloc == "default" else "")
+        defaults = ", glibc defaults" if self.malloc == "default" else ""
+        return f"{masking_label(self.masked)}, {self.precision}{defaults}"
 
 
 SETTINGS = [Setting(m, p, "tuned") for m in MASKINGS for p in ("fp32", "bf16")] + [Setting(0.0, "fp32", "default")]
@@ -94,15 +95,16 @@ def meta_sections(runs: dict[Setting, list[Run]], dims: dict, peaks: dict[str, S
     for m in MASKINGS:
         cpu = _within(fp32[m], bf16[m], lambda r: r.step().cpu)
         wall = _within(fp32[m], bf16[m], lambda r: r.step().wall)
-        speed_rows.append([_label(m), wall.format(), cpu.format()])
+        speed_rows.append([masking_label(m), wall.format(), cpu.format()])
         if m in (0.0, 0.75):
-            verdicts.append(f"- {_label(m)}: bf16 is {wall.median:.2f}x faster in wall time and {cpu.median:.2f}x in "
+            verdicts.append(f"- {masking_label(m)}: bf16 is {wall.median:.2f}x faster in wall time and "
+                            f"{cpu.median:.2f}x in "
                             f"CPU time (target >= {SPEEDUP_TARGET}x: "
                             f"{'meets' if min(wall.median, cpu.median) >= SPEEDUP_TARGET else 'MISSES'}).")
     ideal_rows = []
     for m in MASKINGS[1:]:
         x = ideal(fp32[m][0].tokens, 1 + dims["num_patches"], dims["dim"])
-        row = [_label(m), f"{x:.2f}"]
+        row = [masking_label(m), f"{x:.2f}"]
         for precision, by_mask in (("fp32", fp32), ("bf16", bf16)):
             cpu = _within(by_mask[0.0], by_mask[m], lambda r: r.step().cpu)
             share = cpu.median / x
@@ -209,7 +211,7 @@ def main() -> None:
     runs: dict[Setting, list[Run]] = {s: [] for s in SETTINGS}
     dims: dict = {}
     for rep in range(args.repeats):
-        for s in _rotated(SETTINGS, rep):
+        for s in rotated(SETTINGS, rep):
             print(f"[meta repeat {rep + 1}/{args.repeats}] {s.label}: fresh process", flush=True)
             data = run_worker("benchmarks.bench_meta", [*worker_args, "--masked", str(s.masked), "--precision",
                                                         s.precision, "--malloc", s.malloc])
@@ -224,7 +226,7 @@ def main() -> None:
         time_inversion(backbone, adapter, INVERT_SCHEDULES[name], prior, args.per_class, 1, args.seed, bf16)
     inv: dict[tuple[str, bool], list[Timing]] = {k: [] for k in keys}
     for rep in range(args.repeats):
-        for name, bf16 in _rotated(keys, rep):
+        for name, bf16 in rotated(keys, rep):
             gc.collect()
             ts = time_inversion(backbone, adapter, INVERT_SCHEDULES[name], prior, args.per_class, args.invert_steps,
                                 args.seed + rep, bf16)

@@ -24,8 +24,8 @@ import torch
 
 from recycle.runtime import cpu_bf16_flags
 
-__all__ = ["REPO", "Timing", "Summary", "timed", "environment", "command_line", "markdown_table",
-           "vit_block_flops", "run_worker", "Mark", "contention", "matmul_gflops"]
+__all__ = ["REPO", "Timing", "Summary", "timed", "environment", "command_line", "markdown_table", "rotated",
+           "masking_label", "vit_block_flops", "run_worker", "Mark", "contention", "matmul_gflops"]
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -148,6 +148,17 @@ def report_header(title: str, script: str, env: Mapping[str, str], started: str,
         f"# {title}", f"Produced by `benchmarks/{script}`; do not edit by hand.",
         f"Command (from the repository root):\n\n```\n{command_line()}\n```\n\nStarted {started}; {duration}.",
         "## Environment\n\n" + markdown_table(["", ""], env.items())])
+
+
+def rotated(items: Sequence, rep: int) -> list:
+    """`items` rotated by `rep` places: each repeat starts the interleaved variants at a different one."""
+    k = rep % len(items)
+    return list(items[k:]) + list(items[:k])
+
+
+def masking_label(masked: float) -> str:
+    """How a setting's share of masked tokens reads in tables: "75% masked", or "0% (all tokens)"."""
+    return f"{int(100 * masked)}% masked" if masked else "0% (all tokens)"
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

@@ -20,8 +20,8 @@ from torch import nn
 
 from .hub import endpoint, hub_reachable
 
-__all__ = ["Backbone", "BackboneError", "ALIASES", "DEFAULT_BACKBONE", "load_backbone", "backbone_source",
-           "hub_repo_id", "pick_device"]
+__all__ = ["Backbone", "BackboneError", "ALIASES", "DEFAULT_BACKBONE", "load_backbone", "create_timm_model",
+           "backbone_source", "hub_repo_id", "pick_device"]
 
 _logger = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def _check_before_build(name: str, kwargs: dict, pretrained: bool, what: str) ->
         raise BackboneError(f"{'Backbone ' if what == 'backbone' else ''}'{name}': {e}") from None
 
 
-def _create(name: str, kwargs: dict, pretrained: bool, what: str = "backbone") -> nn.Module:
+def create_timm_model(name: str, kwargs: dict, pretrained: bool, what: str = "backbone") -> nn.Module:
     """The timm model called `name` (any form `backbone_source` reads), with safetensors weights only; when the Hub
     is unreachable, from the local cache only (for this call: no global offline switch). `what` (``"backbone"`` or
     ``"BN prior"``) is the kind of model expected."""
@@ -442,7 +442,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, pretrained: bool = True,
     device = pick_device(device)  # a bad device is refused before anything is loaded
     model = load_transformers_vit(name, pretrained)  # None unless `name` is a transformers checkpoint
     if model is None:
-        model = _create(name, kwargs, pretrained)
+        model = create_timm_model(name, kwargs, pretrained)
     if not hasattr(model, "blocks") or not hasattr(model, "forward_head"):
         raise BackboneError(f"Backbone '{name}' is a {type(model).__name__}; LoRA Recycle needs a timm ViT.")
     backbone = Backbone(model, name)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .backbone import hub_repo_id
-from .formats import LoRAAdapter
+from .adapter import LoRAAdapter
 from .io import atomic_write_bytes
 
 __all__ = ["card_data", "write_model_card"]

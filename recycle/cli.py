@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 from . import __version__, distributed
 from .backbone import DEFAULT_BACKBONE, BackboneError
-from .formats import LoRAFormatError
+from .adapter import LoRAFormatError
 from .hub import HubError
 from .images import IMAGE_SUFFIXES, ImageError
 from .io import atomic_write_bytes
@@ -160,14 +160,12 @@ def _warn_provenance(adapter, backbone) -> None:
 
 
 def _cmd_invert(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from tqdm import tqdm
 
     from .backbone import load_backbone
     from .formats import load_lora
     from .invert import InversionConfig, invert, load_bn_prior
-    from .pool import write_run
+    from .pool import run_settings, write_run
     from .tokens import PruningConfig
 
     prune = {} if args.prune in (["none"], ["0"]) else (args.prune or PruningConfig().schedule)
@@ -200,8 +198,8 @@ def _cmd_invert(args: argparse.Namespace) -> int:
             bar.update(1)
             bar.set_postfix(loss=f"{p.loss:.3f}", acc=f"{p.accuracy:.2f}", pruning=p.pruning, refresh=False)
         result = invert(backbone, adapter, config, args.classes, prior, progress=progress)
-    settings = {**asdict(config), **settings}
-    run = write_run(args.out, result, adapter, args.lora, settings, tuple(backbone.model.patch_embed.grid_size))
+    run = write_run(args.out, result, adapter, args.lora, run_settings(config, **settings),
+                    tuple(backbone.model.patch_embed.grid_size))
     acc = (result.logits.argmax(-1) == result.labels).float().mean().item()
     print(f"wrote {result.images.shape[0]} images to {run} (teacher accuracy {acc:.1%})")
     return 0
@@ -211,7 +209,7 @@ def _invert_zoo(args: argparse.Namespace, backbone, config, prior, settings: dic
     """``invert --zoo``: every LoRA of the zoo into the pool, dealt to the ranks under torchrun."""
     from tqdm import tqdm
 
-    from .pool import invert_zoo
+    from .zoo import invert_zoo
 
     with tqdm(desc="inverting the zoo", unit="step", disable=args.quiet) as bar:
         def progress(name, p):
@@ -229,7 +227,8 @@ def _cmd_pretune(args: argparse.Namespace) -> int:
 
     from .backbone import load_backbone
     from .lora import LoRAConfig
-    from .pretune import PretuneConfig, pretune_zoo
+    from .pretune import PretuneConfig
+    from .zoo import pretune_zoo
 
     config = PretuneConfig(num_loras=args.num_loras, way=args.way, steps=args.steps, lr=args.lr,
                            batch_size=args.batch_size, flip=not args.no_flip, shift=args.shift,
@@ -252,7 +251,8 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
     from .evaluate import EvalConfig, make_validator
     from .card import write_model_card
     from .lora import LoRAConfig
-    from .meta import MetaConfig, PoolEpisodes, ZooEpisodes, meta_train
+    from .episodes import PoolEpisodes, ZooEpisodes
+    from .meta import MetaConfig, meta_train
     from .pool import Pool
 
     config = MetaConfig(steps=args.steps, way=args.way, shot=args.shot, query=args.query, masked=args.masked,
@@ -273,7 +273,7 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
         origin = {"pool": args.pool}
     else:
         from .invert import InversionConfig, load_bn_prior
-        from .pretune import load_zoo
+        from .zoo import load_zoo
         from .tokens import PruningConfig
 
         adapters = [a for _, a in load_zoo(args.zoo, backbone)]
@@ -313,9 +313,10 @@ def _cmd_meta_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .backbone import load_backbone
-    from .evaluate import EvalConfig, average_loras, evaluate, results_markdown, write_report
+    from .adapter import average_loras
+    from .evaluate import EvalConfig, evaluate, results_markdown, write_report
     from .formats import load_lora
-    from .pretune import load_zoo
+    from .zoo import load_zoo
 
     config = EvalConfig(args.way, args.shot, args.query, args.episodes, args.seed, args.distance)
     backbone = load_backbone(args.backbone, device=args.device)
@@ -366,7 +367,7 @@ def _installed_vit_layout() -> str:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .backbone import load_backbone
     from .formats import load_lora
-    from .formats_transformers import save_transformers_peft
+    from .formats import save_transformers_peft
 
     if args.backbone is None:
         args.backbone = _backbone_of(args.lora)

@@ -1,11 +1,27 @@
-"""N-way K-shot episode sampling over classes given as lists of items (a pool, or an ImageFolder split)."""
+"""Episodes: N-way K-shot sampling over classes given as lists of items, the loaded episode (`PoolEpisode`), and
+the sources meta-training draws episodes from: a surrogate pool (`PoolEpisodes`), real images in an ImageFolder
+(`FolderEpisodes`, for the oracle) and online inversion of a zoo (`ZooEpisodes`, the paper's Alg. 1)."""
 from __future__ import annotations
 
+import copy
 import random
-from dataclasses import dataclass
-from typing import Generic, Hashable, Optional, Sequence, TypeVar
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Generic, Hashable, Optional, Protocol, Sequence, TypeVar, Union
 
-__all__ = ["EpisodeSpec", "SampledEpisode", "EpisodeSampler"]
+import numpy as np
+import torch
+from PIL import Image
+
+from .adapter import LoRAAdapter
+from .backbone import Backbone
+from .images import list_images, load_image
+
+if TYPE_CHECKING:
+    from .pool import Pool, PoolClass
+
+__all__ = ["EpisodeSpec", "SampledEpisode", "EpisodeSampler", "image_folder", "PoolEpisode", "EpisodeSource",
+           "PoolEpisodes", "FolderEpisodes", "ZooEpisodes"]
 
 T = TypeVar("T")
 
@@ -101,3 +117,129 @@ class EpisodeSampler(Generic[T]):
             support.append(items[:spec.shot])
             query.append(items[spec.shot:])
         return SampledEpisode(chosen, support, query, kind)
+
+
+def image_folder(root: Union[str, Path]) -> tuple[list[str], list[list[Path]]]:
+    """``root/<class>/<images>`` -> (class names, image paths per class), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder '{root}' does not exist")
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not dirs:
+        raise ValueError(f"'{root}' has no class folders (expected {root}/<class>/<images>)")
+    return [d.name for d in dirs], [list_images(d) for d in dirs]
+
+
+@dataclass
+class PoolEpisode:
+    """A loaded episode. Images are ``(n, 3, H, W)`` in [0, 1]; labels are task labels ``0..way-1``.
+
+    ``teacher_logits`` (queries, restricted to the task's classes) is set for single-source episodes only, where
+    one teacher knows every class. ``*_kept`` are kept patch indices when the episode is masked.
+    """
+
+    support: torch.Tensor
+    support_labels: torch.Tensor
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    kind: str
+    classes: list["PoolClass"]
+    teacher_logits: Optional[torch.Tensor] = None
+    support_kept: Optional[list[torch.Tensor]] = None
+    query_kept: Optional[list[torch.Tensor]] = None
+
+
+class EpisodeSource(Protocol):
+    """Where meta-training draws episodes: ``next(kind, rng)`` gives one episode of `kind` ("single": one
+    teacher's classes, "cross": classes of several), or of the kind the source has when it lacks that one."""
+
+    kinds: list[str]
+
+    def next(self, kind: str, rng: random.Random) -> PoolEpisode: ...
+
+
+class PoolEpisodes:
+    """Episodes from a surrogate pool on disk."""
+
+    def __init__(self, pool: "Pool", spec: EpisodeSpec, masked: bool):
+        if masked and not pool.masked_available:
+            raise ValueError("masked meta-training needs a pool inverted with token pruning (masked images)")
+        self.pool, self.spec, self.masked = pool, spec, masked
+        sampler = pool.sampler()
+        self.kinds = [k for k in ("single", "cross") if sampler.can_sample(spec, k)]
+        if not self.kinds:
+            raise ValueError(f"the pool cannot supply {spec.way}-way {spec.shot}-shot episodes with {spec.query} "
+                             f"queries: it needs at least {spec.way} classes with {spec.shot + spec.query} images")
+
+    def next(self, kind: str, rng: random.Random) -> PoolEpisode:
+        if kind not in self.kinds:
+            kind = self.kinds[0]
+        return self.pool.sample_episode(self.spec, kind, self.masked, rng)
+
+
+class FolderEpisodes:
+    """Episodes of real images from an ImageFolder (for an oracle meta-trained on the zoo's real data); CE loss.
+
+    Images are decoded once and held as ``uint8`` tensors at the backbone's input size.
+    """
+
+    def __init__(self, root: Union[str, Path], spec: EpisodeSpec, input_size: tuple[int, int]):
+        _, paths = image_folder(root)
+        h, w = input_size
+        self.images: list[list[torch.Tensor]] = []
+        for files in paths:
+            arrays = [np.array(load_image(f).resize((w, h), Image.BICUBIC)) for f in files]
+            self.images.append([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])
+        self.spec = spec
+        self.sampler = EpisodeSampler([list(range(len(c))) for c in self.images])
+        if not self.sampler.can_sample(spec, "any"):
+            raise ValueError(f"'{root}' cannot supply {spec.way}-way {spec.shot}-shot episodes with {spec.query} "
+                             "queries")
+        self.kinds = ["cross"]
+
+    def next(self, kind: str, rng: random.Random) -> PoolEpisode:
+        ep = self.sampler.sample(self.spec, "any", rng)
+
+        def stack(groups):
+            imgs = [self.images[c][i] for c, g in zip(ep.classes, groups) for i in g]
+            return torch.stack(imgs).float() / 255, torch.tensor([k for k, g in enumerate(groups) for _ in g])
+        s, s_lab = stack(ep.support)
+        q, q_lab = stack(ep.query)
+        return PoolEpisode(s, s_lab, q, q_lab, "real", [])
+
+
+class ZooEpisodes:
+    """Episodes inverted online from a LoRA zoo (the paper's Alg. 1): each episode inverts ``shot + query`` images
+    per class from one randomly chosen LoRA, on a separate copy of the backbone."""
+
+    def __init__(self, backbone: Backbone, adapters: Sequence[LoRAAdapter], spec: EpisodeSpec, masked: bool,
+                 invert_config, bn_prior=None):
+        from .invert import InversionConfig
+
+        if not adapters:
+            raise ValueError("the zoo is empty")
+        usable = [a for a in adapters if a.num_classes >= spec.way]
+        if not usable:
+            raise ValueError(f"no LoRA in the zoo has a head with >= {spec.way} classes")
+        self.teacher_backbone = Backbone(copy.deepcopy(backbone.model).cpu(), backbone.name).to(backbone.device)
+        self.adapters, self.spec, self.masked, self.bn_prior = usable, spec, masked, bn_prior
+        self.config: InversionConfig = invert_config
+        self.kinds = ["single"]
+
+    def next(self, kind: str, rng: random.Random) -> PoolEpisode:
+        from .invert import invert
+
+        adapter = rng.choice(self.adapters)
+        classes = sorted(rng.sample(range(adapter.num_classes), self.spec.way))
+        cfg = replace(self.config, per_class=self.spec.shot + self.spec.query, seed=rng.randrange(2 ** 31))
+        res = invert(self.teacher_backbone, adapter, cfg, classes, self.bn_prior)
+        per = self.spec.shot + self.spec.query
+        s_idx = [c * per + i for c in range(self.spec.way) for i in range(self.spec.shot)]
+        q_idx = [c * per + i for c in range(self.spec.way) for i in range(self.spec.shot, per)]
+        images = res.masked if self.masked and res.masked is not None else res.images
+        logits = (res.logits_kept if self.masked and res.logits_kept is not None else res.logits)[:, classes]
+        kept = [res.kept[i] for i in range(res.kept.shape[0])] if self.masked and res.kept is not None else None
+        labels = torch.arange(self.spec.way)
+        return PoolEpisode(images[s_idx], labels.repeat_interleave(self.spec.shot), images[q_idx],
+                           labels.repeat_interleave(self.spec.query), "single", [], logits[q_idx],
+                           [kept[i] for i in s_idx] if kept else None, [kept[i] for i in q_idx] if kept else None)

@@ -4,7 +4,7 @@ Every method is scored on the same episodes. Each image is embedded once per met
 the cached embeddings, so 600 episodes cost one pass over the images they use. Methods:
 
 * ``NN``: the bare backbone (ProtoNet on frozen features);
-* ``LoRAs-average + NN``: a uniform merge of a zoo's LoRAs (`average_loras`);
+* ``LoRAs-average + NN``: a uniform merge of a zoo's LoRAs (`recycle.adapter.average_loras`);
 * any given LoRA, e.g. a meta-LoRA.
 """
 from __future__ import annotations
@@ -22,14 +22,13 @@ import torch
 
 from . import distributed
 from .backbone import Backbone
-from .episodes import EpisodeSampler, EpisodeSpec, SampledEpisode
+from .episodes import EpisodeSampler, EpisodeSpec, SampledEpisode, image_folder
 from .fewshot import FewShotClassifier, prototype_logits
-from .formats import LoRAAdapter
-from .images import list_images, load_image
-from .lora import LoRAConfig
+from .adapter import LoRAAdapter
+from .images import load_image
 from .runtime import check_bf16_flag
 
-__all__ = ["EvalConfig", "image_folder", "sample_episodes", "mean_ci", "average_loras", "evaluate",
+__all__ = ["EvalConfig", "sample_episodes", "mean_ci", "evaluate",
            "make_validator", "results_markdown", "write_report"]
 
 _logger = logging.getLogger(__name__)
@@ -57,17 +56,6 @@ class EvalConfig:
         return EpisodeSpec(self.way, self.shot, self.query)
 
 
-def image_folder(root: Union[str, Path]) -> tuple[list[str], list[list[Path]]]:
-    """``root/<class>/<images>`` -> (class names, image paths per class), sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder '{root}' does not exist")
-    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not dirs:
-        raise ValueError(f"'{root}' has no class folders (expected {root}/<class>/<images>)")
-    return [d.name for d in dirs], [list_images(d) for d in dirs]
-
-
 def sample_episodes(items: Sequence[Sequence], spec: EpisodeSpec, episodes: int, seed: int
                     ) -> list[SampledEpisode]:
     """`episodes` seeded episodes over ``items[class] = [...]`` (identical for every method)."""
@@ -80,30 +68,6 @@ def mean_ci(accuracies: Sequence[float]) -> tuple[float, float]:
     """Mean and 95% half-width ``1.96·std/√n`` (population std, as in the paper's code and SimpleShot)."""
     a = np.asarray(accuracies, dtype=np.float64)
     return float(a.mean()), float(1.96 * a.std() / math.sqrt(len(a)))
-
-
-def average_loras(adapters: Sequence[LoRAAdapter]) -> LoRAAdapter:
-    """Uniform merge ``ΔW = (1/n) Σ s_i B_i A_i``, exactly, as one LoRA of rank ``Σ r_i`` (A stacked, B/n side by
-    side). All adapters must have the same targets; heads are dropped."""
-    if not adapters:
-        raise ValueError("no LoRAs to average")
-    first = adapters[0]
-    keys = set(first.state)
-    for a in adapters[1:]:
-        if set(a.state) != keys:
-            raise ValueError("LoRAs with different targets cannot be averaged")
-    if any(a.config.extra or a.config.rank != first.config.rank for a in adapters):
-        raise ValueError("only LoRAs of one rank without per-module overrides can be averaged")
-    n = len(adapters)
-    state = {}
-    for key in sorted(keys):
-        if ".lora_A." in key:
-            state[key] = torch.cat([a.state[key] for a in adapters], dim=0)
-        else:
-            state[key] = torch.cat([a.state[key] * a.config.scaling / n for a in adapters], dim=1)
-    config = LoRAConfig(targets=first.config.targets, rank=first.config.rank * n, alpha=None,
-                        blocks=first.config.blocks)
-    return LoRAAdapter(config, state, first.backbone, info={"averaged": n})
 
 
 def _episode_accuracy(emb: torch.Tensor, ep: SampledEpisode, distance: str) -> float:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .backbone import Backbone
-from .formats import LoRAAdapter
+from .adapter import LoRAAdapter
 from .runtime import mixed_precision
 
 __all__ = ["DISTANCES", "compute_prototypes", "pairwise_distances", "prototype_logits", "FewShotClassifier"]

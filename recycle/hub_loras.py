@@ -18,11 +18,10 @@ from typing import Callable, Optional, Union
 
 from .hub import HubError, endpoint, hub_reachable
 
-__all__ = ["HubLoRA", "find_hub_loras", "vet_hub_lora", "gather_zoo", "describe", "ZOO_MANIFEST"]
+__all__ = ["HubLoRA", "find_hub_loras", "vet_hub_lora", "gather_zoo", "describe"]
 
 _logger = logging.getLogger(__name__)
 
-ZOO_MANIFEST = "zoo.json"
 _HEAD_KEYS = re.compile(r"(?:base_model\.model\.)?(?:classifier|head|head\.fc)(?:\.modules_to_save\.default)?\.weight")
 _MAX_CONFIG_BYTES = 1 << 20
 
@@ -89,7 +88,7 @@ def vet_hub_lora(api, repo: str, base: str, revision: Optional[str] = None,
     """
     from huggingface_hub import errors as hf_errors
 
-    from .formats_transformers import is_transformers_adapter
+    from .formats import is_transformers_adapter
     from .provenance import canonical_ids
     from .transformers_vit import label_names
 
@@ -225,8 +224,9 @@ def gather_zoo(base: str, out: Union[str, Path], limit: int = 20, search: Option
     """
     from huggingface_hub import hf_hub_download
 
-    from .formats import read_adapter
+    from .formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter
     from .io import atomic_write_bytes, dumps_strict
+    from .zoo import ZOO_MANIFEST
 
     out = Path(out)
     loras = find_hub_loras(base, search=search, limit=limit)
@@ -236,11 +236,11 @@ def gather_zoo(base: str, out: Union[str, Path], limit: int = 20, search: Option
     for lora in loras:
         name = lora.repo.replace("/", "--")
         folder = out / name
-        if not (folder / "adapter_config.json").is_file():
+        if not (folder / ADAPTER_CONFIG).is_file():
             if lora.classes:  # the class names found while vetting, where the reader looks for them
                 labels = {str(i): c for i, c in enumerate(lora.classes)}
                 atomic_write_bytes(folder / "config.json", dumps_strict({"id2label": labels}, indent=1).encode())
-            for filename in ("adapter_model.safetensors", "adapter_config.json"):
+            for filename in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
                 path = hf_hub_download(lora.repo, filename, revision=lora.revision)
                 atomic_write_bytes(folder / filename, Path(path).read_bytes())
         try:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import Backbone, BackboneError
-from .formats import LoRAAdapter
+from .adapter import LoRAAdapter
 from .runtime import check_bf16_flag, mixed_precision
 from .tokens import PruningConfig, embed_kept, forward_features_pruned, keep_mask, mask_images
 
@@ -170,10 +170,10 @@ class BNPrior(nn.Module):
 
 def load_bn_prior(name: str = DEFAULT_BN_PRIOR, device: Optional[torch.device] = None) -> BNPrior:
     """An ImageNet CNN from timm (through the Hub) as a `BNPrior`."""
-    from .backbone import _create
+    from .backbone import create_timm_model
 
     try:
-        model = _create(name, {}, pretrained=True, what="BN prior")
+        model = create_timm_model(name, {}, pretrained=True, what="BN prior")
     except BackboneError as e:
         raise BackboneError(f"BN prior: {e}") from None
     cfg = model.pretrained_cfg

@@ -1,4 +1,4 @@
-"""Small file helpers shared by every module: atomic writes and strict JSON."""
+"""Small file helpers shared by every module: atomic writes, strict JSON, and untrusted values in messages."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Union
 
-__all__ = ["atomic_write_bytes", "loads_strict", "dumps_strict"]
+__all__ = ["atomic_write_bytes", "loads_strict", "dumps_strict", "shown"]
 
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
@@ -53,3 +53,9 @@ def loads_strict(text: Union[str, bytes], what: str) -> object:
 def dumps_strict(value: object, **kwargs) -> str:
     """JSON text of `value`; NaN and Infinity are refused (`ValueError`), never written."""
     return json.dumps(value, allow_nan=False, **kwargs)
+
+
+def shown(value, limit: int = 60) -> str:
+    """`value`'s repr, cut to `limit` characters, for error messages about untrusted data."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -11,8 +11,8 @@ The teacher LoRAs never touch the student: pool episodes carry the teachers' log
 (`ZooEpisodes`) runs the teachers on a separate copy of the backbone. (The official code loads each teacher into the
 model that holds the meta-LoRA, so its meta-LoRA never trains.)
 
-Checkpoints are single safetensors files written atomically: LoRA and Adam state, step, and every RNG state, so
-``resume=True`` continues exactly as an uninterrupted run would.
+Checkpoints (`recycle.checkpoint`) hold the LoRA and Adam state, the step and every RNG state, so ``resume=True``
+continues exactly as an uninterrupted run would. The episode sources are in `recycle.episodes`.
 
 ``episode_batch`` B > 1 averages the loss of B episodes per optimiser step. Each of them draws its randomness from
 ``(seed, step, episode index)`` alone, so under ``torchrun`` with N ranks each rank computes B/N of them, the LoRA
@@ -23,7 +23,6 @@ numbers, as before batches existed.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -32,32 +31,28 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Sequence, Union
+from typing import Callable, Optional, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from . import distributed
 from .backbone import Backbone
-from .episodes import EpisodeSampler, EpisodeSpec
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_log
+from .episodes import EpisodeSource, EpisodeSpec, PoolEpisode
 from .fewshot import prototype_logits
-from .formats import LoRAAdapter, LoRAFormatError, save_adapter
+from .adapter import LoRAAdapter
+from .formats import save_adapter
 from .io import atomic_write_bytes
-from .lora import (LoRAConfig, inject_lora, load_lora_state_dict, lora_parameters, lora_state_dict, lora_suspended,
+from .lora import (LoRAConfig, inject_lora, lora_parameters, lora_state_dict, lora_suspended,
                    remove_lora)
-from .pool import Pool, PoolEpisode
 from .runtime import check_bf16_flag, mixed_precision
 from .tokens import embed_kept
 
-__all__ = ["MetaConfig", "cyclic_lr", "flip_kept", "PoolEpisodes", "FolderEpisodes", "ZooEpisodes", "episode_loss",
-           "meta_train", "checkpoint_lora", "MetaResult"]
+__all__ = ["MetaConfig", "cyclic_lr", "flip_kept", "episode_loss", "meta_train", "MetaResult"]
 
 _logger = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.safetensors"
 LOG = "log.jsonl"
 
 
@@ -136,102 +131,6 @@ def flip_kept(kept: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return ((kept // gw) * gw + (gw - 1 - kept % gw)).sort().values
 
 
-class EpisodeSource(Protocol):
-    def next(self, kind: str, rng: random.Random) -> PoolEpisode: ...
-
-
-class PoolEpisodes:
-    """Episodes from a surrogate pool on disk."""
-
-    def __init__(self, pool: Pool, spec: EpisodeSpec, masked: bool):
-        if masked and not pool.masked_available:
-            raise ValueError("masked meta-training needs a pool inverted with token pruning (masked images)")
-        self.pool, self.spec, self.masked = pool, spec, masked
-        sampler = pool.sampler()
-        self.kinds = [k for k in ("single", "cross") if sampler.can_sample(spec, k)]
-        if not self.kinds:
-            raise ValueError(f"the pool cannot supply {spec.way}-way {spec.shot}-shot episodes with {spec.query} "
-                             f"queries: it needs at least {spec.way} classes with {spec.shot + spec.query} images")
-
-    def next(self, kind: str, rng: random.Random) -> PoolEpisode:
-        if kind not in self.kinds:
-            kind = self.kinds[0]
-        return self.pool.sample_episode(self.spec, kind, self.masked, rng)
-
-
-class FolderEpisodes:
-    """Episodes of real images from an ImageFolder (for an oracle meta-trained on the zoo's real data); CE loss.
-
-    Images are decoded once and held as ``uint8`` tensors at the backbone's input size.
-    """
-
-    def __init__(self, root: Union[str, Path], spec: EpisodeSpec, input_size: tuple[int, int]):
-        from .evaluate import image_folder
-        from .images import load_image
-
-        _, paths = image_folder(root)
-        h, w = input_size
-        self.images: list[list[torch.Tensor]] = []
-        for files in paths:
-            arrays = [np.array(load_image(f).resize((w, h), Image.BICUBIC)) for f in files]
-            self.images.append([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])
-        self.spec = spec
-        self.sampler = EpisodeSampler([list(range(len(c))) for c in self.images])
-        if not self.sampler.can_sample(spec, "any"):
-            raise ValueError(f"'{root}' cannot supply {spec.way}-way {spec.shot}-shot episodes with {spec.query} "
-                             "queries")
-        self.kinds = ["cross"]
-
-    def next(self, kind: str, rng: random.Random) -> PoolEpisode:
-        ep = self.sampler.sample(self.spec, "any", rng)
-
-        def stack(groups):
-            imgs = [self.images[c][i] for c, g in zip(ep.classes, groups) for i in g]
-            return torch.stack(imgs).float() / 255, torch.tensor([k for k, g in enumerate(groups) for _ in g])
-        s, s_lab = stack(ep.support)
-        q, q_lab = stack(ep.query)
-        return PoolEpisode(s, s_lab, q, q_lab, "real", [])
-
-
-class ZooEpisodes:
-    """Episodes inverted online from a LoRA zoo (the paper's Alg. 1): each episode inverts ``shot + query`` images
-    per class from one randomly chosen LoRA, on a separate copy of the backbone."""
-
-    def __init__(self, backbone: Backbone, adapters: Sequence[LoRAAdapter], spec: EpisodeSpec, masked: bool,
-                 invert_config, bn_prior=None):
-        from .invert import InversionConfig
-
-        if not adapters:
-            raise ValueError("the zoo is empty")
-        usable = [a for a in adapters if a.num_classes >= spec.way]
-        if not usable:
-            raise ValueError(f"no LoRA in the zoo has a head with >= {spec.way} classes")
-        self.teacher_backbone = Backbone(copy.deepcopy(backbone.model).cpu(), backbone.name).to(backbone.device)
-        self.adapters, self.spec, self.masked, self.bn_prior = usable, spec, masked, bn_prior
-        self.config: InversionConfig = invert_config
-        self.kinds = ["single"]
-
-    def next(self, kind: str, rng: random.Random) -> PoolEpisode:
-        from dataclasses import replace
-
-        from .invert import invert
-
-        adapter = rng.choice(self.adapters)
-        classes = sorted(rng.sample(range(adapter.num_classes), self.spec.way))
-        cfg = replace(self.config, per_class=self.spec.shot + self.spec.query, seed=rng.randrange(2 ** 31))
-        res = invert(self.teacher_backbone, adapter, cfg, classes, self.bn_prior)
-        per = self.spec.shot + self.spec.query
-        s_idx = [c * per + i for c in range(self.spec.way) for i in range(self.spec.shot)]
-        q_idx = [c * per + i for c in range(self.spec.way) for i in range(self.spec.shot, per)]
-        images = res.masked if self.masked and res.masked is not None else res.images
-        logits = (res.logits_kept if self.masked and res.logits_kept is not None else res.logits)[:, classes]
-        kept = [res.kept[i] for i in range(res.kept.shape[0])] if self.masked and res.kept is not None else None
-        labels = torch.arange(self.spec.way)
-        return PoolEpisode(images[s_idx], labels.repeat_interleave(self.spec.shot), images[q_idx],
-                           labels.repeat_interleave(self.spec.query), "single", [], logits[q_idx],
-                           [kept[i] for i in s_idx] if kept else None, [kept[i] for i in q_idx] if kept else None)
-
-
 def _embed(backbone: Backbone, images: torch.Tensor, kept: Optional[list[torch.Tensor]], flips: torch.Tensor
            ) -> torch.Tensor:
     """Normalise, flip the marked images (and their kept indices), and embed: ``(n, 3, H, W)`` -> ``(n, D)``."""
@@ -284,108 +183,6 @@ class MetaResult:
     best_val: Optional[float] = None
     best_step: Optional[int] = None  # 0: the bare backbone validated best, and the exported meta-LoRA is the identity
     baseline_val: Optional[float] = None  # validation accuracy of the bare backbone (step 0)
-
-
-def _rng_state(py: random.Random, gen: torch.Generator) -> tuple[dict, dict[str, torch.Tensor]]:
-    version, state, gauss = py.getstate()
-    return ({"python": [version, list(state), gauss]},
-            {"rng.torch_gen": gen.get_state(), "rng.torch_global": torch.get_rng_state()})
-
-
-def _save_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer, step: int, config: MetaConfig,
-                     py: random.Random, gen: torch.Generator, extra: dict) -> None:
-    tensors = {f"lora.{k}": v for k, v in lora_state_dict(backbone.model).items()}
-    params = lora_parameters(backbone.model)
-    for i, p in enumerate(params):
-        st = opt.state.get(p, {})
-        for k in ("exp_avg", "exp_avg_sq"):
-            if k in st:
-                tensors[f"adam.{i}.{k}"] = st[k].detach().cpu().contiguous()
-        if "step" in st:
-            tensors[f"adam.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
-    meta, rng_tensors = _rng_state(py, gen)
-    tensors.update(rng_tensors)
-    metadata = {"step": str(step), "config": json.dumps(asdict(config)), "rng": json.dumps(meta),
-                "extra": json.dumps(extra)}
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
-
-
-# Settings a resumed run may change, as they do not alter the steps already trained: how often to checkpoint, and
-# the number of steps (a longer run continues the same schedule; the change is recorded in the exported LoRA).
-RESUMABLE_CHANGES = ("checkpoint_every", "steps")
-
-
-def _check_resume(path: Path, saved: Optional[str], config: MetaConfig, step: int) -> dict:
-    """Refuse to resume from a checkpoint made with other settings (seed, lr, ...), naming them; returns the
-    recorded changes (``{"steps": [before, after]}``) of the settings that may change."""
-    try:
-        before = json.loads(saved)
-    except (TypeError, ValueError):
-        raise LoRAFormatError(f"checkpoint {path} does not record its settings, so it cannot be resumed") from None
-    now = json.loads(json.dumps(asdict(config)))
-    changed = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
-    if changed:
-        diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise ValueError(f"cannot resume {path.parent}: the run was started with other settings ({diff}). Resume "
-                         "with the same settings, or start the run anew in another output folder.")
-    if config.steps < step:
-        raise ValueError(f"cannot resume {path.parent} with steps={config.steps}: its checkpoint is at step {step}")
-    return {"steps": [before.get("steps"), config.steps]} if before.get("steps") != config.steps else {}
-
-
-def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a checkpoint file."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
-        raise LoRAFormatError(f"checkpoint {path} is unreadable ({e})") from None
-
-
-def _lora_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
-
-
-def checkpoint_lora(out: Union[str, Path]) -> tuple[int, dict[str, torch.Tensor]]:
-    """(step, LoRA tensors in `lora_state_dict` layout) of the last checkpoint in the meta-training folder `out`:
-    the meta-LoRA as training left it, whatever model selection exported."""
-    metadata, tensors = _read_checkpoint(Path(out) / CHECKPOINT)
-    return int(metadata["step"]), _lora_tensors(tensors)
-
-
-def _load_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer, py: random.Random,
-                     gen: torch.Generator, config: MetaConfig) -> tuple[int, dict]:
-    metadata, tensors = _read_checkpoint(path)
-    step, extra = int(metadata["step"]), json.loads(metadata.get("extra", "{}"))
-    change = _check_resume(path, metadata.get("config"), config, step)
-    if change:  # recorded, so that the exported LoRA says how the run was extended
-        extra["resumed"] = [*extra.get("resumed", []), {"at_step": step, **change}]
-    load_lora_state_dict(backbone.model, _lora_tensors(tensors))
-    device = backbone.device
-    for i, p in enumerate(lora_parameters(backbone.model)):
-        if f"adam.{i}.exp_avg" in tensors:
-            opt.state[p] = {"step": tensors[f"adam.{i}.step"].reshape(()).clone(),
-                            "exp_avg": tensors[f"adam.{i}.exp_avg"].to(device),
-                            "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(device)}
-    version, state, gauss = json.loads(metadata["rng"])["python"]
-    py.setstate((version, tuple(state), gauss))
-    gen.set_state(tensors["rng.torch_gen"])
-    torch.set_rng_state(tensors["rng.torch_global"])
-    return step, extra
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep only log lines up to `step` (a killed run may have logged past its last checkpoint)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            break  # a torn last line
-    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
 
 
 def _validate(backbone: Backbone, config: MetaConfig, validate: Callable[[LoRAAdapter], float]) -> float:
@@ -478,11 +275,11 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         opt = torch.optim.Adam(params, lr=config.lr)
         start, extra = 0, {"best_val": None, "best_step": None, "baseline_val": None}
         if resume and ckpt.is_file():
-            start, loaded = _load_checkpoint(ckpt, backbone, opt, py, gen, config)
+            start, loaded = load_checkpoint(ckpt, backbone, opt, py, gen, config)
             extra.update(loaded)
             _logger.info("resumed from step %d", start)
         if main and start > 0:  # drop what a killed run logged after its last checkpoint
-            _truncate_log(log_path, start)
+            truncate_log(log_path, start)
         elif main and log_path.exists():  # a fresh start, or a resume killed before its first checkpoint
             log_path.unlink()
         starts = distributed.all_gather_object(start)
@@ -546,7 +343,7 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
                 if progress is not None:
                     progress(record)
                 if main and (done % config.checkpoint_every == 0 or done == config.steps):
-                    _save_checkpoint(ckpt, backbone, opt, done, config, py, gen, extra)
+                    save_checkpoint(ckpt, backbone, opt, done, config, py, gen, extra)
         backbone.model.eval()
         state = best_state if best_state is not None else lora_state_dict(backbone.model)
         if extra["best_step"] == 0:

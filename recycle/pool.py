@@ -22,23 +22,22 @@ import shutil
 import stat
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import distributed
-from .backbone import Backbone
-from .episodes import EpisodeSampler, EpisodeSpec
-from .formats import LoRAAdapter
-from .invert import BNPrior, InversionConfig, InversionProgress, InversionResult, invert
+from .episodes import EpisodeSampler, EpisodeSpec, PoolEpisode
+from .adapter import LoRAAdapter
+from .invert import InversionConfig, InversionResult
 from .io import atomic_write_bytes, dumps_strict, loads_strict
 
-__all__ = ["PoolError", "PoolItem", "PoolClass", "PoolEpisode", "Pool", "PoolIndex", "write_run", "invert_zoo",
-           "teacher_confidence", "POOL_FORMAT", "MAX_MANIFEST_BYTES", "MAX_RUN_ITEMS"]
+__all__ = ["PoolError", "EmptyPoolError", "PoolItem", "PoolClass", "Pool", "PoolIndex", "write_run",
+           "read_run_manifest", "run_folder_name", "run_settings", "run_file", "zip_run", "teacher_confidence",
+           "POOL_FORMAT", "MAX_MANIFEST_BYTES", "MAX_RUN_ITEMS"]
 
 _logger = logging.getLogger(__name__)
 
@@ -52,6 +51,10 @@ MAX_RUN_ITEMS = 100_000
 
 class PoolError(ValueError):
     """A pool (or one of its runs) is missing, corrupt or half-written. The message names the file."""
+
+
+class EmptyPoolError(PoolError):
+    """There is no pool yet at that place: the folder does not exist, or it holds no runs."""
 
 
 def teacher_confidence(logits: Union[torch.Tensor, list], labels: Union[torch.Tensor, list]) -> torch.Tensor:
@@ -81,6 +84,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60] or "lora"
 
 
+def run_folder_name(name: str, adapter: LoRAAdapter) -> str:
+    """The pool folder of a zoo LoRA's run: ``<name>-<fingerprint[:8]>``, `name` made safe as a folder name."""
+    return f"{_slug(name)}-{adapter.fingerprint()[:8]}"
+
+
+def run_settings(config: InversionConfig, **extra) -> dict:
+    """The settings record of an inversion run, as its manifest stores it (and a resumed run is compared against):
+    the inversion settings, the pruning schedule keyed by block as text without blocks that prune nothing, and
+    `extra` (the backbone, the BN prior, the classes)."""
+    record = {**asdict(config), **extra}
+    record["pruning"]["schedule"] = {str(k): v for k, v in config.pruning.schedule.items() if v > 0}
+    return loads_strict(dumps_strict(record), "inversion settings")
+
+
 def write_run(root: Union[str, Path], result: InversionResult, adapter: LoRAAdapter, source: str,
               settings: dict, patch_grid: tuple[int, int], name: Optional[str] = None) -> Path:
     """Add one inversion run to the pool at `root` (created if needed); returns the run folder.
@@ -108,6 +125,17 @@ def write_run(root: Union[str, Path], result: InversionResult, adapter: LoRAAdap
     except OSError as e:  # no permission, a read-only or full disk, a special filesystem such as /proc
         raise PoolError(f"cannot write the run into the pool folder '{root}': {e.strerror or e}"
                         + (" (the disk is full)" if getattr(e, "errno", None) == errno.ENOSPC else "")) from None
+
+
+def zip_run(run_dir: Path, zip_path: Path) -> Path:
+    """A run folder as one zip file whose entries sit under the run's name; returns `zip_path`."""
+    import zipfile
+
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(Path(run_dir).rglob("*")):
+            if f.is_file():
+                zf.write(f, f"{run_dir.name}/{f.relative_to(run_dir)}")
+    return zip_path
 
 
 def _write_run(root: Path, result: InversionResult, adapter: LoRAAdapter, source: str, settings: dict,
@@ -158,69 +186,6 @@ def _write_run(root: Path, result: InversionResult, adapter: LoRAAdapter, source
     return final
 
 
-def invert_zoo(backbone: Backbone, zoo: Union[str, Path], root: Union[str, Path], config: InversionConfig,
-               bn_prior: Optional[BNPrior] = None, settings: Optional[dict] = None,
-               progress: Optional[Callable[[str, InversionProgress], None]] = None
-               ) -> list[tuple[str, Path, Optional[InversionResult]]]:
-    """Invert every LoRA of the zoo folder `zoo` into the pool at `root`: one run per LoRA, named
-    ``<LoRA name>-<fingerprint[:8]>``, LoRA k seeded by ``derive_seed(config.seed, k)``.
-
-    A run that is already in the pool with the same settings is skipped, so a killed job resumes where it stopped.
-    Under torchrun the LoRAs are dealt to the ranks round-robin and each rank writes whole runs atomically; the pool
-    is the same for any number of ranks.
-
-    Args:
-        settings: recorded in every run's manifest next to the inversion settings (e.g. the BN prior's name).
-        progress: called with the LoRA's name and each inversion step's `InversionProgress`.
-
-    Returns:
-        ``(LoRA name, run folder, result)`` for this rank's LoRAs; result is None for a run found finished.
-
-    Raises:
-        PoolError: the pool holds a run of one of these LoRAs made with other settings.
-    """
-    from .pretune import load_zoo
-
-    root = Path(root)
-    zoo_loras = load_zoo(zoo, backbone)
-    runs: dict[str, str] = {}
-    for name, adapter in zoo_loras:  # two LoRAs must never share a run folder
-        run_name = f"{_slug(name)}-{adapter.fingerprint()[:8]}"
-        if run_name in runs:
-            raise PoolError(f"zoo '{zoo}': LoRAs {runs[run_name]!r} and {name!r} would both be inverted into the pool "
-                            f"run '{run_name}' (the same weights, or names that are the same as folder names); "
-                            "remove one or rename it")
-        runs[run_name] = name
-    grid = tuple(backbone.model.patch_embed.grid_size)
-    done = []
-    for k in distributed.shard_indices(len(zoo_loras)):
-        name, adapter = zoo_loras[k]
-        cfg = replace(config, seed=distributed.derive_seed(config.seed, k))
-        run_settings = loads_strict(dumps_strict({**asdict(cfg), **(settings or {})}), "inversion settings")
-        run = root / f"{_slug(name)}-{adapter.fingerprint()[:8]}"
-        if (run / "manifest.json").is_file():
-            found = Pool._read_manifest(run / "manifest.json")["settings"]
-            if found != run_settings:
-                changed = sorted(key for key in set(found) | set(run_settings)
-                                 if found.get(key) != run_settings.get(key))
-                raise PoolError(f"{run} (LoRA {name!r} of the zoo) was inverted with other settings "
-                                f"({', '.join(changed)} differ); use another pool folder, or the settings it was made "
-                                "with")
-            _logger.info("pool: %s is already inverted (%s)", name, run.name)
-            done.append((name, run, None))
-            continue
-        if run.exists():
-            raise PoolError(f"{run} exists but holds no manifest.json, so it is not a finished run; remove it")
-        try:
-            result = invert(backbone, adapter, cfg, bn_prior=bn_prior,
-                            progress=None if progress is None else lambda p, n=name: progress(n, p))
-        except ValueError as e:  # a LoRA without a head, a teacher with non-finite outputs: name the LoRA
-            raise type(e)(f"zoo '{zoo}', LoRA {name!r}: {e}") from None
-        done.append((name, write_run(root, result, adapter, str(Path(zoo) / name), run_settings, grid, run.name),
-                     result))
-    return done
-
-
 def _expect(ok: bool, what: str) -> None:
     if not ok:
         raise ValueError(f"invalid {what}")
@@ -233,7 +198,7 @@ def _numbers(values: object, kind: type) -> bool:
         isinstance(v, kinds) and not isinstance(v, bool) for v in values)
 
 
-def _inside(run_dir: Path, name: object) -> Path:
+def run_file(run_dir: Path, name: object) -> Path:
     """The file a manifest names, which must be a relative path that resolves inside its run folder."""
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
         raise PoolError(f"{run_dir.name}: the manifest names {str(name)[:80]!r}, which is not a file inside the run")
@@ -241,6 +206,59 @@ def _inside(run_dir: Path, name: object) -> Path:
     if not path.is_relative_to(run_dir.resolve()):
         raise PoolError(f"{run_dir.name}: the manifest names {name[:80]!r}, which resolves outside the run folder")
     return path
+
+
+def read_run_manifest(path: Path, max_bytes: int = MAX_MANIFEST_BYTES, max_items: int = MAX_RUN_ITEMS) -> dict:
+    """A run's ``manifest.json``, validated: bounded in size and items, of this format and version, every listed
+    image inside the run folder and present.
+
+    Raises:
+        PoolError: naming the manifest and what is wrong with it.
+    """
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise PoolError(f"{path}: the manifest is {size:,} bytes, more than the {max_bytes:,} accepted")
+        m = loads_strict(path.read_bytes(), "the manifest")
+    except (OSError, ValueError) as e:
+        if isinstance(e, PoolError):
+            raise
+        raise PoolError(f"{path}: unreadable manifest ({e})") from None
+    if isinstance(m, dict) and isinstance(m.get("items"), list) and len(m["items"]) > max_items:
+        raise PoolError(f"{path}: the manifest lists {len(m['items']):,} images, more than the {max_items:,} "
+                        "accepted in one run")
+    if not isinstance(m, dict) or m.get("format") != POOL_FORMAT:
+        raise PoolError(f"{path}: not a surrogate-pool manifest")
+    if m.get("version") != POOL_VERSION:
+        raise PoolError(f"{path}: pool format version {m.get('version')} is not supported "
+                        f"(this version reads {POOL_VERSION})")
+    try:
+        source = m["source"]
+        fingerprint, class_names = source["fingerprint"], source["class_names"]
+        _expect(isinstance(fingerprint, str) and isinstance(source.get("name", ""), str), "source")
+        _expect(isinstance(class_names, list) and all(isinstance(c, str) for c in class_names), "class_names")
+        _expect(isinstance(m["items"], list), "items")
+        for item in m["items"]:
+            _expect(isinstance(item, dict), "item")
+            label = item["label"]
+            _expect("logits" in item, "logits")
+            _expect(isinstance(label, int) and 0 <= label < len(class_names), f"label {label!r}")
+            _expect(isinstance(item["class"], str) and isinstance(item["sha256"], dict), "class or sha256")
+            for key in ("logits", "logits_kept"):
+                if key in item:
+                    _expect(_numbers(item[key], float) and len(item[key]) == len(class_names), key)
+            if "kept" in item:
+                _expect(_numbers(item["kept"], int), "kept")
+            for key in ("image", "masked"):
+                if key in item:
+                    if not run_file(path.parent, item[key]).is_file():
+                        raise PoolError(f"{path.parent.name}: {item[key]} is listed in the manifest but missing")
+                    _expect(isinstance(item["sha256"].get(key), str), f"sha256 of {key}")
+    except PoolError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise PoolError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    return m
 
 
 @dataclass(frozen=True)
@@ -257,25 +275,6 @@ class PoolClass:
     items: list[PoolItem]
 
 
-@dataclass
-class PoolEpisode:
-    """A loaded episode. Images are ``(n, 3, H, W)`` in [0, 1]; labels are task labels ``0..way-1``.
-
-    ``teacher_logits`` (queries, restricted to the task's classes) is set for single-source episodes only, where
-    one teacher knows every class. ``*_kept`` are kept patch indices when the episode is masked.
-    """
-
-    support: torch.Tensor
-    support_labels: torch.Tensor
-    query: torch.Tensor
-    query_labels: torch.Tensor
-    kind: str
-    classes: list[PoolClass]
-    teacher_logits: Optional[torch.Tensor] = None
-    support_kept: Optional[list[torch.Tensor]] = None
-    query_kept: Optional[list[torch.Tensor]] = None
-
-
 def _run_folders(root: Path) -> list[tuple[str, tuple[int, int, int]]]:
     """``(name, (mtime_ns, size, inode) of its manifest)`` of every finished run folder under `root`, by name.
 
@@ -283,7 +282,7 @@ def _run_folders(root: Path) -> list[tuple[str, tuple[int, int, int]]]:
         PoolError: `root` is missing or unreadable, or a run folder has no manifest.
     """
     if not root.is_dir():
-        raise PoolError(f"pool folder '{root}' does not exist")
+        raise EmptyPoolError(f"pool folder '{root}' does not exist")
     found = []
     try:
         with os.scandir(root) as entries:
@@ -344,7 +343,7 @@ class PoolIndex:
                     manifests[name] = known
                     continue
                 path = self.root / name / "manifest.json"
-                manifests[name] = (key, Pool._read_manifest(path, self.max_manifest_bytes, self.max_items))
+                manifests[name] = (key, read_run_manifest(path, self.max_manifest_bytes, self.max_items))
                 self.reads += 1
                 changed = True
             if changed or self._pool is None:
@@ -366,12 +365,12 @@ class Pool:
                  max_items: int = MAX_RUN_ITEMS):
         self.root = Path(root)
         self.run_dirs = [self.root / name for name, _ in _run_folders(self.root)]
-        self.runs = [self._read_manifest(d / "manifest.json", max_manifest_bytes, max_items) for d in self.run_dirs]
+        self.runs = [read_run_manifest(d / "manifest.json", max_manifest_bytes, max_items) for d in self.run_dirs]
         self._index()
 
     @classmethod
     def from_manifests(cls, root: Union[str, Path], run_dirs: list[Path], runs: list[dict]) -> "Pool":
-        """A pool of manifests already read (and validated) by `_read_manifest`, e.g. kept by a `PoolIndex`."""
+        """A pool of manifests already read (and validated) by `read_run_manifest`, e.g. kept by a `PoolIndex`."""
         pool = cls.__new__(cls)
         pool.root, pool.run_dirs, pool.runs = Path(root), list(run_dirs), list(runs)
         pool._index()
@@ -379,7 +378,7 @@ class Pool:
 
     def _index(self) -> None:
         if not self.runs:
-            raise PoolError(f"pool '{self.root}' has no runs yet (invert a LoRA into it first)")
+            raise EmptyPoolError(f"pool '{self.root}' has no runs yet (invert a LoRA into it first)")
         classes: dict[tuple[str, int], PoolClass] = {}
         for r, run in enumerate(self.runs):
             fp = run["source"]["fingerprint"]
@@ -389,53 +388,6 @@ class Pool:
                     classes[key] = PoolClass(fp, item["label"], item["class"], [])
                 classes[key].items.append(PoolItem(r, i))
         self.classes = list(classes.values())
-
-    @staticmethod
-    def _read_manifest(path: Path, max_bytes: int = MAX_MANIFEST_BYTES, max_items: int = MAX_RUN_ITEMS) -> dict:
-        try:
-            size = path.stat().st_size
-            if size > max_bytes:
-                raise PoolError(f"{path}: the manifest is {size:,} bytes, more than the {max_bytes:,} accepted")
-            m = loads_strict(path.read_bytes(), "the manifest")
-        except (OSError, ValueError) as e:
-            if isinstance(e, PoolError):
-                raise
-            raise PoolError(f"{path}: unreadable manifest ({e})") from None
-        if isinstance(m, dict) and isinstance(m.get("items"), list) and len(m["items"]) > max_items:
-            raise PoolError(f"{path}: the manifest lists {len(m['items']):,} images, more than the {max_items:,} "
-                            "accepted in one run")
-        if not isinstance(m, dict) or m.get("format") != POOL_FORMAT:
-            raise PoolError(f"{path}: not a surrogate-pool manifest")
-        if m.get("version") != POOL_VERSION:
-            raise PoolError(f"{path}: pool format version {m.get('version')} is not supported "
-                            f"(this version reads {POOL_VERSION})")
-        try:
-            source = m["source"]
-            fingerprint, class_names = source["fingerprint"], source["class_names"]
-            _expect(isinstance(fingerprint, str) and isinstance(source.get("name", ""), str), "source")
-            _expect(isinstance(class_names, list) and all(isinstance(c, str) for c in class_names), "class_names")
-            _expect(isinstance(m["items"], list), "items")
-            for item in m["items"]:
-                _expect(isinstance(item, dict), "item")
-                label = item["label"]
-                _expect("logits" in item, "logits")
-                _expect(isinstance(label, int) and 0 <= label < len(class_names), f"label {label!r}")
-                _expect(isinstance(item["class"], str) and isinstance(item["sha256"], dict), "class or sha256")
-                for key in ("logits", "logits_kept"):
-                    if key in item:
-                        _expect(_numbers(item[key], float) and len(item[key]) == len(class_names), key)
-                if "kept" in item:
-                    _expect(_numbers(item["kept"], int), "kept")
-                for key in ("image", "masked"):
-                    if key in item:
-                        if not _inside(path.parent, item[key]).is_file():
-                            raise PoolError(f"{path.parent.name}: {item[key]} is listed in the manifest but missing")
-                        _expect(isinstance(item["sha256"].get(key), str), f"sha256 of {key}")
-        except PoolError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise PoolError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
-        return m
 
     @property
     def masked_available(self) -> bool:
@@ -462,7 +414,7 @@ class Pool:
         if key not in item:
             raise PoolError(f"pool run '{self.run_dirs[ref.run].name}' has no masked images (it was inverted "
                             "without token pruning)")
-        path = _inside(self.run_dirs[ref.run], item[key])
+        path = run_file(self.run_dirs[ref.run], item[key])
         try:
             data = path.read_bytes()
         except OSError as e:

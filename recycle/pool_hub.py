@@ -36,7 +36,7 @@ from typing import Iterable, Optional, Union
 
 from .hub import HubError, endpoint, is_repo_id, upload_files
 from .io import atomic_write_bytes, dumps_strict
-from .pool import (MAX_MANIFEST_BYTES, MAX_RUN_ITEMS, POOL_FORMAT, POOL_VERSION, Pool, PoolError, _inside,
+from .pool import (MAX_MANIFEST_BYTES, MAX_RUN_ITEMS, POOL_FORMAT, POOL_VERSION, Pool, PoolError, run_file,
                    teacher_confidence)
 
 __all__ = ["HubPoolLimits", "DATA_DIR", "hub_dataset_id", "run_metadata", "dataset_card", "pool_dataset_files",
@@ -227,7 +227,7 @@ def pool_dataset_files(pool_root: Union[str, Path], repo_id: str, runs: Optional
                 if not _IMAGE_PATH.fullmatch(item[key]):
                     raise PoolError(f"{name}: image '{item[key][:80]}' cannot be published: images must be "
                                     "images/NAME.png or masked/NAME.png")
-                data = _read_regular(_inside(run_dir, item[key]))
+                data = _read_regular(run_file(run_dir, item[key]))
                 if hashlib.sha256(data).hexdigest() != item["sha256"][key]:
                     raise PoolError(f"{run_dir / item[key]}: checksum mismatch, the file is corrupt or was modified")
                 files[f"{base}/{item[key]}"] = data

@@ -242,7 +242,7 @@ def test_pattern_keys_match_exactly_as_peft_does():
     """The accepted keys give PEFT's own answer (Python's re on ``(.*\\.)?(KEY)$``) for every module name."""
     import re
 
-    from recycle.formats import _ModulePattern
+    from recycle.formats.peft_config import ModulePattern as _ModulePattern
 
     for key in KEYS:
         pattern = _ModulePattern.parse(key, "rank_pattern", "test")

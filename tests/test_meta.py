@@ -10,7 +10,8 @@ from recycle.backbone import load_backbone
 from recycle.episodes import EpisodeSpec
 from recycle.invert import InversionConfig, invert
 from recycle.lora import LoRAConfig, lora_layers, remove_lora
-from recycle.meta import MetaConfig, PoolEpisodes, cyclic_lr, episode_loss, flip_kept, meta_train
+from recycle.episodes import PoolEpisodes
+from recycle.meta import MetaConfig, cyclic_lr, episode_loss, flip_kept, meta_train
 from recycle.pool import Pool, write_run
 from recycle.tokens import keep_mask
 from tests.helpers import colour_task, train_tiny_lora

@@ -61,3 +61,18 @@ def test_the_readme_results_table_is_the_reproductions_own():
     written = (ROOT / "reproduce" / "results" / "results.md").read_text(encoding="utf-8")
     rows = [line for line in written.splitlines() if line.startswith("|")]
     assert len(rows) >= 4 and "\n".join(rows) in readme
+
+
+def test_the_public_api_resolves_from_the_package_and_the_readme_example_uses_it():
+    import importlib
+
+    for name in recycle.__all__:
+        value = getattr(recycle, name)
+        assert value is getattr(importlib.import_module(f"recycle.{recycle._PUBLIC[name]}"), name), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        recycle.nope
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    imports = [line for line in block.splitlines() if line.startswith(("from ", "import "))]
+    assert imports == ["from recycle import FewShotClassifier, load_backbone, load_image, load_lora"]
+    assert set(imports[0].split(" import ")[1].split(", ")) <= set(recycle.__all__)

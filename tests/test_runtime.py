@@ -9,7 +9,7 @@ from recycle.evaluate import EvalConfig
 from recycle.invert import InversionConfig
 from recycle.lora import lora_parameters, remove_lora
 from recycle.meta import MetaConfig, episode_loss
-from recycle.pool import PoolEpisode
+from recycle.episodes import PoolEpisode
 from recycle.runtime import mixed_precision, native_bf16, resolve_precision
 from recycle.tokens import keep_mask, mask_images
 from tests.helpers import colour_task, train_tiny_lora

@@ -350,7 +350,7 @@ def _vit_module_names(model) -> set[str]:
 def test_exported_loras_load_into_peft_with_equal_outputs(hf_vit_dir, tmp_path, head):
     """A (meta-)LoRA made on the converted backbone, written in the base's PEFT layout, loads into transformers."""
     from recycle.formats import LoRAAdapter
-    from recycle.formats_transformers import save_transformers_peft
+    from recycle.formats import save_transformers_peft
     from recycle.lora import LoRAConfig, inject_lora, lora_parameters, remove_lora
 
     backbone = load_backbone(str(hf_vit_dir), device="cpu")

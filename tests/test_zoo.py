@@ -8,7 +8,7 @@ import pytest
 
 from recycle.cli import main
 from recycle.formats import save_adapter
-from recycle.pretune import load_zoo
+from recycle.zoo import load_zoo
 from tests.helpers import colour_task, train_tiny_lora
 
 
@@ -84,7 +84,8 @@ def test_names_that_collide_as_folder_names_are_refused_before_inverting(zoo, ti
     import shutil
 
     from recycle.invert import InversionConfig
-    from recycle.pool import PoolError, invert_zoo
+    from recycle.pool import PoolError
+    from recycle.zoo import invert_zoo
 
     shutil.copytree(zoo / "lora_000", zoo / "a b")
     shutil.copytree(zoo / "lora_000", zoo / "a-b")

@@ -31,11 +31,11 @@ from typing import Optional, Union
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from .formats import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAAdapter, LoRAFormatError, _check_peft_config,
-                      _module_scaling, _pattern_value, _shown, peft_scale_settings)
-from .io import atomic_write_bytes, dumps_strict
-from .lora import LoRAConfig
-from .provenance import EQUIVALENT
+from ..adapter import LoRAAdapter, LoRAFormatError, module_scaling
+from ..io import atomic_write_bytes, dumps_strict, shown
+from ..lora import LoRAConfig
+from ..provenance import EQUIVALENT
+from .peft_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_peft_config, pattern_value, peft_scale_settings
 
 __all__ = ["is_transformers_adapter", "from_transformers_peft", "save_transformers_peft", "CLIP_BASES", "LAYOUTS"]
 
@@ -97,7 +97,7 @@ def is_transformers_adapter(tensors: dict) -> bool:
 def _class_names(folder: Optional[Path], backbone, n: int, name: str, base: Optional[str]) -> Optional[list[str]]:
     """``id2label`` of the adapter's own config.json, else the backbone's (when it names `n` classes and is not known
     to be another model than the adapter's `base`), else None."""
-    from .transformers_vit import TransformersViTError, label_names, read_json
+    from ..transformers_vit import TransformersViTError, label_names, read_json
 
     if folder is not None and (folder / "config.json").is_file():
         try:
@@ -106,7 +106,7 @@ def _class_names(folder: Optional[Path], backbone, n: int, name: str, base: Opti
             raise LoRAFormatError(str(e)) from None
         if names:
             return names
-    from .provenance import provenance_mismatch
+    from ..provenance import provenance_mismatch
 
     cfg = getattr(getattr(backbone, "model", None), "pretrained_cfg", None) or {}
     if cfg.get("source") != "transformers" or provenance_mismatch(base, backbone):
@@ -130,7 +130,7 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
         LoRAFormatError: non-LoRA or bias-training adapters, unknown modules, shapes that do not pair, mixed name
             layouts, or targets that differ between blocks.
     """
-    _check_peft_config(cfg, name)
+    check_peft_config(cfg, name)
     if cfg.get("fan_in_fan_out"):
         raise LoRAFormatError(f"{name}: fan_in_fan_out adapters (Conv1D layers) are not ViT adapters")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -143,7 +143,7 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
         elif module in ("classifier.weight", "classifier.bias"):
             head[module.split(".")[1]] = t
         else:
-            raise LoRAFormatError(f"{name}: unsupported tensor {_shown(key, 100)} (a transformers ViT adapter may "
+            raise LoRAFormatError(f"{name}: unsupported tensor {shown(key, 100)} (a transformers ViT adapter may "
                                   "hold LoRA pairs on the attention and MLP layers and the classifier)")
     families = {_match(p)[0] for p in pairs}
     if len(families) != 1:
@@ -164,10 +164,10 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
             raise LoRAFormatError(f"{name}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, which "
                                   "do not form a low-rank pair")
         rank = a.shape[0]
-        declared = _pattern_value(rank_patterns, module, r_default)
+        declared = pattern_value(rank_patterns, module, r_default)
         if declared != rank:
             raise LoRAFormatError(f"{name}: {module} has rank {rank} but the config says {declared}")
-        alpha = float(_pattern_value(alpha_patterns, module, alpha_default))
+        alpha = float(pattern_value(alpha_patterns, module, alpha_default))
         _, block, part = _match(module)
         blocks.setdefault(block, {})[part] = (a, b, alpha / math.sqrt(rank) if use_rslora else alpha / rank)
     if not blocks:
@@ -225,7 +225,7 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
 
     base = cfg.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
-        raise LoRAFormatError(f"{name}: base_model_name_or_path must be a string, got {_shown(base)}")
+        raise LoRAFormatError(f"{name}: base_model_name_or_path must be a string, got {shown(base)}")
     backbone_name = CLIP_BASES.get(base, base) if family == "clip" else base
     n = int(head["weight"].shape[0]) if "weight" in head and head["weight"].ndim == 2 else 0
     if head and "weight" not in head:
@@ -282,7 +282,7 @@ def save_transformers_peft(adapter: LoRAAdapter, directory: Union[str, Path], la
             raise ValueError(f"cannot write a LoRA on {path} in transformers' layout")
         block = prefix + block_fmt.format(i=m.group(1))
         rank = next(iter(group["lora_A"].values())).shape[0]
-        scaling = _module_scaling(adapter.config, path, rank)
+        scaling = module_scaling(adapter.config, path, rank)
         if m.group(2) == "attn.qkv":
             if "all" in group["lora_A"]:
                 a, b = group["lora_A"]["all"], group["lora_B"]["all"]
