@@ -332,7 +332,7 @@ def few_shot_tab(fewshot: FewShot, defaults: Defaults, examples: list[ExampleTas
         with examples_box:
             example_set = _example_set(examples, slots, queries, model, [backbone, lora] if shipped else [])
         example_set.load_input_event.then(fewshot.status, inputs=[backbone, lora], outputs=status,
-                                          api_visibility="private", **LOADING)
+                                          api_name="example_status", api_visibility="private", **LOADING)
     clear.add([*slots.values(), queries, cards, table])
     add.click(fewshot.add_class, inputs=shown, outputs=[shown, *groups, add], api_name="add_class",
               api_visibility="undocumented", queue=False)
