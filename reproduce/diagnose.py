@@ -27,7 +27,8 @@ import torch
 from recycle.backbone import load_backbone
 from recycle.evaluate import EvalConfig, make_validator
 from recycle.io import atomic_write_bytes
-from recycle.meta import FolderEpisodes, meta_train
+from recycle.episodes import FolderEpisodes
+from recycle.meta import meta_train
 
 from .pipeline import MASKS, ReproConfig, val_curve
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,11 +87,12 @@ def nt_xent(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Te
 
 
 def pretrain_contrastive(model: torch.nn.Module, x: torch.Tensor, config: ContrastConfig, mean: torch.Tensor,
-                         std: torch.Tensor) -> dict:
+                         std: torch.Tensor, every: int = 0, callback: Optional[Callable[[int], None]] = None) -> dict:
     """Pretrain `model` (a timm ViT with ``num_classes=0``) in place on uint8 images ``x`` ``(N, 3, H, W)``.
 
     `mean` and `std` ``(1, 3, 1, 1)`` normalise the views. Returns the last 100 steps' mean loss and positive-match
-    accuracy.
+    accuracy. With `callback` and `every` > 0, ``callback(step)`` runs after every `every` steps, with `model` in
+    eval mode (training resumes after it).
     """
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -117,6 +119,10 @@ def pretrain_contrastive(model: torch.nn.Module, x: torch.Tensor, config: Contra
         if (step + 1) % 100 == 0:
             _logger.info("  step %d/%d loss %.3f positive-match %.3f", step + 1, config.steps,
                          sum(losses[-100:]) / 100, sum(accs[-100:]) / 100)
+        if callback is not None and every > 0 and (step + 1) % every == 0:
+            model.eval()
+            callback(step + 1)
+            model.train()
     model.eval()
     tail = slice(-min(100, len(losses)), None)
     return {"loss": round(sum(losses[tail]) / len(losses[tail]), 4),

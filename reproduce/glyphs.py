@@ -71,6 +71,11 @@ class SplitSpec:
     # Further scripts whose every covered letter joins the pretraining split (plain, `train_aug` per font): a broader
     # source for the foundation and its prior. None of them may be the cross-domain script.
     source_extra: tuple[str, ...] = ()
+    # The BN prior's own split "prior": the first `prior_classes` pretraining classes and every letter of
+    # `source_extra`, `prior_aug` images per font. The prior is a classifier, which converges on a few hundred classes
+    # with many images each, not on thousands with a few. None: the prior trains on the pretraining split.
+    prior_classes: Optional[int] = None
+    prior_aug: int = 4
     # Also render the test characters in this style as the split "test-<style>": the foundation's own world, for
     # checking that a meta-LoRA tuned for the downstream style does no damage there. None: no such split.
     check_style: Optional[str] = None
@@ -93,7 +98,11 @@ class SplitSpec:
             raise ValueError(f"source_extra={self.source_extra!r}: a script is named twice")
         if self.check_style is not None and self.check_style not in STYLES:
             raise ValueError(f"check_style={self.check_style!r}: choose one of {STYLES} or None")
-        for name in ("train_aug", "eval_aug", "cross_aug", "zoo_aug"):
+        if self.prior_classes is not None and not (isinstance(self.prior_classes, int)
+                                                   and 1 <= self.prior_classes <= self.pretrain):
+            raise ValueError(f"prior_classes={self.prior_classes!r}: must be None or from 1 to pretrain="
+                             f"{self.pretrain}")
+        for name in ("train_aug", "eval_aug", "cross_aug", "zoo_aug", "prior_aug"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r}: must be an integer >= 1")
@@ -263,6 +272,10 @@ def build(out: Path, spec: SplitSpec = SplitSpec(), only: Optional[tuple[str, ..
         jobs.append((name, script_of.get(name, "han"), members, n_aug, style))
     for script in spec.source_extra:  # every letter of the script, beside the source script's classes
         jobs.append(("pretrain", script, chars[script], spec.train_aug, spec.source_style))
+    if spec.prior_classes is not None:
+        jobs.append(("prior", spec.source_script, splits["pretrain"][:spec.prior_classes], spec.prior_aug,
+                     spec.source_style))
+        jobs += [("prior", script, chars[script], spec.prior_aug, spec.source_style) for script in spec.source_extra]
     if spec.check_style is not None:
         jobs.append((f"test-{spec.check_style}", "han", splits["test"], spec.eval_aug, spec.check_style))
     for name, script, members, n_aug, style in jobs:
@@ -272,6 +285,8 @@ def build(out: Path, spec: SplitSpec = SplitSpec(), only: Optional[tuple[str, ..
                       spec.min_contrast, distractors[script], spec.clutter)
     sizes = {k: len(v) for k, v in splits.items()}
     sizes["pretrain"] += sum(len(chars[s]) for s in spec.source_extra)
+    if spec.prior_classes is not None:
+        sizes["prior"] = spec.prior_classes + sum(len(chars[s]) for s in spec.source_extra)
     if spec.check_style is not None:
         sizes[f"test-{spec.check_style}"] = len(splits["test"])
     manifest = {"spec": asdict(spec), "fonts": fonts, "available": {k: len(v) for k, v in chars.items()},

@@ -16,7 +16,7 @@ from recycle.formats import LoRAAdapter, read_adapter, save_adapter
 from recycle.images import load_image
 from recycle.io import atomic_write_bytes
 from recycle.predict import LABEL_SEPARATOR
-from recycle.pretune import load_zoo
+from recycle.zoo import load_zoo
 
 from .report import prior_card, results_markdown, source_description, weights_readme
 
