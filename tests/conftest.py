@@ -57,7 +57,7 @@ def _isolated_hf_cache(tmp_path, monkeypatch):
 @pytest.fixture()
 def local_hub(tmp_path, monkeypatch):
     """A fake Hugging Face Hub on 127.0.0.1 serving ``server.root/<org>/<name>/``; the real client points at it."""
-    from tests.hubserver import HubServer, patch_hf_endpoint
+    from tests.support.hubserver import HubServer, patch_hf_endpoint
 
     root = tmp_path / "hub"
     root.mkdir()

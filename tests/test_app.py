@@ -26,8 +26,8 @@ from recycle.backbone import load_backbone
 from recycle.invert import DEFAULT_BN_PRIOR
 from recycle.formats import LoRAAdapter, read_adapter, save_adapter
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters
-from tests.apptools import (KINDS, check, classify, close, free_port, good_request, launch, make_pics, pattern,
-                            plain, publish, require_toy_weights, settings)
+from tests.support.apptools import (KINDS, check, classify, close, free_port, good_request, launch, make_pics, pattern,
+                                    plain, publish, require_toy_weights, settings)
 
 CLIP_NAME = "vit_base_patch16_clip_224.openai"  # on the Hub only: unloadable here
 

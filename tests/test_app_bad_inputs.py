@@ -18,8 +18,9 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from safetensors.torch import load_file, save_file
 
-from tests.apptools import (blank_png, classify, close, good_request, headless_lora, launch, make_pics, make_pool,
-                            official_lora, pattern, plain, publish, quick_good_request, settings, tiny_lora)
+from tests.support.apptools import (blank_png, classify, close, good_request, headless_lora, launch, make_pics,
+                                    make_pool, official_lora, pattern, plain, publish, quick_good_request, settings,
+                                    tiny_lora)
 
 
 # -------------------------------------------------------------------------------------------------------- fixtures

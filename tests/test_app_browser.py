@@ -14,8 +14,8 @@ from typing import Optional
 
 import pytest
 
-from tests.apptools import close, free_port, launch, publish, settings, tiny_lora, toy_weights
-from tests.browser import CHROMIUM, Browser
+from tests.support.apptools import close, free_port, launch, publish, settings, tiny_lora, toy_weights
+from tests.support.browser import CHROMIUM, Browser
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
                                                          "(apt-get install chromium; see tests/debian-packages.txt)")

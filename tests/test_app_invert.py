@@ -14,8 +14,8 @@ from gradio_client.exceptions import AppError
 
 import app_ui
 from recycle.pool import Pool
-from tests.apptools import (close, good_request, headless_lora, launch, make_pics, official_lora, plain, publish,
-                            settings, tiny_lora)
+from tests.support.apptools import (close, good_request, headless_lora, launch, make_pics, official_lora, plain,
+                                    publish, settings, tiny_lora)
 
 INVERT = dict(per_class=2, steps=40, pruning="-1:0.75", bn_prior=False, lr=0.25, seed=0)
 
@@ -174,7 +174,7 @@ def test_names_and_metadata_from_a_lora_file_render_as_text(served, tiny_clip_di
     """Markdown in a LoRA's metadata (its backbone, its class names) is shown as the text it is: no link, heading,
     image, list or emphasis comes from a file."""
     from recycle.formats import read_adapter, save_adapter
-    from tests.apptools import rendered
+    from tests.support.apptools import rendered
 
     client, _ = served
     folder = tiny_lora(tiny_clip_dir, tmp_path / "hostile", HOSTILE_NAMES, steps=1)
@@ -195,7 +195,7 @@ def test_md_text_shows_any_text_as_itself_on_one_line():
     import unicodedata
 
     from app_ui.markup import md_code, md_text
-    from tests.apptools import rendered
+    from tests.support.apptools import rendered
 
     for text in HOSTILE_NAMES + ["a|b|c", "1. one", "&amp;", "x\\y", "<script>alert(1)</script>", "\u202eevil"]:
         html = rendered(f"**{md_text(text)}** and {md_code(text)}")

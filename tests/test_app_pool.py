@@ -11,7 +11,7 @@ import torch
 from gradio_client.exceptions import AppError
 
 from app_ui import pool as pool_tab
-from tests.apptools import close, launch, make_pool, plain, settings, tiny_lora
+from tests.support.apptools import close, launch, make_pool, plain, settings, tiny_lora
 
 
 @pytest.fixture(scope="module")

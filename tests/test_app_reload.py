@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.apptools import free_port
+from tests.support.apptools import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

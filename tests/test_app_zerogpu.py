@@ -17,7 +17,7 @@ import app_ui
 from app_ui import zerogpu
 from recycle.invert import InversionConfig
 from recycle.tokens import PruningConfig
-from tests.apptools import close, free_port, good_request, launch, make_pics, settings, tiny_lora
+from tests.support.apptools import close, free_port, good_request, launch, make_pics, settings, tiny_lora
 
 spaces = pytest.importorskip("spaces")
 REPO = Path(__file__).resolve().parents[1]

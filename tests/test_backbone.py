@@ -51,7 +51,7 @@ def test_unknown_name():
 
 def test_unreachable_hub_fails_fast_with_clear_message(monkeypatch):
     from huggingface_hub import constants
-    from tests.hubserver import free_port
+    from tests.support.hubserver import free_port
 
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(BackboneError) as info:

@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from recycle.card import write_model_card
 from recycle.formats import read_adapter, save_adapter
 from recycle.hub import HubError, push_folder
-from tests.hubserver import card_metadata_errors
+from tests.support.hubserver import card_metadata_errors
 from tests.helpers import colour_task, train_tiny_lora
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"

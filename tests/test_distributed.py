@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ from recycle.cli import main
 from recycle.formats import read_adapter
 from safetensors.torch import load_file
 from tests.helpers import make_image
+from tests.support.hubserver import free_port
 from tests.test_pipeline import dataset  # noqa: F401 - the ImageFolder splits, shared
 
 REPO = Path(__file__).resolve().parents[1]
 META_STEPS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(commands: list[list[str]], fault: str = "", timeout_s: str = "60", limit: float = 300
@@ -36,7 +30,7 @@ def torchrun(commands: list[list[str]], fault: str = "", timeout_s: str = "60", 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RECYCLE_TEST_FAULT": fault,
            "RECYCLE_DIST_TIMEOUT": timeout_s, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "tests.dist_worker", json.dumps(commands)]
+           "--master-port", str(free_port()), "-m", "tests.dist_worker", json.dumps(commands)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
 
 

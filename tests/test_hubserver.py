@@ -1,4 +1,5 @@
-"""The real huggingface_hub client (and timm's ``hf-hub:`` loading) against the fake Hub in ``tests/hubserver.py``."""
+"""The real huggingface_hub client (and timm's ``hf-hub:`` loading) against the fake Hub in
+``tests/support/hubserver.py``."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import _http, get_session
 from safetensors.torch import save_file
 
-from tests.hubserver import HubServer, free_port, patch_hf_endpoint
+from tests.support.hubserver import HubServer, free_port, patch_hf_endpoint
 
 # huggingface_hub's HTTP client library: httpx in 1.x, httpx2 in 2.x.
 http = importlib.import_module(type(get_session()).__module__.split(".")[0])

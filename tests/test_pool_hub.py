@@ -14,7 +14,7 @@ from recycle.cli import main
 from recycle.hub import HubError
 from recycle.pool import Pool, PoolError, teacher_confidence
 from recycle.pool_hub import HubPoolLimits, fetch_pool, hub_dataset_id, pool_dataset_files, push_pool
-from tests.apptools import make_pool, tiny_lora
+from tests.support.apptools import make_pool, tiny_lora
 
 REPO = "org/pool"
 COLUMNS = {"file_name", "masked_file_name", "class", "label", "source", "source_fingerprint", "run",

@@ -460,7 +460,7 @@ def test_app_fit_check_names_the_backbone_a_lora_was_made_for(tiny_clip_dir, loc
     ok = Inversion._fit(replace(adapter, backbone="clip-b16"), clip, "clip-b16")
     assert ok.startswith("✅")
     other = Inversion._fit(replace(adapter, backbone="google/vit-base-patch16-224-in21k"), clip, "clip-b16")
-    from tests.apptools import plain
+    from tests.support.apptools import plain
 
     other = plain(other)
     assert other.startswith("⚠️") and "in shape only" in other and "google/vit-base-patch16-224-in21k" in other
@@ -584,7 +584,7 @@ def test_cli_zoo_from_the_hub_then_invert_meta_train_and_export(hub_with_loras, 
 
 def test_app_lists_the_hubs_loras_for_the_backbone_and_loads_one(hub_with_loras, tmp_path):
     pytest.importorskip("gradio")
-    from tests.apptools import close, launch, plain, settings
+    from tests.support.apptools import close, launch, plain, settings
 
     demo, client = launch(settings(tmp_path, "hf-hub:google/tiny-vit"))
     try:
@@ -642,7 +642,7 @@ def test_app_offers_to_switch_to_the_backbone_a_lora_was_made_for(hub_with_loras
     import shutil
 
     pytest.importorskip("gradio")
-    from tests.apptools import close, launch, plain, settings
+    from tests.support.apptools import close, launch, plain, settings
 
     clip = "hf-hub:timm/vit_base_patch16_clip_224.openai"
     shutil.copytree(tiny_clip_dir, hub_with_loras.root / "timm" / "vit_base_patch16_clip_224.openai")

@@ -6,7 +6,6 @@ import atexit
 import functools
 import html
 import shutil
-import socket
 import struct
 import tempfile
 import zlib
@@ -30,6 +29,7 @@ from recycle.lora import LoRAConfig, inject_lora, remove_lora
 from recycle.pool import write_run
 from recycle.tokens import PruningConfig
 from tests.helpers import colour_task, train_tiny_lora
+from tests.support.hubserver import free_port
 
 Classes = Sequence[tuple[str, Sequence[Path]]]
 KINDS = ("red", "blue", "stripes")
@@ -74,12 +74,6 @@ def make_pics(root: Path) -> dict[str, Path]:
         out[f"{kind}_q"] = root / f"{kind}_q.png"
         pattern(kind, seed=9, size=(56, 40)).save(out[f"{kind}_q"])
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------------ launching
