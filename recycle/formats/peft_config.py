@@ -11,7 +11,7 @@ from typing import Union
 from ..adapter import LoRAFormatError
 from ..io import loads_strict, shown
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ModulePattern", "check_peft_config", "pattern_value",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ModulePattern", "check_peft_config", "low_rank_pair", "pattern_value",
            "peft_scale_settings", "read_peft_config"]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -136,3 +136,19 @@ def check_peft_config(cfg: dict, name: str) -> None:
             raise LoRAFormatError(f"{name}: the adapter uses {what} ('{key}'), which LoRA Recycle does not support")
     if cfg.get("bias", "none") != "none":
         raise LoRAFormatError(f"{name}: the adapter trains biases (bias='{cfg['bias']}'), which is not supported")
+
+
+def low_rank_pair(pair: dict, module: str, name: str) -> tuple:
+    """``(lora_A, lora_B)`` of one module's PEFT tensors, checked to form a low-rank pair: both present, matrices,
+    non-empty, ``A (r, in)`` and ``B (out, r)``.
+
+    Raises:
+        LoRAFormatError: naming the file `name` and the module.
+    """
+    if set(pair) != {"lora_A", "lora_B"}:
+        raise LoRAFormatError(f"{name}: {module} has {sorted(pair)} but needs both lora_A and lora_B")
+    a, b = pair["lora_A"], pair["lora_B"]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or not a.numel() or not b.numel():
+        raise LoRAFormatError(f"{name}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, which do "
+                              "not form a low-rank pair")
+    return a, b

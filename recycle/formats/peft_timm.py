@@ -24,7 +24,8 @@ from safetensors.torch import save as safetensors_bytes
 from ..adapter import LoRAAdapter, LoRAFormatError, module_groups, module_scaling
 from ..io import atomic_write_bytes, dumps_strict, shown
 from ..lora import TARGETS, LoRAConfig
-from .peft_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_peft_config, pattern_value, peft_scale_settings
+from .peft_config import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_peft_config, low_rank_pair, pattern_value,
+                          peft_scale_settings)
 
 __all__ = ["FORMAT_VERSION", "save_adapter", "from_peft"]
 
@@ -118,12 +119,7 @@ def from_peft(cfg: dict, tensors: dict[str, torch.Tensor], meta: dict, name: str
     targets: set[str] = set()
     qv = ours is not None and "qv" in ours.get("targets", ())
     for path, pair in pairs.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise LoRAFormatError(f"{name}: {path} has {sorted(pair)} but needs both lora_A and lora_B")
-        a, b = pair["lora_A"], pair["lora_B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or not a.numel() or not b.numel():
-            raise LoRAFormatError(f"{name}: {path} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, which do "
-                                  "not form a low-rank pair")
+        a, b = low_rank_pair(pair, path, name)
         suffix = path.split(".", 2)[2]
         if suffix not in _SUFFIX_TO_TARGET:
             raise LoRAFormatError(f"{name}: LoRA on '{path}' is not supported (targets: {sorted(_SUFFIX_TO_TARGET)})")

@@ -31,11 +31,12 @@ from typing import Optional, Union
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from ..adapter import LoRAAdapter, LoRAFormatError, module_scaling
+from ..adapter import LoRAAdapter, LoRAFormatError, module_groups, module_scaling
 from ..io import atomic_write_bytes, dumps_strict, shown
 from ..lora import LoRAConfig
 from ..provenance import EQUIVALENT
-from .peft_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_peft_config, pattern_value, peft_scale_settings
+from .peft_config import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_peft_config, low_rank_pair, pattern_value,
+                          peft_scale_settings)
 
 __all__ = ["is_transformers_adapter", "from_transformers_peft", "save_transformers_peft", "CLIP_BASES", "LAYOUTS"]
 
@@ -157,12 +158,7 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
     # block -> part -> (A, B, scale)
     blocks: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
     for module, pair in pairs.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise LoRAFormatError(f"{name}: {module} has {sorted(pair)} but needs both lora_A and lora_B")
-        a, b = pair["lora_A"], pair["lora_B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or not a.numel() or not b.numel():
-            raise LoRAFormatError(f"{name}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, which "
-                                  "do not form a low-rank pair")
+        a, b = low_rank_pair(pair, module, name)
         rank = a.shape[0]
         declared = pattern_value(rank_patterns, module, r_default)
         if declared != rank:
@@ -238,14 +234,6 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
                        head_bias=head.get("bias"), class_names=names, info=info)
 
 
-def _groups(state: dict[str, torch.Tensor]) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    groups: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-    for key, t in state.items():
-        path, kind, part = key.rsplit(".", 2)
-        groups.setdefault(path, {"lora_A": {}, "lora_B": {}})[kind][part] = t
-    return groups
-
-
 def save_transformers_peft(adapter: LoRAAdapter, directory: Union[str, Path], layout: str = "new",
                            base_model: Optional[str] = None, model_type: str = "vit") -> Path:
     """Write `adapter` (made on a timm ViT converted from a transformers ViT) as a PEFT adapter of that transformers
@@ -276,7 +264,7 @@ def save_transformers_peft(adapter: LoRAAdapter, directory: Union[str, Path], la
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.clone()
         per_module[module] = (int(a.shape[0]), scaling * a.shape[0])
 
-    for path, group in _groups(adapter.state).items():
+    for path, group in module_groups(adapter.state).items():
         m = re.fullmatch(r"blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)", path)
         if m is None:
             raise ValueError(f"cannot write a LoRA on {path} in transformers' layout")
