@@ -35,6 +35,10 @@ class ContrastConfig:
     rotate: float = 15.0  # maximum rotation, degrees
     scale: tuple[float, float] = (0.8, 1.15)
     shift: float = 0.1  # maximum translation, fraction of the image side
+    # Font-like changes, applied to the glyph before recolouring; 0 turns each off.
+    stroke: float = 0.0  # maximum change of stroke weight: ink moves this far toward its 3x3 dilation or erosion
+    elastic: float = 0.0  # maximum smooth displacement, pixels (a random field on a 4x4 grid, upsampled)
+    blur: float = 0.0  # maximum blend toward the 3x3 box-blurred glyph
     proj_dim: int = 64
     seed: int = 0
 
@@ -44,6 +48,7 @@ class ContrastConfig:
                   ("weight_decay", 0 <= self.weight_decay < 1), ("temperature", 0 < self.temperature <= 10),
                   ("colour", 0 <= self.colour <= 1), ("min_contrast", 0 <= self.min_contrast < 1),
                   ("rotate", 0 <= self.rotate <= 180), ("shift", 0 <= self.shift < 0.5),
+                  ("stroke", 0 <= self.stroke <= 1), ("elastic", 0 <= self.elastic <= 8), ("blur", 0 <= self.blur <= 1),
                   ("scale", len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 4),
                   ("proj_dim", self.proj_dim >= 1)]
         for name, ok in checks:
@@ -54,8 +59,8 @@ class ContrastConfig:
 def views(x: torch.Tensor, config: ContrastConfig, generator: torch.Generator) -> torch.Tensor:
     """Random views of plain glyphs: uint8 ``(B, 3, H, W)`` -> uint8 ``(B, 3, H, W)``.
 
-    Each image is rotated, scaled and shifted (border pixels extend the paper), then with probability
-    ``config.colour`` drawn in random ink and paper colours.
+    Each image is rotated, scaled, shifted and elastically warped (border pixels extend the paper), its strokes
+    thickened or thinned and blurred, then with probability ``config.colour`` drawn in random ink and paper colours.
     """
     b, _, h, w = x.shape
     gray = x.float().mean(1, keepdim=True) / 255
@@ -66,7 +71,20 @@ def views(x: torch.Tensor, config: ContrastConfig, generator: torch.Generator) -
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
+    if config.elastic > 0:  # a smooth field: uniform offsets on a 4x4 grid, bicubic to full size, in grid units
+        field = (torch.rand(b, 2, 4, 4, generator=generator) * 2 - 1) * (2 * config.elastic / w)
+        grid = grid + F.interpolate(field, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
     gray = F.grid_sample(gray, grid, padding_mode="border", align_corners=False)
+    if config.stroke > 0:  # ink = 1 - gray; a positive amount moves toward dilation, a negative toward erosion
+        ink = 1 - gray
+        amount = ((torch.rand(b, generator=generator) * 2 - 1) * config.stroke).view(-1, 1, 1, 1)
+        dilated = F.max_pool2d(ink, 3, 1, 1)
+        eroded = -F.max_pool2d(-ink, 3, 1, 1)
+        ink = ink + amount.clamp(min=0) * (dilated - ink) + (-amount).clamp(min=0) * (eroded - ink)
+        gray = 1 - ink
+    if config.blur > 0:
+        amount = (torch.rand(b, generator=generator) * config.blur).view(-1, 1, 1, 1)
+        gray = gray + amount * (F.avg_pool2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), 3, 1) - gray)
     plain = (gray * 255).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
     coloured = recolour(plain, generator, config.min_contrast)
     pick = (torch.rand(b, generator=generator) < config.colour).view(-1, 1, 1, 1)

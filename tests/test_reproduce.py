@@ -272,12 +272,23 @@ def test_contrastive_views_and_loss():
     assert (out[:, 0] != out[:, 1]).any() and not torch.equal(out[0], out[1])  # coloured, and each view its own
     plain = views(x, ContrastConfig(colour=0.0, rotate=0, scale=(1, 1), shift=0), torch.Generator().manual_seed(0))
     assert (plain.int() - x.int()).abs().max() <= 1  # no warp, no colour: the image itself
+    still = dict(colour=0.0, rotate=0, scale=(1, 1), shift=0)
+    bolder = views(x, ContrastConfig(**still, stroke=1.0), torch.Generator().manual_seed(0))
+    ink = (x[:, 0] < 128).sum((1, 2)).float()
+    changed = (bolder[:, 0] < 128).sum((1, 2)).float() - ink  # each view's strokes grow or shrink, by its own amount
+    assert changed.max() > 0 and changed.min() < 0
+    warped = views(x, ContrastConfig(**still, elastic=2.0), torch.Generator().manual_seed(0))
+    assert (warped.int() - x.int()).abs().max() > 100  # the bar's edges move
+    blurred = views(x, ContrastConfig(**still, blur=1.0), torch.Generator().manual_seed(0))
+    assert ((blurred[:, 0] > 20) & (blurred[:, 0] < 240)).any()  # grey edge pixels appear; the paper stays
+    assert blurred[:, :, :4].eq(250).all()
     z = torch.randn(8, 16)
     loss, acc = nt_xent(torch.cat([z, z]), temperature=0.1)  # each view's positive is itself: a perfect match
     assert acc == 1 and loss < 0.5
     loss_random, _ = nt_xent(torch.randn(16, 16), temperature=0.1)
     assert loss_random > loss
-    for bad in (dict(temperature=0), dict(colour=1.5), dict(scale=(1.2, 0.8)), dict(batch=1), dict(lr=float("nan"))):
+    for bad in (dict(temperature=0), dict(colour=1.5), dict(scale=(1.2, 0.8)), dict(batch=1), dict(lr=float("nan")),
+                dict(stroke=1.5), dict(elastic=-1), dict(blur=2)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ContrastConfig(**bad)
 
