@@ -19,6 +19,7 @@ Environment:
 
 Deep links: ``?tab=few-shot``, ``?tab=invert`` or ``?tab=pool`` opens that tab.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,18 @@ if __name__ == "__main__":  # Gradio reads GRADIO_SERVER_PORT as it is imported:
 import gradio as gr  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
-from app_ui import (AppSettings, FewShot, HubLoRAList, Inversion, ModelCache, PathPolicy, PoolBrowser,  # noqa: E402
-                    find_examples, md_code, resolve_defaults)
+from app_ui import (  # noqa: E402
+    AppSettings,
+    FewShot,
+    HubLoRAList,
+    Inversion,
+    ModelCache,
+    PathPolicy,
+    PoolBrowser,
+    find_examples,
+    md_code,
+    resolve_defaults,
+)
 from app_ui.fewshot import few_shot_tab  # noqa: E402
 from app_ui.http import URLLengthLimit  # noqa: E402
 from app_ui.invert import invert_tab  # noqa: E402
@@ -88,8 +99,9 @@ def _backbone_choices(default: str, settings: AppSettings) -> list[str]:
     return list(dict.fromkeys([default, DEFAULT_BACKBONE, *ALIASES, *shipped]))
 
 
-def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCache] = None,
-               settings: Optional[AppSettings] = None) -> gr.Blocks:
+def build_demo(
+    default_backbone: Optional[str] = None, cache: Optional[ModelCache] = None, settings: Optional[AppSettings] = None
+) -> gr.Blocks:
     """The app's Blocks with its queue configured, not launched.
 
     Args:
@@ -102,8 +114,13 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
     cache = cache or ModelCache()
     cache.lora_loader = policy.load_lora
     defaults = resolve_defaults(settings, cache, default_backbone)
-    policy.trusted |= {defaults.backbone, defaults.lora, str(settings.shipped_backbone), str(settings.shipped_lora),
-                       str(settings.example_lora or "")} - {""}
+    policy.trusted |= {
+        defaults.backbone,
+        defaults.lora,
+        str(settings.shipped_backbone),
+        str(settings.shipped_lora),
+        str(settings.example_lora or ""),
+    } - {""}
     fewshot = FewShot(cache, defaults, policy)
     inversion = Inversion(cache, policy, settings, defaults.backbone)
     browser = PoolBrowser(policy, settings)
@@ -111,25 +128,36 @@ def build_demo(default_backbone: Optional[str] = None, cache: Optional[ModelCach
 
     with gr.Blocks(title="LoRA Recycle", delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown(HEADER)
-        backbone = gr.Dropdown(_backbone_choices(defaults.backbone, settings), value=defaults.backbone,
-                               allow_custom_value=True, label="Backbone (all tabs)",
-                               info="timm name, alias or hf-hub:ORG/REPO"
-                                    + (", or a local folder" if policy.allow_local else ""))
+        backbone = gr.Dropdown(
+            _backbone_choices(defaults.backbone, settings),
+            value=defaults.backbone,
+            allow_custom_value=True,
+            label="Backbone (all tabs)",
+            info="timm name, alias or hf-hub:ORG/REPO" + (", or a local folder" if policy.allow_local else ""),
+        )
         status = gr.Markdown(f"Loading {md_code(defaults.backbone)}…", elem_id="status")
         with gr.Tabs() as tabs:
             with gr.Tab(TABS["few-shot"], id="few-shot"):
                 fs = few_shot_tab(fewshot, defaults, find_examples(settings.examples), settings, backbone, status)
             with gr.Tab(TABS["invert"], id="invert"):
-                inv = invert_tab(inversion, HubLoRAList(policy, defaults.backbone), policy, settings,
-                                 defaults.backbone, backbone)
+                inv = invert_tab(
+                    inversion, HubLoRAList(policy, defaults.backbone), policy, settings, defaults.backbone, backbone
+                )
             with gr.Tab(TABS["pool"], id="pool") as pool_tab_:
                 pool = pool_tab(browser, policy, settings, demo, pool_tab_)
 
-        gr.on([demo.load, backbone.change, fs.lora.submit], fewshot.status, inputs=[backbone, fs.lora],
-              outputs=status, api_name="status", **LOADING)
+        gr.on(
+            [demo.load, backbone.change, fs.lora.submit],
+            fewshot.status,
+            inputs=[backbone, fs.lora],
+            outputs=status,
+            api_name="status",
+            **LOADING,
+        )
         demo.load(_select_tab, None, tabs, api_visibility="private", queue=False)
         inv.add.click(inversion.add_to_pool, None, inv.pool_note, api_name="add_to_pool", **BROWSE).then(
-            browser.refresh, inputs=pool.folder, outputs=pool.outputs(PoolView), api_visibility="private", **BROWSE)
+            browser.refresh, inputs=pool.folder, outputs=pool.outputs(PoolView), api_visibility="private", **BROWSE
+        )
 
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=PREDICT_CONCURRENCY)
     return demo
@@ -140,10 +168,16 @@ def launch_options(settings: Optional[AppSettings] = None) -> dict[str, Any]:
     limit); tests launch with them."""
     settings = settings or AppSettings.from_env()
     system_fonts = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: the page also works offline
-    theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", font=system_fonts,
-                           font_mono=["ui-monospace", "monospace"])
-    return {"theme": theme, "css": STYLESHEET.read_text(encoding="utf-8"), "max_file_size": MAX_FILE_SIZE,
-            "allowed_paths": [str(settings.examples)], "app_kwargs": {"middleware": [Middleware(URLLengthLimit)]}}
+    theme = gr.themes.Soft(
+        primary_hue="indigo", secondary_hue="slate", font=system_fonts, font_mono=["ui-monospace", "monospace"]
+    )
+    return {
+        "theme": theme,
+        "css": STYLESHEET.read_text(encoding="utf-8"),
+        "max_file_size": MAX_FILE_SIZE,
+        "allowed_paths": [str(settings.examples)],
+        "app_kwargs": {"middleware": [Middleware(URLLengthLimit)]},
+    }
 
 
 demo: Optional[gr.Blocks] = None  # the running app; `gradio app.py` hot-reload finds it here and rebuilds it

@@ -10,22 +10,54 @@ reported as a generic error, and the app keeps serving.
 
 Imports go one way: ``app.py`` → ``app_ui`` → ``recycle``.
 """
+
 from __future__ import annotations
 
 from .errors import USER_ERRORS, InputError
 from .fewshot import EMPTY_CARDS, ExampleTask, FewShot, find_examples
 from .hub_loras import HubLoRAList
 from .invert import PRUNING_PRESETS, Inversion
-from .limits import (INITIAL_CLASSES, MAX_CLASSES, MAX_FILE_SIZE, MAX_IMAGES, MAX_INVERT_IMAGES, MAX_INVERT_STEPS,
-                     MAX_POOL_GALLERY, RESULT_SESSIONS)
+from .limits import (
+    INITIAL_CLASSES,
+    MAX_CLASSES,
+    MAX_FILE_SIZE,
+    MAX_IMAGES,
+    MAX_INVERT_IMAGES,
+    MAX_INVERT_STEPS,
+    MAX_POOL_GALLERY,
+    RESULT_SESSIONS,
+)
 from .markup import md_code, md_text
 from .pool import PoolBrowser
 from .settings import AppSettings, Defaults, PathPolicy, PriorChoice, resolve_defaults
 from .state import ModelCache, SessionStore
 
-__all__ = ["InputError", "AppSettings", "Defaults", "PathPolicy", "ModelCache", "SessionStore", "FewShot", "Inversion",
-           "HubLoRAList", "PoolBrowser", "PriorChoice", "ExampleTask", "find_examples", "resolve_defaults",
-           "USER_ERRORS", "EMPTY_CARDS",
-           "INITIAL_CLASSES", "MAX_CLASSES", "MAX_IMAGES", "MAX_FILE_SIZE", "MAX_INVERT_IMAGES", "MAX_INVERT_STEPS",
-           "RESULT_SESSIONS", "PRUNING_PRESETS", "MAX_POOL_GALLERY",
-           "md_code", "md_text"]
+__all__ = [
+    "InputError",
+    "AppSettings",
+    "Defaults",
+    "PathPolicy",
+    "ModelCache",
+    "SessionStore",
+    "FewShot",
+    "Inversion",
+    "HubLoRAList",
+    "PoolBrowser",
+    "PriorChoice",
+    "ExampleTask",
+    "find_examples",
+    "resolve_defaults",
+    "USER_ERRORS",
+    "EMPTY_CARDS",
+    "INITIAL_CLASSES",
+    "MAX_CLASSES",
+    "MAX_IMAGES",
+    "MAX_FILE_SIZE",
+    "MAX_INVERT_IMAGES",
+    "MAX_INVERT_STEPS",
+    "RESULT_SESSIONS",
+    "PRUNING_PRESETS",
+    "MAX_POOL_GALLERY",
+    "md_code",
+    "md_text",
+]

@@ -1,5 +1,6 @@
 """User errors: which exceptions are shown to the user as they are, how they are reported, and the checks of input
 values that raise them."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,16 @@ class InputError(ValueError):
 
 
 # Errors whose message is written for the end user: shown as they are.
-USER_ERRORS = (InputError, SupportError, ImageError, BackboneError, LoRAFormatError, HubError, PoolError,
-               InversionError)
+USER_ERRORS = (
+    InputError,
+    SupportError,
+    ImageError,
+    BackboneError,
+    LoRAFormatError,
+    HubError,
+    PoolError,
+    InversionError,
+)
 
 
 def _server_folders() -> list[tuple[str, str]]:
@@ -46,8 +55,12 @@ def _server_folders() -> list[tuple[str, str]]:
 
     tmp = tempfile.gettempdir()
     gradio_tmp = os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tmp, "gradio")
-    return [(os.path.join(tmp, "recycle-app-"), "the uploaded files"), (gradio_tmp, "the uploaded files"),
-            (str(constants.HF_HUB_CACHE), "the downloaded files"), (str(pool_cache_dir()), "the downloaded pool")]
+    return [
+        (os.path.join(tmp, "recycle-app-"), "the uploaded files"),
+        (gradio_tmp, "the uploaded files"),
+        (str(constants.HF_HUB_CACHE), "the downloaded files"),
+        (str(pool_cache_dir()), "the downloaded pool"),
+    ]
 
 
 def user_text(e: BaseException) -> str:
@@ -55,8 +68,9 @@ def user_text(e: BaseException) -> str:
     the file they hold (or "the uploaded files" / "the downloaded files")."""
     text = str(e)
     for root, what in _server_folders():
-        text = re.sub(re.escape(root) + r"[^\s'\"`]*",
-                      lambda m: Path(m.group()).name if Path(m.group()).suffix else what, text)
+        text = re.sub(
+            re.escape(root) + r"[^\s'\"`]*", lambda m: Path(m.group()).name if Path(m.group()).suffix else what, text
+        )
     return text
 
 
@@ -80,8 +94,11 @@ def reported(title: str, what: str) -> Iterator[None]:
         raise _user_error(e, title) from None
     except Exception:  # noqa: BLE001 - the server keeps serving; details go to the log
         _logger.exception("%s failed", what)
-        raise gr.Error(f"Something went wrong while {what}; the details are in the server log. Please try again.",
-                       title="Unexpected error", print_exception=False) from None
+        raise gr.Error(
+            f"Something went wrong while {what}; the details are in the server log. Please try again.",
+            title="Unexpected error",
+            print_exception=False,
+        ) from None
 
 
 def as_text(value: Any, what: str) -> str:
@@ -125,8 +142,13 @@ def number_field(value: Any, what: str, low: float, high: float, whole: bool = T
         raise InputError(f"The {what} must be a number, got {value[:40]!r}.") from None
     if not (low <= number <= high) or (whole and number != int(number)):  # NaN fails the first test
         kind, bounds = ("a whole number", (int(low), int(high))) if whole else ("a number", (low, high))
-        shown = f"{number:.6g}" if isinstance(number, float) else str(number) if number < 10 ** 24 else \
-            f"{str(number)[:12]}… ({len(str(number))} digits)"
+        shown = (
+            f"{number:.6g}"
+            if isinstance(number, float)
+            else str(number)
+            if number < 10**24
+            else f"{str(number)[:12]}… ({len(str(number))} digits)"
+        )
         raise InputError(f"The {what} must be {kind} from {bounds[0]} to {bounds[1]}, got {shown}.")
     return int(number) if whole else number
 

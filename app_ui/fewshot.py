@@ -1,5 +1,6 @@
 """The few-shot tab and the shared status line: class slots in, probability cards and a table out; the bundled
 example tasks."""
+
 from __future__ import annotations
 
 import base64
@@ -18,8 +19,16 @@ from recycle.predict import Prediction, SupportError, classify, clean_class_name
 
 from .errors import USER_ERRORS, as_text, file_paths, reported, text_field, user_text
 from .markup import md_code, md_text
-from .limits import (INITIAL_CLASSES, LOADING, MAX_CARDS, MAX_CLASSES, MAX_IMAGES, MAX_NAME_LENGTH,
-                     PREDICT_CONCURRENCY, THUMBNAIL_SIZE)
+from .limits import (
+    INITIAL_CLASSES,
+    LOADING,
+    MAX_CARDS,
+    MAX_CLASSES,
+    MAX_IMAGES,
+    MAX_NAME_LENGTH,
+    PREDICT_CONCURRENCY,
+    THUMBNAIL_SIZE,
+)
 from .settings import AppSettings, Defaults, PathPolicy
 from .state import ModelCache
 
@@ -36,8 +45,12 @@ class ExampleTask:
     queries: list[str]
 
 
-_TASK_LABELS = {"han": "Han characters (held-out classes)", "hangul": "Hangul (an unseen script)",
-                "kana": "Kana (an unseen script)", "han-plain": "Han characters, plain (the foundation's own style)"}
+_TASK_LABELS = {
+    "han": "Han characters (held-out classes)",
+    "hangul": "Hangul (an unseen script)",
+    "kana": "Kana (an unseen script)",
+    "han-plain": "Han characters, plain (the foundation's own style)",
+}
 
 
 def _task_label(name: str) -> str:
@@ -56,8 +69,10 @@ def find_examples(root: Path, max_classes: int = MAX_CLASSES) -> list[ExampleTas
     if not root.is_dir():
         return tasks
     for task in sorted(p for p in root.iterdir() if p.is_dir()):
-        support = {c.name: sorted(str(f) for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-                   for c in sorted(p for p in (task / "support").glob("*") if p.is_dir())}
+        support = {
+            c.name: sorted(str(f) for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            for c in sorted(p for p in (task / "support").glob("*") if p.is_dir())
+        }
         support = {c: files for c, files in support.items() if files}
         queries = sorted(str(f) for f in (task / "query").glob("*/*") if f.suffix.lower() in IMAGE_SUFFIXES)
         if not 2 <= len(support) <= max_classes or not queries:
@@ -92,8 +107,10 @@ def _read_slots(slots: dict[str, Any]) -> dict[str, list[str]]:
         if len(name) > MAX_NAME_LENGTH:
             raise SupportError(f"Class {i}'s name is {len(name)} characters long; at most {MAX_NAME_LENGTH}.")
         if name in slot_of:
-            raise SupportError(f"Classes {slot_of[name]} and {i} are both named '{name}'. Class names must be unique "
-                               "(invisible characters and accents written differently do not count).")
+            raise SupportError(
+                f"Classes {slot_of[name]} and {i} are both named '{name}'. Class names must be unique "
+                "(invisible characters and accents written differently do not count)."
+            )
         slot_of[name] = i
         support[name] = files
     return support
@@ -115,12 +132,15 @@ def _thumbnail(path: str) -> str:
 
 
 def _bar(value: float, kind: str) -> str:
-    return (f'<div class="rc-track"><div class="rc-bar rc-{kind}" style="width:{100 * value:.1f}%"></div></div>'
-            f'<span class="rc-val">{100 * value:.0f}%</span>')
+    return (
+        f'<div class="rc-track"><div class="rc-bar rc-{kind}" style="width:{100 * value:.1f}%"></div></div>'
+        f'<span class="rc-val">{100 * value:.0f}%</span>'
+    )
 
 
-def probability_cards(predictions: list[Prediction], thumbnails: list[str],
-                      bare: Optional[list[Prediction]] = None, lora: str = "") -> str:
+def probability_cards(
+    predictions: list[Prediction], thumbnails: list[str], bare: Optional[list[Prediction]] = None, lora: str = ""
+) -> str:
     """HTML: one card per query with its thumbnail, its predicted class and a probability bar per class; with `bare`
     (the backbone alone), a second bar per class and both predictions, side by side."""
     esc = lambda s: html.escape(str(s))  # noqa: E731
@@ -128,40 +148,60 @@ def probability_cards(predictions: list[Prediction], thumbnails: list[str],
     score, bare_score = count_correct(predictions), count_correct(bare) if bare is not None else None
     if bare is not None:
         agree = sum(p.label == b.label for p, b in zip(predictions, bare))
-        correct = (f' The queries\' file names carry their classes: <b class="rc-score">{score[0]} of {score[1]}</b> '
-                   f'correct with the meta-LoRA, <b class="rc-score-bare">{bare_score[0]} of {bare_score[1]}</b> with '
-                   'the backbone alone.' if score else "")
-        parts.append(f'<div class="rc-summary">With the meta-LoRA <code>{esc(Path(lora).name or lora)}</code> and '
-                     f'with the backbone alone, <b>{agree} of {len(predictions)}</b> predictions agree.{correct} '
-                     '<span class="rc-key"><i class="rc-swatch rc-main"></i>with meta-LoRA</span>'
-                     '<span class="rc-key"><i class="rc-swatch rc-bare"></i>backbone alone</span></div>')
+        correct = (
+            f' The queries\' file names carry their classes: <b class="rc-score">{score[0]} of {score[1]}</b> '
+            f'correct with the meta-LoRA, <b class="rc-score-bare">{bare_score[0]} of {bare_score[1]}</b> with '
+            "the backbone alone."
+            if score
+            else ""
+        )
+        parts.append(
+            f'<div class="rc-summary">With the meta-LoRA <code>{esc(Path(lora).name or lora)}</code> and '
+            f"with the backbone alone, <b>{agree} of {len(predictions)}</b> predictions agree.{correct} "
+            '<span class="rc-key"><i class="rc-swatch rc-main"></i>with meta-LoRA</span>'
+            '<span class="rc-key"><i class="rc-swatch rc-bare"></i>backbone alone</span></div>'
+        )
     elif score:
-        parts.append(f'<div class="rc-summary">The queries\' file names carry their classes: <b class="rc-score">'
-                     f'{score[0]} of {score[1]}</b> correct.</div>')
+        parts.append(
+            f'<div class="rc-summary">The queries\' file names carry their classes: <b class="rc-score">'
+            f"{score[0]} of {score[1]}</b> correct.</div>"
+        )
     for i, (p, thumb) in enumerate(zip(predictions[:MAX_CARDS], thumbnails)):
         b = bare[i] if bare is not None else None
         changed = b is not None and b.label != p.label
-        parts.append(f'<div class="rc-card" data-query="{esc(p.file)}" data-label="{esc(p.label)}"'
-                     + (f' data-bare-label="{esc(b.label)}"' if b else "") + ">")
-        parts.append(f'<img class="rc-thumb" alt="{esc(p.file)}" src="{thumb}">' if thumb else
-                     '<div class="rc-thumb"></div>')
-        parts.append(f'<div class="rc-body"><div class="rc-title"><span class="rc-file">{esc(p.file)}</span> '
-                     f'<span class="rc-pred">→ <bdi>{esc(p.label)}</bdi></span>')
+        parts.append(
+            f'<div class="rc-card" data-query="{esc(p.file)}" data-label="{esc(p.label)}"'
+            + (f' data-bare-label="{esc(b.label)}"' if b else "")
+            + ">"
+        )
+        parts.append(
+            f'<img class="rc-thumb" alt="{esc(p.file)}" src="{thumb}">' if thumb else '<div class="rc-thumb"></div>'
+        )
+        parts.append(
+            f'<div class="rc-body"><div class="rc-title"><span class="rc-file">{esc(p.file)}</span> '
+            f'<span class="rc-pred">→ <bdi>{esc(p.label)}</bdi></span>'
+        )
         if b is not None:
-            parts.append(f' <span class="rc-badge{" rc-changed" if changed else ""}">backbone alone: '
-                         f'<bdi>{esc(b.label)}</bdi></span>')
+            parts.append(
+                f' <span class="rc-badge{" rc-changed" if changed else ""}">backbone alone: '
+                f"<bdi>{esc(b.label)}</bdi></span>"
+            )
         parts.append("</div>")
         for name, value in p.probs.items():
             best = " rc-best" if name == p.label else ""
-            parts.append(f'<div class="rc-row{best}"><span class="rc-name"><bdi>{esc(name)}</bdi></span>'
-                         f'<div class="rc-bars"><div class="rc-line">{_bar(value, "main")}</div>')
+            parts.append(
+                f'<div class="rc-row{best}"><span class="rc-name"><bdi>{esc(name)}</bdi></span>'
+                f'<div class="rc-bars"><div class="rc-line">{_bar(value, "main")}</div>'
+            )
             if b is not None:
                 parts.append(f'<div class="rc-line">{_bar(b.probs[name], "bare")}</div>')
             parts.append("</div></div>")
         parts.append("</div></div>")
     if len(predictions) > MAX_CARDS:
-        parts.append(f'<div class="rc-summary">Showing the first {MAX_CARDS} of {len(predictions)} queries; the '
-                     "table below has all of them.</div>")
+        parts.append(
+            f'<div class="rc-summary">Showing the first {MAX_CARDS} of {len(predictions)} queries; the '
+            "table below has all of them.</div>"
+        )
     parts.append("</div>")
     return "".join(parts)
 
@@ -198,8 +238,11 @@ class FewShot:
 
     def status(self, backbone: Optional[str], lora: Optional[str]) -> str:
         """Load the chosen backbone and LoRA, and say whether they are ready or what is missing."""
-        note = f"{self.defaults.note}\n\n" if self.defaults.note and (backbone or "") in (
-            "", self.defaults.backbone) else ""
+        note = (
+            f"{self.defaults.note}\n\n"
+            if self.defaults.note and (backbone or "") in ("", self.defaults.backbone)
+            else ""
+        )
         try:
             backbone, lora = self._model(backbone, lora)
             with self.cache.classifier(backbone, lora) as classifier:
@@ -208,16 +251,21 @@ class FewShot:
             return f"{note}⚠️ **Not ready.** {md_text(user_text(e), 1000)}"
         except Exception:  # noqa: BLE001 - reported in the UI, details in the log
             _logger.exception("loading %s with LoRA %r failed", backbone, lora)
-            return (f"{note}⚠️ **Not ready.** Loading {md_code(backbone)} failed unexpectedly; the details are in "
-                    "the server log.")
+            return (
+                f"{note}⚠️ **Not ready.** Loading {md_code(backbone)} failed unexpectedly; the details are in "
+                "the server log."
+            )
         embedding = "CLIP projection" if model.embedding == "projection" else "[CLS]"
         with_lora = f" with meta-LoRA {md_code(lora)}" if lora else ""
         _, h, w = model.input_size
-        return (f"{note}✅ **Ready:** {md_code(backbone)}{with_lora}: {embedding} embedding ({model.embed_dim}-d), "
-                f"{w}×{h} px input, on {model.device}.")
+        return (
+            f"{note}✅ **Ready:** {md_code(backbone)}{with_lora}: {embedding} embedding ({model.embed_dim}-d), "
+            f"{w}×{h} px input, on {model.device}."
+        )
 
-    def classify(self, backbone: Optional[str], lora: Optional[str], queries: Optional[list[str]],
-                 **slots: Any) -> tuple[str, dict[str, list]]:
+    def classify(
+        self, backbone: Optional[str], lora: Optional[str], queries: Optional[list[str]], **slots: Any
+    ) -> tuple[str, dict[str, list]]:
         """Fit the classes in the slots (``class_{i}_name``, ``class_{i}_images``) and predict every query; with a
         LoRA, also with the backbone alone, for comparison.
 
@@ -272,8 +320,9 @@ class FewShotTab:
     examples: Optional[gr.Examples]
 
 
-def _example_set(examples: list[ExampleTask], slots: dict, queries: gr.File, model: list, model_inputs: list
-                 ) -> gr.Examples:
+def _example_set(
+    examples: list[ExampleTask], slots: dict, queries: gr.File, model: list, model_inputs: list
+) -> gr.Examples:
     rows = []
     for task in examples:
         items = list(task.support.items())
@@ -283,35 +332,60 @@ def _example_set(examples: list[ExampleTask], slots: dict, queries: gr.File, mod
             row += [name, files]
         rows.append([*row, task.queries, *model])
     inputs = [c for i in range(1, MAX_CLASSES + 1) for c in (slots[f"class_{i}_name"], slots[f"class_{i}_images"])]
-    return gr.Examples(rows, inputs=[*inputs, queries, *model_inputs], example_labels=[t.label for t in examples],
-                       label="New here? Click an example: it fills in the classes and queries and selects the "
-                             "shipped backbone and meta-LoRA it was made for. Then press Run.")
+    return gr.Examples(
+        rows,
+        inputs=[*inputs, queries, *model_inputs],
+        example_labels=[t.label for t in examples],
+        label="New here? Click an example: it fills in the classes and queries and selects the "
+        "shipped backbone and meta-LoRA it was made for. Then press Run.",
+    )
 
 
-def few_shot_tab(fewshot: FewShot, defaults: Defaults, examples: list[ExampleTask], settings: AppSettings,
-                 backbone: gr.Dropdown, status: gr.Markdown) -> FewShotTab:
+def few_shot_tab(
+    fewshot: FewShot,
+    defaults: Defaults,
+    examples: list[ExampleTask],
+    settings: AppSettings,
+    backbone: gr.Dropdown,
+    status: gr.Markdown,
+) -> FewShotTab:
     """Lay out the few-shot tab and wire its events. The bundled example tasks were made for the shipped backbone
     and its meta-LoRA, so an example selects them too, and `status` then says which model answers."""
     initial = min(MAX_CLASSES, max([INITIAL_CLASSES, *(len(t.support) for t in examples)]))
     gr.Markdown(INTRO)
-    lora = gr.Textbox(defaults.lora, label="Meta-LoRA (optional)", max_lines=1, elem_id="meta-lora",
-                      placeholder="Hub id ORG/NAME" + ("" if fewshot.policy.allow_local else " (local paths are off)"),
-                      info="e.g. a meta-LoRA; press Enter to load it. Leave empty for the backbone alone.")
+    lora = gr.Textbox(
+        defaults.lora,
+        label="Meta-LoRA (optional)",
+        max_lines=1,
+        elem_id="meta-lora",
+        placeholder="Hub id ORG/NAME" + ("" if fewshot.policy.allow_local else " (local paths are off)"),
+        info="e.g. a meta-LoRA; press Enter to load it. Leave empty for the backbone alone.",
+    )
     with gr.Column() as examples_box:  # filled below, once the inputs exist
         pass
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
-            gr.Markdown(f"### 1 · Classes\nA name and a few example images for each class (drag and drop), "
-                        f"up to {MAX_CLASSES} classes.")
+            gr.Markdown(
+                f"### 1 · Classes\nA name and a few example images for each class (drag and drop), "
+                f"up to {MAX_CLASSES} classes."
+            )
             groups, slots = [], {}
             for i in range(1, MAX_CLASSES + 1):
                 with gr.Group(visible=i <= initial) as group:
-                    slots[f"class_{i}_name"] = gr.Textbox("", show_label=False, placeholder=f"Class {i} name",
-                                                          max_lines=1)
-                    slots[f"class_{i}_images"] = gr.Gallery(label=f"Class {i} images", file_types=["image"],
-                                                            type="filepath", columns=6, height=150,
-                                                            object_fit="contain", interactive=True,
-                                                            fit_columns=False, elem_classes="class-images")
+                    slots[f"class_{i}_name"] = gr.Textbox(
+                        "", show_label=False, placeholder=f"Class {i} name", max_lines=1
+                    )
+                    slots[f"class_{i}_images"] = gr.Gallery(
+                        label=f"Class {i} images",
+                        file_types=["image"],
+                        type="filepath",
+                        columns=6,
+                        height=150,
+                        object_fit="contain",
+                        interactive=True,
+                        fit_columns=False,
+                        elem_classes="class-images",
+                    )
                 groups.append(group)
             shown = gr.State(initial)
             add = gr.Button("＋ Add class", size="sm", interactive=initial < MAX_CLASSES)
@@ -331,11 +405,30 @@ def few_shot_tab(fewshot: FewShot, defaults: Defaults, examples: list[ExampleTas
         model = [str(settings.shipped_backbone), str(settings.shipped_lora)] if shipped else []
         with examples_box:
             example_set = _example_set(examples, slots, queries, model, [backbone, lora] if shipped else [])
-        example_set.load_input_event.then(fewshot.status, inputs=[backbone, lora], outputs=status,
-                                          api_name="example_status", api_visibility="private", **LOADING)
+        example_set.load_input_event.then(
+            fewshot.status,
+            inputs=[backbone, lora],
+            outputs=status,
+            api_name="example_status",
+            api_visibility="private",
+            **LOADING,
+        )
     clear.add([*slots.values(), queries, cards, table])
-    add.click(fewshot.add_class, inputs=shown, outputs=[shown, *groups, add], api_name="add_class",
-              api_visibility="undocumented", queue=False)
-    run.click(fewshot.classify, inputs=[backbone, lora, queries], inputs_kwargs=slots, outputs=[cards, table],
-              api_name="classify", concurrency_id="predict", concurrency_limit=PREDICT_CONCURRENCY)
+    add.click(
+        fewshot.add_class,
+        inputs=shown,
+        outputs=[shown, *groups, add],
+        api_name="add_class",
+        api_visibility="undocumented",
+        queue=False,
+    )
+    run.click(
+        fewshot.classify,
+        inputs=[backbone, lora, queries],
+        inputs_kwargs=slots,
+        outputs=[cards, table],
+        api_name="classify",
+        concurrency_id="predict",
+        concurrency_limit=PREDICT_CONCURRENCY,
+    )
     return FewShotTab(lora, slots, groups, shown, add, queries, run, cards, table, example_set)

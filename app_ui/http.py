@@ -1,4 +1,5 @@
 """HTTP-level limits applied before Gradio sees a request."""
+
 from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
@@ -28,9 +29,16 @@ class URLLengthLimit:
                     await send({"type": "websocket.close", "code": 1009})
                     return
                 body = f"URI too long: at most {MAX_URL_LENGTH} bytes of path and query.".encode()
-                await send({"type": "http.response.start", "status": 414,
-                            "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                        (b"content-length", str(len(body)).encode())]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 414,
+                        "headers": [
+                            (b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)

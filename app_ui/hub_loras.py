@@ -1,4 +1,5 @@
 """The inversion tab's Hub LoRA list: the vetted Hub LoRAs with a head for the selected backbone."""
+
 from __future__ import annotations
 
 import threading
@@ -15,7 +16,7 @@ __all__ = ["HubLoRAList"]
 
 
 class HubLoRAList:
-    """"LoRAs on the Hub for this backbone": the vetted Hub LoRAs with a head for the selected backbone, searchable
+    """ "LoRAs on the Hub for this backbone": the vetted Hub LoRAs with a head for the selected backbone, searchable
     by name, cached for a while per (backbone, search); an unreachable Hub is a message, not an error."""
 
     TTL = 600.0  # seconds a listing is reused
@@ -55,22 +56,37 @@ class HubLoRAList:
             text = text_field(text, "search text")
             base = hub_repo_id(name)
             if base is None:
-                return (f"The backbone {md_code(name)} is not a Hub model, and LoRAs on the Hub name their base by "
-                        "Hub id: choose a Hub backbone (e.g. `hf-hub:google/vit-base-patch16-224-in21k`) to list "
-                        "LoRAs for it.", gr.update(choices=[], value=None))
+                return (
+                    f"The backbone {md_code(name)} is not a Hub model, and LoRAs on the Hub name their base by "
+                    "Hub id: choose a Hub backbone (e.g. `hf-hub:google/vit-base-patch16-224-in21k`) to list "
+                    "LoRAs for it.",
+                    gr.update(choices=[], value=None),
+                )
             try:
                 found = self._listing(base, text)
             except HubError as e:
                 return f"⚠️ {md_text(user_text(e), 1000)}", gr.update(choices=[], value=None)
             if not found:
-                none = (f"No LoRA with a classification head was found on the Hub for {md_code(base)}"
-                        + (f" whose name contains {md_code(text)}." if text else "."))
+                none = f"No LoRA with a classification head was found on the Hub for {md_code(base)}" + (
+                    f" whose name contains {md_code(text)}." if text else "."
+                )
                 return none, gr.update(choices=[], value=None)
-            rows = [f"| {md_code(x.repo)} | {x.num_classes} | "
-                    + md_text(", ".join((x.classes or [])[:6]) + ("…" if len(x.classes or []) > 6 else ""))
-                    + " |" for x in found]
-            table = "\n".join([f"{len(found)} LoRAs for {md_code(base)} (vetted: safetensors, LoRA, a head). Pick one "
-                               "to fill in the Hub id, then press **Load LoRA**.", "",
-                               "| repository | classes | names |", "|---|---|---|", *rows])
-            return table, gr.update(choices=[(f"{x.repo} · {x.num_classes} classes", x.repo) for x in found],
-                                    value=None)
+            rows = [
+                f"| {md_code(x.repo)} | {x.num_classes} | "
+                + md_text(", ".join((x.classes or [])[:6]) + ("…" if len(x.classes or []) > 6 else ""))
+                + " |"
+                for x in found
+            ]
+            table = "\n".join(
+                [
+                    f"{len(found)} LoRAs for {md_code(base)} (vetted: safetensors, LoRA, a head). Pick one "
+                    "to fill in the Hub id, then press **Load LoRA**.",
+                    "",
+                    "| repository | classes | names |",
+                    "|---|---|---|",
+                    *rows,
+                ]
+            )
+            return table, gr.update(
+                choices=[(f"{x.repo} · {x.num_classes} classes", x.repo) for x in found], value=None
+            )

@@ -1,4 +1,5 @@
 """Surrogate images for display in galleries."""
+
 from __future__ import annotations
 
 import math
@@ -25,5 +26,13 @@ def display_images(images: torch.Tensor) -> list[Image.Image]:
 
 def surrogate_gallery(label: str, columns: int) -> gr.Gallery:
     """An output gallery of surrogate images: lossless, crisp pixels, as tall as its images."""
-    return gr.Gallery(label=label, columns=columns, height="auto", format="png", object_fit="contain",
-                      interactive=False, elem_classes=["pixelated", "tight"], fit_columns=False)
+    return gr.Gallery(
+        label=label,
+        columns=columns,
+        height="auto",
+        format="png",
+        object_fit="contain",
+        interactive=False,
+        elem_classes=["pixelated", "tight"],
+        fit_columns=False,
+    )

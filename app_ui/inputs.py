@@ -1,6 +1,7 @@
 """Input checks of components: the raw value an API caller sends before Gradio's own processing, which fails with a
 generic error on text where a number or a flag is expected: numbers may come as numeric text, and must be finite;
 a checkbox takes true or false only. Each error names the field by its label."""
+
 from __future__ import annotations
 
 import math
@@ -20,18 +21,19 @@ def finite_number(value: Any, label: str) -> float:
         gr.Error: naming `label`, for anything else (NaN and infinity included).
     """
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise gr.Error(f"{label} must be a number, got {kind_of(value)}.", title="Invalid setting",
-                       print_exception=False)
+        raise gr.Error(
+            f"{label} must be a number, got {kind_of(value)}.", title="Invalid setting", print_exception=False
+        )
     if isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
-            raise gr.Error(f"{label} must be a number, got {value[:40]!r}.", title="Invalid setting",
-                           print_exception=False) from None
+            raise gr.Error(
+                f"{label} must be a number, got {value[:40]!r}.", title="Invalid setting", print_exception=False
+            ) from None
     if isinstance(value, float) and not math.isfinite(value):
-        raise gr.Error(f"{label} must be a finite number, got {value}.", title="Invalid setting",
-                       print_exception=False)
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 63:
+        raise gr.Error(f"{label} must be a finite number, got {value}.", title="Invalid setting", print_exception=False)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
         value = int(value)
     return value
 
@@ -57,8 +59,11 @@ def strict(checkbox: gr.Checkbox) -> gr.Checkbox:
     def preprocess(payload: Any) -> Any:
         if not isinstance(payload, bool):
             got = f"the text {payload[:40]!r}" if isinstance(payload, str) else kind_of(payload)
-            raise gr.Error(f"{checkbox.label or 'The checkbox'} must be true or false, got {got}.",
-                           title="Invalid setting", print_exception=False)
+            raise gr.Error(
+                f"{checkbox.label or 'The checkbox'} must be true or false, got {got}.",
+                title="Invalid setting",
+                print_exception=False,
+            )
         return original(payload)
 
     checkbox.preprocess = preprocess

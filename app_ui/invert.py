@@ -1,5 +1,6 @@
 """The inversion tab: load a LoRA (Hub id or upload), invert it with live previews, stop, keep the latest result per
 session, add it to the pool, download it as a zip."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,16 @@ from .hub_loras import HubLoRAList
 from .pool import push_run
 from .images import surrogate_gallery
 from .inputs import finite, strict
-from .limits import LOADING, MAX_INVERT_IMAGES, MAX_INVERT_STEPS, MAX_LORA_FILES, MAX_SEED, PREVIEW_INTERVAL, \
-    RESULT_SESSIONS, SESSIONS
+from .limits import (
+    LOADING,
+    MAX_INVERT_IMAGES,
+    MAX_INVERT_STEPS,
+    MAX_LORA_FILES,
+    MAX_SEED,
+    PREVIEW_INTERVAL,
+    RESULT_SESSIONS,
+    SESSIONS,
+)
 from .settings import AppSettings, PathPolicy
 from .state import ModelCache, SessionStore, session_id
 
@@ -78,8 +87,10 @@ def _parse_pruning(text: Optional[str]) -> dict[int, float]:
         schedule = parse_schedule([s for s in text.replace(";", " ").split() if s])
         PruningConfig(schedule)
     except ValueError as e:
-        raise InputError(f"Pruning schedule '{text}': {e}. Write LAYER:RATIO, e.g. '-1:0.75' (last block, drop "
-                              "75%) or '3,7:0.3', or choose 'none'.") from None
+        raise InputError(
+            f"Pruning schedule '{text}': {e}. Write LAYER:RATIO, e.g. '-1:0.75' (last block, drop "
+            "75%) or '3,7:0.3', or choose 'none'."
+        ) from None
     return schedule
 
 
@@ -102,8 +113,9 @@ class Inversion:
     def _backbone_name(self, backbone: Optional[str]) -> str:
         return self.policy.backbone(text_field(backbone, "backbone name") or self.default_backbone)
 
-    def load(self, backbone: Optional[str], hub_id: Optional[str], files: Optional[list[str]],
-             request: gr.Request = None) -> tuple[str, dict]:
+    def load(
+        self, backbone: Optional[str], hub_id: Optional[str], files: Optional[list[str]], request: gr.Request = None
+    ) -> tuple[str, dict]:
         """Load the LoRA to invert: the uploaded files if any, else the Hub id. Shows its backbone and classes.
 
         Returns:
@@ -125,20 +137,31 @@ class Inversion:
                 source = hub_id
                 adapter = self.policy.load_lora(hub_id, model)
             if adapter.head_weight is None:
-                raise LoRAFormatError("This LoRA has no classification head, so there is nothing to invert (a "
-                                      "meta-LoRA, for example, has none). Load a LoRA tuned with a head.")
+                raise LoRAFormatError(
+                    "This LoRA has no classification head, so there is nothing to invert (a "
+                    "meta-LoRA, for example, has none). Load a LoRA tuned with a head."
+                )
             fit = self._fit(adapter, model, name)
             self.loras.set(session_id(request), LoadedLoRA(adapter, source, name, self._offer(adapter, name, fit)))
             names = adapter.class_names or []
             c = adapter.config
-            card = "\n".join([
-                f"**Loaded** {md_code(source)}: {len(names)} classes; LoRA on "
-                f"{md_text(', '.join(c.targets))}, rank {c.rank}, scale {c.scaling:g}; made for backbone "
-                f"{md_code(adapter.backbone or 'unknown')}.",
-                "", fit, "", "**Classes:** " + ", ".join(f"<bdi>{md_text(n)}</bdi>" for n in names)])
+            card = "\n".join(
+                [
+                    f"**Loaded** {md_code(source)}: {len(names)} classes; LoRA on "
+                    f"{md_text(', '.join(c.targets))}, rank {c.rank}, scale {c.scaling:g}; made for backbone "
+                    f"{md_code(adapter.backbone or 'unknown')}.",
+                    "",
+                    fit,
+                    "",
+                    "**Classes:** " + ", ".join(f"<bdi>{md_text(n)}</bdi>" for n in names),
+                ]
+            )
             choices = [(n, i) for i, n in enumerate(names)]
-            return card, gr.update(choices=choices, value=[i for _, i in choices[:2]],
-                                   info=f"{len(choices)} classes; fewer classes and images make a quicker run.")
+            return card, gr.update(
+                choices=choices,
+                value=[i for _, i in choices[:2]],
+                info=f"{len(choices)} classes; fewer classes and images make a quicker run.",
+            )
 
     def _offer(self, adapter: LoRAAdapter, name: str, fit: str) -> Optional[str]:
         """The backbone to offer to switch to: the one the LoRA names, when it does not fit the selected one and the
@@ -155,8 +178,10 @@ class Inversion:
         one that can be chosen."""
         loaded = self.loras.get(session_id(request))
         made_for = loaded.made_for if loaded is not None else None
-        return gr.update(visible=made_for is not None,
-                         value=f"Switch the backbone to {made_for}" if made_for else "Switch the backbone")
+        return gr.update(
+            visible=made_for is not None,
+            value=f"Switch the backbone to {made_for}" if made_for else "Switch the backbone",
+        )
 
     def switch_backbone(self, backbone: Optional[str], request: gr.Request = None) -> str:
         """The backbone the session's LoRA was made for (the current one when there is none to switch to)."""
@@ -169,13 +194,17 @@ class Inversion:
             with adapter.attached(model):
                 adapter.build_head(model.num_features)
         except LoRAFormatError as e:
-            return (f"⚠️ It does **not fit** the selected backbone {md_code(name)}: {md_text(user_text(e), 1000)}. "
-                    "Choose the backbone it was made for at the top of the page, then load it again.")
+            return (
+                f"⚠️ It does **not fit** the selected backbone {md_code(name)}: {md_text(user_text(e), 1000)}. "
+                "Choose the backbone it was made for at the top of the page, then load it again."
+            )
         mismatch = provenance_mismatch(adapter.backbone, model)
         if mismatch:  # the shapes fit, but the weights are another model's (e.g. a ViT-B/16 LoRA on CLIP ViT-B/16)
-            return (f"⚠️ It fits the selected backbone {md_code(name)} in shape only: it was made for "
-                    f"{md_code(adapter.backbone or '')}, another model, so its outputs would mean nothing here. Switch "
-                    f"the backbone at the top of the page to {md_code(adapter.backbone or '')}, then load it again.")
+            return (
+                f"⚠️ It fits the selected backbone {md_code(name)} in shape only: it was made for "
+                f"{md_code(adapter.backbone or '')}, another model, so its outputs would mean nothing here. Switch "
+                f"the backbone at the top of the page to {md_code(adapter.backbone or '')}, then load it again."
+            )
         return f"✅ Fits the selected backbone {md_code(name)}: choose the classes and press **Invert**."
 
     def prior_checkbox(self, backbone: Optional[str]) -> dict:
@@ -185,8 +214,9 @@ class Inversion:
         return gr.update(value=choice.default, label=choice.label, info=choice.info)
 
     # ---- running
-    def _config(self, classes: Optional[list], per_class: Any, steps: Any, pruning: Optional[str], lr: Any,
-                seed: Any) -> tuple[list[int], InversionConfig]:
+    def _config(
+        self, classes: Optional[list], per_class: Any, steps: Any, pruning: Optional[str], lr: Any, seed: Any
+    ) -> tuple[list[int], InversionConfig]:
         if not classes:
             raise InputError("Choose at least one class to invert.")
         if not isinstance(classes, list):
@@ -196,15 +226,23 @@ class Inversion:
         seed = number_field(seed or 0, "seed", 0, MAX_SEED)
         lr = number_field(lr, "learning rate", 0, 10, whole=False)
         if per_class * len(classes) > MAX_INVERT_IMAGES:
-            raise InputError(f"{len(classes)} classes × {per_class} images = {len(classes) * per_class} images; "
-                             f"at most {MAX_INVERT_IMAGES} per run. Choose fewer classes or images per class.")
+            raise InputError(
+                f"{len(classes)} classes × {per_class} images = {len(classes) * per_class} images; "
+                f"at most {MAX_INVERT_IMAGES} per run. Choose fewer classes or images per class."
+            )
         if lr == 0:
             raise InputError("The learning rate must be above 0.")
         schedule = _parse_pruning(pruning)
         preview = max(1, min(10, steps // 20))
         try:
-            config = InversionConfig(per_class=per_class, steps=steps, lr=lr, seed=seed, preview_every=preview,
-                                     pruning=PruningConfig(schedule or {-1: 0.0}))
+            config = InversionConfig(
+                per_class=per_class,
+                steps=steps,
+                lr=lr,
+                seed=seed,
+                preview_every=preview,
+                pruning=PruningConfig(schedule or {-1: 0.0}),
+            )
         except ValueError as e:
             raise InputError(f"Inversion settings: {e}.") from None
         return [self._class_index(c) for c in classes], config
@@ -216,9 +254,19 @@ class Inversion:
         except (TypeError, ValueError):
             raise InputError(f"Unknown class {c!r}: choose classes from the list.") from None
 
-    def run(self, backbone: Optional[str], classes: Optional[list], per_class: Any, steps: Any,
-            pruning: Optional[str], bn_prior: bool, lr: Any, seed: Any, request: gr.Request = None,
-            progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+    def run(
+        self,
+        backbone: Optional[str],
+        classes: Optional[list],
+        per_class: Any,
+        steps: Any,
+        pruning: Optional[str],
+        bn_prior: bool,
+        lr: Any,
+        seed: Any,
+        request: gr.Request = None,
+        progress: gr.Progress = gr.Progress(),
+    ) -> Iterator[tuple]:
         """Invert the session's LoRA with live previews; the last update adds the masked images and the zip.
 
         Yields:
@@ -231,8 +279,10 @@ class Inversion:
                 raise InputError("Load a LoRA first (step 1): enter a Hub id or upload its files.")
             name = self._backbone_name(backbone)
             if name != loaded.backbone:
-                raise InputError(f"The backbone changed to `{name}` since the LoRA was loaded for "
-                                      f"`{loaded.backbone}`; load the LoRA again.")
+                raise InputError(
+                    f"The backbone changed to `{name}` since the LoRA was loaded for "
+                    f"`{loaded.backbone}`; load the LoRA again."
+                )
             targets, config = self._config(classes, per_class, steps, pruning, lr, seed)
             choice = self.settings.bn_prior_for(name)
             config = dataclasses.replace(config, flip=choice.flip)
@@ -241,8 +291,9 @@ class Inversion:
             names = loaded.adapter.class_names or []
             for t in targets:
                 if not 0 <= t < loaded.adapter.num_classes:
-                    raise InputError(f"Class index {t} is out of range: the LoRA has {loaded.adapter.num_classes}"
-                                          " classes.")
+                    raise InputError(
+                        f"Class index {t} is out of range: the LoRA has {loaded.adapter.num_classes} classes."
+                    )
         off = gr.update(value=None, interactive=False)
         yield [], [], "⏳ Preparing the backbone…", off, gr.update(interactive=False)
         # The Stop button reaches the computation through a file, so that it also works when the computation runs
@@ -251,8 +302,9 @@ class Inversion:
         stop_file = self._tmp / f"stop-{uuid.uuid4().hex}"
         self._stops[session] = (stop, stop_file)
         labels = [names[t] for t in targets for _ in range(config.per_class)]
-        frames = self.compute(name, loaded.adapter, targets, config, choice.name if bn_prior else None, labels,
-                              str(stop_file))
+        frames = self.compute(
+            name, loaded.adapter, targets, config, choice.name if bn_prior else None, labels, str(stop_file)
+        )
         started = time.monotonic()
         try:
             for frame in frames:
@@ -264,9 +316,17 @@ class Inversion:
                     yield [], [], f"⏳ {frame[1]}", off, gr.update(interactive=False)
                 else:  # ("done", result, grid)
                     with reported("Cannot invert", "inverting"):
-                        yield self._finish(session, loaded, frame[1], config, name,
-                                           choice.name if bn_prior else None, targets, time.monotonic() - started,
-                                           frame[2])
+                        yield self._finish(
+                            session,
+                            loaded,
+                            frame[1],
+                            config,
+                            name,
+                            choice.name if bn_prior else None,
+                            targets,
+                            time.monotonic() - started,
+                            frame[2],
+                        )
         finally:
             stop.set()
             frames.close()  # a cancelled or failed run stops its worker too
@@ -274,8 +334,16 @@ class Inversion:
             if self._stops.get(session, (None,))[0] is stop:
                 del self._stops[session]
 
-    def compute(self, name: str, adapter: LoRAAdapter, targets: list[int], config: InversionConfig,
-                prior_name: Optional[str], labels: list[str], stop_file: str) -> Iterator[tuple]:
+    def compute(
+        self,
+        name: str,
+        adapter: LoRAAdapter,
+        targets: list[int],
+        config: InversionConfig,
+        prior_name: Optional[str],
+        labels: list[str],
+        stop_file: str,
+    ) -> Iterator[tuple]:
         """The inversion itself, on the backbone's inversion copy: the part that needs the accelerator. It takes
         and yields plain values only and keeps no session state, so it can run in another process (ZeroGPU runs it
         in a forked worker; `app_ui.zerogpu`).
@@ -305,8 +373,9 @@ class Inversion:
         def work() -> None:
             with self._running:
                 try:
-                    outcome["result"] = invert(model, adapter, config, targets, prior, progress=updates.put,
-                                               should_stop=should_stop)
+                    outcome["result"] = invert(
+                        model, adapter, config, targets, prior, progress=updates.put, should_stop=should_stop
+                    )
                 except BaseException as e:  # noqa: BLE001 - handed to the generator, which reports it
                     outcome["error"] = e
                 finally:
@@ -353,15 +422,27 @@ class Inversion:
         left = elapsed / max(p.step, 1) * (p.steps - p.step)
         prune = " · pruning tokens" if p.pruning else ""
         stop = " · stopping…" if stopping else ""
-        return (f"Step {p.step}/{p.steps} · loss {p.loss:.3f} · teacher accuracy {100 * p.accuracy:.0f}%{prune} · "
-                f"{elapsed:.0f} s elapsed, ~{left:.0f} s left{stop}")
+        return (
+            f"Step {p.step}/{p.steps} · loss {p.loss:.3f} · teacher accuracy {100 * p.accuracy:.0f}%{prune} · "
+            f"{elapsed:.0f} s elapsed, ~{left:.0f} s left{stop}"
+        )
 
-    def _finish(self, session: str, loaded: LoadedLoRA, result: InversionResult, config: InversionConfig,
-                backbone: str, bn_prior: Optional[str], targets: list[int], seconds: float,
-                grid: tuple[int, int]) -> tuple:
+    def _finish(
+        self,
+        session: str,
+        loaded: LoadedLoRA,
+        result: InversionResult,
+        config: InversionConfig,
+        backbone: str,
+        bn_prior: Optional[str],
+        targets: list[int],
+        seconds: float,
+        grid: tuple[int, int],
+    ) -> tuple:
         names = loaded.adapter.class_names or [str(i) for i in range(loaded.adapter.num_classes)]
-        settings = run_settings(config, backbone=backbone, classes=[names[t] for t in targets], bn_prior=bn_prior,
-                                made_by="app")
+        settings = run_settings(
+            config, backbone=backbone, classes=[names[t] for t in targets], bn_prior=bn_prior, made_by="app"
+        )
         folder = Path(tempfile.mkdtemp(prefix="run-", dir=self._tmp))
         run = InversionRun(loaded.adapter, loaded.source, result, settings, grid, folder)
         run_dir = write_run(folder / "pool", result, loaded.adapter, loaded.source, settings, grid)
@@ -370,22 +451,35 @@ class Inversion:
         self.runs.set(session, run)
         labels = result.labels
         conf = teacher_confidence(result.logits, labels).tolist()
-        gallery = [(im, f"{names[int(y)]} · p={c:.2f}")
-                   for im, y, c in zip(display_images(result.images), labels, conf)]
+        gallery = [
+            (im, f"{names[int(y)]} · p={c:.2f}") for im, y, c in zip(display_images(result.images), labels, conf)
+        ]
         masked = []
         if result.masked is not None:
             total = grid[0] * grid[1]
             conf_kept = teacher_confidence(result.logits_kept, labels).tolist()
-            masked = [(im, f"{names[int(y)]} · {k.numel()}/{total} · p={c:.2f}")
-                      for im, y, k, c in zip(display_images(result.masked), labels, result.kept, conf_kept)]
+            masked = [
+                (im, f"{names[int(y)]} · {k.numel()}/{total} · p={c:.2f}")
+                for im, y, k, c in zip(display_images(result.masked), labels, result.kept, conf_kept)
+            ]
         mean = sum(conf) / len(conf)
-        how = (f"⏹ **Stopped** after {result.steps_done} of {config.steps} steps: these are the best images so far."
-               if result.stopped else f"✅ **Done:** {config.steps} steps in {seconds:.0f} s.")
-        status = (f"{how} {len(labels)} images; the teacher's mean confidence in their class is {mean:.2f}. "
-                  + ("The masked versions keep the patches the [CLS] token attended to most. " if masked else "")
-                  + "Add them to the pool, or download them as a zip.")
-        return (gallery, masked, status, gr.update(value=str(run.zip_path), interactive=True),
-                gr.update(interactive=True))
+        how = (
+            f"⏹ **Stopped** after {result.steps_done} of {config.steps} steps: these are the best images so far."
+            if result.stopped
+            else f"✅ **Done:** {config.steps} steps in {seconds:.0f} s."
+        )
+        status = (
+            f"{how} {len(labels)} images; the teacher's mean confidence in their class is {mean:.2f}. "
+            + ("The masked versions keep the patches the [CLS] token attended to most. " if masked else "")
+            + "Add them to the pool, or download them as a zip."
+        )
+        return (
+            gallery,
+            masked,
+            status,
+            gr.update(value=str(run.zip_path), interactive=True),
+            gr.update(interactive=True),
+        )
 
     def stop(self, request: gr.Request = None) -> str:
         """Ask this session's running inversion to stop; it returns the best images so far."""
@@ -408,8 +502,10 @@ class Inversion:
             run.pooled = write_run(self.settings.pool, run.result, run.lora, run.source, run.settings, run.grid)
             n = run.result.images.shape[0]
             pushed = push_run(self.settings, run.pooled)
-            return (f"✅ Added {n} images to the pool at {md_code(self.settings.pool)} as {md_code(run.pooled.name)}. "
-                    "See the Surrogate pool tab." + (f" {pushed}" if pushed else ""))
+            return (
+                f"✅ Added {n} images to the pool at {md_code(self.settings.pool)} as {md_code(run.pooled.name)}. "
+                "See the Surrogate pool tab." + (f" {pushed}" if pushed else "")
+            )
 
 
 INTRO = """\
@@ -451,29 +547,53 @@ class InvertTab:
     pool_note: gr.Markdown
 
 
-def invert_tab(inversion: Inversion, hub_loras: HubLoRAList, policy: PathPolicy, settings: AppSettings,
-               default_backbone: str, backbone: gr.Dropdown) -> InvertTab:
+def invert_tab(
+    inversion: Inversion,
+    hub_loras: HubLoRAList,
+    policy: PathPolicy,
+    settings: AppSettings,
+    default_backbone: str,
+    backbone: gr.Dropdown,
+) -> InvertTab:
     """Lay out the inversion tab and wire its events (**Add to pool** is wired by the app, which also refreshes the
     pool tab)."""
     prior = settings.bn_prior_for(default_backbone)
     gr.Markdown(INTRO)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=320):
-            gr.Markdown("### 1 · LoRA\nA LoRA with a classification head: PEFT adapters for timm or transformers "
-                        "ViTs (such as PEFT's image-classification guide makes), or the official LoRA Recycle files.")
-            hub_id = gr.Textbox(label="Hub id", placeholder="ORG/NAME" + (" or a local folder" if policy.allow_local
-                                                                          else ""), max_lines=1, elem_id="hub-id")
-            files = gr.File(label="…or upload its files", file_count="multiple", height=130,
-                            file_types=[".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl"])
-            gr.Markdown("Upload `adapter_config.json` with `adapter_model.safetensors`, or one official "
-                        "`.safetensors` file, then press **Load LoRA**.", elem_classes="hint")
+            gr.Markdown(
+                "### 1 · LoRA\nA LoRA with a classification head: PEFT adapters for timm or transformers "
+                "ViTs (such as PEFT's image-classification guide makes), or the official LoRA Recycle files."
+            )
+            hub_id = gr.Textbox(
+                label="Hub id",
+                placeholder="ORG/NAME" + (" or a local folder" if policy.allow_local else ""),
+                max_lines=1,
+                elem_id="hub-id",
+            )
+            files = gr.File(
+                label="…or upload its files",
+                file_count="multiple",
+                height=130,
+                file_types=[".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl"],
+            )
+            gr.Markdown(
+                "Upload `adapter_config.json` with `adapter_model.safetensors`, or one official "
+                "`.safetensors` file, then press **Load LoRA**.",
+                elem_classes="hint",
+            )
             if settings.example_lora is not None:  # works offline and on a Space: the app's own file is trusted
-                gr.Examples([[str(settings.example_lora)]], inputs=[hub_id], label="No LoRA at hand? Try the "
-                            "bundled one (5 Han characters, tuned on the shipped mini-vit), then press Load LoRA")
+                gr.Examples(
+                    [[str(settings.example_lora)]],
+                    inputs=[hub_id],
+                    label="No LoRA at hand? Try the "
+                    "bundled one (5 Han characters, tuned on the shipped mini-vit), then press Load LoRA",
+                )
             with gr.Accordion("LoRAs on the Hub for this backbone", open=False):
                 with gr.Row():
-                    hub_search = gr.Textbox(label="Name contains", placeholder="e.g. food101 (empty: all)",
-                                            max_lines=1, scale=3)
+                    hub_search = gr.Textbox(
+                        label="Name contains", placeholder="e.g. food101 (empty: all)", max_lines=1, scale=3
+                    )
                     hub_list = gr.Button("Search the Hub", scale=1, min_width=120)
                 hub_found = gr.Dropdown([], label="Found", interactive=True)
                 hub_note = gr.Markdown("", elem_id="hub-loras")
@@ -484,18 +604,31 @@ def invert_tab(inversion: Inversion, hub_loras: HubLoRAList, policy: PathPolicy,
             classes = gr.CheckboxGroup([], label="Classes to invert", info="Load a LoRA to see its classes.")
             with gr.Row():
                 per_class = finite(gr.Slider(1, 16, value=1, step=1, label="Images per class"))
-                steps = finite(gr.Slider(10, MAX_INVERT_STEPS, value=100, step=10, label="Steps",
-                                         info="the paper: 2000; fewer is quicker"))
-            pruning = gr.Dropdown([(label, spec) for label, spec in PRUNING_PRESETS], value="-1:0.75",
-                                  allow_custom_value=True, label="Token pruning",
-                                  info="A preset, or type LAYER[,LAYER…]:RATIO (e.g. 11:0.75; -1 = last block).")
+                steps = finite(
+                    gr.Slider(
+                        10,
+                        MAX_INVERT_STEPS,
+                        value=100,
+                        step=10,
+                        label="Steps",
+                        info="the paper: 2000; fewer is quicker",
+                    )
+                )
+            pruning = gr.Dropdown(
+                [(label, spec) for label, spec in PRUNING_PRESETS],
+                value="-1:0.75",
+                allow_custom_value=True,
+                label="Token pruning",
+                info="A preset, or type LAYER[,LAYER…]:RATIO (e.g. 11:0.75; -1 = last block).",
+            )
             bn_prior = strict(gr.Checkbox(prior.default, label=prior.label, info=prior.info))  # follows the backbone
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
                     lr = finite(gr.Number(0.25, label="Learning rate (Adam)", minimum=0.001, maximum=10))
                     seed = finite(gr.Number(0, label="Seed", precision=0, minimum=0))
-            gr.Markdown(f"At most {MAX_INVERT_IMAGES} images per run; one inversion runs at a time (others wait in "
-                        "the queue).")
+            gr.Markdown(
+                f"At most {MAX_INVERT_IMAGES} images per run; one inversion runs at a time (others wait in the queue)."
+            )
             with gr.Row():
                 invert_button = gr.Button("Invert", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
@@ -509,23 +642,65 @@ def invert_tab(inversion: Inversion, hub_loras: HubLoRAList, policy: PathPolicy,
                 add = gr.Button("Add to pool", interactive=False)
                 download = gr.DownloadButton("Download zip", interactive=False)
             pool_note = gr.Markdown("")
-    t = InvertTab(hub_id, files, hub_search, hub_list, hub_found, hub_note, load, card, switch, classes, per_class,
-                  steps, pruning, bn_prior, lr, seed, invert_button, stop, stop_note, run_status, images, masked, add,
-                  download, pool_note)
+    t = InvertTab(
+        hub_id,
+        files,
+        hub_search,
+        hub_list,
+        hub_found,
+        hub_note,
+        load,
+        card,
+        switch,
+        classes,
+        per_class,
+        steps,
+        pruning,
+        bn_prior,
+        lr,
+        seed,
+        invert_button,
+        stop,
+        stop_note,
+        run_status,
+        images,
+        masked,
+        add,
+        download,
+        pool_note,
+    )
 
     lora_in, lora_out = [backbone, hub_id, files], [card, classes]
-    gr.on([load.click, hub_id.submit], inversion.load, inputs=lora_in, outputs=lora_out, api_name="load_lora",
-          **LOADING).then(inversion.switch_offer, None, switch, api_name="switch_offer",
-                          api_visibility="undocumented", **LOADING)
-    switch.click(inversion.switch_backbone, backbone, backbone, api_name="switch_backbone",
-                 api_visibility="undocumented", queue=False).then(
-        inversion.load, inputs=lora_in, outputs=lora_out, api_visibility="private", **LOADING).then(
-        inversion.switch_offer, None, switch, api_visibility="private", **LOADING)
-    invert_button.click(inversion.run, inputs=[backbone, classes, per_class, steps, pruning, bn_prior, lr, seed],
-                        outputs=[images, masked, run_status, download, add], api_name="invert",
-                        concurrency_id="invert", concurrency_limit=1, show_progress_on=[run_status])
-    gr.on([hub_list.click, hub_search.submit], hub_loras.search, inputs=[backbone, hub_search],
-          outputs=[hub_note, hub_found], api_name="hub_loras", **LOADING)
+    gr.on(
+        [load.click, hub_id.submit], inversion.load, inputs=lora_in, outputs=lora_out, api_name="load_lora", **LOADING
+    ).then(inversion.switch_offer, None, switch, api_name="switch_offer", api_visibility="undocumented", **LOADING)
+    switch.click(
+        inversion.switch_backbone,
+        backbone,
+        backbone,
+        api_name="switch_backbone",
+        api_visibility="undocumented",
+        queue=False,
+    ).then(inversion.load, inputs=lora_in, outputs=lora_out, api_visibility="private", **LOADING).then(
+        inversion.switch_offer, None, switch, api_visibility="private", **LOADING
+    )
+    invert_button.click(
+        inversion.run,
+        inputs=[backbone, classes, per_class, steps, pruning, bn_prior, lr, seed],
+        outputs=[images, masked, run_status, download, add],
+        api_name="invert",
+        concurrency_id="invert",
+        concurrency_limit=1,
+        show_progress_on=[run_status],
+    )
+    gr.on(
+        [hub_list.click, hub_search.submit],
+        hub_loras.search,
+        inputs=[backbone, hub_search],
+        outputs=[hub_note, hub_found],
+        api_name="hub_loras",
+        **LOADING,
+    )
     hub_found.input(lambda repo: repo or "", hub_found, hub_id, api_visibility="private", queue=False)
     stop.click(inversion.stop, None, stop_note, api_name="stop_inversion", queue=False)  # never queued
     backbone.change(inversion.prior_checkbox, backbone, bn_prior, api_visibility="private", queue=False)

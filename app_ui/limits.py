@@ -1,4 +1,5 @@
 """Limits of the app: what one request, one session and the server as a whole may hold."""
+
 from __future__ import annotations
 
 MAX_CLASSES = 8  # class slots in the few-shot tab
@@ -11,7 +12,7 @@ MAX_CARDS = 60  # queries shown with probability bars (all of them are in the ta
 THUMBNAIL_SIZE = 96  # px, longest side of a query thumbnail in the probability cards
 MAX_INVERT_IMAGES = 32  # classes x images per class in one inversion
 MAX_INVERT_STEPS = 2000
-MAX_SEED = 2 ** 63 - 1
+MAX_SEED = 2**63 - 1
 MAX_LORA_FILES = 4  # files in one LoRA upload
 MAX_POOL_GALLERY = 48  # images shown per page of a class in the pool browser
 MAX_POOL_SOURCES = 200  # source LoRAs listed in the pool browser's dropdown

@@ -1,5 +1,6 @@
 """Untrusted text (names and values read from uploaded or downloaded files, paths typed by users) shown inside
 Markdown: always as plain text, never as markup."""
+
 from __future__ import annotations
 
 import string
@@ -20,8 +21,9 @@ def md_text(value: object, limit: int = 200) -> str:
     text = str(value)
     if len(text) > limit:
         text = text[:limit] + "…"
-    text = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and ch not in "\u200d" else ch
-                   for ch in text)
+    text = "".join(
+        " " if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and ch not in "\u200d" else ch for ch in text
+    )
     return "".join(f"&#{ord(ch)};" if ch in _PUNCTUATION else ch for ch in text)
 
 

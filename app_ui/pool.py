@@ -1,6 +1,7 @@
 """The pool tab: sources (LoRAs) and classes, images with their teacher confidences, and the settings that made
 them; of the server's pool, a local folder, or a pool dataset on the Hub (``datasets/ORG/NAME``). **Add to pool** can
 also push each run to a Hub dataset (`push_run`)."""
+
 from __future__ import annotations
 
 import itertools
@@ -21,8 +22,17 @@ from recycle.pool_hub import HubPoolLimits, fetch_pool, hub_dataset_id, push_poo
 from .errors import number_field, reported, text_field, user_text
 from .inputs import finite
 from .images import display_images, surrogate_gallery
-from .limits import (MAX_HUB_POOL_BYTES, MAX_HUB_POOL_FILES, MAX_POOL_GALLERY, MAX_POOL_MANIFEST_BYTES,
-                     MAX_POOL_RUN_ITEMS, MAX_POOL_RUNS, MAX_POOL_SETTINGS_CHARS, MAX_POOL_SOURCES, POOL_INDEXES)
+from .limits import (
+    MAX_HUB_POOL_BYTES,
+    MAX_HUB_POOL_FILES,
+    MAX_POOL_GALLERY,
+    MAX_POOL_MANIFEST_BYTES,
+    MAX_POOL_RUN_ITEMS,
+    MAX_POOL_RUNS,
+    MAX_POOL_SETTINGS_CHARS,
+    MAX_POOL_SOURCES,
+    POOL_INDEXES,
+)
 from .markup import md_code, md_text
 from .settings import AppSettings, PathPolicy
 
@@ -30,8 +40,13 @@ INTRO = "The pool holds inverted images, their masks and the teacher's logits, g
 BROWSE = dict(concurrency_id="pool", concurrency_limit=2)  # pool reads at once
 
 # A Hub pool is downloaded within these bounds, then read with the same bounds as a local one.
-HUB_POOL_LIMITS = HubPoolLimits(max_runs=MAX_POOL_RUNS, max_files=MAX_HUB_POOL_FILES, max_bytes=MAX_HUB_POOL_BYTES,
-                                max_manifest_bytes=MAX_POOL_MANIFEST_BYTES, max_items=MAX_POOL_RUN_ITEMS)
+HUB_POOL_LIMITS = HubPoolLimits(
+    max_runs=MAX_POOL_RUNS,
+    max_files=MAX_HUB_POOL_FILES,
+    max_bytes=MAX_HUB_POOL_BYTES,
+    max_manifest_bytes=MAX_POOL_MANIFEST_BYTES,
+    max_items=MAX_POOL_RUN_ITEMS,
+)
 
 
 class ClassView(NamedTuple):
@@ -76,8 +91,10 @@ def _bounded(value: dict) -> Any:
     text = json.dumps(value, default=str)
     if len(text) <= MAX_POOL_SETTINGS_CHARS:
         return value
-    return {"note": f"{len(text):,} characters of settings, more than the {MAX_POOL_SETTINGS_CHARS:,} shown; see "
-                    "the run's manifest.json"}
+    return {
+        "note": f"{len(text):,} characters of settings, more than the {MAX_POOL_SETTINGS_CHARS:,} shown; see "
+        "the run's manifest.json"
+    }
 
 
 class PoolBrowser:
@@ -124,8 +141,9 @@ class PoolBrowser:
         `MAX_POOL_RUNS` runs."""
         root = self._root(folder, refresh)
         with self._lock:
-            index = self._indexes.pop(root, None) or PoolIndex(root, MAX_POOL_MANIFEST_BYTES, MAX_POOL_RUN_ITEMS,
-                                                               MAX_POOL_RUNS)
+            index = self._indexes.pop(root, None) or PoolIndex(
+                root, MAX_POOL_MANIFEST_BYTES, MAX_POOL_RUN_ITEMS, MAX_POOL_RUNS
+            )
             self._indexes[root] = index
             while len(self._indexes) > POOL_INDEXES:
                 self._indexes.popitem(last=False)
@@ -137,9 +155,10 @@ class PoolBrowser:
     @staticmethod
     def _source_choices(pool: Pool) -> list[tuple[str, str]]:
         """The first `MAX_POOL_SOURCES` sources (LoRAs), as dropdown choices."""
-        return [(f"{s['name']} ({fp[:8]}): {_plural(len(s['class_names']), 'class')}, {_plural(s['images'], 'image')}",
-                 fp)
-                for fp, s in itertools.islice(pool.sources().items(), MAX_POOL_SOURCES)]
+        return [
+            (f"{s['name']} ({fp[:8]}): {_plural(len(s['class_names']), 'class')}, {_plural(s['images'], 'image')}", fp)
+            for fp, s in itertools.islice(pool.sources().items(), MAX_POOL_SOURCES)
+        ]
 
     @staticmethod
     def _class_choices(pool: Pool, source: Optional[str]) -> list[tuple[str, str]]:
@@ -159,15 +178,25 @@ class PoolBrowser:
         classes = self._class_choices(pool, source)
         images = sum(len(r["items"]) for r in pool.runs)
         n_sources = len({r["source"]["fingerprint"] for r in pool.runs})
-        summary = (f"**{md_text(f'datasets/{repo}' if repo else pool.root)}**: "
-                   f"{_plural(len(pool.runs), 'inversion run')} from "
-                   f"{_plural(n_sources, 'LoRA')}, {_plural(len(pool.classes), 'class')}, "
-                   f"{_plural(images, 'image')}" + (", with masked versions." if pool.masked_available else ".")
-                   + (f" The first {len(sources)} LoRAs are listed." if n_sources > len(sources) else "")
-                   + (f" Only the first {len(pool.runs)} of its {index.total_runs} runs are read."
-                      if index.total_runs > len(pool.runs) else ""))
-        return PoolView(summary, gr.update(choices=sources, value=source),
-                        gr.update(choices=classes, value=classes[0][1]), *self._show(pool, source, classes[0][1]))
+        summary = (
+            f"**{md_text(f'datasets/{repo}' if repo else pool.root)}**: "
+            f"{_plural(len(pool.runs), 'inversion run')} from "
+            f"{_plural(n_sources, 'LoRA')}, {_plural(len(pool.classes), 'class')}, "
+            f"{_plural(images, 'image')}"
+            + (", with masked versions." if pool.masked_available else ".")
+            + (f" The first {len(sources)} LoRAs are listed." if n_sources > len(sources) else "")
+            + (
+                f" Only the first {len(pool.runs)} of its {index.total_runs} runs are read."
+                if index.total_runs > len(pool.runs)
+                else ""
+            )
+        )
+        return PoolView(
+            summary,
+            gr.update(choices=sources, value=source),
+            gr.update(choices=classes, value=classes[0][1]),
+            *self._show(pool, source, classes[0][1]),
+        )
 
     def refresh(self, folder: Optional[str]) -> PoolView:
         """Like `open`, but a problem is explained in the summary instead of raised; for a pool that does not exist
@@ -206,20 +235,19 @@ class PoolBrowser:
         """Images of one class of one source, a page of `MAX_POOL_GALLERY` at a time: unmasked and masked, captioned
         with the teacher's confidence (a page beyond the last shows the last)."""
         with reported("Cannot open the pool", "showing pool images"):
-            page = number_field(1 if page is None else page, "page", 1, 10 ** 9)
+            page = number_field(1 if page is None else page, "page", 1, 10**9)
             return self._show(self._open(folder), source, label, page)
 
     @staticmethod
     def _show(pool: Pool, source: Optional[str], label: Optional[str], page: int = 1) -> ClassView:
         match = [c for c in pool.classes if c.source == source and str(c.label) == str(label)]
         if not match:
-            raise PoolError(f"The pool has no class {str(label)[:80]!r} from LoRA {str(source)[:80]!r}. Press "
-                            "Refresh.")
+            raise PoolError(f"The pool has no class {str(label)[:80]!r} from LoRA {str(source)[:80]!r}. Press Refresh.")
         cls = match[0]
         pages = max(1, math.ceil(len(cls.items) / MAX_POOL_GALLERY))
         page = min(page, pages)
         first = (page - 1) * MAX_POOL_GALLERY
-        items = cls.items[first:first + MAX_POOL_GALLERY]
+        items = cls.items[first : first + MAX_POOL_GALLERY]
         images, masked, conf, conf_kept = [], [], [], []
         for ref in items:
             item = pool.item(ref)
@@ -230,18 +258,31 @@ class PoolBrowser:
             if "masked" in item:
                 pk = teacher_confidence([item["logits_kept"]], [cls.label]).item()
                 conf_kept.append(pk)
-                masked.append((display_images(pool.load(ref, masked=True)[None])[0],
-                               f"{len(item['kept'])} patches · p={pk:.2f}"))
+                masked.append(
+                    (display_images(pool.load(ref, masked=True)[None])[0], f"{len(item['kept'])} patches · p={pk:.2f}")
+                )
         runs = sorted({ref.run for ref in items})
-        settings = {pool.run_dirs[r].name: _bounded({"settings": pool.runs[r]["settings"],
-                                                     "steps_done": pool.runs[r].get("steps_done"),
-                                                     "stopped": pool.runs[r].get("stopped"),
-                                                     "created": pool.runs[r].get("created")}) for r in runs}
-        shown = (f"showing {first + 1}–{first + len(items)} of {len(cls.items)}, page {page} of {pages}"
-                 if pages > 1 else _plural(len(items), "image"))
-        details = (f"**<bdi>{md_text(cls.name)}</bdi>** ({shown}): the teacher LoRA's mean confidence in this "
-                   f"class is **{sum(conf) / len(conf):.2f}** on the images"
-                   + (f" and **{sum(conf_kept) / len(conf_kept):.2f}** on their kept tokens." if conf_kept else "."))
+        settings = {
+            pool.run_dirs[r].name: _bounded(
+                {
+                    "settings": pool.runs[r]["settings"],
+                    "steps_done": pool.runs[r].get("steps_done"),
+                    "stopped": pool.runs[r].get("stopped"),
+                    "created": pool.runs[r].get("created"),
+                }
+            )
+            for r in runs
+        }
+        shown = (
+            f"showing {first + 1}–{first + len(items)} of {len(cls.items)}, page {page} of {pages}"
+            if pages > 1
+            else _plural(len(items), "image")
+        )
+        details = (
+            f"**<bdi>{md_text(cls.name)}</bdi>** ({shown}): the teacher LoRA's mean confidence in this "
+            f"class is **{sum(conf) / len(conf):.2f}** on the images"
+            + (f" and **{sum(conf_kept) / len(conf_kept):.2f}** on their kept tokens." if conf_kept else ".")
+        )
         return ClassView(images, masked, details, settings)
 
 
@@ -283,23 +324,27 @@ class PoolTab:
         return [getattr(self, name) for name in view._fields]
 
 
-def pool_tab(browser: PoolBrowser, policy: PathPolicy, settings: AppSettings, demo: gr.Blocks, tab: gr.Tab
-             ) -> PoolTab:
+def pool_tab(browser: PoolBrowser, policy: PathPolicy, settings: AppSettings, demo: gr.Blocks, tab: gr.Tab) -> PoolTab:
     """Lay out the pool tab inside `tab` and wire its events; a page load reads the pool only when it opens on this
     tab (``?tab=pool``)."""
     gr.Markdown(INTRO)
     with gr.Row(equal_height=False):
         hub = "or a Hub dataset: datasets/ORG/NAME. Press Enter to open."
-        folder = gr.Textbox(str(settings.pool), label="Pool folder or Hub dataset", max_lines=1, scale=4,
-                            info=(f"A folder, {hub}" if policy.allow_local
-                                  else f"The server's pool (RECYCLE_POOL), {hub}"))
+        folder = gr.Textbox(
+            str(settings.pool),
+            label="Pool folder or Hub dataset",
+            max_lines=1,
+            scale=4,
+            info=(f"A folder, {hub}" if policy.allow_local else f"The server's pool (RECYCLE_POOL), {hub}"),
+        )
         refresh = gr.Button("↻ Refresh", scale=1, min_width=120)
     summary = gr.Markdown("", elem_id="pool-summary")
     with gr.Row():
         source = gr.Dropdown([], label="Source LoRA", interactive=True, scale=3)
         label = gr.Dropdown([], label="Class", interactive=True, scale=2)
-        page = finite(gr.Number(1, label=f"Page ({MAX_POOL_GALLERY} images each)", precision=0, minimum=1,
-                                scale=1, min_width=120))
+        page = finite(
+            gr.Number(1, label=f"Page ({MAX_POOL_GALLERY} images each)", precision=0, minimum=1, scale=1, min_width=120)
+        )
     details = gr.Markdown("")
     with gr.Row(equal_height=False):
         images = surrogate_gallery("Images", columns=3)
@@ -308,14 +353,26 @@ def pool_tab(browser: PoolBrowser, policy: PathPolicy, settings: AppSettings, de
         settings_json = gr.JSON(label="Inversion settings per run")
     t = PoolTab(folder, refresh, summary, source, label, page, details, images, masked, settings_json)
 
-    gr.on([refresh.click, folder.submit], browser.open, inputs=folder, outputs=t.outputs(PoolView),
-          api_name="open_pool", **BROWSE)
-    tab.select(browser.refresh, inputs=folder, outputs=t.outputs(PoolView), api_name="refresh_pool",
-               api_visibility="undocumented", **BROWSE)
-    demo.load(browser.refresh_if_shown, inputs=folder, outputs=t.outputs(PoolView), api_visibility="private",
-              **BROWSE)
-    source.input(browser.choose_source, inputs=[folder, source], outputs=t.outputs(SourceView),
-                 api_name="pool_source", **BROWSE)
+    gr.on(
+        [refresh.click, folder.submit],
+        browser.open,
+        inputs=folder,
+        outputs=t.outputs(PoolView),
+        api_name="open_pool",
+        **BROWSE,
+    )
+    tab.select(
+        browser.refresh,
+        inputs=folder,
+        outputs=t.outputs(PoolView),
+        api_name="refresh_pool",
+        api_visibility="undocumented",
+        **BROWSE,
+    )
+    demo.load(browser.refresh_if_shown, inputs=folder, outputs=t.outputs(PoolView), api_visibility="private", **BROWSE)
+    source.input(
+        browser.choose_source, inputs=[folder, source], outputs=t.outputs(SourceView), api_name="pool_source", **BROWSE
+    )
     shown = [folder, source, label, page]
     label.input(browser.show, inputs=shown, outputs=t.outputs(ClassView), api_name="pool_class", **BROWSE)
     page.submit(browser.show, inputs=shown, outputs=t.outputs(ClassView), api_name="pool_page", **BROWSE)

@@ -1,5 +1,6 @@
 """Where the app finds its shipped weights and pool, which local paths text fields may name, and what it starts with
 (falling back to the shipped weights when the requested backbone cannot be loaded)."""
+
 from __future__ import annotations
 
 import logging
@@ -97,13 +98,22 @@ class AppSettings:
         that folder: the app's own file, read even with local paths off), else the paper's ImageNet ResNet-50."""
         prior = self.shipped_prior
         if prior is not None and _same_folder(backbone, self.shipped_backbone):
-            return PriorChoice(str(prior), GLYPH_PRIOR_WEIGHT, True,
-                               f"BN-statistics prior (the shipped `{prior.name}`, weight {GLYPH_PRIOR_WEIGHT:g})",
-                               f"A small CNN trained on {self.shipped_backbone.name}'s own pretraining glyphs: "
-                               "glyph-like images instead of noise; works offline.", flip=False)
-        return PriorChoice(DEFAULT_BN_PRIOR, InversionConfig.bn_weight, False,
-                           f"BN-statistics prior ({DEFAULT_BN_PRIOR}, from the Hub)",
-                           "The paper's image prior: more natural images, slower; needs the Hub.")
+            return PriorChoice(
+                str(prior),
+                GLYPH_PRIOR_WEIGHT,
+                True,
+                f"BN-statistics prior (the shipped `{prior.name}`, weight {GLYPH_PRIOR_WEIGHT:g})",
+                f"A small CNN trained on {self.shipped_backbone.name}'s own pretraining glyphs: "
+                "glyph-like images instead of noise; works offline.",
+                flip=False,
+            )
+        return PriorChoice(
+            DEFAULT_BN_PRIOR,
+            InversionConfig.bn_weight,
+            False,
+            f"BN-statistics prior ({DEFAULT_BN_PRIOR}, from the Hub)",
+            "The paper's image prior: more natural images, slower; needs the Hub.",
+        )
 
 
 GLYPH_PRIOR_WEIGHT = 0.1  # glyph-like surrogates within 100 steps (0.01, the paper's weight for ResNet-50, is weaker)
@@ -161,10 +171,16 @@ class PathPolicy:
 
     def _refuse(self, text: str, what: str) -> None:
         shown = text if len(text) <= 80 else text[:77] + "..."
-        raise InputError(f"Local paths are disabled on this server, so '{shown}' cannot be used as {what}. "
-                         + ("Enter a Hub id of the form ORG/NAME or upload the files." if what == "a LoRA" else
-                            "Enter a timm model name, an alias or hf-hub:ORG/REPO." if what == "a backbone" else
-                            "Only the server's own pool can be browsed."))
+        raise InputError(
+            f"Local paths are disabled on this server, so '{shown}' cannot be used as {what}. "
+            + (
+                "Enter a Hub id of the form ORG/NAME or upload the files."
+                if what == "a LoRA"
+                else "Enter a timm model name, an alias or hf-hub:ORG/REPO."
+                if what == "a backbone"
+                else "Only the server's own pool can be browsed."
+            )
+        )
 
     def backbone(self, name: Optional[str]) -> str:
         name = text_field(name, "backbone name")
@@ -179,8 +195,7 @@ class PathPolicy:
         if _looks_local(text) and not is_repo_id(text):
             self._refuse(text, "a LoRA")
         if not is_repo_id(text):
-            raise InputError(f"'{text}' is not a Hub id of the form ORG/NAME (local paths are disabled on this "
-                             "server)")
+            raise InputError(f"'{text}' is not a Hub id of the form ORG/NAME (local paths are disabled on this server)")
         return text
 
     def load_lora(self, text: str, backbone: Optional[Backbone]) -> LoRAAdapter:
@@ -226,8 +241,10 @@ def resolve_defaults(settings: AppSettings, cache: ModelCache, requested: Option
         reason = str(e)
     lora = str(settings.shipped_lora) if (settings.shipped_lora / "adapter_model.safetensors").is_file() else ""
     with_lora = f" with its meta-LoRA {md_code(settings.shipped_lora.name)}" if lora else ""
-    note = (f"📦 **Offline mode:** {md_code(requested)} cannot be loaded, so the app runs on its shipped weights: the "
-            f"small {md_code(shipped.name)} backbone{with_lora}, trained offline on rendered glyphs. Try an example "
-            f"below.<details><summary>Why</summary>{md_text(reason, 1000)}</details>")
+    note = (
+        f"📦 **Offline mode:** {md_code(requested)} cannot be loaded, so the app runs on its shipped weights: the "
+        f"small {md_code(shipped.name)} backbone{with_lora}, trained offline on rendered glyphs. Try an example "
+        f"below.<details><summary>Why</summary>{md_text(reason, 1000)}</details>"
+    )
     _logger.warning("default backbone %s unavailable, using shipped %s: %s", requested, shipped, reason)
     return Defaults(str(shipped), lora, note, offline=True)

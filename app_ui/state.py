@@ -1,5 +1,6 @@
 """What the app holds between requests, bounded: loaded models (`ModelCache`) and per-session values
 (`SessionStore`). Thread-safe."""
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,13 @@ class ModelCache:
     served while a load is in progress.
     """
 
-    def __init__(self, max_backbones: int = 2, max_classifiers: int = 4, device: Optional[str] = None,
-                 lora_loader: Optional[Callable[[str, Backbone], LoRAAdapter]] = None):
+    def __init__(
+        self,
+        max_backbones: int = 2,
+        max_classifiers: int = 4,
+        device: Optional[str] = None,
+        lora_loader: Optional[Callable[[str, Backbone], LoRAAdapter]] = None,
+    ):
         self.max_backbones = max_backbones
         self.max_classifiers = max_classifiers
         self.device = device
@@ -154,4 +160,3 @@ class SessionStore(Generic[T]):
 
 def session_id(request: Optional[gr.Request]) -> str:
     return getattr(request, "session_hash", None) or "default"
-

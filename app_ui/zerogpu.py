@@ -10,6 +10,7 @@ The `spaces` package decides that the hardware is ZeroGPU from the environment v
 ``t`` or ``true``, any case), which the Space sets; this module reads it the same way. Without it, or without the
 `spaces` package, nothing is wrapped: locally and on CPU or dedicated-GPU Spaces the handlers are the plain ones.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,8 +62,9 @@ def classify_duration(backbone: Any = None, lora: Any = None, queries: Any = Non
     return predict_seconds(images)
 
 
-def compute_duration(name: Any = None, adapter: Any = None, targets: Any = None, config: Any = None,
-                     *rest: Any, **kwargs: Any) -> int:
+def compute_duration(
+    name: Any = None, adapter: Any = None, targets: Any = None, config: Any = None, *rest: Any, **kwargs: Any
+) -> int:
     """`invert_seconds` for a call of `Inversion.compute` (same arguments). Never raises."""
     steps, per_class = getattr(config, "steps", 0), getattr(config, "per_class", 0)
     if not (isinstance(steps, int) and isinstance(per_class, int)):
@@ -78,8 +80,12 @@ def gpu(fn: F, duration: Callable[..., int]) -> F:
     try:
         import spaces
     except Exception as e:  # noqa: BLE001 - missing, or failing to start: the app still runs, on the CPU
-        _logger.warning("%s is set but the spaces package cannot be used (%s: %s); running without ZeroGPU", ENV,
-                        type(e).__name__, e)
+        _logger.warning(
+            "%s is set but the spaces package cannot be used (%s: %s); running without ZeroGPU",
+            ENV,
+            type(e).__name__,
+            e,
+        )
         return fn
     return spaces.GPU(fn, duration=duration)
 

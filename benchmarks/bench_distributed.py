@@ -24,6 +24,7 @@ in ``results/invert.md`` and ``results/meta.md``; ``--quick`` is a smoke run of 
     python -m benchmarks.bench_distributed [--quick] [--repeats N] [--loras N] [--invert-steps N] [--meta-steps N]
         [--query N] [--episode-batch B] [--out FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,9 +82,23 @@ def run_command(setting: tuple[int, int], args: Sequence[str]) -> Measured:
     """Run ``recycle`` `args` in `setting` (processes, threads) and measure it; raises if the command fails."""
     procs, threads = setting
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-    head = [sys.executable, "-m", "recycle"] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), "-m", "recycle"]
+    head = (
+        [sys.executable, "-m", "recycle"]
+        if procs == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(procs),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "recycle",
+        ]
+    )
     before, children = Mark.now(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run([*head, *args], cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     after, children_after = Mark.now(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -106,10 +121,12 @@ def prepare(root: Path, args: argparse.Namespace) -> tuple[Path, Path, Path]:
         adapter.class_names = [f"lora{k}-class{c}" for c in range(WAYS)]
         save_adapter(adapter, zoo / f"lora_{k:03d}")
         labels = torch.arange(WAYS).repeat_interleave(per_class)
-        result = InversionResult(torch.rand(len(labels), 3, h, w, generator=gen), labels,
-                                 torch.randn(len(labels), WAYS, generator=gen))
-        write_run(pool, result, adapter, f"zoo/lora_{k:03d}", {"random": True},
-                  tuple(backbone.model.patch_embed.grid_size))
+        result = InversionResult(
+            torch.rand(len(labels), 3, h, w, generator=gen), labels, torch.randn(len(labels), WAYS, generator=gen)
+        )
+        write_run(
+            pool, result, adapter, f"zoo/lora_{k:03d}", {"random": True}, tuple(backbone.model.patch_embed.grid_size)
+        )
     return root / "backbone", zoo, pool
 
 
@@ -123,25 +140,70 @@ def measure(args: argparse.Namespace, root: Path, backbone: Path, zoo: Path, poo
     base = ["--backbone", str(backbone), "--device", "cpu"]
     rows = []
     for rep in range(args.repeats):
-        order = SETTINGS[rep % 2:] + SETTINGS[:rep % 2]
+        order = SETTINGS[rep % 2 :] + SETTINGS[: rep % 2]
         for setting in order:
             tag = f"r{rep}-{setting[0]}x{setting[1]}"
-            invert = ["invert", *base, "--zoo", str(zoo), "--out", str(root / f"pool-{tag}"), "--per-class",
-                      str(args.per_class), "--steps", str(args.invert_steps), "--bn-prior",
-                      "none", "--quiet"]
+            invert = [
+                "invert",
+                *base,
+                "--zoo",
+                str(zoo),
+                "--out",
+                str(root / f"pool-{tag}"),
+                "--per-class",
+                str(args.per_class),
+                "--steps",
+                str(args.invert_steps),
+                "--bn-prior",
+                "none",
+                "--quiet",
+            ]
             print(f"[repeat {rep + 1}/{args.repeats}] {_label(setting)}: invert --zoo", flush=True)
             work = run_command(setting, invert)
             fixed = run_command(setting, invert)  # everything is done now: only the fixed cost is left
-            rows.append({"repeat": rep + 1, "setting": setting, "task": "invert", "run": work, "fixed": fixed,
-                         "units": args.loras * args.invert_steps})
-            meta = ["meta-train", *base, "--pool", str(pool), "--out", str(root / f"meta-{tag}"), "--steps",
-                    str(args.meta_steps), "--way", str(WAYS), "--shot", "1", "--query", str(args.query),
-                    "--episode-batch", str(args.episode_batch), "--checkpoint-every", str(args.meta_steps), "--quiet"]
+            rows.append(
+                {
+                    "repeat": rep + 1,
+                    "setting": setting,
+                    "task": "invert",
+                    "run": work,
+                    "fixed": fixed,
+                    "units": args.loras * args.invert_steps,
+                }
+            )
+            meta = [
+                "meta-train",
+                *base,
+                "--pool",
+                str(pool),
+                "--out",
+                str(root / f"meta-{tag}"),
+                "--steps",
+                str(args.meta_steps),
+                "--way",
+                str(WAYS),
+                "--shot",
+                "1",
+                "--query",
+                str(args.query),
+                "--episode-batch",
+                str(args.episode_batch),
+                "--checkpoint-every",
+                str(args.meta_steps),
+                "--quiet",
+            ]
             print(f"[repeat {rep + 1}/{args.repeats}] {_label(setting)}: meta-train", flush=True)
             run = run_command(setting, meta)
-            rows.append({"repeat": rep + 1, "setting": setting, "task": "meta-train", "run": run,
-                         "step": mean_step_seconds(root / f"meta-{tag}" / "log.jsonl"),
-                         "episodes": args.episode_batch})
+            rows.append(
+                {
+                    "repeat": rep + 1,
+                    "setting": setting,
+                    "task": "meta-train",
+                    "run": run,
+                    "step": mean_step_seconds(root / f"meta-{tag}" / "log.jsonl"),
+                    "episodes": args.episode_batch,
+                }
+            )
     return rows
 
 
@@ -154,35 +216,70 @@ def throughput(row: dict) -> float:
 
 def report(args: argparse.Namespace, env: dict[str, str], rows: list[dict], started: str, seconds: float) -> str:
     raw = markdown_table(
-        ["task", "repeat", "setting", "wall s", "CPU s (process tree)", "others' CPU s", "fixed cost s",
-         "meta step s", "throughput"],
-        [[r["task"], r["repeat"], _label(r["setting"]), f"{r['run'].wall:.2f}", f"{r['run'].cpu:.2f}",
-          f"{r['run'].others_cpu:.1f}", f"{r['fixed'].wall:.2f}" if "fixed" in r else "-",
-          f"{r['step']:.3f}" if "step" in r else "-",
-          f"{throughput(r):.3f} {'steps/s' if r['task'] == 'invert' else 'episodes/s'}"] for r in rows])
+        [
+            "task",
+            "repeat",
+            "setting",
+            "wall s",
+            "CPU s (process tree)",
+            "others' CPU s",
+            "fixed cost s",
+            "meta step s",
+            "throughput",
+        ],
+        [
+            [
+                r["task"],
+                r["repeat"],
+                _label(r["setting"]),
+                f"{r['run'].wall:.2f}",
+                f"{r['run'].cpu:.2f}",
+                f"{r['run'].others_cpu:.1f}",
+                f"{r['fixed'].wall:.2f}" if "fixed" in r else "-",
+                f"{r['step']:.3f}" if "step" in r else "-",
+                f"{throughput(r):.3f} {'steps/s' if r['task'] == 'invert' else 'episodes/s'}",
+            ]
+            for r in rows
+        ],
+    )
     summary = []
     for task, unit in (("invert", "inversion steps/s"), ("meta-train", "episodes/s")):
         per = {s: [throughput(r) for r in rows if r["task"] == task and r["setting"] == s] for s in SETTINGS}
         ratios = [b / a for a, b in zip(per[SETTINGS[0]], per[SETTINGS[1]])]
-        summary.append([task, unit, Summary.of(per[SETTINGS[0]]).format(), Summary.of(per[SETTINGS[1]]).format(),
-                        Summary.of(ratios).format()])
+        summary.append(
+            [
+                task,
+                unit,
+                Summary.of(per[SETTINGS[0]]).format(),
+                Summary.of(per[SETTINGS[1]]).format(),
+                Summary.of(ratios).format(),
+            ]
+        )
     others = sum(r["run"].others_cpu for r in rows)
     wall = sum(r["run"].wall for r in rows)
     model = "a tiny ViT (img 32, patch 8, dim 64, depth 2)" if args.quick else f"`{MODEL_NAME}` with random weights"
-    return "\n\n".join([
-        report_header("Data-parallel throughput on CPU: 1 process x 2 threads vs 2 processes x 1 thread",
-                      "bench_distributed.py", env, started, f"the whole run took {seconds / 60:.1f} min"),
-        f"## Setup\n\nBackbone: {model}. Zoo inversion: {args.loras} LoRAs, 5 classes x {args.per_class} images "
-        f"each, {args.invert_steps} steps, pruning 75% in the last block, no BN prior. Meta-training: 5-way 1-shot "
-        f"episodes with {args.query} queries per class, {args.episode_batch} episodes per step, {args.meta_steps} "
-        f"steps. {args.repeats} repeat(s), settings interleaved.",
-        "## Throughput\n\nMedian [min, max] over repeats; ratio = 2 processes x 1 thread over 1 process x 2 threads "
-        "within a repeat (above 1: the ranks are faster).\n\n"
-        + markdown_table(["task", "unit", _label(SETTINGS[0]), _label(SETTINGS[1]), "ratio"], summary),
-        f"During the runs other processes used {others:.0f} CPU-s in {wall:.0f} s of wall time, i.e. "
-        f"{100 * others / (wall * os.cpu_count()):.0f}% of the machine's {os.cpu_count()} CPUs; the ratios are only "
-        "as good as that share is small.",
-        "## Raw measurements\n\n" + raw])
+    return "\n\n".join(
+        [
+            report_header(
+                "Data-parallel throughput on CPU: 1 process x 2 threads vs 2 processes x 1 thread",
+                "bench_distributed.py",
+                env,
+                started,
+                f"the whole run took {seconds / 60:.1f} min",
+            ),
+            f"## Setup\n\nBackbone: {model}. Zoo inversion: {args.loras} LoRAs, 5 classes x {args.per_class} images "
+            f"each, {args.invert_steps} steps, pruning 75% in the last block, no BN prior. Meta-training: 5-way 1-shot "
+            f"episodes with {args.query} queries per class, {args.episode_batch} episodes per step, {args.meta_steps} "
+            f"steps. {args.repeats} repeat(s), settings interleaved.",
+            "## Throughput\n\nMedian [min, max] over repeats; ratio = 2 processes x 1 thread over 1 process x 2 "
+            "threads within a repeat (above 1: the ranks are faster).\n\n"
+            + markdown_table(["task", "unit", _label(SETTINGS[0]), _label(SETTINGS[1]), "ratio"], summary),
+            f"During the runs other processes used {others:.0f} CPU-s in {wall:.0f} s of wall time, i.e. "
+            f"{100 * others / (wall * os.cpu_count()):.0f}% of the machine's {os.cpu_count()} CPUs; the ratios "
+            "are only as good as that share is small.",
+            "## Raw measurements\n\n" + raw,
+        ]
+    )
 
 
 def main() -> None:
@@ -196,8 +293,12 @@ def main() -> None:
     parser.add_argument("--query", type=int, default=5, help="queries per class in an episode (default 5)")
     parser.add_argument("--episode-batch", type=int, default=2, help="episodes per step, even (default 2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"results file (default {DEFAULT_OUT.relative_to(REPO)}; quick runs write none)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results file (default {DEFAULT_OUT.relative_to(REPO)}; quick runs write none)",
+    )
     args = parser.parse_args()
     if args.meta_steps < 2 or args.episode_batch % 2:
         parser.error("--meta-steps must be >= 2 and --episode-batch even (2 ranks share it)")

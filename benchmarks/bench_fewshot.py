@@ -30,6 +30,7 @@ minute that writes no file unless ``--out`` is given):
 glibc malloc is tuned as the app and ``recycle predict`` tune it (`recycle.runtime.tune_allocator`) unless
 ``--malloc default``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,17 @@ import torch
 from PIL import Image
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import (REPO, Summary, Timing, contention, environment, markdown_table, report_header, timed,
-                               write_results)
+from benchmarks.common import (
+    REPO,
+    Summary,
+    Timing,
+    contention,
+    environment,
+    markdown_table,
+    report_header,
+    timed,
+    write_results,
+)
 from recycle.backbone import Backbone
 from recycle.fewshot import FewShotClassifier, compute_prototypes, prototype_logits
 from recycle.formats import LoRAAdapter
@@ -152,8 +162,7 @@ def run_bare(backbone: Backbone, task: Task, batch_size: int, adapter: Optional[
     return Run({"support": t_s, "queries": t_q}, t_s + t_q, probs, torch.cat([emb_s, emb_q]))
 
 
-def run_classifier(backbone: Backbone, task: Task, batch_size: int, adapter: Optional[LoRAAdapter],
-                   bf16: bool) -> Run:
+def run_classifier(backbone: Backbone, task: Task, batch_size: int, adapter: Optional[LoRAAdapter], bf16: bool) -> Run:
     """Fresh classifier: construct, fit, predict_proba, then fit the same support again (all cache hits)."""
     clf, t_ctor = timed(lambda: FewShotClassifier(backbone, lora=adapter, batch_size=batch_size, bf16=bf16))
     _, t_fit = timed(lambda: clf.fit(task.support, task.support_labels))
@@ -161,8 +170,9 @@ def run_classifier(backbone: Backbone, task: Task, batch_size: int, adapter: Opt
     _, t_refit = timed(lambda: clf.fit(task.support, task.support_labels))
     stats = dict(clf.stats)
     embeddings = clf.embed(task.support + task.queries)  # all cached: no forward
-    return Run({"ctor": t_ctor, "fit": t_fit, "predict": t_pred, "refit": t_refit}, t_fit + t_pred, probs,
-               embeddings, stats)
+    return Run(
+        {"ctor": t_ctor, "fit": t_fit, "predict": t_pred, "refit": t_refit}, t_fit + t_pred, probs, embeddings, stats
+    )
 
 
 def warm_up(backbone: Backbone, task: Task, adapter: LoRAAdapter) -> None:
@@ -176,11 +186,19 @@ def warm_up(backbone: Backbone, task: Task, adapter: LoRAAdapter) -> None:
 # aten ops by what they do in a ViT forward; the self time of everything else is "other". Attention is grouped whole:
 # fp32 runs timm's fused kernel, bf16 its explicit form (two batched matmuls around a softmax; `mixed_precision`).
 OP_GROUPS = {
-    "linear layers and the patch convolution": ("aten::addmm", "aten::mm", "aten::mkldnn_convolution",
-                                                "aten::_convolution"),
-    "attention (fused, or bmm + softmax + bmm)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
-                                                  "aten::_scaled_dot_product_attention_math", "aten::bmm",
-                                                  "aten::baddbmm", "aten::_softmax"),
+    "linear layers and the patch convolution": (
+        "aten::addmm",
+        "aten::mm",
+        "aten::mkldnn_convolution",
+        "aten::_convolution",
+    ),
+    "attention (fused, or bmm + softmax + bmm)": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_attention_math",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::_softmax",
+    ),
     "GELU, LayerNorm": ("aten::gelu", "aten::native_layer_norm"),
     "casts and copies": ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous"),
 }
@@ -209,10 +227,19 @@ def breakdown_rows(med: dict[bool, dict[str, float]]) -> list[list[str]]:
     """`median_groups` as rows: seconds per group in fp32 and bf16, the group's share of the bf16 forward and its
     fp32 / bf16 ratio."""
     totals = {bf16: sum(m.values()) for bf16, m in med.items()}
-    rows = [[g, f"{med[False][g]:.3f}", f"{med[True][g]:.3f}", f"{100 * med[True][g] / totals[True]:.1f}%",
-             f"{med[False][g] / med[True][g]:.2f}x" if med[True][g] > 0 else "-"] for g in med[False]]
-    rows.append(["total", f"{totals[False]:.3f}", f"{totals[True]:.3f}", "100%",
-                 f"{totals[False] / totals[True]:.2f}x"])
+    rows = [
+        [
+            g,
+            f"{med[False][g]:.3f}",
+            f"{med[True][g]:.3f}",
+            f"{100 * med[True][g] / totals[True]:.1f}%",
+            f"{med[False][g] / med[True][g]:.2f}x" if med[True][g] > 0 else "-",
+        ]
+        for g in med[False]
+    ]
+    rows.append(
+        ["total", f"{totals[False]:.3f}", f"{totals[True]:.3f}", "100%", f"{totals[False] / totals[True]:.2f}x"]
+    )
     return rows
 
 
@@ -236,8 +263,16 @@ def variant_rows(runs: dict[str, list[Run]], n_images: int) -> list[list[str]]:
         rate = Summary.of(n_images / r.total.wall for r in runs[name])
         others = Summary.of(r.total.others_cpu for r in runs[name])
         faults = Summary.of(r.total.minor_faults for r in runs[name])
-        rows.append([name, wall.format(".2f"), cpu.format(".2f"), rate.format(".2f"), others.format(".1f"),
-                     faults.format(".0f")])
+        rows.append(
+            [
+                name,
+                wall.format(".2f"),
+                cpu.format(".2f"),
+                rate.format(".2f"),
+                others.format(".1f"),
+                faults.format(".0f"),
+            ]
+        )
     return rows
 
 
@@ -246,9 +281,18 @@ def raw_rows(runs: dict[str, list[Run]]) -> list[list[str]]:
     for rep in range(len(runs[VARIANTS[0]])):
         for name in VARIANTS:
             for phase, t in runs[name][rep].phases.items():
-                rows.append([str(rep + 1), name, phase, f"{t.wall:.3f}", f"{t.cpu:.3f}",
-                             f"{t.cpu / t.wall:.2f}" if t.wall > 0 else "-", f"{t.others_cpu:.2f}",
-                             str(t.minor_faults)])
+                rows.append(
+                    [
+                        str(rep + 1),
+                        name,
+                        phase,
+                        f"{t.wall:.3f}",
+                        f"{t.cpu:.3f}",
+                        f"{t.cpu / t.wall:.2f}" if t.wall > 0 else "-",
+                        f"{t.others_cpu:.2f}",
+                        str(t.minor_faults),
+                    ]
+                )
     return rows
 
 
@@ -270,10 +314,20 @@ def agreement_rows(runs: dict[str, list[Run]], task: Task) -> list[list[str]]:
         gap = torch.pdist(protos).min() / a.embeddings.norm(dim=-1).mean()
         q = torch.nn.functional.normalize(a.embeddings[n_sup:], dim=-1)
         cos = (q @ q.T)[~torch.eye(len(q), dtype=torch.bool)].mean()
-        rows.append([f"{fp32} vs {bf16}", f"{same}/{len(pa)} ({100 * same / len(pa):.1f}%)", f"{max_dp:.2e}",
-                     f"{float((pa.argmax(-1) == labels).float().mean()):.3f}",
-                     f"{float((pb.argmax(-1) == labels).float().mean()):.3f}", f"{float(margin.median()):.3f}",
-                     str(near_ties), f"{float(err):.2e}", f"{float(gap):.3f}", f"{float(cos):.4f}"])
+        rows.append(
+            [
+                f"{fp32} vs {bf16}",
+                f"{same}/{len(pa)} ({100 * same / len(pa):.1f}%)",
+                f"{max_dp:.2e}",
+                f"{float((pa.argmax(-1) == labels).float().mean()):.3f}",
+                f"{float((pb.argmax(-1) == labels).float().mean()):.3f}",
+                f"{float(margin.median()):.3f}",
+                str(near_ties),
+                f"{float(err):.2e}",
+                f"{float(gap):.3f}",
+                f"{float(cos):.4f}",
+            ]
+        )
     return rows
 
 
@@ -297,13 +351,22 @@ def cache_rows(runs: dict[str, list[Run]]) -> list[list[str]]:
         hit = Summary.of(r.phases["refit"].wall for r in rs)
         speedup = Summary.of(r.phases["fit"].wall / r.phases["refit"].wall for r in rs)
         stats = rs[0].stats
-        rows.append([name, miss.format(".3f"), f"{1e3 * hit.median:.2f} [{1e3 * hit.min:.2f}, {1e3 * hit.max:.2f}]",
-                     speedup.format(".0f"), str(stats["embedded"]), str(stats["cache_hits"])])
+        rows.append(
+            [
+                name,
+                miss.format(".3f"),
+                f"{1e3 * hit.median:.2f} [{1e3 * hit.min:.2f}, {1e3 * hit.max:.2f}]",
+                speedup.format(".0f"),
+                str(stats["embedded"]),
+                str(stats["cache_hits"]),
+            ]
+        )
     return rows
 
 
 def verdict(runs: dict[str, list[Run]]) -> list[str]:
     """The overhead and bf16 targets, judged on wall and on CPU time, with the contention each side saw."""
+
     def judge(ratio: float) -> str:
         return "meets" if ratio <= OVERHEAD_TARGET else "MISSES"
 
@@ -316,15 +379,19 @@ def verdict(runs: dict[str, list[Run]]) -> list[str]:
         wall = Summary.of(a.total.wall / b.total.wall for a, b in pairs).median
         cpu = Summary.of(a.total.cpu / b.total.cpu for a, b in pairs).median
         others = [Summary.of(r.total.others_cpu for r in runs[name]).median for name in (num, "bare")]
-        lines.append(f"- `{num} / bare` (target <= {OVERHEAD_TARGET}x): median {wall:.3f}x wall ({judge(wall)}), "
-                     f"{cpu:.3f}x CPU ({judge(cpu)}); other processes used a median {others[0]:.1f} CPU-s during "
-                     f"`{num}` and {others[1]:.1f} CPU-s during `bare`.")
+        lines.append(
+            f"- `{num} / bare` (target <= {OVERHEAD_TARGET}x): median {wall:.3f}x wall ({judge(wall)}), "
+            f"{cpu:.3f}x CPU ({judge(cpu)}); other processes used a median {others[0]:.1f} CPU-s during "
+            f"`{num}` and {others[1]:.1f} CPU-s during `bare`."
+        )
     for fp32, bf16 in (("clf", "clf-bf16"), ("clf+lora", "clf+lora-bf16")):
         pairs = list(zip(runs[fp32], runs[bf16]))
         wall = Summary.of(a.total.wall / b.total.wall for a, b in pairs).median
         cpu = Summary.of(a.total.cpu / b.total.cpu for a, b in pairs).median
-        lines.append(f"- `{fp32} / {bf16}` (target >= {BF16_TARGET}x): median {wall:.3f}x wall ({judge_bf16(wall)}), "
-                     f"{cpu:.3f}x CPU ({judge_bf16(cpu)}).")
+        lines.append(
+            f"- `{fp32} / {bf16}` (target >= {BF16_TARGET}x): median {wall:.3f}x wall ({judge_bf16(wall)}), "
+            f"{cpu:.3f}x CPU ({judge_bf16(cpu)})."
+        )
     return lines
 
 
@@ -333,19 +400,33 @@ def breakdown_summary(med: dict[bool, dict[str, float]]) -> str:
     of the bf16 forward."""
     linear = next(iter(OP_GROUPS))
     rest = {bf16: sum(v for g, v in m.items() if g != linear) for bf16, m in med.items()}
-    return (f"bf16 runs the linear layers {med[False][linear] / med[True][linear]:.2f}x faster than fp32 and "
-            f"everything else {rest[False] / rest[True]:.2f}x; everything else is "
-            f"{100 * rest[True] / sum(med[True].values()):.0f}% of the bf16 forward.")
+    return (
+        f"bf16 runs the linear layers {med[False][linear] / med[True][linear]:.2f}x faster than fp32 and "
+        f"everything else {rest[False] / rest[True]:.2f}x; everything else is "
+        f"{100 * rest[True] / sum(med[True].values()):.0f}% of the bf16 forward."
+    )
 
 
-def report(args: argparse.Namespace, env: dict[str, str], task: Task, runs: dict[str, list[Run]],
-           med: dict[bool, dict[str, float]], started: str, elapsed: float) -> str:
+def report(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    task: Task,
+    runs: dict[str, list[Run]],
+    med: dict[bool, dict[str, float]],
+    started: str,
+    elapsed: float,
+) -> str:
     n_way, n_sup, n_q = len(set(task.support_labels)), len(task.support), len(task.queries)
     n_images = n_sup + n_q
     malloc = ", ".join(f"{k}={v}" for k, v in allocator_settings().items())
     sections = [
-        report_header("Few-shot classifier benchmark (CPU)", "bench_fewshot.py", env, started,
-                      f"the whole run took {elapsed / 60:.1f} min"),
+        report_header(
+            "Few-shot classifier benchmark (CPU)",
+            "bench_fewshot.py",
+            env,
+            started,
+            f"the whole run took {elapsed / 60:.1f} min",
+        ),
         "## Setup\n\n"
         f"- Backbone: timm `{MODEL_NAME}` built with `pretrained=False` (random weights, seed {args.seed}), "
         "wrapped in `recycle.backbone.Backbone` (embedding = 512-d CLIP projection). The `.openai` tag selects the "
@@ -353,9 +434,13 @@ def report(args: argparse.Namespace, env: dict[str, str], task: Task, runs: dict
         "ImageNet fine-tune with a 1000-class head.\n"
         f"- Task: {n_way}-way {n_sup // n_way}-shot, {n_q} queries ({n_images} synthetic images of 256-320 px).\n"
         f"- Batch size {args.batch_size}, in the classifier's batches: support, then queries.\n"
-        + (f"- glibc malloc tuned by `recycle.runtime.tune_allocator` ({malloc}), as `python app.py` and "
-           "`recycle predict` do.\n" if malloc else "- glibc malloc with its defaults (`--malloc default`).\n") +
-        "- LoRA: rank-4 q/v on all 12 blocks (`inject_lora` + `LoRAAdapter.from_model`), B ~ N(0, 0.02). "
+        + (
+            f"- glibc malloc tuned by `recycle.runtime.tune_allocator` ({malloc}), as `python app.py` and "
+            "`recycle predict` do.\n"
+            if malloc
+            else "- glibc malloc with its defaults (`--malloc default`).\n"
+        )
+        + "- LoRA: rank-4 q/v on all 12 blocks (`inject_lora` + `LoRAAdapter.from_model`), B ~ N(0, 0.02). "
         "`bare+lora` injects it unmerged; `clf+lora` passes it as `lora=` and gets whatever the classifier does.\n"
         f"- {args.repeats} repeat(s) of all {len(VARIANTS)} variants, interleaved, the order rotated each repeat. "
         "Ratios are taken within a repeat, then summarised as median [min, max].\n"
@@ -363,24 +448,45 @@ def report(args: argparse.Namespace, env: dict[str, str], task: Task, runs: dict
         "time the rest of the machine used meanwhile (`/proc/stat`); faults = minor page faults. Totals: bare = "
         "support + query forward; classifier = `fit` + `predict_proba` (construction, which attaches the LoRA once "
         "to check that it fits, and the second, cached `fit` are listed separately in the raw table).",
-        "## Ratios\n\n" + markdown_table(
+        "## Ratios\n\n"
+        + markdown_table(
             ["ratio", "variants", "wall (median [min, max])", "CPU (median [min, max])", "best wall / best wall"],
-            ratio_rows(runs)) + "\n\n" + "\n".join(verdict(runs)) + "\n\n"
-        + contention(r.total for rs in runs.values() for r in rs) + " CPU-time ratios are less sensitive to it, and "
+            ratio_rows(runs),
+        )
+        + "\n\n"
+        + "\n".join(verdict(runs))
+        + "\n\n"
+        + contention(r.total for rs in runs.values() for r in rs)
+        + " CPU-time ratios are less sensitive to it, and "
         "the best-of-repeats ratio discards the slowest runs.",
-        "## Per variant (totals, median [min, max])\n\n" + markdown_table(
+        "## Per variant (totals, median [min, max])\n\n"
+        + markdown_table(
             ["variant", "wall s", "CPU s", "images/s (wall)", "others' CPU s", "minor faults"],
-            variant_rows(runs, n_images)),
+            variant_rows(runs, n_images),
+        ),
         f"## Where the forward's time goes (one batch of {min(args.batch_size, n_q)} queries, torch.profiler)\n\n"
-        + markdown_table(["ops (self time)", "fp32 s", "bf16 s", "share of bf16", "fp32 / bf16"],
-                         breakdown_rows(med)) + "\n\n"
+        + markdown_table(["ops (self time)", "fp32 s", "bf16 s", "share of bf16", "fp32 / bf16"], breakdown_rows(med))
+        + "\n\n"
         f"Median of {args.repeats} profiled forwards per format (`Backbone.embed`, fp32 and under the "
         "classifier's bf16 autocast, interleaved). " + breakdown_summary(med) + " The profiler's self times "
         "are wall times of each op on the calling thread, measured apart from the timed repeats above.",
-        "## bf16 autocast vs fp32: predictions\n\n" + markdown_table(
-            ["pair", "same argmax", "max abs prob diff", "fp32 acc", "bf16 acc", "median fp32 top1-top2 margin",
-             "near ties (margin < 2x max diff)", "median rel. embedding error", "min prototype gap / norm",
-             "mean query cosine"], agreement_rows(runs, task)) + "\n\n"
+        "## bf16 autocast vs fp32: predictions\n\n"
+        + markdown_table(
+            [
+                "pair",
+                "same argmax",
+                "max abs prob diff",
+                "fp32 acc",
+                "bf16 acc",
+                "median fp32 top1-top2 margin",
+                "near ties (margin < 2x max diff)",
+                "median rel. embedding error",
+                "min prototype gap / norm",
+                "mean query cosine",
+            ],
+            agreement_rows(runs, task),
+        )
+        + "\n\n"
         "What random weights mean here: the speed numbers are those of the real architecture, but the predictions "
         "are not those of CLIP. A random ViT maps all images to nearly parallel embeddings (mean query cosine), so "
         "the prototypes are close together and the class margins small; the synthetic classes are built to be "
@@ -388,14 +494,26 @@ def report(args: argparse.Namespace, env: dict[str, str], task: Task, runs: dict
         "embedding error, max prob difference) against this network's margins, counting the queries close enough "
         "to a tie to flip (near ties). It is evidence about the size of the bf16 error, not about how often a "
         "trained CLIP would change its answer: re-measure on a real episode with real weights before relying on it.",
-        "## Embedding cache: fitting the same support again\n\n" + markdown_table(
-            ["classifier", "fit, fresh (miss) s", "fit again (hit) ms", "miss / hit", "stats: embedded",
-             "stats: cache_hits"], cache_rows(runs)) + "\n\n"
+        "## Embedding cache: fitting the same support again\n\n"
+        + markdown_table(
+            [
+                "classifier",
+                "fit, fresh (miss) s",
+                "fit again (hit) ms",
+                "miss / hit",
+                "stats: embedded",
+                "stats: cache_hits",
+            ],
+            cache_rows(runs),
+        )
+        + "\n\n"
         f"Counters after `fit` ({n_sup}), `predict_proba` ({n_q}) and the second `fit` ({n_sup}) of the first repeat.",
         "## Consistency checks\n\n" + markdown_table(["check", "value"], consistency_rows(runs)),
-        "## Raw measurements\n\n" + markdown_table(
+        "## Raw measurements\n\n"
+        + markdown_table(
             ["repeat", "variant", "phase", "wall s", "CPU s", "CPU / wall", "others' CPU s", "minor faults"],
-            raw_rows(runs)),
+            raw_rows(runs),
+        ),
     ]
     return "\n\n".join(sections) + "\n"
 
@@ -409,11 +527,19 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=15, help="queries per class (default 15)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, images and LoRA (default 0)")
-    parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
-                        help="glibc malloc: recycle.runtime.tune_allocator, as the app and `recycle predict` do, or "
-                             "glibc's defaults (default tuned)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"results file (default {DEFAULT_OUT.relative_to(REPO)}; quick runs write none)")
+    parser.add_argument(
+        "--malloc",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="glibc malloc: recycle.runtime.tune_allocator, as the app and `recycle predict` do, or "
+        "glibc's defaults (default tuned)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results file (default {DEFAULT_OUT.relative_to(REPO)}; quick runs write none)",
+    )
     args = parser.parse_args()
     if args.malloc == "tuned":
         tune_allocator()
@@ -433,8 +559,10 @@ def main() -> None:
     env = environment(("timm", "numpy", "pillow"))
     for k, v in env.items():
         print(f"{k}: {v}")
-    print(f"task: {args.ways}-way {args.shots}-shot, {len(task.queries)} queries; embedding {backbone.embedding} "
-          f"({backbone.embed_dim}-d); {args.repeats} repeat(s)")
+    print(
+        f"task: {args.ways}-way {args.shots}-shot, {len(task.queries)} queries; embedding {backbone.embedding} "
+        f"({backbone.embed_dim}-d); {args.repeats} repeat(s)"
+    )
     warm_up(backbone, task, adapter)
 
     variants: dict[str, Callable[[], Run]] = {
@@ -453,10 +581,13 @@ def main() -> None:
             run = variants[name]()
             runs[name].append(run)
             phases = ", ".join(f"{p} {t.wall:.2f}s/{t.cpu:.2f}s cpu" for p, t in run.phases.items())
-            print(f"[repeat {rep + 1}/{args.repeats}] {name:14s} total {run.total.wall:7.2f}s wall "
-                  f"{run.total.cpu:7.2f}s cpu | {phases}", flush=True)
+            print(
+                f"[repeat {rep + 1}/{args.repeats}] {name:14s} total {run.total.wall:7.2f}s wall "
+                f"{run.total.cpu:7.2f}s cpu | {phases}",
+                flush=True,
+            )
 
-    batch = backbone.preprocess(task.queries[:args.batch_size])
+    batch = backbone.preprocess(task.queries[: args.batch_size])
     profiles: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     for rep in range(args.repeats):
         for bf16 in (False, True) if rep % 2 == 0 else (True, False):

@@ -19,6 +19,7 @@ growing. Run from the repository root (about three minutes with the defaults):
     python -m benchmarks.bench_load [--clients 8] [--requests 15] [--steps 400] [--rounds 2] [--timeout 300]
                                     [--out FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,7 @@ def serve(backbone: str, pool: str, port: int) -> None:
 
 def _free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -149,8 +151,15 @@ class Inversion:
     error: str = ""
 
 
-def _predictor(url: str, images: Path, client_id: int, requests: int, deadline: float,
-               outcomes: list[Outcome], lock: threading.Lock) -> None:
+def _predictor(
+    url: str,
+    images: Path,
+    client_id: int,
+    requests: int,
+    deadline: float,
+    outcomes: list[Outcome],
+    lock: threading.Lock,
+) -> None:
     from gradio_client import Client, handle_file
 
     client = Client(url, verbose=False)
@@ -167,12 +176,14 @@ def _predictor(url: str, images: Path, client_id: int, requests: int, deadline: 
                 kwargs[f"class_{i}_images"] = [{"image": handle_file(str(f)), "caption": None} for f in files]
             order = list(COLOURS)
             rng.shuffle(order)
-            queries = [_image(COLOURS[c], seed + 7, images / f"c{client_id}-r{r}-q{j}-{c}.png")
-                       for j, c in enumerate(order)]
+            queries = [
+                _image(COLOURS[c], seed + 7, images / f"c{client_id}-r{r}-q{j}-{c}.png") for j, c in enumerate(order)
+            ]
             start = time.monotonic()
             try:
-                _, table = client.predict(queries=[handle_file(str(q)) for q in queries], api_name="/classify",
-                                          **kwargs)
+                _, table = client.predict(
+                    queries=[handle_file(str(q)) for q in queries], api_name="/classify", **kwargs
+                )
                 ok = [row[1] for row in table["data"]] == order
                 outcome = Outcome(start, time.monotonic(), ok, "" if ok else "wrong prediction")
             except Exception as e:  # noqa: BLE001 - counted and reported
@@ -189,11 +200,18 @@ def _inverter(url: str, lora: Path, steps: int, result: Inversion, started: thre
 
     client = Client(url, verbose=False)
     try:
-        client.predict(hub_id="", files=[handle_file(str(f)) for f in sorted(lora.iterdir())],
-                       api_name="/load_lora")
+        client.predict(hub_id="", files=[handle_file(str(f)) for f in sorted(lora.iterdir())], api_name="/load_lora")
         result.start = time.monotonic()
-        job = client.submit(classes=[0, 1, 2], per_class=4, steps=steps, pruning="-1:0.75", bn_prior=False,
-                            lr=0.25, seed=0, api_name="/invert")
+        job = client.submit(
+            classes=[0, 1, 2],
+            per_class=4,
+            steps=steps,
+            pruning="-1:0.75",
+            bn_prior=False,
+            lr=0.25,
+            seed=0,
+            api_name="/invert",
+        )
         started.set()
         for update in job:
             if len(update) > 2 and str(update[2]).startswith("⏳ Step"):
@@ -228,8 +246,12 @@ def _round(url: str, images: Path, lora: Path, args: argparse.Namespace, index: 
     inverter = threading.Thread(target=_inverter, args=(url, lora, args.steps, inversion, started))
     inverter.start()
     started.wait(60)
-    clients = [threading.Thread(target=_predictor, args=(url, images, 100 * index + c, args.requests, deadline,
-                                                         outcomes, lock)) for c in range(args.clients)]
+    clients = [
+        threading.Thread(
+            target=_predictor, args=(url, images, 100 * index + c, args.requests, deadline, outcomes, lock)
+        )
+        for c in range(args.clients)
+    ]
     for c in clients:
         c.start()
     for c in clients:
@@ -242,13 +264,20 @@ def _round(url: str, images: Path, lora: Path, args: argparse.Namespace, index: 
         if not o.ok:
             errors[o.error] = errors.get(o.error, 0) + 1
     return {
-        "sent": len(outcomes), "served correctly": sum(o.ok for o in outcomes), "errors": errors,
+        "sent": len(outcomes),
+        "served correctly": sum(o.ok for o in outcomes),
+        "errors": errors,
         "latencies": [o.end - o.start for o in outcomes],
         "served during the inversion": sum(o.ok for o in during),
         "latencies during the inversion": [o.end - o.start for o in during],
-        "prediction seconds": predictions_done - t0, "wall s": time.monotonic() - t0,
-        "inversion": {"seconds": (inversion.end - inversion.start) if inversion.end else None,
-                      "previews": inversion.previews, "status": inversion.status, "error": inversion.error},
+        "prediction seconds": predictions_done - t0,
+        "wall s": time.monotonic() - t0,
+        "inversion": {
+            "seconds": (inversion.end - inversion.start) if inversion.end else None,
+            "previews": inversion.previews,
+            "status": inversion.status,
+            "error": inversion.error,
+        },
     }
 
 
@@ -275,8 +304,9 @@ def run(args: argparse.Namespace) -> dict:
                 break
             except Exception:  # noqa: BLE001 - not up yet
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the app did not start: "
-                                       + (tmp / "server.log").read_text(errors="replace")[-2000:]) from None
+                    raise RuntimeError(
+                        "the app did not start: " + (tmp / "server.log").read_text(errors="replace")[-2000:]
+                    ) from None
                 time.sleep(0.5)
         memory = {"started": _memory_kb(server.pid)["VmRSS"]}
         warm: list[Outcome] = []  # one client, a few requests: loads the backbone and warms the caches
@@ -299,23 +329,33 @@ def run(args: argparse.Namespace) -> dict:
             server.kill()
             server.wait()
         log.close()
-        server_errors = [line for line in (tmp / "server.log").read_text(errors="replace").splitlines()
-                         if "Traceback" in line or "ERROR" in line]
+        server_errors = [
+            line
+            for line in (tmp / "server.log").read_text(errors="replace").splitlines()
+            if "Traceback" in line or "ERROR" in line
+        ]
     errors: dict[str, int] = {}
     for rnd in rounds:
         for k, v in rnd["errors"].items():
             errors[k] = errors.get(k, 0) + v
     return {
-        "config": {"clients": args.clients, "requests per client": args.requests, "inversion steps": args.steps,
-                   "rounds": args.rounds, "timeout s per round": args.timeout},
-        "sent": sum(r["sent"] for r in rounds), "planned": args.rounds * args.clients * args.requests,
-        "served correctly": sum(r["served correctly"] for r in rounds), "errors": errors,
+        "config": {
+            "clients": args.clients,
+            "requests per client": args.requests,
+            "inversion steps": args.steps,
+            "rounds": args.rounds,
+            "timeout s per round": args.timeout,
+        },
+        "sent": sum(r["sent"] for r in rounds),
+        "planned": args.rounds * args.clients * args.requests,
+        "served correctly": sum(r["served correctly"] for r in rounds),
+        "errors": errors,
         "latency s": _percentiles([x for r in rounds for x in r["latencies"]]),
         "served during the inversion": sum(r["served during the inversion"] for r in rounds),
-        "latency during the inversion s": _percentiles([x for r in rounds
-                                                        for x in r["latencies during the inversion"]]),
-        "throughput req/s": (sum(r["sent"] for r in rounds)
-                             / max(sum(r["prediction seconds"] for r in rounds), 1e-9)),
+        "latency during the inversion s": _percentiles(
+            [x for r in rounds for x in r["latencies during the inversion"]]
+        ),
+        "throughput req/s": (sum(r["sent"] for r in rounds) / max(sum(r["prediction seconds"] for r in rounds), 1e-9)),
         "wall s": sum(r["wall s"] for r in rounds),
         "inversions": [r["inversion"] for r in rounds],
         "memory kB": memory,
@@ -329,8 +369,12 @@ def _markdown(results: dict, env: dict, started: str) -> str:
     invs = results["inversions"]
     fmt = lambda d, k: f"{d[k]:.2f}" if k in d else "-"  # noqa: E731
     lines = [
-        report_header("App load test", "bench_load.py", env, started,
-                      f"the load rounds took {results['wall s']:.1f} s"), "", "## Setup", "",
+        report_header(
+            "App load test", "bench_load.py", env, started, f"the load rounds took {results['wall s']:.1f} s"
+        ),
+        "",
+        "## Setup",
+        "",
         "- Server: `app.build_demo` in its own process on 127.0.0.1 (its queue: 32 waiting, predictions 2 at a time, "
         "one inversion at a time on its own backbone copy), on a tiny CLIP-architecture ViT (32 px, 16 tokens, "
         "2 blocks, random weights) from a temporary local folder.",
@@ -346,25 +390,50 @@ def _markdown(results: dict, env: dict, started: str) -> str:
         f"- {results['config']['rounds']} rounds one after the other, each with its own inversion and "
         f"{results['config']['clients']} x {results['config']['requests per client']} requests and a deadline of "
         f"{results['config']['timeout s per round']:.0f} s; the server's resident memory after each round shows "
-        "whether it keeps growing.", "", "## Results (all rounds)", "",
-        markdown_table(["measure", "value"], [
-            ["requests sent / planned", f"{results['sent']} / {results['planned']}"],
-            ["served correctly", results["served correctly"]],
-            ["errors", ", ".join(f"{k}: {v}" for k, v in results["errors"].items()) or "none"],
-            ["latency p50 / p90 / p99 / max (s)", " / ".join(fmt(lat, k) for k in ("p50", "p90", "p99", "max"))],
-            ["throughput (requests/s)", f"{results['throughput req/s']:.2f}"],
-            ["served correctly while the inversion ran", results["served during the inversion"]],
-            ["latency during the inversion p50 / p90 / max (s)", " / ".join(fmt(dur, k) for k in ("p50", "p90",
-                                                                                                    "max"))],
-            *[[f"inversion {i}: time (s) / previews streamed",
-               f"{inv['seconds']:.1f} / {inv['previews']}" if inv["seconds"] else f"not finished ({inv['error']})"]
-              for i, inv in enumerate(invs, 1)],
-            *[[f"inversion {i}: final status", inv["status"].replace("|", "/") or inv["error"]]
-              for i, inv in enumerate(invs, 1)],
-            ["server log: errors or tracebacks", len(results["server log errors"])],
-        ]), "", "## Server memory (resident set)", "",
-        markdown_table(["when", "MB"], [[k, f"{v / 1024:.0f}"] for k, v in mem.items()]), "",
-        "## Raw", "", "```json", json.dumps(results, indent=1), "```", "",
+        "whether it keeps growing.",
+        "",
+        "## Results (all rounds)",
+        "",
+        markdown_table(
+            ["measure", "value"],
+            [
+                ["requests sent / planned", f"{results['sent']} / {results['planned']}"],
+                ["served correctly", results["served correctly"]],
+                ["errors", ", ".join(f"{k}: {v}" for k, v in results["errors"].items()) or "none"],
+                ["latency p50 / p90 / p99 / max (s)", " / ".join(fmt(lat, k) for k in ("p50", "p90", "p99", "max"))],
+                ["throughput (requests/s)", f"{results['throughput req/s']:.2f}"],
+                ["served correctly while the inversion ran", results["served during the inversion"]],
+                [
+                    "latency during the inversion p50 / p90 / max (s)",
+                    " / ".join(fmt(dur, k) for k in ("p50", "p90", "max")),
+                ],
+                *[
+                    [
+                        f"inversion {i}: time (s) / previews streamed",
+                        f"{inv['seconds']:.1f} / {inv['previews']}"
+                        if inv["seconds"]
+                        else f"not finished ({inv['error']})",
+                    ]
+                    for i, inv in enumerate(invs, 1)
+                ],
+                *[
+                    [f"inversion {i}: final status", inv["status"].replace("|", "/") or inv["error"]]
+                    for i, inv in enumerate(invs, 1)
+                ],
+                ["server log: errors or tracebacks", len(results["server log errors"])],
+            ],
+        ),
+        "",
+        "## Server memory (resident set)",
+        "",
+        markdown_table(["when", "MB"], [[k, f"{v / 1024:.0f}"] for k, v in mem.items()]),
+        "",
+        "## Raw",
+        "",
+        "```json",
+        json.dumps(results, indent=1),
+        "```",
+        "",
     ]
     return "\n".join(lines)
 

@@ -23,6 +23,7 @@ minutes that writes no file):
 
     python -m benchmarks.bench_precision [--quick] [--repeats N] [--out FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,21 @@ import torch
 
 from benchmarks.bench_invert import load_vit, make_adapter, make_prior, time_inversion
 from benchmarks.bench_meta import MASKINGS, Run, ideal
-from benchmarks.common import (REPO, Summary, Timing, contention, environment, markdown_table, masking_label,
-                               matmul_gflops, report_header, rotated, run_worker, vit_block_flops, write_results)
+from benchmarks.common import (
+    REPO,
+    Summary,
+    Timing,
+    contention,
+    environment,
+    markdown_table,
+    masking_label,
+    matmul_gflops,
+    report_header,
+    rotated,
+    run_worker,
+    vit_block_flops,
+    write_results,
+)
 from recycle.runtime import allocator_settings, tune_allocator
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "precision.md"
@@ -82,25 +96,34 @@ def meta_sections(runs: dict[Setting, list[Run]], dims: dict, peaks: dict[str, S
         steps = [r.step() for r in rs]
         flops = step_flops(rs[0].tokens, dims["dim"], dims["depth"], n_images)
         rate = Summary.of(flops / t.wall / 1e9 for t in steps)
-        step_rows.append([s.label, str(rs[0].tokens), Summary.of(t.wall for t in steps).format(".2f"),
-                          Summary.of(t.cpu for t in steps).format(".2f"),
-                          Summary.of(t.system for t in steps).format(".2f"),
-                          Summary.of(100 * t.system / t.cpu for t in steps).format(".1f"),
-                          Summary.of(t.minor_faults for t in steps).format(".0f"),
-                          Summary.of(r.peak["ru_maxrss"] / 1024 for r in rs).format(".0f"),
-                          Summary.of(t.others_cpu for t in steps).format(".1f")])
-        gflop_rows.append([s.label, f"{flops / 1e9:.0f}", rate.format(".1f"),
-                           f"{100 * rate.median / peaks[s.precision].median:.0f}%"])
+        step_rows.append(
+            [
+                s.label,
+                str(rs[0].tokens),
+                Summary.of(t.wall for t in steps).format(".2f"),
+                Summary.of(t.cpu for t in steps).format(".2f"),
+                Summary.of(t.system for t in steps).format(".2f"),
+                Summary.of(100 * t.system / t.cpu for t in steps).format(".1f"),
+                Summary.of(t.minor_faults for t in steps).format(".0f"),
+                Summary.of(r.peak["ru_maxrss"] / 1024 for r in rs).format(".0f"),
+                Summary.of(t.others_cpu for t in steps).format(".1f"),
+            ]
+        )
+        gflop_rows.append(
+            [s.label, f"{flops / 1e9:.0f}", rate.format(".1f"), f"{100 * rate.median / peaks[s.precision].median:.0f}%"]
+        )
     speed_rows, verdicts = [], []
     for m in MASKINGS:
         cpu = _within(fp32[m], bf16[m], lambda r: r.step().cpu)
         wall = _within(fp32[m], bf16[m], lambda r: r.step().wall)
         speed_rows.append([masking_label(m), wall.format(), cpu.format()])
         if m in (0.0, 0.75):
-            verdicts.append(f"- {masking_label(m)}: bf16 is {wall.median:.2f}x faster in wall time and "
-                            f"{cpu.median:.2f}x in "
-                            f"CPU time (target >= {SPEEDUP_TARGET}x: "
-                            f"{'meets' if min(wall.median, cpu.median) >= SPEEDUP_TARGET else 'MISSES'}).")
+            verdicts.append(
+                f"- {masking_label(m)}: bf16 is {wall.median:.2f}x faster in wall time and "
+                f"{cpu.median:.2f}x in "
+                f"CPU time (target >= {SPEEDUP_TARGET}x: "
+                f"{'meets' if min(wall.median, cpu.median) >= SPEEDUP_TARGET else 'MISSES'})."
+            )
     ideal_rows = []
     for m in MASKINGS[1:]:
         x = ideal(fp32[m][0].tokens, 1 + dims["num_patches"], dims["dim"])
@@ -115,32 +138,62 @@ def meta_sections(runs: dict[Setting, list[Run]], dims: dict, peaks: dict[str, S
     for name, rs in (("glibc defaults", default), ("tune_allocator", tuned)):
         steps = [r.step() for r in rs]
         share = Summary.of(t.system / t.cpu for t in steps).median
-        alloc_rows.append([name, Summary.of(t.cpu for t in steps).format(".2f"),
-                           Summary.of(t.system for t in steps).format(".2f"),
-                           f"{100 * share:.1f}% ({'meets' if share <= SYSTEM_SHARE_TARGET else 'MISSES'})",
-                           Summary.of(t.minor_faults for t in steps).format(".0f"),
-                           Summary.of(r.peak["ru_maxrss"] / 1024 for r in rs).format(".0f")])
+        alloc_rows.append(
+            [
+                name,
+                Summary.of(t.cpu for t in steps).format(".2f"),
+                Summary.of(t.system for t in steps).format(".2f"),
+                f"{100 * share:.1f}% ({'meets' if share <= SYSTEM_SHARE_TARGET else 'MISSES'})",
+                Summary.of(t.minor_faults for t in steps).format(".0f"),
+                Summary.of(r.peak["ru_maxrss"] / 1024 for r in rs).format(".0f"),
+            ]
+        )
     cpu_gain = _within(default, tuned, lambda r: r.step().cpu)
     wall_gain = _within(default, tuned, lambda r: r.step().wall)
     mem = _within(tuned, default, lambda r: r.peak["ru_maxrss"])
     return [
         "## Meta-training step\n\nPer setting: median [min, max] over repeats. System share = system / CPU time. "
         "Peak RSS = `ru_maxrss` of the worker at the end (weights included).\n\n"
-        + markdown_table(["setting", "tokens", "step wall s", "step CPU s", "system s", "system share %",
-                          "minor faults", "peak RSS MiB", "others' CPU s"], step_rows)
-        + "\n\n" + contention(t for rs in runs.values() for r in rs for s in r.steps for t in s.values()),
+        + markdown_table(
+            [
+                "setting",
+                "tokens",
+                "step wall s",
+                "step CPU s",
+                "system s",
+                "system share %",
+                "minor faults",
+                "peak RSS MiB",
+                "others' CPU s",
+            ],
+            step_rows,
+        )
+        + "\n\n"
+        + contention(t for rs in runs.values() for r in rs for s in r.steps for t in s.values()),
         "### bf16 against fp32\n\nfp32 step time / bf16 step time within each repeat (allocator tuned in both).\n\n"
-        + markdown_table(["masking", "wall", "CPU"], speed_rows) + "\n\n" + "\n".join(verdicts),
+        + markdown_table(["masking", "wall", "CPU"], speed_rows)
+        + "\n\n"
+        + "\n".join(verdicts),
         "### Kept tokens against the FLOP-ideal\n\nCPU time at 0% / CPU time of the setting within each repeat, in "
         "each precision; FLOP-ideal = forward FLOPs of the blocks with all tokens / with the kept tokens "
         f"(`vit_block_flops`). Target: >= {100 * IDEAL_SHARE_TARGET:.0f}% of the ideal.\n\n"
-        + markdown_table(["masking", "FLOP-ideal", "fp32 CPU speed-up", "fp32 share of ideal", "bf16 CPU speed-up",
-                          "bf16 share of ideal"], ideal_rows),
+        + markdown_table(
+            [
+                "masking",
+                "FLOP-ideal",
+                "fp32 CPU speed-up",
+                "fp32 share of ideal",
+                "bf16 CPU speed-up",
+                "bf16 share of ideal",
+            ],
+            ideal_rows,
+        ),
         "### The allocator (0% masking, fp32)\n\n`recycle.runtime.tune_allocator` (`M_MMAP_MAX=0`, "
         "`M_TRIM_THRESHOLD` at its maximum) against glibc's defaults, each in its own processes. Target: system time "
         f"<= {100 * SYSTEM_SHARE_TARGET:.0f}% of the CPU time.\n\n"
-        + markdown_table(["malloc", "step CPU s", "system s", "system share", "minor faults", "peak RSS MiB"],
-                         alloc_rows)
+        + markdown_table(
+            ["malloc", "step CPU s", "system s", "system share", "minor faults", "peak RSS MiB"], alloc_rows
+        )
         + f"\n\nTuning makes the step {cpu_gain.format('.2f')}x faster in CPU time and {wall_gain.format('.2f')}x in "
         f"wall time; its peak RSS is {mem.format('.2f')}x that with glibc's defaults (the heap keeps its holes).",
         "### Throughput against the peak\n\nModel FLOPs per step = 2 x the blocks' forward FLOPs x images (the "
@@ -154,27 +207,44 @@ def meta_sections(runs: dict[Setting, list[Run]], dims: dict, peaks: dict[str, S
 def invert_section(inv: dict[tuple[str, bool], list[Timing]], args: argparse.Namespace) -> str:
     rows = []
     for (name, bf16), ts in inv.items():
-        rows.append([name, "bf16" if bf16 else "fp32", Summary.of(t.wall for t in ts).format(".2f"),
-                     Summary.of(t.cpu for t in ts).format(".2f"), Summary.of(t.system for t in ts).format(".2f"),
-                     Summary.of(t.minor_faults for t in ts).format(".0f")])
+        rows.append(
+            [
+                name,
+                "bf16" if bf16 else "fp32",
+                Summary.of(t.wall for t in ts).format(".2f"),
+                Summary.of(t.cpu for t in ts).format(".2f"),
+                Summary.of(t.system for t in ts).format(".2f"),
+                Summary.of(t.minor_faults for t in ts).format(".0f"),
+            ]
+        )
     ratios = []
     for name in INVERT_SCHEDULES:
         pairs = list(zip(inv[(name, False)], inv[(name, True)]))
-        ratios.append([name, Summary.of(a.wall / b.wall for a, b in pairs).format(),
-                       Summary.of(a.cpu / b.cpu for a, b in pairs).format()])
-    return ("## Inversion step\n\n"
-            f"`invert` on 5 classes x {args.per_class} images with the BN prior, pruning on from the first step; "
-            f"{args.repeats} repeat(s) x {args.invert_steps} timed step(s) per setting after one untimed step; per "
-            "step: median [min, max].\n\n"
-            + markdown_table(["schedule", "precision", "step wall s", "step CPU s", "system s", "minor faults"], rows)
-            + "\n\nfp32 / bf16 within each repeat and step:\n\n"
-            + markdown_table(["schedule", "wall", "CPU"], ratios))
+        ratios.append(
+            [
+                name,
+                Summary.of(a.wall / b.wall for a, b in pairs).format(),
+                Summary.of(a.cpu / b.cpu for a, b in pairs).format(),
+            ]
+        )
+    return (
+        "## Inversion step\n\n"
+        f"`invert` on 5 classes x {args.per_class} images with the BN prior, pruning on from the first step; "
+        f"{args.repeats} repeat(s) x {args.invert_steps} timed step(s) per setting after one untimed step; per "
+        "step: median [min, max].\n\n"
+        + markdown_table(["schedule", "precision", "step wall s", "step CPU s", "system s", "minor faults"], rows)
+        + "\n\nfp32 / bf16 within each repeat and step:\n\n"
+        + markdown_table(["schedule", "wall", "CPU"], ratios)
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 query per class, 1 image per class in the inversion, 1 repeat, no file")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 query per class, 1 image per class in the inversion, 1 repeat, no file",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="repeats of every setting (default 2, quick 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed meta steps per process (default 1)")
     parser.add_argument("--steps", type=int, default=1, help="timed meta steps per process (default 1)")
@@ -182,8 +252,12 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=5, help="inversion images per class, 5 classes (default 5)")
     parser.add_argument("--invert-steps", type=int, default=2, help="timed inversion steps per setting (default 2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"results file (default {DEFAULT_OUT.relative_to(REPO)}; quick runs write none)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results file (default {DEFAULT_OUT.relative_to(REPO)}; quick runs write none)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.query, args.per_class, args.invert_steps = 1, 1, 1
@@ -206,15 +280,25 @@ def main() -> None:
 
     measure_peaks()
     n_images = 5 * (1 + args.query)
-    worker_args = ["--warmup", str(args.warmup), "--steps", str(args.steps), "--query", str(args.query), "--seed",
-                   str(args.seed)]
+    worker_args = [
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--query",
+        str(args.query),
+        "--seed",
+        str(args.seed),
+    ]
     runs: dict[Setting, list[Run]] = {s: [] for s in SETTINGS}
     dims: dict = {}
     for rep in range(args.repeats):
         for s in rotated(SETTINGS, rep):
             print(f"[meta repeat {rep + 1}/{args.repeats}] {s.label}: fresh process", flush=True)
-            data = run_worker("benchmarks.bench_meta", [*worker_args, "--masked", str(s.masked), "--precision",
-                                                        s.precision, "--malloc", s.malloc])
+            data = run_worker(
+                "benchmarks.bench_meta",
+                [*worker_args, "--masked", str(s.masked), "--precision", s.precision, "--malloc", s.malloc],
+            )
             runs[s].append(Run.from_json(data))
             dims = {k: data[k] for k in ("num_patches", "dim", "depth")}
 
@@ -228,17 +312,33 @@ def main() -> None:
     for rep in range(args.repeats):
         for name, bf16 in rotated(keys, rep):
             gc.collect()
-            ts = time_inversion(backbone, adapter, INVERT_SCHEDULES[name], prior, args.per_class, args.invert_steps,
-                                args.seed + rep, bf16)
+            ts = time_inversion(
+                backbone,
+                adapter,
+                INVERT_SCHEDULES[name],
+                prior,
+                args.per_class,
+                args.invert_steps,
+                args.seed + rep,
+                bf16,
+            )
             inv[(name, bf16)] += ts
-            print(f"[invert repeat {rep + 1}/{args.repeats}] {name} {'bf16' if bf16 else 'fp32'}: "
-                  + ", ".join(f"{t.wall:.2f}s/{t.cpu:.2f}s cpu" for t in ts), flush=True)
+            print(
+                f"[invert repeat {rep + 1}/{args.repeats}] {name} {'bf16' if bf16 else 'fp32'}: "
+                + ", ".join(f"{t.wall:.2f}s/{t.cpu:.2f}s cpu" for t in ts),
+                flush=True,
+            )
     measure_peaks()
     peaks = {k: Summary.of(v) for k, v in peak_values.items()}
 
     sections = [
-        report_header("bf16 and allocator benchmark (CPU)", "bench_precision.py", env, started,
-                      f"the whole run took {(time.perf_counter() - t_start) / 60:.1f} min"),
+        report_header(
+            "bf16 and allocator benchmark (CPU)",
+            "bench_precision.py",
+            env,
+            started,
+            f"the whole run took {(time.perf_counter() - t_start) / 60:.1f} min",
+        ),
         "## Setup\n\n" + __doc__.split("\n\n")[2] + "\n\n"
         f"Meta step: 5-way 1-shot, {args.query} queries per class = {n_images} images; {args.warmup} untimed and "
         f"{args.steps} timed step(s) per process; {args.repeats} repeat(s).",

@@ -3,6 +3,7 @@
 Wall-clock ratios on these 2-core machines are distorted by page faults and by other tenants, so every measurement
 records process CPU time (all threads) and the page faults taken alongside the wall time.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,22 @@ import torch
 
 from recycle.runtime import cpu_bf16_flags
 
-__all__ = ["REPO", "Timing", "Summary", "timed", "environment", "command_line", "markdown_table", "rotated",
-           "masking_label", "vit_block_flops", "run_worker", "Mark", "contention", "matmul_gflops"]
+__all__ = [
+    "REPO",
+    "Timing",
+    "Summary",
+    "timed",
+    "environment",
+    "command_line",
+    "markdown_table",
+    "rotated",
+    "masking_label",
+    "vit_block_flops",
+    "run_worker",
+    "Mark",
+    "contention",
+    "matmul_gflops",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -52,9 +67,14 @@ class Timing:
     system: float = 0.0
 
     def __add__(self, other: "Timing") -> "Timing":
-        return Timing(self.wall + other.wall, self.cpu + other.cpu, self.others_cpu + other.others_cpu,
-                      self.minor_faults + other.minor_faults, self.major_faults + other.major_faults,
-                      self.system + other.system)
+        return Timing(
+            self.wall + other.wall,
+            self.cpu + other.cpu,
+            self.others_cpu + other.others_cpu,
+            self.minor_faults + other.minor_faults,
+            self.major_faults + other.major_faults,
+            self.system + other.system,
+        )
 
 
 def _machine_busy_seconds() -> float:
@@ -74,8 +94,14 @@ def timed(fn: Callable[[], T]) -> tuple[T, Timing]:
     out = fn()
     w1, c1 = time.perf_counter(), time.process_time()
     r1, b1 = resource.getrusage(resource.RUSAGE_SELF), _machine_busy_seconds()
-    return out, Timing(w1 - w0, c1 - c0, max(0.0, b1 - b0 - (c1 - c0)), r1.ru_minflt - r0.ru_minflt,
-                       r1.ru_majflt - r0.ru_majflt, r1.ru_stime - r0.ru_stime)
+    return out, Timing(
+        w1 - w0,
+        c1 - c0,
+        max(0.0, b1 - b0 - (c1 - c0)),
+        r1.ru_minflt - r0.ru_minflt,
+        r1.ru_majflt - r0.ru_majflt,
+        r1.ru_stime - r0.ru_stime,
+    )
 
 
 @dataclass(frozen=True)
@@ -123,8 +149,10 @@ def environment(packages: Sequence[str] = ()) -> dict[str, str]:
         "python": f"{platform.python_version()} ({platform.platform()})",
         "torch": torch.__version__,
         **{name: metadata.version(name) for name in packages},
-        "malloc / thread env": ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
-                                         if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD"))) or "defaults",
+        "malloc / thread env": ", ".join(
+            f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD"))
+        )
+        or "defaults",
         "git commit": (_git("rev-parse", "--short", "HEAD") or "unknown")
         + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else ""),
     }
@@ -144,10 +172,14 @@ def report_header(title: str, script: str, env: Mapping[str, str], started: str,
 
     `duration` completes "Started <started>; ...", e.g. "the whole run took 3.2 min".
     """
-    return "\n\n".join([
-        f"# {title}", f"Produced by `benchmarks/{script}`; do not edit by hand.",
-        f"Command (from the repository root):\n\n```\n{command_line()}\n```\n\nStarted {started}; {duration}.",
-        "## Environment\n\n" + markdown_table(["", ""], env.items())])
+    return "\n\n".join(
+        [
+            f"# {title}",
+            f"Produced by `benchmarks/{script}`; do not edit by hand.",
+            f"Command (from the repository root):\n\n```\n{command_line()}\n```\n\nStarted {started}; {duration}.",
+            "## Environment\n\n" + markdown_table(["", ""], env.items()),
+        ]
+    )
 
 
 def rotated(items: Sequence, rep: int) -> list:
@@ -173,7 +205,7 @@ def vit_block_flops(attn_tokens: int, mlp_tokens: int, dim: int) -> int:
     products over `attn_tokens` tokens, and the MLP (hidden width 4·dim) over `mlp_tokens` tokens (fewer than
     `attn_tokens` when the block prunes tokens after attention). LayerNorms, softmax, GELU, biases and LoRA are left
     out; with 197 tokens this model gives the FLOP-ideal speed-ups of `/work/shared/DESIGN.md`."""
-    return 8 * attn_tokens * dim ** 2 + 4 * attn_tokens ** 2 * dim + 16 * mlp_tokens * dim ** 2
+    return 8 * attn_tokens * dim**2 + 4 * attn_tokens**2 * dim + 16 * mlp_tokens * dim**2
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> list[float]:
@@ -186,7 +218,7 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> list[f
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
-        out.append(2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+        out.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return out
 
 
@@ -204,8 +236,9 @@ def run_worker(module: str, args: Sequence[str], env: Optional[Mapping[str, Opti
             child_env[key] = value
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        subprocess.run([sys.executable, "-m", module, *args, "--result-file", str(result)], cwd=REPO, env=child_env,
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", module, *args, "--result-file", str(result)], cwd=REPO, env=child_env, check=True
+        )
         return json.loads(result.read_text())
 
 
@@ -223,24 +256,37 @@ class Mark:
     @classmethod
     def now(cls) -> "Mark":
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        return cls(time.perf_counter(), time.process_time(), _machine_busy_seconds(), usage.ru_minflt,
-                   usage.ru_majflt, usage.ru_stime)
+        return cls(
+            time.perf_counter(),
+            time.process_time(),
+            _machine_busy_seconds(),
+            usage.ru_minflt,
+            usage.ru_majflt,
+            usage.ru_stime,
+        )
 
     def until(self, later: "Mark") -> Timing:
         """The `Timing` of the interval from this mark to `later`."""
         cpu = later.cpu - self.cpu
-        return Timing(later.wall - self.wall, cpu, max(0.0, later.busy - self.busy - cpu),
-                      later.minor_faults - self.minor_faults, later.major_faults - self.major_faults,
-                      later.system - self.system)
+        return Timing(
+            later.wall - self.wall,
+            cpu,
+            max(0.0, later.busy - self.busy - cpu),
+            later.minor_faults - self.minor_faults,
+            later.major_faults - self.major_faults,
+            later.system - self.system,
+        )
 
 
 def contention(timings: Iterable[Timing]) -> str:
     """A sentence on how much of the machine other processes took during `timings` (summed)."""
     ts = list(timings)
     others, wall = sum(t.others_cpu for t in ts), sum(t.wall for t in ts)
-    return (f"During the timed calls other processes used {others:.0f} CPU-s in {wall:.0f} s of wall time, i.e. "
-            f"{100 * others / (wall * os.cpu_count()):.0f}% of the machine's {os.cpu_count()} CPUs (column "
-            "\"others' CPU\"); wall-clock ratios are only as good as that share is small and even across settings.")
+    return (
+        f"During the timed calls other processes used {others:.0f} CPU-s in {wall:.0f} s of wall time, i.e. "
+        f"{100 * others / (wall * os.cpu_count()):.0f}% of the machine's {os.cpu_count()} CPUs (column "
+        '"others\' CPU"); wall-clock ratios are only as good as that share is small and even across settings.'
+    )
 
 
 def write_results(text: str, out: Optional[Path]) -> None:

@@ -6,6 +6,7 @@ those modules)::
 
     from recycle import FewShotClassifier, load_backbone, load_image, load_lora
 """
+
 from __future__ import annotations
 
 import importlib
@@ -15,21 +16,45 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _PUBLIC = {
-    "Backbone": "backbone", "load_backbone": "backbone",
-    "LoRAAdapter": "adapter", "LoRAFormatError": "adapter", "average_loras": "adapter",
-    "load_lora": "formats", "read_adapter": "formats", "save_adapter": "formats",
+    "Backbone": "backbone",
+    "load_backbone": "backbone",
+    "LoRAAdapter": "adapter",
+    "LoRAFormatError": "adapter",
+    "average_loras": "adapter",
+    "load_lora": "formats",
+    "read_adapter": "formats",
+    "save_adapter": "formats",
     "load_image": "images",
     "FewShotClassifier": "fewshot",
-    "InversionConfig": "invert", "load_bn_prior": "invert",
+    "InversionConfig": "invert",
+    "load_bn_prior": "invert",
     "PruningConfig": "tokens",
     "Pool": "pool",
-    "MetaConfig": "meta", "meta_train": "meta",
+    "MetaConfig": "meta",
+    "meta_train": "meta",
     "EvalConfig": "evaluate",
     "load_zoo": "zoo",
 }
-__all__ = ["Backbone", "EvalConfig", "FewShotClassifier", "InversionConfig", "LoRAAdapter", "LoRAFormatError",
-           "MetaConfig", "Pool", "PruningConfig", "average_loras", "load_backbone",
-           "load_bn_prior", "load_image", "load_lora", "load_zoo", "meta_train", "read_adapter", "save_adapter"]
+__all__ = [
+    "Backbone",
+    "EvalConfig",
+    "FewShotClassifier",
+    "InversionConfig",
+    "LoRAAdapter",
+    "LoRAFormatError",
+    "MetaConfig",
+    "Pool",
+    "PruningConfig",
+    "average_loras",
+    "load_backbone",
+    "load_bn_prior",
+    "load_image",
+    "load_lora",
+    "load_zoo",
+    "meta_train",
+    "read_adapter",
+    "save_adapter",
+]
 
 if TYPE_CHECKING:
     from .adapter import LoRAAdapter, LoRAFormatError, average_loras

@@ -4,6 +4,7 @@ The LoRA tensors use `recycle.lora.lora_state_dict`'s layout; the head is a Line
 feature, i.e. exactly the ``head`` of ``timm.create_model(backbone, num_classes=N)``. `average_loras` merges a zoo
 into one adapter, exactly. The on-disk formats are in `recycle.formats`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,15 @@ import torch
 from torch import nn
 
 from .io import shown
-from .lora import (LoRAConfig, inject_lora, load_lora_state_dict, lora_state_dict, merge_lora, planned_shapes,
-                   remove_lora)
+from .lora import (
+    LoRAConfig,
+    inject_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
+    planned_shapes,
+    remove_lora,
+)
 
 __all__ = ["LoRAAdapter", "LoRAFormatError", "average_loras", "module_groups", "module_scaling"]
 
@@ -55,13 +63,16 @@ class LoRAAdapter:
                 raise LoRAFormatError(f"LoRA tensor {key} has shape {list(t.shape)}, with no elements")
             if not torch.isfinite(t).all():
                 raise LoRAFormatError(f"LoRA tensor {key} contains NaN or Inf values")
-        if self.class_names is not None and (not isinstance(self.class_names, (list, tuple)) or not all(
-                isinstance(c, str) for c in self.class_names)):
+        if self.class_names is not None and (
+            not isinstance(self.class_names, (list, tuple)) or not all(isinstance(c, str) for c in self.class_names)
+        ):
             raise LoRAFormatError(f"class names must be a list of strings, got {shown(self.class_names)}")
         if self.head_weight is not None:
             if self.head_weight.ndim != 2:
-                raise LoRAFormatError(f"the head weight has shape {list(self.head_weight.shape)}; a matrix "
-                                      "(classes, features) is expected")
+                raise LoRAFormatError(
+                    f"the head weight has shape {list(self.head_weight.shape)}; a matrix "
+                    "(classes, features) is expected"
+                )
             n = self.head_weight.shape[0]
             if self.head_bias is not None and tuple(self.head_bias.shape) != (n,):
                 raise LoRAFormatError(f"head bias has shape {list(self.head_bias.shape)}, expected [{n}]")
@@ -91,9 +102,15 @@ class LoRAAdapter:
         return h.hexdigest()[:16]
 
     @classmethod
-    def from_model(cls, model: nn.Module, config: LoRAConfig, head: Optional[nn.Linear] = None,
-                   class_names: Optional[list[str]] = None, backbone: Optional[str] = None,
-                   info: Optional[dict] = None) -> "LoRAAdapter":
+    def from_model(
+        cls,
+        model: nn.Module,
+        config: LoRAConfig,
+        head: Optional[nn.Linear] = None,
+        class_names: Optional[list[str]] = None,
+        backbone: Optional[str] = None,
+        info: Optional[dict] = None,
+    ) -> "LoRAAdapter":
         """Snapshot the LoRA layers of `model` (and `head`) into an adapter."""
         state = lora_state_dict(model)
         if not state:
@@ -110,8 +127,11 @@ class LoRAAdapter:
             planned = planned_shapes(model, self.config)
         except ValueError as e:
             raise LoRAFormatError(f"this LoRA does not fit the backbone{made_for}: {e}") from None
-        wrong = [f"{k} has shape {list(self.state[k].shape)}, the backbone needs {list(v)}"
-                 for k, v in planned.items() if k in self.state and tuple(self.state[k].shape) != v]
+        wrong = [
+            f"{k} has shape {list(self.state[k].shape)}, the backbone needs {list(v)}"
+            for k, v in planned.items()
+            if k in self.state and tuple(self.state[k].shape) != v
+        ]
         missing, unexpected = sorted(set(planned) - set(self.state)), sorted(set(self.state) - set(planned))
         if wrong or missing or unexpected:
             detail = "; ".join(wrong[:2]) or f"missing {missing[:4]}, unexpected {unexpected[:4]}"
@@ -182,8 +202,9 @@ def average_loras(adapters: Sequence[LoRAAdapter]) -> LoRAAdapter:
             state[key] = torch.cat([a.state[key] for a in adapters], dim=0)
         else:
             state[key] = torch.cat([a.state[key] * a.config.scaling / n for a in adapters], dim=1)
-    config = LoRAConfig(targets=first.config.targets, rank=first.config.rank * n, alpha=None,
-                        blocks=first.config.blocks)
+    config = LoRAConfig(
+        targets=first.config.targets, rank=first.config.rank * n, alpha=None, blocks=first.config.blocks
+    )
     return LoRAAdapter(config, state, first.backbone, info={"averaged": n})
 
 

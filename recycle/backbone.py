@@ -7,6 +7,7 @@ Names are anything `timm.create_model` takes (``vit_base_patch16_clip_224.openai
 The embedding used for prototypes is the projected CLIP embedding (timm keeps CLIP's projection as ``head``) for
 CLIP models, and the pre-logits [CLS] feature for the others.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,17 @@ from torch import nn
 
 from .hub import endpoint, hub_reachable
 
-__all__ = ["Backbone", "BackboneError", "ALIASES", "DEFAULT_BACKBONE", "load_backbone", "create_timm_model",
-           "backbone_source", "hub_repo_id", "pick_device"]
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "ALIASES",
+    "DEFAULT_BACKBONE",
+    "load_backbone",
+    "create_timm_model",
+    "backbone_source",
+    "hub_repo_id",
+    "pick_device",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -58,8 +68,10 @@ def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.devi
     if chosen.type in ("mps", "xpu"):
         backend = getattr(torch.backends, "mps", None) if chosen.type == "mps" else getattr(torch, "xpu", None)
         if backend is None or not backend.is_available():
-            raise ValueError(f"device '{device}' was requested, but this machine has no {chosen.type.upper()} device; "
-                             "use cpu, cuda or auto")
+            raise ValueError(
+                f"device '{device}' was requested, but this machine has no {chosen.type.upper()} device; "
+                "use cpu, cuda or auto"
+            )
     if chosen.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -123,8 +135,10 @@ def _resolve_name(name: str) -> tuple[str, dict]:
     return f"local-dir:{path.resolve()}", {}
 
 
-_CONVERT = ("To convert trusted weights: load the state dict where you trust the file, save it with "
-            "safetensors.torch.save_file(state_dict, 'model.safetensors'), and put it next to config.json.")
+_CONVERT = (
+    "To convert trusted weights: load the state dict where you trust the file, save it with "
+    "safetensors.torch.save_file(state_dict, 'model.safetensors'), and put it next to config.json."
+)
 
 
 def _hub_weights(name: str) -> Optional[tuple[str, Optional[str], Optional[str]]]:
@@ -138,7 +152,7 @@ def _hub_weights(name: str) -> Optional[tuple[str, Optional[str], Optional[str]]
     if name.startswith("local-dir:"):
         return None
     if name.startswith("hf-hub:"):
-        repo, _, revision = name[len("hf-hub:"):].partition("@")
+        repo, _, revision = name[len("hf-hub:") :].partition("@")
         return repo, revision or None, None
     try:
         cfg = timm.models.get_pretrained_cfg(name)
@@ -150,8 +164,10 @@ def _hub_weights(name: str) -> Optional[tuple[str, Optional[str], Optional[str]]
         repo, _, revision = cfg.hf_hub_id.partition("@")
         return repo, revision or None, getattr(cfg, "hf_hub_filename", None)
     if getattr(cfg, "url", None) or getattr(cfg, "file", None):
-        raise BackboneError(f"Backbone '{name}': timm publishes its pretrained weights only as a pickle "
-                            f"({cfg.url or cfg.file}), and pickled weights are never loaded. {_CONVERT}")
+        raise BackboneError(
+            f"Backbone '{name}': timm publishes its pretrained weights only as a pickle "
+            f"({cfg.url or cfg.file}), and pickled weights are never loaded. {_CONVERT}"
+        )
     return None
 
 
@@ -185,23 +201,29 @@ def _safetensors_file(repo: str, revision: Optional[str], filename: Optional[str
         try:
             size = get_hf_file_metadata(hf_hub_url(repo, candidate, revision=revision)).size
             if size is not None and size > MAX_WEIGHTS_BYTES:  # refused before a byte of it is downloaded
-                raise BackboneError(f"Backbone '{name}': {candidate} of the Hub repository '{repo}' is {size:,} bytes, "
-                                    f"more than any model accepted here needs ({MAX_WEIGHTS_BYTES:,})")
+                raise BackboneError(
+                    f"Backbone '{name}': {candidate} of the Hub repository '{repo}' is {size:,} bytes, "
+                    f"more than any model accepted here needs ({MAX_WEIGHTS_BYTES:,})"
+                )
             hf_hub_download(repo, candidate, revision=revision)
             return candidate
         except hf_errors.LocalEntryNotFoundError:
             raise  # offline and not cached: reported as such by the caller
         except hf_errors.EntryNotFoundError:
             continue
-    raise BackboneError(f"Backbone '{name}': the Hub repository '{repo}' has no safetensors weights "
-                        f"({', '.join(candidates) or 'none for ' + str(filename)}); pickled weights (.bin, .pth) are "
-                        f"never loaded. {_CONVERT} Then upload model.safetensors to the repository.")
+    raise BackboneError(
+        f"Backbone '{name}': the Hub repository '{repo}' has no safetensors weights "
+        f"({', '.join(candidates) or 'none for ' + str(filename)}); pickled weights (.bin, .pth) are "
+        f"never loaded. {_CONVERT} Then upload model.safetensors to the repository."
+    )
 
 
 def _unknown(name: str, why: str = "") -> BackboneError:
-    return BackboneError(f"Unknown backbone '{name}'.{' ' + why if why else ''} Use a timm model name (see "
-                         f"timm.list_models('*clip*')), an alias ({', '.join(ALIASES)}), 'hf-hub:ORG/REPO' or a local "
-                         "directory.")
+    return BackboneError(
+        f"Unknown backbone '{name}'.{' ' + why if why else ''} Use a timm model name (see "
+        f"timm.list_models('*clip*')), an alias ({', '.join(ALIASES)}), 'hf-hub:ORG/REPO' or a local "
+        "directory."
+    )
 
 
 def _parse(name: str) -> tuple[Optional[str], str]:
@@ -250,15 +272,20 @@ def _cached_weights(name: str, repo: str) -> Optional[str]:
     if prefix == "hf-hub":  # timm reads config.json and the weights of the repo: both are in its snapshot
         revision = rest.split("@")[1] if "@" in rest else None
         try:
-            folder = Path(snapshot_download(repo, revision=revision, local_files_only=True,
-                                            allow_patterns=["config.json", "*.safetensors"]))
+            folder = Path(
+                snapshot_download(
+                    repo, revision=revision, local_files_only=True, allow_patterns=["config.json", "*.safetensors"]
+                )
+            )
         except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
             return None
         has_weights = (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
         return f"local-dir:{folder}" if has_weights else None
     wanted = getattr(timm.models.get_pretrained_cfg(rest), "hf_hub_filename", None)
     for filename in ([wanted] if wanted and wanted.endswith(".safetensors") else []) + [
-            "model.safetensors", "open_clip_model.safetensors"]:
+        "model.safetensors",
+        "open_clip_model.safetensors",
+    ]:
         cached = try_to_load_from_cache(repo, filename)
         if isinstance(cached, str):
             return cached
@@ -280,8 +307,11 @@ def _check_before_build(name: str, kwargs: dict, pretrained: bool, what: str) ->
     prefix, rest = _parse(name)
     if prefix == "local-dir":  # the weights file timm's local-dir loader picks among safetensors files
         folder = Path(rest)
-        named = [folder / f for f in ("model.safetensors", "open_clip_model.safetensors",
-                                      "open_clip_pytorch_model.safetensors") if (folder / f).is_file()]
+        named = [
+            folder / f
+            for f in ("model.safetensors", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
+            if (folder / f).is_file()
+        ]
         config, weights = folder / "config.json", (named or sorted(folder.glob("*.safetensors")) or [None])[0]
     elif prefix == "hf-hub":
         repo, _, revision = rest.partition("@")
@@ -298,7 +328,8 @@ def _check_before_build(name: str, kwargs: dict, pretrained: bool, what: str) ->
             raise modelcheck.ModelCheckError(f"{config.parent} has no .safetensors weights")
         if pretrained:
             classifier = cfg.get("pretrained_cfg", {}).get("classifier") or getattr(meta, "pretrained_cfg", {}).get(
-                "classifier")
+                "classifier"
+            )
             modelcheck.check_weights_header(weights, meta, classifier if isinstance(classifier, str) else None)
     except modelcheck.ModelCheckError as e:
         raise BackboneError(f"{'Backbone ' if what == 'backbone' else ''}'{name}': {e}") from None
@@ -320,8 +351,11 @@ def create_timm_model(name: str, kwargs: dict, pretrained: bool, what: str = "ba
     try:
         if hub is not None and hub_reachable():  # pin timm to the safetensors file, so it never falls back to a pickle
             weights = _safetensors_file(*hub, name)
-            kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}),
-                                                "hf_hub_filename": weights, "custom_load": False}
+            kwargs["pretrained_cfg_overlay"] = {
+                **kwargs.get("pretrained_cfg_overlay", {}),
+                "hf_hub_filename": weights,
+                "custom_load": False,
+            }
         elif hub is not None:
             cached = _cached_weights(name, hub[0])
             if cached is None:
@@ -329,19 +363,24 @@ def create_timm_model(name: str, kwargs: dict, pretrained: bool, what: str = "ba
                     f"Cannot load backbone '{name}': the Hugging Face Hub ({endpoint()}) is unreachable and the "
                     f"weights of '{hub[0]}' are not in the local cache. Connect to the internet once to download "
                     f"them, or pass a local directory with config.json and model.safetensors (such as the shipped "
-                    f"weights/ model).")
+                    f"weights/ model)."
+                )
             if cached.startswith("local-dir:"):
                 name = cached
             else:
-                kwargs = {**kwargs, "pretrained_cfg_overlay": {**kwargs.get("pretrained_cfg_overlay", {}),
-                                                               "file": cached}}
+                kwargs = {
+                    **kwargs,
+                    "pretrained_cfg_overlay": {**kwargs.get("pretrained_cfg_overlay", {}), "file": cached},
+                }
         _check_before_build(name, kwargs, pretrained, what)
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError) as e:
         raise BackboneError(f"Backbone '{name}' was not found on the Hugging Face Hub ({type(e).__name__}).") from None
     except (hf_errors.EntryNotFoundError, hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as e:
-        raise BackboneError(f"Backbone '{name}': its config or weights could not be fetched from the Hub or the "
-                            f"cache ({type(e).__name__}).") from None
+        raise BackboneError(
+            f"Backbone '{name}': its config or weights could not be fetched from the Hub or the "
+            f"cache ({type(e).__name__})."
+        ) from None
 
 
 def _data_config(model: nn.Module) -> dict:
@@ -362,8 +401,10 @@ def _eval_transform(data_config: dict):
     """PIL image -> normalised ``(C, H, W)`` tensor, by timm's `create_transform`."""
     from timm.data import create_transform
 
-    return create_transform(**{k: data_config[k] for k in ("input_size", "interpolation", "mean", "std",
-                                                               "crop_pct", "crop_mode")}, is_training=False)
+    return create_transform(
+        **{k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")},
+        is_training=False,
+    )
 
 
 class Backbone(nn.Module):
@@ -430,8 +471,9 @@ class Backbone(nn.Module):
         return self.embed(x)
 
 
-def load_backbone(name: str = DEFAULT_BACKBONE, pretrained: bool = True,
-                  device: Optional[Union[str, torch.device]] = None, **kwargs) -> Backbone:
+def load_backbone(
+    name: str = DEFAULT_BACKBONE, pretrained: bool = True, device: Optional[Union[str, torch.device]] = None, **kwargs
+) -> Backbone:
     """Load a ViT backbone by timm name, alias, ``hf-hub:`` id or local directory, in eval mode.
 
     Raises:
@@ -448,6 +490,11 @@ def load_backbone(name: str = DEFAULT_BACKBONE, pretrained: bool = True,
     backbone = Backbone(model, name)
     for p in backbone.parameters():
         p.requires_grad_(False)
-    _logger.info("loaded backbone %s (%s embedding, dim %d, input %s)", name, backbone.embedding,
-                 backbone.embed_dim, backbone.input_size)
+    _logger.info(
+        "loaded backbone %s (%s embedding, dim %d, input %s)",
+        name,
+        backbone.embedding,
+        backbone.embed_dim,
+        backbone.input_size,
+    )
     return backbone.to(pick_device(device))

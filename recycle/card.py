@@ -5,6 +5,7 @@ exists there. So it is the repository the backbone's weights come from (``clip-b
 ``timm/vit_base_patch16_clip_224.openai``, ``hf-hub:org/repo`` -> ``org/repo``), and it is left out for a local
 backbone.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,12 @@ def card_data(adapter: LoRAAdapter, license: str = "apache-2.0"):
 
     base_model = hub_repo_id(adapter.backbone) if adapter.backbone else None
     return ModelCardData(
-        base_model=base_model, library_name="peft", license=license, tags=list(TAGS),
-        pipeline_tag="image-classification" if adapter.head_weight is not None else "image-feature-extraction")
+        base_model=base_model,
+        library_name="peft",
+        license=license,
+        tags=list(TAGS),
+        pipeline_tag="image-classification" if adapter.head_weight is not None else "image-feature-extraction",
+    )
 
 
 def _body(adapter: LoRAAdapter, command: Optional[str], results_md: Optional[str]) -> list[str]:
@@ -39,18 +44,31 @@ def _body(adapter: LoRAAdapter, command: Optional[str], results_md: Optional[str
     meta = info.pop("meta_training", None)
     lines = ["# Meta-LoRA (LoRA Recycle)" if meta else "# LoRA", ""]
     if meta:
-        lines += ["A meta-LoRA distilled **without any real training data** from pre-tuned LoRAs, following "
-                  "LoRA Recycle (Hu et al., CVPR 2025): surrogate images were inverted from each LoRA and its head, "
-                  "and the meta-LoRA was meta-trained on them with a ProtoNet objective (KL to the teacher for "
-                  "single-LoRA episodes, cross-entropy for cross-LoRA episodes).", "",
-                  "Use it for tuning-free few-shot classification: embed a few labelled support images per class, "
-                  "average them into prototypes and classify queries by distance, in one forward pass:", "",
-                  "```bash", f"python -m recycle predict --backbone {adapter.backbone} --lora <this repo> "
-                  "--support SUPPORT_DIR --query QUERY_DIR", "```", ""]
+        lines += [
+            "A meta-LoRA distilled **without any real training data** from pre-tuned LoRAs, following "
+            "LoRA Recycle (Hu et al., CVPR 2025): surrogate images were inverted from each LoRA and its head, "
+            "and the meta-LoRA was meta-trained on them with a ProtoNet objective (KL to the teacher for "
+            "single-LoRA episodes, cross-entropy for cross-LoRA episodes).",
+            "",
+            "Use it for tuning-free few-shot classification: embed a few labelled support images per class, "
+            "average them into prototypes and classify queries by distance, in one forward pass:",
+            "",
+            "```bash",
+            f"python -m recycle predict --backbone {adapter.backbone} --lora <this repo> "
+            "--support SUPPORT_DIR --query QUERY_DIR",
+            "```",
+            "",
+        ]
     c = adapter.config
-    lines += ["## Adapter", "", f"- backbone: `{adapter.backbone}`", f"- targets: {', '.join(c.targets)}; rank "
-              f"{c.rank}; scaling {c.scaling:g}", "- files: PEFT layout (`adapter_config.json`, "
-              "`adapter_model.safetensors`); loads with PEFT on the same timm model", ""]
+    lines += [
+        "## Adapter",
+        "",
+        f"- backbone: `{adapter.backbone}`",
+        f"- targets: {', '.join(c.targets)}; rank {c.rank}; scaling {c.scaling:g}",
+        "- files: PEFT layout (`adapter_config.json`, "
+        "`adapter_model.safetensors`); loads with PEFT on the same timm model",
+        "",
+    ]
     if adapter.class_names:
         lines += [f"- head classes: {', '.join(adapter.class_names)}", ""]
     if meta:
@@ -62,14 +80,20 @@ def _body(adapter: LoRAAdapter, command: Optional[str], results_md: Optional[str
     return lines
 
 
-def write_model_card(folder: Path, adapter: LoRAAdapter, command: Optional[str] = None,
-                     results_md: Optional[str] = None, license: str = "apache-2.0") -> Path:
+def write_model_card(
+    folder: Path,
+    adapter: LoRAAdapter,
+    command: Optional[str] = None,
+    results_md: Optional[str] = None,
+    license: str = "apache-2.0",
+) -> Path:
     """Write ``README.md`` for a LoRA folder: metadata the Hub accepts, what it is, how it was made (data-free),
     the command and results. Returns the path."""
     from huggingface_hub import ModelCard
 
-    card = ModelCard("\n".join(["---", card_data(adapter, license).to_yaml(), "---", "",
-                                *_body(adapter, command, results_md)]))
+    card = ModelCard(
+        "\n".join(["---", card_data(adapter, license).to_yaml(), "---", "", *_body(adapter, command, results_md)])
+    )
     path = Path(folder) / "README.md"
     atomic_write_bytes(path, str(card).encode())
     return path

@@ -1,6 +1,7 @@
 """Meta-training checkpoints: one safetensors file, written atomically, holding the meta-LoRA, Adam's state, the step
 and every RNG state, so that a resumed run continues exactly as an uninterrupted one would; and the run's log,
 trimmed back to the checkpoint on resume."""
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,22 @@ CHECKPOINT = "checkpoint.safetensors"
 
 def _rng_state(py: random.Random, gen: torch.Generator) -> tuple[dict, dict[str, torch.Tensor]]:
     version, state, gauss = py.getstate()
-    return ({"python": [version, list(state), gauss]},
-            {"rng.torch_gen": gen.get_state(), "rng.torch_global": torch.get_rng_state()})
+    return (
+        {"python": [version, list(state), gauss]},
+        {"rng.torch_gen": gen.get_state(), "rng.torch_global": torch.get_rng_state()},
+    )
 
 
-def save_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer, step: int, config,
-                    py: random.Random, gen: torch.Generator, extra: dict) -> None:
+def save_checkpoint(
+    path: Path,
+    backbone: Backbone,
+    opt: torch.optim.Optimizer,
+    step: int,
+    config,
+    py: random.Random,
+    gen: torch.Generator,
+    extra: dict,
+) -> None:
     """Write the meta-LoRA on `backbone`, `opt`'s Adam moments, `step`, `config` (a dataclass, for `load_checkpoint`
     to compare), the RNG states and `extra` to `path`, atomically."""
     tensors = {f"lora.{k}": v for k, v in lora_state_dict(backbone.model).items()}
@@ -44,8 +55,12 @@ def save_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer, 
             tensors[f"adam.{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1).cpu()
     meta, rng_tensors = _rng_state(py, gen)
     tensors.update(rng_tensors)
-    metadata = {"step": str(step), "config": json.dumps(asdict(config)), "rng": json.dumps(meta),
-                "extra": json.dumps(extra)}
+    metadata = {
+        "step": str(step),
+        "config": json.dumps(asdict(config)),
+        "rng": json.dumps(meta),
+        "extra": json.dumps(extra),
+    }
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
@@ -65,8 +80,10 @@ def _check_resume(path: Path, saved: Optional[str], config, step: int) -> dict:
     changed = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
     if changed:
         diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise ValueError(f"cannot resume {path.parent}: the run was started with other settings ({diff}). Resume "
-                         "with the same settings, or start the run anew in another output folder.")
+        raise ValueError(
+            f"cannot resume {path.parent}: the run was started with other settings ({diff}). Resume "
+            "with the same settings, or start the run anew in another output folder."
+        )
     if config.steps < step:
         raise ValueError(f"cannot resume {path.parent} with steps={config.steps}: its checkpoint is at step {step}")
     return {"steps": [before.get("steps"), config.steps]} if before.get("steps") != config.steps else {}
@@ -82,7 +99,7 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _lora_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+    return {k[len("lora.") :]: v for k, v in tensors.items() if k.startswith("lora.")}
 
 
 def checkpoint_lora(out: Union[str, Path]) -> tuple[int, dict[str, torch.Tensor]]:
@@ -92,8 +109,9 @@ def checkpoint_lora(out: Union[str, Path]) -> tuple[int, dict[str, torch.Tensor]
     return int(metadata["step"]), _lora_tensors(tensors)
 
 
-def load_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer, py: random.Random,
-                    gen: torch.Generator, config) -> tuple[int, dict]:
+def load_checkpoint(
+    path: Path, backbone: Backbone, opt: torch.optim.Optimizer, py: random.Random, gen: torch.Generator, config
+) -> tuple[int, dict]:
     """Restore the meta-LoRA, Adam's moments and the RNG states from `path`; returns (step, extra). Refuses a
     checkpoint made with settings other than `config`'s, except `RESUMABLE_CHANGES`."""
     metadata, tensors = _read_checkpoint(path)
@@ -105,9 +123,11 @@ def load_checkpoint(path: Path, backbone: Backbone, opt: torch.optim.Optimizer, 
     device = backbone.device
     for i, p in enumerate(lora_parameters(backbone.model)):
         if f"adam.{i}.exp_avg" in tensors:
-            opt.state[p] = {"step": tensors[f"adam.{i}.step"].reshape(()).clone(),
-                            "exp_avg": tensors[f"adam.{i}.exp_avg"].to(device),
-                            "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(device)}
+            opt.state[p] = {
+                "step": tensors[f"adam.{i}.step"].reshape(()).clone(),
+                "exp_avg": tensors[f"adam.{i}.exp_avg"].to(device),
+                "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"].to(device),
+            }
     version, state, gauss = json.loads(metadata["rng"])["python"]
     py.setstate((version, tuple(state), gauss))
     gen.set_state(tensors["rng.torch_gen"])

@@ -16,6 +16,7 @@ Work is split in a way that does not depend on the number of ranks: items are de
 (`shard_indices`), results are gathered back into the serial order (`gather_ordered`), and randomness per item comes
 from `derive_seed` over the item's global index, never from a stream that a rank would consume in its own order.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -29,9 +30,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedError", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S", "launched", "timeout", "setup", "teardown",
-           "rank", "world_size", "is_main", "shard_indices", "gather_ordered", "all_gather_object",
-           "all_reduce_sum_", "barrier", "derive_seed", "wait_until"]
+__all__ = [
+    "DistributedError",
+    "TIMEOUT_ENV",
+    "DEFAULT_TIMEOUT_S",
+    "launched",
+    "timeout",
+    "setup",
+    "teardown",
+    "rank",
+    "world_size",
+    "is_main",
+    "shard_indices",
+    "gather_ordered",
+    "all_gather_object",
+    "all_reduce_sum_",
+    "barrier",
+    "derive_seed",
+    "wait_until",
+]
 
 _logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,8 +81,9 @@ def timeout() -> _dt.timedelta:
     except ValueError:
         raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_S):
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a number of seconds above 0 and at most {MAX_TIMEOUT_S} "
-                         "(7 days)")
+        raise ValueError(
+            f"{TIMEOUT_ENV}={raw!r} must be a number of seconds above 0 and at most {MAX_TIMEOUT_S} (7 days)"
+        )
     return _dt.timedelta(seconds=seconds)
 
 
@@ -122,12 +140,14 @@ def setup(device: str = "auto") -> str:
     try:
         dist.init_process_group(backend, init_method="env://", timeout=timeout(), **kwargs)
     except (RuntimeError, ValueError) as e:
-        raise DistributedError(f"rank {r} of {world} could not join the process group ({backend}, "
-                               f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}): {_first_line(e)}"
-                               ) from e
+        raise DistributedError(
+            f"rank {r} of {world} could not join the process group ({backend}, "
+            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}): {_first_line(e)}"
+        ) from e
     _owned, _users = True, 1
-    _logger.info("rank %d of %d on %s (%s backend, collective timeout %.0f s)", r, world, dev, backend,
-                 timeout().total_seconds())
+    _logger.info(
+        "rank %d of %d on %s (%s backend, collective timeout %.0f s)", r, world, dev, backend, timeout().total_seconds()
+    )
     return dev
 
 
@@ -175,7 +195,8 @@ def _collective(what: str, fn: Callable[..., T], *args, **kwargs) -> T:
         raise DistributedError(
             f"rank {rank()} of {world_size()}: {what} failed ({_first_line(e)}). Another rank probably failed, was "
             f"killed, or did not reach this point within the timeout ({timeout().total_seconds():.0f} s, set by "
-            f"{TIMEOUT_ENV}); see the other ranks' messages.") from e
+            f"{TIMEOUT_ENV}); see the other ranks' messages."
+        ) from e
 
 
 def all_gather_object(obj: T) -> list[T]:
@@ -213,7 +234,7 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
     _collective("summing gradients", dist.all_reduce, flat, op=dist.ReduceOp.SUM)
     offset = 0
     for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
 
 
@@ -231,7 +252,7 @@ def derive_seed(*parts: int) -> int:
     """A 63-bit seed mixed from integers (e.g. ``(seed, step, global episode index)``): the same on every rank, for
     any number of ranks, and well spread even for neighbouring inputs."""
     state = np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]
-    return int(state) & (2 ** 63 - 1)
+    return int(state) & (2**63 - 1)
 
 
 def wait_until(ready: Callable[[], Optional[int]], what: str, poll_s: float = 1.0) -> None:
@@ -248,5 +269,7 @@ def wait_until(ready: Callable[[], Optional[int]], what: str, poll_s: float = 1.
         if now_missing != missing:
             missing, since = now_missing, time.monotonic()
         elif time.monotonic() - since > limit:
-            raise DistributedError(f"rank {rank()} of {world_size()}: {what}: {missing} still missing and nothing "
-                                   f"new for {limit:.0f} s ({TIMEOUT_ENV}); did another rank fail?")
+            raise DistributedError(
+                f"rank {rank()} of {world_size()}: {what}: {missing} still missing and nothing "
+                f"new for {limit:.0f} s ({TIMEOUT_ENV}); did another rank fail?"
+            )

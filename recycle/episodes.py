@@ -1,6 +1,7 @@
 """Episodes: N-way K-shot sampling over classes given as lists of items, the loaded episode (`PoolEpisode`), and
 the sources meta-training draws episodes from: a surrogate pool (`PoolEpisodes`), real images in an ImageFolder
 (`FolderEpisodes`, for the oracle) and online inversion of a zoo (`ZooEpisodes`, the paper's Alg. 1)."""
+
 from __future__ import annotations
 
 import copy
@@ -20,8 +21,17 @@ from .images import list_images, load_image
 if TYPE_CHECKING:
     from .pool import Pool, PoolClass
 
-__all__ = ["EpisodeSpec", "SampledEpisode", "EpisodeSampler", "image_folder", "PoolEpisode", "EpisodeSource",
-           "PoolEpisodes", "FolderEpisodes", "ZooEpisodes"]
+__all__ = [
+    "EpisodeSpec",
+    "SampledEpisode",
+    "EpisodeSampler",
+    "image_folder",
+    "PoolEpisode",
+    "EpisodeSource",
+    "PoolEpisodes",
+    "FolderEpisodes",
+    "ZooEpisodes",
+]
 
 T = TypeVar("T")
 
@@ -90,9 +100,11 @@ class EpisodeSampler(Generic[T]):
         if kind not in ("single", "cross", "any"):
             raise ValueError(f"episode kind must be single, cross or any, got {kind!r}")
         if not self.can_sample(spec, kind):
-            raise ValueError(f"cannot sample a {kind} {spec.way}-way {spec.shot}-shot episode with {spec.query} "
-                             f"queries: too few classes with >= {spec.shot + spec.query} images"
-                             + (" in one source" if kind == "single" else " across sources" if kind == "cross" else ""))
+            raise ValueError(
+                f"cannot sample a {kind} {spec.way}-way {spec.shot}-shot episode with {spec.query} "
+                f"queries: too few classes with >= {spec.shot + spec.query} images"
+                + (" in one source" if kind == "single" else " across sources" if kind == "cross" else "")
+            )
         eligible = self._eligible(spec)
         if kind == "single":
             by_group: dict[Hashable, list[int]] = {}
@@ -106,7 +118,7 @@ class EpisodeSampler(Generic[T]):
                 by_group.setdefault(self.groups[c], []).append(c)
             order = sorted(by_group, key=str)
             rng.shuffle(order)
-            chosen = [rng.choice(by_group[g]) for g in order[:spec.way]]  # one class from each of distinct groups
+            chosen = [rng.choice(by_group[g]) for g in order[: spec.way]]  # one class from each of distinct groups
             rest = [c for c in eligible if c not in chosen]
             chosen += rng.sample(rest, spec.way - len(chosen))
         else:
@@ -114,8 +126,8 @@ class EpisodeSampler(Generic[T]):
         support, query = [], []
         for c in chosen:
             items = rng.sample(self.classes[c], spec.shot + spec.query)
-            support.append(items[:spec.shot])
-            query.append(items[spec.shot:])
+            support.append(items[: spec.shot])
+            query.append(items[spec.shot :])
         return SampledEpisode(chosen, support, query, kind)
 
 
@@ -168,8 +180,10 @@ class PoolEpisodes:
         sampler = pool.sampler()
         self.kinds = [k for k in ("single", "cross") if sampler.can_sample(spec, k)]
         if not self.kinds:
-            raise ValueError(f"the pool cannot supply {spec.way}-way {spec.shot}-shot episodes with {spec.query} "
-                             f"queries: it needs at least {spec.way} classes with {spec.shot + spec.query} images")
+            raise ValueError(
+                f"the pool cannot supply {spec.way}-way {spec.shot}-shot episodes with {spec.query} "
+                f"queries: it needs at least {spec.way} classes with {spec.shot + spec.query} images"
+            )
 
     def next(self, kind: str, rng: random.Random) -> PoolEpisode:
         if kind not in self.kinds:
@@ -193,8 +207,9 @@ class FolderEpisodes:
         self.spec = spec
         self.sampler = EpisodeSampler([list(range(len(c))) for c in self.images])
         if not self.sampler.can_sample(spec, "any"):
-            raise ValueError(f"'{root}' cannot supply {spec.way}-way {spec.shot}-shot episodes with {spec.query} "
-                             "queries")
+            raise ValueError(
+                f"'{root}' cannot supply {spec.way}-way {spec.shot}-shot episodes with {spec.query} queries"
+            )
         self.kinds = ["cross"]
 
     def next(self, kind: str, rng: random.Random) -> PoolEpisode:
@@ -203,6 +218,7 @@ class FolderEpisodes:
         def stack(groups):
             imgs = [self.images[c][i] for c, g in zip(ep.classes, groups) for i in g]
             return torch.stack(imgs).float() / 255, torch.tensor([k for k, g in enumerate(groups) for _ in g])
+
         s, s_lab = stack(ep.support)
         q, q_lab = stack(ep.query)
         return PoolEpisode(s, s_lab, q, q_lab, "real", [])
@@ -212,8 +228,15 @@ class ZooEpisodes:
     """Episodes inverted online from a LoRA zoo (the paper's Alg. 1): each episode inverts ``shot + query`` images
     per class from one randomly chosen LoRA, on a separate copy of the backbone."""
 
-    def __init__(self, backbone: Backbone, adapters: Sequence[LoRAAdapter], spec: EpisodeSpec, masked: bool,
-                 invert_config, bn_prior=None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        adapters: Sequence[LoRAAdapter],
+        spec: EpisodeSpec,
+        masked: bool,
+        invert_config,
+        bn_prior=None,
+    ):
         from .invert import InversionConfig
 
         if not adapters:
@@ -231,7 +254,7 @@ class ZooEpisodes:
 
         adapter = rng.choice(self.adapters)
         classes = sorted(rng.sample(range(adapter.num_classes), self.spec.way))
-        cfg = replace(self.config, per_class=self.spec.shot + self.spec.query, seed=rng.randrange(2 ** 31))
+        cfg = replace(self.config, per_class=self.spec.shot + self.spec.query, seed=rng.randrange(2**31))
         res = invert(self.teacher_backbone, adapter, cfg, classes, self.bn_prior)
         per = self.spec.shot + self.spec.query
         s_idx = [c * per + i for c in range(self.spec.way) for i in range(self.spec.shot)]
@@ -240,6 +263,14 @@ class ZooEpisodes:
         logits = (res.logits_kept if self.masked and res.logits_kept is not None else res.logits)[:, classes]
         kept = [res.kept[i] for i in range(res.kept.shape[0])] if self.masked and res.kept is not None else None
         labels = torch.arange(self.spec.way)
-        return PoolEpisode(images[s_idx], labels.repeat_interleave(self.spec.shot), images[q_idx],
-                           labels.repeat_interleave(self.spec.query), "single", [], logits[q_idx],
-                           [kept[i] for i in s_idx] if kept else None, [kept[i] for i in q_idx] if kept else None)
+        return PoolEpisode(
+            images[s_idx],
+            labels.repeat_interleave(self.spec.shot),
+            images[q_idx],
+            labels.repeat_interleave(self.spec.query),
+            "single",
+            [],
+            logits[q_idx],
+            [kept[i] for i in s_idx] if kept else None,
+            [kept[i] for i in q_idx] if kept else None,
+        )

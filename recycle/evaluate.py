@@ -7,6 +7,7 @@ the cached embeddings, so 600 episodes cost one pass over the images they use. M
 * ``LoRAs-average + NN``: a uniform merge of a zoo's LoRAs (`recycle.adapter.average_loras`);
 * any given LoRA, e.g. a meta-LoRA.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,7 @@ from .adapter import LoRAAdapter
 from .images import load_image
 from .runtime import check_bf16_flag
 
-__all__ = ["EvalConfig", "sample_episodes", "mean_ci", "evaluate",
-           "make_validator", "results_markdown", "write_report"]
+__all__ = ["EvalConfig", "sample_episodes", "mean_ci", "evaluate", "make_validator", "results_markdown", "write_report"]
 
 _logger = logging.getLogger(__name__)
 
@@ -56,8 +56,7 @@ class EvalConfig:
         return EpisodeSpec(self.way, self.shot, self.query)
 
 
-def sample_episodes(items: Sequence[Sequence], spec: EpisodeSpec, episodes: int, seed: int
-                    ) -> list[SampledEpisode]:
+def sample_episodes(items: Sequence[Sequence], spec: EpisodeSpec, episodes: int, seed: int) -> list[SampledEpisode]:
     """`episodes` seeded episodes over ``items[class] = [...]`` (identical for every method)."""
     sampler = EpisodeSampler(items)
     rng = random.Random(seed)
@@ -79,8 +78,13 @@ def _episode_accuracy(emb: torch.Tensor, ep: SampledEpisode, distance: str) -> f
     return (logits.argmax(-1) == q_lab).float().mean().item()
 
 
-def evaluate(backbone: Backbone, data: Union[str, Path], methods: dict[str, Optional[LoRAAdapter]],
-             config: EvalConfig = EvalConfig(), progress: Optional[Callable[[str], None]] = None) -> dict:
+def evaluate(
+    backbone: Backbone,
+    data: Union[str, Path],
+    methods: dict[str, Optional[LoRAAdapter]],
+    config: EvalConfig = EvalConfig(),
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict:
     """Score every method on the same seeded episodes from the ImageFolder `data`.
 
     The images the episodes use are embedded in fixed batches of ``config.batch_size``. Under torchrun the batches
@@ -96,7 +100,7 @@ def evaluate(backbone: Backbone, data: Union[str, Path], methods: dict[str, Opti
     items = [list(range(offsets[c], offsets[c + 1])) for c in range(len(paths))]
     episodes = sample_episodes(items, config.spec, config.episodes, config.seed)
     used = sorted({i for ep in episodes for g in ep.support + ep.query for i in g})
-    batches = [used[i:i + config.batch_size] for i in range(0, len(used), config.batch_size)]
+    batches = [used[i : i + config.batch_size] for i in range(0, len(used), config.batch_size)]
     my_batches = distributed.shard_indices(len(batches))
     images = {i: load_image(flat[i]) for b in my_batches for i in batches[b]}
     results = {}
@@ -105,31 +109,46 @@ def evaluate(backbone: Backbone, data: Union[str, Path], methods: dict[str, Opti
             progress(method)
         clf = FewShotClassifier(backbone, adapter, config.distance, config.batch_size, config.bf16, cache_size=0)
         emb = torch.zeros(len(flat), backbone.embed_dim)
-        parts = distributed.gather_ordered([clf.embed([images[i] for i in batches[b]]) for b in my_batches],
-                                           len(batches))
+        parts = distributed.gather_ordered(
+            [clf.embed([images[i] for i in batches[b]]) for b in my_batches], len(batches)
+        )
         for batch, part in zip(batches, parts):
             emb[batch] = part
-        accs = distributed.gather_ordered([_episode_accuracy(emb, episodes[e], config.distance)
-                                           for e in distributed.shard_indices(len(episodes))], len(episodes))
+        accs = distributed.gather_ordered(
+            [_episode_accuracy(emb, episodes[e], config.distance) for e in distributed.shard_indices(len(episodes))],
+            len(episodes),
+        )
         mean, ci = mean_ci(accs)
         results[method] = {"mean": round(100 * mean, 2), "ci95": round(100 * ci, 2), "episodes": len(accs)}
         _logger.info("%s: %.2f ± %.2f", method, 100 * mean, 100 * ci)
-    return {"config": asdict(config), "data": str(data), "classes": len(names), "backbone": backbone.name,
-            "results": results}
+    return {
+        "config": asdict(config),
+        "data": str(data),
+        "classes": len(names),
+        "backbone": backbone.name,
+        "results": results,
+    }
 
 
 def make_validator(backbone: Backbone, data: Union[str, Path], config: EvalConfig) -> Callable[[LoRAAdapter], float]:
     """``adapter -> mean accuracy`` on fixed episodes of a validation split (for model selection in meta-training)."""
+
     def validate(adapter: LoRAAdapter) -> float:
         return evaluate(backbone, data, {"val": adapter}, config)["results"]["val"]["mean"] / 100
+
     return validate
 
 
 def results_markdown(report: dict) -> str:
     c = report["config"]
-    lines = [f"{c['way']}-way {c['shot']}-shot, {c['query']} queries per class, {c['episodes']} episodes "
-             f"(seed {c['seed']}), on `{report['data']}` ({report['classes']} classes), backbone "
-             f"`{report['backbone']}`.", "", "| method | accuracy (%) | 95% CI |", "|---|---|---|"]
+    lines = [
+        f"{c['way']}-way {c['shot']}-shot, {c['query']} queries per class, {c['episodes']} episodes "
+        f"(seed {c['seed']}), on `{report['data']}` ({report['classes']} classes), backbone "
+        f"`{report['backbone']}`.",
+        "",
+        "| method | accuracy (%) | 95% CI |",
+        "|---|---|---|",
+    ]
     for method, r in report["results"].items():
         lines.append(f"| {method} | {r['mean']:.2f} | ± {r['ci95']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -137,4 +156,5 @@ def results_markdown(report: dict) -> str:
 
 def write_report(report: dict, json_path: Union[str, Path]) -> None:
     from .io import atomic_write_bytes
+
     atomic_write_bytes(json_path, json.dumps(report, indent=2).encode())

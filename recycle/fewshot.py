@@ -3,6 +3,7 @@
 Support images are embedded and averaged per class into prototypes; a query's class probabilities are the softmax
 of its negative distances to the prototypes. No gradient step is taken: a new task costs one forward pass.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,7 @@ _logger = logging.getLogger(__name__)
 DISTANCES = ("l2", "sqeuclidean", "cosine")
 
 
-def compute_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: Optional[int] = None
-                       ) -> torch.Tensor:
+def compute_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: Optional[int] = None) -> torch.Tensor:
     """Mean feature per class.
 
     Args:
@@ -58,8 +58,13 @@ def pairwise_distances(queries: torch.Tensor, prototypes: torch.Tensor, distance
     raise ValueError(f"unknown distance {distance!r}; choose from {DISTANCES}")
 
 
-def prototype_logits(support: torch.Tensor, support_labels: torch.Tensor, queries: torch.Tensor,
-                     distance: str = "l2", num_classes: Optional[int] = None) -> torch.Tensor:
+def prototype_logits(
+    support: torch.Tensor,
+    support_labels: torch.Tensor,
+    queries: torch.Tensor,
+    distance: str = "l2",
+    num_classes: Optional[int] = None,
+) -> torch.Tensor:
     """ProtoNet logits ``(Q, C)`` = −distance(query, prototype); differentiable, used by meta-training too."""
     prototypes = compute_prototypes(support, support_labels, num_classes)
     return -pairwise_distances(queries, prototypes, distance)
@@ -89,8 +94,15 @@ class FewShotClassifier:
         >>> clf.predict_proba(queries)  # (Q, 2)
     """
 
-    def __init__(self, backbone: Backbone, lora: Optional[LoRAAdapter] = None, distance: str = "l2",
-                 batch_size: int = 32, bf16: bool = False, cache_size: int = 4096):
+    def __init__(
+        self,
+        backbone: Backbone,
+        lora: Optional[LoRAAdapter] = None,
+        distance: str = "l2",
+        batch_size: int = 32,
+        bf16: bool = False,
+        cache_size: int = 4096,
+    ):
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; choose from {DISTANCES}")
         if batch_size < 1:
@@ -125,7 +137,7 @@ class FewShotClassifier:
         out = []
         with self._attached():
             for i in range(0, len(images), self.batch_size):
-                x = self.backbone.preprocess(images[i:i + self.batch_size]).to(device)
+                x = self.backbone.preprocess(images[i : i + self.batch_size]).to(device)
                 with mixed_precision(self.backbone.model, device, self.bf16):
                     out.append(self.backbone.embed(x).float().cpu())
         return torch.cat(out)

@@ -5,6 +5,7 @@ reached is detected with one short request instead of huggingface_hub's retry lo
 ``local_files_only=True``, so callers fail (or fall back to the cache) in seconds without switching other threads'
 downloads to offline mode.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,6 +25,7 @@ class HubError(RuntimeError):
 
 def endpoint() -> str:
     from huggingface_hub import constants
+
     return constants.ENDPOINT
 
 
@@ -72,15 +74,18 @@ def download_repo_files(repo_id: str, allow_patterns: Sequence[str], revision: O
     if not is_repo_id(repo_id):
         raise HubError(f"'{repo_id}' is not a Hub id of the form ORG/NAME, nor an existing local path")
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(allow_patterns),
-                                   local_files_only=not hub_reachable())
+        folder = snapshot_download(
+            repo_id, revision=revision, allow_patterns=list(allow_patterns), local_files_only=not hub_reachable()
+        )
     except hf_errors.RepositoryNotFoundError:
         raise HubError(f"Hub repository '{repo_id}' does not exist, or it is private") from None
     except hf_errors.RevisionNotFoundError:
         raise HubError(f"Hub repository '{repo_id}' has no revision '{revision}'") from None
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled):
-        raise HubError(f"Cannot download '{repo_id}': the Hugging Face Hub at {endpoint()} is unreachable and the "
-                       f"files are not cached. Check the connection, or pass a local path instead.") from None
+        raise HubError(
+            f"Cannot download '{repo_id}': the Hugging Face Hub at {endpoint()} is unreachable and the "
+            f"files are not cached. Check the connection, or pass a local path instead."
+        ) from None
     except hf_errors.HfHubHTTPError as e:
         raise HubError(f"Hub request for '{repo_id}' failed: {e}") from None
     return Path(folder)
@@ -102,8 +107,9 @@ def _publishable_files(folder: Path) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     pickles, links = [], []
     for directory, subdirs, names in os.walk(folder, followlinks=False):
-        subdirs[:] = sorted(d for d in subdirs
-                            if not d.startswith(".") and not os.path.islink(os.path.join(directory, d)))
+        subdirs[:] = sorted(
+            d for d in subdirs if not d.startswith(".") and not os.path.islink(os.path.join(directory, d))
+        )
         for name in sorted(names):
             path = Path(directory) / name
             relative = path.relative_to(folder).as_posix()
@@ -125,13 +131,21 @@ def _publishable_files(folder: Path) -> dict[str, bytes]:
     if pickles:
         raise HubError(f"'{folder}' contains pickled files {pickles}; only safetensors are published")
     if links:
-        _logger.warning("push: %s skipped: symbolic links and special files are never pushed, only regular files",
-                        ", ".join(links))
+        _logger.warning(
+            "push: %s skipped: symbolic links and special files are never pushed, only regular files", ", ".join(links)
+        )
     return files
 
 
-def upload_files(repo_id: str, files: dict[str, bytes], message: str, repo_type: str = "model",
-                 token: Optional[str] = None, private: bool = False, card_hint: str = "") -> None:
+def upload_files(
+    repo_id: str,
+    files: dict[str, bytes],
+    message: str,
+    repo_type: str = "model",
+    token: Optional[str] = None,
+    private: bool = False,
+    card_hint: str = "",
+) -> None:
     """Create `repo_id` if needed and commit `files` (path in the repo -> bytes read beforehand, so nothing can be
     swapped for a link between a check and the upload) in one commit.
 
@@ -145,16 +159,21 @@ def upload_files(repo_id: str, files: dict[str, bytes], message: str, repo_type:
     api = HfApi(endpoint=endpoint(), token=token)
     try:
         api.create_repo(repo_id, repo_type=repo_type, exist_ok=True, private=private)
-        api.create_commit(repo_id=repo_id, repo_type=repo_type, commit_message=message,
-                          operations=[CommitOperationAdd(path_in_repo=path, path_or_fileobj=data)
-                                      for path, data in files.items()])
+        api.create_commit(
+            repo_id=repo_id,
+            repo_type=repo_type,
+            commit_message=message,
+            operations=[CommitOperationAdd(path_in_repo=path, path_or_fileobj=data) for path, data in files.items()],
+        )
     except hf_errors.HfHubHTTPError as e:
         raise HubError(f"upload to {kind}'{repo_id}' failed: {e}") from None
     except ValueError as e:
         if "metadata in README.md" not in str(e):
             raise
-        raise HubError(f"the Hub refused the {'dataset' if kind else 'model'} card of '{repo_id}': {e}"
-                       + (f"\n{card_hint}" if card_hint else "")) from None
+        raise HubError(
+            f"the Hub refused the {'dataset' if kind else 'model'} card of '{repo_id}': {e}"
+            + (f"\n{card_hint}" if card_hint else "")
+        ) from None
     except Exception as e:  # noqa: BLE001 - network failures come from several libraries
         if "connect" in type(e).__name__.lower() or isinstance(e, (ConnectionError, OSError)):
             raise HubError(f"cannot reach the Hugging Face Hub at {endpoint()} to upload '{repo_id}'") from None
@@ -174,7 +193,13 @@ def push_folder(folder, repo_id: str, token: Optional[str] = None, private: bool
     files = _publishable_files(folder)
     if not any(name.endswith(".safetensors") for name in files):
         raise HubError(f"'{folder}' is not a folder with .safetensors weights (symbolic links are never pushed)")
-    upload_files(repo_id, files, "Upload LoRA (LoRA Recycle)", token=token, private=private,
-                 card_hint=f"Fix the YAML front matter of {folder / 'README.md'} (e.g. rewrite it with "
-                           "recycle.card.write_model_card).")
+    upload_files(
+        repo_id,
+        files,
+        "Upload LoRA (LoRA Recycle)",
+        token=token,
+        private=private,
+        card_hint=f"Fix the YAML front matter of {folder / 'README.md'} (e.g. rewrite it with "
+        "recycle.card.write_model_card).",
+    )
     return f"{endpoint()}/{repo_id}"

@@ -7,6 +7,7 @@ its ``adapter_config.json`` must be a plain LoRA (``bias: none``) on `base`, and
 the safetensors header (``parse_safetensors_file_metadata``, a ranged request) must hold LoRA pairs and a
 classification head. Class names come from the repo's ``config.json`` ``id2label`` if it has one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,8 +76,14 @@ def _small_json(api, repo: str, filename: str, revision: Optional[str]) -> Optio
     return value if isinstance(value, dict) else None
 
 
-def vet_hub_lora(api, repo: str, base: str, revision: Optional[str] = None,
-                 siblings: Optional[list[str]] = None, tagged: bool = False) -> HubLoRA:
+def vet_hub_lora(
+    api,
+    repo: str,
+    base: str,
+    revision: Optional[str] = None,
+    siblings: Optional[list[str]] = None,
+    tagged: bool = False,
+) -> HubLoRA:
     """Vet Hub repo `repo` as a LoRA with a head for backbone `base`, reading only its JSON files and the header of
     its safetensors file. Never raises for a bad candidate: the answer's ``problem`` says what is wrong.
 
@@ -100,15 +107,19 @@ def vet_hub_lora(api, repo: str, base: str, revision: Optional[str] = None,
             found.revision = info.sha
         if "adapter_model.safetensors" not in siblings:
             pickled = [s for s in siblings if s.endswith((".bin", ".pt", ".pth"))]
-            found.problem = ("its weights are only a pickle (" + ", ".join(pickled) + "), which is never loaded"
-                             if pickled else "it has no adapter_model.safetensors")
+            found.problem = (
+                "its weights are only a pickle (" + ", ".join(pickled) + "), which is never loaded"
+                if pickled
+                else "it has no adapter_model.safetensors"
+            )
             return found
         cfg = _small_json(api, repo, "adapter_config.json", found.revision)
         if cfg is None:
             found.problem = "it has no readable adapter_config.json"
             return found
-        found.base_model = cfg.get("base_model_name_or_path") if isinstance(
-            cfg.get("base_model_name_or_path"), str) else None
+        found.base_model = (
+            cfg.get("base_model_name_or_path") if isinstance(cfg.get("base_model_name_or_path"), str) else None
+        )
         if str(cfg.get("peft_type", "")).upper() != "LORA":
             found.problem = f"it is a PEFT {str(cfg.get('peft_type'))[:20]!r} adapter, not LoRA"
             return found
@@ -121,8 +132,9 @@ def vet_hub_lora(api, repo: str, base: str, revision: Optional[str] = None,
         elif not named & canonical_ids(base):
             found.problem = f"it was made for {found.base_model!r}, not {base!r}"
             return found
-        header = api.parse_safetensors_file_metadata(repo, filename="adapter_model.safetensors",
-                                                     revision=found.revision)
+        header = api.parse_safetensors_file_metadata(
+            repo, filename="adapter_model.safetensors", revision=found.revision
+        )
         shapes = {name: list(info.shape) for name, info in header.tensors.items()}
         heads = [shape for name, shape in shapes.items() if _HEAD_KEYS.fullmatch(name) and len(shape) == 2]
         has_lora = any(".lora_A." in name for name in shapes)
@@ -132,14 +144,15 @@ def vet_hub_lora(api, repo: str, base: str, revision: Optional[str] = None,
         if not heads:
             found.problem = "it has no classification head (nothing to invert)"
             return found
-        if not (is_transformers_adapter(shapes) or any(re.match(r"(?:base_model\.model\.)?(?:timm_model\.)?blocks\.",
-                                                                 n) for n in shapes)):
+        if not (
+            is_transformers_adapter(shapes)
+            or any(re.match(r"(?:base_model\.model\.)?(?:timm_model\.)?blocks\.", n) for n in shapes)
+        ):
             found.problem = "its tensors are not on ViT blocks"
             return found
         found.num_classes = int(heads[0][0])
         if "config.json" in siblings:
-            found.classes = label_names(_small_json(api, repo, "config.json", found.revision) or {},
-                                        found.num_classes)
+            found.classes = label_names(_small_json(api, repo, "config.json", found.revision) or {}, found.num_classes)
     except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError):
         found.problem = "the repository or revision does not exist"
     except (hf_errors.SafetensorsParsingError, hf_errors.NotASafetensorsRepoError) as e:
@@ -149,8 +162,9 @@ def vet_hub_lora(api, repo: str, base: str, revision: Optional[str] = None,
     return found
 
 
-def find_hub_loras(base: str, search: Optional[str] = None, limit: int = 20, include_unusable: bool = False,
-                   api=None) -> list[HubLoRA]:
+def find_hub_loras(
+    base: str, search: Optional[str] = None, limit: int = 20, include_unusable: bool = False, api=None
+) -> list[HubLoRA]:
     """LoRAs with a head for backbone `base` (a Hub id such as ``google/vit-base-patch16-224-in21k``) on the Hub,
     vetted, most downloaded first.
 
@@ -170,7 +184,7 @@ def find_hub_loras(base: str, search: Optional[str] = None, limit: int = 20, inc
 
     base = base.strip()
     for prefix in ("hf-hub:", "hf_hub:"):
-        base = base[len(prefix):] if base.lower().startswith(prefix) else base
+        base = base[len(prefix) :] if base.lower().startswith(prefix) else base
     base = base.split("@")[0]
     if not is_repo_id(base):
         raise HubError(f"'{base}' is not a Hub id of the form ORG/NAME; LoRAs on the Hub name their base by Hub id")
@@ -180,8 +194,10 @@ def find_hub_loras(base: str, search: Optional[str] = None, limit: int = 20, inc
     expand = ["siblings", "sha", "tags", "downloads"]
     seen: dict[str, object] = {}
     try:
-        queries = [dict(filter=["peft", f"base_model:adapter:{base}"]),
-                   dict(filter=["peft"], search=search or base.split("/")[1])]
+        queries = [
+            dict(filter=["peft", f"base_model:adapter:{base}"]),
+            dict(filter=["peft"], search=search or base.split("/")[1]),
+        ]
         for query in queries:
             for model in api.list_models(**query, sort="downloads", limit=limit * 2, expand=expand):
                 seen.setdefault(model.id, model)
@@ -190,8 +206,9 @@ def find_hub_loras(base: str, search: Optional[str] = None, limit: int = 20, inc
         base_config: Optional[dict] = None
         for model in ranked:
             siblings = [s.rfilename for s in model.siblings or []]
-            lora = vet_hub_lora(api, model.id, base, model.sha, siblings,
-                                tagged=f"base_model:adapter:{base}" in (model.tags or []))
+            lora = vet_hub_lora(
+                api, model.id, base, model.sha, siblings, tagged=f"base_model:adapter:{base}" in (model.tags or [])
+            )
             lora.tags = list(model.tags or [])
             if lora.usable and lora.classes is None:  # the base's id2label, when it has as many classes
                 if base_config is None:
@@ -209,8 +226,13 @@ def find_hub_loras(base: str, search: Optional[str] = None, limit: int = 20, inc
     return found
 
 
-def gather_zoo(base: str, out: Union[str, Path], limit: int = 20, search: Optional[str] = None,
-               progress: Optional[Callable[[HubLoRA], None]] = None) -> dict:
+def gather_zoo(
+    base: str,
+    out: Union[str, Path],
+    limit: int = 20,
+    search: Optional[str] = None,
+    progress: Optional[Callable[[HubLoRA], None]] = None,
+) -> dict:
     """Download the LoRAs `find_hub_loras` finds for `base` into zoo folder `out` (one subfolder per repo, its
     ``adapter_config.json``, ``adapter_model.safetensors`` and ``config.json`` at the vetted revision) and write
     ``zoo.json`` (each LoRA's repo, revision and classes). LoRAs already in the folder are kept; every file is written
@@ -248,21 +270,39 @@ def gather_zoo(base: str, out: Union[str, Path], limit: int = 20, search: Option
         except ValueError as e:
             _logger.warning("skipping %s: %s", lora.repo, e)
             continue
-        entries.append({"name": name, "repo": lora.repo, "revision": lora.revision, "classes": adapter.class_names,
-                        "base_model": lora.base_model})
+        entries.append(
+            {
+                "name": name,
+                "repo": lora.repo,
+                "revision": lora.revision,
+                "classes": adapter.class_names,
+                "base_model": lora.base_model,
+            }
+        )
         if progress is not None:
             progress(lora)
     if not entries:
         raise HubError(f"none of the LoRAs found for '{base}' could be read")
-    manifest = {"format": "recycle-zoo", "version": 1, "backbone": base, "source": "hub",
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loras": entries}
+    manifest = {
+        "format": "recycle-zoo",
+        "version": 1,
+        "backbone": base,
+        "source": "hub",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "loras": entries,
+    }
     atomic_write_bytes(out / ZOO_MANIFEST, dumps_strict(manifest, indent=1).encode())
     return manifest
 
 
 def describe(loras: list[HubLoRA]) -> str:
     """One line per LoRA, for logs and the command line."""
-    return "\n".join(f"{x.repo}@{(x.revision or '')[:8]}: " + (x.problem or f"{x.num_classes} classes"
-                     + (f" ({', '.join(x.classes[:5])}{'...' if len(x.classes) > 5 else ''})" if x.classes else ""))
-                     for x in loras)
-
+    return "\n".join(
+        f"{x.repo}@{(x.revision or '')[:8]}: "
+        + (
+            x.problem
+            or f"{x.num_classes} classes"
+            + (f" ({', '.join(x.classes[:5])}{'...' if len(x.classes) > 5 else ''})" if x.classes else "")
+        )
+        for x in loras
+    )

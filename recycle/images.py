@@ -4,6 +4,7 @@ Handles what people actually upload: EXIF-rotated phone photos, grayscale, palet
 CMYK, and 16-bit or float images (rescaled, not clipped). Refuses corrupt files, non-images and decompression bombs
 with `ImageError`, whose message names the file and says why.
 """
+
 from __future__ import annotations
 
 import ctypes

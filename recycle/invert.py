@@ -7,6 +7,7 @@ running statistics. Every step applies one random roll (up to ±1/8 of H and W) 
 and clamps pixels to the valid range afterwards; the lowest-loss iterate is returned. After 25% of the steps, the
 teacher prunes tokens by [CLS] attention (`recycle.tokens`); the tokens kept on the final images give their masks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,17 @@ from .adapter import LoRAAdapter
 from .runtime import check_bf16_flag, mixed_precision
 from .tokens import PruningConfig, embed_kept, forward_features_pruned, keep_mask, mask_images
 
-__all__ = ["InversionConfig", "InversionProgress", "InversionResult", "BNPrior", "load_bn_prior", "invert", "remask",
-           "DEFAULT_BN_PRIOR", "InversionError"]
+__all__ = [
+    "InversionConfig",
+    "InversionProgress",
+    "InversionResult",
+    "BNPrior",
+    "load_bn_prior",
+    "invert",
+    "remask",
+    "DEFAULT_BN_PRIOR",
+    "InversionError",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -37,8 +47,10 @@ class InversionError(ValueError):
 
 def _check_finite(name: str, t: Optional[torch.Tensor], when: str) -> None:
     if t is not None and not torch.isfinite(t).all():
-        raise InversionError(f"the teacher's {name} are not finite (NaN or Inf) {when}: the LoRA or its head scales "
-                             "them beyond floating-point range, so it cannot be inverted")
+        raise InversionError(
+            f"the teacher's {name} are not finite (NaN or Inf) {when}: the LoRA or its head scales "
+            "them beyond floating-point range, so it cannot be inverted"
+        )
 
 
 # Upper bounds of the float settings (comparisons with NaN fail, so NaN and infinity are refused too).
@@ -70,20 +82,28 @@ class InversionConfig:
         if isinstance(self.pruning, (dict, str, list)):
             self.pruning = PruningConfig(self.pruning)
         self.betas = tuple(self.betas)
-        checks = [("per_class", self.per_class >= 1), ("steps", self.steps >= 1),
-                  ("lr", 0 < self.lr <= MAX_INVERSION_LR), ("bn_weight", 0 <= self.bn_weight <= MAX_LOSS_WEIGHT),
-                  ("tv_weight", 0 <= self.tv_weight <= MAX_LOSS_WEIGHT),
-                  ("l2_weight", 0 <= self.l2_weight <= MAX_LOSS_WEIGHT), ("jitter", 0 <= self.jitter < 0.5),
-                  ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)),
-                  ("batch_size", self.batch_size is None or self.batch_size >= 1),
-                  ("preview_every", self.preview_every >= 0),
-                  ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2 ** 63)]
+        checks = [
+            ("per_class", self.per_class >= 1),
+            ("steps", self.steps >= 1),
+            ("lr", 0 < self.lr <= MAX_INVERSION_LR),
+            ("bn_weight", 0 <= self.bn_weight <= MAX_LOSS_WEIGHT),
+            ("tv_weight", 0 <= self.tv_weight <= MAX_LOSS_WEIGHT),
+            ("l2_weight", 0 <= self.l2_weight <= MAX_LOSS_WEIGHT),
+            ("jitter", 0 <= self.jitter < 0.5),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)),
+            ("batch_size", self.batch_size is None or self.batch_size >= 1),
+            ("preview_every", self.preview_every >= 0),
+            ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+        ]
         for name, ok in checks:
             if not ok:
                 expected = {"lr": f"a number above 0 and at most {MAX_INVERSION_LR:g}"}.get(
-                    name, f"a number from 0 to {MAX_LOSS_WEIGHT:g}" if name.endswith("_weight") else "")
-                raise ValueError(f"invalid inversion setting {name}={getattr(self, name)!r}"
-                                 + (f": expected {expected}" if expected else ""))
+                    name, f"a number from 0 to {MAX_LOSS_WEIGHT:g}" if name.endswith("_weight") else ""
+                )
+                raise ValueError(
+                    f"invalid inversion setting {name}={getattr(self, name)!r}"
+                    + (f": expected {expected}" if expected else "")
+                )
 
 
 @dataclass
@@ -156,8 +176,10 @@ class BNPrior(nn.Module):
         x = inputs[0].float()  # statistics in fp32 also under bf16 autocast (the prior is part of the loss)
         mean = x.mean(dim=(0, 2, 3))
         var = x.var(dim=(0, 2, 3), unbiased=False)
-        self._terms.append(torch.linalg.vector_norm(mean - module.running_mean, 2)
-                           + torch.linalg.vector_norm(var - module.running_var, 2))
+        self._terms.append(
+            torch.linalg.vector_norm(mean - module.running_mean, 2)
+            + torch.linalg.vector_norm(var - module.running_var, 2)
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` images in [0, 1] -> scalar prior loss."""
@@ -178,7 +200,8 @@ def load_bn_prior(name: str = DEFAULT_BN_PRIOR, device: Optional[torch.device] =
         raise BackboneError(f"BN prior: {e}") from None
     cfg = model.pretrained_cfg
     return BNPrior(model, cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))).to(
-        device or "cpu")
+        device or "cpu"
+    )
 
 
 def _total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -200,8 +223,7 @@ class _Teacher:
         return self.head(model.forward_head(feats, pre_logits=True)), kept
 
     @torch.no_grad()
-    def masks(self, x: torch.Tensor, schedule: dict[int, float]
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def masks(self, x: torch.Tensor, schedule: dict[int, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Kept patch indices under `schedule`, masked images in [0, 1], and the teacher's logits on the kept tokens
         (all on the CPU) for normalised images `x`."""
         model = self.backbone.model
@@ -214,8 +236,9 @@ class _Teacher:
         return kept.cpu(), masked.cpu(), logits.cpu()
 
 
-def remask(backbone: Backbone, adapter: LoRAAdapter, images: torch.Tensor, schedule: dict[int, float]
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def remask(
+    backbone: Backbone, adapter: LoRAAdapter, images: torch.Tensor, schedule: dict[int, float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masks of already inverted `images` (``(N, 3, H, W)`` in [0, 1]) under another pruning `schedule`.
 
     Returns kept indices ``(N, K)``, masked images and teacher logits on the kept tokens. With pruning in the last
@@ -250,10 +273,15 @@ def _resolve_classes(adapter: LoRAAdapter, classes: Optional[Sequence]) -> list[
     return out
 
 
-def invert(backbone: Backbone, adapter: LoRAAdapter, config: InversionConfig = InversionConfig(),
-           classes: Optional[Sequence] = None, bn_prior: Optional[BNPrior] = None,
-           progress: Optional[Callable[[InversionProgress], None]] = None,
-           should_stop: Optional[Callable[[], bool]] = None) -> InversionResult:
+def invert(
+    backbone: Backbone,
+    adapter: LoRAAdapter,
+    config: InversionConfig = InversionConfig(),
+    classes: Optional[Sequence] = None,
+    bn_prior: Optional[BNPrior] = None,
+    progress: Optional[Callable[[InversionProgress], None]] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> InversionResult:
     """Invert `adapter` (LoRA + head) on `backbone` into ``len(classes) · per_class`` synthetic images.
 
     Args:
@@ -329,10 +357,20 @@ def invert(backbone: Backbone, adapter: LoRAAdapter, config: InversionConfig = I
                     x.copy_(torch.maximum(torch.minimum(x, hi), lo))
                 if progress is not None:
                     show = config.preview_every and ((step + 1) % config.preview_every == 0 or step + 1 == config.steps)
-                    progress(InversionProgress(
-                        step + 1, config.steps, b, len(batches), loss.item(), ce.item(), bn.item(),
-                        (logits.argmax(-1) == y).float().mean().item(), prune,
-                        (best * std + mean).clamp(0, 1).cpu() if show else None))
+                    progress(
+                        InversionProgress(
+                            step + 1,
+                            config.steps,
+                            b,
+                            len(batches),
+                            loss.item(),
+                            ce.item(),
+                            bn.item(),
+                            (logits.argmax(-1) == y).float().mean().item(),
+                            prune,
+                            (best * std + mean).clamp(0, 1).cpu() if show else None,
+                        )
+                    )
                 steps_done = max(steps_done, step + 1)
             best_all.append(best)
             losses.append(best_loss)
@@ -340,11 +378,17 @@ def invert(backbone: Backbone, adapter: LoRAAdapter, config: InversionConfig = I
                 break
 
         x = torch.cat(best_all)
-        labels = labels[:x.shape[0]]
+        labels = labels[: x.shape[0]]
         with torch.no_grad():
             logits, _ = teacher(x, prune=False)
-            result = InversionResult((x * std + mean).clamp(0, 1).cpu(), labels.cpu(), logits.cpu(), losses=losses,
-                                     steps_done=steps_done, stopped=stopped)
+            result = InversionResult(
+                (x * std + mean).clamp(0, 1).cpu(),
+                labels.cpu(),
+                logits.cpu(),
+                losses=losses,
+                steps_done=steps_done,
+                stopped=stopped,
+            )
             if schedule:
                 result.kept, result.masked, result.logits_kept = teacher.masks(x, schedule)
         for name in ("images", "logits", "masked", "logits_kept"):

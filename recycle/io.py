@@ -1,4 +1,5 @@
 """Small file helpers shared by every module: atomic writes, strict JSON, and untrusted values in messages."""
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ def loads_strict(text: Union[str, bytes], what: str) -> object:
     Raises:
         ValueError: naming `what`, for anything that is not strict JSON.
     """
+
     def constant(name: str):
         raise ValueError(f"{name} is not a JSON number")
 
@@ -58,4 +60,4 @@ def dumps_strict(value: object, **kwargs) -> str:
 def shown(value, limit: int = 60) -> str:
     """`value`'s repr, cut to `limit` characters, for error messages about untrusted data."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -6,6 +6,7 @@ B zero, so injection leaves outputs unchanged. LoRA Recycle adapts the q and v p
 each with its own A and B. In memory the slices stay separate; `LoRALinear.fused` gives the equivalent single
 rank-``2r`` pair with zero k rows, which is also the PEFT on-disk form.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,9 +21,20 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "LoRAConfig", "LoRALinear", "TARGETS", "inject_lora", "remove_lora", "merge_lora", "unmerge_lora",
-    "lora_layers", "lora_state_dict", "load_lora_state_dict", "mark_only_lora_trainable", "lora_parameters",
-    "lora_suspended", "planned_shapes",
+    "LoRAConfig",
+    "LoRALinear",
+    "TARGETS",
+    "inject_lora",
+    "remove_lora",
+    "merge_lora",
+    "unmerge_lora",
+    "lora_layers",
+    "lora_state_dict",
+    "load_lora_state_dict",
+    "mark_only_lora_trainable",
+    "lora_parameters",
+    "lora_suspended",
+    "planned_shapes",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -81,10 +93,16 @@ class LoRAConfig:
         if not isinstance(self.extra, dict):
             raise ValueError(f"LoRA per-module overrides must be a mapping, got {self.extra!r}")
         for path, override in self.extra.items():
-            if not isinstance(override, dict) or set(override) - {"rank", "alpha"} or not _is_rank(
-                    override.get("rank", 1)) or not _is_alpha(override.get("alpha", 1.0)):
-                raise ValueError(f"LoRA override for {path!r} must be {{'rank': positive int, 'alpha': positive "
-                                 f"number}}, got {override!r}")
+            if (
+                not isinstance(override, dict)
+                or set(override) - {"rank", "alpha"}
+                or not _is_rank(override.get("rank", 1))
+                or not _is_alpha(override.get("alpha", 1.0))
+            ):
+                raise ValueError(
+                    f"LoRA override for {path!r} must be {{'rank': positive int, 'alpha': positive "
+                    f"number}}, got {override!r}"
+                )
 
     @property
     def scaling(self) -> float:
@@ -105,8 +123,14 @@ class LoRALinear(nn.Module):
         dropout: dropout on the LoRA input path.
     """
 
-    def __init__(self, base_layer: nn.Linear, rank: int, scaling: float,
-                 slices: Optional[dict[str, tuple[int, int]]] = None, dropout: float = 0.0):
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        rank: int,
+        scaling: float,
+        slices: Optional[dict[str, tuple[int, int]]] = None,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoRA can only wrap nn.Linear, got {type(base_layer).__name__}")
@@ -117,12 +141,18 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         w = base_layer.weight
-        self.lora_A = nn.ParameterDict({
-            k: nn.Parameter(torch.empty(rank, base_layer.in_features, dtype=w.dtype, device=w.device))
-            for k in self.slices})
-        self.lora_B = nn.ParameterDict({
-            k: nn.Parameter(torch.zeros(e - s, rank, dtype=w.dtype, device=w.device))
-            for k, (s, e) in self.slices.items()})
+        self.lora_A = nn.ParameterDict(
+            {
+                k: nn.Parameter(torch.empty(rank, base_layer.in_features, dtype=w.dtype, device=w.device))
+                for k in self.slices
+            }
+        )
+        self.lora_B = nn.ParameterDict(
+            {
+                k: nn.Parameter(torch.zeros(e - s, rank, dtype=w.dtype, device=w.device))
+                for k, (s, e) in self.slices.items()
+            }
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -156,7 +186,7 @@ class LoRALinear(nn.Module):
         b = self.lora_B[names[0]].new_zeros(self.out_features, self.rank * len(names))
         for i, k in enumerate(names):
             s, e = self.slices[k]
-            b[s:e, i * self.rank:(i + 1) * self.rank] = self.lora_B[k]
+            b[s:e, i * self.rank : (i + 1) * self.rank] = self.lora_B[k]
         return a, b
 
     def delta_weight(self) -> torch.Tensor:
@@ -239,8 +269,14 @@ def _slices_for(target: str, layer: nn.Linear) -> dict[str, tuple[int, int]]:
     return {"q": (0, d), "v": (2 * d, 3 * d)}
 
 
-def wrap_module(model: nn.Module, path: str, rank: int, scaling: float,
-                slices: Optional[dict[str, tuple[int, int]]] = None, dropout: float = 0.0) -> LoRALinear:
+def wrap_module(
+    model: nn.Module,
+    path: str,
+    rank: int,
+    scaling: float,
+    slices: Optional[dict[str, tuple[int, int]]] = None,
+    dropout: float = 0.0,
+) -> LoRALinear:
     """Replace the Linear at `path` by a `LoRALinear` and return it."""
     base = _get(model, path)
     if isinstance(base, LoRALinear):
@@ -274,8 +310,9 @@ def planned_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int,
         rank, _ = _module_rank(config, path)
         for name, (s, e) in _slices_for(target, layer).items():
             if rank > min(layer.in_features, e - s):
-                raise ValueError(f"rank {rank} on {path} exceeds min(in, out) = {min(layer.in_features, e - s)} of "
-                                 "that layer")
+                raise ValueError(
+                    f"rank {rank} on {path} exceeds min(in, out) = {min(layer.in_features, e - s)} of that layer"
+                )
             shapes[f"{path}.lora_A.{name}"] = (rank, layer.in_features)
             shapes[f"{path}.lora_B.{name}"] = (e - s, rank)
     return shapes
@@ -370,8 +407,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy tensors from `lora_state_dict` format into the model's LoRA layers, checking names and shapes."""
-    own = {f"{name}.{kind}.{k}": p for name, layer in lora_layers(model)
-           for kind, params in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)) for k, p in params.items()}
+    own = {
+        f"{name}.{kind}.{k}": p
+        for name, layer in lora_layers(model)
+        for kind, params in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B))
+        for k, p in params.items()
+    }
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

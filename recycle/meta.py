@@ -20,6 +20,7 @@ gradients are summed over ranks (`recycle.distributed`), and the step equals one
 Rank 0 alone writes the checkpoint, the log and the result. With B = 1 the episodes come from one stream of random
 numbers, as before batches existed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,7 @@ from .fewshot import prototype_logits
 from .adapter import LoRAAdapter
 from .formats import save_adapter
 from .io import atomic_write_bytes
-from .lora import (LoRAConfig, inject_lora, lora_parameters, lora_state_dict, lora_suspended,
-                   remove_lora)
+from .lora import LoRAConfig, inject_lora, lora_parameters, lora_state_dict, lora_suspended, remove_lora
 from .runtime import check_bf16_flag, mixed_precision
 from .tokens import embed_kept
 
@@ -59,9 +59,12 @@ LOG = "log.jsonl"
 # Upper bounds of the float settings (comparisons with NaN fail, so NaN and infinity are refused too).
 MAX_META_LR = 1.0
 MAX_TEACHER_TEMPERATURE = 100.0
-_EXPECTED = {"lr": f"a number above 0 and at most {MAX_META_LR:g}",
-             "teacher_temperature": f"a number above 0 and at most {MAX_TEACHER_TEMPERATURE:g}",
-             "cross_fraction": "a fraction from 0 to 1", "min_lr": "a number from 0 to lr"}
+_EXPECTED = {
+    "lr": f"a number above 0 and at most {MAX_META_LR:g}",
+    "teacher_temperature": f"a number above 0 and at most {MAX_TEACHER_TEMPERATURE:g}",
+    "cross_fraction": "a fraction from 0 to 1",
+    "min_lr": "a number from 0 to lr",
+}
 
 
 @dataclass
@@ -95,19 +98,28 @@ class MetaConfig:
         check_bf16_flag(self.bf16)
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.lora.items()})
-        checks = [("steps", self.steps >= 1), ("cross_fraction", 0.0 <= self.cross_fraction <= 1.0),
-                  ("teacher_temperature", 0 < self.teacher_temperature <= MAX_TEACHER_TEMPERATURE),
-                  ("lr", 0 < self.lr <= MAX_META_LR), ("min_lr", 0 <= self.min_lr <= self.lr),
-                  ("warmup", 0 <= self.warmup < self.cycle), ("cycle", self.cycle >= 1),
-                  ("checkpoint_every", self.checkpoint_every >= 1), ("val_every", self.val_every >= 0),
-                  ("val_episodes", self.val_episodes >= 1), ("distance", self.distance in ("l2", "sqeuclidean")),
-                  ("episode_batch", self.episode_batch >= 1),
-                  ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2 ** 63)]
+        checks = [
+            ("steps", self.steps >= 1),
+            ("cross_fraction", 0.0 <= self.cross_fraction <= 1.0),
+            ("teacher_temperature", 0 < self.teacher_temperature <= MAX_TEACHER_TEMPERATURE),
+            ("lr", 0 < self.lr <= MAX_META_LR),
+            ("min_lr", 0 <= self.min_lr <= self.lr),
+            ("warmup", 0 <= self.warmup < self.cycle),
+            ("cycle", self.cycle >= 1),
+            ("checkpoint_every", self.checkpoint_every >= 1),
+            ("val_every", self.val_every >= 0),
+            ("val_episodes", self.val_episodes >= 1),
+            ("distance", self.distance in ("l2", "sqeuclidean")),
+            ("episode_batch", self.episode_batch >= 1),
+            ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+        ]
         for name, ok in checks:
             if not ok:
                 expected = _EXPECTED.get(name)
-                raise ValueError(f"invalid meta-training setting {name}={getattr(self, name)!r}"
-                                 + (f": expected {expected}" if expected else ""))
+                raise ValueError(
+                    f"invalid meta-training setting {name}={getattr(self, name)!r}"
+                    + (f": expected {expected}" if expected else "")
+                )
         self.spec  # validates way/shot/query
 
     @property
@@ -131,8 +143,9 @@ def flip_kept(kept: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return ((kept // gw) * gw + (gw - 1 - kept % gw)).sort().values
 
 
-def _embed(backbone: Backbone, images: torch.Tensor, kept: Optional[list[torch.Tensor]], flips: torch.Tensor
-           ) -> torch.Tensor:
+def _embed(
+    backbone: Backbone, images: torch.Tensor, kept: Optional[list[torch.Tensor]], flips: torch.Tensor
+) -> torch.Tensor:
     """Normalise, flip the marked images (and their kept indices), and embed: ``(n, 3, H, W)`` -> ``(n, D)``."""
     device = backbone.device
     mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
@@ -147,9 +160,15 @@ def _embed(backbone: Backbone, images: torch.Tensor, kept: Optional[list[torch.T
     return embed_kept(backbone, x, rows)
 
 
-def episode_loss(backbone: Backbone, episode: PoolEpisode, distance: str = "l2", flip: bool = True,
-                 generator: Optional[torch.Generator] = None, teacher_temperature: float = 1.0, bf16: bool = False
-                 ) -> tuple[torch.Tensor, float]:
+def episode_loss(
+    backbone: Backbone,
+    episode: PoolEpisode,
+    distance: str = "l2",
+    flip: bool = True,
+    generator: Optional[torch.Generator] = None,
+    teacher_temperature: float = 1.0,
+    bf16: bool = False,
+) -> tuple[torch.Tensor, float]:
     """ProtoNet loss of the LoRA-equipped `backbone` on one episode, and its query accuracy.
 
     KL(softmax(teacher / T) ‖ student) on the queries when the episode carries teacher logits (single-LoRA), else
@@ -197,8 +216,9 @@ def _validate(backbone: Backbone, config: MetaConfig, validate: Callable[[LoRAAd
 
 
 @contextlib.contextmanager
-def _episode_rngs(config: MetaConfig, step: int, index: int, py: random.Random, gen: torch.Generator,
-                  device: torch.device):
+def _episode_rngs(
+    config: MetaConfig, step: int, index: int, py: random.Random, gen: torch.Generator, device: torch.device
+):
     """The random streams of episode `index` of `step`: the run's own streams when ``episode_batch == 1``; otherwise
     fresh ones seeded by ``(seed, step, index)``, with the global torch RNG (LoRA dropout) seeded the same way and
     restored afterwards, so an episode is the same whichever rank computes it."""
@@ -212,8 +232,9 @@ def _episode_rngs(config: MetaConfig, step: int, index: int, py: random.Random, 
         yield random.Random(seed), torch.Generator().manual_seed(seed)
 
 
-def _batch_gradients(backbone: Backbone, source: EpisodeSource, config: MetaConfig, step: int, py: random.Random,
-                     gen: torch.Generator) -> list[tuple[float, float, str]]:
+def _batch_gradients(
+    backbone: Backbone, source: EpisodeSource, config: MetaConfig, step: int, py: random.Random, gen: torch.Generator
+) -> list[tuple[float, float, str]]:
     """Add to the LoRA gradients the gradient of (sum of losses) / episode_batch over this rank's episodes of `step`;
     returns ``(loss, accuracy, kind)`` of each (a non-finite loss is returned, not back-propagated)."""
     out = []
@@ -221,17 +242,25 @@ def _batch_gradients(backbone: Backbone, source: EpisodeSource, config: MetaConf
         with _episode_rngs(config, step, index, py, gen, backbone.device) as (rng, episode_gen):
             kind = "cross" if rng.random() < config.cross_fraction else "single"
             episode = source.next(kind, rng)
-            loss, acc = episode_loss(backbone, episode, config.distance, config.flip, episode_gen,
-                                     config.teacher_temperature, config.bf16)
+            loss, acc = episode_loss(
+                backbone, episode, config.distance, config.flip, episode_gen, config.teacher_temperature, config.bf16
+            )
             if torch.isfinite(loss):
                 (loss / config.episode_batch if config.episode_batch > 1 else loss).backward()
         out.append((loss.item(), acc, episode.kind))
     return out
 
 
-def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, out: Union[str, Path],
-               resume: bool = False, validate: Optional[Callable[[LoRAAdapter], float]] = None,
-               progress: Optional[Callable[[dict], None]] = None, info: Optional[dict] = None) -> MetaResult:
+def meta_train(
+    backbone: Backbone,
+    source: EpisodeSource,
+    config: MetaConfig,
+    out: Union[str, Path],
+    resume: bool = False,
+    validate: Optional[Callable[[LoRAAdapter], float]] = None,
+    progress: Optional[Callable[[dict], None]] = None,
+    info: Optional[dict] = None,
+) -> MetaResult:
     """Train one meta-LoRA on `backbone` with episodes from `source`; write checkpoints, a JSONL log and the result.
 
     Args:
@@ -254,14 +283,18 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
     """
     world, main = distributed.world_size(), distributed.is_main()
     if config.episode_batch % world:
-        raise ValueError(f"episode_batch={config.episode_batch} cannot be split evenly over {world} ranks; use a "
-                         f"multiple of {world}")
+        raise ValueError(
+            f"episode_batch={config.episode_batch} cannot be split evenly over {world} ranks; use a multiple of {world}"
+        )
     out = Path(out)
     ckpt, log_path = out / CHECKPOINT, out / LOG
     if resume and not ckpt.is_file():
-        _logger.warning("resume: %s holds no %s (%s), so training starts from step 0", out, CHECKPOINT,
-                        "the run stopped before its first checkpoint" if log_path.is_file() else "no run was started "
-                        "there")
+        _logger.warning(
+            "resume: %s holds no %s (%s), so training starts from step 0",
+            out,
+            CHECKPOINT,
+            "the run stopped before its first checkpoint" if log_path.is_file() else "no run was started there",
+        )
     out.mkdir(parents=True, exist_ok=True)
     py = random.Random(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -284,11 +317,14 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
             log_path.unlink()
         starts = distributed.all_gather_object(start)
         if len(set(starts)) > 1:
-            raise ValueError(f"the ranks found different checkpoints in {out} (steps {starts}); the output folder "
-                             "must be on a filesystem that every rank shares")
+            raise ValueError(
+                f"the ranks found different checkpoints in {out} (steps {starts}); the output folder "
+                "must be on a filesystem that every rank shares"
+            )
         best_state = None
         if extra.get("best_step") is not None and (out / "best.safetensors").is_file():
             from safetensors.torch import load_file
+
             best_state = load_file(str(out / "best.safetensors"))
         losses = []
         backbone.model.train()
@@ -308,12 +344,14 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
                 for g in opt.param_groups:
                     g["lr"] = lr
                 opt.zero_grad(set_to_none=True)
-                episodes = distributed.gather_ordered(_batch_gradients(backbone, source, config, step, py, gen),
-                                                      config.episode_batch)
+                episodes = distributed.gather_ordered(
+                    _batch_gradients(backbone, source, config, step, py, gen), config.episode_batch
+                )
                 loss = sum(e[0] for e in episodes) / len(episodes)
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"meta-training loss became {loss} at step {step}; lower the "
-                                             "learning rate or check the pool")
+                    raise FloatingPointError(
+                        f"meta-training loss became {loss} at step {step}; lower the learning rate or check the pool"
+                    )
                 if world > 1:
                     for p in params:
                         if p.grad is None:
@@ -322,15 +360,18 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
                 opt.step()
                 losses.append(loss)
                 kinds = sorted({e[2] for e in episodes})
-                record = {"step": step + 1, "loss": round(loss, 6), "acc": round(sum(e[1] for e in episodes)
-                                                                                 / len(episodes), 4),
-                          "kind": kinds[0] if len(kinds) == 1 else "mixed", "lr": lr,
-                          "time": round(time.perf_counter() - t0, 3)}
+                record = {
+                    "step": step + 1,
+                    "loss": round(loss, 6),
+                    "acc": round(sum(e[1] for e in episodes) / len(episodes), 4),
+                    "kind": kinds[0] if len(kinds) == 1 else "mixed",
+                    "lr": lr,
+                    "time": round(time.perf_counter() - t0, 3),
+                }
                 if config.episode_batch > 1:
                     record["episodes"] = config.episode_batch
                 done = step + 1
-                if validate is not None and config.val_every and (done % config.val_every == 0
-                                                                  or done == config.steps):
+                if validate is not None and config.val_every and (done % config.val_every == 0 or done == config.steps):
                     val = _validate(backbone, config, validate)
                     record["val_acc"] = round(val, 4)
                     if extra["best_val"] is None or val > extra["best_val"]:
@@ -347,17 +388,28 @@ def meta_train(backbone: Backbone, source: EpisodeSource, config: MetaConfig, ou
         backbone.model.eval()
         state = best_state if best_state is not None else lora_state_dict(backbone.model)
         if extra["best_step"] == 0:
-            _logger.warning("no meta-training step beat the bare backbone on validation (%.4f at step 0): the "
-                            "exported meta-LoRA is the identity", extra["best_val"])
-        adapter = LoRAAdapter(config.lora, state, backbone.name,
-                              info={**(info or {}), "meta_training": asdict(config), "steps": config.steps,
-                                    "best_val": extra["best_val"], "best_step": extra["best_step"],
-                                    "baseline_val": extra["baseline_val"],
-                                    **({"resumed": extra["resumed"]} if extra.get("resumed") else {})})
+            _logger.warning(
+                "no meta-training step beat the bare backbone on validation (%.4f at step 0): the "
+                "exported meta-LoRA is the identity",
+                extra["best_val"],
+            )
+        adapter = LoRAAdapter(
+            config.lora,
+            state,
+            backbone.name,
+            info={
+                **(info or {}),
+                "meta_training": asdict(config),
+                "steps": config.steps,
+                "best_val": extra["best_val"],
+                "best_step": extra["best_step"],
+                "baseline_val": extra["baseline_val"],
+                **({"resumed": extra["resumed"]} if extra.get("resumed") else {}),
+            },
+        )
         if main:
             save_adapter(adapter, out / "meta-lora")
     finally:
         remove_lora(backbone.model)
         backbone.model.eval()
     return MetaResult(adapter, config.steps, losses, extra["best_val"], extra["best_step"], extra.get("baseline_val"))
-

@@ -7,6 +7,7 @@ memory for weights) and bounds its parameter count, and `check_weights_header` r
 checks its names, shapes and sizes against that model and the file's real size. Only then is the real model built and
 the weights read.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,19 @@ from torch import nn
 
 from .io import loads_strict
 
-__all__ = ["ModelCheckError", "LIMITS", "MAX_PARAMS", "MAX_WEIGHTS_BYTES", "MAX_TOKENS", "MAX_CONFIG_BYTES",
-           "MAX_HEADER_BYTES", "check_config", "build_on_meta", "check_weights_header", "check_model_kind"]
+__all__ = [
+    "ModelCheckError",
+    "LIMITS",
+    "MAX_PARAMS",
+    "MAX_WEIGHTS_BYTES",
+    "MAX_TOKENS",
+    "MAX_CONFIG_BYTES",
+    "MAX_HEADER_BYTES",
+    "check_config",
+    "build_on_meta",
+    "check_weights_header",
+    "check_model_kind",
+]
 
 # The largest model accepted: 1.1 billion parameters (ViT-g/14 has 1.0 billion), 4.4 GB in float32.
 MAX_PARAMS = 1_100_000_000
@@ -36,17 +48,44 @@ _LABEL_FIELDS = ("label_names", "label_descriptions", "labels")
 MAX_HEADER_BYTES = 16 << 20
 # Bounds of the numbers in a config's ``model_args``: field -> (kind, lowest, highest).
 LIMITS: dict[str, tuple[type, float, float]] = {
-    "img_size": (int, 1, 4096), "patch_size": (int, 1, 1024), "in_chans": (int, 1, 16),
-    "num_classes": (int, 0, 100_000), "embed_dim": (int, 1, 8192), "depth": (int, 1, 128),
-    "num_heads": (int, 1, 256), "mlp_ratio": (float, 0.0625, 16), "reg_tokens": (int, 0, 256),
-    "num_reg_tokens": (int, 0, 256), "layers": (int, 1, 128), "width": (int, 1, 8192),
-    "stem_width": (int, 1, 8192), "base_width": (int, 1, 8192), "cardinality": (int, 1, 1024),
-    "output_stride": (int, 1, 64), "num_features": (int, 0, 65536), "embed_len": (int, 1, MAX_TOKENS + 256),
+    "img_size": (int, 1, 4096),
+    "patch_size": (int, 1, 1024),
+    "in_chans": (int, 1, 16),
+    "num_classes": (int, 0, 100_000),
+    "embed_dim": (int, 1, 8192),
+    "depth": (int, 1, 128),
+    "num_heads": (int, 1, 256),
+    "mlp_ratio": (float, 0.0625, 16),
+    "reg_tokens": (int, 0, 256),
+    "num_reg_tokens": (int, 0, 256),
+    "layers": (int, 1, 128),
+    "width": (int, 1, 8192),
+    "stem_width": (int, 1, 8192),
+    "base_width": (int, 1, 8192),
+    "cardinality": (int, 1, 1024),
+    "output_stride": (int, 1, 64),
+    "num_features": (int, 0, 65536),
+    "embed_len": (int, 1, MAX_TOKENS + 256),
 }
 # Any other number in a config: finite and within these bounds; lists and nesting are bounded too.
 _OTHER_INT, _OTHER_FLOAT, _MAX_LIST, _MAX_NESTING, _MAX_TEXT = 100_000, 1e6, 64, 4, 10_000
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 
 
 class ModelCheckError(ValueError):
@@ -95,8 +134,9 @@ def _check_bounded(value: object, field: str, where: str) -> None:
     for v in values:
         ok_kind = isinstance(v, int) and not isinstance(v, bool) if kind is int else _number(v)
         if not ok_kind:
-            raise ModelCheckError(f"{where}: '{field}' must be {'an integer' if kind is int else 'a number'}, "
-                                  f"not {v!r:.80}")
+            raise ModelCheckError(
+                f"{where}: '{field}' must be {'an integer' if kind is int else 'a number'}, not {v!r:.80}"
+            )
         if not (math.isfinite(v) and low <= v <= high):
             raise ModelCheckError(f"{where}: '{field}' is {v}, outside the accepted range {low:g} to {high:g}")
 
@@ -110,14 +150,19 @@ def _check_preprocessing(cfg: dict, where: str) -> None:
         if not (isinstance(v, (list, tuple)) and 1 <= len(v) <= 16 and all(_number(x) for x in v)):
             raise ModelCheckError(f"{where}: '{key}' must be a list of numbers, one per channel, not {v!r:.80}")
         if not all(math.isfinite(x) and abs(x) <= 1e3 for x in v) or (key == "std" and min(v) <= 0):
-            raise ModelCheckError(f"{where}: '{key}' is {v!r:.80}; it must hold finite numbers"
-                                  + (" above 0" if key == "std" else ""))
+            raise ModelCheckError(
+                f"{where}: '{key}' is {v!r:.80}; it must hold finite numbers" + (" above 0" if key == "std" else "")
+            )
     if "input_size" in cfg:
         v = cfg["input_size"]
-        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                                      and 1 <= x <= 4096 for x in v)):
-            raise ModelCheckError(f"{where}: 'input_size' must be [channels, height, width] of integers from 1 to "
-                                  f"4096, not {v!r:.80}")
+        if not (
+            isinstance(v, (list, tuple))
+            and len(v) == 3
+            and all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 4096 for x in v)
+        ):
+            raise ModelCheckError(
+                f"{where}: 'input_size' must be [channels, height, width] of integers from 1 to 4096, not {v!r:.80}"
+            )
     if "num_classes" in cfg:
         _check_bounded(cfg["num_classes"], "num_classes", where)
     for key in ("interpolation", "crop_mode", "classifier", "first_conv"):
@@ -148,8 +193,10 @@ def check_config(path: Path, what: str = "backbone") -> dict:
         raise ModelCheckError(f"{where} holds a JSON {type(cfg).__name__}; a timm model config is a JSON object")
     if "architecture" not in cfg:
         if "model_type" in cfg or "architectures" in cfg:
-            raise ModelCheckError(f"{where} is a transformers config (model_type {str(cfg.get('model_type'))!r:.40}), "
-                                  f"not a timm one: a {what} folder needs timm's config.json with an 'architecture'")
+            raise ModelCheckError(
+                f"{where} is a transformers config (model_type {str(cfg.get('model_type'))!r:.40}), "
+                f"not a timm one: a {what} folder needs timm's config.json with an 'architecture'"
+            )
         raise ModelCheckError(f"{where} has no 'architecture' field (a timm model name)")
     arch = cfg["architecture"]
     if not isinstance(arch, str) or not arch:
@@ -179,8 +226,10 @@ def check_config(path: Path, what: str = "backbone") -> dict:
     _check_preprocessing(pretrained, where)
     sizes = [model_args.get("img_size"), model_args.get("patch_size")]
     if all(isinstance(s, int) for s in sizes) and (sizes[0] // sizes[1]) ** 2 > MAX_TOKENS:
-        raise ModelCheckError(f"{where}: img_size {sizes[0]} in patches of {sizes[1]} gives "
-                              f"{(sizes[0] // sizes[1]) ** 2} tokens, more than the {MAX_TOKENS} accepted")
+        raise ModelCheckError(
+            f"{where}: img_size {sizes[0]} in patches of {sizes[1]} gives "
+            f"{(sizes[0] // sizes[1]) ** 2} tokens, more than the {MAX_TOKENS} accepted"
+        )
     return cfg
 
 
@@ -197,12 +246,14 @@ def build_on_meta(name: str, kwargs: dict, where: str) -> nn.Module:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False, **kwargs)
     except Exception as e:  # noqa: BLE001 - whatever timm raises on these arguments, the config is at fault
-        raise ModelCheckError(f"{where}: timm cannot build this model from its config "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
+        raise ModelCheckError(
+            f"{where}: timm cannot build this model from its config ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     count = sum(p.numel() for p in model.parameters())
     if count > MAX_PARAMS:
-        raise ModelCheckError(f"{where}: the config describes a model of {count:,} parameters, more than the "
-                              f"{MAX_PARAMS:,} accepted")
+        raise ModelCheckError(
+            f"{where}: the config describes a model of {count:,} parameters, more than the {MAX_PARAMS:,} accepted"
+        )
     tokens = getattr(getattr(model, "patch_embed", None), "num_patches", None)
     if isinstance(tokens, int) and tokens > MAX_TOKENS:
         raise ModelCheckError(f"{where}: the model would take {tokens} tokens per image, more than {MAX_TOKENS}")
@@ -212,11 +263,14 @@ def build_on_meta(name: str, kwargs: dict, where: str) -> nn.Module:
 def check_model_kind(model: nn.Module, what: str, where: str) -> None:
     """A backbone must be a timm ViT (blocks and a head); a BN prior must have BatchNorm layers."""
     if what == "backbone" and not (hasattr(model, "blocks") and hasattr(model, "forward_head")):
-        raise ModelCheckError(f"{where} describes a {type(model).__name__}; LoRA Recycle needs a timm ViT as the "
-                              "backbone")
+        raise ModelCheckError(
+            f"{where} describes a {type(model).__name__}; LoRA Recycle needs a timm ViT as the backbone"
+        )
     if what == "BN prior" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ModelCheckError(f"{where} describes a {type(model).__name__}, which has no BatchNorm layers; the BN "
-                              "prior needs a CNN such as resnet50")
+        raise ModelCheckError(
+            f"{where} describes a {type(model).__name__}, which has no BatchNorm layers; the BN "
+            "prior needs a CNN such as resnet50"
+        )
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
@@ -230,11 +284,12 @@ def _read_header(path: Path) -> tuple[dict, int]:
                 raise ModelCheckError(f"{where} is empty or truncated ({size} bytes): not a safetensors file")
             (length,) = struct.unpack("<Q", head)
             if length > MAX_HEADER_BYTES:
-                raise ModelCheckError(f"{where}: its safetensors header declares {length} bytes, more than the "
-                                      f"{MAX_HEADER_BYTES} accepted")
+                raise ModelCheckError(
+                    f"{where}: its safetensors header declares {length} bytes, more than the "
+                    f"{MAX_HEADER_BYTES} accepted"
+                )
             if 8 + length > size:
-                raise ModelCheckError(f"{where} is truncated: its header needs {8 + length} bytes, the file has "
-                                      f"{size}")
+                raise ModelCheckError(f"{where} is truncated: its header needs {8 + length} bytes, the file has {size}")
             text = f.read(length)
     except OSError as e:
         raise ModelCheckError(f"{where} cannot be read ({e.strerror or e})") from None
@@ -265,42 +320,60 @@ def check_weights_header(path: Path, model: nn.Module, classifier: Optional[str]
     # the model's tensors in float64, plus room for a classifier of another size: what reading the file may cost
     most = 8 * sum(math.prod(shape) for shape in expected.values()) + (64 << 20)
     if data_size > most:
-        raise ModelCheckError(f"{where} holds {data_size:,} bytes of tensors, more than the model its config.json "
-                              f"describes can use ({most:,})")
+        raise ModelCheckError(
+            f"{where} holds {data_size:,} bytes of tensors, more than the model its config.json "
+            f"describes can use ({most:,})"
+        )
     spans = []
     for name, info in header.items():
-        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)
-                and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
-                and len(info["data_offsets"]) == 2
-                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                        for x in info["shape"] + info["data_offsets"])):
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and isinstance(info.get("shape"), list)
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+            and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in info["shape"] + info["data_offsets"]
+            )
+        ):
             raise ModelCheckError(f"{where}: tensor {name[:120]!r} has a malformed header entry")
         if info["dtype"] not in _DTYPE_BYTES:
             raise ModelCheckError(f"{where}: tensor {name[:120]!r} has the unsupported dtype {info['dtype'][:20]!r}")
         shape = tuple(info["shape"])
         begin, end = info["data_offsets"]
         if end - begin != math.prod(shape) * _DTYPE_BYTES[info["dtype"]] or end > data_size:
-            raise ModelCheckError(f"{where}: tensor {name[:120]!r} declares shape {list(shape)} but its data "
-                                  f"(bytes {begin} to {end} of {data_size}) does not match; the file is truncated "
-                                  "or corrupt")
+            raise ModelCheckError(
+                f"{where}: tensor {name[:120]!r} declares shape {list(shape)} but its data "
+                f"(bytes {begin} to {end} of {data_size}) does not match; the file is truncated "
+                "or corrupt"
+            )
         spans.append((begin, end))
         in_classifier = bool(classifier) and (name == classifier or name.startswith(classifier + "."))
         if name not in expected:
             if in_classifier:
                 continue
-            raise ModelCheckError(f"{where}: tensor {name[:120]!r} is not part of the model its config.json "
-                                  "describes")
+            raise ModelCheckError(f"{where}: tensor {name[:120]!r} is not part of the model its config.json describes")
         want = expected[name]
-        resampled = name.endswith("pos_embed") and len(shape) == len(want) and shape[-1:] == want[-1:] and \
-            math.prod(shape) <= (MAX_TOKENS + 256) * shape[-1]
+        resampled = (
+            name.endswith("pos_embed")
+            and len(shape) == len(want)
+            and shape[-1:] == want[-1:]
+            and math.prod(shape) <= (MAX_TOKENS + 256) * shape[-1]
+        )
         if shape != want and not resampled and not in_classifier:
-            raise ModelCheckError(f"{where}: tensor {name[:120]!r} has shape {list(shape)}, but the model its "
-                                  f"config.json describes needs {list(want)}")
-    missing = [k for k in expected if k not in header
-               and not (classifier and (k == classifier or k.startswith(classifier + ".")))]
+            raise ModelCheckError(
+                f"{where}: tensor {name[:120]!r} has shape {list(shape)}, but the model its "
+                f"config.json describes needs {list(want)}"
+            )
+    missing = [
+        k
+        for k in expected
+        if k not in header and not (classifier and (k == classifier or k.startswith(classifier + ".")))
+    ]
     if missing:
-        raise ModelCheckError(f"{where} lacks {len(missing)} tensor(s) of the model its config.json describes, "
-                              f"e.g. {missing[0][:120]!r}")
+        raise ModelCheckError(
+            f"{where} lacks {len(missing)} tensor(s) of the model its config.json describes, e.g. {missing[0][:120]!r}"
+        )
     spans.sort()
     position = 0
     for begin, end in spans:
@@ -308,5 +381,7 @@ def check_weights_header(path: Path, model: nn.Module, classifier: Optional[str]
             raise ModelCheckError(f"{where}: its tensors' data overlap or leave gaps; the file is corrupt")
         position = end
     if position != data_size:
-        raise ModelCheckError(f"{where}: its tensors declare {position} bytes of data, the file holds {data_size}; "
-                              "it is truncated or corrupt")
+        raise ModelCheckError(
+            f"{where}: its tensors declare {position} bytes of data, the file holds {data_size}; "
+            "it is truncated or corrupt"
+        )

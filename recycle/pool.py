@@ -8,6 +8,7 @@ explicit (kept indices), never inferred from black pixels: a kept patch can be b
 A run is built in a hidden ``.tmp-*`` folder and renamed into place in one step, so readers never see a half-written
 run; the pool grows by adding runs. Runs from the same LoRA (same fingerprint) form one *source* for episodes.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -35,9 +36,24 @@ from .adapter import LoRAAdapter
 from .invert import InversionConfig, InversionResult
 from .io import atomic_write_bytes, dumps_strict, loads_strict
 
-__all__ = ["PoolError", "EmptyPoolError", "PoolItem", "PoolClass", "Pool", "PoolIndex", "write_run",
-           "read_run_manifest", "run_folder_name", "run_settings", "run_file", "zip_run", "teacher_confidence",
-           "POOL_FORMAT", "MAX_MANIFEST_BYTES", "MAX_RUN_ITEMS"]
+__all__ = [
+    "PoolError",
+    "EmptyPoolError",
+    "PoolItem",
+    "PoolClass",
+    "Pool",
+    "PoolIndex",
+    "write_run",
+    "read_run_manifest",
+    "run_folder_name",
+    "run_settings",
+    "run_file",
+    "zip_run",
+    "teacher_confidence",
+    "POOL_FORMAT",
+    "MAX_MANIFEST_BYTES",
+    "MAX_RUN_ITEMS",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -98,8 +114,15 @@ def run_settings(config: InversionConfig, **extra) -> dict:
     return loads_strict(dumps_strict(record), "inversion settings")
 
 
-def write_run(root: Union[str, Path], result: InversionResult, adapter: LoRAAdapter, source: str,
-              settings: dict, patch_grid: tuple[int, int], name: Optional[str] = None) -> Path:
+def write_run(
+    root: Union[str, Path],
+    result: InversionResult,
+    adapter: LoRAAdapter,
+    source: str,
+    settings: dict,
+    patch_grid: tuple[int, int],
+    name: Optional[str] = None,
+) -> Path:
     """Add one inversion run to the pool at `root` (created if needed); returns the run folder.
 
     Args:
@@ -123,8 +146,10 @@ def write_run(root: Union[str, Path], result: InversionResult, adapter: LoRAAdap
         root.mkdir(parents=True, exist_ok=True)
         return _write_run(root, result, adapter, source, settings, patch_grid, name)
     except OSError as e:  # no permission, a read-only or full disk, a special filesystem such as /proc
-        raise PoolError(f"cannot write the run into the pool folder '{root}': {e.strerror or e}"
-                        + (" (the disk is full)" if getattr(e, "errno", None) == errno.ENOSPC else "")) from None
+        raise PoolError(
+            f"cannot write the run into the pool folder '{root}': {e.strerror or e}"
+            + (" (the disk is full)" if getattr(e, "errno", None) == errno.ENOSPC else "")
+        ) from None
 
 
 def zip_run(run_dir: Path, zip_path: Path) -> Path:
@@ -138,8 +163,15 @@ def zip_run(run_dir: Path, zip_path: Path) -> Path:
     return zip_path
 
 
-def _write_run(root: Path, result: InversionResult, adapter: LoRAAdapter, source: str, settings: dict,
-               patch_grid: tuple[int, int], name: Optional[str]) -> Path:
+def _write_run(
+    root: Path,
+    result: InversionResult,
+    adapter: LoRAAdapter,
+    source: str,
+    settings: dict,
+    patch_grid: tuple[int, int],
+    name: Optional[str],
+) -> Path:
     fingerprint = adapter.fingerprint()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
     name = name or f"{_slug(Path(source).name if os.sep in source else source)}-{fingerprint[:8]}-{stamp}"
@@ -152,8 +184,12 @@ def _write_run(root: Path, result: InversionResult, adapter: LoRAAdapter, source
         items = []
         for i in range(result.images.shape[0]):
             label = int(result.labels[i])
-            entry = {"label": label, "class": names[label], "image": f"images/{i:06d}.png",
-                     "logits": [round(float(v), 6) for v in result.logits[i]]}
+            entry = {
+                "label": label,
+                "class": names[label],
+                "image": f"images/{i:06d}.png",
+                "logits": [round(float(v), 6) for v in result.logits[i]],
+            }
             data = _png_bytes(result.images[i])
             (tmp / entry["image"]).write_bytes(data)
             entry["sha256"] = {"image": hashlib.sha256(data).hexdigest()}
@@ -166,11 +202,22 @@ def _write_run(root: Path, result: InversionResult, adapter: LoRAAdapter, source
                 entry["logits_kept"] = [round(float(v), 6) for v in result.logits_kept[i]]
             items.append(entry)
         manifest = {
-            "format": POOL_FORMAT, "version": POOL_VERSION, "created": stamp,
-            "source": {"name": source, "fingerprint": fingerprint, "backbone": adapter.backbone,
-                       "class_names": names, "info": adapter.info},
-            "settings": settings, "image_size": list(result.images.shape[2:]), "patch_grid": list(patch_grid),
-            "steps_done": result.steps_done, "stopped": result.stopped, "items": items,
+            "format": POOL_FORMAT,
+            "version": POOL_VERSION,
+            "created": stamp,
+            "source": {
+                "name": source,
+                "fingerprint": fingerprint,
+                "backbone": adapter.backbone,
+                "class_names": names,
+                "info": adapter.info,
+            },
+            "settings": settings,
+            "image_size": list(result.images.shape[2:]),
+            "patch_grid": list(patch_grid),
+            "steps_done": result.steps_done,
+            "stopped": result.stopped,
+            "items": items,
         }
         try:
             text = dumps_strict(manifest, indent=1)
@@ -194,8 +241,11 @@ def _expect(ok: bool, what: str) -> None:
 def _numbers(values: object, kind: type) -> bool:
     """A non-empty list of ints (``kind=int``) or of ints and floats (``kind=float``); never bools."""
     kinds = (int,) if kind is int else (int, float)
-    return isinstance(values, list) and bool(values) and all(
-        isinstance(v, kinds) and not isinstance(v, bool) for v in values)
+    return (
+        isinstance(values, list)
+        and bool(values)
+        and all(isinstance(v, kinds) and not isinstance(v, bool) for v in values)
+    )
 
 
 def run_file(run_dir: Path, name: object) -> Path:
@@ -225,13 +275,15 @@ def read_run_manifest(path: Path, max_bytes: int = MAX_MANIFEST_BYTES, max_items
             raise
         raise PoolError(f"{path}: unreadable manifest ({e})") from None
     if isinstance(m, dict) and isinstance(m.get("items"), list) and len(m["items"]) > max_items:
-        raise PoolError(f"{path}: the manifest lists {len(m['items']):,} images, more than the {max_items:,} "
-                        "accepted in one run")
+        raise PoolError(
+            f"{path}: the manifest lists {len(m['items']):,} images, more than the {max_items:,} accepted in one run"
+        )
     if not isinstance(m, dict) or m.get("format") != POOL_FORMAT:
         raise PoolError(f"{path}: not a surrogate-pool manifest")
     if m.get("version") != POOL_VERSION:
-        raise PoolError(f"{path}: pool format version {m.get('version')} is not supported "
-                        f"(this version reads {POOL_VERSION})")
+        raise PoolError(
+            f"{path}: pool format version {m.get('version')} is not supported (this version reads {POOL_VERSION})"
+        )
     try:
         source = m["source"]
         fingerprint, class_names = source["fingerprint"], source["class_names"]
@@ -294,8 +346,7 @@ def _run_folders(root: Path) -> list[tuple[str, tuple[int, int, int]]]:
                 except FileNotFoundError:
                     st = None
                 if st is None or not stat.S_ISREG(st.st_mode):
-                    raise PoolError(f"pool run '{entry.name}' has no manifest.json: it is incomplete or not a pool "
-                                    "run")
+                    raise PoolError(f"pool run '{entry.name}' has no manifest.json: it is incomplete or not a pool run")
                 found.append((entry.name, (st.st_mtime_ns, st.st_size, st.st_ino)))
     except OSError as e:
         raise PoolError(f"pool folder '{root}' cannot be read: {e.strerror or e}") from None
@@ -314,8 +365,13 @@ class PoolIndex:
             the folder holds.
     """
 
-    def __init__(self, root: Union[str, Path], max_manifest_bytes: int = MAX_MANIFEST_BYTES,
-                 max_items: int = MAX_RUN_ITEMS, max_runs: Optional[int] = None):
+    def __init__(
+        self,
+        root: Union[str, Path],
+        max_manifest_bytes: int = MAX_MANIFEST_BYTES,
+        max_items: int = MAX_RUN_ITEMS,
+        max_runs: Optional[int] = None,
+    ):
         self.root = Path(root)
         self.max_manifest_bytes, self.max_items, self.max_runs = max_manifest_bytes, max_items, max_runs
         self.total_runs = 0
@@ -334,7 +390,7 @@ class PoolIndex:
             listing = _run_folders(self.root)
             self.total_runs = len(listing)
             if self.max_runs is not None:
-                listing = listing[:self.max_runs]
+                listing = listing[: self.max_runs]
             manifests: dict[str, tuple[tuple[int, int, int], dict]] = {}
             changed = len(listing) != len(self._manifests)
             for name, key in listing:
@@ -347,8 +403,9 @@ class PoolIndex:
                 self.reads += 1
                 changed = True
             if changed or self._pool is None:
-                self._pool = Pool.from_manifests(self.root, [self.root / n for n in manifests],
-                                                 [m for _, m in manifests.values()])
+                self._pool = Pool.from_manifests(
+                    self.root, [self.root / n for n in manifests], [m for _, m in manifests.values()]
+                )
             self._manifests = manifests
             return self._pool
 
@@ -361,8 +418,9 @@ class Pool:
             that is missing; image checksums are verified as images are loaded.
     """
 
-    def __init__(self, root: Union[str, Path], max_manifest_bytes: int = MAX_MANIFEST_BYTES,
-                 max_items: int = MAX_RUN_ITEMS):
+    def __init__(
+        self, root: Union[str, Path], max_manifest_bytes: int = MAX_MANIFEST_BYTES, max_items: int = MAX_RUN_ITEMS
+    ):
         self.root = Path(root)
         self.run_dirs = [self.root / name for name, _ in _run_folders(self.root)]
         self.runs = [read_run_manifest(d / "manifest.json", max_manifest_bytes, max_items) for d in self.run_dirs]
@@ -398,8 +456,9 @@ class Pool:
         out: dict[str, dict] = {}
         for run in self.runs:
             s = run["source"]
-            entry = out.setdefault(s["fingerprint"], {"name": s["name"], "class_names": s["class_names"],
-                                                      "runs": 0, "images": 0})
+            entry = out.setdefault(
+                s["fingerprint"], {"name": s["name"], "class_names": s["class_names"], "runs": 0, "images": 0}
+            )
             entry["runs"] += 1
             entry["images"] += len(run["items"])
         return out
@@ -412,8 +471,9 @@ class Pool:
         item = self.item(ref)
         key = "masked" if masked else "image"
         if key not in item:
-            raise PoolError(f"pool run '{self.run_dirs[ref.run].name}' has no masked images (it was inverted "
-                            "without token pruning)")
+            raise PoolError(
+                f"pool run '{self.run_dirs[ref.run].name}' has no masked images (it was inverted without token pruning)"
+            )
         path = run_file(self.run_dirs[ref.run], item[key])
         try:
             data = path.read_bytes()
@@ -433,8 +493,9 @@ class Pool:
     def sampler(self) -> EpisodeSampler[PoolItem]:
         return EpisodeSampler([c.items for c in self.classes], [c.source for c in self.classes])
 
-    def sample_episode(self, spec: EpisodeSpec, kind: str = "single", masked: bool = False,
-                       rng: Optional[random.Random] = None) -> PoolEpisode:
+    def sample_episode(
+        self, spec: EpisodeSpec, kind: str = "single", masked: bool = False, rng: Optional[random.Random] = None
+    ) -> PoolEpisode:
         """Sample and load one episode; ``single`` = one LoRA's classes, ``cross`` = classes from different LoRAs."""
         ep = self.sampler().sample(spec, kind, rng)
         classes = [self.classes[c] for c in ep.classes]

@@ -22,6 +22,7 @@ Downloads are bounded before anything is fetched, from the repository's file lis
 and bytes, each manifest at most so large. What is downloaded is then read by `recycle.pool.Pool` with its rules:
 strict JSON, bounded manifests, files only inside their run, missing files refused, checksums verified.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -36,11 +37,29 @@ from typing import Iterable, Optional, Union
 
 from .hub import HubError, endpoint, is_repo_id, upload_files
 from .io import atomic_write_bytes, dumps_strict
-from .pool import (MAX_MANIFEST_BYTES, MAX_RUN_ITEMS, POOL_FORMAT, POOL_VERSION, Pool, PoolError, run_file,
-                   teacher_confidence)
+from .pool import (
+    MAX_MANIFEST_BYTES,
+    MAX_RUN_ITEMS,
+    POOL_FORMAT,
+    POOL_VERSION,
+    Pool,
+    PoolError,
+    run_file,
+    teacher_confidence,
+)
 
-__all__ = ["HubPoolLimits", "DATA_DIR", "hub_dataset_id", "run_metadata", "dataset_card", "pool_dataset_files",
-           "push_pool", "fetch_pool", "pool_cache_dir", "remove_downloads"]
+__all__ = [
+    "HubPoolLimits",
+    "DATA_DIR",
+    "hub_dataset_id",
+    "run_metadata",
+    "dataset_card",
+    "pool_dataset_files",
+    "push_pool",
+    "fetch_pool",
+    "pool_cache_dir",
+    "remove_downloads",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -83,7 +102,7 @@ def hub_dataset_id(text: str) -> Optional[str]:
     prefix = next((p for p in _DATASET_PREFIXES if text.startswith(p)), None)
     if prefix is None:
         return None
-    repo_id = text[len(prefix):].strip("/")
+    repo_id = text[len(prefix) :].strip("/")
     if not is_repo_id(repo_id):
         raise HubError(f"'{text[:120]}' is not a Hub dataset: write datasets/ORG/NAME")
     return repo_id
@@ -92,10 +111,15 @@ def hub_dataset_id(text: str) -> Optional[str]:
 # ------------------------------------------------------------------------------------------------------ publishing
 def _patch_count(manifest: dict, run: str) -> int:
     grid = manifest.get("patch_grid")
-    if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(g, int) and not isinstance(g, bool)
-                                                               and 1 <= g <= 4096 for g in grid)):
-        raise PoolError(f"{run}: the manifest has no valid patch_grid (two whole numbers), so the kept patches of "
-                        "its unmasked images cannot be listed")
+    if not (
+        isinstance(grid, list)
+        and len(grid) == 2
+        and all(isinstance(g, int) and not isinstance(g, bool) and 1 <= g <= 4096 for g in grid)
+    ):
+        raise PoolError(
+            f"{run}: the manifest has no valid patch_grid (two whole numbers), so the kept patches of "
+            "its unmasked images cannot be listed"
+        )
     return grid[0] * grid[1]
 
 
@@ -111,18 +135,20 @@ def run_metadata(run: str, manifest: dict) -> list[dict]:
         if not masked and patches is None:
             patches = _patch_count(manifest, run)
         logits_kept = item.get("logits_kept", item["logits"]) if masked else item["logits"]
-        rows.append({
-            "file_name": item["image"],
-            "masked_file_name": item["masked"] if masked else item["image"],
-            "class": item["class"],
-            "label": label,
-            "source": source.get("name", ""),
-            "source_fingerprint": source["fingerprint"],
-            "run": run,
-            "teacher_confidence": round(float(teacher_confidence([item["logits"]], [label])[0]), 6),
-            "teacher_confidence_kept": round(float(teacher_confidence([logits_kept], [label])[0]), 6),
-            "kept": list(item["kept"]) if masked and "kept" in item else list(range(patches or 0)),
-        })
+        rows.append(
+            {
+                "file_name": item["image"],
+                "masked_file_name": item["masked"] if masked else item["image"],
+                "class": item["class"],
+                "label": label,
+                "source": source.get("name", ""),
+                "source_fingerprint": source["fingerprint"],
+                "run": run,
+                "teacher_confidence": round(float(teacher_confidence([item["logits"]], [label])[0]), 6),
+                "teacher_confidence_kept": round(float(teacher_confidence([logits_kept], [label])[0]), 6),
+                "kept": list(item["kept"]) if masked and "kept" in item else list(range(patches or 0)),
+            }
+        )
     return rows
 
 
@@ -133,24 +159,50 @@ def dataset_card(pool: Pool, runs: list[int], repo_id: str) -> str:
 
     images = sum(len(pool.runs[r]["items"]) for r in runs)
     sources = len({pool.runs[r]["source"]["fingerprint"] for r in runs})
-    size = next(label for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
-                                           (1_000_000, "100K<n<1M"), (float("inf"), "n>1M")) if images < bound)
+    size = next(
+        label
+        for bound, label in (
+            (1_000, "n<1K"),
+            (10_000, "1K<n<10K"),
+            (100_000, "10K<n<100K"),
+            (1_000_000, "100K<n<1M"),
+            (float("inf"), "n>1M"),
+        )
+        if images < bound
+    )
     data = DatasetCardData(
-        pretty_name="LoRA Recycle surrogate pool", task_categories=["image-classification"], size_categories=[size],
+        pretty_name="LoRA Recycle surrogate pool",
+        task_categories=["image-classification"],
+        size_categories=[size],
         tags=["lora-recycle", "model-inversion", "synthetic", "surrogate-images"],
         configs=[{"config_name": "default", "data_dir": DATA_DIR}],
-        lora_recycle={"format": POOL_FORMAT, "version": POOL_VERSION, "runs": len(runs), "images": images,
-                      "sources": sources})
+        lora_recycle={
+            "format": POOL_FORMAT,
+            "version": POOL_VERSION,
+            "runs": len(runs),
+            "images": images,
+            "sources": sources,
+        },
+    )
     settings = []
     for r in runs[:MAX_CARD_RUNS]:
         run = pool.runs[r]
-        summary = {"source": run["source"].get("name", ""), "fingerprint": run["source"]["fingerprint"],
-                   "backbone": run["source"].get("backbone"), "images": len(run["items"]),
-                   "steps_done": run.get("steps_done"), "stopped": run.get("stopped"), "settings": run.get("settings")}
+        summary = {
+            "source": run["source"].get("name", ""),
+            "fingerprint": run["source"]["fingerprint"],
+            "backbone": run["source"].get("backbone"),
+            "images": len(run["items"]),
+            "steps_done": run.get("steps_done"),
+            "stopped": run.get("stopped"),
+            "settings": run.get("settings"),
+        }
         # json.dumps puts every value on lines that start with a space or a bracket, so no line can close the fence
         settings.append(f"### {pool.run_dirs[r].name}\n\n```json\n{dumps_strict(summary, indent=1)}\n```\n")
-    more = (f"\nThe card lists the settings of the first {MAX_CARD_RUNS} runs; every run's `manifest.json` holds "
-            "its own.\n" if len(runs) > MAX_CARD_RUNS else "")
+    more = (
+        f"\nThe card lists the settings of the first {MAX_CARD_RUNS} runs; every run's `manifest.json` holds its own.\n"
+        if len(runs) > MAX_CARD_RUNS
+        else ""
+    )
     body = f"""
 # LoRA Recycle surrogate pool
 
@@ -194,8 +246,9 @@ def _read_regular(path: Path) -> bytes:
         raise PoolError(f"cannot read {path} ({e.strerror or e}); symbolic links are never published") from None
 
 
-def pool_dataset_files(pool_root: Union[str, Path], repo_id: str, runs: Optional[Iterable[str]] = None
-                       ) -> dict[str, bytes]:
+def pool_dataset_files(
+    pool_root: Union[str, Path], repo_id: str, runs: Optional[Iterable[str]] = None
+) -> dict[str, bytes]:
     """``{path in the dataset repo: content}`` of the pool at `pool_root` (or of its runs named in `runs`), plus the
     dataset card, which describes the whole local pool. Images are checksum-verified against their manifests as
     they are read.
@@ -216,8 +269,10 @@ def pool_dataset_files(pool_root: Union[str, Path], repo_id: str, runs: Optional
     for r in wanted:
         run_dir, manifest, name = pool.run_dirs[r], pool.runs[r], names[r]
         if not _RUN_NAME.fullmatch(name):
-            raise PoolError(f"run folder '{name[:80]}' cannot be published: use letters, digits, '.', '_' and '-' "
-                            "only (at most 200)")
+            raise PoolError(
+                f"run folder '{name[:80]}' cannot be published: use letters, digits, '.', '_' and '-' "
+                "only (at most 200)"
+            )
         base = f"{DATA_DIR}/{name}"
         files[f"{base}/manifest.json"] = _read_regular(run_dir / "manifest.json")
         for item in manifest["items"]:
@@ -225,8 +280,10 @@ def pool_dataset_files(pool_root: Union[str, Path], repo_id: str, runs: Optional
                 if key not in item:
                     continue
                 if not _IMAGE_PATH.fullmatch(item[key]):
-                    raise PoolError(f"{name}: image '{item[key][:80]}' cannot be published: images must be "
-                                    "images/NAME.png or masked/NAME.png")
+                    raise PoolError(
+                        f"{name}: image '{item[key][:80]}' cannot be published: images must be "
+                        "images/NAME.png or masked/NAME.png"
+                    )
                 data = _read_regular(run_file(run_dir, item[key]))
                 if hashlib.sha256(data).hexdigest() != item["sha256"][key]:
                     raise PoolError(f"{run_dir / item[key]}: checksum mismatch, the file is corrupt or was modified")
@@ -237,8 +294,13 @@ def pool_dataset_files(pool_root: Union[str, Path], repo_id: str, runs: Optional
     return files
 
 
-def push_pool(pool_root: Union[str, Path], repo_id: str, token: Optional[str] = None, private: bool = False,
-              runs: Optional[Iterable[str]] = None) -> str:
+def push_pool(
+    pool_root: Union[str, Path],
+    repo_id: str,
+    token: Optional[str] = None,
+    private: bool = False,
+    runs: Optional[Iterable[str]] = None,
+) -> str:
     """Publish the pool at `pool_root` (or its runs named in `runs`) as the Hub dataset `repo_id`, created if
     needed, in one commit; returns the dataset's URL. Runs already in the dataset and not pushed stay as they are.
 
@@ -249,8 +311,14 @@ def push_pool(pool_root: Union[str, Path], repo_id: str, token: Optional[str] = 
     if not is_repo_id(repo_id):
         raise HubError(f"'{repo_id}' is not a Hub id of the form ORG/NAME")
     files = pool_dataset_files(pool_root, repo_id, runs)
-    upload_files(repo_id, files, f"Add {len(files) - 1} pool files (LoRA Recycle)", repo_type="dataset",
-                 token=token, private=private)
+    upload_files(
+        repo_id,
+        files,
+        f"Add {len(files) - 1} pool files (LoRA Recycle)",
+        repo_type="dataset",
+        token=token,
+        private=private,
+    )
     _logger.info("pushed %d files of pool %s to dataset %s", len(files), pool_root, repo_id)
     return f"{endpoint()}/datasets/{repo_id}"
 
@@ -283,8 +351,12 @@ def _listing(repo_id: str, revision: Optional[str]) -> tuple[str, dict[str, Opti
     return str(info.sha), {s.rfilename: s.size for s in (info.siblings or [])}
 
 
-def fetch_pool(repo_id: str, limits: HubPoolLimits = HubPoolLimits(), revision: Optional[str] = None,
-               cache_dir: Optional[Union[str, Path]] = None) -> Path:
+def fetch_pool(
+    repo_id: str,
+    limits: HubPoolLimits = HubPoolLimits(),
+    revision: Optional[str] = None,
+    cache_dir: Optional[Union[str, Path]] = None,
+) -> Path:
     """Download the pool dataset `repo_id` within `limits`; returns its pool folder (``data/`` of a local copy,
     kept per commit under `cache_dir`, default `pool_cache_dir`). Read it with `recycle.pool.Pool` or `PoolIndex`
     and the same bounds.
@@ -300,52 +372,71 @@ def fetch_pool(repo_id: str, limits: HubPoolLimits = HubPoolLimits(), revision: 
         raise HubError(f"'{repo_id}' is not a Hub dataset id of the form ORG/NAME")
     sha, sizes = _listing(repo_id, revision)
     if len(sizes) > 4 * limits.max_files:
-        raise PoolError(f"Hub dataset '{repo_id}' lists {len(sizes):,} files, more than a pool of at most "
-                        f"{limits.max_files:,} files can hold")
-    runs = sorted({p.split("/")[1] for p in sizes if fnmatch.fnmatch(p, _PATTERNS[0]) and p.count("/") == 2
-                   and _RUN_NAME.fullmatch(p.split("/")[1])})
+        raise PoolError(
+            f"Hub dataset '{repo_id}' lists {len(sizes):,} files, more than a pool of at most "
+            f"{limits.max_files:,} files can hold"
+        )
+    runs = sorted(
+        {
+            p.split("/")[1]
+            for p in sizes
+            if fnmatch.fnmatch(p, _PATTERNS[0]) and p.count("/") == 2 and _RUN_NAME.fullmatch(p.split("/")[1])
+        }
+    )
     if not runs:
         raise PoolError(f"Hub dataset '{repo_id}' holds no pool runs ({DATA_DIR}/<run>/manifest.json)")
-    patterns = list(_PATTERNS) if len(runs) <= limits.max_runs else [
-        f"{DATA_DIR}/{run}/{tail}" for run in runs[:limits.max_runs]
-        for tail in ("manifest.json", "images/*.png", "masked/*.png")]
+    patterns = (
+        list(_PATTERNS)
+        if len(runs) <= limits.max_runs
+        else [
+            f"{DATA_DIR}/{run}/{tail}"
+            for run in runs[: limits.max_runs]
+            for tail in ("manifest.json", "images/*.png", "masked/*.png")
+        ]
+    )
     # The same matching as snapshot_download's allow_patterns, so these are the files it will fetch.
     wanted = {p: s for p, s in sizes.items() if any(fnmatch.fnmatch(p, pattern) for pattern in patterns)}
     if len(wanted) > limits.max_files:
-        raise PoolError(f"Hub dataset '{repo_id}' has {len(wanted):,} pool files, more than the {limits.max_files:,} "
-                        "accepted")
+        raise PoolError(
+            f"Hub dataset '{repo_id}' has {len(wanted):,} pool files, more than the {limits.max_files:,} accepted"
+        )
     for path, size in wanted.items():
         if size is None:
             raise PoolError(f"Hub dataset '{repo_id}': the Hub did not say how large {path} is")
         if path.endswith("/manifest.json") and size > limits.max_manifest_bytes:
-            raise PoolError(f"Hub dataset '{repo_id}': {path} is {size:,} bytes, more than the "
-                            f"{limits.max_manifest_bytes:,} accepted for a manifest")
+            raise PoolError(
+                f"Hub dataset '{repo_id}': {path} is {size:,} bytes, more than the "
+                f"{limits.max_manifest_bytes:,} accepted for a manifest"
+            )
     total = sum(s for s in wanted.values() if s is not None)
     if total > limits.max_bytes:
-        raise PoolError(f"Hub dataset '{repo_id}' has {total:,} bytes of pool files, more than the "
-                        f"{limits.max_bytes:,} accepted")
+        raise PoolError(
+            f"Hub dataset '{repo_id}' has {total:,} bytes of pool files, more than the {limits.max_bytes:,} accepted"
+        )
     folder = Path(cache_dir) if cache_dir is not None else pool_cache_dir()
     target = folder / repo_id.replace("/", "--") / sha
     done = target / ".complete"
     if not done.is_file():
         try:
-            snapshot_download(repo_id, repo_type="dataset", revision=sha, allow_patterns=patterns,
-                              local_dir=str(target))
+            snapshot_download(
+                repo_id, repo_type="dataset", revision=sha, allow_patterns=patterns, local_dir=str(target)
+            )
         except hf_errors.HfHubHTTPError as e:
             raise HubError(f"download of dataset '{repo_id}' failed: {e}") from None
         except Exception as e:  # noqa: BLE001 - network failures come from several libraries
             if "connect" in type(e).__name__.lower() or isinstance(e, (ConnectionError, OSError)):
-                raise HubError(f"cannot reach the Hugging Face Hub at {endpoint()} to download dataset "
-                               f"'{repo_id}'") from None
+                raise HubError(
+                    f"cannot reach the Hugging Face Hub at {endpoint()} to download dataset '{repo_id}'"
+                ) from None
             raise
         atomic_write_bytes(done, sha.encode())
     _logger.info("pool dataset %s at %s: %s", repo_id, sha[:12], target)
     return target / DATA_DIR
 
 
-
-def remove_downloads(repo_id: str, keep: Optional[Union[str, Path]] = None,
-                     cache_dir: Optional[Union[str, Path]] = None) -> int:
+def remove_downloads(
+    repo_id: str, keep: Optional[Union[str, Path]] = None, cache_dir: Optional[Union[str, Path]] = None
+) -> int:
     """Delete the downloaded commits of the pool dataset `repo_id` (all, or all but the one whose pool folder is
     `keep`, as `fetch_pool` returned it); returns how many were deleted. Only folders inside the dataset's own
     folder of the cache are removed, never what a link points to."""

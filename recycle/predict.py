@@ -1,4 +1,5 @@
 """Few-shot prediction on files: the shared core of ``python -m recycle predict`` and the app's few-shot tab."""
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,15 @@ import torch
 from .fewshot import FewShotClassifier
 from .images import ImageError, ImageSource, list_images, load_image
 
-__all__ = ["Prediction", "SupportError", "clean_class_name", "read_support_folder", "classify", "query_label",
-           "count_correct"]
+__all__ = [
+    "Prediction",
+    "SupportError",
+    "clean_class_name",
+    "read_support_folder",
+    "classify",
+    "query_label",
+    "count_correct",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -87,8 +95,11 @@ def _load_all(items: Sequence[tuple[str, ImageSource]], what: str) -> list:
     return images
 
 
-def classify(classifier: FewShotClassifier, support: Mapping[str, Sequence[ImageSource]],
-             queries: Sequence[tuple[str, ImageSource]]) -> list[Prediction]:
+def classify(
+    classifier: FewShotClassifier,
+    support: Mapping[str, Sequence[ImageSource]],
+    queries: Sequence[tuple[str, ImageSource]],
+) -> list[Prediction]:
     """Fit `classifier` on `support` ({class name: images}) and predict every query ``(display name, image)``.
 
     Raises:
@@ -118,9 +129,11 @@ def classify(classifier: FewShotClassifier, support: Mapping[str, Sequence[Image
     classifier.fit(images, labels)
     probs = classifier.predict_proba(query_images)
     if not bool(torch.isfinite(probs).all()):
-        raise SupportError(f"the backbone '{classifier.backbone.name}' (with its LoRA, if any) gives non-finite "
-                           "embeddings for these images, so no prediction can be made; its weights or "
-                           "preprocessing numbers are broken")
+        raise SupportError(
+            f"the backbone '{classifier.backbone.name}' (with its LoRA, if any) gives non-finite "
+            "embeddings for these images, so no prediction can be made; its weights or "
+            "preprocessing numbers are broken"
+        )
     out = []
     for (display, _), p in zip(queries, probs.tolist()):
         best = max(range(len(p)), key=p.__getitem__)

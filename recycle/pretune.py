@@ -4,6 +4,7 @@ Each LoRA is trained with Adam (lr 1e-3) on the first 80% of every class's image
 (`tune_lora`); `sample_tasks` draws the zoo's tasks. The zoo itself (making, loading and inverting one) is
 `recycle.zoo`; the official release lacks this stage.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,15 +40,26 @@ class PretuneConfig:
     def __post_init__(self):
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.lora.items()})
-        checks = [("num_loras", self.num_loras >= 1), ("way", self.way >= 2), ("steps", self.steps >= 1),
-                  ("lr", 0 < self.lr <= 1), ("batch_size", self.batch_size >= 1), ("holdout", 0 <= self.holdout < 1),
-                  ("shift", 0 <= self.shift < 0.5)]
+        checks = [
+            ("num_loras", self.num_loras >= 1),
+            ("way", self.way >= 2),
+            ("steps", self.steps >= 1),
+            ("lr", 0 < self.lr <= 1),
+            ("batch_size", self.batch_size >= 1),
+            ("holdout", 0 <= self.holdout < 1),
+            ("shift", 0 <= self.shift < 0.5),
+        ]
         for name, ok in checks:
             if not ok:
-                expected = {"lr": "a number above 0 and at most 1", "shift": "a fraction from 0 to 0.5 (excluded)",
-                            "holdout": "a fraction from 0 to 1 (excluded)"}.get(name)
-                raise ValueError(f"invalid pre-tuning setting {name}={getattr(self, name)!r}"
-                                 + (f": expected {expected}" if expected else ""))
+                expected = {
+                    "lr": "a number above 0 and at most 1",
+                    "shift": "a fraction from 0 to 0.5 (excluded)",
+                    "holdout": "a fraction from 0 to 1 (excluded)",
+                }.get(name)
+                raise ValueError(
+                    f"invalid pre-tuning setting {name}={getattr(self, name)!r}"
+                    + (f": expected {expected}" if expected else "")
+                )
 
 
 def sample_tasks(num_classes: int, num_loras: int, way: int, seed: int) -> list[list[int]]:
@@ -69,13 +81,19 @@ def augment(x: torch.Tensor, flip: bool, shift: float, generator: torch.Generato
         padded = F.pad(x, (pw, pw, ph, ph))
         dy = torch.randint(0, 2 * ph + 1, (b,), generator=generator).tolist()
         dx = torch.randint(0, 2 * pw + 1, (b,), generator=generator).tolist()
-        x = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
     return x
 
 
-def tune_lora(backbone: Backbone, x: torch.Tensor, y: torch.Tensor, config: PretuneConfig, seed: int,
-              eval_x: Optional[torch.Tensor] = None, eval_y: Optional[torch.Tensor] = None
-              ) -> tuple[LoRAAdapter, float]:
+def tune_lora(
+    backbone: Backbone,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: PretuneConfig,
+    seed: int,
+    eval_x: Optional[torch.Tensor] = None,
+    eval_y: Optional[torch.Tensor] = None,
+) -> tuple[LoRAAdapter, float]:
     """Train a fresh LoRA and head on normalised images ``x`` ``(n, 3, H, W)`` with labels ``y`` ``(n,)``.
 
     Returns the adapter (without class names) and the accuracy on ``(eval_x, eval_y)`` (NaN if not given).
@@ -103,8 +121,12 @@ def tune_lora(backbone: Backbone, x: torch.Tensor, y: torch.Tensor, config: Pret
         acc = float("nan")
         if eval_x is not None and len(eval_x):
             with torch.no_grad():
-                preds = torch.cat([head(backbone.pre_logits(eval_x[i:i + 64].to(device))).argmax(-1).cpu()
-                                   for i in range(0, len(eval_x), 64)])
+                preds = torch.cat(
+                    [
+                        head(backbone.pre_logits(eval_x[i : i + 64].to(device))).argmax(-1).cpu()
+                        for i in range(0, len(eval_x), 64)
+                    ]
+                )
             acc = (preds == eval_y).float().mean().item()
         adapter = LoRAAdapter.from_model(backbone.model, config.lora, head, backbone=backbone.name)
     finally:

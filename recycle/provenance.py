@@ -7,6 +7,7 @@ to canonical ids (Hub repo or timm name, lower case, without ``hf-hub:``, ``timm
 equivalences between transformers repositories and timm names), and compared only when both are Hub or timm names:
 local folders are never called a mismatch, since a copy of a model has another path.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -41,11 +42,11 @@ def canonical_ids(name: Optional[str]) -> set[str]:
     text = ALIASES[text][0] if text in ALIASES else text
     for prefix in ("hf-hub:", "hf_hub:"):
         if text.lower().startswith(prefix):
-            text = text[len(prefix):]
+            text = text[len(prefix) :]
     text = text.split("@")[0].lower()
     ids = {text}
     if text.startswith("timm/"):
-        ids.add(text[len("timm/"):])
+        ids.add(text[len("timm/") :])
     for hub, timm_name in EQUIVALENT.items():
         if hub in ids or timm_name in ids:
             ids |= {hub, timm_name, "timm/" + timm_name}

@@ -8,6 +8,7 @@
   step on a batch of 224 px images takes millions of page faults (a third of its CPU time in the kernel).
   `tune_allocator` turns that off for the heavy commands; it is never applied on import.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,18 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["PRECISIONS", "native_bf16", "cpu_bf16_flags", "resolve_precision", "check_bf16_flag", "mixed_precision",
-           "tune_allocator", "allocator_settings", "malloc_choice", "MALLOC_CHOICES"]
+__all__ = [
+    "PRECISIONS",
+    "native_bf16",
+    "cpu_bf16_flags",
+    "resolve_precision",
+    "check_bf16_flag",
+    "mixed_precision",
+    "tune_allocator",
+    "allocator_settings",
+    "malloc_choice",
+    "MALLOC_CHOICES",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -119,8 +130,10 @@ def malloc_choice() -> str:
     raw = os.environ.get("RECYCLE_MALLOC", "")
     value = raw.strip().lower() or "tuned"
     if value not in MALLOC_CHOICES:
-        raise ValueError(f"RECYCLE_MALLOC={raw[:40]!r} is not a setting: use 'tuned' (the default) to tune glibc "
-                         "malloc, or 'default' to keep glibc's defaults")
+        raise ValueError(
+            f"RECYCLE_MALLOC={raw[:40]!r} is not a setting: use 'tuned' (the default) to tune glibc "
+            "malloc, or 'default' to keep glibc's defaults"
+        )
     return value
 
 
@@ -151,14 +164,16 @@ def tune_allocator() -> dict[str, int]:
         _logger.debug("allocator: not glibc, left alone")
         return _allocator_settings
     libc = ctypes.CDLL(None)
-    wanted = {"M_MMAP_MAX": (_M_MMAP_MAX, 0), "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, 2 ** 31 - 1)}
+    wanted = {"M_MMAP_MAX": (_M_MMAP_MAX, 0), "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, 2**31 - 1)}
     for name, (param, value) in wanted.items():
         if libc.mallopt(param, value) == 1:
             _allocator_settings[name] = value
         else:
             _logger.warning("allocator: mallopt(%s, %d) failed", name, value)
-    _logger.info("allocator: glibc malloc tuned (%s): no mmap'd chunks, no trimming",
-                 ", ".join(f"{k}={v}" for k, v in _allocator_settings.items()))
+    _logger.info(
+        "allocator: glibc malloc tuned (%s): no mmap'd chunks, no trimming",
+        ", ".join(f"{k}={v}" for k, v in _allocator_settings.items()),
+    )
     return _allocator_settings
 
 

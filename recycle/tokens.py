@@ -11,6 +11,7 @@ are bugs there:
 * the block's second residual is ``h + MLP(LN2(h))`` (the official code adds ``LN2(h)`` instead of ``h``);
 * selection is vectorised over the batch with ``topk``/``gather`` instead of a Python loop over images.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,9 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PruningConfig", "parse_schedule", "attention_with_cls_scores", "pruning_block_forward",
-           "forward_features_pruned", "patch_grid", "keep_mask", "mask_images", "embed_kept",
-           "kept_count"]
+__all__ = [
+    "PruningConfig",
+    "parse_schedule",
+    "attention_with_cls_scores",
+    "pruning_block_forward",
+    "forward_features_pruned",
+    "patch_grid",
+    "keep_mask",
+    "mask_images",
+    "embed_kept",
+    "kept_count",
+]
 
 
 def parse_schedule(specs: Union[str, Sequence[str]]) -> dict[int, float]:
@@ -105,8 +115,9 @@ def attention_with_cls_scores(attn: nn.Module, x: torch.Tensor) -> tuple[torch.T
     q, k, v = qkv.unbind(0)  # (B, H, N, hd)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if getattr(attn, "fused_attn", True):
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0,
-                                             scale=attn.scale)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
+        )
         cls_row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]  # (B, H, N)
     else:
         weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
@@ -117,8 +128,9 @@ def attention_with_cls_scores(attn: nn.Module, x: torch.Tensor) -> tuple[torch.T
     return out, cls_row.float().mean(dim=1)
 
 
-def pruning_block_forward(block: nn.Module, x: torch.Tensor, ratio: float, num_prefix: int
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def pruning_block_forward(
+    block: nn.Module, x: torch.Tensor, ratio: float, num_prefix: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A timm ViT ``Block`` that drops the ``int(P·ratio)`` patch tokens with the lowest [CLS] attention.
 
     Pruning happens after attention and its residual, before the MLP; prefix tokens are always kept.
@@ -151,8 +163,9 @@ def _num_prefix(model: nn.Module) -> int:
     return int(model.num_prefix_tokens)
 
 
-def forward_features_pruned(model: nn.Module, x: torch.Tensor, schedule: dict[int, float]
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_features_pruned(
+    model: nn.Module, x: torch.Tensor, schedule: dict[int, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """timm ViT ``forward_features`` with token pruning at the blocks in `schedule` (resolved, 0-based).
 
     Args:
@@ -195,8 +208,12 @@ def mask_images(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return images * pixel_mask.unsqueeze(1)
 
 
-def embed_kept(backbone, x: torch.Tensor, kept: Union[torch.Tensor, Sequence[torch.Tensor]],
-               reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+def embed_kept(
+    backbone,
+    x: torch.Tensor,
+    kept: Union[torch.Tensor, Sequence[torch.Tensor]],
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
     """Embed images from their prefix tokens and kept patch tokens only (standard, fused attention).
 
     Patch and position embeddings are computed for every patch, so kept tokens keep their positions; then the

@@ -23,6 +23,7 @@ Both weight-name layouts are read: the "old" ``encoder.layer.{i}.attention.atten
 and 5.0; ``save_pretrained`` still writes it) and the "new" module names of later 5.x releases,
 ``layers.{i}.attention.q_proj`` ...
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,15 +39,26 @@ from torch import nn
 from .io import loads_strict
 from .modelcheck import MAX_CONFIG_BYTES
 
-__all__ = ["TransformersViTError", "SUPPORTED_MODEL_TYPES", "is_transformers_config", "vit_from_folder",
-           "load_transformers_vit", "timm_state_dict", "label_names", "read_json"]
+__all__ = [
+    "TransformersViTError",
+    "SUPPORTED_MODEL_TYPES",
+    "is_transformers_config",
+    "vit_from_folder",
+    "load_transformers_vit",
+    "timm_state_dict",
+    "label_names",
+    "read_json",
+]
 
 _logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("vit", "deit")
 # transformers' ``hidden_act`` -> what timm's Mlp runs (``nn.GELU`` is the exact erf GELU transformers' "gelu" is).
-_ACTIVATIONS = {"gelu": nn.GELU, "gelu_pytorch_tanh": partial(nn.GELU, approximate="tanh"),
-                "gelu_new": partial(nn.GELU, approximate="tanh")}
+_ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "gelu_pytorch_tanh": partial(nn.GELU, approximate="tanh"),
+    "gelu_new": partial(nn.GELU, approximate="tanh"),
+}
 # PIL resampling codes, as preprocessor configs store them -> timm's interpolation names.
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 _MAX_CONFIG_BYTES = MAX_CONFIG_BYTES  # room for 21,843 ImageNet-22k labels in id2label
@@ -55,16 +67,29 @@ _MAX_CONFIG_BYTES = MAX_CONFIG_BYTES  # room for 21,843 ImageNet-22k labels in i
 _LAYOUTS = {
     "old": {
         "block": "encoder.layer.{i}.",
-        "modules": {"attention.attention.query": "q", "attention.attention.key": "k",
-                    "attention.attention.value": "v", "attention.output.dense": "attn.proj",
-                    "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
-                    "layernorm_before": "norm1", "layernorm_after": "norm2"},
+        "modules": {
+            "attention.attention.query": "q",
+            "attention.attention.key": "k",
+            "attention.attention.value": "v",
+            "attention.output.dense": "attn.proj",
+            "intermediate.dense": "mlp.fc1",
+            "output.dense": "mlp.fc2",
+            "layernorm_before": "norm1",
+            "layernorm_after": "norm2",
+        },
     },
     "new": {
         "block": "layers.{i}.",
-        "modules": {"attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v",
-                    "attention.o_proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
-                    "layernorm_before": "norm1", "layernorm_after": "norm2"},
+        "modules": {
+            "attention.q_proj": "q",
+            "attention.k_proj": "k",
+            "attention.v_proj": "v",
+            "attention.o_proj": "attn.proj",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+            "layernorm_before": "norm1",
+            "layernorm_after": "norm2",
+        },
     },
 }
 
@@ -82,8 +107,9 @@ def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise TransformersViTError(f"{what}: {path.name} is missing")
     if path.stat().st_size > _MAX_CONFIG_BYTES:
-        raise TransformersViTError(f"{what}: {path.name} is larger than {_MAX_CONFIG_BYTES >> 20} MiB; that is not a "
-                                   "model config")
+        raise TransformersViTError(
+            f"{what}: {path.name} is larger than {_MAX_CONFIG_BYTES >> 20} MiB; that is not a model config"
+        )
     try:
         value = loads_strict(path.read_bytes(), f"{what}: {path.name}")
     except ValueError as e:
@@ -101,8 +127,9 @@ def is_transformers_config(cfg: dict) -> bool:
 def _int(cfg: dict, key: str, what: str, default=None, low: int = 1, high: int = 1 << 16) -> int:
     value = cfg.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise TransformersViTError(f"{what}: config.json '{key}' must be an integer in [{low}, {high}], got "
-                                   f"{str(value)[:40]!r}")
+        raise TransformersViTError(
+            f"{what}: config.json '{key}' must be an integer in [{low}, {high}], got {str(value)[:40]!r}"
+        )
     return value
 
 
@@ -113,7 +140,8 @@ def _vit_kwargs(cfg: dict, what: str) -> dict:
         raise TransformersViTError(
             f"{what}: transformers model_type {str(model_type)[:40]!r} is not supported as a backbone; supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (ViTModel, ViTForImageClassification, DeiTModel, "
-            "DeiTForImageClassification). Use a timm model instead.")
+            "DeiTForImageClassification). Use a timm model instead."
+        )
     dim = _int(cfg, "hidden_size", what, 768)
     heads = _int(cfg, "num_attention_heads", what, 12)
     if dim % heads:
@@ -124,8 +152,7 @@ def _vit_kwargs(cfg: dict, what: str) -> dict:
     image = tuple(image) if isinstance(image, list) and len(image) == 2 else image
     patch = _int(cfg, "patch_size", what, 16)
     sizes = image if isinstance(image, tuple) else (image, image)
-    if not all(isinstance(s, int) and not isinstance(s, bool) and patch <= s <= 8192 and s % patch == 0
-               for s in sizes):
+    if not all(isinstance(s, int) and not isinstance(s, bool) and patch <= s <= 8192 and s % patch == 0 for s in sizes):
         raise TransformersViTError(f"{what}: image_size {str(image)[:40]} is not a multiple of patch_size {patch}")
     channels = _int(cfg, "num_channels", what, 3, high=64)
     eps = cfg.get("layer_norm_eps", 1e-12)
@@ -133,17 +160,30 @@ def _vit_kwargs(cfg: dict, what: str) -> dict:
         raise TransformersViTError(f"{what}: layer_norm_eps must be a number in (0, 1), got {str(eps)[:40]!r}")
     act = cfg.get("hidden_act", "gelu")
     if not isinstance(act, str) or act not in _ACTIVATIONS:
-        raise TransformersViTError(f"{what}: hidden_act {str(act)[:40]!r} is not supported (supported: "
-                                   f"{', '.join(_ACTIVATIONS)})")
+        raise TransformersViTError(
+            f"{what}: hidden_act {str(act)[:40]!r} is not supported (supported: {', '.join(_ACTIVATIONS)})"
+        )
     qkv_bias = cfg.get("qkv_bias", True)
     if not isinstance(qkv_bias, bool):
         raise TransformersViTError(f"{what}: qkv_bias must be true or false")
     ratio = hidden / dim if int(dim * (hidden / dim)) == hidden else (hidden + 0.5) / dim  # timm: int(dim * ratio)
-    return {"img_size": sizes, "patch_size": patch, "in_chans": channels, "embed_dim": dim, "depth": depth,
-            "num_heads": heads, "mlp_ratio": ratio, "qkv_bias": qkv_bias, "class_token": True,
-            "reg_tokens": 1 if model_type == "deit" else 0,  # DeiT's distillation token, after [CLS]
-            "global_pool": "token", "fc_norm": False, "norm_layer": partial(nn.LayerNorm, eps=float(eps)),
-            "act_layer": _ACTIVATIONS[act], "weight_init": "skip"}
+    return {
+        "img_size": sizes,
+        "patch_size": patch,
+        "in_chans": channels,
+        "embed_dim": dim,
+        "depth": depth,
+        "num_heads": heads,
+        "mlp_ratio": ratio,
+        "qkv_bias": qkv_bias,
+        "class_token": True,
+        "reg_tokens": 1 if model_type == "deit" else 0,  # DeiT's distillation token, after [CLS]
+        "global_pool": "token",
+        "fc_norm": False,
+        "norm_layer": partial(nn.LayerNorm, eps=float(eps)),
+        "act_layer": _ACTIVATIONS[act],
+        "weight_init": "skip",
+    }
 
 
 def _expected_shapes(kw: dict, num_classes: int) -> dict[str, tuple[int, ...]]:
@@ -152,17 +192,33 @@ def _expected_shapes(kw: dict, num_classes: int) -> dict[str, tuple[int, ...]]:
     p, c = kw["patch_size"], kw["in_chans"]
     grid = (kw["img_size"][0] // p) * (kw["img_size"][1] // p)
     prefix_tokens = 1 + kw["reg_tokens"]
-    shapes = {"cls_token": (1, 1, d), "pos_embed": (1, grid + prefix_tokens, d),
-              "patch_embed.proj.weight": (d, c, p, p), "patch_embed.proj.bias": (d,), "norm.weight": (d,),
-              "norm.bias": (d,)}
+    shapes = {
+        "cls_token": (1, 1, d),
+        "pos_embed": (1, grid + prefix_tokens, d),
+        "patch_embed.proj.weight": (d, c, p, p),
+        "patch_embed.proj.bias": (d,),
+        "norm.weight": (d,),
+        "norm.bias": (d,),
+    }
     if kw["reg_tokens"]:
         shapes["reg_token"] = (1, kw["reg_tokens"], d)
     for i in range(kw["depth"]):
         b = f"blocks.{i}."
-        shapes.update({b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "norm2.weight": (d,),
-                       b + "norm2.bias": (d,), b + "attn.qkv.weight": (3 * d, d), b + "attn.proj.weight": (d, d),
-                       b + "attn.proj.bias": (d,), b + "mlp.fc1.weight": (h, d), b + "mlp.fc1.bias": (h,),
-                       b + "mlp.fc2.weight": (d, h), b + "mlp.fc2.bias": (d,)})
+        shapes.update(
+            {
+                b + "norm1.weight": (d,),
+                b + "norm1.bias": (d,),
+                b + "norm2.weight": (d,),
+                b + "norm2.bias": (d,),
+                b + "attn.qkv.weight": (3 * d, d),
+                b + "attn.proj.weight": (d, d),
+                b + "attn.proj.bias": (d,),
+                b + "mlp.fc1.weight": (h, d),
+                b + "mlp.fc1.bias": (h,),
+                b + "mlp.fc2.weight": (d, h),
+                b + "mlp.fc2.bias": (d,),
+            }
+        )
         if kw["qkv_bias"]:
             shapes[b + "attn.qkv.bias"] = (3 * d,)
     if num_classes:
@@ -177,23 +233,30 @@ def _rename(keys: list[str], depth: int, what: str) -> tuple[dict[str, tuple[str
         TransformersViTError: neither layout is present, or the file mixes them.
     """
     prefix = next((p for p in ("vit.", "deit.") if any(k.startswith(p) for k in keys)), "")
-    found = [name for name, lay in _LAYOUTS.items()
-             if any(k.startswith(prefix + lay["block"].format(i=0)) for k in keys)]
+    found = [
+        name for name, lay in _LAYOUTS.items() if any(k.startswith(prefix + lay["block"].format(i=0)) for k in keys)
+    ]
     if len(found) != 1:
         raise TransformersViTError(
             f"{what}: the weights are in no known ViT layout (expected '{prefix}encoder.layer.0....' or "
-            f"'{prefix}layers.0....', transformers' old and new module names)" if not found else
-            f"{what}: the weights mix transformers' old and new module names")
+            f"'{prefix}layers.0....', transformers' old and new module names)"
+            if not found
+            else f"{what}: the weights mix transformers' old and new module names"
+        )
     layout = _LAYOUTS[found[0]]
-    fixed = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
-             "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-             "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-             "embeddings.distillation_token": "reg_token", "layernorm.weight": "norm.weight",
-             "layernorm.bias": "norm.bias"}
+    fixed = {
+        "embeddings.cls_token": "cls_token",
+        "embeddings.position_embeddings": "pos_embed",
+        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        "embeddings.distillation_token": "reg_token",
+        "layernorm.weight": "norm.weight",
+        "layernorm.bias": "norm.bias",
+    }
     block = re.compile(re.escape(prefix + layout["block"]).replace(r"\{i\}", r"(\d{1,4})") + r"(.+)\.(weight|bias)")
     out: dict[str, tuple[str, Optional[str]]] = {}
     for key in keys:
-        rest = key[len(prefix):] if key.startswith(prefix) else key
+        rest = key[len(prefix) :] if key.startswith(prefix) else key
         if rest in fixed:
             out[key] = (fixed[rest], None)
         elif key in ("classifier.weight", "classifier.bias"):
@@ -207,8 +270,13 @@ def _rename(keys: list[str], depth: int, what: str) -> tuple[dict[str, tuple[str
     return out, found[0]
 
 
-def _check_header(shapes: dict[str, tuple[int, ...]], renamed: dict[str, tuple[str, Optional[str]]],
-                  kw: dict, num_classes: int, what: str) -> None:
+def _check_header(
+    shapes: dict[str, tuple[int, ...]],
+    renamed: dict[str, tuple[str, Optional[str]]],
+    kw: dict,
+    num_classes: int,
+    what: str,
+) -> None:
     """Every tensor the model needs is in the file with the shape the config implies (checked on the header)."""
     expected = _expected_shapes(kw, num_classes)
     d = kw["embed_dim"]
@@ -219,16 +287,19 @@ def _check_header(shapes: dict[str, tuple[int, ...]], renamed: dict[str, tuple[s
         if part is not None and want is not None:
             want = (d, *want[1:])
         if want is None or shape != want:
-            raise TransformersViTError(f"{what}: tensor {key} has shape {list(shape)}, but config.json implies "
-                                       f"{list(want) if want else 'no such tensor'}")
+            raise TransformersViTError(
+                f"{what}: tensor {key} has shape {list(shape)}, but config.json implies "
+                f"{list(want) if want else 'no such tensor'}"
+            )
         have[timm_key + (f".{part}" if part else "")] = shape
     missing = [k for k in expected if k not in have and not (k.startswith("blocks.") and ".attn.qkv." in k)]
     for k in expected:
         if ".attn.qkv." in k:
             missing += [f"{k} ({p})" for p in "qkv" if f"{k}.{p}" not in have]
     if missing:
-        raise TransformersViTError(f"{what}: model.safetensors lacks {len(missing)} tensors the config needs, e.g. "
-                                   f"{missing[:3]}")
+        raise TransformersViTError(
+            f"{what}: model.safetensors lacks {len(missing)} tensors the config needs, e.g. {missing[:3]}"
+        )
 
 
 def timm_state_dict(tensors: dict[str, torch.Tensor], depth: int, what: str = "weights") -> dict[str, torch.Tensor]:
@@ -256,10 +327,14 @@ def _channels(value, default: tuple, n: int, what: str, field: str) -> tuple:
     value = default if value is None else value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value] * n
-    if not isinstance(value, (list, tuple)) or len(value) != n or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
-        raise TransformersViTError(f"{what}: preprocessor_config.json {field} must be {n} finite numbers, got "
-                                   f"{str(value)[:40]}")
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != n
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    ):
+        raise TransformersViTError(
+            f"{what}: preprocessor_config.json {field} must be {n} finite numbers, got {str(value)[:40]}"
+        )
     return tuple(float(v) for v in value)
 
 
@@ -272,10 +347,15 @@ def _preprocessing(folder: Path, kw: dict, what: str) -> dict:
     if path.is_file():
         pre = read_json(path, what)
         factor = pre.get("rescale_factor", 1 / 255)
-        if pre.get("do_rescale", True) is not True or isinstance(factor, bool) or not isinstance(
-                factor, (int, float)) or abs(factor * 255 - 1) > 1e-6:
-            raise TransformersViTError(f"{what}: preprocessor_config.json does not scale pixels by 1/255, which is "
-                                       "the only scaling supported")
+        if (
+            pre.get("do_rescale", True) is not True
+            or isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or abs(factor * 255 - 1) > 1e-6
+        ):
+            raise TransformersViTError(
+                f"{what}: preprocessor_config.json does not scale pixels by 1/255, which is the only scaling supported"
+            )
         if pre.get("do_normalize", True):
             mean = _channels(pre.get("image_mean"), mean, n, what, "image_mean")
             std = _channels(pre.get("image_std"), std, n, what, "image_std")
@@ -291,15 +371,23 @@ def _preprocessing(folder: Path, kw: dict, what: str) -> dict:
         elif isinstance(raw, int) and not isinstance(raw, bool):
             size = (raw, raw)
         if pre.get("do_resize", True) and tuple(size) != tuple(kw["img_size"]):
-            raise TransformersViTError(f"{what}: preprocessor_config.json resizes to {list(size)} but the model "
-                                       f"takes {list(kw['img_size'])}")
+            raise TransformersViTError(
+                f"{what}: preprocessor_config.json resizes to {list(size)} but the model takes {list(kw['img_size'])}"
+            )
         resample = pre.get("resample", 2)
         if isinstance(resample, bool) or resample not in _RESAMPLE:
-            raise TransformersViTError(f"{what}: preprocessor_config.json has an unknown resample "
-                                       f"{str(resample)[:20]!r}")
+            raise TransformersViTError(
+                f"{what}: preprocessor_config.json has an unknown resample {str(resample)[:20]!r}"
+            )
         interp = _RESAMPLE[resample]
-    return {"mean": mean, "std": std, "input_size": (n, *kw["img_size"]), "interpolation": interp, "crop_pct": 1.0,
-            "crop_mode": "squash"}
+    return {
+        "mean": mean,
+        "std": std,
+        "input_size": (n, *kw["img_size"]),
+        "interpolation": interp,
+        "crop_pct": 1.0,
+        "crop_mode": "squash",
+    }
 
 
 def label_names(cfg: dict, n: int) -> Optional[list[str]]:
@@ -340,10 +428,11 @@ def vit_from_folder(folder: Path, name: str, hub_id: Optional[str] = None, pretr
         if not weights.is_file():
             pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
             raise TransformersViTError(
-                f"{name}: there is no model.safetensors" + (f"; {pickles} are pickles, which are never loaded" if
-                                                           pickles else "") +
-                ". To convert trusted weights: ViTModel.from_pretrained(...).save_pretrained(folder) writes "
-                "model.safetensors.")
+                f"{name}: there is no model.safetensors"
+                + (f"; {pickles} are pickles, which are never loaded" if pickles else "")
+                + ". To convert trusted weights: ViTModel.from_pretrained(...).save_pretrained(folder) writes "
+                "model.safetensors."
+            )
         try:
             with safe_open(str(weights), framework="pt") as f:
                 keys = list(f.keys())
@@ -354,8 +443,9 @@ def vit_from_folder(folder: Path, name: str, hub_id: Optional[str] = None, pretr
                 _check_header(shapes, renamed, kw, num_classes, name)
                 state = timm_state_dict({k: f.get_tensor(k) for k in renamed}, kw["depth"], name)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise TransformersViTError(f"{name}: model.safetensors cannot be read (corrupt or truncated?): "
-                                       f"{e}") from None
+            raise TransformersViTError(
+                f"{name}: model.safetensors cannot be read (corrupt or truncated?): {e}"
+            ) from None
         bad = [k for k, t in state.items() if not torch.is_floating_point(t) or not torch.isfinite(t).all()]
         if bad:
             raise TransformersViTError(f"{name}: tensor {bad[0]} is not floating point or holds NaN/Inf values")
@@ -367,8 +457,14 @@ def vit_from_folder(folder: Path, name: str, hub_id: Optional[str] = None, pretr
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     names = label_names(cfg, num_classes)
     model.pretrained_cfg = model.default_cfg = {
-        **_preprocessing(folder, kw, name), "architecture": "vit_transformers", "num_classes": num_classes,
-        "hf_hub_id": hub_id, "model_type": cfg["model_type"], "label_names": names, "source": "transformers"}
+        **_preprocessing(folder, kw, name),
+        "architecture": "vit_transformers",
+        "num_classes": num_classes,
+        "hf_hub_id": hub_id,
+        "model_type": cfg["model_type"],
+        "label_names": names,
+        "source": "transformers",
+    }
     return model
 
 
@@ -392,15 +488,15 @@ def _hub_folder(repo: str, revision: Optional[str], name: str) -> Optional[Path]
     if not is_transformers_config(cfg):
         return None
     try:
-        folder = download_repo_files(repo, ["config.json", "preprocessor_config.json", "model.safetensors"],
-                                     revision)
+        folder = download_repo_files(repo, ["config.json", "preprocessor_config.json", "model.safetensors"], revision)
     except HubError as e:
         raise TransformersViTError(f"{name}: {e}") from None
     if not (folder / "model.safetensors").is_file():
         raise TransformersViTError(
             f"{name}: the Hub repository '{repo}' has no model.safetensors; pickled weights (.bin) are never "
             "loaded. To convert trusted weights: ViTModel.from_pretrained(...).save_pretrained(folder) writes "
-            "model.safetensors; upload it to the repository or pass the folder.")
+            "model.safetensors; upload it to the repository or pass the folder."
+        )
     return folder
 
 
@@ -436,4 +532,3 @@ def load_transformers_vit(name: str, pretrained: bool = True) -> Optional[nn.Mod
     except TransformersViTError as e:
         raise BackboneError(f"Backbone {e}") from None
     return None
-

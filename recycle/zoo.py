@@ -7,6 +7,7 @@ are skipped, so an interrupted job resumes where it stopped. Under torchrun the 
 round-robin (each seeded by its index, so the zoo and the pool are the same for any number of ranks); rank 0 writes
 ``zoo.json`` once every LoRA is on disk.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -68,8 +69,11 @@ def read_zoo_manifest(root: Path) -> dict:
         if size > MAX_ZOO_MANIFEST_BYTES:
             raise ValueError(f"{path} is {size} bytes; a zoo manifest is at most {MAX_ZOO_MANIFEST_BYTES} bytes")
         # zoos written before held-out accuracies were stored as null hold NaN there: read as null
-        manifest = json.loads(path.read_bytes(), parse_constant=lambda _: None,
-                              parse_float=lambda text: float(text) if math.isfinite(float(text)) else None)
+        manifest = json.loads(
+            path.read_bytes(),
+            parse_constant=lambda _: None,
+            parse_float=lambda text: float(text) if math.isfinite(float(text)) else None,
+        )
     except OSError as e:
         raise ValueError(f"{path} cannot be read ({e.strerror or e})") from None
     except RecursionError:
@@ -77,8 +81,10 @@ def read_zoo_manifest(root: Path) -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); fix or delete it to rebuild the zoo manifest") from None
     if not isinstance(manifest, dict):
-        raise ValueError(f"{path} holds a JSON {type(manifest).__name__ if manifest is not None else 'null'}; a zoo "
-                         "manifest is an object with a 'loras' list")
+        raise ValueError(
+            f"{path} holds a JSON {type(manifest).__name__ if manifest is not None else 'null'}; a zoo "
+            "manifest is an object with a 'loras' list"
+        )
     loras = manifest.get("loras", [])
     if not isinstance(loras, list):
         raise ValueError(f"{path}: 'loras' must be a list of entries, got {json.dumps(loras)[:40]}")
@@ -97,8 +103,10 @@ def read_zoo_manifest(root: Path) -> dict:
             raise ValueError(f"{path}: entry {k + 1} of 'loras': {problem}")
         name = entry["name"]
         if name in seen:
-            raise ValueError(f"{path}: entries {seen[name] + 1} and {k + 1} of 'loras' are both named {name!r}; "
-                             "each LoRA must be listed once")
+            raise ValueError(
+                f"{path}: entries {seen[name] + 1} and {k + 1} of 'loras' are both named {name!r}; "
+                "each LoRA must be listed once"
+            )
         seen[name] = k
         classes = entry.get("classes", [])
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
@@ -125,13 +133,21 @@ def _entry_from_disk(directory: Path) -> dict:
     run killed before it updated the manifest)."""
     adapter = read_adapter(directory)
     stamp = _dt.datetime.fromtimestamp((directory / ADAPTER_CONFIG).stat().st_mtime, _dt.timezone.utc)
-    return {"name": directory.name, "classes": adapter.class_names,
-            "holdout_acc": _accuracy(adapter.info.get("holdout_acc")),
-            "created": stamp.isoformat(timespec="seconds")}
+    return {
+        "name": directory.name,
+        "classes": adapter.class_names,
+        "holdout_acc": _accuracy(adapter.info.get("holdout_acc")),
+        "created": stamp.isoformat(timespec="seconds"),
+    }
 
 
-def pretune_zoo(backbone: Backbone, data: Union[str, Path], out: Union[str, Path], config: PretuneConfig,
-                progress: Optional[Callable[[int, int, dict], None]] = None) -> dict:
+def pretune_zoo(
+    backbone: Backbone,
+    data: Union[str, Path],
+    out: Union[str, Path],
+    config: PretuneConfig,
+    progress: Optional[Callable[[int, int, dict], None]] = None,
+) -> dict:
     """Build (or finish) a zoo of ``config.num_loras`` LoRAs under `out`; returns the zoo manifest.
 
     Under torchrun each rank tunes its share; rank 0 waits for the others' LoRAs and returns the whole manifest, the
@@ -142,11 +158,19 @@ def pretune_zoo(backbone: Backbone, data: Union[str, Path], out: Union[str, Path
     tasks = sample_tasks(len(names), config.num_loras, config.way, config.seed)
     manifest = read_zoo_manifest(out)
     if manifest and manifest.get("config", {}).get("seed") != config.seed:
-        raise ValueError(f"{out} holds a zoo made with seed {manifest['config'].get('seed')}; use that seed to "
-                         "resume, or another folder")
+        raise ValueError(
+            f"{out} holds a zoo made with seed {manifest['config'].get('seed')}; use that seed to "
+            "resume, or another folder"
+        )
     entries = {e["name"]: e for e in manifest.get("loras", [])}
-    manifest = {"format": "recycle-zoo", "version": 1, "backbone": backbone.name, "data": str(data),
-                "config": asdict(config), "loras": []}
+    manifest = {
+        "format": "recycle-zoo",
+        "version": 1,
+        "backbone": backbone.name,
+        "data": str(data),
+        "config": asdict(config),
+        "loras": [],
+    }
     lora_names = [f"lora_{k:03d}" for k in range(len(tasks))]
     serial = distributed.world_size() == 1
     for k in distributed.shard_indices(len(tasks)):
@@ -164,14 +188,30 @@ def pretune_zoo(backbone: Backbone, data: Union[str, Path], out: Union[str, Path
                 (train_y if i < cut else val_y).append(label)
         x = backbone.preprocess(train_x)
         vx = backbone.preprocess(val_x) if val_x else None
-        adapter, acc = tune_lora(backbone, x, torch.tensor(train_y), config, config.seed * 100_003 + k, vx,
-                                 torch.tensor(val_y) if val_y else None)
+        adapter, acc = tune_lora(
+            backbone,
+            x,
+            torch.tensor(train_y),
+            config,
+            config.seed * 100_003 + k,
+            vx,
+            torch.tensor(val_y) if val_y else None,
+        )
         adapter.class_names = [names[c] for c in classes]
-        adapter.info = {"made_by": "recycle pretune", "data": str(data), "task": k, "holdout_acc": acc,
-                        "steps": config.steps}
+        adapter.info = {
+            "made_by": "recycle pretune",
+            "data": str(data),
+            "task": k,
+            "holdout_acc": acc,
+            "steps": config.steps,
+        }
         save_adapter(adapter, out / name)
-        entry = {"name": name, "classes": adapter.class_names, "holdout_acc": _accuracy(acc),
-                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        entry = {
+            "name": name,
+            "classes": adapter.class_names,
+            "holdout_acc": _accuracy(acc),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
         manifest["loras"].append(entry)
         if serial:  # with several ranks only rank 0 writes the manifest, at the end
             atomic_write_bytes(out / ZOO_MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -181,11 +221,13 @@ def pretune_zoo(backbone: Backbone, data: Union[str, Path], out: Union[str, Path
     if not distributed.is_main():
         return manifest
     if not serial:
-        distributed.wait_until(lambda: sum(not _finished(out / n) for n in lora_names),
-                               "waiting for the other ranks' LoRAs")
+        distributed.wait_until(
+            lambda: sum(not _finished(out / n) for n in lora_names), "waiting for the other ranks' LoRAs"
+        )
         mine = {e["name"]: e for e in manifest["loras"]}
-        manifest["loras"] = [mine[n] if n in mine else entries[n] if n in entries else _entry_from_disk(out / n)
-                             for n in lora_names]
+        manifest["loras"] = [
+            mine[n] if n in mine else entries[n] if n in entries else _entry_from_disk(out / n) for n in lora_names
+        ]
     atomic_write_bytes(out / ZOO_MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
@@ -204,7 +246,8 @@ def load_zoo(root: Union[str, Path], backbone: Optional[Backbone] = None) -> lis
         raise FileNotFoundError(f"zoo folder '{root}' does not exist")
     manifest = read_zoo_manifest(root)
     names = [e["name"] for e in manifest.get("loras", [])] or sorted(
-        d.name for d in root.iterdir() if (d / ADAPTER_WEIGHTS).is_file())
+        d.name for d in root.iterdir() if (d / ADAPTER_WEIGHTS).is_file()
+    )
     if not names:
         raise ValueError(f"zoo '{root}' holds no LoRAs")
     inside = root.resolve()
@@ -222,10 +265,15 @@ def load_zoo(root: Union[str, Path], backbone: Optional[Backbone] = None) -> lis
     return out
 
 
-def invert_zoo(backbone: Backbone, zoo: Union[str, Path], root: Union[str, Path], config: InversionConfig,
-               bn_prior: Optional[BNPrior] = None, settings: Optional[dict] = None,
-               progress: Optional[Callable[[str, InversionProgress], None]] = None
-               ) -> list[tuple[str, Path, Optional[InversionResult]]]:
+def invert_zoo(
+    backbone: Backbone,
+    zoo: Union[str, Path],
+    root: Union[str, Path],
+    config: InversionConfig,
+    bn_prior: Optional[BNPrior] = None,
+    settings: Optional[dict] = None,
+    progress: Optional[Callable[[str, InversionProgress], None]] = None,
+) -> list[tuple[str, Path, Optional[InversionResult]]]:
     """Invert every LoRA of the zoo folder `zoo` into the pool at `root`: one run per LoRA, named
     ``<LoRA name>-<fingerprint[:8]>``, LoRA k seeded by ``derive_seed(config.seed, k)``.
 
@@ -249,9 +297,11 @@ def invert_zoo(backbone: Backbone, zoo: Union[str, Path], root: Union[str, Path]
     for name, adapter in zoo_loras:  # two LoRAs must never share a run folder
         run_name = run_folder_name(name, adapter)
         if run_name in runs:
-            raise PoolError(f"zoo '{zoo}': LoRAs {runs[run_name]!r} and {name!r} would both be inverted into the pool "
-                            f"run '{run_name}' (the same weights, or names that are the same as folder names); "
-                            "remove one or rename it")
+            raise PoolError(
+                f"zoo '{zoo}': LoRAs {runs[run_name]!r} and {name!r} would both be inverted into the pool "
+                f"run '{run_name}' (the same weights, or names that are the same as folder names); "
+                "remove one or rename it"
+            )
         runs[run_name] = name
     grid = tuple(backbone.model.patch_embed.grid_size)
     done = []
@@ -263,21 +313,26 @@ def invert_zoo(backbone: Backbone, zoo: Union[str, Path], root: Union[str, Path]
         if (run / "manifest.json").is_file():
             found = read_run_manifest(run / "manifest.json")["settings"]
             if found != record:
-                changed = sorted(key for key in set(found) | set(record)
-                                 if found.get(key) != record.get(key))
-                raise PoolError(f"{run} (LoRA {name!r} of the zoo) was inverted with other settings "
-                                f"({', '.join(changed)} differ); use another pool folder, or the settings it was made "
-                                "with")
+                changed = sorted(key for key in set(found) | set(record) if found.get(key) != record.get(key))
+                raise PoolError(
+                    f"{run} (LoRA {name!r} of the zoo) was inverted with other settings "
+                    f"({', '.join(changed)} differ); use another pool folder, or the settings it was made "
+                    "with"
+                )
             _logger.info("pool: %s is already inverted (%s)", name, run.name)
             done.append((name, run, None))
             continue
         if run.exists():
             raise PoolError(f"{run} exists but holds no manifest.json, so it is not a finished run; remove it")
         try:
-            result = invert(backbone, adapter, cfg, bn_prior=bn_prior,
-                            progress=None if progress is None else lambda p, n=name: progress(n, p))
+            result = invert(
+                backbone,
+                adapter,
+                cfg,
+                bn_prior=bn_prior,
+                progress=None if progress is None else lambda p, n=name: progress(n, p),
+            )
         except ValueError as e:  # a LoRA without a head, a teacher with non-finite outputs: name the LoRA
             raise type(e)(f"zoo '{zoo}', LoRA {name!r}: {e}") from None
-        done.append((name, write_run(root, result, adapter, str(Path(zoo) / name), record, grid, run.name),
-                     result))
+        done.append((name, write_run(root, result, adapter, str(Path(zoo) / name), record, grid, run.name), result))
     return done

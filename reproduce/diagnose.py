@@ -11,6 +11,7 @@
 3. **Teacher agreement.** How often each zoo LoRA's own head labels its synthetic images as their target class, on
    all tokens and on the kept tokens at each masking ratio (the invert stage's summary of the pools).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,8 @@ from recycle.meta import meta_train
 
 from .pipeline import MASKS, ReproConfig, val_curve
 
-def meta_curve(work: Path, cfg: ReproConfig, train: Path, val: Path, steps: int, every: int
-               ) -> list[tuple[int, float]]:
+
+def meta_curve(work: Path, cfg: ReproConfig, train: Path, val: Path, steps: int, every: int) -> list[tuple[int, float]]:
     """[(step, accuracy %)] on fixed episodes of `val` while meta-training (the pipeline's recipe) on the real images
     of `train`; step 0 is the bare backbone."""
     backbone = load_backbone(str(work / "mini-vit"), device="cpu")
@@ -48,8 +49,9 @@ def meta_curve(work: Path, cfg: ReproConfig, train: Path, val: Path, steps: int,
     source = FolderEpisodes(train, meta.spec, backbone.input_size[1:])
     out = Path(tempfile.mkdtemp(prefix="diagnose-"))
     try:
-        meta_train(backbone, source, replace(meta, steps=steps, val_every=every, checkpoint_every=steps), out,
-                   validate=record)
+        meta_train(
+            backbone, source, replace(meta, steps=steps, val_every=every, checkpoint_every=steps), out, validate=record
+        )
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return curve
@@ -59,7 +61,7 @@ def _split_classes(root: Path, tmp: Path) -> tuple[Path, Path]:
     """Two disjoint halves of `root`'s classes, as folders of symlinks under `tmp`."""
     classes = sorted(p for p in root.iterdir() if p.is_dir())
     halves = (tmp / "first", tmp / "second")
-    for half, members in zip(halves, (classes[: len(classes) // 2], classes[len(classes) // 2:])):
+    for half, members in zip(halves, (classes[: len(classes) // 2], classes[len(classes) // 2 :])):
         half.mkdir()
         for c in members:
             (half / c.name).symlink_to(c.resolve(), target_is_directory=True)
@@ -67,8 +69,11 @@ def _split_classes(root: Path, tmp: Path) -> tuple[Path, Path]:
 
 
 def _curve_table(curve: list[tuple[int, float]], label: str) -> list[str]:
-    return ["| step | " + " | ".join(str(s) for s, _ in curve) + " |", "|---|" + "---|" * len(curve),
-            f"| {label} | " + " | ".join(f"{a:.2f}" for _, a in curve) + " |"]
+    return [
+        "| step | " + " | ".join(str(s) for s, _ in curve) + " |",
+        "|---|" + "---|" * len(curve),
+        f"| {label} | " + " | ".join(f"{a:.2f}" for _, a in curve) + " |",
+    ]
 
 
 def report(work: Path, steps: int, cfg: Optional[ReproConfig] = None) -> str:
@@ -84,22 +89,37 @@ def report(work: Path, steps: int, cfg: Optional[ReproConfig] = None) -> str:
             raise ValueError(f"the cross-domain split needs at least {2 * cfg.meta.way} classes for the domain check")
         domain = meta_curve(work, cfg, seen, unseen, steps, every)
     episodes = f"5-way {cfg.meta.shot}-shot, {cfg.meta.query} queries, {cfg.meta.val_episodes} fixed episodes"
-    lines = ["# Diagnostics", "", f"Command: `python -m reproduce.diagnose --work {work} --steps {steps}`", "",
-             "## 1. Ceiling check: the oracle, meta-trained on the zoo classes' real images", "",
-             f"Validation accuracy (%, {episodes}: the pipeline's model-selection episodes) during the pipeline's "
-             f"`meta-oracle` stage; step 0 is the bare backbone (NN). Best: {max(a for _, a in oracle):.2f}, "
-             f"{max(a for _, a in oracle) - oracle[0][1]:+.2f} points over NN.", "",
-             *_curve_table(oracle, "val accuracy"), "",
-             "## 2. A domain the backbone has not seen: Hangul", "",
-             f"The same meta-training ({steps} steps) on the real images of the first half of the Hangul classes (the "
-             f"backbone was pretrained on Han only), scored on the other half ({episodes}).", "",
-             *_curve_table(domain, "held-out Hangul accuracy"), "",
-             "## 3. Teacher agreement on the surrogate images", "",
-             "| pool | all tokens | kept tokens |", "|---|---|---|"]
+    lines = [
+        "# Diagnostics",
+        "",
+        f"Command: `python -m reproduce.diagnose --work {work} --steps {steps}`",
+        "",
+        "## 1. Ceiling check: the oracle, meta-trained on the zoo classes' real images",
+        "",
+        f"Validation accuracy (%, {episodes}: the pipeline's model-selection episodes) during the pipeline's "
+        f"`meta-oracle` stage; step 0 is the bare backbone (NN). Best: {max(a for _, a in oracle):.2f}, "
+        f"{max(a for _, a in oracle) - oracle[0][1]:+.2f} points over NN.",
+        "",
+        *_curve_table(oracle, "val accuracy"),
+        "",
+        "## 2. A domain the backbone has not seen: Hangul",
+        "",
+        f"The same meta-training ({steps} steps) on the real images of the first half of the Hangul classes (the "
+        f"backbone was pretrained on Han only), scored on the other half ({episodes}).",
+        "",
+        *_curve_table(domain, "held-out Hangul accuracy"),
+        "",
+        "## 3. Teacher agreement on the surrogate images",
+        "",
+        "| pool | all tokens | kept tokens |",
+        "|---|---|---|",
+    ]
     inverted = json.loads((work / "invert.done.json").read_text())  # the invert stage's summary of the pools
     for r in MASKS:
-        lines.append(f"| {int(r * 100)}% masked | {inverted['teacher_accuracy']:.3f} | "
-                     f"{inverted['teacher_accuracy_kept_tokens'][str(r)]:.3f} |")
+        lines.append(
+            f"| {int(r * 100)}% masked | {inverted['teacher_accuracy']:.3f} | "
+            f"{inverted['teacher_accuracy_kept_tokens'][str(r)]:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ than to every other view in the batch. The objective is instance discrimination,
 character in another font", which leaves room for meta-learning; the colour views make the features cover the
 downstream's tinted look. The projection head is dropped after pretraining; the [CLS] feature is the embedding.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,13 +45,22 @@ class ContrastConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "scale", tuple(self.scale))
-        checks = [("steps", self.steps >= 1), ("batch", self.batch >= 2), ("lr", 0 < self.lr < 1),
-                  ("weight_decay", 0 <= self.weight_decay < 1), ("temperature", 0 < self.temperature <= 10),
-                  ("colour", 0 <= self.colour <= 1), ("min_contrast", 0 <= self.min_contrast < 1),
-                  ("rotate", 0 <= self.rotate <= 180), ("shift", 0 <= self.shift < 0.5),
-                  ("stroke", 0 <= self.stroke <= 1), ("elastic", 0 <= self.elastic <= 8), ("blur", 0 <= self.blur <= 1),
-                  ("scale", len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 4),
-                  ("proj_dim", self.proj_dim >= 1)]
+        checks = [
+            ("steps", self.steps >= 1),
+            ("batch", self.batch >= 2),
+            ("lr", 0 < self.lr < 1),
+            ("weight_decay", 0 <= self.weight_decay < 1),
+            ("temperature", 0 < self.temperature <= 10),
+            ("colour", 0 <= self.colour <= 1),
+            ("min_contrast", 0 <= self.min_contrast < 1),
+            ("rotate", 0 <= self.rotate <= 180),
+            ("shift", 0 <= self.shift < 0.5),
+            ("stroke", 0 <= self.stroke <= 1),
+            ("elastic", 0 <= self.elastic <= 8),
+            ("blur", 0 <= self.blur <= 1),
+            ("scale", len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 4),
+            ("proj_dim", self.proj_dim >= 1),
+        ]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"invalid contrastive pretraining setting {name}={getattr(self, name)!r}")
@@ -104,8 +114,15 @@ def nt_xent(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Te
     return F.cross_entropy(sim, target), (sim.argmax(-1) == target).float().mean()
 
 
-def pretrain_contrastive(model: torch.nn.Module, x: torch.Tensor, config: ContrastConfig, mean: torch.Tensor,
-                         std: torch.Tensor, every: int = 0, callback: Optional[Callable[[int], None]] = None) -> dict:
+def pretrain_contrastive(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    config: ContrastConfig,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    every: int = 0,
+    callback: Optional[Callable[[int], None]] = None,
+) -> dict:
     """Pretrain `model` (a timm ViT with ``num_classes=0``) in place on uint8 images ``x`` ``(N, 3, H, W)``.
 
     `mean` and `std` ``(1, 3, 1, 1)`` normalise the views. Returns the last 100 steps' mean loss and positive-match
@@ -115,8 +132,9 @@ def pretrain_contrastive(model: torch.nn.Module, x: torch.Tensor, config: Contra
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     width = model.num_features
-    proj = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(),
-                               torch.nn.Linear(2 * width, config.proj_dim))
+    proj = torch.nn.Sequential(
+        torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, config.proj_dim)
+    )
     params = list(model.parameters()) + list(proj.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warm = max(1, config.steps // 20)
@@ -135,13 +153,20 @@ def pretrain_contrastive(model: torch.nn.Module, x: torch.Tensor, config: Contra
         losses.append(loss.item())
         accs.append(acc.item())
         if (step + 1) % 100 == 0:
-            _logger.info("  step %d/%d loss %.3f positive-match %.3f", step + 1, config.steps,
-                         sum(losses[-100:]) / 100, sum(accs[-100:]) / 100)
+            _logger.info(
+                "  step %d/%d loss %.3f positive-match %.3f",
+                step + 1,
+                config.steps,
+                sum(losses[-100:]) / 100,
+                sum(accs[-100:]) / 100,
+            )
         if callback is not None and every > 0 and (step + 1) % every == 0:
             model.eval()
             callback(step + 1)
             model.train()
     model.eval()
     tail = slice(-min(100, len(losses)), None)
-    return {"loss": round(sum(losses[tail]) / len(losses[tail]), 4),
-            "positive_match": round(sum(accs[tail]) / len(accs[tail]), 4)}
+    return {
+        "loss": round(sum(losses[tail]) / len(losses[tail]), 4),
+        "positive_match": round(sum(accs[tail]) / len(accs[tail]), 4),
+    }

@@ -5,6 +5,7 @@ shift, stroke width, blur, noise). Han characters present in all eight fonts giv
 deterministically into disjoint pretraining / zoo / validation / test sets; Hangul syllables (in the three of those
 fonts that have them) give the cross-domain test set. Images are written in ImageFolder layout.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,20 +89,26 @@ class SplitSpec:
         if self.source_script not in ("han", "hangul"):
             raise ValueError(f"source_script={self.source_script!r}: choose 'han' or 'hangul'")
         if self.cross_script not in SCRIPTS or self.cross_script in ("han", self.source_script):
-            raise ValueError(f"cross_script={self.cross_script!r}: choose a script of {sorted(SCRIPTS)} that no other "
-                             f"split uses (pretraining: {self.source_script}, downstream: han)")
+            raise ValueError(
+                f"cross_script={self.cross_script!r}: choose a script of {sorted(SCRIPTS)} that no other "
+                f"split uses (pretraining: {self.source_script}, downstream: han)"
+            )
         for script in self.source_extra:
             if script not in SCRIPTS or script in ("han", self.source_script, self.cross_script):
-                raise ValueError(f"source_extra={self.source_extra!r}: {script!r} must be a script of "
-                                 f"{sorted(SCRIPTS)} other than han, the source script and the cross-domain script")
+                raise ValueError(
+                    f"source_extra={self.source_extra!r}: {script!r} must be a script of "
+                    f"{sorted(SCRIPTS)} other than han, the source script and the cross-domain script"
+                )
         if len(set(self.source_extra)) != len(self.source_extra):
             raise ValueError(f"source_extra={self.source_extra!r}: a script is named twice")
         if self.check_style is not None and self.check_style not in STYLES:
             raise ValueError(f"check_style={self.check_style!r}: choose one of {STYLES} or None")
-        if self.prior_classes is not None and not (isinstance(self.prior_classes, int)
-                                                   and 1 <= self.prior_classes <= self.pretrain):
-            raise ValueError(f"prior_classes={self.prior_classes!r}: must be None or from 1 to pretrain="
-                             f"{self.pretrain}")
+        if self.prior_classes is not None and not (
+            isinstance(self.prior_classes, int) and 1 <= self.prior_classes <= self.pretrain
+        ):
+            raise ValueError(
+                f"prior_classes={self.prior_classes!r}: must be None or from 1 to pretrain={self.pretrain}"
+            )
         for name in ("train_aug", "eval_aug", "cross_aug", "zoo_aug", "prior_aug"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -127,8 +134,12 @@ def coverage(blocks: tuple[tuple[int, int], ...]) -> tuple[list[str], list[str]]
     import unicodedata
 
     def wanted(c: int) -> bool:
-        return any(lo <= c <= hi for lo, hi in blocks) and unicodedata.category(chr(c)) == "Lo" and \
-            "SMALL" not in unicodedata.name(chr(c), "")
+        return (
+            any(lo <= c <= hi for lo, hi in blocks)
+            and unicodedata.category(chr(c)) == "Lo"
+            and "SMALL" not in unicodedata.name(chr(c), "")
+        )
+
     sets = {pkg: {c for c in _cmap(path) if wanted(c)} for pkg, path in FONTS.items()}
     size = sum(hi - lo + 1 for lo, hi in blocks)
     usable = [pkg for pkg, s in sets.items() if len(s) >= 0.2 * size]
@@ -168,9 +179,17 @@ def recolour(x: "torch.Tensor", generator: "torch.Generator", min_contrast: floa
     return (255 * out).round().clamp(0, 255).to(torch.uint8)
 
 
-def render(char: str, font: ImageFont.FreeTypeFont, rng: random.Random, size: int = 32, augment: bool = True,
-           style: str = "plain", min_contrast: float = 0.35, distractors: Sequence[str] = (), clutter: int = 2
-           ) -> Image.Image:
+def render(
+    char: str,
+    font: ImageFont.FreeTypeFont,
+    rng: random.Random,
+    size: int = 32,
+    augment: bool = True,
+    style: str = "plain",
+    min_contrast: float = 0.35,
+    distractors: Sequence[str] = (),
+    clutter: int = 2,
+) -> Image.Image:
     """One glyph, ``size``×``size`` RGB, augmented with `rng`: dark on light (``plain``), in random ink and paper
     colours (``tint``), or plain with `clutter` characters drawn from `distractors` cut by the image's edges
     (``clutter``)."""
@@ -184,16 +203,27 @@ def render(char: str, font: ImageFont.FreeTypeFont, rng: random.Random, size: in
             raise ValueError("style='clutter' needs distractor characters")
         for _ in range(clutter):  # centred 0.55-0.75 canvas away: 30-60% of the fragment shows at an edge or corner
             angle, radius = rng.uniform(0, 2 * math.pi), rng.uniform(0.55, 0.75) * canvas
-            draw.text((canvas / 2 + radius * math.cos(angle), canvas / 2 + radius * math.sin(angle)),
-                      rng.choice(distractors), font=font, fill=0, anchor="mm", stroke_width=stroke, stroke_fill=0)
+            draw.text(
+                (canvas / 2 + radius * math.cos(angle), canvas / 2 + radius * math.sin(angle)),
+                rng.choice(distractors),
+                font=font,
+                fill=0,
+                anchor="mm",
+                stroke_width=stroke,
+                stroke_fill=0,
+            )
     if augment:
         angle = rng.uniform(-12, 12)
         scale = rng.uniform(0.8, 1.1)
         dx, dy = rng.uniform(-0.08, 0.08) * canvas, rng.uniform(-0.08, 0.08) * canvas
         img = img.rotate(angle, resample=Image.BICUBIC, fillcolor=255)
-        img = img.transform(img.size, Image.AFFINE, (1 / scale, 0, (1 - 1 / scale) * canvas / 2 - dx,
-                                                     0, 1 / scale, (1 - 1 / scale) * canvas / 2 - dy),
-                            resample=Image.BICUBIC, fillcolor=255)
+        img = img.transform(
+            img.size,
+            Image.AFFINE,
+            (1 / scale, 0, (1 - 1 / scale) * canvas / 2 - dx, 0, 1 / scale, (1 - 1 / scale) * canvas / 2 - dy),
+            resample=Image.BICUBIC,
+            fillcolor=255,
+        )
     img = img.resize((size, size), Image.LANCZOS)
     if augment:
         blur = rng.uniform(0, 0.7)
@@ -208,13 +238,22 @@ def render(char: str, font: ImageFont.FreeTypeFont, rng: random.Random, size: in
         raise ValueError(f"style={style!r}: choose one of {STYLES}")
     if augment:
         sigma = rng.uniform(0, 10)
-        arr = arr + np.random.default_rng(rng.randrange(2 ** 32)).normal(0, sigma, arr.shape[:2])[..., None]
+        arr = arr + np.random.default_rng(rng.randrange(2**32)).normal(0, sigma, arr.shape[:2])[..., None]
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def _render_split(root: Path, chars: list[str], packages: list[str], n_aug: int, size: int, seed: int,
-                  style: str = "plain", min_contrast: float = 0.35, distractors: Sequence[str] = (),
-                  clutter: int = 2) -> None:
+def _render_split(
+    root: Path,
+    chars: list[str],
+    packages: list[str],
+    n_aug: int,
+    size: int,
+    seed: int,
+    style: str = "plain",
+    min_contrast: float = 0.35,
+    distractors: Sequence[str] = (),
+    clutter: int = 2,
+) -> None:
     fonts = {pkg: ImageFont.truetype(FONTS[pkg], size=int(2.6 * size), index=0) for pkg in packages}
     for k, ch in enumerate(chars):
         d = root / ch  # the class is named by its character
@@ -222,8 +261,16 @@ def _render_split(root: Path, chars: list[str], packages: list[str], n_aug: int,
         rng = random.Random(f"{seed}-{ord(ch)}")
         for f, (pkg, font) in enumerate(fonts.items()):
             for a in range(n_aug):
-                render(ch, font, rng, size, style=style, min_contrast=min_contrast, distractors=distractors,
-                       clutter=clutter).save(d / f"{f}_{a}.png")
+                render(
+                    ch,
+                    font,
+                    rng,
+                    size,
+                    style=style,
+                    min_contrast=min_contrast,
+                    distractors=distractors,
+                    clutter=clutter,
+                ).save(d / f"{f}_{a}.png")
         if (k + 1) % 200 == 0:
             _logger.info("%s: %d/%d classes", root.name, k + 1, len(chars))
 
@@ -252,52 +299,72 @@ def build(out: Path, spec: SplitSpec = SplitSpec(), only: Optional[tuple[str, ..
 
     def take(script: str, n: int, split: str) -> list[str]:
         if used[script] + n > len(chars[script]):
-            raise ValueError(f"not enough {script} characters for the {split} split: {len(chars[script])} exist, "
-                             f"{used[script]} are taken")
+            raise ValueError(
+                f"not enough {script} characters for the {split} split: {len(chars[script])} exist, "
+                f"{used[script]} are taken"
+            )
         used[script] += n
-        return chars[script][used[script] - n:used[script]]
+        return chars[script][used[script] - n : used[script]]
+
     splits = {"pretrain": take(spec.source_script, spec.pretrain, "pretrain")}
     for name in ("zoo", "val", "test"):
         splits[name] = take("han", getattr(spec, name), name)
     splits["cross"] = take(spec.cross_script, spec.cross, "cross")
     script_of = {"pretrain": spec.source_script, "cross": spec.cross_script}
     # Clutter comes from characters of no split: the rest of each script, in a fixed order.
-    distractors = {script: sorted(c[used[script]:]) for script, c in chars.items()}
+    distractors = {script: sorted(c[used[script] :]) for script, c in chars.items()}
     # (split, script, classes, augmentations per font, style)
     jobs = []
     for name, members in splits.items():
-        n_aug = {"pretrain": spec.train_aug, "zoo": spec.zoo_aug or spec.train_aug,
-                 "cross": spec.cross_aug}.get(name, spec.eval_aug)
+        n_aug = {"pretrain": spec.train_aug, "zoo": spec.zoo_aug or spec.train_aug, "cross": spec.cross_aug}.get(
+            name, spec.eval_aug
+        )
         style = spec.source_style if name == "pretrain" else spec.downstream_style
         jobs.append((name, script_of.get(name, "han"), members, n_aug, style))
     for script in spec.source_extra:  # every letter of the script, beside the source script's classes
         jobs.append(("pretrain", script, chars[script], spec.train_aug, spec.source_style))
     if spec.prior_classes is not None:
-        jobs.append(("prior", spec.source_script, splits["pretrain"][:spec.prior_classes], spec.prior_aug,
-                     spec.source_style))
+        jobs.append(
+            ("prior", spec.source_script, splits["pretrain"][: spec.prior_classes], spec.prior_aug, spec.source_style)
+        )
         jobs += [("prior", script, chars[script], spec.prior_aug, spec.source_style) for script in spec.source_extra]
     if spec.check_style is not None:
         jobs.append((f"test-{spec.check_style}", "han", splits["test"], spec.eval_aug, spec.check_style))
     for name, script, members, n_aug, style in jobs:
         if only is not None and name not in only:
             continue
-        _render_split(out / name, sorted(members), fonts[script], n_aug, spec.size, spec.seed, style,
-                      spec.min_contrast, distractors[script], spec.clutter)
+        _render_split(
+            out / name,
+            sorted(members),
+            fonts[script],
+            n_aug,
+            spec.size,
+            spec.seed,
+            style,
+            spec.min_contrast,
+            distractors[script],
+            spec.clutter,
+        )
     sizes = {k: len(v) for k, v in splits.items()}
     sizes["pretrain"] += sum(len(chars[s]) for s in spec.source_extra)
     if spec.prior_classes is not None:
         sizes["prior"] = spec.prior_classes + sum(len(chars[s]) for s in spec.source_extra)
     if spec.check_style is not None:
         sizes[f"test-{spec.check_style}"] = len(splits["test"])
-    manifest = {"spec": asdict(spec), "fonts": fonts, "available": {k: len(v) for k, v in chars.items()},
-                "splits": sizes}
+    manifest = {
+        "spec": asdict(spec),
+        "fonts": fonts,
+        "available": {k: len(v) for k, v in chars.items()},
+        "splits": sizes,
+    }
     if only is None:
         manifest_path.write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-def example_task(split_root: Path, n_classes: int, seed: int, shots: int = 1, queries: int = 2
-                 ) -> Optional[dict[str, list[Path]]]:
+def example_task(
+    split_root: Path, n_classes: int, seed: int, shots: int = 1, queries: int = 2
+) -> Optional[dict[str, list[Path]]]:
     """A few classes of a rendered split, for bundled examples: {class: [support..., query...]}."""
     classes = sorted(p for p in split_root.iterdir() if p.is_dir())
     if len(classes) < n_classes:

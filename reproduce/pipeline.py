@@ -11,6 +11,7 @@ masks at 25/50/75%) → choose the KL temperature on validation → meta-train m
 75% in bf16) → evaluate 5-way 1/5-shot on held-out Han characters and on Hangul. Every number in the results comes
 from this script; `results.json` and `results.md` are written to the work folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,14 +71,20 @@ class ReproConfig:
     # or CUB, while the foundation sees plain glyphs only. 0 (shipped): plain only. With 2, recycling validated no
     # better and the surrogates turned to coloured noise (docs/experiments/history/run3-v2-recoloured-prior.md).
     prior_recolour: int = 0
-    zoo: PretuneConfig = field(default_factory=lambda: PretuneConfig(num_loras=24, way=5, steps=200, lr=1e-3,
-                                                                     flip=False, shift=0.1))
+    zoo: PretuneConfig = field(
+        default_factory=lambda: PretuneConfig(num_loras=24, way=5, steps=200, lr=1e-3, flip=False, shift=0.1)
+    )
     # No flips: glyphs are not mirror-symmetric. bn_weight 0.1: strokes, not texture noise, with the glyph prior.
-    invert: InversionConfig = field(default_factory=lambda: InversionConfig(
-        per_class=48, steps=100, lr=0.2, bn_weight=0.1, flip=False, pruning=PruningConfig({-1: 0.75})))
-    meta: MetaConfig = field(default_factory=lambda: MetaConfig(steps=2000, way=5, shot=1, query=15, flip=False,
-                                                                checkpoint_every=250, val_every=250,
-                                                                val_episodes=100))
+    invert: InversionConfig = field(
+        default_factory=lambda: InversionConfig(
+            per_class=48, steps=100, lr=0.2, bn_weight=0.1, flip=False, pruning=PruningConfig({-1: 0.75})
+        )
+    )
+    meta: MetaConfig = field(
+        default_factory=lambda: MetaConfig(
+            steps=2000, way=5, shot=1, query=15, flip=False, checkpoint_every=250, val_every=250, val_episodes=100
+        )
+    )
     # The KL target's temperature is chosen on validation: a short run on the 75%-masked pool per candidate.
     temperatures: tuple[float, ...] = (1.0, 0.5, 0.25)
     temperature_steps: int = 400
@@ -89,17 +96,40 @@ class ReproConfig:
 
     @classmethod
     def toy(cls) -> "ReproConfig":
-        return cls(data=SplitSpec(pretrain=30, zoo=12, val=6, test=6, cross=10, train_aug=1, eval_aug=1, cross_aug=3,
-                                  downstream_style="tint", source_extra=("kana",), check_style="plain",
-                                  prior_classes=10, prior_aug=1),
-                   vit=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), pretrain_steps=20,
-                   foundation="contrast", contrast=ContrastConfig(steps=20, batch=16),
-                   pretrain_batch=32, prior_steps=5, prior_recolour=1,
-                   zoo=PretuneConfig(num_loras=3, way=5, steps=5, flip=False),
-                   invert=InversionConfig(per_class=4, steps=8, flip=False, pruning=PruningConfig({-1: 0.75})),
-                   meta=MetaConfig(steps=6, way=5, shot=1, query=2, flip=False, checkpoint_every=3, val_every=3,
-                                   val_episodes=3),
-                   temperatures=(1.0, 0.5), temperature_steps=3, episodes=10, eval_query=2, threads=1)
+        return cls(
+            data=SplitSpec(
+                pretrain=30,
+                zoo=12,
+                val=6,
+                test=6,
+                cross=10,
+                train_aug=1,
+                eval_aug=1,
+                cross_aug=3,
+                downstream_style="tint",
+                source_extra=("kana",),
+                check_style="plain",
+                prior_classes=10,
+                prior_aug=1,
+            ),
+            vit=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+            pretrain_steps=20,
+            foundation="contrast",
+            contrast=ContrastConfig(steps=20, batch=16),
+            pretrain_batch=32,
+            prior_steps=5,
+            prior_recolour=1,
+            zoo=PretuneConfig(num_loras=3, way=5, steps=5, flip=False),
+            invert=InversionConfig(per_class=4, steps=8, flip=False, pruning=PruningConfig({-1: 0.75})),
+            meta=MetaConfig(
+                steps=6, way=5, shot=1, query=2, flip=False, checkpoint_every=3, val_every=3, val_episodes=3
+            ),
+            temperatures=(1.0, 0.5),
+            temperature_steps=3,
+            episodes=10,
+            eval_query=2,
+            threads=1,
+        )
 
     @classmethod
     def v3(cls) -> "ReproConfig":
@@ -113,18 +143,35 @@ class ReproConfig:
         chance. Inversion weighs the prior less and smooths more (BN 0.02, TV 0.3): the teachers then recognise
         their surrogates."""
         v2 = cls()
-        return cls(data=SplitSpec(pretrain=3000, train_aug=1, downstream_style="tint", zoo_aug=12,
-                                  source_extra=("kana",), check_style="plain", prior_classes=250, prior_aug=4),
-                   foundation="contrast", contrast=ContrastConfig(steps=3000), prior_recolour=2, prior_steps=3000,
-                   invert=replace(v2.invert, bn_weight=0.02, tv_weight=0.3))
+        return cls(
+            data=SplitSpec(
+                pretrain=3000,
+                train_aug=1,
+                downstream_style="tint",
+                zoo_aug=12,
+                source_extra=("kana",),
+                check_style="plain",
+                prior_classes=250,
+                prior_aug=4,
+            ),
+            foundation="contrast",
+            contrast=ContrastConfig(steps=3000),
+            prior_recolour=2,
+            prior_steps=3000,
+            invert=replace(v2.invert, bn_weight=0.02, tv_weight=0.3),
+        )
 
     @classmethod
     def v3_pilot(cls) -> "ReproConfig":
         """v3 at pilot size, for the structure check before a full run (``--until structure``): 10 LoRAs, a 500-step
         oracle."""
         v3 = cls.v3()
-        return replace(v3, zoo=replace(v3.zoo, num_loras=10), oracle_steps=500,
-                       meta=replace(v3.meta, steps=500, val_every=125, checkpoint_every=125))
+        return replace(
+            v3,
+            zoo=replace(v3.zoo, num_loras=10),
+            oracle_steps=500,
+            meta=replace(v3.meta, steps=500, val_every=125, checkpoint_every=125),
+        )
 
     def __post_init__(self):
         if isinstance(self.data, dict):
@@ -141,8 +188,12 @@ class ReproConfig:
             raise ValueError(f"structure_episodes={self.structure_episodes!r}: must be >= 1")
 
 
-PRESETS: dict[str, Callable[[], ReproConfig]] = {"v2": ReproConfig, "v3": ReproConfig.v3,
-                                                 "v3-pilot": ReproConfig.v3_pilot, "toy": ReproConfig.toy}
+PRESETS: dict[str, Callable[[], ReproConfig]] = {
+    "v2": ReproConfig,
+    "v3": ReproConfig.v3,
+    "v3-pilot": ReproConfig.v3_pilot,
+    "toy": ReproConfig.toy,
+}
 
 
 def run_stage(work: Path, name: str, fn: Callable[[], dict], timings: dict) -> dict:
@@ -175,8 +226,17 @@ def _load_split(root: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.tensor(ys)
 
 
-def _train_classifier(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int, lr: float,
-                      mean: torch.Tensor, std: torch.Tensor, seed: int) -> float:
+def _train_classifier(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    batch: int,
+    lr: float,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    seed: int,
+) -> float:
     """AdamW + warm-up/cosine, random shifts; returns the last 50 steps' mean accuracy."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -217,8 +277,12 @@ def stage_prior(cfg: ReproConfig, data: Path, out: Path) -> dict:
     model = timm.create_model("resnet18", pretrained=False, **args)
     mean = torch.tensor((0.5, 0.5, 0.5)).view(1, 3, 1, 1)
     std = torch.tensor((0.5, 0.5, 0.5)).view(1, 3, 1, 1)
-    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-                            "input_size": (3, cfg.data.size, cfg.data.size)}
+    model.pretrained_cfg = {
+        **model.pretrained_cfg,
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "input_size": (3, cfg.data.size, cfg.data.size),
+    }
     acc = _train_classifier(model, x, y, cfg.prior_steps, cfg.pretrain_batch, 2e-3, mean, std, seed=1)
     save_for_hf(model, str(out), safe_serialization=True, model_args=args)
     return {"train_acc": round(acc, 4), "classes": int(y.max()) + 1, "recoloured_copies": cfg.prior_recolour}
@@ -233,20 +297,32 @@ def stage_pretrain(cfg: ReproConfig, data: Path, out: Path) -> dict:
     x, y = _load_split(data / "pretrain", cfg.data.size)
     torch.manual_seed(0)
     classes = int(y.max()) + 1
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False,
-                              num_classes=classes if cfg.foundation == "classify" else 0, **cfg.vit)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=classes if cfg.foundation == "classify" else 0, **cfg.vit
+    )
     mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
     if cfg.foundation == "classify":
-        summary = {"train_acc": round(_train_classifier(model, x, y, cfg.pretrain_steps, cfg.pretrain_batch,
-                                                        cfg.pretrain_lr, mean, std, seed=0), 4)}
+        summary = {
+            "train_acc": round(
+                _train_classifier(
+                    model, x, y, cfg.pretrain_steps, cfg.pretrain_batch, cfg.pretrain_lr, mean, std, seed=0
+                ),
+                4,
+            )
+        }
         model.reset_classifier(0)
     else:
         summary = pretrain_contrastive(model, x, cfg.contrast, mean, std)
     model.pretrained_cfg = {**model.pretrained_cfg, "hf_hub_id": None, "tag": "glyphs", "license": "apache-2.0"}
     save_for_hf(model, str(out), safe_serialization=True, model_args={**cfg.vit, "num_classes": 0})
-    return {**summary, "objective": cfg.foundation, "classes": classes, "images": int(x.shape[0]),
-            "params": sum(p.numel() for p in model.parameters())}
+    return {
+        **summary,
+        "objective": cfg.foundation,
+        "classes": classes,
+        "images": int(x.shape[0]),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def stage_structure(cfg: ReproConfig, backbone: Backbone, work: Path, data: Path) -> dict:
@@ -254,22 +330,28 @@ def stage_structure(cfg: ReproConfig, backbone: Backbone, work: Path, data: Path
     on the same ``structure_episodes`` 5-way 1-shot episodes (a seed no model selection used). The paper's ordering
     is NN < LoRAs-average well below the oracle."""
     m = cfg.meta
-    methods = {"NN": None, "LoRAs-average + NN": average_loras([a for _, a in load_zoo(work / "zoo", backbone)]),
-               "Oracle (real zoo images)": read_adapter(work / "meta-oracle" / "meta-lora")}
+    methods = {
+        "NN": None,
+        "LoRAs-average + NN": average_loras([a for _, a in load_zoo(work / "zoo", backbone)]),
+        "Oracle (real zoo images)": read_adapter(work / "meta-oracle" / "meta-lora"),
+    }
     report = evaluate(backbone, data / "val", methods, EvalConfig(m.way, 1, m.query, cfg.structure_episodes, seed=99))
     r = {k: v["mean"] for k, v in report["results"].items()}
     nn, avg, oracle = r["NN"], r["LoRAs-average + NN"], r["Oracle (real zoo images)"]
-    checks = {"nn_at_least_45": nn >= 45, "oracle_gain_at_least_8": oracle - nn >= 8,
-              "average_gain_below_half_the_oracle_gain": avg - nn < 0.5 * (oracle - nn)}
+    checks = {
+        "nn_at_least_45": nn >= 45,
+        "oracle_gain_at_least_8": oracle - nn >= 8,
+        "average_gain_below_half_the_oracle_gain": avg - nn < 0.5 * (oracle - nn),
+    }
     for name, ok in checks.items():
         if not ok:
-            _logger.warning("structure check %s failed: NN %.2f, LoRAs-average %.2f, oracle %.2f", name, nn, avg,
-                            oracle)
+            _logger.warning(
+                "structure check %s failed: NN %.2f, LoRAs-average %.2f, oracle %.2f", name, nn, avg, oracle
+            )
     return {"results": report["results"], "checks": checks, "episodes": cfg.structure_episodes}
 
 
-def stage_invert(cfg: ReproConfig, backbone: Backbone, zoo: Path, prior_dir: Path, pools: dict[float, Path]
-                 ) -> dict:
+def stage_invert(cfg: ReproConfig, backbone: Backbone, zoo: Path, prior_dir: Path, pools: dict[float, Path]) -> dict:
     """Invert every zoo LoRA once (pruning in the last block after 25% of the steps), then mask at each ratio."""
     prior = load_bn_prior(f"local-dir:{prior_dir}", backbone.device)
     last = len(backbone.model.blocks) - 1
@@ -286,15 +368,20 @@ def stage_invert(cfg: ReproConfig, backbone: Backbone, zoo: Path, prior_dir: Pat
             settings = {**asdict(cfg.invert), "mask_ratio": ratio, "bn_prior": "glyph CNN (stage prior)"}
             write_run(pool, variant, adapter, f"zoo/{name}", settings, grid)
             (pool / f".{name}.done").touch()
-        _logger.info("  %s: teacher accuracy on its synthetic images %.3f", name,
-                     (result.logits.argmax(-1) == result.labels).float().mean().item())
+        _logger.info(
+            "  %s: teacher accuracy on its synthetic images %.3f",
+            name,
+            (result.logits.argmax(-1) == result.labels).float().mean().item(),
+        )
     # Summarised from the pools, so that a resumed stage reports every run.
     read = {r: Pool(p) for r, p in pools.items()}
     runs = read[MASKS[-1]].runs
-    return {"runs": len(runs), "images": sum(len(r["items"]) for r in runs),
-            "teacher_accuracy": _teacher_accuracy(read[MASKS[-1]], "logits"),
-            "teacher_accuracy_kept_tokens": {str(r): _teacher_accuracy(pool, "logits_kept")
-                                             for r, pool in read.items()}}
+    return {
+        "runs": len(runs),
+        "images": sum(len(r["items"]) for r in runs),
+        "teacher_accuracy": _teacher_accuracy(read[MASKS[-1]], "logits"),
+        "teacher_accuracy_kept_tokens": {str(r): _teacher_accuracy(pool, "logits_kept") for r, pool in read.items()},
+    }
 
 
 def stage_surrogates(cfg: ReproConfig, backbone: Backbone, pool: Path, real: Path, work: Path) -> dict:
@@ -304,14 +391,18 @@ def stage_surrogates(cfg: ReproConfig, backbone: Backbone, pool: Path, real: Pat
 
     surrogate_figure(pool, real, work / "surrogates.png")
     m = cfg.meta
-    return {"shot": m.shot, "nn_accuracy": task_difficulty(backbone, pool, real, cfg.episodes // 3, m.way, m.shot,
-                                                            m.query, seed=3)}
+    return {
+        "shot": m.shot,
+        "nn_accuracy": task_difficulty(backbone, pool, real, cfg.episodes // 3, m.way, m.shot, m.query, seed=3),
+    }
 
 
 def _teacher_accuracy(pool: Pool, key: str) -> float:
     """Mean over runs of how often the teacher's argmax (of the stored `key` logits) is the target class."""
-    per_run = [sum(max(range(len(i[key])), key=i[key].__getitem__) == i["label"] for i in run["items"])
-               / len(run["items"]) for run in pool.runs]
+    per_run = [
+        sum(max(range(len(i[key])), key=i[key].__getitem__) == i["label"] for i in run["items"]) / len(run["items"])
+        for run in pool.runs
+    ]
     return round(sum(per_run) / len(per_run), 4)
 
 
@@ -336,9 +427,21 @@ def stage_temperature(cfg: ReproConfig, backbone: Backbone, pool: Path, data: Pa
     for t in cfg.temperatures:
         run_dir = out / f"t{t:g}"
         steps = cfg.temperature_steps
-        meta_train(backbone, PoolEpisodes(Pool(pool), cfg.meta.spec, True),
-                   replace(cfg.meta, steps=steps, masked=True, teacher_temperature=t, val_every=max(1, steps // 2),
-                           checkpoint_every=steps), run_dir, resume=True, validate=validate)
+        meta_train(
+            backbone,
+            PoolEpisodes(Pool(pool), cfg.meta.spec, True),
+            replace(
+                cfg.meta,
+                steps=steps,
+                masked=True,
+                teacher_temperature=t,
+                val_every=max(1, steps // 2),
+                checkpoint_every=steps,
+            ),
+            run_dir,
+            resume=True,
+            validate=validate,
+        )
         curve = val_curve(run_dir)
         scores[f"{t:g}"] = {"nn": curve[0][1], "best": max(a for s, a in curve if s > 0)}
         _logger.info("  teacher temperature %g: validation %s", t, scores[f"{t:g}"])
@@ -346,18 +449,39 @@ def stage_temperature(cfg: ReproConfig, backbone: Backbone, pool: Path, data: Pa
     return {"chosen": chosen, "steps": cfg.temperature_steps, "scores": scores}
 
 
-def stage_meta(cfg: ReproConfig, backbone: Backbone, name: str, source, masked: bool, data: Path, out: Path,
-               bf16: bool = False, temperature: float = 1.0) -> dict:
+def stage_meta(
+    cfg: ReproConfig,
+    backbone: Backbone,
+    name: str,
+    source,
+    masked: bool,
+    data: Path,
+    out: Path,
+    bf16: bool = False,
+    temperature: float = 1.0,
+) -> dict:
     meta_cfg = replace(cfg.meta, masked=masked, bf16=bf16, teacher_temperature=temperature)
-    result = meta_train(backbone, source, meta_cfg, out, resume=True, validate=_validator(cfg, backbone, data),
-                        info={"made_by": "reproduce.pipeline", "run": name})
+    result = meta_train(
+        backbone,
+        source,
+        meta_cfg,
+        out,
+        resume=True,
+        validate=_validator(cfg, backbone, data),
+        info={"made_by": "reproduce.pipeline", "run": name},
+    )
     log = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]  # steps >= 1
     times = [b["time"] - a["time"] for a, b in zip(log, log[1:]) if b["time"] > a["time"]]
     times.sort()
-    return {"best_val": result.best_val, "best_step": result.best_step, "baseline_val": result.baseline_val,
-            "teacher_temperature": temperature, "val_curve": val_curve(out),
-            "step_seconds_median": times[len(times) // 2] if times else None,
-            "final_loss_mean": round(sum(r["loss"] for r in log[-20:]) / len(log[-20:]), 4)}
+    return {
+        "best_val": result.best_val,
+        "best_step": result.best_step,
+        "baseline_val": result.baseline_val,
+        "teacher_temperature": temperature,
+        "val_curve": val_curve(out),
+        "step_seconds_median": times[len(times) // 2] if times else None,
+        "final_loss_mean": round(sum(r["loss"] for r in log[-20:]) / len(log[-20:]), 4),
+    }
 
 
 def final_lora(run_dir: Path, cfg: ReproConfig, backbone: Backbone) -> LoRAAdapter:
@@ -374,8 +498,13 @@ def stage_bf16_check(cfg: ReproConfig, backbone: Backbone, work: Path, data: Pat
     report = evaluate(backbone, data / "test", methods, EvalConfig(5, 1, cfg.eval_query, cfg.episodes, seed=2024))
     r = report["results"]
     diff = r["bf16"]["mean"] - r["fp32"]["mean"]
-    return {"step": cfg.meta.steps, "fp32": r["fp32"], "bf16": r["bf16"], "difference": round(diff, 2),
-            "within_fp32_ci": abs(diff) <= r["fp32"]["ci95"]}
+    return {
+        "step": cfg.meta.steps,
+        "fp32": r["fp32"],
+        "bf16": r["bf16"],
+        "difference": round(diff, 2),
+        "within_fp32_ci": abs(diff) <= r["fp32"]["ci95"],
+    }
 
 
 def run(work: Path, cfg: ReproConfig, until: Optional[str] = None) -> dict:
@@ -389,9 +518,22 @@ def run(work: Path, cfg: ReproConfig, until: Optional[str] = None) -> dict:
         return stop.partial
 
 
-STAGES = ("data", "prior", "pretrain", "zoo", "meta-oracle", "structure", "invert", "surrogates", "temperature",
-          "meta-recycle", *(f"meta-recycle-{int(r * 100)}" for r in MASKS), f"meta-recycle-{int(MASKS[-1] * 100)}-bf16",
-          "eval", "bf16-check")
+STAGES = (
+    "data",
+    "prior",
+    "pretrain",
+    "zoo",
+    "meta-oracle",
+    "structure",
+    "invert",
+    "surrogates",
+    "temperature",
+    "meta-recycle",
+    *(f"meta-recycle-{int(r * 100)}" for r in MASKS),
+    f"meta-recycle-{int(MASKS[-1] * 100)}-bf16",
+    "eval",
+    "bf16-check",
+)
 
 
 class _Until(Exception):
@@ -410,6 +552,7 @@ def _run(work: Path, cfg: ReproConfig, until: Optional[str]) -> dict:
         if name == until:
             raise _Until({"summaries": summaries, "timings_seconds": timings})
         return summaries[name]
+
     data, prior_dir, vit_dir, zoo = work / "data", work / "prior", work / "mini-vit", work / "zoo"
     _stage(work, "data", lambda: build(data, cfg.data), timings)
     summaries["prior"] = _stage(work, "prior", lambda: stage_prior(cfg, data, prior_dir), timings)
@@ -420,25 +563,47 @@ def _run(work: Path, cfg: ReproConfig, until: Optional[str]) -> dict:
         manifest = pretune_zoo(backbone, data / "zoo", zoo, cfg.zoo)
         accs = [e["holdout_acc"] for e in manifest["loras"]]
         return {"loras": len(accs), "holdout_acc_mean": round(sum(accs) / len(accs), 4)}
+
     summaries["zoo"] = _stage(work, "zoo", zoo_stage, timings)
     spec = cfg.meta.spec
     # Ceiling first: the oracle (the same meta-training on the zoo classes' real images) shows how much any
     # meta-training can add over the bare backbone on the validation classes.
     oracle_cfg = replace(cfg, meta=replace(cfg.meta, steps=cfg.oracle_steps)) if cfg.oracle_steps else cfg
-    summaries["meta-oracle"] = _stage(work, "meta-oracle", lambda: stage_meta(
-        oracle_cfg, backbone, "oracle", FolderEpisodes(data / "zoo", spec, backbone.input_size[1:]), False, data,
-        work / "meta-oracle"), timings)
+    summaries["meta-oracle"] = _stage(
+        work,
+        "meta-oracle",
+        lambda: stage_meta(
+            oracle_cfg,
+            backbone,
+            "oracle",
+            FolderEpisodes(data / "zoo", spec, backbone.input_size[1:]),
+            False,
+            data,
+            work / "meta-oracle",
+        ),
+        timings,
+    )
     nn_val, oracle_val = summaries["meta-oracle"]["baseline_val"], summaries["meta-oracle"]["best_val"]
     if 100 * (oracle_val - nn_val) < 8:
-        _logger.warning("ceiling check: the oracle adds only %.1f points over NN on validation (%.2f -> %.2f), "
-                        "below the 8 this regime needs", 100 * (oracle_val - nn_val), 100 * nn_val, 100 * oracle_val)
+        _logger.warning(
+            "ceiling check: the oracle adds only %.1f points over NN on validation (%.2f -> %.2f), "
+            "below the 8 this regime needs",
+            100 * (oracle_val - nn_val),
+            100 * nn_val,
+            100 * oracle_val,
+        )
     summaries["structure"] = _stage(work, "structure", lambda: stage_structure(cfg, backbone, work, data), timings)
     pools = {r: work / f"pool-{int(r * 100)}" for r in MASKS}
     summaries["invert"] = _stage(work, "invert", lambda: stage_invert(cfg, backbone, zoo, prior_dir, pools), timings)
-    summaries["surrogates"] = _stage(work, "surrogates", lambda: stage_surrogates(cfg, backbone, pools[MASKS[-1]],
-                                                                                   data / "zoo", work), timings)
-    summaries["temperature"] = _stage(work, "temperature", lambda: stage_temperature(
-        cfg, backbone, pools[MASKS[-1]], data, work / "temperature"), timings)
+    summaries["surrogates"] = _stage(
+        work, "surrogates", lambda: stage_surrogates(cfg, backbone, pools[MASKS[-1]], data / "zoo", work), timings
+    )
+    summaries["temperature"] = _stage(
+        work,
+        "temperature",
+        lambda: stage_temperature(cfg, backbone, pools[MASKS[-1]], data, work / "temperature"),
+        timings,
+    )
     temperature = summaries["temperature"]["chosen"]
 
     # name -> (episode source, masked, bf16); the last masked run again in bf16, to check that bf16 meta-training
@@ -446,11 +611,20 @@ def _run(work: Path, cfg: ReproConfig, until: Optional[str]) -> dict:
     runs = {"recycle": (lambda: PoolEpisodes(Pool(pools[0.75]), spec, False), False, False)}
     for r in MASKS:
         runs[f"recycle-{int(r * 100)}"] = (lambda r=r: PoolEpisodes(Pool(pools[r]), spec, True), True, False)
-    runs[f"recycle-{int(MASKS[-1] * 100)}-bf16"] = (lambda: PoolEpisodes(Pool(pools[MASKS[-1]]), spec, True), True,
-                                                    True)
+    runs[f"recycle-{int(MASKS[-1] * 100)}-bf16"] = (
+        lambda: PoolEpisodes(Pool(pools[MASKS[-1]]), spec, True),
+        True,
+        True,
+    )
     for name, (make_source, masked, bf16) in runs.items():
-        summaries[f"meta-{name}"] = _stage(work, f"meta-{name}", lambda: stage_meta(
-            cfg, backbone, name, make_source(), masked, data, work / f"meta-{name}", bf16, temperature), timings)
+        summaries[f"meta-{name}"] = _stage(
+            work,
+            f"meta-{name}",
+            lambda: stage_meta(
+                cfg, backbone, name, make_source(), masked, data, work / f"meta-{name}", bf16, temperature
+            ),
+            timings,
+        )
 
     def eval_stage() -> dict:
         methods = {"NN": None, "LoRAs-average + NN": average_loras([a for _, a in load_zoo(zoo, backbone)])}
@@ -463,16 +637,19 @@ def _run(work: Path, cfg: ReproConfig, until: Optional[str]) -> dict:
                 ec = EvalConfig(5, shot, cfg.eval_query, cfg.episodes, seed=2024)
                 reports[f"{domain}-{shot}shot"] = evaluate(backbone, data / domain, methods, ec)
         return reports
+
     summaries["eval"] = _stage(work, "eval", eval_stage, timings)
     summaries["bf16-check"] = _stage(work, "bf16-check", lambda: stage_bf16_check(cfg, backbone, work, data), timings)
-    results = {"summaries": summaries, "timings_seconds": timings, "total_seconds": round(sum(timings.values()), 1),
-               "config": json.loads(json.dumps(asdict(cfg), default=str))}
+    results = {
+        "summaries": summaries,
+        "timings_seconds": timings,
+        "total_seconds": round(sum(timings.values()), 1),
+        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+    }
     atomic_write_bytes(work / "results.json", json.dumps(results, indent=1).encode())
     atomic_write_bytes(work / "results.md", results_markdown(results).encode())
     plot(results, work / "results.png")
     return results
-
-
 
 
 def main() -> None:
@@ -480,8 +657,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(".cache/repro"), help="work folder (resumable)")
     parser.add_argument("--toy", action="store_true", help="a smoke run at toy size (the same as --preset toy)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="v2", help="the regime (default: %(default)s)")
-    parser.add_argument("--until", metavar="STAGE", choices=STAGES,
-                        help="stop after this stage (a pilot): structure, meta-recycle, ...")
+    parser.add_argument(
+        "--until", metavar="STAGE", choices=STAGES, help="stop after this stage (a pilot): structure, meta-recycle, ..."
+    )
     parser.add_argument("--ship", type=Path, metavar="WEIGHTS", help="copy the results into this folder (weights/)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

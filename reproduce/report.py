@@ -1,4 +1,5 @@
 """The reproduction's written results: the results table, the plot, and the text of the shipped cards."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ def method_name(run: str) -> str:
     if run == "oracle":
         return "Oracle (real zoo images)"
     base, bf16, _ = run.partition("-bf16")
-    return "LoRA Recycle" + base[len("recycle"):] + (" (bf16)" if bf16 else "")
+    return "LoRA Recycle" + base[len("recycle") :] + (" (bf16)" if bf16 else "")
 
 
 def cross_name(results: dict) -> str:
@@ -22,64 +23,89 @@ def results_markdown(results: dict) -> str:
     ev = s["eval"]
     methods = list(ev["test-1shot"]["results"])
     cross = cross_name(results)
-    columns = {"test-1shot": "Han 1-shot", "test-5shot": "Han 5-shot", "cross-1shot": f"{cross} 1-shot",
-               "cross-5shot": f"{cross} 5-shot"}
+    columns = {
+        "test-1shot": "Han 1-shot",
+        "test-5shot": "Han 5-shot",
+        "cross-1shot": f"{cross} 1-shot",
+        "cross-5shot": f"{cross} 5-shot",
+    }
     check = results["config"]["data"].get("check_style")
     if check and f"test-{check}-1shot" in ev:  # the test characters in the foundation's own style: no damage there
         columns.update({f"test-{check}-1shot": f"Han {check} 1-shot", f"test-{check}-5shot": f"Han {check} 5-shot"})
-    lines = ["| method | " + " | ".join(columns.values()) + " | meta-train s/step |",
-             "|---|" + "---|" * len(columns) + "---|"]
-    names = {method_name(k[len("meta-"):]): k[len("meta-"):] for k in s if k.startswith("meta-")}
+    lines = [
+        "| method | " + " | ".join(columns.values()) + " | meta-train s/step |",
+        "|---|" + "---|" * len(columns) + "---|",
+    ]
+    names = {method_name(k[len("meta-") :]): k[len("meta-") :] for k in s if k.startswith("meta-")}
     for m in methods:
         cells = [f"{ev[k]['results'][m]['mean']:.2f} ± {ev[k]['results'][m]['ci95']:.2f}" for k in columns]
         step = s.get(f"meta-{names[m]}", {}).get("step_seconds_median") if m in names else None
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {step:.3f} |" if step else f"| {m} | " + " | ".join(cells)
-                     + " | – |")
+        lines.append(
+            f"| {m} | " + " | ".join(cells) + f" | {step:.3f} |" if step else f"| {m} | " + " | ".join(cells) + " | – |"
+        )
     times = results["timings_seconds"]
     c = ev["test-1shot"]["config"]
-    lines += ["", f"5-way, {c['query']} queries per class, {c['episodes']} episodes, mean ± 1.96·std/√n (%). "
-              "Stage times (s): "
-              + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
-              + f"; total {results['total_seconds'] / 60:.1f} min.",
-              f"Teacher accuracy on its own synthetic images: {s['invert']['teacher_accuracy']:.3f}; on kept tokens: "
-              + ", ".join(f"{r}: {v}" for r, v in s["invert"]["teacher_accuracy_kept_tokens"].items()) + "."]
+    lines += [
+        "",
+        f"5-way, {c['query']} queries per class, {c['episodes']} episodes, mean ± 1.96·std/√n (%). "
+        "Stage times (s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+        + f"; total {results['total_seconds'] / 60:.1f} min.",
+        f"Teacher accuracy on its own synthetic images: {s['invert']['teacher_accuracy']:.3f}; on kept tokens: "
+        + ", ".join(f"{r}: {v}" for r, v in s["invert"]["teacher_accuracy_kept_tokens"].items())
+        + ".",
+    ]
     style = results["config"]["data"].get("downstream_style", "plain")
-    lines.append(f"Pretraining: {prior_source(s)}. Zoo, validation and test: "
-                 f"Han characters, {style}, {len(s['data']['fonts']['han'])} fonts; cross-domain: {cross}, {style}.")
+    lines.append(
+        f"Pretraining: {prior_source(s)}. Zoo, validation and test: "
+        f"Han characters, {style}, {len(s['data']['fonts']['han'])} fonts; cross-domain: {cross}, {style}."
+    )
     if "structure" in s:  # NN, LoRAs-average and the oracle on the same validation episodes
         r = {k: v["mean"] for k, v in s["structure"]["results"].items()}
-        lines.append(f"Structure check (validation, {s['structure']['episodes']} episodes, 5-way 1-shot): NN "
-                     f"{r['NN']:.2f}, LoRAs-average + NN {r['LoRAs-average + NN']:.2f}, oracle "
-                     f"{r['Oracle (real zoo images)']:.2f}.")
+        lines.append(
+            f"Structure check (validation, {s['structure']['episodes']} episodes, 5-way 1-shot): NN "
+            f"{r['NN']:.2f}, LoRAs-average + NN {r['LoRAs-average + NN']:.2f}, oracle "
+            f"{r['Oracle (real zoo images)']:.2f}."
+        )
     oracle = s["meta-oracle"]
     if oracle.get("baseline_val") is not None:  # the ceiling check, on the validation classes
-        lines.append(f"Ceiling check (validation, {c['way']}-way 1-shot): NN {100 * oracle['baseline_val']:.2f}, "
-                     f"oracle {100 * oracle['best_val']:.2f} at step {oracle['best_step']} "
-                     f"({100 * (oracle['best_val'] - oracle['baseline_val']):+.2f}).")
+        lines.append(
+            f"Ceiling check (validation, {c['way']}-way 1-shot): NN {100 * oracle['baseline_val']:.2f}, "
+            f"oracle {100 * oracle['best_val']:.2f} at step {oracle['best_step']} "
+            f"({100 * (oracle['best_val'] - oracle['baseline_val']):+.2f})."
+        )
     if "temperature" in s:
         t = s["temperature"]
-        lines.append(f"Teacher temperature chosen on validation: {t['chosen']:g} (best validation accuracy after "
-                     f"{t['steps']} steps: " + ", ".join(f"T={k} {100 * v['best']:.2f}" for k, v in t["scores"].items())
-                     + f"; NN {100 * next(iter(t['scores'].values()))['nn']:.2f}).")
+        lines.append(
+            f"Teacher temperature chosen on validation: {t['chosen']:g} (best validation accuracy after "
+            f"{t['steps']} steps: "
+            + ", ".join(f"T={k} {100 * v['best']:.2f}" for k, v in t["scores"].items())
+            + f"; NN {100 * next(iter(t['scores'].values()))['nn']:.2f})."
+        )
     if "bf16-check" in s:
         b = s["bf16-check"]
-        lines.append(f"bf16 against fp32 meta-training (75% masked, the final step-{b['step']} meta-LoRAs, Han "
-                     "1-shot): "
-                     f"fp32 {b['fp32']['mean']:.2f} ± {b['fp32']['ci95']:.2f}, bf16 {b['bf16']['mean']:.2f} ± "
-                     f"{b['bf16']['ci95']:.2f} ({b['difference']:+.2f}, "
-                     f"{'within' if b['within_fp32_ci'] else 'outside'} the fp32 95% CI).")
+        lines.append(
+            f"bf16 against fp32 meta-training (75% masked, the final step-{b['step']} meta-LoRAs, Han "
+            "1-shot): "
+            f"fp32 {b['fp32']['mean']:.2f} ± {b['fp32']['ci95']:.2f}, bf16 {b['bf16']['mean']:.2f} ± "
+            f"{b['bf16']['ci95']:.2f} ({b['difference']:+.2f}, "
+            f"{'within' if b['within_fp32_ci'] else 'outside'} the fp32 95% CI)."
+        )
     if "surrogates" in s:  # the bare backbone on surrogate episodes against real episodes of the same zoo classes
         nn = s["surrogates"]["nn_accuracy"]
-        lines.append(f"How hard the surrogate tasks are: NN scores {nn['surrogate']['mean']:.2f} ± "
-                     f"{nn['surrogate']['ci95']:.2f} on surrogate {c['way']}-way {s['surrogates']['shot']}-shot "
-                     f"episodes and {nn['real']['mean']:.2f} ± {nn['real']['ci95']:.2f} on real episodes of the same "
-                     "classes ([figure](surrogates.png)).")
+        lines.append(
+            f"How hard the surrogate tasks are: NN scores {nn['surrogate']['mean']:.2f} ± "
+            f"{nn['surrogate']['ci95']:.2f} on surrogate {c['way']}-way {s['surrogates']['shot']}-shot "
+            f"episodes and {nn['real']['mean']:.2f} ± {nn['real']['ci95']:.2f} on real episodes of the same "
+            "classes ([figure](surrogates.png))."
+        )
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
     """Accuracy at each masking level (bars) and meta-training speed-up over unmasked (line)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -90,8 +116,14 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     width = 0.2
     cross = cross_name(results)
-    for i, (key, title) in enumerate([("test-1shot", "Han 1-shot"), ("test-5shot", "Han 5-shot"),
-                                      ("cross-1shot", f"{cross} 1-shot"), ("cross-5shot", f"{cross} 5-shot")]):
+    for i, (key, title) in enumerate(
+        [
+            ("test-1shot", "Han 1-shot"),
+            ("test-5shot", "Han 5-shot"),
+            ("cross-1shot", f"{cross} 1-shot"),
+            ("cross-5shot", f"{cross} 5-shot"),
+        ]
+    ):
         means = [ev[key]["results"][m]["mean"] for m in methods]
         cis = [ev[key]["results"][m]["ci95"] for m in methods]
         ax.bar([x + (i - 1.5) * width for x in range(4)], means, width, yerr=cis, capsize=2, label=title)
@@ -133,16 +165,21 @@ def prior_source(summaries: dict) -> str:
     copies = summaries["prior"].get("recoloured_copies", 0)
     if not copies:
         return f"foundation and BN prior: {source}"
-    return (f"foundation: {source}; BN prior: the same images and {copies} copies of each in random ink and paper "
-            "colours")
+    return (
+        f"foundation: {source}; BN prior: the same images and {copies} copies of each in random ink and paper colours"
+    )
 
 
 def prior_card(summary: dict, steps: int, source: str) -> str:
     """The model card of the shipped glyph BN prior, from the prior stage's summary (``train_acc``, ``classes``,
     ``recoloured_copies``) and the `source_description`."""
     copies = summary.get("recoloured_copies", 0)
-    recoloured = (f", together with {copies} copies of each image in random ink and paper colours (either polarity, "
-                  "`reproduce.glyphs.recolour`)" if copies else "")
+    recoloured = (
+        f", together with {copies} copies of each image in random ink and paper colours (either polarity, "
+        "`reproduce.glyphs.recolour`)"
+        if copies
+        else ""
+    )
     return (
         "---\nlibrary_name: timm\nlicense: apache-2.0\npipeline_tag: image-classification\ntags:\n- lora-recycle\n"
         "- bn-prior\n- timm\n- glyphs\n---\n\n"
@@ -151,14 +188,19 @@ def prior_card(summary: dict, steps: int, source: str) -> str:
         "mean = std = 0.5) whose BatchNorm running statistics are the image prior of LoRA inversion "
         "(`recycle.invert.BNPrior`). It is to `weights/mini-vit` what the paper's ImageNet ResNet-50 is to CLIP: "
         "a generic image prior trained on the foundation model's pretraining classes only"
-        + (", whose statistics cover coloured glyphs as ImageNet's cover the colours of the paper's downstream "
-           "datasets.\n\n" if copies else ", on the images the backbone was pretrained on.\n\n") +
-        f"Trained by `reproduce.pipeline.stage_prior` on the {summary['classes']} pretraining classes of `reproduce/` "
-        f"({source}{recoloured}; never on zoo, validation or test classes), "
+        + (
+            ", whose statistics cover coloured glyphs as ImageNet's cover the colours of the paper's downstream "
+            "datasets.\n\n"
+            if copies
+            else ", on the images the backbone was pretrained on.\n\n"
+        )
+        + f"Trained by `reproduce.pipeline.stage_prior` on the {summary['classes']} pretraining classes of "
+        f"`reproduce/` ({source}{recoloured}; never on zoo, validation or test classes), "
         f"{steps} steps, train accuracy {summary['train_acc']:.4f}. The classifier head is not used.\n\n"
         "Load it with `recycle.invert.load_bn_prior('weights/glyph-prior')`. The app's inversion tab uses it, with "
         "weight 0.1, whenever the backbone is the shipped `mini-vit`.\n\n"
-        "Command: `python -m reproduce.pipeline --work .cache/repro`.\n")
+        "Command: `python -m reproduce.pipeline --work .cache/repro`.\n"
+    )
 
 
 def weights_readme(results: dict, meta_run: str, scores: dict, sizes_mb: dict[str, float]) -> str:
@@ -171,12 +213,18 @@ def weights_readme(results: dict, meta_run: str, scores: dict, sizes_mb: dict[st
     def cell(key: str, method: str) -> str:
         r = ev[key]["results"][method]
         return f"{r['mean']:.2f} ± {r['ci95']:.2f}"
+
     total = scores["test_tasks_total"]
     tasks = sorted(scores["tasks"])
-    objective = ("by contrast between random views, without labels" if s["pretrain"].get("objective") == "contrast"
-                 else "to classify their characters")
-    vit_line = (f"- `mini-vit/` ({sizes_mb['mini-vit']:.1f} MB): a timm ViT ({s['pretrain']['params'] / 1e6:.2f} M "
-                f"parameters) pretrained on {source_description(s['data'])}, {objective};\n")
+    objective = (
+        "by contrast between random views, without labels"
+        if s["pretrain"].get("objective") == "contrast"
+        else "to classify their characters"
+    )
+    vit_line = (
+        f"- `mini-vit/` ({sizes_mb['mini-vit']:.1f} MB): a timm ViT ({s['pretrain']['params'] / 1e6:.2f} M "
+        f"parameters) pretrained on {source_description(s['data'])}, {objective};\n"
+    )
     return (
         "# weights/\n\n"
         "The weights the app ships with, for when the default backbone (CLIP ViT-B/16 from the Hugging Face Hub) "
@@ -197,4 +245,5 @@ def weights_readme(results: dict, meta_run: str, scores: dict, sizes_mb: dict[st
         f"alone (NN) {cell('test-1shot', 'NN')}; 5-shot {cell('test-5shot', shipped)} against "
         f"{cell('test-5shot', 'NN')}. On the {len([t for t in tasks if t[4:].isdigit()])} test-split example tasks "
         f"the app answers {total['meta-LoRA'][0]} of {total['meta-LoRA'][1]} queries correctly with the meta-LoRA "
-        f"and {total['NN'][0]} of {total['NN'][1]} with the backbone alone.\n")
+        f"and {total['NN'][0]} of {total['NN'][1]} with the backbone alone.\n"
+    )

@@ -1,6 +1,7 @@
 """Shipping a finished run: the backbone, its BN prior, the meta-LoRA chosen on validation, an example LoRA and the
 example tasks go into ``weights/``, each with a card written from the run's results; the results table, numbers and
 figures go into ``reproduce/results/``."""
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,9 @@ def score_examples(backbone: Backbone, lora: LoRAAdapter, examples: Path) -> dic
         truth = [q.parent.name for q in queries]
         tasks[task.name] = {}
         for method, adapter in (("NN", None), ("meta-LoRA", lora)):
-            predicted = FewShotClassifier(backbone, adapter).fit(images, labels).predict([load_image(q)
-                                                                                          for q in queries])
+            predicted = (
+                FewShotClassifier(backbone, adapter).fit(images, labels).predict([load_image(q) for q in queries])
+            )
             correct = sum(p == t for p, t in zip(predicted, truth))
             tasks[task.name][method] = [correct, len(queries)]
             if task.name.startswith("han-") and task.name[4:].isdigit():  # the test split's tasks
@@ -86,8 +88,11 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     candidates = [k for k in s if k.startswith("meta-recycle")]
     best = max(candidates, key=lambda k: s[k]["best_val"] or 0.0)
     if s[best]["best_step"] == 0:  # meta_train exported the identity: no step beat the bare backbone on validation
-        _logger.warning("ship: no meta-training run beat the bare backbone on validation; the shipped meta-LoRA is "
-                        "the identity (%s at step 0)", best)
+        _logger.warning(
+            "ship: no meta-training run beat the bare backbone on validation; the shipped meta-LoRA is "
+            "the identity (%s at step 0)",
+            best,
+        )
     vit_out, lora_out, examples = weights / "mini-vit", weights / "mini-meta-lora", weights / "examples"
     example_lora, prior_out = weights / "example-lora", weights / "glyph-prior"
     for d in (vit_out, lora_out, examples, example_lora, prior_out):
@@ -96,8 +101,10 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
         out.mkdir(parents=True)
         for f in ("config.json", "model.safetensors"):
             shutil.copy2(source / f, out / f)
-    atomic_write_bytes(prior_out / "README.md",
-                       prior_card(s["prior"], results["config"]["prior_steps"], source_description(s["data"])).encode())
+    atomic_write_bytes(
+        prior_out / "README.md",
+        prior_card(s["prior"], results["config"]["prior_steps"], source_description(s["data"])).encode(),
+    )
     table = results_markdown(results)
     adapter = read_adapter(work / best / "meta-lora")
     adapter.backbone = "weights/mini-vit"
@@ -108,32 +115,50 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
         "# mini-vit: the offline stand-in for a vision foundation model\n\n"
         f"A timm ViT ({json.dumps(results['config']['vit'])}, {s['pretrain']['params'] / 1e6:.2f} M parameters, "
         f"{size:.1f} MB) pretrained by `reproduce/pipeline.py` "
-        + ("by contrast between random views, without labels, on " if s["pretrain"].get("objective") == "contrast"
-           else "to classify ")
+        + (
+            "by contrast between random views, without labels, on "
+            if s["pretrain"].get("objective") == "contrast"
+            else "to classify "
+        )
         + f"{s['pretrain']['classes']} classes of {source_description(s['data'])}. Load it with "
         "`recycle.backbone.load_backbone('weights/mini-vit')` or "
         "`timm.create_model('local-dir:weights/mini-vit', pretrained=True)`.\n\n"
-        "Command: `python -m reproduce.pipeline --work .cache/repro`.\n\n## Results\n\n" + table)
+        "Command: `python -m reproduce.pipeline --work .cache/repro`.\n\n## Results\n\n" + table
+    )
     # A small seeded re-evaluation that CI repeats on freshly rendered test images (tests/test_reproduce.py).
     recheck_cfg = EvalConfig(5, 1, results["config"]["eval_query"], 100, seed=7)
-    report = evaluate(load_backbone(str(vit_out), device="cpu"), work / "data" / "test",
-                      {"NN": None, "meta-LoRA": read_adapter(lora_out)}, recheck_cfg)
-    recheck = {"data": results["config"]["data"], "eval": asdict(recheck_cfg), "tolerance": 1.0,
-               "results": {m: r["mean"] for m, r in report["results"].items()}}
+    report = evaluate(
+        load_backbone(str(vit_out), device="cpu"),
+        work / "data" / "test",
+        {"NN": None, "meta-LoRA": read_adapter(lora_out)},
+        recheck_cfg,
+    )
+    recheck = {
+        "data": results["config"]["data"],
+        "eval": asdict(recheck_cfg),
+        "tolerance": 1.0,
+        "results": {m: r["mean"] for m, r in report["results"].items()},
+    }
     atomic_write_bytes(lora_out / "recheck.json", json.dumps(recheck, indent=1).encode())
     # One zoo LoRA (with its head) for the app's inversion tab.
     zoo_name, zoo_lora = load_zoo(work / "zoo")[0]
     zoo_lora.backbone = "weights/mini-vit"
     save_adapter(zoo_lora, example_lora)
-    write_model_card(example_lora, zoo_lora, command="python -m reproduce.pipeline --work .cache/repro",
-                     results_md=f"`{zoo_name}` of the zoo, tuned on real images of its classes.\n")
+    write_model_card(
+        example_lora,
+        zoo_lora,
+        command="python -m reproduce.pipeline --work .cache/repro",
+        results_md=f"`{zoo_name}` of the zoo, tuned on real images of its classes.\n",
+    )
     data_spec = results["config"]["data"]
     write_examples(work / "data", examples, data_spec.get("cross_script", "hangul"), data_spec.get("check_style"))
     scores = score_examples(load_backbone(str(vit_out), device="cpu"), read_adapter(lora_out), examples)
     atomic_write_bytes(examples / "scores.json", json.dumps(scores, indent=1).encode())
-    sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 1e6
-             for d in (vit_out, lora_out, example_lora, prior_out)}
-    atomic_write_bytes(weights / "README.md", weights_readme(results, best[len("meta-"):], scores, sizes).encode())
+    sizes = {
+        d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 1e6
+        for d in (vit_out, lora_out, example_lora, prior_out)
+    }
+    atomic_write_bytes(weights / "README.md", weights_readme(results, best[len("meta-") :], scores, sizes).encode())
     if results_dir is not None:  # the run's table, numbers and plot, for the repository
         results_dir.mkdir(parents=True, exist_ok=True)
         for f in ("results.md", "results.json", "results.png", "surrogates.png"):

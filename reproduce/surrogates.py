@@ -5,6 +5,7 @@ their masked versions (kept patches only). `task_difficulty` scores the bare bac
 episodes of surrogate images and on episodes of real images of the same classes, drawn alike: a pool whose
 surrogate episodes are far easier than the real ones teaches meta-training little.
 """
+
 from __future__ import annotations
 
 import random
@@ -36,16 +37,20 @@ def _real_files(real_root: Path, name: str) -> list[Path]:
     return sorted((real_root / name).glob("*.png"))
 
 
-def surrogate_figure(pool_root: Path, real_root: Path, out: Path, runs: int = 2, classes: int = 5, per: int = 4,
-                     scale: int = 3) -> Path:
+def surrogate_figure(
+    pool_root: Path, real_root: Path, out: Path, runs: int = 2, classes: int = 5, per: int = 4, scale: int = 3
+) -> Path:
     """A PNG grid: one row per class of the first `runs` runs, with `per` real images, `per` surrogates and their
     `per` masked versions. Class folders of `real_root` are named as the pool's classes."""
     pool = Pool(pool_root)
     h, w = pool.runs[0]["image_size"]
     gap, header = 4, 14
     cols = 3 * per
-    rows = [(r, name, idx) for r in range(min(runs, len(pool.runs))) for name, idx in
-            list(_by_class(pool, r).items())[:classes]]
+    rows = [
+        (r, name, idx)
+        for r in range(min(runs, len(pool.runs)))
+        for name, idx in list(_by_class(pool, r).items())[:classes]
+    ]
     canvas = Image.new("RGB", (cols * (w + 1) + 2 * gap, header + len(rows) * (h + 1)), "white")
     draw = ImageDraw.Draw(canvas)
     for k, title in enumerate(("real", "surrogate", "masked surrogate")):
@@ -70,8 +75,17 @@ def _to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 
 
-def task_difficulty(backbone: Backbone, pool_root: Path, real_root: Path, episodes: int = 200, way: int = 5,
-                    shot: int = 1, query: int = 15, seed: int = 0, lora: Optional[LoRAAdapter] = None) -> dict:
+def task_difficulty(
+    backbone: Backbone,
+    pool_root: Path,
+    real_root: Path,
+    episodes: int = 200,
+    way: int = 5,
+    shot: int = 1,
+    query: int = 15,
+    seed: int = 0,
+    lora: Optional[LoRAAdapter] = None,
+) -> dict:
     """Nearest-prototype accuracy (%, mean and 95% CI) of `backbone` (+ `lora`) on single-LoRA surrogate episodes
     and on real episodes of the same classes, drawn by the same rule: ``{"surrogate": {...}, "real": {...}}``."""
     pool = Pool(pool_root)
@@ -79,8 +93,9 @@ def task_difficulty(backbone: Backbone, pool_root: Path, real_root: Path, episod
     rng = random.Random(seed)
     candidates = []
     for r in range(len(pool.runs)):
-        usable = {n: idx for n, idx in _by_class(pool, r).items()
-                  if len(idx) >= per and len(_real_files(real_root, n)) >= per}
+        usable = {
+            n: idx for n, idx in _by_class(pool, r).items() if len(idx) >= per and len(_real_files(real_root, n)) >= per
+        }
         if len(usable) >= way:
             candidates.append((r, usable))
     if not candidates:
@@ -89,8 +104,7 @@ def task_difficulty(backbone: Backbone, pool_root: Path, real_root: Path, episod
     for _ in range(episodes):
         r, usable = rng.choice(candidates)
         names = rng.sample(sorted(usable), way)
-        plan.append((r, [(n, rng.sample(usable[n], per), rng.sample(_real_files(real_root, n), per))
-                         for n in names]))
+        plan.append((r, [(n, rng.sample(usable[n], per), rng.sample(_real_files(real_root, n), per)) for n in names]))
     clf = FewShotClassifier(backbone, lora, cache_size=0)
     synth_keys = sorted({(r, i) for r, cls in plan for _, idx, _ in cls for i in idx})
     real_keys = sorted({f for _, cls in plan for _, _, files in cls for f in files})
@@ -100,8 +114,10 @@ def task_difficulty(backbone: Backbone, pool_root: Path, real_root: Path, episod
     labels_q = torch.arange(way).repeat_interleave(query)
     accs: dict[str, list[float]] = {"surrogate": [], "real": []}
     for r, cls in plan:
-        for kind, emb in (("surrogate", [[synth_emb[(r, i)] for i in idx] for _, idx, _ in cls]),
-                          ("real", [[real_emb[f] for f in files] for _, _, files in cls])):
+        for kind, emb in (
+            ("surrogate", [[synth_emb[(r, i)] for i in idx] for _, idx, _ in cls]),
+            ("real", [[real_emb[f] for f in files] for _, _, files in cls]),
+        ):
             s = torch.stack([e for c in emb for e in c[:shot]])
             q = torch.stack([e for c in emb for e in c[shot:]])
             logits = prototype_logits(s, labels_s, q, "l2", way)

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny timm ViTs saved in timm's local-dir layout, and an isolated Hugging Face cache."""
+
 from __future__ import annotations
 
 import os

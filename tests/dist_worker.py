@@ -5,6 +5,7 @@
 ``RECYCLE_TEST_FAULT=ACTION:RANK:STEP`` makes rank RANK, when meta-training reaches step STEP (0-based), ``kill``
 itself with SIGKILL, ``raise`` an exception, or ``hang`` (sleep for an hour).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ def _inject(fault: str) -> None:
             elif action == "hang":
                 time.sleep(3600)
         return real(step, *args, **kwargs)
+
     meta.cyclic_lr = hooked
 
 

@@ -1,4 +1,5 @@
 """Test helpers shared by several test modules."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,9 @@ def colour_task(n_classes: int = 3, per_class: int = 6, size: int = 32, seed: in
     images, labels = [], []
     for c in range(n_classes):
         for i in range(per_class):
-            images.append(Image.blend(Image.new("RGB", (size, size), colours[c]), make_image(seed + 97 * c + i, size),
-                                      0.3))
+            images.append(
+                Image.blend(Image.new("RGB", (size, size), colours[c]), make_image(seed + 97 * c + i, size), 0.3)
+            )
             labels.append(c)
     return images, labels
 
@@ -57,8 +59,9 @@ def train_tiny_lora(backbone, images, labels, steps: int = 40, lr: float = 1e-2,
         opt.zero_grad()
         loss.backward()
         opt.step()
-    adapter = LoRAAdapter.from_model(backbone.model, config, head, [f"c{i}" for i in range(max(labels) + 1)],
-                                     backbone=backbone.name)
+    adapter = LoRAAdapter.from_model(
+        backbone.model, config, head, [f"c{i}" for i in range(max(labels) + 1)], backbone=backbone.name
+    )
     remove_lora(backbone.model)
     for p in backbone.model.parameters():
         p.requires_grad_(False)

@@ -3,6 +3,7 @@ driven over HTTP with gradio_client. The bad-input suite is in test_app_bad_inpu
 
 conftest.py turns Gradio's analytics off (GRADIO_ANALYTICS_ENABLED=False) before gradio is imported.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,21 @@ from recycle.backbone import load_backbone
 from recycle.invert import DEFAULT_BN_PRIOR
 from recycle.formats import LoRAAdapter, read_adapter, save_adapter
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters
-from tests.support.apptools import (KINDS, check, classify, close, free_port, good_request, launch, make_pics, pattern,
-                                    plain, publish, require_toy_weights, settings)
+from tests.support.apptools import (
+    KINDS,
+    check,
+    classify,
+    close,
+    free_port,
+    good_request,
+    launch,
+    make_pics,
+    pattern,
+    plain,
+    publish,
+    require_toy_weights,
+    settings,
+)
 
 CLIP_NAME = "vit_base_patch16_clip_224.openai"  # on the Hub only: unloadable here
 
@@ -37,7 +51,7 @@ def _halves(size: tuple[int, int] = (64, 48)) -> Image.Image:
     w, h = size
     arr = np.zeros((h, w, 3), np.uint8)
     arr[:, : w // 2] = (220, 30, 30)
-    arr[:, w // 2:] = (30, 30, 220)
+    arr[:, w // 2 :] = (30, 30, 220)
     return Image.fromarray(arr, "RGB")
 
 
@@ -92,8 +106,9 @@ def _random_lora(directory: Path, out: Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------------------- tests
 def test_good_request(client, pics):
-    cards, table = classify(client, [(k, [pics[f"{k}1"], pics[f"{k}2"]]) for k in KINDS],
-                            [pics["blue_q"], pics["stripes_q"], pics["red_q"]])
+    cards, table = classify(
+        client, [(k, [pics[f"{k}1"], pics[f"{k}2"]]) for k in KINDS], [pics["blue_q"], pics["stripes_q"], pics["red_q"]]
+    )
     check((cards, table), ["blue", "stripes", "red"])
     assert table["headers"] == ["query", "prediction", "p(red)", "p(blue)", "p(stripes)"]  # no comparison column
     assert cards.count('class="rc-card"') == 3 and cards.count('class="rc-track"') == 9  # one bar per class
@@ -135,8 +150,18 @@ def test_unexpected_errors_are_generic_and_logged(client, pics, monkeypatch, cap
     good_request(client, pics)
 
 
-@pytest.mark.parametrize("mode, suffix", [("L", ".png"), ("LA", ".png"), ("P", ".png"), ("RGBA", ".png"),
-                                          ("CMYK", ".jpg"), ("CMYK", ".tif"), ("I;16", ".png")])
+@pytest.mark.parametrize(
+    "mode, suffix",
+    [
+        ("L", ".png"),
+        ("LA", ".png"),
+        ("P", ".png"),
+        ("RGBA", ".png"),
+        ("CMYK", ".jpg"),
+        ("CMYK", ".tif"),
+        ("I;16", ".png"),
+    ],
+)
 def test_image_modes_work(client, tmp_path, mode, suffix):
     def save(kind: str, seed: int, size: tuple[int, int]) -> Path:
         path = tmp_path / f"{kind}{seed}{suffix}"
@@ -185,8 +210,12 @@ def test_unicode_class_names_work_and_are_shown_safely(client, pics):
 
 def test_lora_is_compared_with_the_backbone_alone(client, pics, tiny_clip_dir, tiny_vit_dir, tmp_path):
     good = _random_lora(tiny_clip_dir, tmp_path / "clip-lora")
-    cards, table = classify(client, [(k, [pics[f"{k}1"], pics[f"{k}2"]]) for k in KINDS],
-                            [pics["blue_q"], pics["stripes_q"], pics["red_q"]], lora=str(good))
+    cards, table = classify(
+        client,
+        [(k, [pics[f"{k}1"], pics[f"{k}2"]]) for k in KINDS],
+        [pics["blue_q"], pics["stripes_q"], pics["red_q"]],
+        lora=str(good),
+    )
     check((cards, table), ["blue", "stripes", "red"])
     assert table["headers"][-1] == "backbone alone"
     assert [row[-1] for row in table["data"]] == ["blue", "stripes", "red"]  # the easy task: both get it right
@@ -206,8 +235,7 @@ def test_backbone_that_cannot_be_loaded(client, pics, closed_hub):
     good_request(client, pics)
 
 
-def test_app_starts_without_its_default_backbone_and_without_shipped_weights(pics, tiny_clip_dir, closed_hub,
-                                                                               tmp_path):
+def test_app_starts_without_its_default_backbone_and_without_shipped_weights(pics, tiny_clip_dir, closed_hub, tmp_path):
     demo, client = launch(settings(tmp_path, CLIP_NAME))
     try:
         status = client.predict(api_name="/status")
@@ -241,8 +269,11 @@ def test_offline_default_uses_the_shipped_weights_and_offers_examples(closed_hub
         assert "Hangul (an unseen script) · 5-way 1-shot" in labels
         # What a click on the first example fills in, classified with the default meta-LoRA (and without it).
         task = app_ui.find_examples(weights / "examples")[0]
-        cards, table = classify(client, [(c, [Path(f) for f in files]) for c, files in task.support.items()],
-                                [Path(q) for q in task.queries])
+        cards, table = classify(
+            client,
+            [(c, [Path(f) for f in files]) for c, files in task.support.items()],
+            [Path(q) for q in task.queries],
+        )
         assert len(table["data"]) == len(task.queries) == 15 and table["headers"][-1] == "backbone alone"
         assert {row[1] for row in table["data"]} <= set(task.support)
         assert cards.count('class="rc-card"') == 15
@@ -265,13 +296,24 @@ def test_bundled_lora_can_be_inverted_offline_even_with_local_paths_off(closed_h
     demo, client = launch(settings(tmp_path, CLIP_NAME, SHIPPED, allow_local_paths=False))
     try:
         lora = str(SHIPPED / "example-lora")
-        offered = [c for c in client.config["components"] if c["type"] == "dataset"
-                   and lora in json.dumps(c["props"].get("samples"))]
+        offered = [
+            c
+            for c in client.config["components"]
+            if c["type"] == "dataset" and lora in json.dumps(c["props"].get("samples"))
+        ]
         assert offered, "the invert tab offers the bundled LoRA as an example"
         card, classes = client.predict(hub_id=lora, files=[], api_name="/load_lora")
         assert ": 5 classes" in card and "Fits the selected backbone" in card and len(classes["choices"]) == 5
-        job = client.submit(classes=[0, 1], per_class=2, steps=20, pruning="-1:0.75", bn_prior=False, lr=0.25,
-                            seed=0, api_name="/invert")
+        job = client.submit(
+            classes=[0, 1],
+            per_class=2,
+            steps=20,
+            pruning="-1:0.75",
+            bn_prior=False,
+            lr=0.25,
+            seed=0,
+            api_name="/invert",
+        )
         job.result(timeout=120)
         assert "Done" in str(job.outputs()[-1])
         with pytest.raises(AppError, match="Local paths are disabled"):  # the trust covers that folder only
@@ -286,14 +328,18 @@ def _zip_run(path: str) -> tuple[dict, torch.Tensor]:
         name = next(n for n in zf.namelist() if n.endswith("manifest.json"))
         manifest = json.loads(zf.read(name))
         folder = name.rsplit("/", 1)[0]
-        images = [torch.from_numpy(np.array(Image.open(io.BytesIO(zf.read(f"{folder}/{item['image']}")))
-                                            .convert("RGB"))) for item in manifest["items"]]
+        images = [
+            torch.from_numpy(np.array(Image.open(io.BytesIO(zf.read(f"{folder}/{item['image']}"))).convert("RGB")))
+            for item in manifest["items"]
+        ]
     return manifest, torch.stack(images).permute(0, 3, 1, 2).float() / 255
 
 
 def _total_variation(images: torch.Tensor) -> float:
-    return ((images[..., 1:, :] - images[..., :-1, :]).abs().mean()
-            + (images[..., :, 1:] - images[..., :, :-1]).abs().mean()).item()
+    return (
+        (images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+        + (images[..., :, 1:] - images[..., :, :-1]).abs().mean()
+    ).item()
 
 
 @pytest.mark.skipif(not (SHIPPED / "glyph-prior" / "model.safetensors").is_file(), reason="not shipped")
@@ -302,14 +348,25 @@ def test_offline_inversion_of_the_bundled_lora_uses_the_glyph_prior_by_default(c
     recognises, where inverting without a prior gives high-frequency noise."""
     demo, client = launch(settings(tmp_path, CLIP_NAME, SHIPPED, allow_local_paths=False))
     try:
-        checkbox = next(c["props"] for c in client.config["components"]
-                        if str(c["props"].get("label", "")).startswith("BN-statistics prior"))
+        checkbox = next(
+            c["props"]
+            for c in client.config["components"]
+            if str(c["props"].get("label", "")).startswith("BN-statistics prior")
+        )
         assert checkbox["value"] is True and "glyph-prior" in checkbox["label"] and "weight 0.1" in checkbox["label"]
         client.predict(hub_id=str(SHIPPED / "example-lora"), files=[], api_name="/load_lora")
         runs = {}
         for prior in (checkbox["value"], False):  # the default, then without a prior
-            job = client.submit(classes=[0, 1, 2, 3, 4], per_class=2, steps=100, pruning="-1:0.75", bn_prior=prior,
-                                lr=0.25, seed=0, api_name="/invert")
+            job = client.submit(
+                classes=[0, 1, 2, 3, 4],
+                per_class=2,
+                steps=100,
+                pruning="-1:0.75",
+                bn_prior=prior,
+                lr=0.25,
+                seed=0,
+                api_name="/invert",
+            )
             job.result(timeout=300)
             runs[prior] = _zip_run(job.outputs()[-1][3]["value"])
         (with_prior, images), (without, noise) = runs[True], runs[False]
@@ -318,8 +375,10 @@ def test_offline_inversion_of_the_bundled_lora_uses_the_glyph_prior_by_default(c
         assert with_prior["settings"]["flip"] is False  # glyphs are not mirror-symmetric
         agree = [int(torch.tensor(i["logits"]).argmax()) == i["label"] for i in with_prior["items"]]
         assert sum(agree) / len(agree) >= 0.8, agree
-        assert _total_variation(images) < 0.75 * _total_variation(noise), (_total_variation(images),
-                                                                           _total_variation(noise))
+        assert _total_variation(images) < 0.75 * _total_variation(noise), (
+            _total_variation(images),
+            _total_variation(noise),
+        )
     finally:
         close(demo, client)
 
@@ -373,8 +432,11 @@ def test_offline_default_on_the_real_shipped_weights_classifies_its_examples(clo
         assert [t.name for t in tasks] == sorted(p.name for p in (SHIPPED / "examples").iterdir() if p.is_dir())
         assert recheck["data"].get("cross_script", "hangul") in [t.name for t in tasks]
         for task in tasks:
-            _, table = classify(client, [(c, [Path(f) for f in files]) for c, files in task.support.items()],
-                                [Path(q) for q in task.queries])
+            _, table = classify(
+                client,
+                [(c, [Path(f) for f in files]) for c, files in task.support.items()],
+                [Path(q) for q in task.queries],
+            )
             images = [Image.open(f).convert("RGB") for files in task.support.values() for f in files]
             labels = [c for c, files in task.support.items() for _ in files]
             queries = [Image.open(q).convert("RGB") for q in task.queries]
@@ -395,11 +457,14 @@ def test_examples_are_offered_only_when_bundled(tmp_path, tiny_clip_dir):
     tasks = app_ui.find_examples(weights / "examples")  # 8 test tasks, the cross-domain one and the plain one
     assert len(dataset.samples) == len(tasks) == 10
     # each example selects the shipped backbone and meta-LoRA it was made for, after the slots and the queries
-    assert all(sample[-2:] == [str(weights / "mini-vit"), str(weights / "mini-meta-lora")]
-               for sample in dataset.samples)
+    assert all(
+        sample[-2:] == [str(weights / "mini-vit"), str(weights / "mini-meta-lora")] for sample in dataset.samples
+    )
     assert [t.name for t in tasks] == sorted(["han-plain", "hangul", *(f"han-{i}" for i in range(1, 9))])
-    assert [t.label for t in tasks][:2] == ["Han characters (held-out classes) #1 · 5-way 1-shot",
-                                            "Han characters (held-out classes) #2 · 5-way 1-shot"]
+    assert [t.label for t in tasks][:2] == [
+        "Han characters (held-out classes) #1 · 5-way 1-shot",
+        "Han characters (held-out classes) #2 · 5-way 1-shot",
+    ]
     task = next(t for t in tasks if t.name == "han-8")
     assert len(task.support) == 5 and all(len(f) == 2 for f in task.support.values()) and len(task.queries) == 15
     assert all(Path(q).name.startswith(f"{Path(q).parent.name}__") for q in task.queries)  # labelled queries
@@ -412,10 +477,15 @@ def test_settings_come_from_the_environment(monkeypatch, tiny_clip_dir, tmp_path
     monkeypatch.setenv("RECYCLE_POOL", str(tmp_path / "p"))
     monkeypatch.setenv("RECYCLE_ALLOW_LOCAL_PATHS", "0")
     s = app_ui.AppSettings.from_env()
-    assert (s.backbone, s.weights, s.pool, s.allow_local_paths) == (str(tiny_clip_dir), tmp_path / "w",
-                                                                    tmp_path / "p", False)
-    dropdowns = [b for b in app.build_demo().blocks.values() if isinstance(b, gr.Dropdown) and b.label.startswith(
-        "Backbone")]
+    assert (s.backbone, s.weights, s.pool, s.allow_local_paths) == (
+        str(tiny_clip_dir),
+        tmp_path / "w",
+        tmp_path / "p",
+        False,
+    )
+    dropdowns = [
+        b for b in app.build_demo().blocks.values() if isinstance(b, gr.Dropdown) and b.label.startswith("Backbone")
+    ]
     assert [d.value for d in dropdowns] == [str(tiny_clip_dir)]
     for name in ("RECYCLE_BACKBONE", "RECYCLE_WEIGHTS", "RECYCLE_POOL", "RECYCLE_ALLOW_LOCAL_PATHS"):
         monkeypatch.delenv(name)
@@ -497,6 +567,7 @@ def test_labelled_queries_are_scored_for_the_meta_lora_and_for_the_backbone_alon
 
     def pred(file, label):
         return Prediction(file, label, {"永": 0.6 if label == "永" else 0.4, "木": 0.4 if label == "永" else 0.6})
+
     lora = [pred("永__0.png", "永"), pred("木__1.png", "木"), pred("木__2.png", "永"), pred("other.png", "木")]
     bare = [pred("永__0.png", "木"), pred("木__1.png", "木"), pred("木__2.png", "永"), pred("other.png", "木")]
     assert count_correct(lora) == (2, 3) and count_correct(bare) == (1, 3) and count_correct(lora[3:]) is None
@@ -508,17 +579,31 @@ def test_labelled_queries_are_scored_for_the_meta_lora_and_for_the_backbone_alon
     assert "rc-score" not in fewshot.probability_cards(lora[3:], [""], bare[3:], "x")  # no labels, no score
 
 
-@pytest.mark.parametrize("env", [{"GRADIO_SERVER_PORT": "abc"}, {"GRADIO_SERVER_PORT": "99999"},
-                                 {"GRADIO_SERVER_PORT": "-1"}, {"RECYCLE_MALLOC": "junk"}, {"RECYCLE_MALLOC": "off"},
-                                 {"RECYCLE_POOL_REPO": "not/a/repo"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"GRADIO_SERVER_PORT": "abc"},
+        {"GRADIO_SERVER_PORT": "99999"},
+        {"GRADIO_SERVER_PORT": "-1"},
+        {"RECYCLE_MALLOC": "junk"},
+        {"RECYCLE_MALLOC": "off"},
+        {"RECYCLE_POOL_REPO": "not/a/repo"},
+    ],
+)
 def test_bad_environment_variables_stop_the_app_with_one_line(env, tmp_path):
     import os
     import subprocess
     import sys
 
     app_py = Path(__file__).resolve().parent.parent / "app.py"
-    out = subprocess.run([sys.executable, str(app_py)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                         env={**os.environ, "RECYCLE_BACKBONE": "none", **env})
+    out = subprocess.run(
+        [sys.executable, str(app_py)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "RECYCLE_BACKBONE": "none", **env},
+    )
     name = next(iter(env))
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: {name}={env[name]!r} is not a")

@@ -1,6 +1,7 @@
 """The bad-input suite: malformed inputs to every tab, each answered with a clear error, after which the app still
 serves a good request. Two apps run: one as on a workstation (local paths allowed) and one as on a public Space
 (``RECYCLE_ALLOW_LOCAL_PATHS=0``: only Hub ids and uploads)."""
+
 from __future__ import annotations
 
 import gc
@@ -18,9 +19,23 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from safetensors.torch import load_file, save_file
 
-from tests.support.apptools import (blank_png, classify, close, good_request, headless_lora, launch, make_pics,
-                                    make_pool, official_lora, pattern, plain, publish, quick_good_request, settings,
-                                    tiny_lora)
+from tests.support.apptools import (
+    blank_png,
+    classify,
+    close,
+    good_request,
+    headless_lora,
+    launch,
+    make_pics,
+    make_pool,
+    official_lora,
+    pattern,
+    plain,
+    publish,
+    quick_good_request,
+    settings,
+    tiny_lora,
+)
 
 
 # -------------------------------------------------------------------------------------------------------- fixtures
@@ -35,11 +50,18 @@ def world(tiny_clip_dir, tiny_vit_dir, tmp_path_factory):
     public_app = settings(root / "public", str(tiny_clip_dir), allow_local_paths=False)
     demo, client = launch(open_app)
     public_demo, public = launch(public_app)
-    yield SimpleNamespace(root=root, pics=pics, peft=peft, pool=pool, client=client, public=public,
-                          clip_dir=tiny_clip_dir,
-                          official=official_lora(tiny_clip_dir, root / "official" / "task.safetensors"),
-                          headless=headless_lora(tiny_clip_dir, root / "headless"),
-                          vit_lora=tiny_lora(tiny_vit_dir, root / "vit-lora", steps=2))
+    yield SimpleNamespace(
+        root=root,
+        pics=pics,
+        peft=peft,
+        pool=pool,
+        client=client,
+        public=public,
+        clip_dir=tiny_clip_dir,
+        official=official_lora(tiny_clip_dir, root / "official" / "task.safetensors"),
+        headless=headless_lora(tiny_clip_dir, root / "headless"),
+        vit_lora=tiny_lora(tiny_vit_dir, root / "vit-lora", steps=2),
+    )
     close(demo, client)
     close(public_demo, public)
 
@@ -59,8 +81,12 @@ def _truncated_png(tmp: Path) -> Path:
 def _fewshot(w, classes, queries=None, client: Client = None, **extra):
     """/classify; `classes` is [(name, [pic keys or paths])]."""
     as_path = lambda p: w.pics[p] if isinstance(p, str) else p  # noqa: E731
-    return classify(client or w.client, [(n, [as_path(p) for p in ps]) for n, ps in classes],
-                    [as_path(q) for q in (["red_q"] if queries is None else queries)], **extra)
+    return classify(
+        client or w.client,
+        [(n, [as_path(p) for p in ps]) for n, ps in classes],
+        [as_path(q) for q in (["red_q"] if queries is None else queries)],
+        **extra,
+    )
 
 
 def _two(w, name1="red", name2="blue", **extra):
@@ -68,8 +94,9 @@ def _two(w, name1="red", name2="blue", **extra):
 
 
 def _load(w, hub_id="", files=(), client: Client = None):
-    return (client or w.client).predict(hub_id=hub_id, files=[handle_file(str(f)) for f in files],
-                                        api_name="/load_lora")
+    return (client or w.client).predict(
+        hub_id=hub_id, files=[handle_file(str(f)) for f in files], api_name="/load_lora"
+    )
 
 
 def _invert(w, client: Client = None, classes=(0, 1), **overrides):
@@ -86,6 +113,7 @@ def _peft_copy(w, tmp: Path, edit_config=None, edit_tensors=None, edit_meta=None
         (folder / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
     if edit_tensors is not None or edit_meta is not None:
         from safetensors import safe_open
+
         with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
             metadata = f.metadata()
         tensors = load_file(str(folder / "adapter_model.safetensors"))
@@ -129,12 +157,13 @@ def _scale(factor):
     def scale(tensors):
         for key in [k for k in tensors if "lora_" in k]:
             tensors[key] = tensors[key] * factor
+
     return scale
 
 
 def _zero_size_rank(tensors):  # a few-KB file that declares rank 10^9
     for key in [k for k in tensors if "blocks.0.attn.qkv.lora_" in k]:
-        tensors[key] = torch.zeros((10 ** 9, 0) if "lora_A" in key else (0, 10 ** 9))
+        tensors[key] = torch.zeros((10**9, 0) if "lora_A" in key else (0, 10**9))
 
 
 def _long_block_index(tensors):
@@ -189,232 +218,433 @@ CASES: dict[str, tuple[Callable, str]] = {
     # few-shot: classes and files
     "no classes": (lambda w, t, h: _fewshot(w, []), r"at least 2 classes.*got 0"),
     "one class": (lambda w, t, h: _fewshot(w, [("red", ["red1", "red2"])]), r"at least 2 classes.*got 1"),
-    "class without images": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", [])]),
-                             r"class 'blue' has no images"),
+    "class without images": (
+        lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", [])]),
+        r"class 'blue' has no images",
+    ),
     "images without a name": (lambda w, t, h: _two(w, name1=""), r"Class 1 has 1 image\(s\) but no name"),
     "duplicate names": (lambda w, t, h: _two(w, name2=" red "), r"Classes 1 and 2 are both named 'red'"),
-    "no queries": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])], queries=[]),
-                   r"at least one query image"),
-    "text file named .png": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", [_file(t, "notes.png",
-                                                                                             b"hello")])]),
-                             r"class 'blue': notes\.png: not a recognised image"),
-    "wrong file type": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])],
-                                                 queries=[_file(t, "notes.txt", b"hello")]), r"Invalid file type"),
-    "zero-byte image": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])],
-                                                 queries=[_file(t, "empty.jpg", b"")]),
-                        r"query empty\.jpg: the file is empty"),
-    "truncated image": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])],
-                                                 queries=[_truncated_png(t)]), r"cut\.png: .*(corrupt|truncated)"),
-    "huge dimensions": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", [blank_png(t / "huge.png", 8000,
-                                                                                             6000)])]),
-                        r"huge\.png: image is too large \(8000x6000"),
-    "decompression bomb": (lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])],
-                                                    queries=[blank_png(t / "bomb.png", 20000, 20000)]),
-                           r"bomb\.png: .*decompression bomb"),
+    "no queries": (
+        lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])], queries=[]),
+        r"at least one query image",
+    ),
+    "text file named .png": (
+        lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", [_file(t, "notes.png", b"hello")])]),
+        r"class 'blue': notes\.png: not a recognised image",
+    ),
+    "wrong file type": (
+        lambda w, t, h: _fewshot(
+            w, [("red", ["red1"]), ("blue", ["blue1"])], queries=[_file(t, "notes.txt", b"hello")]
+        ),
+        r"Invalid file type",
+    ),
+    "zero-byte image": (
+        lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])], queries=[_file(t, "empty.jpg", b"")]),
+        r"query empty\.jpg: the file is empty",
+    ),
+    "truncated image": (
+        lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", ["blue1"])], queries=[_truncated_png(t)]),
+        r"cut\.png: .*(corrupt|truncated)",
+    ),
+    "huge dimensions": (
+        lambda w, t, h: _fewshot(w, [("red", ["red1"]), ("blue", [blank_png(t / "huge.png", 8000, 6000)])]),
+        r"huge\.png: image is too large \(8000x6000",
+    ),
+    "decompression bomb": (
+        lambda w, t, h: _fewshot(
+            w, [("red", ["red1"]), ("blue", ["blue1"])], queries=[blank_png(t / "bomb.png", 20000, 20000)]
+        ),
+        r"bomb\.png: .*decompression bomb",
+    ),
     # few-shot: class names with odd Unicode
-    "name of zero-width characters only": (lambda w, t, h: _fewshot(w, [("\u200b\u200d\u2060", [])]),
-                                           r"Class 1's name has only invisible characters"),
-    "name of bidi controls only": (lambda w, t, h: _two(w, name1="\u202e\u200f"),
-                                   r"Class 1 has 1 image\(s\) but no name"),
-    "names equal but for a zero-width space": (lambda w, t, h: _two(w, name1="red", name2="re\u200bd"),
-                                               r"Classes 1 and 2 are both named 'red'.*invisible characters"),
-    "names equal but for combining marks": (lambda w, t, h: _two(w, name1="caf\u00e9", name2="cafe\u0301"),
-                                            r"Classes 1 and 2 are both named 'café'"),
+    "name of zero-width characters only": (
+        lambda w, t, h: _fewshot(w, [("\u200b\u200d\u2060", [])]),
+        r"Class 1's name has only invisible characters",
+    ),
+    "name of bidi controls only": (
+        lambda w, t, h: _two(w, name1="\u202e\u200f"),
+        r"Class 1 has 1 image\(s\) but no name",
+    ),
+    "names equal but for a zero-width space": (
+        lambda w, t, h: _two(w, name1="red", name2="re\u200bd"),
+        r"Classes 1 and 2 are both named 'red'.*invisible characters",
+    ),
+    "names equal but for combining marks": (
+        lambda w, t, h: _two(w, name1="caf\u00e9", name2="cafe\u0301"),
+        r"Classes 1 and 2 are both named 'café'",
+    ),
     "very long emoji name": (lambda w, t, h: _two(w, name1="🐱" * 81), r"Class 1's name is 81 characters long"),
     # few-shot: backbone and meta-LoRA fields
-    "missing backbone folder": (lambda w, t, h: _two(w, backbone=str(t / "nowhere")),
-                                r"Backbone directory .*does not exist"),
-    "unknown backbone": (lambda w, t, h: _two(w, backbone="no_such_vit_model"),
-                         r"Unknown backbone 'no_such_vit_model'"),
-    "missing LoRA path": (lambda w, t, h: _two(w, lora=str(t / "nowhere")),
-                          r"neither an existing local path nor a Hub id"),
+    "missing backbone folder": (
+        lambda w, t, h: _two(w, backbone=str(t / "nowhere")),
+        r"Backbone directory .*does not exist",
+    ),
+    "unknown backbone": (
+        lambda w, t, h: _two(w, backbone="no_such_vit_model"),
+        r"Unknown backbone 'no_such_vit_model'",
+    ),
+    "missing LoRA path": (
+        lambda w, t, h: _two(w, lora=str(t / "nowhere")),
+        r"neither an existing local path nor a Hub id",
+    ),
     "pickled meta-LoRA": (lambda w, t, h: _two(w, lora=str(_file(t, "adapter.bin", b"\x80\x04K\x01."))), r"pickle"),
-    "NUL byte in the LoRA field": (lambda w, t, h: _two(w, lora="org/na\x00me"),
-                                   r"LoRA name contains control characters"),
-    "5000-character backbone name": (lambda w, t, h: _two(w, backbone="vit" * 1700),
-                                     r"backbone name is 5100 characters long; at most 300"),
-    "LoRA path to a system file": (lambda w, t, h: _two(w, lora="../../../../../etc/passwd"),
-                                   r"passwd is not a \.safetensors file"),
+    "NUL byte in the LoRA field": (
+        lambda w, t, h: _two(w, lora="org/na\x00me"),
+        r"LoRA name contains control characters",
+    ),
+    "5000-character backbone name": (
+        lambda w, t, h: _two(w, backbone="vit" * 1700),
+        r"backbone name is 5100 characters long; at most 300",
+    ),
+    "LoRA path to a system file": (
+        lambda w, t, h: _two(w, lora="../../../../../etc/passwd"),
+        r"passwd is not a \.safetensors file",
+    ),
     # public server: path-like strings in text fields
-    "public: relative path as LoRA": (lambda w, t, h: _two(w, lora="../../etc/passwd", client=w.public),
-                                      r"Local paths are disabled.*'\.\./\.\./etc/passwd'.*Hub id"),
-    "public: absolute path as LoRA": (lambda w, t, h: _two(w, lora="/etc/shadow", client=w.public),
-                                      r"Local paths are disabled.*'/etc/shadow'"),
-    "public: folder as backbone": (lambda w, t, h: _two(w, backbone="/etc", client=w.public),
-                                   r"Local paths are disabled.*'/etc' cannot be used as a backbone"),
-    "public: local-dir: backbone": (lambda w, t, h: _two(w, backbone="local-dir:/tmp", client=w.public),
-                                    r"Local paths are disabled.*as a backbone"),
-    "public: path as inversion LoRA": (lambda w, t, h: _load(w, hub_id="/etc/shadow", client=w.public),
-                                       r"Local paths are disabled.*'/etc/shadow' cannot be used as a LoRA"),
-    "public: another pool folder": (lambda w, t, h: _open_pool(w, "../../etc", client=w.public),
-                                    r"Local paths are disabled.*Only the server's own pool can be browsed"),
-    "public: LoRA id shaped like a local folder": (lambda w, t, h: _two(w, lora="tests/helpers.py", client=w.public),
-                                                   r"Hub repository 'tests/helpers\.py' does not exist"),
+    "public: relative path as LoRA": (
+        lambda w, t, h: _two(w, lora="../../etc/passwd", client=w.public),
+        r"Local paths are disabled.*'\.\./\.\./etc/passwd'.*Hub id",
+    ),
+    "public: absolute path as LoRA": (
+        lambda w, t, h: _two(w, lora="/etc/shadow", client=w.public),
+        r"Local paths are disabled.*'/etc/shadow'",
+    ),
+    "public: folder as backbone": (
+        lambda w, t, h: _two(w, backbone="/etc", client=w.public),
+        r"Local paths are disabled.*'/etc' cannot be used as a backbone",
+    ),
+    "public: local-dir: backbone": (
+        lambda w, t, h: _two(w, backbone="local-dir:/tmp", client=w.public),
+        r"Local paths are disabled.*as a backbone",
+    ),
+    "public: path as inversion LoRA": (
+        lambda w, t, h: _load(w, hub_id="/etc/shadow", client=w.public),
+        r"Local paths are disabled.*'/etc/shadow' cannot be used as a LoRA",
+    ),
+    "public: another pool folder": (
+        lambda w, t, h: _open_pool(w, "../../etc", client=w.public),
+        r"Local paths are disabled.*Only the server's own pool can be browsed",
+    ),
+    "public: LoRA id shaped like a local folder": (
+        lambda w, t, h: _two(w, lora="tests/helpers.py", client=w.public),
+        r"Hub repository 'tests/helpers\.py' does not exist",
+    ),
     # inversion: the Hub
-    "malformed Hub id": (lambda w, t, h: _load(w, hub_id="not a repo!"),
-                         r"neither an existing local path nor a Hub id"),
-    "Hub id with too many parts": (lambda w, t, h: _load(w, hub_id="org/name/extra"),
-                                   r"neither an existing local path nor a Hub id"),
+    "malformed Hub id": (
+        lambda w, t, h: _load(w, hub_id="not a repo!"),
+        r"neither an existing local path nor a Hub id",
+    ),
+    "Hub id with too many parts": (
+        lambda w, t, h: _load(w, hub_id="org/name/extra"),
+        r"neither an existing local path nor a Hub id",
+    ),
     "unknown Hub repo": (lambda w, t, h: _load(w, hub_id="recycle-test/missing"), r"does not exist, or it is private"),
     "Hub repo with pickles only": (
-        lambda w, t, h: (_file(h.root / "recycle-test" / "pickled", "adapter_model.bin", b"\x80\x04K\x01.")
-                         if (h.root / "recycle-test" / "pickled").mkdir(parents=True) is None else None,
-                         _load(w, hub_id="recycle-test/pickled")),
-        r"has no \.safetensors LoRA weights \(pickled"),
-    "Hub is down": (lambda w, t, h: (publish(h.root, "recycle-test/colours", w.peft), h.stop(),
-                                     _load(w, hub_id="recycle-test/colours")),
-                    r"Hub at http://127\.0\.0\.1:\d+ is unreachable and the files are not cached"),
-    "BN prior not on the Hub": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, bn_prior=True)),
-                                r"BN prior: .*resnet50.*Untick 'BN-statistics prior'"),
+        lambda w, t, h: (
+            _file(h.root / "recycle-test" / "pickled", "adapter_model.bin", b"\x80\x04K\x01.")
+            if (h.root / "recycle-test" / "pickled").mkdir(parents=True) is None
+            else None,
+            _load(w, hub_id="recycle-test/pickled"),
+        ),
+        r"has no \.safetensors LoRA weights \(pickled",
+    ),
+    "Hub is down": (
+        lambda w, t, h: (
+            publish(h.root, "recycle-test/colours", w.peft),
+            h.stop(),
+            _load(w, hub_id="recycle-test/colours"),
+        ),
+        r"Hub at http://127\.0\.0\.1:\d+ is unreachable and the files are not cached",
+    ),
+    "BN prior not on the Hub": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, bn_prior=True)),
+        r"BN prior: .*resnet50.*Untick 'BN-statistics prior'",
+    ),
     # inversion: uploaded files
     "nothing to load": (lambda w, t, h: _load(w), r"Enter a Hub id \(ORG/NAME\) or upload"),
-    "zero-byte weights": (lambda w, t, h: _load(w, files=[_file(t, "adapter_model.safetensors", b"")]),
-                          r"adapter_model\.safetensors is empty \(0 bytes\)"),
-    "truncated weights": (lambda w, t, h: _load(w, files=[_file(t, "adapter_model.safetensors", (
-        w.peft / "adapter_model.safetensors").read_bytes()[:300])]), r"not a valid safetensors file"),
-    "random bytes as weights": (lambda w, t, h: _load(w, files=[_file(t, "x.safetensors", bytes(range(256)) * 4)]),
-                                r"not a valid safetensors file"),
-    "pickled weights": (lambda w, t, h: _load(w, files=[_file(t, "adapter_model.bin", b"\x80\x04K\x01.")]),
-                        r"adapter_model\.bin: pickled weights are never loaded"),
-    "PEFT weights without their config": (lambda w, t, h: _load(w, files=[w.peft / "adapter_model.safetensors"]),
-                                          r"needs its adapter_config\.json"),
+    "zero-byte weights": (
+        lambda w, t, h: _load(w, files=[_file(t, "adapter_model.safetensors", b"")]),
+        r"adapter_model\.safetensors is empty \(0 bytes\)",
+    ),
+    "truncated weights": (
+        lambda w, t, h: _load(
+            w, files=[_file(t, "adapter_model.safetensors", (w.peft / "adapter_model.safetensors").read_bytes()[:300])]
+        ),
+        r"not a valid safetensors file",
+    ),
+    "random bytes as weights": (
+        lambda w, t, h: _load(w, files=[_file(t, "x.safetensors", bytes(range(256)) * 4)]),
+        r"not a valid safetensors file",
+    ),
+    "pickled weights": (
+        lambda w, t, h: _load(w, files=[_file(t, "adapter_model.bin", b"\x80\x04K\x01.")]),
+        r"adapter_model\.bin: pickled weights are never loaded",
+    ),
+    "PEFT weights without their config": (
+        lambda w, t, h: _load(w, files=[w.peft / "adapter_model.safetensors"]),
+        r"needs its adapter_config\.json",
+    ),
     "config only": (lambda w, t, h: _load(w, files=[w.peft / "adapter_config.json"]), r"no weights uploaded"),
-    "config that is not JSON": (lambda w, t, h: _load(w, files=[_file(t, "adapter_config.json", b"{nope"),
-                                                                 w.peft / "adapter_model.safetensors"]),
-                                r"adapter_config\.json is not valid JSON"),
-    "non-LoRA PEFT type": (lambda w, t, h: _upload_peft(w, t, edit_config=lambda c: c.update(peft_type="IA3")),
-                           r"PEFT 'IA3' adapter, not LoRA"),
+    "config that is not JSON": (
+        lambda w, t, h: _load(
+            w, files=[_file(t, "adapter_config.json", b"{nope"), w.peft / "adapter_model.safetensors"]
+        ),
+        r"adapter_config\.json is not valid JSON",
+    ),
+    "non-LoRA PEFT type": (
+        lambda w, t, h: _upload_peft(w, t, edit_config=lambda c: c.update(peft_type="IA3")),
+        r"PEFT 'IA3' adapter, not LoRA",
+    ),
     "NaN in the weights": (lambda w, t, h: _upload_peft(w, t, edit_tensors=_set_nan), r"contains NaN or Inf"),
-    "two LoRAs at once": (lambda w, t, h: _load(w, files=[w.official, w.peft / "adapter_model.safetensors"]),
-                          r"upload one LoRA at a time"),
+    "two LoRAs at once": (
+        lambda w, t, h: _load(w, files=[w.official, w.peft / "adapter_model.safetensors"]),
+        r"upload one LoRA at a time",
+    ),
     "LoRA without a head": (lambda w, t, h: _load(w, files=list(w.headless.iterdir())), r"no classification head"),
-    "LoRA for another backbone": (lambda w, t, h: (_load(w, files=list(w.vit_lora.iterdir())), _invert(w)),
-                                  r"does not fit the backbone"),
+    "LoRA for another backbone": (
+        lambda w, t, h: (_load(w, files=list(w.vit_lora.iterdir())), _invert(w)),
+        r"does not fit the backbone",
+    ),
     # inversion: settings
-    "invert before loading": (lambda w, t, h: _invert(w, client=Client(w.client.src, verbose=False), classes=()),
-                              r"Load a LoRA first"),
-    "no classes chosen": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, classes=())),
-                          r"Choose at least one class"),
-    "class not in the LoRA": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, classes=(7,))),
-                              r"7.*is not in the list of choices"),
-    "too many images": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, classes=(0, 1, 2), per_class=11)),
-                        r"3 classes × 11 images = 33 images; at most 32"),
-    "too many steps": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, steps=50000)),
-                       r"Value 50000 is greater than maximum value 2000"),
-    "malformed pruning schedule": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning="11:abc")),
-                                   r"Pruning schedule '11:abc'.*LAYER:RATIO"),
-    "pruning ratio of 1.5": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning="-1:1.5")),
-                             r"pruning ratio for layer -1 must be in \[0, 1\)"),
-    "pruning layer out of range": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning="99:0.5")),
-                                   r"pruning layer 99 is out of range for a model with 2 blocks"),
-    "negative learning rate": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, lr=-1)),
-                               r"Value -1 is less than minimum value 0\.001"),
+    "invert before loading": (
+        lambda w, t, h: _invert(w, client=Client(w.client.src, verbose=False), classes=()),
+        r"Load a LoRA first",
+    ),
+    "no classes chosen": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, classes=())),
+        r"Choose at least one class",
+    ),
+    "class not in the LoRA": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, classes=(7,))),
+        r"7.*is not in the list of choices",
+    ),
+    "too many images": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, classes=(0, 1, 2), per_class=11)),
+        r"3 classes × 11 images = 33 images; at most 32",
+    ),
+    "too many steps": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, steps=50000)),
+        r"Value 50000 is greater than maximum value 2000",
+    ),
+    "malformed pruning schedule": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning="11:abc")),
+        r"Pruning schedule '11:abc'.*LAYER:RATIO",
+    ),
+    "pruning ratio of 1.5": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning="-1:1.5")),
+        r"pruning ratio for layer -1 must be in \[0, 1\)",
+    ),
+    "pruning layer out of range": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning="99:0.5")),
+        r"pruning layer 99 is out of range for a model with 2 blocks",
+    ),
+    "negative learning rate": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, lr=-1)),
+        r"Value -1 is less than minimum value 0\.001",
+    ),
     # adversarial LoRA files: patterns, types, declared sizes
-    "regex in rank_pattern": (lambda w, t, h: _upload_peft(w, t, **_config(rank_pattern={REGEX: 4})),
-                              r"rank_pattern key '\(\.\*\)\*.*' is not supported.*module paths"),
-    "regex in alpha_pattern": (lambda w, t, h: _upload_peft(w, t, **_config(alpha_pattern={"(a|aa)+$": 4})),
-                               r"alpha_pattern key .* is not supported"),
-    "invalid regex in rank_pattern": (lambda w, t, h: _upload_peft(w, t, **_config(rank_pattern={"blocks.(0": 4})),
-                                      r"rank_pattern key 'blocks\.\(0' is not supported"),
+    "regex in rank_pattern": (
+        lambda w, t, h: _upload_peft(w, t, **_config(rank_pattern={REGEX: 4})),
+        r"rank_pattern key '\(\.\*\)\*.*' is not supported.*module paths",
+    ),
+    "regex in alpha_pattern": (
+        lambda w, t, h: _upload_peft(w, t, **_config(alpha_pattern={"(a|aa)+$": 4})),
+        r"alpha_pattern key .* is not supported",
+    ),
+    "invalid regex in rank_pattern": (
+        lambda w, t, h: _upload_peft(w, t, **_config(rank_pattern={"blocks.(0": 4})),
+        r"rank_pattern key 'blocks\.\(0' is not supported",
+    ),
     "public: Hub LoRA with a regex pattern": (
         lambda w, t, h: _hub_peft(w, h, t, "recycle-test/regex", **_config(rank_pattern={REGEX: 4})),
-        r"rank_pattern key .* is not supported"),
+        r"rank_pattern key .* is not supported",
+    ),
     "r as a string": (lambda w, t, h: _upload_peft(w, t, **_config(r="8")), r"'r' must be a positive integer, got '8'"),
     "r as null": (lambda w, t, h: _upload_peft(w, t, **_config(r=None)), r"'r' must be a positive integer, got None"),
-    "non-numeric lora_alpha": (lambda w, t, h: _upload_peft(w, t, **_config(lora_alpha="high")),
-                               r"'lora_alpha' must be a positive number, got 'high'"),
-    "string where an object is expected": (lambda w, t, h: _upload_peft(w, t, **_config(rank_pattern="qkv")),
-                                           r"rank_pattern must be an object"),
-    "peft_type as a list": (lambda w, t, h: _upload_peft(w, t, edit_config=lambda c: c.update(peft_type=[1])),
-                                     r"PEFT '\[1\]' adapter, not LoRA"),
-    "200,000-deep JSON config": (lambda w, t, h: _upload_deep_config(w, t),
-                                 r"adapter_config\.json is nested too deeply"),
-    "integer class names in the metadata": (lambda w, t, h: _upload_peft(w, t, **_meta(class_names=[1, 2, 3])),
-                                            r"class names must be a list of strings, got \[1, 2, 3\]"),
-    "metadata config that is a string": (lambda w, t, h: _upload_peft(w, t, **_meta(config="qv")),
-                                         r"the metadata's 'config' must be an object, got 'qv'"),
-    "5000-digit block index": (lambda w, t, h: _upload_peft(w, t, edit_tensors=_long_block_index),
-                               r"unsupported tensor 'base_model\.model\.blocks\.777.*block indices below 10000"),
+    "non-numeric lora_alpha": (
+        lambda w, t, h: _upload_peft(w, t, **_config(lora_alpha="high")),
+        r"'lora_alpha' must be a positive number, got 'high'",
+    ),
+    "string where an object is expected": (
+        lambda w, t, h: _upload_peft(w, t, **_config(rank_pattern="qkv")),
+        r"rank_pattern must be an object",
+    ),
+    "peft_type as a list": (
+        lambda w, t, h: _upload_peft(w, t, edit_config=lambda c: c.update(peft_type=[1])),
+        r"PEFT '\[1\]' adapter, not LoRA",
+    ),
+    "200,000-deep JSON config": (
+        lambda w, t, h: _upload_deep_config(w, t),
+        r"adapter_config\.json is nested too deeply",
+    ),
+    "integer class names in the metadata": (
+        lambda w, t, h: _upload_peft(w, t, **_meta(class_names=[1, 2, 3])),
+        r"class names must be a list of strings, got \[1, 2, 3\]",
+    ),
+    "metadata config that is a string": (
+        lambda w, t, h: _upload_peft(w, t, **_meta(config="qv")),
+        r"the metadata's 'config' must be an object, got 'qv'",
+    ),
+    "5000-digit block index": (
+        lambda w, t, h: _upload_peft(w, t, edit_tensors=_long_block_index),
+        r"unsupported tensor 'base_model\.model\.blocks\.777.*block indices below 10000",
+    ),
     "rank 10^9 from zero-size tensors": (
-        lambda w, t, h: _upload_peft(w, t, edit_tensors=_zero_size_rank, **_config(rank_pattern={"qkv": 10 ** 9})),
-        r"lora_A \[1000000000, 0\] and lora_B \[0, 1000000000\].*low-rank pair"),
+        lambda w, t, h: _upload_peft(w, t, edit_tensors=_zero_size_rank, **_config(rank_pattern={"qkv": 10**9})),
+        r"lora_A \[1000000000, 0\] and lora_B \[0, 1000000000\].*low-rank pair",
+    ),
     "rank 10^9 in the metadata": (
-        lambda w, t, h: (_upload_peft(w, t, edit_meta=lambda m: m["config"].update(rank=10 ** 9)), _invert(w)),
-        r"metadata says rank 1000000000 for blocks\.0\.attn\.qkv, but its tensors have rank 4"),
+        lambda w, t, h: (_upload_peft(w, t, edit_meta=lambda m: m["config"].update(rank=10**9)), _invert(w)),
+        r"metadata says rank 1000000000 for blocks\.0\.attn\.qkv, but its tensors have rank 4",
+    ),
     "rank 100000 in the metadata over rank-4 tensors": (
         lambda w, t, h: _upload_peft(w, t, edit_meta=lambda m: m["config"].update(rank=100_000)),
-        r"metadata says rank 100000 for blocks\.0\.attn\.qkv, but its tensors have rank 4; .*inconsistent"),
-    "LoRA scaled by 1e30": (lambda w, t, h: (_upload_peft(w, t, edit_tensors=_scale(1e30)), _invert(w)),
-                            r"teacher's (logits|loss) are not finite.*cannot be inverted"),
+        r"metadata says rank 100000 for blocks\.0\.attn\.qkv, but its tensors have rank 4; .*inconsistent",
+    ),
+    "LoRA scaled by 1e30": (
+        lambda w, t, h: (_upload_peft(w, t, edit_tensors=_scale(1e30)), _invert(w)),
+        r"teacher's (logits|loss) are not finite.*cannot be inverted",
+    ),
     # inversion settings of the wrong type or out of range
-    "seed of 2^63": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, seed=2 ** 63)),
-                     r"seed must be a whole number from 0 to 9223372036854775807, got 9223372036854775808"),
-    "seed of 1e300": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, seed=1e300)),
-                      r"seed must be a whole number from 0 to 9223372036854775807"),
-    "pruning as a number": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning=5)),
-                            r"token pruning setting .* must be text, got a number"),
-    "pruning as a list": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning=["-1:0.75"])),
-                          r"token pruning setting .* must be text, got a list"),
-    "classes as a string": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, classes="01")),
-                            r"(classes must be a list|not in the list of choices)"),
+    "seed of 2^63": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, seed=2**63)),
+        r"seed must be a whole number from 0 to 9223372036854775807, got 9223372036854775808",
+    ),
+    "seed of 1e300": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, seed=1e300)),
+        r"seed must be a whole number from 0 to 9223372036854775807",
+    ),
+    "pruning as a number": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning=5)),
+        r"token pruning setting .* must be text, got a number",
+    ),
+    "pruning as a list": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, pruning=["-1:0.75"])),
+        r"token pruning setting .* must be text, got a list",
+    ),
+    "classes as a string": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, classes="01")),
+        r"(classes must be a list|not in the list of choices)",
+    ),
     # names
     "class name with a newline": (lambda w, t, h: _two(w, name1="red\nwine"), r"Class 1's name contains a line break"),
-    "public: LOCAL-DIR: backbone": (lambda w, t, h: _two(w, backbone="LOCAL-DIR:/tmp", client=w.public),
-                                    r"Local paths are disabled.*'LOCAL-DIR:/tmp' cannot be used as a backbone"),
-    "public: Local-Dir: backbone": (lambda w, t, h: _two(w, backbone="Local-Dir:/etc", client=w.public),
-                                    r"Local paths are disabled.*as a backbone"),
+    "public: LOCAL-DIR: backbone": (
+        lambda w, t, h: _two(w, backbone="LOCAL-DIR:/tmp", client=w.public),
+        r"Local paths are disabled.*'LOCAL-DIR:/tmp' cannot be used as a backbone",
+    ),
+    "public: Local-Dir: backbone": (
+        lambda w, t, h: _two(w, backbone="Local-Dir:/etc", client=w.public),
+        r"Local paths are disabled.*as a backbone",
+    ),
     "public: upper-case prefix on an existing folder": (
-        lambda w, t, h: _two(w, backbone=f"LOCAL-DIR:{w.root}", client=w.public), r"Local paths are disabled"),
-    "backbone name timm cannot read": (lambda w, t, h: _two(w, backbone="file:/etc/passwd"),
-                                       r"Unknown backbone 'file:/etc/passwd'"),
+        lambda w, t, h: _two(w, backbone=f"LOCAL-DIR:{w.root}", client=w.public),
+        r"Local paths are disabled",
+    ),
+    "backbone name timm cannot read": (
+        lambda w, t, h: _two(w, backbone="file:/etc/passwd"),
+        r"Unknown backbone 'file:/etc/passwd'",
+    ),
     # backbone folders and Hub repos whose config.json describes a huge or wrong model (checked before building)
     "public: Hub backbone of depth 1000": (
         lambda w, t, h: _hub_backbone(w, h, t, "evil/deep-vit", edit=lambda c: c["model_args"].update(depth=1000)),
-        r"hf-hub:evil/deep-vit.*config\.json: 'depth' is 1000, outside the accepted range 1 to 128"),
+        r"hf-hub:evil/deep-vit.*config\.json: 'depth' is 1000, outside the accepted range 1 to 128",
+    ),
     "backbone with img_size 10^9": (
-        lambda w, t, h: _two(w, backbone=str(_hostile_backbone(w, t, edit=lambda c: c["model_args"].update(
-            img_size=10 ** 9)))), r"config\.json: 'img_size' is 1000000000, outside the accepted range"),
+        lambda w, t, h: _two(
+            w, backbone=str(_hostile_backbone(w, t, edit=lambda c: c["model_args"].update(img_size=10**9)))
+        ),
+        r"config\.json: 'img_size' is 1000000000, outside the accepted range",
+    ),
     "backbone of depth 10^6": (
-        lambda w, t, h: _two(w, backbone=str(_hostile_backbone(w, t, edit=lambda c: c["model_args"].update(
-            depth=10 ** 6)))), r"'depth' is 1000000, outside"),
+        lambda w, t, h: _two(
+            w, backbone=str(_hostile_backbone(w, t, edit=lambda c: c["model_args"].update(depth=10**6)))
+        ),
+        r"'depth' is 1000000, outside",
+    ),
     "transformers config as the backbone": (
         lambda w, t, h: _two(w, backbone=str(_hostile_backbone(w, t, text='{"model_type": "vit"}'))),
-        r"weights are in no known ViT layout"),  # the transformers loader reads it, and finds timm's names
+        r"weights are in no known ViT layout",
+    ),  # the transformers loader reads it, and finds timm's names
     "backbone weights with the wrong shapes": (
-        lambda w, t, h: _two(w, backbone=str(_hostile_backbone(w, t, edit=lambda c: c["model_args"].update(
-            embed_dim=32, num_heads=2)))), r"model\.safetensors: tensor '.*' has shape \[.*\], but the model"),
+        lambda w, t, h: _two(
+            w, backbone=str(_hostile_backbone(w, t, edit=lambda c: c["model_args"].update(embed_dim=32, num_heads=2)))
+        ),
+        r"model\.safetensors: tensor '.*' has shape \[.*\], but the model",
+    ),
     # inversion settings sent as text through the API
-    "steps as the text 'nan'": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, steps="nan")),
-                                r"Steps must be a finite number, got nan"),
-    "steps as the text 'many'": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, steps="many")),
-                                 r"Steps must be a number, got 'many'"),
-    "learning rate 'inf'": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, lr="inf")),
-                            r"Learning rate \(Adam\) must be a finite number, got inf"),
-    "BN prior as the text 'false'": (lambda w, t, h: _loaded_then(w, lambda: _invert(w, bn_prior="false")),
-                                     r"must be true or false, got the text 'false'"),
+    "steps as the text 'nan'": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, steps="nan")),
+        r"Steps must be a finite number, got nan",
+    ),
+    "steps as the text 'many'": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, steps="many")),
+        r"Steps must be a number, got 'many'",
+    ),
+    "learning rate 'inf'": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, lr="inf")),
+        r"Learning rate \(Adam\) must be a finite number, got inf",
+    ),
+    "BN prior as the text 'false'": (
+        lambda w, t, h: _loaded_then(w, lambda: _invert(w, bn_prior="false")),
+        r"must be true or false, got the text 'false'",
+    ),
     # pool
-    "pool image outside the pool": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: _point_outside(r, t))),
-                                    r"not a file inside the run"),
-    "NaN in a manifest": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (r / "manifest.json").write_text(
-        (r / "manifest.json").read_text().replace('"logits": [\n', '"logits": [\nNaN, ', 1)))),
-        r"unreadable manifest .*NaN is not a JSON number"),
+    "pool image outside the pool": (
+        lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: _point_outside(r, t))),
+        r"not a file inside the run",
+    ),
+    "NaN in a manifest": (
+        lambda w, t, h: _open_pool(
+            w,
+            _pool_copy(
+                w,
+                t,
+                lambda r: (r / "manifest.json").write_text(
+                    (r / "manifest.json").read_text().replace('"logits": [\n', '"logits": [\nNaN, ', 1)
+                ),
+            ),
+        ),
+        r"unreadable manifest .*NaN is not a JSON number",
+    ),
     "missing pool": (lambda w, t, h: _open_pool(w, t / "no-pool"), r"pool folder .* does not exist"),
     "empty pool": (lambda w, t, h: (t.joinpath("empty").mkdir(), _open_pool(w, t / "empty")), r"has no runs yet"),
-    "run without manifest": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (r / "manifest.json").unlink())),
-                             r"has no manifest\.json"),
-    "corrupt manifest": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (r / "manifest.json").write_text(
-        "{truncated"))), r"unreadable manifest"),
-    "manifest of another format": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (
-        r / "manifest.json").write_text('{"format": "other"}'))), r"not a surrogate-pool manifest"),
-    "modified pool image": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: pattern("red", 1, (32, 32)).save(
-        r / "images" / "000000.png"))), r"checksum mismatch"),
-    "9 MB manifest": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: _edit_manifest(
-        r, lambda m: m["settings"].update(blob="x" * (9 << 20))))), r"the manifest is [\d,]+ bytes, more than the "
-                                                                   r"8,388,608 accepted"),
-    "200,000-item manifest": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: _edit_manifest(
-        r, lambda m: m.update(items=[{}] * 200_000)))), r"the manifest lists 200,000 images, more than the 5,000"),
-    "pool image deleted": (lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (
-        r / "masked" / "000001.png").unlink())), r"masked/000001\.png is listed in the manifest but missing"),
+    "run without manifest": (
+        lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (r / "manifest.json").unlink())),
+        r"has no manifest\.json",
+    ),
+    "corrupt manifest": (
+        lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (r / "manifest.json").write_text("{truncated"))),
+        r"unreadable manifest",
+    ),
+    "manifest of another format": (
+        lambda w, t, h: _open_pool(
+            w, _pool_copy(w, t, lambda r: (r / "manifest.json").write_text('{"format": "other"}'))
+        ),
+        r"not a surrogate-pool manifest",
+    ),
+    "modified pool image": (
+        lambda w, t, h: _open_pool(
+            w, _pool_copy(w, t, lambda r: pattern("red", 1, (32, 32)).save(r / "images" / "000000.png"))
+        ),
+        r"checksum mismatch",
+    ),
+    "9 MB manifest": (
+        lambda w, t, h: _open_pool(
+            w, _pool_copy(w, t, lambda r: _edit_manifest(r, lambda m: m["settings"].update(blob="x" * (9 << 20))))
+        ),
+        r"the manifest is [\d,]+ bytes, more than the "
+        r"8,388,608 accepted",
+    ),
+    "200,000-item manifest": (
+        lambda w, t, h: _open_pool(
+            w, _pool_copy(w, t, lambda r: _edit_manifest(r, lambda m: m.update(items=[{}] * 200_000)))
+        ),
+        r"the manifest lists 200,000 images, more than the 5,000",
+    ),
+    "pool image deleted": (
+        lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (r / "masked" / "000001.png").unlink())),
+        r"masked/000001\.png is listed in the manifest but missing",
+    ),
 }
 
 
@@ -467,7 +697,7 @@ def test_a_public_server_still_serves_hub_loras_and_its_own_defaults(world, loca
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads resident memory from /proc")
@@ -480,10 +710,9 @@ def test_memory_stays_bounded_under_adversarial_uploads_and_large_images(world, 
     w = world
     hostile = [
         _peft_copy(w, tmp_path, name="regex", **_config(rank_pattern={REGEX: 4})),
-        _peft_copy(w, tmp_path, name="zero-size", edit_tensors=_zero_size_rank,
-                   **_config(rank_pattern={"qkv": 10 ** 9})),
+        _peft_copy(w, tmp_path, name="zero-size", edit_tensors=_zero_size_rank, **_config(rank_pattern={"qkv": 10**9})),
         _peft_copy(w, tmp_path, name="long-index", edit_tensors=_long_block_index),
-        _peft_copy(w, tmp_path, name="huge-rank", edit_meta=lambda m: m["config"].update(rank=10 ** 9)),
+        _peft_copy(w, tmp_path, name="huge-rank", edit_meta=lambda m: m["config"].update(rank=10**9)),
         _peft_copy(w, tmp_path, name="types", **_config(r=None, lora_alpha="x")),
     ]
     (tmp_path / "zero-size" / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)

@@ -5,6 +5,7 @@ before they exist) and offers their example tasks.
 
 Chromium is a test-only system package (tests/debian-packages.txt; CI installs it). Without it these tests skip.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,10 @@ import pytest
 from tests.support.apptools import close, free_port, launch, publish, settings, tiny_lora, toy_weights
 from tests.support.browser import CHROMIUM, Browser
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
-                                                         "(apt-get install chromium; see tests/debian-packages.txt)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Debian's chromium is not installed (apt-get install chromium; see tests/debian-packages.txt)",
+)
 
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
 CLIP_NAME = "vit_base_patch16_clip_224.openai"
@@ -108,8 +111,10 @@ def test_few_shot_from_an_example(served, browser):
     _type(browser, "meta-lora", "")  # the visitor cleared the meta-LoRA: the example brings it back
     _click(browser, task.label)
     lora = str(weights / "mini-meta-lora")
-    browser.wait_for(f"document.querySelector('#meta-lora textarea, #meta-lora input').value === {json.dumps(lora)}",
-                     what="the example's meta-LoRA")
+    browser.wait_for(
+        f"document.querySelector('#meta-lora textarea, #meta-lora input').value === {json.dumps(lora)}",
+        what="the example's meta-LoRA",
+    )
     browser.wait_for(_has_text("with meta-LoRA"), what="the status naming the meta-LoRA")
     assert str(backbone) in browser.text()
     _click(browser, "Run")
@@ -145,6 +150,7 @@ def test_invert_a_hub_lora_then_browse_the_pool(served, browser, local_hub, tmp_
     browser.wait_for(_has_text("1 inversion run from 1 LoRA, 2 classes, 2 images"), what="the pool summary")
     browser.idle()
     assert "mean confidence" in browser.text()
-    assert browser.evaluate("[...document.querySelectorAll('input')].some(i => i.value.startsWith("
-                            "'recycle-demo/glyphs ('))"), "the source dropdown shows the LoRA's Hub id"
+    assert browser.evaluate(
+        "[...document.querySelectorAll('input')].some(i => i.value.startsWith('recycle-demo/glyphs ('))"
+    ), "the source dropdown shows the LoRA's Hub id"
     browser.screenshot(SCREENSHOTS / "pool.png")

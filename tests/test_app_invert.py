@@ -1,5 +1,6 @@
 """The app's inversion tab: LoRAs from the (fake, local) Hub or uploaded, live previews, Stop, the pool and the zip,
 per-session state, and predictions served while an inversion runs."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,18 @@ from gradio_client.exceptions import AppError
 
 import app_ui
 from recycle.pool import Pool
-from tests.support.apptools import (close, good_request, headless_lora, launch, make_pics, official_lora, plain,
-                                    publish, settings, tiny_lora)
+from tests.support.apptools import (
+    close,
+    good_request,
+    headless_lora,
+    launch,
+    make_pics,
+    official_lora,
+    plain,
+    publish,
+    settings,
+    tiny_lora,
+)
 
 INVERT = dict(per_class=2, steps=40, pruning="-1:0.75", bn_prior=False, lr=0.25, seed=0)
 
@@ -28,8 +39,10 @@ def pics(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def loras(tiny_clip_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("loras")
-    return {"peft": tiny_lora(tiny_clip_dir, root / "colours"),
-            "official": official_lora(tiny_clip_dir, root / "official" / "lora_task7.safetensors")}
+    return {
+        "peft": tiny_lora(tiny_clip_dir, root / "colours"),
+        "official": official_lora(tiny_clip_dir, root / "official" / "lora_task7.safetensors"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +91,8 @@ def test_hub_lora_is_shown_inverted_with_previews_pooled_and_zipped(served, lora
     assert sum(n.endswith(".png") for n in names) == 8  # 4 images + 4 masked
     assert manifest["source"]["name"] == "recycle-test/colours" and manifest["settings"]["steps"] == 40
     assert manifest["settings"]["classes"] == ["red", "blue"] and manifest["settings"]["pruning"]["schedule"] == {
-        "-1": 0.75}
+        "-1": 0.75
+    }
 
     note = client.predict(api_name="/add_to_pool")
     assert note.startswith("✅ Added 4 images to the pool") and str(s.pool) in plain(note)
@@ -139,8 +153,9 @@ def test_each_session_has_its_own_lora_and_result(served, loras):
         other.close()
 
 
-def test_an_inversion_without_a_head_or_for_another_backbone_is_refused(served, loras, tiny_clip_dir, tiny_vit_dir,
-                                                                        tmp_path):
+def test_an_inversion_without_a_head_or_for_another_backbone_is_refused(
+    served, loras, tiny_clip_dir, tiny_vit_dir, tmp_path
+):
     client, _ = served
     with pytest.raises(AppError, match="no classification head"):
         _upload(client, *(headless_lora(tiny_clip_dir, tmp_path / "meta").iterdir()))

@@ -1,5 +1,6 @@
 """The app's pool tab: sources and classes, images and masked images with the teacher's confidences, and the settings
 that made them. Corrupt pools are in the bad-input suite (test_app_bad_inputs.py)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,10 @@ from tests.support.apptools import close, launch, make_pool, plain, settings, ti
 @pytest.fixture(scope="module")
 def pool_dir(tiny_clip_dir, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("pool-src")
-    loras = [tiny_lora(tiny_clip_dir, tmp / "a", ("cat", "dog", "fox")),
-             tiny_lora(tiny_clip_dir, tmp / "b", ("oak", "elm", "ash"), steps=10)]
+    loras = [
+        tiny_lora(tiny_clip_dir, tmp / "a", ("cat", "dog", "fox")),
+        tiny_lora(tiny_clip_dir, tmp / "b", ("oak", "elm", "ash"), steps=10),
+    ]
     return make_pool(tmp / "pool", tiny_clip_dir, loras)
 
 
@@ -53,7 +56,7 @@ def test_pool_is_browsed_by_source_and_class(client, pool_dir):
     assert [m["caption"] for m in masked] == [f"4 patches · p={p:.2f}" for p in expected_kept]
     assert f"mean confidence in this class is **{sum(expected) / 3:.2f}** on the images" in details
     assert f"**{sum(expected_kept) / 3:.2f}** on their kept tokens" in details
-    (run_name, run), = runs.items()
+    ((run_name, run),) = runs.items()
     assert run["settings"] == {"steps": 6, "run": 0} and run["steps_done"] == 6 and not run["stopped"]
 
     # the other source: its classes, then its second class; it was inverted without pruning, so nothing is masked
@@ -110,8 +113,11 @@ def _big_run(pool_dir: Path, tmp_path: Path, edit) -> Path:
 
 def test_manifests_are_bounded_in_bytes_and_items(client, pool_dir, tmp_path):
     big = _big_run(pool_dir, tmp_path / "bytes", lambda m: m["settings"].update(blob="x" * (9 << 20)))
-    with pytest.raises(AppError, match=r"manifest\.json: the manifest is 9,4\d\d,\d{3} bytes, more than the "
-                                       r"8,388,608 accepted"):
+    with pytest.raises(
+        AppError,
+        match=r"manifest\.json: the manifest is 9,4\d\d,\d{3} bytes, more than the "
+        r"8,388,608 accepted",
+    ):
         client.predict(str(big), api_name="/open_pool")
     many = _big_run(pool_dir, tmp_path / "items", lambda m: m.update(items=m["items"] * 2000))
     with pytest.raises(AppError, match=r"the manifest lists 12,000 images, more than the 5,000 accepted"):
@@ -141,6 +147,7 @@ def test_a_page_load_reads_the_pool_only_on_the_pool_tab(pool_dir, tiny_clip_dir
 
     class Request:
         query_params = {"tab": "pool"}
+
     assert browser.refresh_if_shown(str(pool_dir), Request()) == ("shown",) and opened == [str(pool_dir)]
 
 
@@ -149,5 +156,8 @@ def test_only_the_first_runs_of_a_huge_pool_are_read(client, pool_dir, tmp_path,
     monkeypatch.setattr(pool_tab, "MAX_POOL_SOURCES", 1)
     copy = shutil.copytree(pool_dir, tmp_path / "pool")
     summary, sources, *_ = client.predict(str(copy), api_name="/open_pool")
-    assert "1 inversion run from 1 LoRA" in plain(summary) and "Only the first 1 of its 2 runs are read" in \
-        plain(summary) and len(sources["choices"]) == 1
+    assert (
+        "1 inversion run from 1 LoRA" in plain(summary)
+        and "Only the first 1 of its 2 runs are read" in plain(summary)
+        and len(sources["choices"]) == 1
+    )

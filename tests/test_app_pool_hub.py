@@ -1,6 +1,7 @@
 """The app and pools on the Hub (fake Hub on 127.0.0.1): the pool tab browses a pool dataset by its id
 (``datasets/ORG/NAME``) with local paths off, refuses hostile ones with a message, and **Add to pool** pushes the
 run to a dataset when one and a token are configured."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ REPO = "org/shared-pool"
 @pytest.fixture(scope="module")
 def loras(tiny_clip_dir, tmp_path_factory) -> list[Path]:
     tmp = tmp_path_factory.mktemp("loras")
-    return [tiny_lora(tiny_clip_dir, tmp / "a", ("cat", "dog", "fox"), steps=3),
-            tiny_lora(tiny_clip_dir, tmp / "b", ("oak", "elm", "ash"), steps=5)]
+    return [
+        tiny_lora(tiny_clip_dir, tmp / "a", ("cat", "dog", "fox"), steps=3),
+        tiny_lora(tiny_clip_dir, tmp / "b", ("oak", "elm", "ash"), steps=5),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,8 @@ def test_a_hub_pool_is_browsed_by_dataset_id_with_local_paths_off(local_hub, poo
     demo, client = launch(s)
     try:
         summary, sources, classes, images, masked, details, runs = client.predict(
-            f"datasets/{REPO}", api_name="/open_pool")
+            f"datasets/{REPO}", api_name="/open_pool"
+        )
         assert plain(summary) == f"datasets/{REPO}: 2 inversion runs from 2 LoRAs, 4 classes, 12 images."
         assert classes["choices"] == [["cat (3)", "0"], ["dog (3)", "1"]] and len(images) == len(masked) == 3
         assert [m["caption"].split(" · ")[0] for m in masked] == ["4 patches"] * 3
@@ -75,8 +79,9 @@ def _inverted(tiny_clip_dir, lora: Path, s: app_ui.AppSettings) -> tuple[app_ui.
     return inversion, request
 
 
-def test_add_to_pool_also_pushes_the_run_to_the_configured_dataset(local_hub, loras, tiny_clip_dir, tmp_path,
-                                                                     monkeypatch):
+def test_add_to_pool_also_pushes_the_run_to_the_configured_dataset(
+    local_hub, loras, tiny_clip_dir, tmp_path, monkeypatch
+):
     monkeypatch.setenv("HF_TOKEN", "test")
     s = settings(tmp_path, str(tiny_clip_dir), pool_repo=REPO)
     inversion, request = _inverted(tiny_clip_dir, loras[0], s)
@@ -88,11 +93,13 @@ def test_add_to_pool_also_pushes_the_run_to_the_configured_dataset(local_hub, lo
     assert (local_hub.root / "datasets" / REPO / "README.md").is_file()
 
 
-def test_without_a_token_or_with_the_hub_down_the_run_is_kept_locally(local_hub, loras, tiny_clip_dir, tmp_path,
-                                                                       monkeypatch):
+def test_without_a_token_or_with_the_hub_down_the_run_is_kept_locally(
+    local_hub, loras, tiny_clip_dir, tmp_path, monkeypatch
+):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "no-token"))
     from huggingface_hub import constants
+
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"), raising=False)
     s = settings(tmp_path, str(tiny_clip_dir), pool_repo=REPO)
@@ -103,8 +110,9 @@ def test_without_a_token_or_with_the_hub_down_the_run_is_kept_locally(local_hub,
 
     monkeypatch.setenv("HF_TOKEN", "test")
     local_hub.stop()
-    inversion, request = _inverted(tiny_clip_dir, loras[1], settings(tmp_path / "b", str(tiny_clip_dir),
-                                                                        pool_repo=REPO))
+    inversion, request = _inverted(
+        tiny_clip_dir, loras[1], settings(tmp_path / "b", str(tiny_clip_dir), pool_repo=REPO)
+    )
     note = plain(inversion.add_to_pool(request))
     assert note.startswith("✅ Added 2 images") and "Not pushed" in note and "cannot reach the Hugging Face Hub" in note
     assert "kept in the local pool" in note

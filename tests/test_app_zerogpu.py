@@ -1,6 +1,7 @@
 """ZeroGPU (`app_ui.zerogpu`), with the real `spaces` package: the prediction and inversion handlers run under
 ``spaces.GPU`` when the Space signals ZeroGPU hardware, ask for a duration that fits the request, take and return
 values that cross a process boundary; without the signal the app is unchanged and answers on the CPU."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,19 @@ def _registered(demo: gr.Blocks, api_name: str):
     return next(f.fn for f in demo.fns.values() if f.api_name == api_name)
 
 
-@pytest.mark.parametrize("value, on", [("true", True), ("True", True), ("1", True), ("t", True), ("", False),
-                                       ("false", False), ("0", False), ("yes", False)])
+@pytest.mark.parametrize(
+    "value, on",
+    [
+        ("true", True),
+        ("True", True),
+        ("1", True),
+        ("t", True),
+        ("", False),
+        ("false", False),
+        ("0", False),
+        ("yes", False),
+    ],
+)
 def test_zero_gpu_is_read_from_the_environment_as_spaces_reads_it(monkeypatch, value, on):
     from spaces.config import boolean
 
@@ -51,8 +63,9 @@ def test_durations_fit_the_request_within_bounds():
     config = InversionConfig(per_class=4, steps=2000, pruning=PruningConfig({-1: 0.75}))
     assert zerogpu.compute_duration("b", None, [0, 1, 2], config, None, [], "stop") == zerogpu.invert_seconds(2000, 12)
     assert zerogpu.compute_duration("b", None, "junk", None) == 30
-    assert zerogpu.classify_duration("b", "", ["q1", "q2"], class_1_name="a", class_1_images=[1, 2, 3],
-                                     class_2_images=None) == zerogpu.predict_seconds(5)
+    assert zerogpu.classify_duration(
+        "b", "", ["q1", "q2"], class_1_name="a", class_1_images=[1, 2, 3], class_2_images=None
+    ) == zerogpu.predict_seconds(5)
     assert zerogpu.classify_duration(None, None, {"not": "a list"}) == 10
 
 
@@ -75,10 +88,15 @@ def test_handlers_are_wrapped_when_zerogpu_is_signalled(tiny_clip_dir, tmp_path)
                            "load_lora": hasattr(fns["load_lora"], "zerogpu"),
                            "signature": list(__import__("inspect").signature(fns["classify"]).parameters)}}))
     """)
-    env = {**__import__("os").environ, "SPACES_ZERO_GPU": "true",
-           "SPACES_ZERO_DEVICE_API_URL": f"http://127.0.0.1:{free_port()}/", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
-                         cwd=tmp_path)
+    env = {
+        **__import__("os").environ,
+        "SPACES_ZERO_GPU": "true",
+        "SPACES_ZERO_DEVICE_API_URL": f"http://127.0.0.1:{free_port()}/",
+        "HF_HUB_OFFLINE": "1",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["classify"] and found["compute"]
@@ -91,8 +109,7 @@ def test_without_the_signal_nothing_is_wrapped_and_the_app_answers_on_cpu(tiny_c
     demo, client = launch(settings(tmp_path, str(tiny_clip_dir)))
     try:
         classify = _registered(demo, "classify")
-        assert not hasattr(classify, "zerogpu") and not hasattr(_registered(demo, "invert").__self__.compute,
-                                                                 "zerogpu")
+        assert not hasattr(classify, "zerogpu") and not hasattr(_registered(demo, "invert").__self__.compute, "zerogpu")
         good_request(client, make_pics(tmp_path))
         assert "on cpu" in client.predict(api_name="/status")
     finally:
@@ -142,6 +159,7 @@ def test_stop_reaches_a_computation_in_another_process_through_its_stop_file(tin
     stop_file = tmp_path / "stop"
     stop_file.touch()  # what Stop does, seen by a worker that shares no memory with the server
     config = InversionConfig(per_class=1, steps=2000, pruning=PruningConfig({-1: 0.0}))
-    *_, (kind, result, _) = inversion.compute(str(tiny_clip_dir), inversion.loras.get("z").adapter, [0], config, None,
-                                              ["red"], str(stop_file))
+    *_, (kind, result, _) = inversion.compute(
+        str(tiny_clip_dir), inversion.loras.get("z").adapter, [0], config, None, ["red"], str(stop_file)
+    )
     assert kind == "done" and result.stopped and result.steps_done < 2000

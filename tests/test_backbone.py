@@ -23,8 +23,9 @@ def test_non_clip_uses_pre_logits(tiny_vit):
     assert tiny_vit.embedding == "pre_logits"
     x = tiny_vit.preprocess([make_image(0)])
     with torch.no_grad():
-        assert torch.allclose(tiny_vit.embed(x), tiny_vit.model.forward_head(tiny_vit.model.forward_features(x),
-                                                                             pre_logits=True))
+        assert torch.allclose(
+            tiny_vit.embed(x), tiny_vit.model.forward_head(tiny_vit.model.forward_features(x), pre_logits=True)
+        )
 
 
 def test_preprocess_follows_pretrained_cfg(tiny_clip):
@@ -81,14 +82,20 @@ def test_hub_backbone_downloads_then_loads_from_cache_when_the_hub_is_down(tiny_
 
 
 # --------------------------------------------------------------------------------------------------- names, pickles
-@pytest.mark.parametrize("name, expected", [
-    ("LOCAL-DIR:/some/folder", ("local-dir", "/some/folder")), ("Local-Dir:/x", ("local-dir", "/x")),
-    ("hf_hub:org/x", ("hf-hub", "org/x")), ("HF-HUB:org/x", ("hf-hub", "org/x")),
-    ("/abs/dir", ("local-dir", "/abs/dir")),
-    ("clip-b16", (None, "vit_base_patch16_clip_224.openai")), ("vit_tiny_patch16_224", (None, "vit_tiny_patch16_224")),
-    # a bare Hub id, as transformers names it
-    ("google/vit-base-patch16-224", ("hf-hub", "google/vit-base-patch16-224")),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("LOCAL-DIR:/some/folder", ("local-dir", "/some/folder")),
+        ("Local-Dir:/x", ("local-dir", "/x")),
+        ("hf_hub:org/x", ("hf-hub", "org/x")),
+        ("HF-HUB:org/x", ("hf-hub", "org/x")),
+        ("/abs/dir", ("local-dir", "/abs/dir")),
+        ("clip-b16", (None, "vit_base_patch16_clip_224.openai")),
+        ("vit_tiny_patch16_224", (None, "vit_tiny_patch16_224")),
+        # a bare Hub id, as transformers names it
+        ("google/vit-base-patch16-224", ("hf-hub", "google/vit-base-patch16-224")),
+    ],
+)
 def test_names_are_read_as_timm_reads_them(name, expected):
     from recycle.backbone import backbone_source
 
@@ -108,6 +115,7 @@ def pickle_only(tiny_clip_dir, tmp_path):
     folder.mkdir()
     (folder / "config.json").write_bytes((tiny_clip_dir / "config.json").read_bytes())
     from safetensors.torch import load_file
+
     torch.save(load_file(tiny_clip_dir / "model.safetensors"), folder / "pytorch_model.bin")
     return folder
 
@@ -116,6 +124,7 @@ def pickle_only(tiny_clip_dir, tmp_path):
 def no_unpickling(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("torch.load was called")
+
     monkeypatch.setattr(torch, "load", refuse)
 
 
@@ -136,8 +145,11 @@ def test_pickle_only_hub_repos_are_refused(pickle_only, local_hub, no_unpickling
     import shutil
 
     shutil.copytree(pickle_only, local_hub.root / "someone" / "pickled-vit")
-    with pytest.raises(BackboneError, match=r"'someone/pickled-vit' has no safetensors weights \(model\.safetensors\)"
-                                            r".*never loaded.*save_file"):
+    with pytest.raises(
+        BackboneError,
+        match=r"'someone/pickled-vit' has no safetensors weights \(model\.safetensors\)"
+        r".*never loaded.*save_file",
+    ):
         load_backbone("hf-hub:someone/pickled-vit", device="cpu")
     # with both files, the safetensors one is used, and the pickle never is
     shutil.copy(tiny_clip_dir / "model.safetensors", local_hub.root / "someone" / "pickled-vit")
@@ -172,8 +184,9 @@ def test_timm_transform_equals_resize_and_normalise(name):
         assert backbone.model.pretrained_cfg["input_size"][-1] == 518 and backbone.input_size == (3, 224, 224)
 
 
-def test_timm_name_loads_from_the_cache_when_the_hub_is_down_without_going_offline_globally(tiny_clip_dir, local_hub,
-                                                                                             monkeypatch):
+def test_timm_name_loads_from_the_cache_when_the_hub_is_down_without_going_offline_globally(
+    tiny_clip_dir, local_hub, monkeypatch
+):
     """A timm name whose weights are on the Hub (here: a tiny stand-in at timm/vit_base_patch16_clip_224.openai)."""
     import shutil
 
@@ -250,44 +263,71 @@ def _wrong_shape(path):
 HOSTILE_BACKBONES = {
     # config.json: its shape and its numbers (each would otherwise build, or try to build, the model it describes)
     "depth 1000": (dict(edit_config=_args(depth=1000)), r"config\.json: 'depth' is 1000, outside the accepted range"),
-    "depth 10^6": (dict(edit_config=_args(depth=10 ** 6)), r"'depth' is 1000000, outside"),
+    "depth 10^6": (dict(edit_config=_args(depth=10**6)), r"'depth' is 1000000, outside"),
     "depth as text": (dict(edit_config=_args(depth="4")), r"config\.json: 'depth' must be an integer, not '4'"),
     "negative depth": (dict(edit_config=_args(depth=-3)), r"'depth' is -3, outside the accepted range 1 to 128"),
-    "img_size 10^9": (dict(edit_config=_args(img_size=10 ** 9)), r"'img_size' is 1000000000, outside"),
+    "img_size 10^9": (dict(edit_config=_args(img_size=10**9)), r"'img_size' is 1000000000, outside"),
     "fractional embed_dim": (dict(edit_config=_args(embed_dim=128.5)), r"'embed_dim' must be an integer, not 128\.5"),
-    "wide and deep": (dict(edit_config=_args(embed_dim=8192, depth=128, num_heads=64)),
-                      r"model of [\d,]+ parameters, more than the 1,100,000,000 accepted"),
+    "wide and deep": (
+        dict(edit_config=_args(embed_dim=8192, depth=128, num_heads=64)),
+        r"model of [\d,]+ parameters, more than the 1,100,000,000 accepted",
+    ),
     "too many tokens": (dict(edit_config=_args(img_size=4096, patch_size=8)), r"262144 tokens, more than the 16384"),
-    "huge unknown number": (dict(edit_config=_args(reg_tokens=10 ** 9)), r"'reg_tokens' is 1000000000"),
+    "huge unknown number": (dict(edit_config=_args(reg_tokens=10**9)), r"'reg_tokens' is 1000000000"),
     "list-shaped config": (dict(config_text="[1, 2]"), r"config\.json holds a JSON list; a timm model config is"),
     "config that is not JSON": (dict(config_text="{nope"), r"config\.json is not valid JSON"),
-    "architecture 5": (dict(edit_config=lambda c: c.update(architecture=5)),
-                       r"'architecture' must be a timm model name, not 5"),
-    "unknown architecture": (dict(edit_config=lambda c: c.update(architecture="vit_huge_nonsense")),
-                             r"'architecture' is 'vit_huge_nonsense', which timm does not know"),
-    "ResNet config as a backbone": (dict(edit_config=lambda c: c.update(
-        architecture="resnet18", model_args={"num_classes": 16}, pretrained_cfg={"num_classes": 16})),
-                                    r"describes a ResNet; LoRA Recycle needs a timm ViT"),
+    "architecture 5": (
+        dict(edit_config=lambda c: c.update(architecture=5)),
+        r"'architecture' must be a timm model name, not 5",
+    ),
+    "unknown architecture": (
+        dict(edit_config=lambda c: c.update(architecture="vit_huge_nonsense")),
+        r"'architecture' is 'vit_huge_nonsense', which timm does not know",
+    ),
+    "ResNet config as a backbone": (
+        dict(
+            edit_config=lambda c: c.update(
+                architecture="resnet18", model_args={"num_classes": 16}, pretrained_cfg={"num_classes": 16}
+            )
+        ),
+        r"describes a ResNet; LoRA Recycle needs a timm ViT",
+    ),
     # a transformers ViT config goes to the transformers loader, which checks the weights' names against it
-    "transformers config": (dict(config_text='{"model_type": "vit", "architectures": ["ViTModel"]}'),
-                            r"weights are in no known ViT layout"),
-    "NaN mean": (dict(edit_config=lambda c: c["pretrained_cfg"].update(mean=[float("nan"), 0, 0])),
-                 r"config\.json is not valid JSON: NaN is not a JSON number"),
+    "transformers config": (
+        dict(config_text='{"model_type": "vit", "architectures": ["ViTModel"]}'),
+        r"weights are in no known ViT layout",
+    ),
+    "NaN mean": (
+        dict(edit_config=lambda c: c["pretrained_cfg"].update(mean=[float("nan"), 0, 0])),
+        r"config\.json is not valid JSON: NaN is not a JSON number",
+    ),
     "zero std": (dict(edit_config=lambda c: c["pretrained_cfg"].update(std=[0, 1, 1])), r"'std' is \[0, 1, 1\]"),
     # model.safetensors: checked against the model the config describes, from its header alone
     "empty weights": (dict(weights=lambda p: b""), r"model\.safetensors is empty or truncated \(0 bytes\)"),
     "truncated weights": (dict(weights=lambda p: p.read_bytes()[:-1000]), r"model\.safetensors.*truncated"),
-    "120 MB header": (dict(weights=lambda p: (120 << 20).to_bytes(8, "little") + b"{}"),
-                      r"header declares 125829120 bytes, more than"),
-    "huge declared shape": (dict(weights=lambda p: _header_bytes(
-        {"pos_embed": {"dtype": "F32", "shape": [10 ** 6, 10 ** 6], "data_offsets": [0, 4 * 10 ** 12]}})),
-        r"tensor 'pos_embed' declares shape \[1000000, 1000000\] but its data"),
+    "120 MB header": (
+        dict(weights=lambda p: (120 << 20).to_bytes(8, "little") + b"{}"),
+        r"header declares 125829120 bytes, more than",
+    ),
+    "huge declared shape": (
+        dict(
+            weights=lambda p: _header_bytes(
+                {"pos_embed": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]}}
+            )
+        ),
+        r"tensor 'pos_embed' declares shape \[1000000, 1000000\] but its data",
+    ),
     "wrong shapes": (dict(weights=_wrong_shape), r"'blocks\.0\.attn\.qkv\.weight' has shape \[10, 64\], but the model"),
-    "padded with 100 MB": (dict(weights=lambda p: p.read_bytes() + bytes(100 << 20)),
-                           r"model\.safetensors holds [\d,]+ bytes of tensors, more than the model .* can use"),
-    "tensor the model lacks": (dict(weights=lambda p: _header_bytes(
-        {"evil": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)),
-        r"tensor 'evil' is not part of the model"),
+    "padded with 100 MB": (
+        dict(weights=lambda p: p.read_bytes() + bytes(100 << 20)),
+        r"model\.safetensors holds [\d,]+ bytes of tensors, more than the model .* can use",
+    ),
+    "tensor the model lacks": (
+        dict(
+            weights=lambda p: _header_bytes({"evil": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
+        ),
+        r"tensor 'evil' is not part of the model",
+    ),
 }
 
 
@@ -327,8 +367,13 @@ def test_the_shipped_and_tiny_backbones_pass_the_checks(tiny_vit):
     assert load_backbone(str(shipped), device="cpu").embed_dim > 0 and tiny_vit.embed_dim == 48
 
 
-@pytest.mark.parametrize("device, expected", [("meta", r"device 'meta' cannot run a model"),
-                                              ("xpu", r"device 'xpu' was requested, but this machine has no XPU")])
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        ("meta", r"device 'meta' cannot run a model"),
+        ("xpu", r"device 'xpu' was requested, but this machine has no XPU"),
+    ],
+)
 def test_devices_that_cannot_run_here_are_refused_before_loading(tiny_clip_dir, device, expected):
     if device == "xpu" and getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
         pytest.skip("this machine has an XPU")
@@ -351,26 +396,44 @@ def test_hostile_bn_prior_folders_are_refused(tiny_clip_dir, tiny_resnet_dir, tm
 
     assert load_bn_prior(str(tiny_resnet_dir)) is not None  # the good one loads
     with pytest.raises(BackboneError, match=r"BN prior: .*transformers config \(model_type 'resnet'\)"):
-        load_bn_prior(str(_hostile_copy(tiny_resnet_dir, tmp_path, config_text=json.dumps(
-            {"model_type": "resnet", "architectures": ["ResNetForImageClassification"]}))))
+        load_bn_prior(
+            str(
+                _hostile_copy(
+                    tiny_resnet_dir,
+                    tmp_path,
+                    config_text=json.dumps({"model_type": "resnet", "architectures": ["ResNetForImageClassification"]}),
+                )
+            )
+        )
     shutil.rmtree(tmp_path / "hostile")
     with pytest.raises(BackboneError, match=r"BN prior: .*describes a VisionTransformer, which has no BatchNorm"):
         load_bn_prior(str(tiny_clip_dir))
     with pytest.raises(BackboneError, match=r"BN prior: .*'mean' must be a list of numbers"):
-        load_bn_prior(str(_hostile_copy(tiny_resnet_dir, tmp_path, edit_config=lambda c: c["pretrained_cfg"].update(
-            mean="bright"))))
+        load_bn_prior(
+            str(
+                _hostile_copy(
+                    tiny_resnet_dir, tmp_path, edit_config=lambda c: c["pretrained_cfg"].update(mean="bright")
+                )
+            )
+        )
 
 
 def test_a_config_with_many_label_names_is_accepted(tiny_clip_dir, tmp_path):
     """Hub configs of ImageNet-22k models list 21,843 labels (and descriptions): long lists of texts are fine."""
-    folder = _hostile_copy(tiny_clip_dir, tmp_path, edit_config=lambda c: c["pretrained_cfg"].update(
-        label_names=[f"n{i:08d}" for i in range(21843)],
-        label_descriptions={f"n{i:08d}": f"a thing number {i}" for i in range(21843)}))
+    folder = _hostile_copy(
+        tiny_clip_dir,
+        tmp_path,
+        edit_config=lambda c: c["pretrained_cfg"].update(
+            label_names=[f"n{i:08d}" for i in range(21843)],
+            label_descriptions={f"n{i:08d}": f"a thing number {i}" for i in range(21843)},
+        ),
+    )
     assert load_backbone(str(folder), device="cpu").embed_dim == 16
 
 
-def test_a_hub_weights_file_larger_than_any_accepted_model_is_never_downloaded(tiny_clip_dir, local_hub, tmp_path,
-                                                                               monkeypatch):
+def test_a_hub_weights_file_larger_than_any_accepted_model_is_never_downloaded(
+    tiny_clip_dir, local_hub, tmp_path, monkeypatch
+):
     import shutil
 
     from huggingface_hub import constants
@@ -379,8 +442,12 @@ def test_a_hub_weights_file_larger_than_any_accepted_model_is_never_downloaded(t
 
     shutil.copytree(tiny_clip_dir, local_hub.root / "evil" / "huge-weights")
     monkeypatch.setattr(recycle.modelcheck, "MAX_WEIGHTS_BYTES", 1000)
-    with pytest.raises(BackboneError, match=r"model\.safetensors of the Hub repository 'evil/huge-weights' is "
-                                            r"[\d,]+ bytes, more than any model accepted here needs \(1,000\)"):
+    with pytest.raises(
+        BackboneError,
+        match=r"model\.safetensors of the Hub repository 'evil/huge-weights' is "
+        r"[\d,]+ bytes, more than any model accepted here needs \(1,000\)",
+    ):
         load_backbone("hf-hub:evil/huge-weights", device="cpu")
     from pathlib import Path
+
     assert not list(Path(constants.HF_HUB_CACHE).rglob("model.safetensors"))

@@ -1,4 +1,5 @@
 """Model cards: metadata the Hub accepts (checked by the fake Hub as the real one checks it), and push."""
+
 from __future__ import annotations
 
 import re
@@ -36,15 +37,19 @@ def _card(folder: Path, backbone: str, head: bool = True) -> ModelCard:
 
 def test_base_model_is_the_resolved_hub_repo_and_absent_for_local_backbones(lora_dir, tiny_clip_dir):
     assert _card(lora_dir, "clip-b16").data.base_model == "timm/vit_base_patch16_clip_224.openai"
-    assert _card(lora_dir, "vit_base_patch16_clip_224.openai").data.base_model == \
-        "timm/vit_base_patch16_clip_224.openai"
+    assert (
+        _card(lora_dir, "vit_base_patch16_clip_224.openai").data.base_model == "timm/vit_base_patch16_clip_224.openai"
+    )
     assert _card(lora_dir, "hf-hub:someorg/some-vit@v1").data.base_model == "someorg/some-vit"
     for local in (str(tiny_clip_dir), f"local-dir:{tiny_clip_dir}", "weights/mini-vit"):
         card = _card(lora_dir, local)
         assert card.data.base_model is None and "base_model" not in card.content.split("---")[1]
     with_head = _card(lora_dir, "clip-b16")
-    assert (with_head.data.pipeline_tag, with_head.data.library_name, with_head.data.license) == \
-        ("image-classification", "peft", "apache-2.0")
+    assert (with_head.data.pipeline_tag, with_head.data.library_name, with_head.data.license) == (
+        "image-classification",
+        "peft",
+        "apache-2.0",
+    )
     assert "lora-recycle" in with_head.data.tags
     assert _card(lora_dir, "clip-b16", head=False).data.pipeline_tag == "image-feature-extraction"
 
@@ -60,14 +65,17 @@ def test_push_succeeds_with_a_card_the_hub_accepts(lora_dir, tiny_clip_dir, loca
     assert ModelCard.load(local_hub.root / "me" / "lora" / "README.md").data.base_model is None
 
 
-@pytest.mark.parametrize("typed", ["weights/mini-vit", "clip-b16", "vit_base_patch16_clip_224.openai",
-                                   "hf-hub:testorg/tiny-clip"])
+@pytest.mark.parametrize(
+    "typed", ["weights/mini-vit", "clip-b16", "vit_base_patch16_clip_224.openai", "hf-hub:testorg/tiny-clip"]
+)
 def test_yesterdays_card_with_the_backbone_as_typed_is_refused(lora_dir, local_hub, typed):
     """The card written before cards were built from ModelCardData: `base_model` was the backbone string."""
     shutil.copytree(lora_dir, local_hub.root / "timm" / "vit_base_patch16_clip_224.openai")  # exists on this Hub
     (local_hub.root / "testorg" / "tiny-clip").mkdir(parents=True)
-    (lora_dir / "README.md").write_text(f"---\nlibrary_name: peft\ntags:\n- lora-recycle\n- few-shot\n- timm\n- lora\n"
-                                        f"base_model: {typed}\n---\n\n# LoRA\n")
+    (lora_dir / "README.md").write_text(
+        f"---\nlibrary_name: peft\ntags:\n- lora-recycle\n- few-shot\n- timm\n- lora\n"
+        f"base_model: {typed}\n---\n\n# LoRA\n"
+    )
     with pytest.raises(HubError, match=rf"(?s)refused the model card.*base_model.*{re.escape(typed)}") as info:
         push_folder(lora_dir, "me/lora", token="test")
     assert "README.md" in str(info.value)
@@ -90,11 +98,14 @@ def test_hub_validation_rules():
 
     assert card_metadata_errors("---\nbase_model: org/model\nlicense: mit\n---\n# x\n", exists) == ([], [])
     assert card_metadata_errors("---\nbase_model: [org/model, org/missing]\n---\n", exists)[0] == [
-        '"base_model" with value "org/missing" is not valid. Use a model id from https://hf.co/models.']
+        '"base_model" with value "org/missing" is not valid. Use a model id from https://hf.co/models.'
+    ]
     assert "Invalid YAML" in card_metadata_errors("---\ntags: [unclosed\n---\n", exists)[0][0]
     assert card_metadata_errors("---\n- a\n- b\n---\n", exists)[0]
     assert card_metadata_errors("---\ntags: lora\nlicense: 3\n---\n", exists)[0] == [
-        '"license" must be a string', '"tags" must be an array of strings']
+        '"license" must be a string',
+        '"tags" must be an array of strings',
+    ]
     errors, warnings = card_metadata_errors("# no metadata\n", exists)
     assert errors == [] and warnings
 
@@ -106,8 +117,9 @@ def test_shipped_cards_pass_the_hubs_validation(name):
     assert ModelCard(card).data.pipeline_tag in ("image-classification", "image-feature-extraction")
 
 
-def test_push_takes_the_token_from_hf_token_and_warns_about_one_on_the_command_line(lora_dir, tiny_clip_dir, local_hub,
-                                                                                     monkeypatch, caplog):
+def test_push_takes_the_token_from_hf_token_and_warns_about_one_on_the_command_line(
+    lora_dir, tiny_clip_dir, local_hub, monkeypatch, caplog
+):
     from recycle.cli import main
 
     _card(lora_dir, str(tiny_clip_dir))

@@ -40,8 +40,21 @@ def test_help_lists_only_working_commands():
 
 def test_predict_prints_table_and_writes_json(task, tiny_clip_dir, capsys):
     out = task / "preds.json"
-    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"),
-                 "--query", str(task / "query"), "--json", str(out), "--device", "cpu"])
+    code = main(
+        [
+            "predict",
+            "--backbone",
+            str(tiny_clip_dir),
+            "--support",
+            str(task / "support"),
+            "--query",
+            str(task / "query"),
+            "--json",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     assert "g.png" in table and "sub/b.jpg" in table
@@ -65,8 +78,17 @@ def _publish_lora(tiny_clip, repo_dir):
 
 def test_predict_with_lora_from_the_hub(task, tiny_clip, tiny_clip_dir, local_hub, capsys):
     _publish_lora(tiny_clip, local_hub.root / "someone" / "meta-lora")
-    args = ["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"),
-            "--query", str(task / "query"), "--device", "cpu"]
+    args = [
+        "predict",
+        "--backbone",
+        str(tiny_clip_dir),
+        "--support",
+        str(task / "support"),
+        "--query",
+        str(task / "query"),
+        "--device",
+        "cpu",
+    ]
     assert main(args + ["--lora", "someone/meta-lora", "--json", str(task / "a.json")]) == 0
     assert main(args + ["--json", str(task / "b.json")]) == 0
     with_lora = json.loads((task / "a.json").read_text())
@@ -77,10 +99,22 @@ def test_predict_with_lora_from_the_hub(task, tiny_clip, tiny_clip_dir, local_hu
 def test_hub_errors_are_short_and_clear(task, tiny_clip_dir, local_hub, capsys):
     (local_hub.root / "someone" / "pickled").mkdir(parents=True)
     (local_hub.root / "someone" / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
-    base = ["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"),
-            "--query", str(task / "query"), "--device", "cpu"]
-    cases = {"someone/pickled": "never downloaded or loaded", "someone/missing": "does not exist",
-             "../etc/passwd": "neither an existing local path nor a Hub id"}
+    base = [
+        "predict",
+        "--backbone",
+        str(tiny_clip_dir),
+        "--support",
+        str(task / "support"),
+        "--query",
+        str(task / "query"),
+        "--device",
+        "cpu",
+    ]
+    cases = {
+        "someone/pickled": "never downloaded or loaded",
+        "someone/missing": "does not exist",
+        "../etc/passwd": "neither an existing local path nor a Hub id",
+    }
     for lora, message in cases.items():
         assert main(base + ["--lora", lora]) == 1
         err = capsys.readouterr().err
@@ -93,8 +127,19 @@ def test_hub_errors_are_short_and_clear(task, tiny_clip_dir, local_hub, capsys):
 def test_bad_support_folder(task, tiny_clip_dir, capsys):
     (task / "support" / "green").rename(task / "only")
     (task / "support" / "blue").rename(task / "only2")
-    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"),
-                 "--query", str(task / "query"), "--device", "cpu"])
+    code = main(
+        [
+            "predict",
+            "--backbone",
+            str(tiny_clip_dir),
+            "--support",
+            str(task / "support"),
+            "--query",
+            str(task / "query"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 1 and "at least 2 classes" in capsys.readouterr().err
 
 
@@ -116,8 +161,26 @@ def test_invert_from_the_hub_into_a_pool(tiny_clip, tiny_clip_dir, local_hub, tm
     save_adapter(adapter, local_hub.root / "someone" / "colours-lora")
     _publish_tiny_resnet(local_hub.root / "testorg" / "tiny-resnet")
     out = tmp_path / "pool"
-    args = ["invert", "--backbone", str(tiny_clip_dir), "--lora", "someone/colours-lora", "--out", str(out),
-            "--per-class", "3", "--steps", "40", "--lr", "0.1", "--prune", "1:0.5", "--device", "cpu", "--quiet"]
+    args = [
+        "invert",
+        "--backbone",
+        str(tiny_clip_dir),
+        "--lora",
+        "someone/colours-lora",
+        "--out",
+        str(out),
+        "--per-class",
+        "3",
+        "--steps",
+        "40",
+        "--lr",
+        "0.1",
+        "--prune",
+        "1:0.5",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert main(args + ["--bn-prior", "hf-hub:testorg/tiny-resnet", "--classes", "c0", "c2"]) == 0
     assert "teacher accuracy" in capsys.readouterr().out
     pool = Pool(out)
@@ -154,28 +217,78 @@ def _user_error(capsys, code, message):
 
 
 def _invert_args(tiny_clip_dir, lora, out, *extra):
-    return ["invert", "--backbone", str(tiny_clip_dir), "--lora", str(lora), "--out", str(out), "--per-class", "1",
-            "--steps", "1", "--bn-prior", "none", "--device", "cpu", "--quiet", *extra]
+    return [
+        "invert",
+        "--backbone",
+        str(tiny_clip_dir),
+        "--lora",
+        str(lora),
+        "--out",
+        str(out),
+        "--per-class",
+        "1",
+        "--steps",
+        "1",
+        "--bn-prior",
+        "none",
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_user_errors_print_one_line_and_exit_with_1(zoo_lora, tiny_clip_dir, tmp_path, capsys):
-    _user_error(capsys, main(_invert_args(tiny_clip_dir, zoo_lora / "headless", tmp_path / "pool")),
-                r"no classification head")
+    _user_error(
+        capsys, main(_invert_args(tiny_clip_dir, zoo_lora / "headless", tmp_path / "pool")), r"no classification head"
+    )
     (tmp_path / "a-file").write_text("not a folder")
-    _user_error(capsys, main(_invert_args(tiny_clip_dir, zoo_lora / "with-head", tmp_path / "a-file")),
-                r"pool folder '.*a-file' is a file, not a folder")
+    _user_error(
+        capsys,
+        main(_invert_args(tiny_clip_dir, zoo_lora / "with-head", tmp_path / "a-file")),
+        r"pool folder '.*a-file' is a file, not a folder",
+    )
     config = json.loads((zoo_lora / "with-head" / "adapter_config.json").read_text())
     (zoo_lora / "with-head" / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"(a+)+$": 2}}))
-    _user_error(capsys, main(_invert_args(tiny_clip_dir, zoo_lora / "with-head", tmp_path / "pool")),
-                r"rank_pattern key '\(a\+\)\+\$' is not supported")
-    _user_error(capsys, main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(tmp_path),
-                              "--query", str(tmp_path), "--device", "bogus"]), r"'bogus' is not a device")
+    _user_error(
+        capsys,
+        main(_invert_args(tiny_clip_dir, zoo_lora / "with-head", tmp_path / "pool")),
+        r"rank_pattern key '\(a\+\)\+\$' is not supported",
+    )
+    _user_error(
+        capsys,
+        main(
+            [
+                "predict",
+                "--backbone",
+                str(tiny_clip_dir),
+                "--support",
+                str(tmp_path),
+                "--query",
+                str(tmp_path),
+                "--device",
+                "bogus",
+            ]
+        ),
+        r"'bogus' is not a device",
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_a_gpu_is_a_user_error(task, tiny_clip_dir, capsys):
-    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"),
-                 "--query", str(task / "query"), "--device", "cuda"])
+    code = main(
+        [
+            "predict",
+            "--backbone",
+            str(tiny_clip_dir),
+            "--support",
+            str(task / "support"),
+            "--query",
+            str(task / "query"),
+            "--device",
+            "cuda",
+        ]
+    )
     _user_error(capsys, code, r"device 'cuda' was requested, but no CUDA GPU is available here")
 
 
@@ -185,8 +298,22 @@ def test_meta_train_on_a_pool_with_non_finite_values_is_a_user_error(zoo_lora, t
     data = json.loads(manifest.read_text())
     data["items"][0]["logits"][0] = "NaN-PLACEHOLDER"
     manifest.write_text(json.dumps(data).replace('"NaN-PLACEHOLDER"', "NaN"))
-    code = main(["meta-train", "--backbone", str(tiny_clip_dir), "--pool", str(tmp_path / "pool"), "--out",
-                 str(tmp_path / "run"), "--steps", "1", "--device", "cpu", "--quiet"])
+    code = main(
+        [
+            "meta-train",
+            "--backbone",
+            str(tiny_clip_dir),
+            "--pool",
+            str(tmp_path / "pool"),
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     _user_error(capsys, code, r"unreadable manifest .*NaN is not a JSON number")
 
 
@@ -207,8 +334,12 @@ def test_precision_flags_and_allocator_tuning_for_heavy_commands(monkeypatch, tm
 
     parser = cli.build_parser()
     for command in ("predict", "invert", "meta-train", "eval"):
-        required = {"predict": ["--support", "s", "--query", "q"], "invert": ["--lora", "l", "--out", "o"],
-                    "meta-train": ["--pool", "p", "--out", "o", "--steps", "1"], "eval": ["--data", "d"]}[command]
+        required = {
+            "predict": ["--support", "s", "--query", "q"],
+            "invert": ["--lora", "l", "--out", "o"],
+            "meta-train": ["--pool", "p", "--out", "o", "--steps", "1"],
+            "eval": ["--data", "d"],
+        }[command]
         assert parser.parse_args([command, *required]).precision == "auto"
         assert parser.parse_args([command, *required, "--bf16"]).precision == "bf16"
         assert parser.parse_args([command, *required, "--precision", "fp32"]).precision == "fp32"
@@ -249,34 +380,61 @@ def test_nan_weights_never_give_predictions(task, tiny_clip_dir, tmp_path, capsy
     tensors = load_file(folder / "model.safetensors")
     tensors["norm.weight"][:] = float("nan")
     save_file(tensors, folder / "model.safetensors")
-    code = main(["predict", "--backbone", str(folder), "--support", str(task / "support"), "--query",
-                 str(task / "query"), "--device", "cpu"])
+    code = main(
+        [
+            "predict",
+            "--backbone",
+            str(folder),
+            "--support",
+            str(task / "support"),
+            "--query",
+            str(task / "query"),
+            "--device",
+            "cpu",
+        ]
+    )
     _user_error(capsys, code, r"non-finite embeddings")
 
 
 def test_query_names_with_terminal_escapes_are_printed_escaped(task, tiny_clip_dir, capsys):
     shutil_src = task / "query" / "g.png"
     (task / "query" / "evil\r\x1b[31mred.png").write_bytes(shutil_src.read_bytes())
-    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"), "--query",
-                 str(task / "query"), "--device", "cpu"])
+    code = main(
+        [
+            "predict",
+            "--backbone",
+            str(tiny_clip_dir),
+            "--support",
+            str(task / "support"),
+            "--query",
+            str(task / "query"),
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "\x1b" not in out and "\r" not in out
     assert "evil\\r\\x1b[31mred.png" in out
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["meta-train", "--pool", "p", "--out", "o", "--steps", "1", "--lr", "1e300"], "--lr"),
-    (["meta-train", "--pool", "p", "--out", "o", "--steps", "1", "--teacher-temperature", "inf"],
-     "--teacher-temperature"),
-    (["meta-train", "--pool", "p", "--out", "o", "--steps", "1", "--cross-fraction", "nan"], "--cross-fraction"),
-    (["meta-train", "--zoo", "z", "--out", "o", "--steps", "1", "--mask-ratio", "1"], "--mask-ratio"),
-    (["invert", "--lora", "l", "--out", "o", "--bn-weight", "inf"], "--bn-weight"),
-    (["invert", "--lora", "l", "--out", "o", "--bn-weight", "1e308"], "--bn-weight"),
-    (["invert", "--lora", "l", "--out", "o", "--lr", "inf"], "--lr"),
-    (["invert", "--lora", "l", "--out", "o", "--prune-start", "-0.5"], "--prune-start"),
-    (["pretune", "--data", "d", "--out", "o", "--num-loras", "1", "--lr", "nan"], "--lr"),
-    (["pretune", "--data", "d", "--out", "o", "--num-loras", "1", "--shift", "1e9"], "--shift"),
-])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["meta-train", "--pool", "p", "--out", "o", "--steps", "1", "--lr", "1e300"], "--lr"),
+        (
+            ["meta-train", "--pool", "p", "--out", "o", "--steps", "1", "--teacher-temperature", "inf"],
+            "--teacher-temperature",
+        ),
+        (["meta-train", "--pool", "p", "--out", "o", "--steps", "1", "--cross-fraction", "nan"], "--cross-fraction"),
+        (["meta-train", "--zoo", "z", "--out", "o", "--steps", "1", "--mask-ratio", "1"], "--mask-ratio"),
+        (["invert", "--lora", "l", "--out", "o", "--bn-weight", "inf"], "--bn-weight"),
+        (["invert", "--lora", "l", "--out", "o", "--bn-weight", "1e308"], "--bn-weight"),
+        (["invert", "--lora", "l", "--out", "o", "--lr", "inf"], "--lr"),
+        (["invert", "--lora", "l", "--out", "o", "--prune-start", "-0.5"], "--prune-start"),
+        (["pretune", "--data", "d", "--out", "o", "--num-loras", "1", "--lr", "nan"], "--lr"),
+        (["pretune", "--data", "d", "--out", "o", "--num-loras", "1", "--shift", "1e9"], "--shift"),
+    ],
+)
 def test_float_options_are_checked_before_any_work(argv, option, capsys, monkeypatch):
     import recycle.backbone
 
@@ -293,8 +451,19 @@ def test_unknown_allocator_settings_are_refused(value, monkeypatch, task, tiny_c
 
     monkeypatch.setattr(recycle.runtime, "_allocator_settings", None)
     monkeypatch.setenv("RECYCLE_MALLOC", value)
-    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"), "--query",
-                 str(task / "query"), "--device", "cpu"])
+    code = main(
+        [
+            "predict",
+            "--backbone",
+            str(tiny_clip_dir),
+            "--support",
+            str(task / "support"),
+            "--query",
+            str(task / "query"),
+            "--device",
+            "cpu",
+        ]
+    )
     _user_error(capsys, code, rf"RECYCLE_MALLOC='{value}' is not a setting: use 'tuned'.*or 'default'")
     assert recycle.runtime.allocator_settings() == {}
 
@@ -311,7 +480,18 @@ def test_the_distributed_timeout_must_be_a_sane_number_of_seconds(value, monkeyp
 
 
 def test_error_messages_are_printed_without_terminal_escapes(task, tiny_clip_dir, capsys):
-    code = main(["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support"), "--query",
-                 str(task / "evil\x1b[2J"), "--device", "cpu"])  # a missing folder whose name clears the screen
+    code = main(
+        [
+            "predict",
+            "--backbone",
+            str(tiny_clip_dir),
+            "--support",
+            str(task / "support"),
+            "--query",
+            str(task / "evil\x1b[2J"),
+            "--device",
+            "cpu",
+        ]
+    )  # a missing folder whose name clears the screen
     err = capsys.readouterr().err
     assert code == 1 and "\x1b" not in err and "evil\\x1b[2J" in err, err

@@ -1,5 +1,6 @@
 """Runs under torchrun (2 CPU processes, gloo) against one process: same zoo, same pool, same meta-LoRA, same report;
 a killed run resumes exactly; a failing or hanging rank ends the command with a clear message instead of a hang."""
+
 import hashlib
 import json
 import os
@@ -24,20 +25,39 @@ REPO = Path(__file__).resolve().parents[1]
 META_STEPS = 6
 
 
-def torchrun(commands: list[list[str]], fault: str = "", timeout_s: str = "60", limit: float = 300
-             ) -> subprocess.CompletedProcess:
+def torchrun(
+    commands: list[list[str]], fault: str = "", timeout_s: str = "60", limit: float = 300
+) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node 2`` of `tests.dist_worker` running `commands`; one thread per process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RECYCLE_TEST_FAULT": fault,
-           "RECYCLE_DIST_TIMEOUT": timeout_s, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "tests.dist_worker", json.dumps(commands)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "RECYCLE_TEST_FAULT": fault,
+        "RECYCLE_DIST_TIMEOUT": timeout_s,
+        "PYTHONPATH": str(REPO),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "tests.dist_worker",
+        json.dumps(commands),
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
 
 
 def _with(args: list[str], flag: str, value: str) -> list[str]:
     """`args` with the value after `flag` replaced."""
     i = args.index(flag)
-    return [*args[:i + 1], value, *args[i + 2:]]
+    return [*args[: i + 1], value, *args[i + 2 :]]
 
 
 def _pool_files(pool: Path) -> dict[str, str]:
@@ -67,17 +87,95 @@ def runs(dataset, tiny_clip_dir, tmp_path_factory):  # noqa: F811
     s, d = root / "serial", root / "ranks"
 
     def commands(out: Path) -> list[list[str]]:
-        return [["pretune", *backbone, "--data", str(dataset / "zoo"), "--out", str(out / "zoo"), "--num-loras", "3",
-                 "--way", "3", "--steps", "8", "--lr", "1e-2", "--quiet"],
-                ["invert", *backbone, "--zoo", str(s / "zoo"), "--out", str(out / "pool"), "--per-class", "4",
-                 "--steps", "6", "--lr", "0.1", "--prune", "1:0.5", "--bn-prior", "none", "--quiet"],
-                ["meta-train", *backbone, "--pool", str(s / "pool"), "--out", str(out / "meta"), "--steps",
-                 str(META_STEPS), "--way", "3", "--shot", "1", "--query", "2", "--masked", "--lr", "1e-2",
-                 "--episode-batch", "2", "--checkpoint-every", "2", "--val", str(root / "noise"), "--val-every", "3",
-                 "--val-episodes", "5", "--quiet"],
-                ["eval", *backbone, "--data", str(root / "noise"), "--zoo", str(s / "zoo"), "--lora",
-                 f"meta={s / 'meta' / 'meta-lora'}", "--way", "3", "--shot", "1", "--query", "2", "--episodes", "13",
-                 "--json", str(out / "eval.json")]]
+        return [
+            [
+                "pretune",
+                *backbone,
+                "--data",
+                str(dataset / "zoo"),
+                "--out",
+                str(out / "zoo"),
+                "--num-loras",
+                "3",
+                "--way",
+                "3",
+                "--steps",
+                "8",
+                "--lr",
+                "1e-2",
+                "--quiet",
+            ],
+            [
+                "invert",
+                *backbone,
+                "--zoo",
+                str(s / "zoo"),
+                "--out",
+                str(out / "pool"),
+                "--per-class",
+                "4",
+                "--steps",
+                "6",
+                "--lr",
+                "0.1",
+                "--prune",
+                "1:0.5",
+                "--bn-prior",
+                "none",
+                "--quiet",
+            ],
+            [
+                "meta-train",
+                *backbone,
+                "--pool",
+                str(s / "pool"),
+                "--out",
+                str(out / "meta"),
+                "--steps",
+                str(META_STEPS),
+                "--way",
+                "3",
+                "--shot",
+                "1",
+                "--query",
+                "2",
+                "--masked",
+                "--lr",
+                "1e-2",
+                "--episode-batch",
+                "2",
+                "--checkpoint-every",
+                "2",
+                "--val",
+                str(root / "noise"),
+                "--val-every",
+                "3",
+                "--val-episodes",
+                "5",
+                "--quiet",
+            ],
+            [
+                "eval",
+                *backbone,
+                "--data",
+                str(root / "noise"),
+                "--zoo",
+                str(s / "zoo"),
+                "--lora",
+                f"meta={s / 'meta' / 'meta-lora'}",
+                "--way",
+                "3",
+                "--shot",
+                "1",
+                "--query",
+                "2",
+                "--episodes",
+                "13",
+                "--json",
+                str(out / "eval.json"),
+            ],
+        ]
+
     for args in commands(s):
         assert main(args) == 0
     done = torchrun(commands(d))
@@ -88,8 +186,11 @@ def runs(dataset, tiny_clip_dir, tmp_path_factory):  # noqa: F811
 def test_pretune_shards_the_zoo(runs):
     s, d = runs["serial"] / "zoo", runs["ranks"] / "zoo"
     names = [e["name"] for e in json.loads((s / "zoo.json").read_text())["loras"]]
-    assert [e["name"] for e in json.loads((d / "zoo.json").read_text())["loras"]] == names == [
-        "lora_000", "lora_001", "lora_002"]
+    assert (
+        [e["name"] for e in json.loads((d / "zoo.json").read_text())["loras"]]
+        == names
+        == ["lora_000", "lora_001", "lora_002"]
+    )
     for name in names:
         a, b = read_adapter(s / name), read_adapter(d / name)
         assert a.class_names == b.class_names

@@ -1,4 +1,5 @@
 """LoRA files: our PEFT-layout format, PEFT interop in both directions, the official format, and refusals."""
+
 import json
 
 import pytest
@@ -40,15 +41,20 @@ def _timm_model(directory, num_classes):
     return timm.create_model(f"local-dir:{directory}", pretrained=True, num_classes=num_classes)
 
 
-@pytest.mark.parametrize("config", [LoRAConfig(), LoRAConfig(targets=("qkv", "fc1"), rank=2, alpha=3.0),
-                                    LoRAConfig(targets=("proj", "fc2"), rank=5, blocks=(1,))])
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoRAConfig(),
+        LoRAConfig(targets=("qkv", "fc1"), rank=2, alpha=3.0),
+        LoRAConfig(targets=("proj", "fc2"), rank=5, blocks=(1,)),
+    ],
+)
 def test_round_trip_is_exact(tiny_clip, tiny_clip_dir, tmp_path, config):
     adapter, head = _trained_adapter(tiny_clip, config)
     x = _x()
     expected = _teacher_logits(tiny_clip, head, x)
     save_adapter(adapter, tmp_path / "lora")
-    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["adapter_config.json",
-                                                                     "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     loaded = read_adapter(tmp_path / "lora")
     assert loaded.config.targets == config.targets and loaded.config.rank == config.rank
     assert loaded.config.scaling == pytest.approx(config.scaling)
@@ -94,12 +100,19 @@ def test_peft_loads_our_files_with_equal_outputs(tiny_clip, tiny_clip_dir, tmp_p
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("prefix, key", [("", "fc2"), ("timm_model.", "fc2"), ("", r"^blocks\.1\.mlp\.fc2$"),
-                                         ("", "blocks.0.mlp.fc2")])
+@pytest.mark.parametrize(
+    "prefix, key", [("", "fc2"), ("timm_model.", "fc2"), ("", r"^blocks\.1\.mlp\.fc2$"), ("", "blocks.0.mlp.fc2")]
+)
 def test_we_load_peft_saved_timm_adapters(tiny_clip, tiny_clip_dir, tmp_path, prefix, key):
     base = _timm_model(tiny_clip_dir, 4)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc2"], modules_to_save=["head"],
-                          rank_pattern={key: 2}, alpha_pattern={key: 1})
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["qkv", "fc2"],
+        modules_to_save=["head"],
+        rank_pattern={key: 2},
+        alpha_pattern={key: 1},
+    )
     model = peft.get_peft_model(base, cfg)
     ranks = {n: p.shape[0] for n, p in model.named_parameters() if "mlp.fc2.lora_A" in n}
     if key.startswith("^") and all(r == 4 for r in ranks.values()):  # PEFT 0.13 ignores anchored keys
@@ -143,7 +156,7 @@ def test_official_format_matches_reference_computation(tiny_clip, tiny_clip_dir,
         for layer, block in enumerate(ref.model.blocks):
             w = block.attn.qkv.weight
             w[:d] += tensors[f"w_b_{2 * layer:03d}"] @ tensors[f"w_a_{2 * layer:03d}"]
-            w[2 * d:] += tensors[f"w_b_{2 * layer + 1:03d}"] @ tensors[f"w_a_{2 * layer + 1:03d}"]
+            w[2 * d :] += tensors[f"w_b_{2 * layer + 1:03d}"] @ tensors[f"w_a_{2 * layer + 1:03d}"]
         x = _x()
         expected = ref.embed(x) @ fc.T
 
@@ -227,14 +240,29 @@ def _edited(tiny_clip, tmp_path, edit_config=None, edit_meta=None, edit_tensors=
         edit_meta(meta)
     if edit_tensors:
         edit_tensors(tensors)
-    save_file(tensors, weights, metadata={"format": "pt", "recycle": meta if isinstance(meta, str) else
-                                          json.dumps(meta)})
+    save_file(
+        tensors, weights, metadata={"format": "pt", "recycle": meta if isinstance(meta, str) else json.dumps(meta)}
+    )
     return folder
 
 
-KEYS = ["fc2", "mlp.fc2", r"mlp\.fc2", "blocks.1.mlp.fc2", r"^blocks\.1\.mlp\.fc2$", "^fc2", "lp.fc2",
-        "b.ocks.0.attn.qkv", "blocks.0.attn.qkv$", "attn", "qkv", "0.attn.qkv", ".attn.qkv", r"\.attn\.qkv",
-        "^blocks.0.attn.qkv"]
+KEYS = [
+    "fc2",
+    "mlp.fc2",
+    r"mlp\.fc2",
+    "blocks.1.mlp.fc2",
+    r"^blocks\.1\.mlp\.fc2$",
+    "^fc2",
+    "lp.fc2",
+    "b.ocks.0.attn.qkv",
+    "blocks.0.attn.qkv$",
+    "attn",
+    "qkv",
+    "0.attn.qkv",
+    ".attn.qkv",
+    r"\.attn\.qkv",
+    "^blocks.0.attn.qkv",
+]
 PATHS = ["blocks.0.attn.qkv", "blocks.1.mlp.fc2", "blocks.10.mlp.fc2", "blocks.0.attn.proj", "xblocks.0.attn.qkv"]
 
 
@@ -250,13 +278,16 @@ def test_pattern_keys_match_exactly_as_peft_does():
             assert pattern.matches(path) == bool(re.match(rf"(.*\.)?({key})$", path)), (key, path)
 
 
-@pytest.mark.parametrize("key", ["(.*)*(.*)*(.*)*(.*)*!", "(a+)+$", "blocks.[0-9].fc2", "fc2|proj", ".*", "", "a" * 201,
-                                 "blocks.0.mlp.fc2\\"])
+@pytest.mark.parametrize(
+    "key",
+    ["(.*)*(.*)*(.*)*(.*)*!", "(a+)+$", "blocks.[0-9].fc2", "fc2|proj", ".*", "", "a" * 201, "blocks.0.mlp.fc2\\"],
+)
 def test_regular_expressions_in_patterns_are_refused_at_once(tiny_clip, tmp_path, key):
     import time
 
-    folder = _edited(tiny_clip, tmp_path, edit_config=lambda c: c.update(rank_pattern={key: 4},
-                                                                         alpha_pattern={key: 1.0}))
+    folder = _edited(
+        tiny_clip, tmp_path, edit_config=lambda c: c.update(rank_pattern={key: 4}, alpha_pattern={key: 1.0})
+    )
     started = time.perf_counter()
     with pytest.raises(LoRAFormatError, match=r"rank_pattern key .* is not supported.*module paths"):
         read_adapter(folder)
@@ -274,16 +305,19 @@ def test_adversarial_pattern_costs_linear_time(tiny_clip, tmp_path):
     assert time.perf_counter() - started < 2.0
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c.update(r="8"), r"'r' must be a positive integer, got '8'"),
-    (lambda c: c.update(r=None), r"'r' must be a positive integer, got None"),
-    (lambda c: c.update(r=True), r"'r' must be a positive integer, got True"),
-    (lambda c: c.update(lora_alpha="big"), r"'lora_alpha' must be a positive number, got 'big'"),
-    (lambda c: c.update(rank_pattern="fc2"), r"rank_pattern must be an object"),
-    (lambda c: c.update(rank_pattern={"blocks.0.attn.qkv": "8"}), r"rank_pattern\['blocks.0.attn.qkv'\] must be"),
-    (lambda c: c.update(alpha_pattern={"qkv": [1]}), r"alpha_pattern\['qkv'\] must be a positive number"),
-    (lambda c: c.update(lora_dropout="x"), r"'lora_dropout' must be a number in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(r="8"), r"'r' must be a positive integer, got '8'"),
+        (lambda c: c.update(r=None), r"'r' must be a positive integer, got None"),
+        (lambda c: c.update(r=True), r"'r' must be a positive integer, got True"),
+        (lambda c: c.update(lora_alpha="big"), r"'lora_alpha' must be a positive number, got 'big'"),
+        (lambda c: c.update(rank_pattern="fc2"), r"rank_pattern must be an object"),
+        (lambda c: c.update(rank_pattern={"blocks.0.attn.qkv": "8"}), r"rank_pattern\['blocks.0.attn.qkv'\] must be"),
+        (lambda c: c.update(alpha_pattern={"qkv": [1]}), r"alpha_pattern\['qkv'\] must be a positive number"),
+        (lambda c: c.update(lora_dropout="x"), r"'lora_dropout' must be a number in \[0, 1\)"),
+    ],
+)
 def test_config_values_of_the_wrong_type_are_named(tiny_clip, tmp_path, edit, message):
     with pytest.raises(LoRAFormatError, match=message):
         read_adapter(_edited(tiny_clip, tmp_path, edit_config=edit))
@@ -293,15 +327,18 @@ def _set(key, value):
     return lambda m: m.update({key: value})
 
 
-@pytest.mark.parametrize("edit_meta, message", [
-    (_set("class_names", [1, 2, 3]), r"class names must be a list of strings, got \[1, 2, 3\]"),
-    (_set("class_names", "cat"), r"class names must be a list of strings"),
-    (_set("config", "qv"), r"the metadata's 'config' must be an object, got 'qv'"),
-    (_set("info", [1]), r"'info' must be an object"),
-    (_set("backbone", 5), r"backbone name must be a string"),
-    (lambda m: m["config"].update(extra=[1]), r"per-module overrides must be a mapping"),
-    (lambda m: m["config"].update(rank="4"), r"rank must be a positive integer, got '4'"),
-])
+@pytest.mark.parametrize(
+    "edit_meta, message",
+    [
+        (_set("class_names", [1, 2, 3]), r"class names must be a list of strings, got \[1, 2, 3\]"),
+        (_set("class_names", "cat"), r"class names must be a list of strings"),
+        (_set("config", "qv"), r"the metadata's 'config' must be an object, got 'qv'"),
+        (_set("info", [1]), r"'info' must be an object"),
+        (_set("backbone", 5), r"backbone name must be a string"),
+        (lambda m: m["config"].update(extra=[1]), r"per-module overrides must be a mapping"),
+        (lambda m: m["config"].update(rank="4"), r"rank must be a positive integer, got '4'"),
+    ],
+)
 def test_metadata_of_the_wrong_type_is_named(tiny_clip, tmp_path, edit_meta, message):
     with pytest.raises(LoRAFormatError, match=message):
         read_adapter(_edited(tiny_clip, tmp_path, edit_meta=edit_meta))
@@ -313,10 +350,12 @@ def test_metadata_that_is_not_an_object_or_too_deep(tiny_clip, tmp_path):
     folder = _edited(tiny_clip, tmp_path)
     weights = folder / "adapter_model.safetensors"
     tensors = load_file(weights)
-    for text, message in [('"just a string"', r"'recycle' metadata must be a JSON object"),
-                          ("[" * 200_000 + "]" * 200_000, r"nested too deeply"),
-                          ('{"version": NaN}', r"not valid JSON: NaN"),
-                          ('{"version": ' + "9" * 5000 + "}", r"not valid JSON")]:
+    for text, message in [
+        ('"just a string"', r"'recycle' metadata must be a JSON object"),
+        ("[" * 200_000 + "]" * 200_000, r"nested too deeply"),
+        ('{"version": NaN}', r"not valid JSON: NaN"),
+        ('{"version": ' + "9" * 5000 + "}", r"not valid JSON"),
+    ]:
         save_file(tensors, weights, metadata={"recycle": text})
         with safe_open(str(weights), "pt") as f:
             assert f.metadata()["recycle"] == text
@@ -331,7 +370,8 @@ def test_a_5000_digit_block_index_is_refused(tiny_clip, tmp_path):
     def rename(tensors):
         for kind in ("lora_A", "lora_B"):
             tensors[f"base_model.model.blocks.{'9' * 5000}.attn.qkv.{kind}.weight"] = tensors.pop(
-                f"base_model.model.blocks.0.attn.qkv.{kind}.weight")
+                f"base_model.model.blocks.0.attn.qkv.{kind}.weight"
+            )
 
     with pytest.raises(LoRAFormatError, match=r"unsupported tensor 'base_model\.model\.blocks\.999.*block indices"):
         read_adapter(_edited(tiny_clip, tmp_path, edit_tensors=rename))
@@ -339,31 +379,48 @@ def test_a_5000_digit_block_index_is_refused(tiny_clip, tmp_path):
 
 def test_declared_ranks_are_checked_before_anything_is_allocated(tiny_clip, tmp_path):
     """Zero-size tensors declaring a huge rank, and ranks above min(in, out), never reach an allocation."""
+
     def empty_pair(tensors):  # a 3.6 KB file that declares rank 10^9
-        tensors["base_model.model.blocks.0.attn.qkv.lora_A.weight"] = torch.zeros(10 ** 9, 0)
-        tensors["base_model.model.blocks.0.attn.qkv.lora_B.weight"] = torch.zeros(0, 10 ** 9)
+        tensors["base_model.model.blocks.0.attn.qkv.lora_A.weight"] = torch.zeros(10**9, 0)
+        tensors["base_model.model.blocks.0.attn.qkv.lora_B.weight"] = torch.zeros(0, 10**9)
 
     with pytest.raises(LoRAFormatError, match=r"lora_A \[1000000000, 0\] and lora_B \[0, 1000000000\].*low-rank"):
-        read_adapter(_edited(tiny_clip, tmp_path / "a", edit_tensors=empty_pair,
-                             edit_config=lambda c: c.update(rank_pattern={"blocks.0.attn.qkv": 10 ** 9})))
+        read_adapter(
+            _edited(
+                tiny_clip,
+                tmp_path / "a",
+                edit_tensors=empty_pair,
+                edit_config=lambda c: c.update(rank_pattern={"blocks.0.attn.qkv": 10**9}),
+            )
+        )
     # metadata that declares another rank than the tensors have is refused as the file is read
-    for rank in (10 ** 9, 100_000, 8):
-        with pytest.raises(LoRAFormatError, match=rf"metadata says rank {rank} for blocks\.0\.attn\.qkv, but its "
-                                                  r"tensors have rank 4; the file is inconsistent"):
-            read_adapter(_edited(tiny_clip, tmp_path / f"b{rank}", edit_meta=lambda m, r=rank: m["config"].update(
-                rank=r)))
+    for rank in (10**9, 100_000, 8):
+        with pytest.raises(
+            LoRAFormatError,
+            match=rf"metadata says rank {rank} for blocks\.0\.attn\.qkv, but its "
+            r"tensors have rank 4; the file is inconsistent",
+        ):
+            read_adapter(
+                _edited(tiny_clip, tmp_path / f"b{rank}", edit_meta=lambda m, r=rank: m["config"].update(rank=r))
+            )
     assert not any("lora" in n for n, _ in tiny_clip.model.named_parameters())
     # a rank just above min(in, out): refused by name too, though it would fit in memory
-    over = LoRAAdapter(LoRAConfig(rank=65), {f"blocks.{i}.attn.qkv.lora_{k}.{s}": torch.zeros(shape)
-                                             for i in range(2) for s in "qv"
-                                             for k, shape in (("A", (65, 64)), ("B", (64, 65)))})
+    over = LoRAAdapter(
+        LoRAConfig(rank=65),
+        {
+            f"blocks.{i}.attn.qkv.lora_{k}.{s}": torch.zeros(shape)
+            for i in range(2)
+            for s in "qv"
+            for k, shape in (("A", (65, 64)), ("B", (64, 65)))
+        },
+    )
     with pytest.raises(LoRAFormatError, match=r"rank 65 on blocks\.0\.attn\.qkv exceeds min\(in, out\) = 64"):
         over.inject(tiny_clip.model)
 
 
 def test_head_of_zero_size_is_refused(tiny_clip, tmp_path):
     def empty_head(tensors):
-        tensors["base_model.model.head.weight"] = torch.zeros(10 ** 9, 0)
+        tensors["base_model.model.head.weight"] = torch.zeros(10**9, 0)
         tensors["base_model.model.head.bias"] = torch.zeros(0)
 
     with pytest.raises(LoRAFormatError, match=r"head\.weight has shape \[1000000000, 0\], with no elements"):

@@ -204,8 +204,9 @@ def test_dataset_repos_are_created_uploaded_listed_and_downloaded(hub: HubServer
     api = HfApi(token="test")
     url = api.create_repo("testorg/data", repo_type="dataset")
     assert str(url).endswith("/datasets/testorg/data") and (hub.root / "datasets" / "testorg" / "data").is_dir()
-    api.upload_file(path_or_fileobj=b"a,b\n1,2\n", path_in_repo="sub/table.csv", repo_id="testorg/data",
-                    repo_type="dataset")
+    api.upload_file(
+        path_or_fileobj=b"a,b\n1,2\n", path_in_repo="sub/table.csv", repo_id="testorg/data", repo_type="dataset"
+    )
     info = api.dataset_info("testorg/data", files_metadata=True)
     assert {s.rfilename: s.size for s in info.siblings or []} == {"sub/table.csv": 8}
     path = hf_hub_download("testorg/data", "sub/table.csv", repo_type="dataset")

@@ -40,9 +40,13 @@ def test_exif_rotation_is_applied():
     assert out.size == (10, 30)
 
 
-@pytest.mark.parametrize("data, match", [
-    (b"", "empty"), (b"not an image at all", "not a recognised image"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"", "empty"),
+        (b"not an image at all", "not a recognised image"),
+    ],
+)
 def test_bad_bytes(data, match):
     with pytest.raises(ImageError, match=match):
         load_image(data)

@@ -17,8 +17,9 @@ def teacher(tiny_clip):
 
 def tiny_prior(seed=0):
     torch.manual_seed(seed)
-    cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                        nn.BatchNorm2d(8))
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+    )
     for bn in (cnn[1], cnn[4]):
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
@@ -27,6 +28,7 @@ def tiny_prior(seed=0):
 
 def _teacher_accuracy(backbone, adapter, images, labels, kept=None):
     from recycle.tokens import embed_kept
+
     mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
     std = torch.tensor(backbone.std).view(1, 3, 1, 1)
     with adapter.attached(backbone) as head, torch.no_grad():
@@ -72,8 +74,14 @@ def test_inversion_reaches_the_target_classes_and_writes_masks(tiny_clip, teache
 
 def test_class_selection_stop_and_no_pruning(tiny_clip, teacher):
     calls = []
-    result = invert(tiny_clip, teacher, InversionConfig(per_class=2, steps=50, pruning={}), classes=["c2", 0],
-                    should_stop=lambda: len(calls) >= 5, progress=calls.append)
+    result = invert(
+        tiny_clip,
+        teacher,
+        InversionConfig(per_class=2, steps=50, pruning={}),
+        classes=["c2", 0],
+        should_stop=lambda: len(calls) >= 5,
+        progress=calls.append,
+    )
     assert result.stopped and result.steps_done == 5
     assert result.labels.tolist() == [2, 2, 0, 0] and result.kept is None and result.masked is None
     with pytest.raises(ValueError, match="not one of the LoRA's classes"):

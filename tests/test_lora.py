@@ -3,8 +3,19 @@ import copy
 import pytest
 import torch
 
-from recycle.lora import (LoRAConfig, LoRALinear, inject_lora, lora_layers, lora_parameters, lora_state_dict,
-                          load_lora_state_dict, mark_only_lora_trainable, merge_lora, remove_lora, unmerge_lora)
+from recycle.lora import (
+    LoRAConfig,
+    LoRALinear,
+    inject_lora,
+    lora_layers,
+    lora_parameters,
+    lora_state_dict,
+    load_lora_state_dict,
+    mark_only_lora_trainable,
+    merge_lora,
+    remove_lora,
+    unmerge_lora,
+)
 
 
 def _randomise(model, seed=0):
@@ -25,10 +36,17 @@ def test_default_config_is_the_papers():
     assert LoRAConfig(rank=8, alpha=4).scaling == 0.5
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(targets=("qkvz",)), "unknown LoRA target"), (dict(targets=("qv", "qkv")), "overlap"),
-    (dict(rank=0), "rank"), (dict(alpha=-1.0), "alpha"), (dict(dropout=1.0), "dropout"), (dict(targets=()), "empty"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(targets=("qkvz",)), "unknown LoRA target"),
+        (dict(targets=("qv", "qkv")), "overlap"),
+        (dict(rank=0), "rank"),
+        (dict(alpha=-1.0), "alpha"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(targets=()), "empty"),
+    ],
+)
 def test_config_validation(bad, match):
     with pytest.raises(ValueError, match=match):
         LoRAConfig(**bad)

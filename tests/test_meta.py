@@ -25,8 +25,7 @@ def pool_dir(tmp_path_factory, tiny_clip_dir):
     images, labels = colour_task(n_classes=6, per_class=4)
     for k, classes in enumerate([(0, 1, 2), (3, 4, 5)]):
         sel = [i for i, y in enumerate(labels) if y in classes]
-        adapter = train_tiny_lora(backbone, [images[i] for i in sel], [classes.index(labels[i]) for i in sel],
-                                  seed=k)
+        adapter = train_tiny_lora(backbone, [images[i] for i in sel], [classes.index(labels[i]) for i in sel], seed=k)
         result = invert(backbone, adapter, InversionConfig(per_class=5, steps=30, lr=0.1, pruning={1: 0.5}, seed=k))
         write_run(root, result, adapter, f"zoo/lora_{k}", {"steps": 30}, (4, 4))
     return root
@@ -36,8 +35,13 @@ def _fixed_loss(backbone, source, adapter_state=None, n=6):
     rng = random.Random(123)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        return sum(episode_loss(backbone, source.next(k, rng), flip=False, generator=gen)[0].item()
-                   for k in ["single", "cross"] * (n // 2)) / n
+        return (
+            sum(
+                episode_loss(backbone, source.next(k, rng), flip=False, generator=gen)[0].item()
+                for k in ["single", "cross"] * (n // 2)
+            )
+            / n
+        )
 
 
 def test_cyclic_schedule():
@@ -59,8 +63,9 @@ def test_flip_kept_matches_flipping_the_mask():
 def test_meta_training_lowers_the_loss(pool_dir, tiny_clip, tmp_path, masked):
     source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked)
     before = _fixed_loss(tiny_clip, source)
-    config = MetaConfig(steps=40, way=3, shot=1, query=2, masked=masked, lr=1e-2, warmup=2, cycle=20,
-                        checkpoint_every=10)
+    config = MetaConfig(
+        steps=40, way=3, shot=1, query=2, masked=masked, lr=1e-2, warmup=2, cycle=20, checkpoint_every=10
+    )
     result = meta_train(tiny_clip, source, config, tmp_path / "run")
     assert not list(lora_layers(tiny_clip.model))  # the backbone is left clean
     result.adapter.inject(tiny_clip.model)
@@ -75,6 +80,7 @@ def test_meta_training_lowers_the_loss(pool_dir, tiny_clip, tmp_path, masked):
 
 def test_masked_episodes_feed_kept_tokens(pool_dir, tiny_clip, monkeypatch):
     import recycle.meta as meta
+
     calls = []
     real = meta.embed_kept
     monkeypatch.setattr(meta, "embed_kept", lambda b, x, kept: calls.append([len(k) for k in kept]) or real(b, x, kept))
@@ -85,13 +91,15 @@ def test_masked_episodes_feed_kept_tokens(pool_dir, tiny_clip, monkeypatch):
 
 def test_resume_equals_uninterrupted(pool_dir, tiny_clip, tmp_path):
     source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=True)
-    config = MetaConfig(steps=12, way=3, shot=1, query=2, masked=True, lr=1e-2, checkpoint_every=5,
-                        lora=LoRAConfig(dropout=0.1))
+    config = MetaConfig(
+        steps=12, way=3, shot=1, query=2, masked=True, lr=1e-2, checkpoint_every=5, lora=LoRAConfig(dropout=0.1)
+    )
     full = meta_train(tiny_clip, source, config, tmp_path / "full")
 
     def crash(record):
         if record["step"] == 7:
             raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
         meta_train(tiny_clip, source, config, tmp_path / "resumed", progress=crash)
     assert not list(lora_layers(tiny_clip.model))
@@ -108,6 +116,7 @@ def test_a_kill_during_checkpointing_keeps_the_last_good_one(pool_dir, tiny_clip
     import os
 
     import recycle.io as rio
+
     source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
     config = MetaConfig(steps=10, way=3, shot=1, query=2, checkpoint_every=4)
     real_replace, writes = os.replace, []
@@ -117,6 +126,7 @@ def test_a_kill_during_checkpointing_keeps_the_last_good_one(pool_dir, tiny_clip
         if str(dst).endswith("checkpoint.safetensors") and len([w for w in writes if "checkpoint" in str(w)]) == 2:
             raise KeyboardInterrupt  # killed after writing the temp file, before the rename
         return real_replace(src, dst)
+
     monkeypatch.setattr(rio.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         meta_train(tiny_clip, source, config, tmp_path / "run")
@@ -134,6 +144,7 @@ def test_validation_selects_the_best_on_a_real_split(pool_dir, tiny_clip, tmp_pa
         score = [0.1, 0.2, 0.9, 0.5][len(seen)]  # steps 0 (the bare backbone), 3, 6, 9
         seen.append({k: v.clone() for k, v in adapter.state.items()})
         return score
+
     source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
     config = MetaConfig(steps=9, way=3, shot=1, query=2, val_every=3, lr=1e-2)
     result = meta_train(tiny_clip, source, config, tmp_path / "run", validate=validate)
@@ -191,6 +202,7 @@ def _killed(pool_dir, tiny_clip, out, at_step, **settings):
     def crash(record):
         if record["step"] == at_step:
             raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
         meta_train(tiny_clip, source, config, out, progress=crash)
     return source, config
@@ -232,8 +244,10 @@ def test_resume_without_a_checkpoint_says_so(pool_dir, tiny_clip, tmp_path, capl
     (tmp_path / "killed" / "log.jsonl").write_text('{"step": 1}\n')  # killed before its first checkpoint
     with caplog.at_level("WARNING"):
         assert meta_train(tiny_clip, source, config, tmp_path / "killed", resume=True).steps_done == 2
-    assert "holds no checkpoint.safetensors (the run stopped before its first checkpoint), so training starts from " \
-           "step 0" in caplog.text
+    assert (
+        "holds no checkpoint.safetensors (the run stopped before its first checkpoint), so training starts from "
+        "step 0" in caplog.text
+    )
     caplog.clear()
     with caplog.at_level("WARNING"):
         meta_train(tiny_clip, source, config, tmp_path / "new", resume=True)
@@ -245,15 +259,24 @@ def test_the_cli_refuses_to_resume_a_folder_without_a_run(tmp_path, capsys, monk
     from recycle.cli import main
 
     monkeypatch.setattr(recycle.backbone, "load_backbone", lambda *a, **k: pytest.fail("work started"))
-    code = main(["meta-train", "--pool", str(tmp_path / "pool"), "--out", str(tmp_path / "typo"), "--steps", "1",
-                 "--resume"])
+    code = main(
+        ["meta-train", "--pool", str(tmp_path / "pool"), "--out", str(tmp_path / "typo"), "--steps", "1", "--resume"]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "--resume: nothing to resume in" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("field, value", [("lr", 1e300), ("lr", float("inf")), ("lr", float("nan")),
-                                          ("teacher_temperature", float("inf")), ("teacher_temperature", 1e308),
-                                          ("cross_fraction", float("nan"))])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", 1e300),
+        ("lr", float("inf")),
+        ("lr", float("nan")),
+        ("teacher_temperature", float("inf")),
+        ("teacher_temperature", 1e308),
+        ("cross_fraction", float("nan")),
+    ],
+)
 def test_float_settings_must_be_finite_and_in_range(field, value):
     with pytest.raises(ValueError, match=rf"invalid meta-training setting {field}=.*expected"):
         MetaConfig(**{field: value})

@@ -1,4 +1,5 @@
 """The package: pyproject.toml's metadata, the `recycle` console script, the CLI's help, and the declared license."""
+
 from __future__ import annotations
 
 import argparse

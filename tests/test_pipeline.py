@@ -1,4 +1,5 @@
 """Pre-tune → invert → meta-train → eval through the CLI on a tiny backbone, plus the pieces they rely on."""
+
 import json
 
 import numpy as np
@@ -26,6 +27,7 @@ def dataset(tmp_path_factory):
         im.save(d / f"{i}.png")
     g = torch.Generator().manual_seed(1)
     from PIL import Image
+
     for split, n in (("val", 3), ("test", 3)):
         for c in range(n):
             d = root / split / f"{split}{c}"
@@ -46,6 +48,7 @@ def test_ci_formula():
 
 def test_lora_average_is_the_mean_of_the_updates(tiny_clip, tmp_path):
     from tests.helpers import train_tiny_lora
+
     images, labels = colour_task()
     adapters = [train_tiny_lora(tiny_clip, images, labels, steps=3, seed=s) for s in range(3)]
     deltas = []
@@ -64,8 +67,23 @@ def test_end_to_end_cli(dataset, tiny_clip_dir, local_hub, tmp_path, capsys):
     zoo, pool, run = tmp_path / "zoo", tmp_path / "pool", tmp_path / "meta"
 
     # 1. pre-tune a zoo of three 3-way LoRAs; a re-run skips finished LoRAs
-    args = ["pretune", *backbone, "--data", str(dataset / "zoo"), "--out", str(zoo), "--num-loras", "3", "--way", "3",
-            "--steps", "30", "--lr", "1e-2", "--quiet"]
+    args = [
+        "pretune",
+        *backbone,
+        "--data",
+        str(dataset / "zoo"),
+        "--out",
+        str(zoo),
+        "--num-loras",
+        "3",
+        "--way",
+        "3",
+        "--steps",
+        "30",
+        "--lr",
+        "1e-2",
+        "--quiet",
+    ]
     assert main(args) == 0
     manifest = json.loads((zoo / "zoo.json").read_text())
     assert [e["name"] for e in manifest["loras"]] == ["lora_000", "lora_001", "lora_002"]
@@ -79,14 +97,60 @@ def test_end_to_end_cli(dataset, tiny_clip_dir, local_hub, tmp_path, capsys):
 
     # 2. invert every LoRA into one pool, with pruning (masked copies)
     for k in range(3):
-        assert main(["invert", *backbone, "--lora", str(zoo / f"lora_{k:03d}"), "--out", str(pool), "--per-class",
-                     "4", "--steps", "30", "--lr", "0.1", "--prune", "1:0.5", "--bn-prior", "none", "--seed", str(k),
-                     "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "invert",
+                    *backbone,
+                    "--lora",
+                    str(zoo / f"lora_{k:03d}"),
+                    "--out",
+                    str(pool),
+                    "--per-class",
+                    "4",
+                    "--steps",
+                    "30",
+                    "--lr",
+                    "0.1",
+                    "--prune",
+                    "1:0.5",
+                    "--bn-prior",
+                    "none",
+                    "--seed",
+                    str(k),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
 
     # 3. meta-train on kept tokens, with validation on a real split; resume continues
-    meta = ["meta-train", *backbone, "--pool", str(pool), "--out", str(run), "--way", "3", "--shot", "1", "--query",
-            "3", "--masked", "--lr", "1e-2", "--checkpoint-every", "5", "--val", str(dataset / "val"),
-            "--val-every", "10", "--val-episodes", "5", "--quiet"]
+    meta = [
+        "meta-train",
+        *backbone,
+        "--pool",
+        str(pool),
+        "--out",
+        str(run),
+        "--way",
+        "3",
+        "--shot",
+        "1",
+        "--query",
+        "3",
+        "--masked",
+        "--lr",
+        "1e-2",
+        "--checkpoint-every",
+        "5",
+        "--val",
+        str(dataset / "val"),
+        "--val-every",
+        "10",
+        "--val-episodes",
+        "5",
+        "--quiet",
+    ]
     assert main(meta + ["--steps", "10"]) == 0
     assert main(meta + ["--steps", "20", "--resume"]) == 0
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -98,15 +162,41 @@ def test_end_to_end_cli(dataset, tiny_clip_dir, local_hub, tmp_path, capsys):
 
     # 4. evaluate against the baselines on the held-out test classes
     out = tmp_path / "report.json"
-    assert main(["eval", *backbone, "--data", str(dataset / "test"), "--zoo", str(zoo), "--lora",
-                 f"recycle={run / 'meta-lora'}", "--way", "3", "--shot", "1", "--query", "3", "--episodes", "20",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                *backbone,
+                "--data",
+                str(dataset / "test"),
+                "--zoo",
+                str(zoo),
+                "--lora",
+                f"recycle={run / 'meta-lora'}",
+                "--way",
+                "3",
+                "--shot",
+                "1",
+                "--query",
+                "3",
+                "--episodes",
+                "20",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert list(report["results"]) == ["NN", "LoRAs-average + NN", "recycle"]
     # the command's numbers are the library's, on the same seeded episodes
     tiny = load_backbone(str(tiny_clip_dir), device="cpu")
-    direct = evaluate(tiny, dataset / "test", {"NN": None, "recycle": read_adapter(run / "meta-lora")},
-                      EvalConfig(3, 1, 3, 20, seed=0))["results"]
+    direct = evaluate(
+        tiny,
+        dataset / "test",
+        {"NN": None, "recycle": read_adapter(run / "meta-lora")},
+        EvalConfig(3, 1, 3, 20, seed=0),
+    )["results"]
     for name in ("NN", "recycle"):
         assert report["results"][name]["mean"] == pytest.approx(direct[name]["mean"], abs=1e-6), name
         assert report["results"][name]["episodes"] == 20
@@ -114,10 +204,32 @@ def test_end_to_end_cli(dataset, tiny_clip_dir, local_hub, tmp_path, capsys):
 
     # 5. publish the meta-LoRA to the (local) Hub and use it from there
     assert main(["push", "--dir", str(run / "meta-lora"), "--repo", "me/meta-lora", "--token", "test"]) == 0
-    assert (local_hub.root / "me" / "meta-lora" / "adapter_model.safetensors").read_bytes() == \
-        (run / "meta-lora" / "adapter_model.safetensors").read_bytes()
-    assert main(["eval", *backbone, "--data", str(dataset / "test"), "--lora", "me/meta-lora", "--way", "3",
-                 "--shot", "1", "--query", "3", "--episodes", "20", "--json", str(tmp_path / "hub.json")]) == 0
+    assert (local_hub.root / "me" / "meta-lora" / "adapter_model.safetensors").read_bytes() == (
+        run / "meta-lora" / "adapter_model.safetensors"
+    ).read_bytes()
+    assert (
+        main(
+            [
+                "eval",
+                *backbone,
+                "--data",
+                str(dataset / "test"),
+                "--lora",
+                "me/meta-lora",
+                "--way",
+                "3",
+                "--shot",
+                "1",
+                "--query",
+                "3",
+                "--episodes",
+                "20",
+                "--json",
+                str(tmp_path / "hub.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "hub.json").read_text())["results"]["me/meta-lora"] == report["results"]["recycle"]
     local_hub.stop()
     assert main(["push", "--dir", str(run / "meta-lora"), "--repo", "me/meta-lora", "--token", "test"]) == 1

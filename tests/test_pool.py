@@ -14,10 +14,18 @@ from recycle.pool import Pool, PoolError, teacher_confidence, write_run
 
 def _adapter(seed, n_classes=3):
     g = torch.Generator().manual_seed(seed)
-    state = {"blocks.0.attn.qkv.lora_A.all": torch.randn(2, 8, generator=g),
-             "blocks.0.attn.qkv.lora_B.all": torch.randn(24, 2, generator=g)}
-    return LoRAAdapter(LoRAConfig(targets=("qkv",), rank=2), state, "tiny", torch.randn(n_classes, 8, generator=g),
-                       torch.zeros(n_classes), [f"s{seed}-c{i}" for i in range(n_classes)])
+    state = {
+        "blocks.0.attn.qkv.lora_A.all": torch.randn(2, 8, generator=g),
+        "blocks.0.attn.qkv.lora_B.all": torch.randn(24, 2, generator=g),
+    }
+    return LoRAAdapter(
+        LoRAConfig(targets=("qkv",), rank=2),
+        state,
+        "tiny",
+        torch.randn(n_classes, 8, generator=g),
+        torch.zeros(n_classes),
+        [f"s{seed}-c{i}" for i in range(n_classes)],
+    )
 
 
 def _result(n_classes=3, per_class=4, seed=0, masked=True):
@@ -33,8 +41,8 @@ def _result(n_classes=3, per_class=4, seed=0, masked=True):
     if not masked:
         return InversionResult(images, labels, logits)
     from recycle.tokens import keep_mask, mask_images
-    return InversionResult(images, labels, logits, kept, mask_images(images, keep_mask(kept, (4, 4))),
-                           logits + 0.1)
+
+    return InversionResult(images, labels, logits, kept, mask_images(images, keep_mask(kept, (4, 4))), logits + 0.1)
 
 
 @pytest.fixture()
@@ -66,8 +74,11 @@ def test_teacher_confidence_is_the_softmax_at_each_label(pool_dir):
     pool = Pool(pool_dir)  # the manifest's logits are lists: the same numbers as the tensors written
     ref = pool.classes[0].items[0]
     conf = teacher_confidence([pool.item(ref)["logits"]], [pool.classes[0].label])
-    written = _result(seed=0).logits[ref.index] if pool.sources()[pool.classes[0].source]["name"] == "org/lora-a" \
+    written = (
+        _result(seed=0).logits[ref.index]
+        if pool.sources()[pool.classes[0].source]["name"] == "org/lora-a"
         else _result(seed=1).logits[ref.index]
+    )
     assert conf.item() == pytest.approx(written.softmax(-1)[pool.classes[0].label].item(), abs=1e-5)
 
 
@@ -163,15 +174,23 @@ def _edit_manifest(pool_dir, edit):
     return run
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t, m, r: t.replace(str(m["items"][0]["logits"][0]), "NaN", 1), r"not valid JSON: NaN"),
-    (lambda t, m, r: t.replace(str(m["items"][0]["logits"][0]), "1e999", 1), r"1e999 is out of range"),
-    (lambda t, m, r: "[" * 100_000 + "]" * 100_000, r"nested too deeply"),
-    (lambda t, m, r: json.dumps({**m, "items": [{**m["items"][0], "logits": ["x"]}]}), r"malformed.*invalid logits"),
-    (lambda t, m, r: json.dumps({**m, "items": [{**m["items"][0], "label": 99}]}), r"malformed.*invalid label 99"),
-    (lambda t, m, r: json.dumps({**m, "source": {**m["source"], "class_names": [1, 2, 3]}}),
-     r"malformed.*invalid class_names"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t, m, r: t.replace(str(m["items"][0]["logits"][0]), "NaN", 1), r"not valid JSON: NaN"),
+        (lambda t, m, r: t.replace(str(m["items"][0]["logits"][0]), "1e999", 1), r"1e999 is out of range"),
+        (lambda t, m, r: "[" * 100_000 + "]" * 100_000, r"nested too deeply"),
+        (
+            lambda t, m, r: json.dumps({**m, "items": [{**m["items"][0], "logits": ["x"]}]}),
+            r"malformed.*invalid logits",
+        ),
+        (lambda t, m, r: json.dumps({**m, "items": [{**m["items"][0], "label": 99}]}), r"malformed.*invalid label 99"),
+        (
+            lambda t, m, r: json.dumps({**m, "source": {**m["source"], "class_names": [1, 2, 3]}}),
+            r"malformed.*invalid class_names",
+        ),
+    ],
+)
 def test_manifests_are_read_as_strict_json(pool_dir, edit, message):
     _edit_manifest(pool_dir, edit)
     with pytest.raises(PoolError, match=message):
@@ -214,6 +233,7 @@ def test_pool_folders_that_cannot_be_written_give_clear_errors(tmp_path, monkeyp
 
     def full_disk(self, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     monkeypatch.setattr(rpool.Path, "write_bytes", full_disk)
     with pytest.raises(PoolError, match=r"cannot write the run into the pool folder .*No space left.*disk is full"):
         write_run(tmp_path / "pool", _result(), _adapter(0), "org/a", {}, (4, 4))
@@ -247,6 +267,7 @@ def test_a_pool_index_reads_each_manifest_once_and_follows_changes(pool_dir):
     changed = index.pool()
     assert index.reads == 4 and any(r["settings"]["steps"] == 11 for r in changed.runs)
     import shutil
+
     shutil.rmtree(run)
     assert len(index.pool().runs) == 2 and index.reads == 4  # a removed run disappears without reading
     assert index.pool().masked_available

@@ -1,5 +1,6 @@
 """Pools on the Hub as datasets (`recycle.pool_hub`), against the fake Hub: push (library and CLI), the imagefolder
 layout `datasets` reads, browsing a pushed pool back, and hostile pool datasets refused as local ones are."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,18 @@ from recycle.pool_hub import HubPoolLimits, fetch_pool, hub_dataset_id, pool_dat
 from tests.support.apptools import make_pool, tiny_lora
 
 REPO = "org/pool"
-COLUMNS = {"file_name", "masked_file_name", "class", "label", "source", "source_fingerprint", "run",
-           "teacher_confidence", "teacher_confidence_kept", "kept"}
+COLUMNS = {
+    "file_name",
+    "masked_file_name",
+    "class",
+    "label",
+    "source",
+    "source_fingerprint",
+    "run",
+    "teacher_confidence",
+    "teacher_confidence_kept",
+    "kept",
+}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +71,8 @@ def test_push_writes_the_imagefolder_layout_with_per_image_metadata_and_a_card(l
             assert row["class"] == item["class"] and row["label"] == item["label"] and row["run"] == run_dir.name
             assert row["source"] == f"org/lora-{r}" and row["source_fingerprint"] == manifest["source"]["fingerprint"]
             assert row["teacher_confidence"] == pytest.approx(
-                teacher_confidence([item["logits"]], [item["label"]]).item(), abs=1e-6)
+                teacher_confidence([item["logits"]], [item["label"]]).item(), abs=1e-6
+            )
             if r == 0:  # masked at 75%: 4 of 16 patches kept
                 assert row["masked_file_name"] == item["masked"] != row["file_name"] and row["kept"] == item["kept"]
                 assert len(row["kept"]) == 4
@@ -72,8 +84,13 @@ def test_push_writes_the_imagefolder_layout_with_per_image_metadata_and_a_card(l
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["configs"] == [{"config_name": "default", "data_dir": "data"}]
     assert meta["task_categories"] == ["image-classification"] and "lora-recycle" in meta["tags"]
-    assert meta["lora_recycle"] == {"format": "recycle-pool", "version": 1, "runs": 2, "images": 12,
-                                    "sources": len(pool.sources())}
+    assert meta["lora_recycle"] == {
+        "format": "recycle-pool",
+        "version": 1,
+        "runs": 2,
+        "images": 12,
+        "sources": len(pool.sources()),
+    }
     assert f'load_dataset("{REPO}"' in card and all(f"### {name}" in card for name in runs)
     assert '"steps": 6' in card  # the settings of each run
 
@@ -122,14 +139,28 @@ def _edit_manifest(repo: Path, edit) -> None:
 
 
 HOSTILE = {
-    "a file outside its run": (lambda repo: _edit_manifest(repo, lambda m: m["items"][0].update(
-        image="../../../../etc/passwd")), {}, "not a file inside the run"),
-    "an absolute path": (lambda repo: _edit_manifest(repo, lambda m: m["items"][0].update(image="/etc/passwd")), {},
-                         "not a file inside the run"),
-    "NaN in a manifest": (lambda repo: _first_manifest(repo).write_text(
-        _first_manifest(repo).read_text().replace('"logits": [', '"logits": [NaN, ', 1)), {}, "unreadable manifest"),
-    "a missing image": (lambda repo: next((repo / "data").glob("*/images/000001.png")).unlink(), {},
-                        "listed in the manifest but missing"),
+    "a file outside its run": (
+        lambda repo: _edit_manifest(repo, lambda m: m["items"][0].update(image="../../../../etc/passwd")),
+        {},
+        "not a file inside the run",
+    ),
+    "an absolute path": (
+        lambda repo: _edit_manifest(repo, lambda m: m["items"][0].update(image="/etc/passwd")),
+        {},
+        "not a file inside the run",
+    ),
+    "NaN in a manifest": (
+        lambda repo: _first_manifest(repo).write_text(
+            _first_manifest(repo).read_text().replace('"logits": [', '"logits": [NaN, ', 1)
+        ),
+        {},
+        "unreadable manifest",
+    ),
+    "a missing image": (
+        lambda repo: next((repo / "data").glob("*/images/000001.png")).unlink(),
+        {},
+        "listed in the manifest but missing",
+    ),
     "a manifest too large": (lambda repo: None, {"max_manifest_bytes": 1000}, "more than the 1,000 accepted"),
     "too many images in a manifest": (lambda repo: None, {"max_items": 2}, "more than the 2 accepted"),
     "too many bytes": (lambda repo: None, {"max_bytes": 5000}, "more than the 5,000 accepted"),
@@ -146,8 +177,10 @@ def test_hostile_pool_datasets_are_refused_as_local_pools_are(local_hub, pool_di
     repo = _pushed(local_hub, pool_dir)
     spoil(repo)
     with pytest.raises(PoolError, match=message):
-        Pool(fetch_pool(REPO, HubPoolLimits(**limits), cache_dir=tmp_path / "cache"),
-             max_items=limits.get("max_items", 100_000))
+        Pool(
+            fetch_pool(REPO, HubPoolLimits(**limits), cache_dir=tmp_path / "cache"),
+            max_items=limits.get("max_items", 100_000),
+        )
     if limits and case != "too many images in a manifest":  # refused from the listing: nothing was downloaded
         assert not any((tmp_path / "cache").rglob("*.png"))
 

@@ -1,4 +1,5 @@
 """The offline reproduction: a toy-size smoke run of the whole pipeline, and a re-check of the shipped weights."""
+
 import json
 from pathlib import Path
 
@@ -7,8 +8,10 @@ from PIL import Image
 
 glyphs = pytest.importorskip("reproduce.glyphs")
 if glyphs.missing_fonts():
-    pytest.skip(f"font packages {glyphs.missing_fonts()} are not installed (see reproduce/debian-packages.txt)",
-                allow_module_level=True)
+    pytest.skip(
+        f"font packages {glyphs.missing_fonts()} are not installed (see reproduce/debian-packages.txt)",
+        allow_module_level=True,
+    )
 
 from recycle.backbone import load_backbone  # noqa: E402
 from recycle.evaluate import EvalConfig, evaluate  # noqa: E402
@@ -29,9 +32,24 @@ def splits_available_kana(work: Path) -> int:
 def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     cfg = ReproConfig.toy()
     results = run(tmp_path, cfg)
-    stages = ["data", "prior", "pretrain", "zoo", "meta-oracle", "structure", "invert", "surrogates", "temperature",
-              "meta-recycle", "meta-recycle-25", "meta-recycle-50", "meta-recycle-75", "meta-recycle-75-bf16", "eval",
-              "bf16-check"]
+    stages = [
+        "data",
+        "prior",
+        "pretrain",
+        "zoo",
+        "meta-oracle",
+        "structure",
+        "invert",
+        "surrogates",
+        "temperature",
+        "meta-recycle",
+        "meta-recycle-25",
+        "meta-recycle-50",
+        "meta-recycle-75",
+        "meta-recycle-75-bf16",
+        "eval",
+        "bf16-check",
+    ]
     assert list(results["timings_seconds"]) == stages
     from reproduce.pipeline import STAGES
 
@@ -39,17 +57,30 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="until='invrt': not a stage"):
         run(tmp_path, cfg, until="invrt")
     ev = results["summaries"]["eval"]
-    assert set(ev) - {"seconds"} == {"test-1shot", "test-5shot", "cross-1shot", "cross-5shot", "test-plain-1shot",
-                                     "test-plain-5shot"}
+    assert set(ev) - {"seconds"} == {
+        "test-1shot",
+        "test-5shot",
+        "cross-1shot",
+        "cross-5shot",
+        "test-plain-1shot",
+        "test-plain-5shot",
+    }
     structure = results["summaries"]["structure"]
     assert set(structure["results"]) == {"NN", "LoRAs-average + NN", "Oracle (real zoo images)"}
     assert structure["checks"]["nn_at_least_45"] == (structure["results"]["NN"]["mean"] >= 45)
     pretrain = results["summaries"]["pretrain"]  # the contrastive foundation, on Han and kana
     assert pretrain["objective"] == "contrast" and 0 <= pretrain["positive_match"] <= 1
     assert pretrain["classes"] == cfg.data.pretrain + splits_available_kana(tmp_path)
-    assert list(ev["test-1shot"]["results"]) == ["NN", "LoRAs-average + NN", "LoRA Recycle", "LoRA Recycle-25",
-                                                 "LoRA Recycle-50", "LoRA Recycle-75", "LoRA Recycle-75 (bf16)",
-                                                 "Oracle (real zoo images)"]
+    assert list(ev["test-1shot"]["results"]) == [
+        "NN",
+        "LoRAs-average + NN",
+        "LoRA Recycle",
+        "LoRA Recycle-25",
+        "LoRA Recycle-50",
+        "LoRA Recycle-75",
+        "LoRA Recycle-75 (bf16)",
+        "Oracle (real zoo images)",
+    ]
     splits = json.loads((tmp_path / "data" / "splits.json").read_text())
     assert len(splits["fonts"]["han"]) == 8 and splits["available"]["han"] > 5000
     names = {s: {p.name for p in (tmp_path / "data" / s).iterdir()} for s in ("pretrain", "zoo", "val", "test")}
@@ -93,7 +124,7 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert sorted(scores["tasks"]) == sorted(p.name for p in examples.iterdir() if p.is_dir())
     assert scores["test_tasks_total"]["NN"][1] == scores["test_tasks_total"]["meta-LoRA"][1] == 8 * 5 * 3
     readme = (tmp_path / "weights" / "README.md").read_text()  # written from the results, never by hand
-    shipped_name = method_name(shipped["meta_lora"][len("meta-"):])
+    shipped_name = method_name(shipped["meta_lora"][len("meta-") :])
     nn = results["summaries"]["eval"]["test-1shot"]["results"]["NN"]
     assert f"the backbone alone (NN) {nn['mean']:.2f} ± {nn['ci95']:.2f}" in readme and f"`{shipped_name}`" in readme
     total = scores["test_tasks_total"]["meta-LoRA"]
@@ -107,8 +138,12 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     curve = [line for line in text.splitlines() if line.startswith("| val accuracy |")][0].split("|")[2:-1]
     assert len([line for line in text.splitlines() if line.startswith("| held-out Hangul accuracy |")]) == 1
     m = cfg.meta
-    nn = evaluate(load_backbone(str(tmp_path / "mini-vit"), device="cpu"), tmp_path / "data" / "val", {"NN": None},
-                  EvalConfig(m.way, m.shot, m.query, m.val_episodes, seed=123))["results"]["NN"]["mean"]
+    nn = evaluate(
+        load_backbone(str(tmp_path / "mini-vit"), device="cpu"),
+        tmp_path / "data" / "val",
+        {"NN": None},
+        EvalConfig(m.way, m.shot, m.query, m.val_episodes, seed=123),
+    )["results"]["NN"]["mean"]
     # the oracle's validation curve (steps 0, 3, 6); step 0 is the bare backbone
     assert len(curve) == 3 and float(curve[0]) == pytest.approx(nn, abs=0.01)
     assert text.count("% masked |") == 3
@@ -137,8 +172,12 @@ def test_clutter_style_adds_fragments_at_the_edges_only():
 
     font = ImageFont.truetype(FONTS["fonts-ipafont-gothic"], size=83)
     plain = np.asarray(render("永", font, random.Random(0), augment=False), dtype=float)
-    cluttered = [np.asarray(render("永", font, random.Random(s), augment=False, style="clutter",
-                                   distractors="木水火土"), dtype=float) for s in range(8)]
+    cluttered = [
+        np.asarray(
+            render("永", font, random.Random(s), augment=False, style="clutter", distractors="木水火土"), dtype=float
+        )
+        for s in range(8)
+    ]
     border = np.ones((32, 32), bool)
     border[3:-3, 3:-3] = False
     assert plain[border].min() == 255  # a plain glyph leaves the edges blank
@@ -155,12 +194,27 @@ def test_a_hangul_source_keeps_han_out_of_pretraining_and_kana_for_the_cross_dom
 
     from reproduce.glyphs import SplitSpec, build
 
-    spec = SplitSpec(pretrain=6, zoo=5, val=5, test=5, cross=5, train_aug=1, eval_aug=1, cross_aug=1,
-                     source_script="hangul", cross_script="kana")
+    spec = SplitSpec(
+        pretrain=6,
+        zoo=5,
+        val=5,
+        test=5,
+        cross=5,
+        train_aug=1,
+        eval_aug=1,
+        cross_aug=1,
+        source_script="hangul",
+        cross_script="kana",
+    )
     manifest = build(tmp_path, spec)
     assert manifest["fonts"]["hangul"] == ["fonts-wqy-microhei", "fonts-wqy-zenhei", "fonts-unifont"]
-    scripts = {"pretrain": "HANGUL SYLLABLE", "zoo": "CJK UNIFIED", "val": "CJK UNIFIED", "test": "CJK UNIFIED",
-               "cross": ("HIRAGANA LETTER", "KATAKANA LETTER")}
+    scripts = {
+        "pretrain": "HANGUL SYLLABLE",
+        "zoo": "CJK UNIFIED",
+        "val": "CJK UNIFIED",
+        "test": "CJK UNIFIED",
+        "cross": ("HIRAGANA LETTER", "KATAKANA LETTER"),
+    }
     for split, prefix in scripts.items():
         classes = [p.name for p in (tmp_path / split).iterdir()]
         assert len(classes) == getattr(spec, split)
@@ -253,9 +307,12 @@ def test_source_extra_adds_every_letter_of_a_script_to_pretraining_and_check_sty
     for split in ("zoo", "val", "test", "cross"):
         a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / split).rglob("*.png"))
         assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in a)
-    for bad, field in ((dict(source_extra=("hangul",)), "source_extra"), (dict(source_extra=("han",)), "source_extra"),
-                       (dict(source_extra=("kana", "kana")), "source_extra"), (dict(check_style="neon"),
-                                                                              "check_style")):
+    for bad, field in (
+        (dict(source_extra=("hangul",)), "source_extra"),
+        (dict(source_extra=("han",)), "source_extra"),
+        (dict(source_extra=("kana", "kana")), "source_extra"),
+        (dict(check_style="neon"), "check_style"),
+    ):
         with pytest.raises(ValueError, match=field):
             SplitSpec(**bad)
 
@@ -287,8 +344,16 @@ def test_contrastive_views_and_loss():
     assert acc == 1 and loss < 0.5
     loss_random, _ = nt_xent(torch.randn(16, 16), temperature=0.1)
     assert loss_random > loss
-    for bad in (dict(temperature=0), dict(colour=1.5), dict(scale=(1.2, 0.8)), dict(batch=1), dict(lr=float("nan")),
-                dict(stroke=1.5), dict(elastic=-1), dict(blur=2)):
+    for bad in (
+        dict(temperature=0),
+        dict(colour=1.5),
+        dict(scale=(1.2, 0.8)),
+        dict(batch=1),
+        dict(lr=float("nan")),
+        dict(stroke=1.5),
+        dict(elastic=-1),
+        dict(blur=2),
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ContrastConfig(**bad)
 
@@ -301,8 +366,10 @@ def test_the_shipped_weights_readme_is_written_from_the_results():
     results = json.loads((WEIGHTS.parent / "reproduce" / "results" / "results.json").read_text())
     scores = json.loads((WEIGHTS / "examples" / "scores.json").read_text())
     run = read_adapter(WEIGHTS / "mini-meta-lora").info.get("run", "recycle")
-    sizes = {d: sum(f.stat().st_size for f in (WEIGHTS / d).rglob("*") if f.is_file()) / 1e6
-             for d in ("mini-vit", "mini-meta-lora", "example-lora", "glyph-prior")}
+    sizes = {
+        d: sum(f.stat().st_size for f in (WEIGHTS / d).rglob("*") if f.is_file()) / 1e6
+        for d in ("mini-vit", "mini-meta-lora", "example-lora", "glyph-prior")
+    }
     assert (WEIGHTS / "README.md").read_text() == weights_readme(results, run, scores, sizes)
     tasks = sorted(p.name for p in (WEIGHTS / "examples").iterdir() if p.is_dir())
     assert sorted(scores["tasks"]) == tasks and len([t for t in tasks if t[4:].isdigit()]) == 8

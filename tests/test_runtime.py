@@ -68,9 +68,17 @@ def test_bf16_lora_gradients_match_fp32(tiny_clip, trained, masked):
     if masked:
         kept = torch.rand(12, 16, generator=gen).argsort(1)[:, :8].sort(1).values
         raw = mask_images(raw, keep_mask(kept, (4, 4)))
-    episode = PoolEpisode(raw[s_idx], labels[s_idx], raw[q_idx], labels[q_idx], "single", [],
-                          torch.randn(9, 3, generator=gen) * 3, None if kept is None else list(kept[s_idx]),
-                          None if kept is None else list(kept[q_idx]))
+    episode = PoolEpisode(
+        raw[s_idx],
+        labels[s_idx],
+        raw[q_idx],
+        labels[q_idx],
+        "single",
+        [],
+        torch.randn(9, 3, generator=gen) * 3,
+        None if kept is None else list(kept[s_idx]),
+        None if kept is None else list(kept[q_idx]),
+    )
     adapter.inject(tiny_clip.model)
     try:
         with torch.no_grad():
@@ -109,11 +117,17 @@ def test_tune_allocator_stops_the_page_faults_of_large_allocations():
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "for _ in range(5):\n"
         "    torch.empty(16 << 20).fill_(1)\n"
-        "print(sorted(settings), '|', resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+        "print(sorted(settings), '|', resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
 
     def run(mode: str, malloc: str = "") -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True,
-                             env={**os.environ, "RECYCLE_MALLOC": malloc}).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", script, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "RECYCLE_MALLOC": malloc},
+        ).stdout
         settings, faults = out.split("|")
         return settings.strip(), int(faults)
 

@@ -3,8 +3,17 @@ import timm
 import torch
 
 from recycle.backbone import Backbone
-from recycle.tokens import (PruningConfig, attention_with_cls_scores, embed_kept, forward_features_pruned,
-                            keep_mask, kept_count, mask_images, parse_schedule, pruning_block_forward)
+from recycle.tokens import (
+    PruningConfig,
+    attention_with_cls_scores,
+    embed_kept,
+    forward_features_pruned,
+    keep_mask,
+    kept_count,
+    mask_images,
+    parse_schedule,
+    pruning_block_forward,
+)
 
 
 @pytest.fixture(params=["clip", "vit", "registers"])
@@ -14,8 +23,17 @@ def backbone(request, tiny_clip, tiny_vit):
     if request.param == "vit":
         return tiny_vit
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
-                              depth=3, num_heads=2, num_classes=0, reg_tokens=2).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=3,
+        num_heads=2,
+        num_classes=0,
+        reg_tokens=2,
+    ).eval()
     return Backbone(model, "tiny-reg")
 
 
@@ -63,8 +81,10 @@ def test_fused_and_explicit_attention_agree(backbone):
     for fused in (True, False):
         block.attn.fused_attn = fused
         try:
-            results[fused] = (*attention_with_cls_scores(block.attn, x),
-                              *pruning_block_forward(block, tokens, 0.5, model.num_prefix_tokens))
+            results[fused] = (
+                *attention_with_cls_scores(block.attn, x),
+                *pruning_block_forward(block, tokens, 0.5, model.num_prefix_tokens),
+            )
         finally:
             block.attn.fused_attn = True
     for out, scores, pruned, idx in results.values():
@@ -125,9 +145,9 @@ def test_mask_zeros_exactly_the_dropped_patches():
     for b in range(2):
         for gy in range(4):
             for gx in range(4):
-                patch = masked[b, :, gy * 8:(gy + 1) * 8, gx * 8:(gx + 1) * 8]
+                patch = masked[b, :, gy * 8 : (gy + 1) * 8, gx * 8 : (gx + 1) * 8]
                 if mask[b, gy, gx]:
-                    assert torch.equal(patch, images[b, :, gy * 8:(gy + 1) * 8, gx * 8:(gx + 1) * 8])
+                    assert torch.equal(patch, images[b, :, gy * 8 : (gy + 1) * 8, gx * 8 : (gx + 1) * 8])
                 else:
                     assert patch.abs().sum() == 0
 
@@ -141,7 +161,7 @@ def test_kept_token_forward(backbone):
     rows = [torch.tensor([0, 3, 9]), torch.arange(16), torch.tensor([2, 4, 6, 8, 10])]
     mixed = embed_kept(backbone, x, rows)
     for i, r in enumerate(rows):
-        assert torch.allclose(mixed[i], embed_kept(backbone, x[i:i + 1], r.unsqueeze(0))[0], atol=1e-5)
+        assert torch.allclose(mixed[i], embed_kept(backbone, x[i : i + 1], r.unsqueeze(0))[0], atol=1e-5)
     assert not torch.allclose(mixed[0], full[0], atol=1e-3)
 
 

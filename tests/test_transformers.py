@@ -5,6 +5,7 @@ The adapters are made in the module names the installed transformers uses; the o
 later 5.x releases) is made from it by renaming the keys, the target modules and the pattern keys exactly as the
 other versions name those modules.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,27 @@ from recycle.formats import LoRAFormatError, load_lora  # noqa: E402
 from tests.helpers import make_image  # noqa: E402
 
 CLASSES = ["apple", "pear", "plum"]
-TINY = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=96, num_labels=3, id2label=dict(enumerate(CLASSES)),
-            label2id={c: i for i, c in enumerate(CLASSES)})
+TINY = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=96,
+    num_labels=3,
+    id2label=dict(enumerate(CLASSES)),
+    label2id={c: i for i, c in enumerate(CLASSES)},
+)
 
 # Module names within a block: old <-> new.
-V4_TO_V5 = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
-            "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj",
-            "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+V4_TO_V5 = {
+    "attention.attention.query": "attention.q_proj",
+    "attention.attention.key": "attention.k_proj",
+    "attention.attention.value": "attention.v_proj",
+    "attention.output.dense": "attention.o_proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
 V5_LEAF = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
 
 
@@ -55,7 +69,7 @@ def _module_v4_to_v5(name: str) -> str:
         return name
     for old, new in V4_TO_V5.items():
         if m.group(3) == old or m.group(3).startswith(old + "."):
-            return f"{m.group(1)}layers.{m.group(2)}.{new}{m.group(3)[len(old):]}"
+            return f"{m.group(1)}layers.{m.group(2)}.{new}{m.group(3)[len(old) :]}"
     return f"{m.group(1)}layers.{m.group(2)}.{m.group(3)}"  # the LayerNorms keep their names
 
 
@@ -65,7 +79,7 @@ def _module_v5_to_v4(name: str) -> str:
         return name
     for old, new in V4_TO_V5.items():
         if m.group(3) == new or m.group(3).startswith(new + "."):
-            return f"{m.group(1)}encoder.layer.{m.group(2)}.{old}{m.group(3)[len(new):]}"
+            return f"{m.group(1)}encoder.layer.{m.group(2)}.{old}{m.group(3)[len(new) :]}"
     return f"{m.group(1)}encoder.layer.{m.group(2)}.{m.group(3)}"
 
 
@@ -76,10 +90,17 @@ def rename_adapter(src: Path, dst: Path, to: str) -> Path:
     tensors = load_file(src / "adapter_model.safetensors")
     save_file({rename(k): v for k, v in tensors.items()}, dst / "adapter_model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((src / "adapter_config.json").read_text())
-    leaves = {"new": {"query": ["q_proj"], "key": ["k_proj"], "value": ["v_proj"],
-                                "dense": ["o_proj", "fc1", "fc2"]},
-              "old": {"q_proj": ["query"], "k_proj": ["key"], "v_proj": ["value"], "o_proj": ["dense"],
-                                "fc1": ["dense"], "fc2": ["dense"]}}[to]
+    leaves = {
+        "new": {"query": ["q_proj"], "key": ["k_proj"], "value": ["v_proj"], "dense": ["o_proj", "fc1", "fc2"]},
+        "old": {
+            "q_proj": ["query"],
+            "k_proj": ["key"],
+            "v_proj": ["value"],
+            "o_proj": ["dense"],
+            "fc1": ["dense"],
+            "fc2": ["dense"],
+        },
+    }[to]
     cfg["target_modules"] = sorted({new for t in cfg["target_modules"] for new in leaves.get(t, [t])})
     for field in ("rank_pattern", "alpha_pattern"):  # pattern keys: full module paths or leaf names
         renamed = {}
@@ -101,8 +122,9 @@ def hf_vit_dir(tmp_path_factory) -> Path:
             p.add_(torch.randn_like(p) * 0.1)
     folder = tmp_path_factory.mktemp("hf_vit")
     model.save_pretrained(folder)
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6],
-                                   image_std=[0.2, 0.25, 0.3]).save_pretrained(folder)
+    transformers.ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.25, 0.3]
+    ).save_pretrained(folder)
     return folder
 
 
@@ -129,9 +151,15 @@ def _recycle_logits(backbone, adapter, x):
 # The PEFT guide's recipe, and a variant with every target, patterns and rsLoRA.
 RECIPES = {
     "guide": dict(r=4, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"]),
-    "variant": dict(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"], use_rslora=True,
-                    rank_pattern={"encoder.layer.1.intermediate.dense": 2}, alpha_pattern={"value": 3.0},
-                    modules_to_save=["classifier"]),
+    "variant": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "key", "value", "dense"],
+        use_rslora=True,
+        rank_pattern={"encoder.layer.1.intermediate.dense": 2},
+        alpha_pattern={"value": 3.0},
+        modules_to_save=["classifier"],
+    ),
 }
 
 
@@ -203,8 +231,9 @@ def test_vit_model_without_head_and_both_weight_name_layouts(hf_vit_dir, tmp_pat
         x = _inputs()
         with torch.no_grad():
             assert backbone.model.num_classes == 0
-            assert torch.allclose(backbone.pre_logits(x), reference(pixel_values=x).last_hidden_state[:, 0],
-                                  atol=1e-5), layout
+            assert torch.allclose(
+                backbone.pre_logits(x), reference(pixel_values=x).last_hidden_state[:, 0], atol=1e-5
+            ), layout
 
 
 def test_bad_transformers_folders_get_clear_errors(hf_vit_dir, tmp_path):
@@ -321,9 +350,18 @@ def test_head_less_clip_adapters_load_but_cannot_be_inverted(tiny_clip, tmp_path
     folder = tmp_path / "clip-lora"
     folder.mkdir()
     save_file(tensors, folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"], "bias": "none",
-        "base_model_name_or_path": "openai/clip-vit-base-patch16"}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": r,
+                "lora_alpha": 2 * r,
+                "target_modules": ["q_proj", "v_proj"],
+                "bias": "none",
+                "base_model_name_or_path": "openai/clip-vit-base-patch16",
+            }
+        )
+    )
     adapter = load_lora(folder, tiny_clip)
     assert adapter.head_weight is None and adapter.config.targets == ("qv",) and adapter.config.scaling == 2
     assert adapter.backbone == "vit_base_patch16_clip_224.openai"
@@ -334,9 +372,10 @@ def test_head_less_clip_adapters_load_but_cannot_be_inverted(tiny_clip, tmp_path
     base = qkv.base_layer if hasattr(qkv, "base_layer") else qkv
     ones = x.new_ones(1, d)
     key = "base_model.model.vision_model.encoder.layers.1.self_attn."
-    want_q = base(ones)[:, :d] + 2 * ones @ tensors[key + "q_proj.lora_A.weight"].T @ tensors[
-        key + "q_proj.lora_B.weight"].T
-    assert torch.allclose(y[:, :d], want_q, atol=1e-4) and torch.allclose(y[:, d:2 * d], base(ones)[:, d:2 * d])
+    want_q = (
+        base(ones)[:, :d] + 2 * ones @ tensors[key + "q_proj.lora_A.weight"].T @ tensors[key + "q_proj.lora_B.weight"].T
+    )
+    assert torch.allclose(y[:, :d], want_q, atol=1e-4) and torch.allclose(y[:, d : 2 * d], base(ones)[:, d : 2 * d])
     with pytest.raises(ValueError, match="no classification head"):
         invert(tiny_clip, adapter, InversionConfig(steps=1))
 
@@ -355,8 +394,12 @@ def test_exported_loras_load_into_peft_with_equal_outputs(hf_vit_dir, tmp_path, 
 
     backbone = load_backbone(str(hf_vit_dir), device="cpu")
     torch.manual_seed(3)
-    config = LoRAConfig(targets=("qv", "fc1") if head else ("qkv", "proj", "fc2"), rank=2, alpha=3.0,
-                        extra={"blocks.1.mlp.fc1" if head else "blocks.0.mlp.fc2": {"rank": 3, "alpha": 1.5}})
+    config = LoRAConfig(
+        targets=("qv", "fc1") if head else ("qkv", "proj", "fc2"),
+        rank=2,
+        alpha=3.0,
+        extra={"blocks.1.mlp.fc1" if head else "blocks.0.mlp.fc2": {"rank": 3, "alpha": 1.5}},
+    )
     inject_lora(backbone.model, config)
     with torch.no_grad():
         for p in lora_parameters(backbone.model):
@@ -399,8 +442,22 @@ def test_cli_inverts_a_peft_adapter_on_its_own_backbone(hf_vit_dir, hf_adapter, 
 
     installed, other, _ = hf_adapter
     out = tmp_path / "pool"
-    common = ["--out", str(out), "--per-class", "1", "--steps", "2", "--classes", "apple", "plum", "--bn-prior",
-              "none", "--device", "cpu", "--quiet"]
+    common = [
+        "--out",
+        str(out),
+        "--per-class",
+        "1",
+        "--steps",
+        "2",
+        "--classes",
+        "apple",
+        "plum",
+        "--bn-prior",
+        "none",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert main(["invert", "--backbone", str(hf_vit_dir), "--lora", str(other)] + common) == 0
     assert main(["invert", "--lora", str(installed)] + common + ["--seed", "1"]) == 0  # the adapter names its base
     assert "teacher accuracy" in capsys.readouterr().out
@@ -420,8 +477,9 @@ def test_cli_export_round_trips_through_peft(hf_vit_dir, hf_adapter, tiny_clip_d
     model = peft.PeftModel.from_pretrained(base, tmp_path / "x").eval()
     with torch.no_grad():
         assert (model(pixel_values=_inputs()).logits - peft_logits).abs().max() < 1e-4
-    assert main(["export", "--lora", str(installed), "--backbone", str(tiny_clip_dir), "--out",
-                 str(tmp_path / "y")]) == 1
+    assert (
+        main(["export", "--lora", str(installed), "--backbone", str(tiny_clip_dir), "--out", str(tmp_path / "y")]) == 1
+    )
     assert "is a timm model" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
@@ -435,7 +493,8 @@ def test_provenance_is_compared_not_only_shapes():
 
     clip = backbone("vit_base_patch16_clip_224.openai", "timm/vit_base_patch16_clip_224.openai")
     assert "made for 'google/vit-base-patch16-224-in21k'" in provenance_mismatch(
-        "google/vit-base-patch16-224-in21k", clip)
+        "google/vit-base-patch16-224-in21k", clip
+    )
     assert provenance_mismatch("clip-b16", clip) is None
     assert provenance_mismatch("openai/clip-vit-base-patch16", clip) is None  # the same weights in transformers
     assert provenance_mismatch("hf-hub:timm/vit_base_patch16_clip_224.openai@main", clip) is None
@@ -467,8 +526,9 @@ def test_app_fit_check_names_the_backbone_a_lora_was_made_for(tiny_clip_dir, loc
 
 
 # ----------------------------------------------------------------------------------------------- the Hub's LoRAs
-def _publish(root: Path, repo: str, adapter_dir: Path, card_base: str | None = None, labels: bool = False,
-             **config_changes) -> Path:
+def _publish(
+    root: Path, repo: str, adapter_dir: Path, card_base: str | None = None, labels: bool = False, **config_changes
+) -> Path:
     """Put a PEFT adapter on the fake Hub as `repo`, naming google/tiny-vit as its base."""
     import shutil
 
@@ -476,8 +536,9 @@ def _publish(root: Path, repo: str, adapter_dir: Path, card_base: str | None = N
     folder.mkdir(parents=True)
     shutil.copy(adapter_dir / "adapter_model.safetensors", folder)
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "google/tiny-vit",
-                                                            **config_changes}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({**cfg, "base_model_name_or_path": "google/tiny-vit", **config_changes})
+    )
     if card_base:
         (folder / "README.md").write_text(f"---\nbase_model: {card_base}\nlibrary_name: peft\n---\n# {repo}\n")
     if labels:
@@ -502,8 +563,13 @@ def hub_with_loras(local_hub, hf_vit_dir, hf_adapter, tmp_path):
     save_file({k: v for k, v in tensors.items() if "classifier" not in k}, headless / "adapter_model.safetensors")
     _publish(root, "erin/tiny-vit-loha", installed, card_base="google/tiny-vit", peft_type="LOHA")
     _publish(root, "frank/other-lora", installed, card_base="google/tiny-vit", base_model_name_or_path="org/else")
-    _publish(root, "hank/food-lora-colab", installed, card_base="google/tiny-vit",  # its config names a local path
-             base_model_name_or_path="/content/tiny-vit")
+    _publish(
+        root,
+        "hank/food-lora-colab",
+        installed,
+        card_base="google/tiny-vit",  # its config names a local path
+        base_model_name_or_path="/content/tiny-vit",
+    )
     _publish(root, "ivan/tiny-vit-lora-untagged-local", installed, base_model_name_or_path="/content/tiny-vit")
     huge = _publish(root, "gina/tiny-vit-lora-huge-config", installed, card_base="google/tiny-vit")
     (huge / "config.json").write_text(json.dumps({"id2label": {"0": "x"}, "padding": "." * (1 << 20)}))
@@ -514,15 +580,29 @@ def test_fake_hub_answers_list_models_and_safetensors_headers_as_the_hub(hub_wit
     from huggingface_hub import HfApi
 
     api = HfApi()
-    tagged = list(api.list_models(filter=["peft", "base_model:adapter:google/tiny-vit"], sort="downloads",
-                                  expand=["siblings", "sha", "tags"]))
-    assert [m.id for m in tagged] == ["alice/food-lora", "carol/tiny-vit-lora-bin", "dave/tiny-vit-meta",
-                                      "erin/tiny-vit-loha", "frank/other-lora", "gina/tiny-vit-lora-huge-config",
-                                      "hank/food-lora-colab"]
+    tagged = list(
+        api.list_models(
+            filter=["peft", "base_model:adapter:google/tiny-vit"], sort="downloads", expand=["siblings", "sha", "tags"]
+        )
+    )
+    assert [m.id for m in tagged] == [
+        "alice/food-lora",
+        "carol/tiny-vit-lora-bin",
+        "dave/tiny-vit-meta",
+        "erin/tiny-vit-loha",
+        "frank/other-lora",
+        "gina/tiny-vit-lora-huge-config",
+        "hank/food-lora-colab",
+    ]
     assert "safetensors" in tagged[0].tags and "adapter_model.safetensors" in [s.rfilename for s in tagged[0].siblings]
     assert [m.id for m in api.list_models(filter="peft", search="TINY-VIT")] == [
-        "bob/tiny-vit-finetuned-lora-beans", "carol/tiny-vit-lora-bin", "dave/tiny-vit-meta", "erin/tiny-vit-loha",
-        "gina/tiny-vit-lora-huge-config", "ivan/tiny-vit-lora-untagged-local"]
+        "bob/tiny-vit-finetuned-lora-beans",
+        "carol/tiny-vit-lora-bin",
+        "dave/tiny-vit-meta",
+        "erin/tiny-vit-loha",
+        "gina/tiny-vit-lora-huge-config",
+        "ivan/tiny-vit-lora-untagged-local",
+    ]
     assert [m.id for m in api.list_models(filter="transformers")] == ["google/tiny-vit"]
     header = api.parse_safetensors_file_metadata("alice/food-lora", "adapter_model.safetensors")
     assert header.tensors["base_model.model.classifier.weight"].shape == [3, 64]
@@ -543,8 +623,11 @@ def test_hub_loras_are_found_and_vetted_without_their_weights(hub_with_loras):
     assert found["hank/food-lora-colab"].usable and found["hank/food-lora-colab"].base_model == "google/tiny-vit"
     assert "made for '/content/tiny-vit'" in found["ivan/tiny-vit-lora-untagged-local"].problem
     assert [x.repo for x in find_hub_loras("hf-hub:google/tiny-vit")] == [
-        "alice/food-lora", "bob/tiny-vit-finetuned-lora-beans", "gina/tiny-vit-lora-huge-config",
-        "hank/food-lora-colab"]
+        "alice/food-lora",
+        "bob/tiny-vit-finetuned-lora-beans",
+        "gina/tiny-vit-lora-huge-config",
+        "hank/food-lora-colab",
+    ]
     # Vetting downloaded JSON only: no weights are in the cache.
     from huggingface_hub import constants, scan_cache_dir
 
@@ -562,18 +645,64 @@ def test_cli_zoo_from_the_hub_then_invert_meta_train_and_export(hub_with_loras, 
     manifest = json.loads((zoo / "zoo.json").read_text())
     assert manifest["backbone"] == "google/tiny-vit"
     entries = {e["repo"]: e for e in manifest["loras"]}
-    assert set(entries) == {"alice/food-lora", "bob/tiny-vit-finetuned-lora-beans", "gina/tiny-vit-lora-huge-config",
-                            "hank/food-lora-colab"}
+    assert set(entries) == {
+        "alice/food-lora",
+        "bob/tiny-vit-finetuned-lora-beans",
+        "gina/tiny-vit-lora-huge-config",
+        "hank/food-lora-colab",
+    }
     assert entries["alice/food-lora"]["classes"] == ["salad", "soup", "cake"]
     assert entries["bob/tiny-vit-finetuned-lora-beans"]["classes"] == CLASSES  # the base's id2label
     assert all(len(e["revision"]) == 40 for e in entries.values())
     capsys.readouterr()
-    assert main(["invert", "--zoo", str(zoo), "--out", str(tmp_path / "pool"), "--per-class", "1", "--steps", "1",
-                 "--bn-prior", "none", "--device", "cpu", "--quiet"]) == 0  # on google/tiny-vit, from zoo.json
+    assert (
+        main(
+            [
+                "invert",
+                "--zoo",
+                str(zoo),
+                "--out",
+                str(tmp_path / "pool"),
+                "--per-class",
+                "1",
+                "--steps",
+                "1",
+                "--bn-prior",
+                "none",
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )  # on google/tiny-vit, from zoo.json
     assert len(Pool(tmp_path / "pool").runs) == 4
     run = tmp_path / "run"
-    assert main(["meta-train", "--zoo", str(zoo), "--out", str(run), "--steps", "1", "--way", "2", "--shot", "1",
-                 "--query", "1", "--invert-steps", "1", "--device", "cpu", "--quiet"]) == 0  # on zoo.json's backbone
+    assert (
+        main(
+            [
+                "meta-train",
+                "--zoo",
+                str(zoo),
+                "--out",
+                str(run),
+                "--steps",
+                "1",
+                "--way",
+                "2",
+                "--shot",
+                "1",
+                "--query",
+                "1",
+                "--invert-steps",
+                "1",
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )  # on zoo.json's backbone
     assert main(["export", "--lora", str(run / "meta-lora"), "--out", str(tmp_path / "meta-peft")]) == 0
     exported = json.loads((tmp_path / "meta-peft" / "adapter_config.json").read_text())
     assert exported["base_model_name_or_path"] == "google/tiny-vit" and exported["modules_to_save"] is None
@@ -591,8 +720,12 @@ def test_app_lists_the_hubs_loras_for_the_backbone_and_loads_one(hub_with_loras,
         note, picker = client.predict(backbone="hf-hub:google/tiny-vit", text="", api_name="/hub_loras")
         note = plain(note)
         assert "4 LoRAs for google/tiny-vit" in note and "salad, soup, cake" in note
-        assert [c[1] for c in picker["choices"]] == ["alice/food-lora", "bob/tiny-vit-finetuned-lora-beans",
-                                                     "gina/tiny-vit-lora-huge-config", "hank/food-lora-colab"]
+        assert [c[1] for c in picker["choices"]] == [
+            "alice/food-lora",
+            "bob/tiny-vit-finetuned-lora-beans",
+            "gina/tiny-vit-lora-huge-config",
+            "hank/food-lora-colab",
+        ]
         note, picker = client.predict(backbone="hf-hub:google/tiny-vit", text="BEANS", api_name="/hub_loras")
         assert [c[1] for c in picker["choices"]] == ["bob/tiny-vit-finetuned-lora-beans"]
         card, classes = client.predict(hub_id="alice/food-lora", files=[], api_name="/load_lora")
@@ -608,11 +741,17 @@ def test_app_lists_the_hubs_loras_for_the_backbone_and_loads_one(hub_with_loras,
         close(demo, client)
 
 
-@pytest.mark.parametrize("preprocessor, match", [
-    ({"image_mean": "grey"}, "image_mean must be 3 finite numbers"), ({"do_rescale": False}, "1/255"),
-    ({"rescale_factor": "x"}, "1/255"), ({"resample": "bilinear"}, "unknown resample"),
-    ({"image_std": [0, 1, 1]}, "image_std must be positive"), ({"size": {"height": 64, "width": 64}}, "resizes to"),
-])
+@pytest.mark.parametrize(
+    "preprocessor, match",
+    [
+        ({"image_mean": "grey"}, "image_mean must be 3 finite numbers"),
+        ({"do_rescale": False}, "1/255"),
+        ({"rescale_factor": "x"}, "1/255"),
+        ({"resample": "bilinear"}, "unknown resample"),
+        ({"image_std": [0, 1, 1]}, "image_std must be positive"),
+        ({"size": {"height": 64, "width": 64}}, "resizes to"),
+    ],
+)
 def test_unusable_preprocessor_configs_are_refused(hf_vit_dir, tmp_path, preprocessor, match):
     import shutil
 
@@ -653,8 +792,7 @@ def test_app_offers_to_switch_to_the_backbone_a_lora_was_made_for(hub_with_loras
         card = plain(card)
         assert ("in shape only" in card or "does not fit" in card) and "google/tiny-vit" in card
         assert client.predict(clip, api_name="/switch_backbone") == "google/tiny-vit"
-        card, _ = client.predict(backbone="google/tiny-vit", hub_id="alice/food-lora", files=[],
-                                 api_name="/load_lora")
+        card, _ = client.predict(backbone="google/tiny-vit", hub_id="alice/food-lora", files=[], api_name="/load_lora")
         assert "✅ Fits" in card
         assert client.predict("google/tiny-vit", api_name="/switch_backbone") == "google/tiny-vit"
     finally:
@@ -676,9 +814,18 @@ def test_app_offers_to_switch_to_the_backbone_a_lora_was_made_for(hub_with_loras
 def test_other_vit_configs_convert_exactly(tmp_path):
     """Widths timm's mlp_ratio cannot express as a round number, the tanh GELU, no q/k/v bias, timm's eps."""
     torch.manual_seed(4)
-    config = transformers.ViTConfig(image_size=24, patch_size=8, hidden_size=48, num_hidden_layers=1,
-                                    num_attention_heads=4, intermediate_size=100, hidden_act="gelu_new",
-                                    qkv_bias=False, layer_norm_eps=1e-6, num_labels=2)
+    config = transformers.ViTConfig(
+        image_size=24,
+        patch_size=8,
+        hidden_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=100,
+        hidden_act="gelu_new",
+        qkv_bias=False,
+        layer_norm_eps=1e-6,
+        num_labels=2,
+    )
     reference = transformers.ViTForImageClassification(config).eval()
     reference.save_pretrained(tmp_path)
     backbone = load_backbone(str(tmp_path), device="cpu")
@@ -695,8 +842,14 @@ def test_other_vit_configs_convert_exactly(tmp_path):
 def test_some_layers_and_unequal_q_v_ranks(hf_vit_dir, tmp_path):
     """layers_to_transform adapts block 1 only; a rank_pattern gives v another rank than q (fused into one qkv LoRA)."""
     value = _leaf("value", LAYOUT)
-    lora = dict(r=2, lora_alpha=4, target_modules=[_leaf("query", LAYOUT), value], layers_to_transform=[1],
-                rank_pattern={value: 3}, modules_to_save=["classifier"])
+    lora = dict(
+        r=2,
+        lora_alpha=4,
+        target_modules=[_leaf("query", LAYOUT), value],
+        layers_to_transform=[1],
+        rank_pattern={value: 3},
+        modules_to_save=["classifier"],
+    )
     model = _peft_model(hf_vit_dir, 6, **lora)
     model.save_pretrained(tmp_path / "a")
     backbone = load_backbone(str(hf_vit_dir), device="cpu")
@@ -727,8 +880,9 @@ def test_deit_backbones_adapters_and_export(tmp_path):
         for p in base.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     base.save_pretrained(tmp_path / "deit")
-    transformers.DeiTImageProcessor(size={"height": 40, "width": 40},
-                                    crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "deit")
+    transformers.DeiTImageProcessor(
+        size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(tmp_path / "deit")
     backbone = load_backbone(str(tmp_path / "deit"), device="cpu")
     x = _inputs()
     with torch.no_grad():
@@ -736,9 +890,15 @@ def test_deit_backbones_adapters_and_export(tmp_path):
     assert backbone.input_size == (3, 32, 32) and backbone.model.num_prefix_tokens == 2
 
     torch.manual_seed(9)
-    model = peft.get_peft_model(transformers.DeiTForImageClassification.from_pretrained(tmp_path / "deit"),
-                                peft.LoraConfig(r=2, lora_alpha=4, modules_to_save=["classifier"],
-                                                target_modules=[_leaf("query", LAYOUT), _leaf("value", LAYOUT)]))
+    model = peft.get_peft_model(
+        transformers.DeiTForImageClassification.from_pretrained(tmp_path / "deit"),
+        peft.LoraConfig(
+            r=2,
+            lora_alpha=4,
+            modules_to_save=["classifier"],
+            target_modules=[_leaf("query", LAYOUT), _leaf("value", LAYOUT)],
+        ),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
@@ -748,9 +908,22 @@ def test_deit_backbones_adapters_and_export(tmp_path):
     adapter = load_lora(tmp_path / "lora", backbone)
     assert adapter.class_names == CLASSES
     assert (_recycle_logits(backbone, adapter, x) - expected).abs().max() < 1e-4
-    assert main(["export", "--lora", str(tmp_path / "lora"), "--backbone", str(tmp_path / "deit"), "--out",
-                 str(tmp_path / "out")]) == 0
-    again = peft.PeftModel.from_pretrained(transformers.DeiTForImageClassification.from_pretrained(tmp_path / "deit"),
-                                           tmp_path / "out").eval()
+    assert (
+        main(
+            [
+                "export",
+                "--lora",
+                str(tmp_path / "lora"),
+                "--backbone",
+                str(tmp_path / "deit"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
+    again = peft.PeftModel.from_pretrained(
+        transformers.DeiTForImageClassification.from_pretrained(tmp_path / "deit"), tmp_path / "out"
+    ).eval()
     with torch.no_grad():
         assert (again(pixel_values=x).logits - expected).abs().max() < 1e-4

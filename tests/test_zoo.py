@@ -1,4 +1,5 @@
 """Hostile zoo manifests (zoo.json) and zoo folders: one validation, errors that name the file and the entry."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ def zoo(tiny_clip, tmp_path):
     for k in range(2):
         save_adapter(train_tiny_lora(tiny_clip, *colour_task(2, 2), steps=1, seed=k), root / f"lora_{k:03d}")
     save_adapter(train_tiny_lora(tiny_clip, *colour_task(2, 2), steps=1, seed=5), tmp_path / "other")
-    (root / "zoo.json").write_text(json.dumps({"format": "recycle-zoo", "loras": [{"name": "lora_000"},
-                                                                                  {"name": "lora_001"}]}))
+    (root / "zoo.json").write_text(
+        json.dumps({"format": "recycle-zoo", "loras": [{"name": "lora_000"}, {"name": "lora_001"}]})
+    )
     return root
 
 
@@ -41,8 +43,10 @@ MANIFESTS = {
     "parent path": ('{"loras": [{"name": "../other"}]}', r"its name '\.\./other' is a path"),
     "absolute path": ('{"loras": [{"name": "/etc"}]}', r"its name '/etc' is a path"),
     "dot-dot": ('{"loras": [{"name": ".."}]}', r"its name '\.\.' is not a folder name"),
-    "duplicate name": ('{"loras": [{"name": "lora_000"}, {"name": "lora_000"}]}',
-                       r"entries 1 and 2 of 'loras' are both named 'lora_000'"),
+    "duplicate name": (
+        '{"loras": [{"name": "lora_000"}, {"name": "lora_000"}]}',
+        r"entries 1 and 2 of 'loras' are both named 'lora_000'",
+    ),
     "missing folder": ('{"loras": [{"name": "lora_009"}]}', r"lists LoRA 'lora_009', but the zoo has no folder"),
     "config as text": ('{"config": "x", "loras": []}', r"zoo\.json: 'config' must be an object"),
     "not UTF-8": (b'{"loras": [{"name": "\xff"}]}', r"zoo\.json is not valid JSON"),
@@ -73,8 +77,26 @@ def test_a_bad_lora_is_named(zoo):
 
 def test_the_cli_reports_hostile_zoos_in_one_line(zoo, tiny_clip_dir, tmp_path, capsys):
     (zoo / "zoo.json").write_text('{"loras": "abc"}')
-    code = main(["invert", "--backbone", str(tiny_clip_dir), "--zoo", str(zoo), "--out", str(tmp_path / "pool"),
-                 "--per-class", "1", "--steps", "1", "--bn-prior", "none", "--device", "cpu", "--quiet"])
+    code = main(
+        [
+            "invert",
+            "--backbone",
+            str(tiny_clip_dir),
+            "--zoo",
+            str(zoo),
+            "--out",
+            str(tmp_path / "pool"),
+            "--per-class",
+            "1",
+            "--steps",
+            "1",
+            "--bn-prior",
+            "none",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert re.search(r"^error: .*zoo\.json: 'loras' must be a list", err, re.M), err
@@ -97,8 +119,21 @@ def test_names_that_collide_as_folder_names_are_refused_before_inverting(zoo, ti
 
 def test_duplicates_never_count_twice_in_the_average(zoo, tiny_clip_dir, tmp_path, capsys):
     (zoo / "zoo.json").write_text(json.dumps({"loras": [{"name": "lora_000"}, {"name": "lora_000"}]}))
-    code = main(["eval", "--backbone", str(tiny_clip_dir), "--zoo", str(zoo), "--data", str(tmp_path / "nowhere"),
-                 "--device", "cpu", "--episodes", "1"])
+    code = main(
+        [
+            "eval",
+            "--backbone",
+            str(tiny_clip_dir),
+            "--zoo",
+            str(zoo),
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--device",
+            "cpu",
+            "--episodes",
+            "1",
+        ]
+    )
     assert code == 1 and "both named 'lora_000'" in capsys.readouterr().err
 
 

@@ -11,6 +11,7 @@
 Refused with a reason: pickles, non-LoRA PEFT types, DoRA and bias variants, shapes that do not fit the backbone,
 and non-finite values.
 """
+
 from ..adapter import LoRAAdapter, LoRAFormatError
 from .load import load_lora, read_adapter, stage_lora_files
 from .peft_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -18,6 +19,16 @@ from .peft_timm import save_adapter
 from .peft_transformers import is_transformers_adapter, save_transformers_peft
 from .safety import PICKLE_SUFFIXES
 
-__all__ = ["LoRAAdapter", "LoRAFormatError", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PICKLE_SUFFIXES",
-           "save_adapter", "read_adapter", "load_lora", "stage_lora_files", "save_transformers_peft",
-           "is_transformers_adapter"]
+__all__ = [
+    "LoRAAdapter",
+    "LoRAFormatError",
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "PICKLE_SUFFIXES",
+    "save_adapter",
+    "read_adapter",
+    "load_lora",
+    "stage_lora_files",
+    "save_transformers_peft",
+    "is_transformers_adapter",
+]

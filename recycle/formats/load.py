@@ -1,5 +1,6 @@
 """Reading a LoRA in any supported format from a folder, a file or the Hub: the format is told from the files
 (`read_adapter`), after the checks in `recycle.formats.safety`."""
+
 from __future__ import annotations
 
 import shutil
@@ -58,8 +59,7 @@ def read_adapter(path: Union[str, Path], backbone=None, name: Optional[str] = No
     if is_official(tensors):
         return from_official(tensors, label, backbone)
     if cfg is None:
-        raise LoRAFormatError(f"{label}: a PEFT LoRA needs its {ADAPTER_CONFIG} next to it (put both in one "
-                              "folder)")
+        raise LoRAFormatError(f"{label}: a PEFT LoRA needs its {ADAPTER_CONFIG} next to it (put both in one folder)")
     if is_transformers_adapter(tensors):  # made on a transformers ViT or CLIP: mapped onto the timm ViT
         adapter = from_transformers_peft(cfg, tensors, label, path if path.is_dir() else None, backbone)
     else:
@@ -108,12 +108,17 @@ def load_lora(source: Union[str, Path], backbone=None, hub_only: bool = False) -
             return read_adapter(local, backbone)
     source = str(source).strip()
     if not is_repo_id(source):
-        raise HubError(f"'{source}' is not a Hub id of the form ORG/NAME" if hub_only else
-                       f"'{source}' is neither an existing local path nor a Hub id of the form ORG/NAME")
+        raise HubError(
+            f"'{source}' is not a Hub id of the form ORG/NAME"
+            if hub_only
+            else f"'{source}' is neither an existing local path nor a Hub id of the form ORG/NAME"
+        )
     folder = download_repo_files(source, ["*.json", "*.safetensors", "*.md"])
     if not any(folder.glob("*.safetensors")):
-        raise LoRAFormatError(f"Hub repository '{source}' has no .safetensors LoRA weights (pickled .bin/.pt "
-                              "weights are never downloaded or loaded)")
+        raise LoRAFormatError(
+            f"Hub repository '{source}' has no .safetensors LoRA weights (pickled .bin/.pt "
+            "weights are never downloaded or loaded)"
+        )
     return read_adapter(folder, backbone, source)
 
 
@@ -126,23 +131,29 @@ def stage_lora_files(files: Sequence[Union[str, Path]], folder: Path, max_files:
     """
     paths = [Path(f) for f in files]
     if len(paths) > max_files:
-        raise LoRAFormatError(f"{len(paths)} files uploaded; a LoRA is at most adapter_config.json plus "
-                              "adapter_model.safetensors")
+        raise LoRAFormatError(
+            f"{len(paths)} files uploaded; a LoRA is at most adapter_config.json plus adapter_model.safetensors"
+        )
     pickles = [p.name for p in paths if p.suffix.lower() in PICKLE_SUFFIXES]
     if pickles:
-        raise LoRAFormatError(f"{', '.join(pickles)}: pickled weights are never loaded, because unpickling can run "
-                              "arbitrary code. Upload a .safetensors file.")
+        raise LoRAFormatError(
+            f"{', '.join(pickles)}: pickled weights are never loaded, because unpickling can run "
+            "arbitrary code. Upload a .safetensors file."
+        )
     weights = [p for p in paths if p.suffix.lower() == ".safetensors"]
     configs = [p for p in paths if p.suffix.lower() == ".json"]
     other = [p.name for p in paths if p not in weights and p not in configs]
     if other:
-        raise LoRAFormatError(f"{', '.join(other)}: not a LoRA file; upload adapter_config.json and "
-                              "adapter_model.safetensors, or one official .safetensors file")
+        raise LoRAFormatError(
+            f"{', '.join(other)}: not a LoRA file; upload adapter_config.json and "
+            "adapter_model.safetensors, or one official .safetensors file"
+        )
     if not weights:
         raise LoRAFormatError("no weights uploaded: add adapter_model.safetensors (or an official .safetensors file)")
     if len(weights) > 1 or len(configs) > 1:
-        raise LoRAFormatError(f"upload one LoRA at a time: got {len(weights)} .safetensors and {len(configs)} .json "
-                              "files")
+        raise LoRAFormatError(
+            f"upload one LoRA at a time: got {len(weights)} .safetensors and {len(configs)} .json files"
+        )
     if not configs:
         return weights[0]
     shutil.copyfile(configs[0], folder / ADAPTER_CONFIG)

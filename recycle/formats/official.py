@@ -1,5 +1,6 @@
 """The official LoRA Recycle files: ``w_a_XXX``/``w_b_XXX`` q/v LoRAs on HF CLIP plus ``fc_{in}in_{out}out``, a head
 on CLIP's projected embedding, composed here with the projection into one Linear on the pre-logits feature."""
+
 from __future__ import annotations
 
 import re
@@ -41,17 +42,27 @@ def from_official(tensors: dict[str, torch.Tensor], name: str, backbone) -> LoRA
     head_w = head_b = None
     if head_keys:
         if backbone is None:
-            raise LoRAFormatError(f"{name}: an official LoRA Recycle head sits on CLIP's projection; pass the "
-                                  "backbone so it can be mapped onto the pre-logits feature")
+            raise LoRAFormatError(
+                f"{name}: an official LoRA Recycle head sits on CLIP's projection; pass the "
+                "backbone so it can be mapped onto the pre-logits feature"
+            )
         if backbone.embedding != "projection":
             raise LoRAFormatError(f"{name}: official LoRA Recycle files are for CLIP backbones, not '{backbone.name}'")
         fc = tensors[head_keys[0]].float()
         proj = backbone.model.head
         if fc.ndim != 2 or fc.shape[1] != proj.out_features:
-            raise LoRAFormatError(f"{name}: the head has shape {list(fc.shape)}, taking {fc.shape[-1]} features, but "
-                                  f"'{backbone.name}' projects to {proj.out_features}")
+            raise LoRAFormatError(
+                f"{name}: the head has shape {list(fc.shape)}, taking {fc.shape[-1]} features, but "
+                f"'{backbone.name}' projects to {proj.out_features}"
+            )
         with torch.no_grad():  # fc(proj(x)) = (fc W_p) x + fc b_p; the official head has no bias
             head_w = fc @ proj.weight.detach().cpu().float()
             head_b = fc @ proj.bias.detach().cpu().float() if proj.bias is not None else torch.zeros(fc.shape[0])
-    return LoRAAdapter(config, state, backbone=getattr(backbone, "name", None), head_weight=head_w,
-                       head_bias=head_b, info={"source": "official LoRA Recycle file", "file": name})
+    return LoRAAdapter(
+        config,
+        state,
+        backbone=getattr(backbone, "name", None),
+        head_weight=head_w,
+        head_bias=head_b,
+        info={"source": "official LoRA Recycle file", "file": name},
+    )

@@ -1,5 +1,6 @@
 """PEFT's ``adapter_config.json``, read defensively: the file names, the refusals (non-LoRA types, DoRA, biases) and
 the scale settings (``r``, ``lora_alpha``, rsLoRA, ``rank_pattern`` and ``alpha_pattern``) every PEFT reader uses."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,16 @@ from typing import Union
 from ..adapter import LoRAFormatError
 from ..io import loads_strict, shown
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ModulePattern", "check_peft_config", "low_rank_pair", "pattern_value",
-           "peft_scale_settings", "read_peft_config"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "ModulePattern",
+    "check_peft_config",
+    "low_rank_pair",
+    "pattern_value",
+    "peft_scale_settings",
+    "read_peft_config",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -57,7 +66,8 @@ class ModulePattern:
             raise LoRAFormatError(
                 f"{name}: {field} key {shown(key)} is not supported: keys must be module paths such as "
                 "'blocks.0.attn.qkv' or 'fc2' (word characters and dots, optionally escaped as '\\.' and anchored "
-                f"with '^' or '$', at most {_MAX_PATTERN_KEY} characters); other regular expressions are refused")
+                f"with '^' or '$', at most {_MAX_PATTERN_KEY} characters); other regular expressions are refused"
+            )
         body = key[1:] if key.startswith("^") else key
         body = body[:-1] if body.endswith("$") else body
         chars, i = [], 0
@@ -90,12 +100,15 @@ def _number(value: object, field: str, name: str, integer: bool = False) -> Unio
 def _patterns(cfg: dict, field: str, name: str, integer: bool) -> list[tuple[ModulePattern, Union[int, float]]]:
     patterns = cfg.get(field) or {}
     if not isinstance(patterns, dict):
-        raise LoRAFormatError(f"{name}: {field} must be an object mapping module names to values, got "
-                              f"{shown(patterns)}")
+        raise LoRAFormatError(
+            f"{name}: {field} must be an object mapping module names to values, got {shown(patterns)}"
+        )
     if len(patterns) > _MAX_PATTERNS:
         raise LoRAFormatError(f"{name}: {field} has {len(patterns)} keys; at most {_MAX_PATTERNS}")
-    return [(ModulePattern.parse(k, field, name), _number(v, f"{field}[{shown(k)}]", name, integer))
-            for k, v in patterns.items()]
+    return [
+        (ModulePattern.parse(k, field, name), _number(v, f"{field}[{shown(k)}]", name, integer))
+        for k, v in patterns.items()
+    ]
 
 
 def peft_scale_settings(cfg: dict, name: str) -> tuple[bool, int, float, list, list, float]:
@@ -127,10 +140,16 @@ def check_peft_config(cfg: dict, name: str) -> None:
     """Refuse what LoRA Recycle cannot use: non-LoRA PEFT types, DoRA and the other variants, trained biases."""
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise LoRAFormatError(f"{name}: this is a PEFT '{cfg.get('peft_type')}' adapter, not LoRA; only LoRA "
-                              "adapters can be recycled")
-    refusals = {"use_dora": "DoRA", "lora_bias": "LoRA bias terms", "layer_replication": "layer replication",
-                "target_parameters": "parameter targets", "use_qalora": "QALoRA"}
+        raise LoRAFormatError(
+            f"{name}: this is a PEFT '{cfg.get('peft_type')}' adapter, not LoRA; only LoRA adapters can be recycled"
+        )
+    refusals = {
+        "use_dora": "DoRA",
+        "lora_bias": "LoRA bias terms",
+        "layer_replication": "layer replication",
+        "target_parameters": "parameter targets",
+        "use_qalora": "QALoRA",
+    }
     for key, what in refusals.items():
         if cfg.get(key):
             raise LoRAFormatError(f"{name}: the adapter uses {what} ('{key}'), which LoRA Recycle does not support")
@@ -149,6 +168,7 @@ def low_rank_pair(pair: dict, module: str, name: str) -> tuple:
         raise LoRAFormatError(f"{name}: {module} has {sorted(pair)} but needs both lora_A and lora_B")
     a, b = pair["lora_A"], pair["lora_B"]
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or not a.numel() or not b.numel():
-        raise LoRAFormatError(f"{name}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, which do "
-                              "not form a low-rank pair")
+        raise LoRAFormatError(
+            f"{name}: {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, which do not form a low-rank pair"
+        )
     return a, b

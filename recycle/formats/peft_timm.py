@@ -10,6 +10,7 @@ A q/v LoRA of rank r is stored fused on timm's ``qkv``: ``lora_A = cat(A_q, A_v)
 diagonal ``(3D, 2r)`` with zero k rows; ``lora_alpha = 2r·s`` keeps PEFT's scaling ``alpha / r`` equal to ``s``.
 Also read: PEFT adapters saved by others for timm ViTs (raw keys, or transformers' ``timm_model.`` wrapper prefix).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,14 @@ from safetensors.torch import save as safetensors_bytes
 from ..adapter import LoRAAdapter, LoRAFormatError, module_groups, module_scaling
 from ..io import atomic_write_bytes, dumps_strict, shown
 from ..lora import TARGETS, LoRAConfig
-from .peft_config import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_peft_config, low_rank_pair, pattern_value,
-                          peft_scale_settings)
+from .peft_config import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    check_peft_config,
+    low_rank_pair,
+    pattern_value,
+    peft_scale_settings,
+)
 
 __all__ = ["FORMAT_VERSION", "save_adapter", "from_peft"]
 
@@ -49,15 +56,16 @@ def save_adapter(adapter: LoRAAdapter, directory: Union[str, Path]) -> Path:
             d = group["lora_B"]["q"].shape[0]
             b = a.new_zeros(3 * d, 2 * rank)
             b[:d, :rank] = group["lora_B"]["q"]
-            b[2 * d:, rank:] = group["lora_B"]["v"]
+            b[2 * d :, rank:] = group["lora_B"]["v"]
         scaling = module_scaling(adapter.config, path, rank)
         tensors[f"base_model.model.{path}.lora_A.weight"] = a.contiguous()
         tensors[f"base_model.model.{path}.lora_B.weight"] = b.contiguous()
         per_module[path] = (a.shape[0], scaling * a.shape[0])
     if adapter.head_weight is not None:
         tensors["base_model.model.head.weight"] = adapter.head_weight.contiguous()
-        tensors["base_model.model.head.bias"] = (adapter.head_bias if adapter.head_bias is not None
-                                                 else torch.zeros(adapter.num_classes)).contiguous()
+        tensors["base_model.model.head.bias"] = (
+            adapter.head_bias if adapter.head_bias is not None else torch.zeros(adapter.num_classes)
+        ).contiguous()
     (r, alpha), _ = Counter(per_module.values()).most_common(1)[0]
     # Keys are plain module names, which every PEFT reads: 0.13 falls back to looking the module's full name up
     # verbatim, later versions match each key as a regex at the end of the name ('.' matches itself). Escaped keys
@@ -68,19 +76,38 @@ def save_adapter(adapter: LoRAAdapter, directory: Union[str, Path]) -> Path:
     suffixes = sorted({p.split(".", 2)[2] for p in per_module})
     target_regex = rf"blocks\.({'|'.join(map(str, blocks))})\.({'|'.join(re.escape(s) for s in suffixes)})"
     peft_config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": adapter.backbone,
-        "auto_mapping": {"base_model_class": "VisionTransformer",
-                         "parent_library": "timm.models.vision_transformer"},
-        "r": int(r), "lora_alpha": float(alpha), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "target_modules": target_regex, "modules_to_save": ["head"] if adapter.head_weight is not None else None,
-        "lora_dropout": adapter.config.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "use_dora": False, "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": adapter.backbone,
+        "auto_mapping": {"base_model_class": "VisionTransformer", "parent_library": "timm.models.vision_transformer"},
+        "r": int(r),
+        "lora_alpha": float(alpha),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "target_modules": target_regex,
+        "modules_to_save": ["head"] if adapter.head_weight is not None else None,
+        "lora_dropout": adapter.config.dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
         "layers_pattern": None,
     }
-    meta = {"version": FORMAT_VERSION, "config": adapter.config.to_dict(), "backbone": adapter.backbone,
-            "class_names": adapter.class_names, "head_input": "pre_logits", "info": adapter.info}
-    weights = safetensors_bytes({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()},
-                         metadata={"format": "pt", "recycle": dumps_strict(meta)})
+    meta = {
+        "version": FORMAT_VERSION,
+        "config": adapter.config.to_dict(),
+        "backbone": adapter.backbone,
+        "class_names": adapter.class_names,
+        "head_input": "pre_logits",
+        "info": adapter.info,
+    }
+    weights = safetensors_bytes(
+        {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()},
+        metadata={"format": "pt", "recycle": dumps_strict(meta)},
+    )
     atomic_write_bytes(directory / ADAPTER_WEIGHTS, weights)
     atomic_write_bytes(directory / ADAPTER_CONFIG, dumps_strict(peft_config, indent=2, sort_keys=True).encode())
     return directory
@@ -89,7 +116,7 @@ def save_adapter(adapter: LoRAAdapter, directory: Union[str, Path]) -> Path:
 def _strip_prefix(key: str) -> str:
     for prefix in _PEFT_PREFIXES:
         if key.startswith(prefix):
-            return key[len(prefix):]
+            return key[len(prefix) :]
     return key
 
 
@@ -109,8 +136,10 @@ def from_peft(cfg: dict, tensors: dict[str, torch.Tensor], meta: dict, name: str
         elif k in ("head.weight", "head.bias", "head.fc.weight", "head.fc.bias"):
             head[k.rsplit(".", 1)[1]] = t
         else:
-            raise LoRAFormatError(f"{name}: unsupported tensor {shown(key, 100)} (only LoRA pairs on ViT blocks "
-                                  "(block indices below 10000) and a head are supported)")
+            raise LoRAFormatError(
+                f"{name}: unsupported tensor {shown(key, 100)} (only LoRA pairs on ViT blocks "
+                "(block indices below 10000) and a head are supported)"
+            )
     if not pairs:
         raise LoRAFormatError(f"{name}: the file holds no LoRA weights")
     use_rslora, r_default, alpha_default, rank_patterns, alpha_patterns, dropout = peft_scale_settings(cfg, name)
@@ -135,11 +164,11 @@ def from_peft(cfg: dict, tensors: dict[str, torch.Tensor], meta: dict, name: str
                 raise LoRAFormatError(f"{name}: {path} is marked q/v but has odd rank {file_rank}")
             r = file_rank // 2
             d = b.shape[0] // 3
-            off = torch.cat([b[d:2 * d].flatten(), b[:d, r:].flatten(), b[2 * d:, :r].flatten()])
+            off = torch.cat([b[d : 2 * d].flatten(), b[:d, r:].flatten(), b[2 * d :, :r].flatten()])
             if b.shape[0] % 3 or off.abs().max() > 0:
                 raise LoRAFormatError(f"{name}: {path} is marked q/v but lora_B is not block diagonal with zero k rows")
             state[f"{path}.lora_A.q"], state[f"{path}.lora_A.v"] = a[:r], a[r:]
-            state[f"{path}.lora_B.q"], state[f"{path}.lora_B.v"] = b[:d, :r], b[2 * d:, r:]
+            state[f"{path}.lora_B.q"], state[f"{path}.lora_B.v"] = b[:d, :r], b[2 * d :, r:]
             target, rank = "qv", r
         else:
             state[f"{path}.lora_A.all"], state[f"{path}.lora_B.all"] = a, b
@@ -158,16 +187,31 @@ def from_peft(cfg: dict, tensors: dict[str, torch.Tensor], meta: dict, name: str
             override = config.extra.get(path) if isinstance(config.extra, dict) else None
             declared = override.get("rank", config.rank) if isinstance(override, dict) else config.rank
             if declared != tensor_rank:
-                raise LoRAFormatError(f"{name}: the file's metadata says rank {shown(declared)} for {path}, but its "
-                                      f"tensors have rank {tensor_rank}; the file is inconsistent, so it is refused")
+                raise LoRAFormatError(
+                    f"{name}: the file's metadata says rank {shown(declared)} for {path}, but its "
+                    f"tensors have rank {tensor_rank}; the file is inconsistent, so it is refused"
+                )
     else:
-        config = LoRAConfig(targets=tuple(sorted(targets)), rank=rank, alpha=None if alpha == rank else alpha,
-                            dropout=float(dropout), blocks=tuple(blocks), extra=extra)
+        config = LoRAConfig(
+            targets=tuple(sorted(targets)),
+            rank=rank,
+            alpha=None if alpha == rank else alpha,
+            dropout=float(dropout),
+            blocks=tuple(blocks),
+            extra=extra,
+        )
     backbone = meta.get("backbone") or cfg.get("base_model_name_or_path")
     if backbone is not None and not isinstance(backbone, str):
         raise LoRAFormatError(f"{name}: the backbone name must be a string, got {shown(backbone)}")
     info = meta.get("info") or {}
     if not isinstance(info, dict):
         raise LoRAFormatError(f"{name}: the metadata's 'info' must be an object, got {shown(info)}")
-    return LoRAAdapter(config, state, backbone=backbone, head_weight=head.get("weight"), head_bias=head.get("bias"),
-                       class_names=meta.get("class_names"), info=dict(info))
+    return LoRAAdapter(
+        config,
+        state,
+        backbone=backbone,
+        head_weight=head.get("weight"),
+        head_bias=head.get("bias"),
+        class_names=meta.get("class_names"),
+        info=dict(info),
+    )

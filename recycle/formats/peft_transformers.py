@@ -19,6 +19,7 @@ after ``rank_pattern`` and ``alpha_pattern``, is kept; the per-module overrides 
 Write (`save_transformers_peft`): the inverse for a ViT, in either name layout, loadable by
 ``PeftModel.from_pretrained`` on ``ViTForImageClassification`` (a LoRA with a head) or ``ViTModel`` (without).
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,14 @@ from ..adapter import LoRAAdapter, LoRAFormatError, module_groups, module_scalin
 from ..io import atomic_write_bytes, dumps_strict, shown
 from ..lora import LoRAConfig
 from ..provenance import EQUIVALENT
-from .peft_config import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_peft_config, low_rank_pair, pattern_value,
-                          peft_scale_settings)
+from .peft_config import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    check_peft_config,
+    low_rank_pair,
+    pattern_value,
+    peft_scale_settings,
+)
 
 __all__ = ["is_transformers_adapter", "from_transformers_peft", "save_transformers_peft", "CLIP_BASES", "LAYOUTS"]
 
@@ -48,33 +55,71 @@ LAYOUTS = ("new", "old")
 
 # Module name (after "base_model.model.") -> (family, block, part). Parts: q, k, v, proj, fc1, fc2.
 _PATTERNS = [
-    ("old", re.compile(r"(?:vit\.|deit\.)?encoder\.layer\.(\d{1,4})\.(attention\.attention\.(?:query|key|value)"
-                       r"|attention\.output\.dense|intermediate\.dense|output\.dense)")),
+    (
+        "old",
+        re.compile(
+            r"(?:vit\.|deit\.)?encoder\.layer\.(\d{1,4})\.(attention\.attention\.(?:query|key|value)"
+            r"|attention\.output\.dense|intermediate\.dense|output\.dense)"
+        ),
+    ),
     ("new", re.compile(r"(?:vit\.|deit\.)?layers\.(\d{1,4})\.(attention\.[qkvo]_proj|mlp\.fc[12])")),
-    ("clip", re.compile(r"(?:(?:model\.)?vision_model\.)?encoder\.layers\.(\d{1,4})\.(self_attn\.(?:[qkv]|out)_proj"
-                        r"|mlp\.fc[12])")),
+    (
+        "clip",
+        re.compile(
+            r"(?:(?:model\.)?vision_model\.)?encoder\.layers\.(\d{1,4})\.(self_attn\.(?:[qkv]|out)_proj"
+            r"|mlp\.fc[12])"
+        ),
+    ),
 ]
 _PARTS = {
-    "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
-    "attention.output.dense": "proj", "intermediate.dense": "fc1", "output.dense": "fc2",
-    "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v", "attention.o_proj": "proj",
-    "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.out_proj": "proj",
-    "mlp.fc1": "fc1", "mlp.fc2": "fc2",
+    "attention.attention.query": "q",
+    "attention.attention.key": "k",
+    "attention.attention.value": "v",
+    "attention.output.dense": "proj",
+    "intermediate.dense": "fc1",
+    "output.dense": "fc2",
+    "attention.q_proj": "q",
+    "attention.k_proj": "k",
+    "attention.v_proj": "v",
+    "attention.o_proj": "proj",
+    "self_attn.q_proj": "q",
+    "self_attn.k_proj": "k",
+    "self_attn.v_proj": "v",
+    "self_attn.out_proj": "proj",
+    "mlp.fc1": "fc1",
+    "mlp.fc2": "fc2",
 }
 _TIMM_PATH = {"proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 # The names `save_transformers_peft` writes, per layout.
 _WRITE_NAMES = {
-    "old": ("encoder.layer.{i}.", {"q": "attention.attention.query", "k": "attention.attention.key",
-                                             "v": "attention.attention.value", "proj": "attention.output.dense",
-                                             "fc1": "intermediate.dense", "fc2": "output.dense"}),
-    "new": ("layers.{i}.", {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
-                                      "proj": "attention.o_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}),
+    "old": (
+        "encoder.layer.{i}.",
+        {
+            "q": "attention.attention.query",
+            "k": "attention.attention.key",
+            "v": "attention.attention.value",
+            "proj": "attention.output.dense",
+            "fc1": "intermediate.dense",
+            "fc2": "output.dense",
+        },
+    ),
+    "new": (
+        "layers.{i}.",
+        {
+            "q": "attention.q_proj",
+            "k": "attention.k_proj",
+            "v": "attention.v_proj",
+            "proj": "attention.o_proj",
+            "fc1": "mlp.fc1",
+            "fc2": "mlp.fc2",
+        },
+    ),
 }
 
 
 def _module_key(key: str) -> str:
     """A PEFT tensor key without PEFT's prefix and adapter name: the module path in the transformers model."""
-    key = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    key = key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
     return key.replace(".modules_to_save.default.", ".").replace(".default.", ".").replace(".modules_to_save.", ".")
 
 
@@ -116,8 +161,9 @@ def _class_names(folder: Optional[Path], backbone, n: int, name: str, base: Opti
     return list(names) if isinstance(names, (list, tuple)) and len(names) == n else None
 
 
-def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: str, folder: Optional[Path] = None,
-                           backbone=None) -> LoRAAdapter:
+def from_transformers_peft(
+    cfg: dict, tensors: dict[str, torch.Tensor], name: str, folder: Optional[Path] = None, backbone=None
+) -> LoRAAdapter:
     """A PEFT LoRA on a transformers ViT or CLIP vision tower -> `LoRAAdapter` on the equivalent timm ViT.
 
     Args:
@@ -144,15 +190,19 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
         elif module in ("classifier.weight", "classifier.bias"):
             head[module.split(".")[1]] = t
         else:
-            raise LoRAFormatError(f"{name}: unsupported tensor {shown(key, 100)} (a transformers ViT adapter may "
-                                  "hold LoRA pairs on the attention and MLP layers and the classifier)")
+            raise LoRAFormatError(
+                f"{name}: unsupported tensor {shown(key, 100)} (a transformers ViT adapter may "
+                "hold LoRA pairs on the attention and MLP layers and the classifier)"
+            )
     families = {_match(p)[0] for p in pairs}
     if len(families) != 1:
         raise LoRAFormatError(f"{name}: the adapter mixes module names of {sorted(families)}")
     family = families.pop()
     if family == "clip" and head:
-        raise LoRAFormatError(f"{name}: a classifier on a CLIP adapter (CLIPForImageClassification pools the patch "
-                              "tokens) is not supported; CLIP LoRAs are read without a head")
+        raise LoRAFormatError(
+            f"{name}: a classifier on a CLIP adapter (CLIPForImageClassification pools the patch "
+            "tokens) is not supported; CLIP LoRAs are read without a head"
+        )
     use_rslora, r_default, alpha_default, rank_patterns, alpha_patterns, dropout = peft_scale_settings(cfg, name)
 
     # block -> part -> (A, B, scale)
@@ -170,12 +220,15 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
         raise LoRAFormatError(f"{name}: the file holds no LoRA weights")
     part_sets = {frozenset(parts) for parts in blocks.values()}
     if len(part_sets) != 1:
-        raise LoRAFormatError(f"{name}: the adapted modules differ between blocks ({sorted(map(sorted, part_sets))});"
-                              " LoRA Recycle needs the same targets in every adapted block")
+        raise LoRAFormatError(
+            f"{name}: the adapted modules differ between blocks ({sorted(map(sorted, part_sets))});"
+            " LoRA Recycle needs the same targets in every adapted block"
+        )
     parts = part_sets.pop()
     attn = [p for p in ("q", "k", "v") if p in parts]
     as_qv = attn == ["q", "v"] and all(
-        bl["q"][0].shape[0] == bl["v"][0].shape[0] and bl["q"][2] == bl["v"][2] for bl in blocks.values())
+        bl["q"][0].shape[0] == bl["v"][0].shape[0] and bl["q"][2] == bl["v"][2] for bl in blocks.values()
+    )
 
     state: dict[str, torch.Tensor] = {}
     ranks: dict[str, tuple[int, float]] = {}  # timm path -> (rank, alpha)
@@ -198,7 +251,7 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
                 col = 0
                 for p in attn:
                     r, row = bl[p][0].shape[0], "qkv".index(p) * d
-                    b[row:row + d, col:col + r] = bl[p][1] * (bl[p][2] / scale)
+                    b[row : row + d, col : col + r] = bl[p][1] * (bl[p][2] / scale)
                     col += r
                 state[f"{path}.lora_A.all"], state[f"{path}.lora_B.all"] = a, b
                 rank = a.shape[0]
@@ -209,13 +262,20 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
                 a, b, scale = bl[p]
                 state[f"{path}.lora_A.all"], state[f"{path}.lora_B.all"] = a, b
                 ranks[path] = (a.shape[0], scale * a.shape[0])
-    targets = tuple(sorted((["qv"] if as_qv else ["qkv"] if attn else []) + [p for p in ("proj", "fc1", "fc2")
-                                                                             if p in parts]))
+    targets = tuple(
+        sorted((["qv"] if as_qv else ["qkv"] if attn else []) + [p for p in ("proj", "fc1", "fc2") if p in parts])
+    )
     (rank, alpha), _ = Counter(ranks.values()).most_common(1)[0]
     extra = {p: {"rank": r, "alpha": a} for p, (r, a) in ranks.items() if (r, a) != (rank, alpha)}
     try:
-        config = LoRAConfig(targets=targets, rank=rank, alpha=None if alpha == rank else alpha, dropout=float(dropout),
-                            blocks=tuple(sorted(blocks)), extra=extra)
+        config = LoRAConfig(
+            targets=targets,
+            rank=rank,
+            alpha=None if alpha == rank else alpha,
+            dropout=float(dropout),
+            blocks=tuple(sorted(blocks)),
+            extra=extra,
+        )
     except ValueError as e:
         raise LoRAFormatError(f"{name}: {e}") from None
 
@@ -226,16 +286,31 @@ def from_transformers_peft(cfg: dict, tensors: dict[str, torch.Tensor], name: st
     n = int(head["weight"].shape[0]) if "weight" in head and head["weight"].ndim == 2 else 0
     if head and "weight" not in head:
         raise LoRAFormatError(f"{name}: the classifier has a bias but no weight")
-    info = {"source": "PEFT adapter on transformers " + ("CLIP" if family == "clip" else "ViT"),
-            "layout": family, "base_model": base}
+    info = {
+        "source": "PEFT adapter on transformers " + ("CLIP" if family == "clip" else "ViT"),
+        "layout": family,
+        "base_model": base,
+    }
     _logger.info("read %s: %s layout, targets %s, %d blocks, %d classes", name, family, targets, len(blocks), n)
     names = _class_names(folder, backbone, n, name, base) if n else None
-    return LoRAAdapter(config, state, backbone=backbone_name, head_weight=head.get("weight"),
-                       head_bias=head.get("bias"), class_names=names, info=info)
+    return LoRAAdapter(
+        config,
+        state,
+        backbone=backbone_name,
+        head_weight=head.get("weight"),
+        head_bias=head.get("bias"),
+        class_names=names,
+        info=info,
+    )
 
 
-def save_transformers_peft(adapter: LoRAAdapter, directory: Union[str, Path], layout: str = "new",
-                           base_model: Optional[str] = None, model_type: str = "vit") -> Path:
+def save_transformers_peft(
+    adapter: LoRAAdapter,
+    directory: Union[str, Path],
+    layout: str = "new",
+    base_model: Optional[str] = None,
+    model_type: str = "vit",
+) -> Path:
     """Write `adapter` (made on a timm ViT converted from a transformers ViT) as a PEFT adapter of that transformers
     model, atomically file by file. Returns the directory.
 
@@ -276,7 +351,7 @@ def save_transformers_peft(adapter: LoRAAdapter, directory: Union[str, Path], la
                 a, b = group["lora_A"]["all"], group["lora_B"]["all"]
                 d = b.shape[0] // 3
                 for i, p in enumerate("qkv"):
-                    part = b[i * d:(i + 1) * d]
+                    part = b[i * d : (i + 1) * d]
                     if part.abs().max() > 0:
                         put(block + names[p], a, part, scaling)
             else:
@@ -287,8 +362,9 @@ def save_transformers_peft(adapter: LoRAAdapter, directory: Union[str, Path], la
             put(block + names[part], group["lora_A"]["all"], group["lora_B"]["all"], scaling)
     if adapter.head_weight is not None:
         tensors["base_model.model.classifier.weight"] = adapter.head_weight.contiguous()
-        tensors["base_model.model.classifier.bias"] = (adapter.head_bias if adapter.head_bias is not None
-                                                       else torch.zeros(adapter.num_classes)).contiguous()
+        tensors["base_model.model.classifier.bias"] = (
+            adapter.head_bias if adapter.head_bias is not None else torch.zeros(adapter.num_classes)
+        ).contiguous()
     if not per_module:
         raise ValueError("the adapter holds no LoRA weights")
     (r, alpha), _ = Counter(per_module.values()).most_common(1)[0]
@@ -297,21 +373,36 @@ def save_transformers_peft(adapter: LoRAAdapter, directory: Union[str, Path], la
     alpha_pattern = {k: v[1] for k, v in per_module.items() if v[1] != alpha}
     target = "|".join(re.escape(k) for k in sorted(per_module))
     peft_config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
-        "r": int(r), "lora_alpha": float(alpha), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "target_modules": f"({target})", "modules_to_save": ["classifier"] if adapter.head_weight is not None else None,
-        "lora_dropout": adapter.config.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "use_dora": False, "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model,
+        "r": int(r),
+        "lora_alpha": float(alpha),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "target_modules": f"({target})",
+        "modules_to_save": ["classifier"] if adapter.head_weight is not None else None,
+        "lora_dropout": adapter.config.dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
         "layers_pattern": None,
     }
     metadata = {"format": "pt"}
-    weights = safetensors_bytes({k: v.detach().cpu().float().contiguous() for k, v in tensors.items()},
-                                metadata=metadata)
+    weights = safetensors_bytes(
+        {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}, metadata=metadata
+    )
     directory = Path(directory)
     atomic_write_bytes(directory / ADAPTER_WEIGHTS, weights)
     atomic_write_bytes(directory / ADAPTER_CONFIG, dumps_strict(peft_config, indent=2, sort_keys=True).encode())
     if adapter.class_names and adapter.head_weight is not None:
         labels = {str(i): c for i, c in enumerate(adapter.class_names)}
-        atomic_write_bytes(directory / "config.json", dumps_strict(
-            {"id2label": labels, "label2id": {c: int(i) for i, c in labels.items()}}, indent=2).encode())
+        atomic_write_bytes(
+            directory / "config.json",
+            dumps_strict({"id2label": labels, "label2id": {c: int(i) for i, c in labels.items()}}, indent=2).encode(),
+        )
     return directory

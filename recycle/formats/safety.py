@@ -1,5 +1,6 @@
 """The checks every LoRA reader goes through before a tensor is used: no pickle is ever loaded, safetensors files
 are read whole only after their header parses, and unreadable files get a message that names them."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 def check_weights_file(path: Path) -> None:
     """Refuse a weights file that is a pickle or not ``.safetensors``, before it is opened."""
     if path.suffix in PICKLE_SUFFIXES:
-        raise LoRAFormatError(f"{path.name} is a pickle; pickled weights are never loaded because unpickling can "
-                              "run arbitrary code. Use a .safetensors file.")
+        raise LoRAFormatError(
+            f"{path.name} is a pickle; pickled weights are never loaded because unpickling can "
+            "run arbitrary code. Use a .safetensors file."
+        )
     if path.suffix != ".safetensors":
         raise LoRAFormatError(f"{path.name} is not a .safetensors file or a PEFT adapter folder")
 
@@ -40,7 +43,12 @@ def refuse_pickles(folder: Path, label: str) -> None:
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     raise LoRAFormatError(
         f"'{label}' has no {ADAPTER_WEIGHTS}"
-        + (f"; it has {pickles}, pickled weights, which are never loaded because unpickling can run arbitrary code."
-           " Convert them where you trust them: PeftModel.from_pretrained(base_model, folder).save_pretrained(folder)"
-           " writes adapter_model.safetensors (PEFT >= 0.7), or safetensors.torch.save_file(state_dict, "
-           f"'{ADAPTER_WEIGHTS}') next to {ADAPTER_CONFIG}." if pickles else "."))
+        + (
+            f"; it has {pickles}, pickled weights, which are never loaded because unpickling can run arbitrary code."
+            " Convert them where you trust them: PeftModel.from_pretrained(base_model, folder).save_pretrained(folder)"
+            " writes adapter_model.safetensors (PEFT >= 0.7), or safetensors.torch.save_file(state_dict, "
+            f"'{ADAPTER_WEIGHTS}') next to {ADAPTER_CONFIG}."
+            if pickles
+            else "."
+        )
+    )

@@ -1,5 +1,6 @@
 """Shared pieces of the app tests (tests/test_app*.py): synthetic images, launching the app on loopback, calling its
 endpoints through gradio_client, tiny LoRAs to publish or upload, and the toy-size shipped weights."""
+
 from __future__ import annotations
 
 import atexit
@@ -52,6 +53,7 @@ def pattern(kind: str, seed: int, size: tuple[int, int] = (48, 48)) -> Image.Ima
 
 def blank_png(path: Path, width: int, height: int) -> Path:
     """A valid, all-black 1-bit PNG of any size in a few KB: what decompression bombs look like."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -85,8 +87,13 @@ def settings(tmp: Path, backbone: str, weights: Optional[Path] = None, **kwargs)
 def launch(app_settings: AppSettings, default_backbone: Optional[str] = None) -> tuple[gr.Blocks, Client]:
     """Build and launch the app on a free loopback port (queue as configured by the app); returns it and a client."""
     demo = app.build_demo(default_backbone=default_backbone, settings=app_settings)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                            **app.launch_options(app_settings))
+    _, url, _ = demo.launch(
+        prevent_thread_lock=True,
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        quiet=True,
+        **app.launch_options(app_settings),
+    )
     return demo, Client(url, verbose=False)
 
 
@@ -111,7 +118,7 @@ def check(result: tuple, expected: Sequence[str]) -> list[dict[str, float]]:
     cards, table = result
     headers, rows = table["headers"], table["data"]
     classes = [h[2:-1] for h in headers[2:] if h.startswith("p(")]
-    probs = [dict(zip(classes, row[2:2 + len(classes)])) for row in rows]
+    probs = [dict(zip(classes, row[2 : 2 + len(classes)])) for row in rows]
     assert [row[1] for row in rows] == list(expected)
     labels = [part.split('"', 1)[0] for part in cards.split('data-label="')[1:]]
     assert labels == [html.escape(e) for e in expected]
@@ -131,13 +138,15 @@ def good_request(client: Client, pics: dict[str, Path], **extra) -> None:
 
 def quick_good_request(client: Client, pics: dict[str, Path]) -> None:
     """A smaller good request (three uploads instead of nine), for suites that make one after every case."""
-    check(classify(client, [("red", [pics["red1"]]), ("stripes", [pics["stripes1"]])], [pics["stripes_q"]]),
-          ["stripes"])
+    check(
+        classify(client, [("red", [pics["red1"]]), ("stripes", [pics["stripes1"]])], [pics["stripes_q"]]), ["stripes"]
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ LoRAs
-def tiny_lora(backbone_dir: Path, out: Path, classes: Sequence[str] = ("red", "green", "blue"),
-              steps: int = 30) -> Path:
+def tiny_lora(
+    backbone_dir: Path, out: Path, classes: Sequence[str] = ("red", "green", "blue"), steps: int = 30
+) -> Path:
     """Tune a q/v LoRA with a head on colour images on the tiny backbone and save it in PEFT layout at `out`."""
     backbone = load_backbone(str(backbone_dir), device="cpu")
     images, labels = colour_task(n_classes=len(classes), per_class=4)
@@ -218,6 +227,7 @@ def require_toy_weights() -> Path:
     weights = toy_weights()
     if weights is None:
         from reproduce.glyphs import missing_fonts
+
         pytest.skip(f"the toy shipped weights need the Debian fonts {missing_fonts()} (see reproduce/)")
     return weights
 

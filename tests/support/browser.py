@@ -4,6 +4,7 @@ The protocol runs over ``--remote-debugging-pipe`` (NUL-separated JSON on file d
 client and no browser download are needed. Chromium runs with a fresh profile and without first-run, background,
 component-update, sync or QUIC traffic, so it talks only to the page it is pointed at.
 """
+
 from __future__ import annotations
 
 import base64
@@ -22,9 +23,20 @@ from typing import Any, Optional
 __all__ = ["CHROMIUM", "Browser", "BrowserError"]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio", "--remote-debugging-pipe"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
+    "--remote-debugging-pipe",
+]
 
 
 def _high(fds: tuple[int, int]) -> tuple[int, int]:
@@ -51,13 +63,28 @@ class Browser:
         self._from_browser, from_browser_w = _high(os.pipe())
         # Chromium reads commands from fd 3 and writes answers to fd 4. A bare Python process moves the pipe ends
         # there and execs Chromium (preexec_fn would be unsafe here: this process has threads serving the app).
-        trampoline = (f"import os, sys; os.dup2({to_browser_r}, 3); os.dup2({from_browser_w}, 4); "
-                      f"os.close({to_browser_r}); os.close({from_browser_w}); os.execv(sys.argv[1], sys.argv[1:])")
+        trampoline = (
+            f"import os, sys; os.dup2({to_browser_r}, 3); os.dup2({from_browser_w}, 4); "
+            f"os.close({to_browser_r}); os.close({from_browser_w}); os.execv(sys.argv[1], sys.argv[1:])"
+        )
         self._proc = subprocess.Popen(
-            [sys.executable, "-S", "-E", "-c", trampoline, CHROMIUM, *FLAGS, f"--user-data-dir={self._profile}",
-             f"--window-size={width},{height}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=(to_browser_r, from_browser_w))
+            [
+                sys.executable,
+                "-S",
+                "-E",
+                "-c",
+                trampoline,
+                CHROMIUM,
+                *FLAGS,
+                f"--user-data-dir={self._profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(to_browser_r, from_browser_w),
+        )
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._next_id = 0
@@ -151,8 +178,10 @@ class Browser:
         params: dict[str, Any] = {"format": "png"}
         if full_page:
             size = self.call("Page.getLayoutMetrics")["cssContentSize"]
-            params.update(captureBeyondViewport=True, clip={"x": 0, "y": 0, "width": size["width"],
-                                                            "height": size["height"], "scale": 1})
+            params.update(
+                captureBeyondViewport=True,
+                clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+            )
         data = self.call("Page.captureScreenshot", **params)["data"]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(data))

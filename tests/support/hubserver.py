@@ -234,16 +234,20 @@ def card_metadata_errors(content: str, repo_exists: Callable[[str], bool]) -> tu
         return [], ["Empty or missing yaml metadata in repo card (https://huggingface.co/docs/hub/model-cards)"]
     if not isinstance(metadata, dict):
         return [f"The metadata of README.md must be a YAML mapping, not {type(metadata).__name__}"], []
-    errors = [f'"{key}" must be a string' for key in ("license", "library_name", "pipeline_tag")
-              if key in metadata and not isinstance(metadata[key], str)]
+    errors = [
+        f'"{key}" must be a string'
+        for key in ("license", "library_name", "pipeline_tag")
+        if key in metadata and not isinstance(metadata[key], str)
+    ]
     tags = metadata.get("tags", [])
     if not (isinstance(tags, list) and all(isinstance(tag, str) for tag in tags)):
         errors.append('"tags" must be an array of strings')
     base_models = metadata.get("base_model", [])
     for base_model in base_models if isinstance(base_models, list) else [base_models]:
         if not (isinstance(base_model, str) and repo_exists(base_model)):
-            errors.append(f'"base_model" with value "{base_model}" is not valid. Use a model id from '
-                          "https://hf.co/models.")
+            errors.append(
+                f'"base_model" with value "{base_model}" is not valid. Use a model id from https://hf.co/models.'
+            )
     return errors, []
 
 
@@ -488,11 +492,16 @@ class _Handler(BaseHTTPRequestHandler):
             start = int(wanted.group(1))
             end = min(int(wanted.group(2)) if wanted.group(2) else entry.size - 1, entry.size - 1)
             if start >= entry.size:
-                raise _HubError(416, f"Range not satisfiable: {self.headers['Range']}", None,
-                                {"Content-Range": f"bytes */{entry.size}"})
-            headers.update({"Content-Range": f"bytes {start}-{end}/{entry.size}",
-                            "Content-Length": str(end - start + 1)})
-            self._send(206, data[start:end + 1], "application/octet-stream", headers)
+                raise _HubError(
+                    416,
+                    f"Range not satisfiable: {self.headers['Range']}",
+                    None,
+                    {"Content-Range": f"bytes */{entry.size}"},
+                )
+            headers.update(
+                {"Content-Range": f"bytes {start}-{end}/{entry.size}", "Content-Length": str(end - start + 1)}
+            )
+            self._send(206, data[start : end + 1], "application/octet-stream", headers)
             return
         self._send(200, data, "application/octet-stream", headers)
 
@@ -515,13 +524,20 @@ class _Handler(BaseHTTPRequestHandler):
                     tags = repo_tags(repo_dir, list(snapshot.files))
                     if not all(f in tags for f in filters):
                         continue
-                    info = {"_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id,
-                            "modelId": repo_id, "author": org.name, "sha": snapshot.sha,
-                            "lastModified": time.strftime("%Y-%m-%dT%H:%M:%S.000Z",
-                                                          time.gmtime(snapshot.last_modified)),
-                            "private": False, "downloads": 0, "likes": 0, "tags": tags,
-                            "library_name": next((t for t in tags if t in ("peft", "timm", "transformers")), None),
-                            "siblings": [{"rfilename": path} for path in snapshot.files]}
+                    info = {
+                        "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
+                        "id": repo_id,
+                        "modelId": repo_id,
+                        "author": org.name,
+                        "sha": snapshot.sha,
+                        "lastModified": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(snapshot.last_modified)),
+                        "private": False,
+                        "downloads": 0,
+                        "likes": 0,
+                        "tags": tags,
+                        "library_name": next((t for t in tags if t in ("peft", "timm", "transformers")), None),
+                        "siblings": [{"rfilename": path} for path in snapshot.files],
+                    }
                     if expand:
                         info = {k: v for k, v in info.items() if k in ("_id", "id") or k in expand}
                     else:
