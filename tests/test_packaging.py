@@ -32,6 +32,40 @@ def test_pyproject_dependencies_mirror_requirements_txt():
     assert PYPROJECT["build-system"]["build-backend"] == "setuptools.build_meta"
 
 
+def test_the_wheel_holds_every_module_of_the_package(tmp_path):
+    """A wheel built from pyproject.toml carries each module of `recycle/`, subpackages included."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    src = tmp_path / "src"  # a copy, so that the build leaves nothing in the checkout
+    shutil.copytree(ROOT / "recycle", src / "recycle", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    packed = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("recycle/") and n.endswith(".py")}
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "recycle").rglob("*.py")}
+    assert packed == modules and "recycle/cli/parser.py" in packed and "recycle/formats/load.py" in packed
+
+
 def test_console_script_resolves_and_prints_the_version(monkeypatch, capsys):
     main = resolve_name(PYPROJECT["project"]["scripts"]["recycle"].replace(":", "."))
     monkeypatch.setattr(sys, "argv", [str(Path(sys.prefix) / "bin" / "recycle"), "--version"])
