@@ -510,7 +510,7 @@ def test_app_fit_check_names_the_backbone_a_lora_was_made_for(tiny_clip_dir, loc
     from dataclasses import replace
 
     pytest.importorskip("gradio")
-    from app_ui.invert import Inversion
+    from app_ui.inversion import Inversion
     from tests.helpers import colour_task, train_tiny_lora
 
     shutil.copytree(tiny_clip_dir, local_hub.root / "timm" / "vit_base_patch16_clip_224.openai")
