@@ -222,7 +222,7 @@ def test_pool_folders_that_cannot_be_written_give_clear_errors(tmp_path, monkeyp
     import errno
     import os
 
-    import recycle.pool as rpool
+    import pathlib
 
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     with pytest.raises(PoolError, match=r"pool folder '.*dangling' is a symbolic link to '.*gone', which does not"):
@@ -234,7 +234,7 @@ def test_pool_folders_that_cannot_be_written_give_clear_errors(tmp_path, monkeyp
     def full_disk(self, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(rpool.Path, "write_bytes", full_disk)
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full_disk)
     with pytest.raises(PoolError, match=r"cannot write the run into the pool folder .*No space left.*disk is full"):
         write_run(tmp_path / "pool", _result(), _adapter(0), "org/a", {}, (4, 4))
     assert list((tmp_path / "pool").iterdir()) == []  # nothing half-written is left

@@ -4,7 +4,8 @@
     python docs/experiments/v3-pilots/foundation_pilot.py WORK '{"data": {"pretrain": 3000, "train_aug": 1},
         "contrast": {"steps": 3000}}' 500
 
-The overrides are fields of the `v3-pilot` preset's `data` (`SplitSpec`), `contrast` (`ContrastConfig`) and `vit`.
+The overrides are fields of the `v3-pilot` preset's `data` (`SplitSpec`), `contrast` (`ContrastConfig`) and `vit`;
+"init": a saved foundation folder to continue training from (its `vit` settings must match).
 Each scored model is kept as WORK/vit-STEP; the scores go to WORK/found.json.
 """
 import json
@@ -37,6 +38,10 @@ print("DATA", build(data, spec)["splits"], flush=True)
 x, _ = _load_split(data / "pretrain", spec.size)
 torch.manual_seed(0)
 model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **vit)
+if over.get("init"):
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(Path(over["init"]) / "model.safetensors")))
 mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
 std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
 log = []
