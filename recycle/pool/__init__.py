@@ -17,6 +17,7 @@ from .manifest import (
     MAX_MANIFEST_BYTES,
     MAX_RUN_ITEMS,
     POOL_FORMAT,
+    POOL_VERSION,
     EmptyPoolError,
     PoolError,
     read_run_manifest,
@@ -41,6 +42,7 @@ __all__ = [
     "zip_run",
     "teacher_confidence",
     "POOL_FORMAT",
+    "POOL_VERSION",
     "MAX_MANIFEST_BYTES",
     "MAX_RUN_ITEMS",
 ]
