@@ -377,3 +377,46 @@ def test_the_shipped_weights_readme_is_written_from_the_results():
 
     backbone = load_backbone(str(WEIGHTS / "mini-vit"), device="cpu")
     assert score_examples(backbone, read_adapter(WEIGHTS / "mini-meta-lora"), WEIGHTS / "examples") == scores
+
+
+def test_a_two_phase_foundation_resumes_from_its_first_phase(tmp_path, monkeypatch):
+    """With `contrast_font`, the first phase's model is kept until the stage ends: an interrupted second phase
+    restarts from it, without training the first phase again."""
+    import timm
+    import torch
+
+    import reproduce.pipeline as pipeline
+    from reproduce.foundation import ContrastConfig
+
+    cfg = ReproConfig.toy()
+    x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.5)
+    calls = []
+    real = pipeline.pretrain_contrastive
+
+    def counting(model, x, config, *args, **kwargs):
+        calls.append(config)
+        if config is cfg.contrast_font and len(calls) == 2:
+            raise KeyboardInterrupt  # interrupted in the second phase
+        if len(calls) == 3:  # the restarted second phase starts from the first phase's weights
+            from safetensors.torch import load_file
+
+            kept = load_file(str(tmp_path / "phase1" / "model.safetensors"))
+            assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())
+        return real(model, x, config, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "pretrain_contrastive", counting)
+
+    def model():
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **cfg.vit)
+
+    first = model()
+    with pytest.raises(KeyboardInterrupt):
+        pipeline._pretrain_in_phases(cfg, first, x, mean, std, tmp_path / "phase1")
+    assert (tmp_path / "phase1" / "summary.json").is_file()
+    again = model()
+    summary = pipeline._pretrain_in_phases(cfg, again, x, mean, std, tmp_path / "phase1")
+    assert calls == [cfg.contrast, cfg.contrast_font, cfg.contrast_font]  # the first phase ran once
+    assert set(summary) >= {"loss", "positive_match", "first_phase"}
+    assert isinstance(cfg.contrast_font, ContrastConfig) and cfg.contrast_font.stroke > 0
