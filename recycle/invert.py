@@ -6,6 +6,11 @@ DeepInversion prior: the distance between the batch statistics at every BatchNor
 running statistics. Every step applies one random roll (up to ±1/8 of H and W) and horizontal flip to the whole batch,
 and clamps pixels to the valid range afterwards; the lowest-loss iterate is returned. After 25% of the steps, the
 teacher prunes tokens by [CLS] attention (`recycle.tokens`); the tokens kept on the final images give their masks.
+
+Two options go beyond the paper, both off by default: `InversionConfig.two_colour` optimises a coverage map per image
+between a random ink and paper colour instead of free pixels (line art in random colours), and
+`InversionConfig.diversity_weight` adds the mean cosine similarity of same-class images' teacher features to the loss
+(surrogates of a class that differ from each other).
 """
 
 from __future__ import annotations
@@ -76,6 +81,13 @@ class InversionConfig:
     seed: int = 0
     preview_every: int = 0  # hand the progress callback preview images every N steps (0 = never)
     bf16: bool = False  # teacher and BN prior under bf16 autocast while optimising (pixels, loss, outputs in fp32)
+    # None: free RGB pixels (the paper's). A number: two-colour images, each an optimised coverage map mixing a random
+    # ink and paper colour whose luminances differ by at least this much (`two_colour_images`): surrogates in the
+    # look of tinted line art, with colour varying across the images of a class as it does in such data.
+    two_colour: Optional[float] = None
+    # Weight of the mean cosine similarity between the teacher's features of same-class images in a batch
+    # (`same_class_similarity`): surrogates of one class that differ from each other, as real images of a class do.
+    diversity_weight: float = 0.0
 
     def __post_init__(self):
         check_bf16_flag(self.bf16)
@@ -89,11 +101,13 @@ class InversionConfig:
             ("bn_weight", 0 <= self.bn_weight <= MAX_LOSS_WEIGHT),
             ("tv_weight", 0 <= self.tv_weight <= MAX_LOSS_WEIGHT),
             ("l2_weight", 0 <= self.l2_weight <= MAX_LOSS_WEIGHT),
+            ("diversity_weight", 0 <= self.diversity_weight <= MAX_LOSS_WEIGHT),
             ("jitter", 0 <= self.jitter < 0.5),
             ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)),
             ("batch_size", self.batch_size is None or self.batch_size >= 1),
             ("preview_every", self.preview_every >= 0),
             ("seed", isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+            ("two_colour", self.two_colour is None or 0 <= self.two_colour < 1),
         ]
         for name, ok in checks:
             if not ok:
@@ -204,6 +218,38 @@ def load_bn_prior(name: str = DEFAULT_BN_PRIOR, device: Optional[torch.device] =
     )
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luminance weights of R, G, B
+
+
+def ink_and_paper(n: int, min_contrast: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` random (ink, paper) colour pairs, each ``(n, 3)`` in [0, 1], whose luminances differ by at least
+    `min_contrast` (either may be the lighter one); rejection sampling from uniform RGB."""
+    luma = torch.tensor(LUMA)
+    ink, paper = torch.empty(n, 3), torch.empty(n, 3)
+    todo = torch.arange(n)
+    while todo.numel():
+        a, b = torch.rand(todo.numel(), 3, generator=generator), torch.rand(todo.numel(), 3, generator=generator)
+        ok = (a @ luma - b @ luma).abs() >= min_contrast
+        ink[todo[ok]], paper[todo[ok]] = a[ok], b[ok]
+        todo = todo[~ok]
+    return ink, paper
+
+
+def two_colour_images(coverage: torch.Tensor, ink: torch.Tensor, paper: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] ``(B, 3, H, W)`` from coverage logits ``(B, 1, H, W)`` and colours ``(B, 3)``: each pixel
+    is ``s·ink + (1 − s)·paper`` with ``s = sigmoid(coverage)``."""
+    s = torch.sigmoid(coverage)
+    return s * ink[:, :, None, None] + (1 - s) * paper[:, :, None, None]
+
+
+def same_class_similarity(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity over pairs of distinct images of the same class: features ``(B, D)``, labels ``(B,)``
+    -> scalar (0 when no class has two images)."""
+    z = F.normalize(features, dim=-1)
+    same = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return (z @ z.T)[same].mean() if same.any() else features.new_zeros(())
+
+
 def _total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
@@ -215,12 +261,20 @@ class _Teacher:
         self.backbone, self.head, self.schedule = backbone, head, schedule
 
     def __call__(self, x: torch.Tensor, prune: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        logits, _, kept = self.features_and_logits(x, prune)
+        return logits, kept
+
+    def features_and_logits(
+        self, x: torch.Tensor, prune: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(logits (B, C), pre-logits features (B, D), kept patch indices or None)``."""
         model = self.backbone.model
         if prune and self.schedule:
             feats, kept = forward_features_pruned(model, x, self.schedule)
         else:
             feats, kept = model.forward_features(x), None
-        return self.head(model.forward_head(feats, pre_logits=True)), kept
+        pre = model.forward_head(feats, pre_logits=True)
+        return self.head(pre), pre, kept
 
     @torch.no_grad()
     def masks(self, x: torch.Tensor, schedule: dict[int, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -321,8 +375,18 @@ def invert(
         teacher = _Teacher(backbone, head, schedule)
         for b, sl in enumerate(batches):
             y = labels[sl]
-            x = torch.maximum(torch.minimum(torch.randn(y.numel(), 3, h, w, generator=gen).to(device), hi), lo)
+            if config.two_colour is None:  # the pixels themselves, in the teacher's normalised space
+                x = torch.maximum(torch.minimum(torch.randn(y.numel(), 3, h, w, generator=gen).to(device), hi), lo)
+            else:  # coverage logits, with fixed colours per image
+                x = torch.randn(y.numel(), 1, h, w, generator=gen).to(device)
+                ink, paper = (c.to(device) for c in ink_and_paper(y.numel(), config.two_colour, gen))
             x.requires_grad_(True)
+
+            def normalised(param: torch.Tensor) -> torch.Tensor:
+                if config.two_colour is None:
+                    return param
+                return (two_colour_images(param, ink, paper) - mean) / std
+
             opt = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
             best, best_loss = x.detach().clone(), float("inf")
             for step in range(config.steps):
@@ -331,12 +395,12 @@ def invert(
                     break
                 dy = rng.randint(-int(h * config.jitter), int(h * config.jitter))
                 dx = rng.randint(-int(w * config.jitter), int(w * config.jitter))
-                xa = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+                xa = torch.roll(normalised(x), shifts=(dy, dx), dims=(2, 3))
                 if config.flip and rng.random() < 0.5:
                     xa = xa.flip(3)
                 prune = bool(schedule) and step >= prune_from
                 with mixed_precision(backbone.model, device, config.bf16):  # the BN prior too
-                    logits, _ = teacher(xa, prune)
+                    logits, features, _ = teacher.features_and_logits(xa, prune)
                     bn = bn_prior(xa * std + mean) if bn_weight > 0 else None
                 logits = logits.float()
                 _check_finite("logits", logits, f"at step {step + 1}")
@@ -348,13 +412,16 @@ def invert(
                     loss = loss + config.tv_weight * _total_variation(xa)
                 if config.l2_weight > 0:
                     loss = loss + config.l2_weight * xa.pow(2).mean()
+                if config.diversity_weight > 0:
+                    loss = loss + config.diversity_weight * same_class_similarity(features.float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if loss.item() < best_loss:  # keep the iterate that scored this loss, i.e. before the update
                     best_loss, best = loss.item(), x.detach().clone()
                 opt.step()
-                with torch.no_grad():
-                    x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+                if config.two_colour is None:
+                    with torch.no_grad():
+                        x.copy_(torch.maximum(torch.minimum(x, hi), lo))
                 if progress is not None:
                     show = config.preview_every and ((step + 1) % config.preview_every == 0 or step + 1 == config.steps)
                     progress(
@@ -368,11 +435,11 @@ def invert(
                             bn.item(),
                             (logits.argmax(-1) == y).float().mean().item(),
                             prune,
-                            (best * std + mean).clamp(0, 1).cpu() if show else None,
+                            (normalised(best) * std + mean).clamp(0, 1).detach().cpu() if show else None,
                         )
                     )
                 steps_done = max(steps_done, step + 1)
-            best_all.append(best)
+            best_all.append(normalised(best).detach())
             losses.append(best_loss)
             if stopped:
                 break

@@ -147,11 +147,10 @@ def coverage(blocks: tuple[tuple[int, int], ...]) -> tuple[list[str], list[str]]
     return [chr(c) for c in sorted(common)], usable
 
 
-LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luminance weights of R, G, B
-
-
 def _tint_colours(rng: random.Random, min_contrast: float) -> tuple[np.ndarray, np.ndarray]:
     """(ink, paper) RGB in [0, 1] whose luminances differ by at least `min_contrast`."""
+    from recycle.invert import LUMA
+
     luma = np.array(LUMA)
     while True:
         ink, paper = np.array([rng.random() for _ in range(3)]), np.array([rng.random() for _ in range(3)])
@@ -165,15 +164,9 @@ def recolour(x: "torch.Tensor", generator: "torch.Generator", min_contrast: floa
     polarity); the ink coverage is ``1 - gray / 255``."""
     import torch
 
-    n = x.shape[0]
-    luma = torch.tensor(LUMA)
-    ink, paper = torch.empty(n, 3), torch.empty(n, 3)
-    todo = torch.arange(n)
-    while todo.numel():  # rejection sampling, as _tint_colours
-        a, b = torch.rand(todo.numel(), 3, generator=generator), torch.rand(todo.numel(), 3, generator=generator)
-        ok = (a @ luma - b @ luma).abs() >= min_contrast
-        ink[todo[ok]], paper[todo[ok]] = a[ok], b[ok]
-        todo = todo[~ok]
+    from recycle.invert import ink_and_paper
+
+    ink, paper = ink_and_paper(x.shape[0], min_contrast, generator)  # rejection sampling, as _tint_colours
     alpha = 1 - x.float().mean(1, keepdim=True) / 255
     out = alpha * ink[:, :, None, None] + (1 - alpha) * paper[:, :, None, None]
     return (255 * out).round().clamp(0, 255).to(torch.uint8)

@@ -188,8 +188,12 @@ def test_invert_from_the_hub_into_a_pool(tiny_clip, tiny_clip_dir, local_hub, tm
     run = pool.runs[0]
     assert run["settings"]["pruning"]["schedule"] == {"1": 0.5} and run["settings"]["steps"] == 40
     assert all(len(item["kept"]) == 8 for item in run["items"])
-    assert main(args + ["--bn-prior", "none", "--seed", "1"]) == 0  # the pool grows
-    assert len(Pool(out).runs) == 2
+    assert main(args + ["--bn-prior", "none", "--seed", "1", "--two-colour", "0.4", "--diversity-weight", "2"]) == 0
+    runs = Pool(out).runs  # the pool grows, and the new run records the options
+    assert len(runs) == 2 and {(r["settings"]["two_colour"], r["settings"]["diversity_weight"]) for r in runs} == {
+        (None, 0.0),
+        (0.4, 2.0),
+    }
     assert main(args + ["--bn-prior", "hf-hub:testorg/missing-prior"]) == 1
     assert "not found" in capsys.readouterr().err and len(Pool(out).runs) == 2
     assert main([a if a != "40" else "0" for a in args] + ["--bn-prior", "none"]) == 1

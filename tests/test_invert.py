@@ -148,3 +148,49 @@ def test_bf16_inversion_optimises_fp32_pixels_to_the_target_classes(tiny_clip, t
     assert _teacher_accuracy(tiny_clip, teacher, result.images, result.labels) >= 0.9
     assert result.kept.shape == (12, 8)
     assert all(b.attn.fused_attn for b in tiny_clip.model.blocks)
+
+
+def test_two_colour_inversion_mixes_one_ink_and_one_paper_per_image(tiny_clip, teacher):
+    seen = []
+    cfg = InversionConfig(per_class=3, steps=40, lr=0.1, two_colour=0.4, pruning={}, seed=2)
+    result = invert(tiny_clip, teacher, cfg, progress=seen.append)
+    assert result.images.shape == (9, 3, 32, 32) and seen[-1].loss < seen[0].loss
+    for image in result.images:
+        pixels = image.reshape(3, -1)
+        spread = torch.linalg.svdvals(pixels - pixels.mean(1, keepdim=True))
+        assert spread[1] < 1e-3 * spread[0]  # every pixel lies on one line in RGB: between its ink and its paper
+    corners = result.images[:, :, 0, 0]
+    assert torch.cdist(corners, corners).fill_diagonal_(1).min() > 1e-3  # each image has colours of its own
+    with pytest.raises(ValueError, match="two_colour"):
+        InversionConfig(two_colour=1.5)
+    with pytest.raises(ValueError, match="two_colour"):
+        InversionConfig(two_colour=float("nan"))
+
+
+def test_ink_and_paper_colours_keep_their_contrast_in_either_polarity():
+    from recycle.invert import LUMA, ink_and_paper
+
+    ink, paper = ink_and_paper(500, 0.5, torch.Generator().manual_seed(0))
+    gap = (ink - paper) @ torch.tensor(LUMA)
+    assert gap.abs().min() >= 0.5 and (gap > 0).any() and (gap < 0).any()
+
+
+def test_the_diversity_term_spreads_the_images_of_a_class_apart(tiny_clip, teacher):
+    from recycle.invert import same_class_similarity
+
+    f = torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0], [1.0, 1.0]])
+    assert same_class_similarity(f, torch.tensor([0, 0, 1, 1])) == pytest.approx((1 + 1 + 2 * 2**-0.5) / 4)
+    assert same_class_similarity(f, torch.tensor([0, 1, 2, 3])) == 0
+
+    def similarity(weight):
+        cfg = InversionConfig(per_class=4, steps=40, lr=0.1, pruning={}, seed=3, diversity_weight=weight)
+        result = invert(tiny_clip, teacher, cfg)
+        mean = torch.tensor(tiny_clip.mean).view(1, 3, 1, 1)
+        std = torch.tensor(tiny_clip.std).view(1, 3, 1, 1)
+        with teacher.attached(tiny_clip), torch.no_grad():
+            features = tiny_clip.pre_logits((result.images - mean) / std)
+        return same_class_similarity(features, result.labels).item()
+
+    assert similarity(5.0) < similarity(0.0) - 0.05
+    with pytest.raises(ValueError, match="diversity_weight"):
+        InversionConfig(diversity_weight=-1)

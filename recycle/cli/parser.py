@@ -145,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bn-weight", type=_number(0, 1000), default=0.01, help="weight of the BN prior, 0 to 1000 (default: 0.01)"
     )
+    p.add_argument(
+        "--two-colour",
+        type=_number(0, 1, high_open=True),
+        metavar="MIN_CONTRAST",
+        help="optimise each image as a coverage map between a random ink and paper colour whose luminances differ "
+        "by at least MIN_CONTRAST, below 1 (line art in random colours; default: free pixels, the paper's)",
+    )
+    p.add_argument(
+        "--diversity-weight",
+        type=_number(0, 1000),
+        default=0.0,
+        help="weight of the mean cosine similarity between same-class images' teacher features, 0 to 1000: "
+        "surrogates of a class that differ from each other (default: 0)",
+    )
     p.add_argument("--batch-size", type=int, help="images optimised together (default: all)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -68,6 +68,8 @@ def invert(args: argparse.Namespace) -> int:
         pruning=PruningConfig(prune, start=args.prune_start),
         batch_size=args.batch_size,
         seed=args.seed,
+        two_colour=args.two_colour,
+        diversity_weight=args.diversity_weight,
     )
     if args.zoo and args.classes:
         raise ValueError("--classes picks classes of one LoRA; with --zoo every class of every LoRA is inverted")
