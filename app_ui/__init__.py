@@ -1,12 +1,13 @@
 """The LoRA Recycle app's tabs: UI values in, `recycle` calls, UI values out. ``app.py`` assembles them.
 
 One module per tab (`fewshot`, `invert`, `pool`: each lays out its components, wires its events and holds its
-handlers; the inversion tab's handlers are in `inversion`, `invert_lora` and `hub_loras`) and the state they share: `limits`, `errors` (what is shown to the user and how), `settings`
-(paths, the path policy, the startup defaults) and `state` (the model cache and the per-session store). Everything
-that holds memory between requests is bounded: loaded models (`ModelCache`), per-session state (`SessionStore`: the
-loaded LoRA and the latest inversion of each of a few sessions), and the zip files of inversion runs (deleted with
-their session entry). Errors meant for the user (`USER_ERRORS`) are shown as they are; anything else is logged and
-reported as a generic error, and the app keeps serving.
+handlers; the inversion tab's handlers are in `inversion`, `invert_lora` and `hub_loras`) and the state they share:
+`limits`, `errors` (what is shown to the user and how), `settings` (paths, the path policy, the startup defaults)
+and `state` (the model cache and the per-session store). Everything that holds memory between requests is bounded:
+loaded models (`ModelCache`), per-session state (`SessionStore`: the loaded LoRA and the latest inversion of each of
+a few sessions), and the zip files of inversion runs (deleted with their session entry). Errors meant for the user
+(`USER_ERRORS`) are shown as they are; anything else is logged and reported as a generic error, and the app keeps
+serving.
 
 Imports go one way: ``app.py`` → ``app_ui`` → ``recycle``.
 """
