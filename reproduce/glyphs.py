@@ -149,7 +149,7 @@ def coverage(blocks: tuple[tuple[int, int], ...]) -> tuple[list[str], list[str]]
 
 def _tint_colours(rng: random.Random, min_contrast: float) -> tuple[np.ndarray, np.ndarray]:
     """(ink, paper) RGB in [0, 1] whose luminances differ by at least `min_contrast`."""
-    from recycle.invert import LUMA
+    from recycle.priors import LUMA
 
     luma = np.array(LUMA)
     while True:
@@ -164,7 +164,7 @@ def recolour(x: "torch.Tensor", generator: "torch.Generator", min_contrast: floa
     polarity); the ink coverage is ``1 - gray / 255``."""
     import torch
 
-    from recycle.invert import ink_and_paper
+    from recycle.priors import ink_and_paper
 
     ink, paper = ink_and_paper(x.shape[0], min_contrast, generator)  # rejection sampling, as _tint_colours
     alpha = 1 - x.float().mean(1, keepdim=True) / 255

@@ -168,7 +168,7 @@ def test_two_colour_inversion_mixes_one_ink_and_one_paper_per_image(tiny_clip, t
 
 
 def test_ink_and_paper_colours_keep_their_contrast_in_either_polarity():
-    from recycle.invert import LUMA, ink_and_paper
+    from recycle.priors import LUMA, ink_and_paper
 
     ink, paper = ink_and_paper(500, 0.5, torch.Generator().manual_seed(0))
     gap = (ink - paper) @ torch.tensor(LUMA)

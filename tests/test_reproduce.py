@@ -260,7 +260,8 @@ def test_recolour_paints_plain_glyphs_in_random_ink_and_paper_of_either_polarity
     import torch
     from PIL import ImageFont
 
-    from reproduce.glyphs import FONTS, LUMA, recolour, render
+    from recycle.priors import LUMA
+    from reproduce.glyphs import FONTS, recolour, render
 
     font = ImageFont.truetype(FONTS["fonts-ipafont-gothic"], size=83)
     plain = torch.from_numpy(np.array(render("永", font, random.Random(0), augment=False))).permute(2, 0, 1)
