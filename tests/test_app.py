@@ -39,9 +39,9 @@ from tests.support.apptools import (
     pattern,
     plain,
     publish,
-    require_toy_weights,
     settings,
 )
+from tests.support.toy import require_toy_weights
 
 CLIP_NAME = "vit_base_patch16_clip_224.openai"  # on the Hub only: unloadable here
 

@@ -15,7 +15,8 @@ from typing import Optional
 
 import pytest
 
-from tests.support.apptools import close, free_port, launch, publish, settings, tiny_lora, toy_weights
+from tests.support.apptools import close, free_port, launch, publish, settings, tiny_lora
+from tests.support.toy import toy_weights
 from tests.support.browser import CHROMIUM, Browser
 
 pytestmark = pytest.mark.skipif(

@@ -21,6 +21,7 @@ from reproduce.diagnose import report  # noqa: E402
 from reproduce.pipeline import ReproConfig, run  # noqa: E402
 from reproduce.report import method_name  # noqa: E402
 from reproduce.ship import ship  # noqa: E402
+from tests.support.toy import require_toy_run  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
@@ -29,9 +30,9 @@ def splits_available_kana(work: Path) -> int:
     return json.loads((work / "data" / "splits.json").read_text())["available"]["kana"]
 
 
-def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
+def test_toy_pipeline_runs_every_stage_and_resumes():
+    work, results = require_toy_run()  # the session's toy run (tests.support.toy), every stage made afresh
     cfg = ReproConfig.toy()
-    results = run(tmp_path, cfg)
     stages = [
         "data",
         "prior",
@@ -55,7 +56,7 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
 
     assert list(STAGES) == stages  # --until names exactly these
     with pytest.raises(ValueError, match="until='invrt': not a stage"):
-        run(tmp_path, cfg, until="invrt")
+        run(work, cfg, until="invrt")
     ev = results["summaries"]["eval"]
     assert set(ev) - {"seconds"} == {
         "test-1shot",
@@ -70,7 +71,7 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert structure["checks"]["nn_at_least_45"] == (structure["results"]["NN"]["mean"] >= 45)
     pretrain = results["summaries"]["pretrain"]  # the contrastive foundation, on Han and kana
     assert pretrain["objective"] == "contrast" and 0 <= pretrain["positive_match"] <= 1
-    assert pretrain["classes"] == cfg.data.pretrain + splits_available_kana(tmp_path)
+    assert pretrain["classes"] == cfg.data.pretrain + splits_available_kana(work)
     assert list(ev["test-1shot"]["results"]) == [
         "NN",
         "LoRAs-average + NN",
@@ -81,18 +82,18 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
         "LoRA Recycle-75 (bf16)",
         "Oracle (real zoo images)",
     ]
-    splits = json.loads((tmp_path / "data" / "splits.json").read_text())
+    splits = json.loads((work / "data" / "splits.json").read_text())
     assert len(splits["fonts"]["han"]) == 8 and splits["available"]["han"] > 5000
-    names = {s: {p.name for p in (tmp_path / "data" / s).iterdir()} for s in ("pretrain", "zoo", "val", "test")}
-    assert {p.name for p in (tmp_path / "data" / "test-plain").iterdir()} == names["test"]
+    names = {s: {p.name for p in (work / "data" / s).iterdir()} for s in ("pretrain", "zoo", "val", "test")}
+    assert {p.name for p in (work / "data" / "test-plain").iterdir()} == names["test"]
     for a in names:
         for b in names:
             assert a == b or not names[a] & names[b], (a, b)  # disjoint class splits
-    assert (tmp_path / "results.md").read_text().startswith("| method |")
-    assert (tmp_path / "results.png").stat().st_size > 10_000
+    assert (work / "results.md").read_text().startswith("| method |")
+    assert (work / "results.png").stat().st_size > 10_000
     difficulty = results["summaries"]["surrogates"]["nn_accuracy"]
     assert {k: v["episodes"] for k, v in difficulty.items()} == {"surrogate": 3, "real": 3}
-    table = (tmp_path / "results.md").read_text()
+    table = (work / "results.md").read_text()
     assert "How hard the surrogate tasks are" in table and "Ceiling check" in table
     chosen = results["summaries"]["temperature"]["chosen"]
     assert chosen in cfg.temperatures and f"Teacher temperature chosen on validation: {chosen:g}" in table
@@ -102,45 +103,45 @@ def test_toy_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert check["step"] == cfg.meta.steps and "bf16 against fp32 meta-training" in table
     gap = abs(check["bf16"]["mean"] - check["fp32"]["mean"])
     assert check["within_fp32_ci"] == (gap <= check["fp32"]["ci95"])
-    with Image.open(tmp_path / "surrogates.png") as fig:  # 2 runs x 5 classes, real | surrogate | masked
+    with Image.open(work / "surrogates.png") as fig:  # 2 runs x 5 classes, real | surrogate | masked
         assert fig.height > 10 * 32 and fig.width > 3 * 4 * 32
 
-    again = run(tmp_path, cfg)  # every stage is skipped: same numbers
+    again = run(work, cfg)  # every stage is skipped: same numbers
     assert again["summaries"]["eval"] == ev
 
-    shipped = ship(tmp_path, tmp_path / "weights", results, tmp_path / "results")
+    shipped = ship(work, work / "weights", results, work / "results")
     assert shipped["meta_lora"].startswith("meta-recycle")
-    assert (tmp_path / "weights" / "mini-vit" / "model.safetensors").is_file()
-    assert read_adapter(tmp_path / "weights" / "example-lora").head_weight is not None  # for the inversion tab
-    prior_card = (tmp_path / "weights" / "glyph-prior" / "README.md").read_text()  # the BN prior for mini-vit
-    assert load_bn_prior(str(tmp_path / "weights" / "glyph-prior")).bns
+    assert (work / "weights" / "mini-vit" / "model.safetensors").is_file()
+    assert read_adapter(work / "weights" / "example-lora").head_weight is not None  # for the inversion tab
+    prior_card = (work / "weights" / "glyph-prior" / "README.md").read_text()  # the BN prior for mini-vit
+    assert load_bn_prior(str(work / "weights" / "glyph-prior")).bns
     assert f"train accuracy {results['summaries']['prior']['train_acc']:.4f}" in prior_card
     assert results["summaries"]["prior"]["recoloured_copies"] == cfg.prior_recolour > 0
     assert f"{cfg.prior_recolour} copies of each image in random ink and paper colours" in prior_card
-    assert "without any real training data" in (tmp_path / "weights" / "mini-meta-lora" / "README.md").read_text()
-    examples = tmp_path / "weights" / "examples"
+    assert "without any real training data" in (work / "weights" / "mini-meta-lora" / "README.md").read_text()
+    examples = work / "weights" / "examples"
     assert len(list((examples / "han-1" / "support").iterdir())) == 5
     scores = json.loads((examples / "scores.json").read_text())
     assert sorted(scores["tasks"]) == sorted(p.name for p in examples.iterdir() if p.is_dir())
     assert scores["test_tasks_total"]["NN"][1] == scores["test_tasks_total"]["meta-LoRA"][1] == 8 * 5 * 3
-    readme = (tmp_path / "weights" / "README.md").read_text()  # written from the results, never by hand
+    readme = (work / "weights" / "README.md").read_text()  # written from the results, never by hand
     shipped_name = method_name(shipped["meta_lora"][len("meta-") :])
     nn = results["summaries"]["eval"]["test-1shot"]["results"]["NN"]
     assert f"the backbone alone (NN) {nn['mean']:.2f} ± {nn['ci95']:.2f}" in readme and f"`{shipped_name}`" in readme
     total = scores["test_tasks_total"]["meta-LoRA"]
     assert f"{total[0]} of {total[1]} queries correctly with the meta-LoRA" in readme
-    recheck = json.loads((tmp_path / "weights" / "mini-meta-lora" / "recheck.json").read_text())
+    recheck = json.loads((work / "weights" / "mini-meta-lora" / "recheck.json").read_text())
     assert set(recheck["results"]) == {"NN", "meta-LoRA"} and recheck["tolerance"] > 0
-    assert (tmp_path / "results" / "results.md").read_text() == (tmp_path / "results.md").read_text()
-    assert (tmp_path / "results" / "surrogates.png").is_file()
+    assert (work / "results" / "results.md").read_text() == (work / "results.md").read_text()
+    assert (work / "results" / "surrogates.png").is_file()
 
-    text = report(tmp_path, steps=4, cfg=cfg)  # reproduce.diagnose on the same work folder
+    text = report(work, steps=4, cfg=cfg)  # reproduce.diagnose on the same work folder
     curve = [line for line in text.splitlines() if line.startswith("| val accuracy |")][0].split("|")[2:-1]
     assert len([line for line in text.splitlines() if line.startswith("| held-out Hangul accuracy |")]) == 1
     m = cfg.meta
     nn = evaluate(
-        load_backbone(str(tmp_path / "mini-vit"), device="cpu"),
-        tmp_path / "data" / "val",
+        load_backbone(str(work / "mini-vit"), device="cpu"),
+        work / "data" / "val",
         {"NN": None},
         EvalConfig(m.way, m.shot, m.query, m.val_episodes, seed=123),
     )["results"]["NN"]["mean"]

@@ -1,14 +1,11 @@
 """Shared pieces of the app tests (tests/test_app*.py): synthetic images, launching the app on loopback, calling its
-endpoints through gradio_client, tiny LoRAs to publish or upload, and the toy-size shipped weights."""
+endpoints through gradio_client, tiny LoRAs to publish or upload (the toy-size shipped weights: `toy`)."""
 
 from __future__ import annotations
 
-import atexit
-import functools
 import html
 import shutil
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Optional, Sequence
@@ -196,40 +193,6 @@ def publish(hub_root: Path, repo_id: str, folder: Path) -> str:
     """Put the files of `folder` into the fake Hub as model repo `repo_id`."""
     shutil.copytree(folder, hub_root / repo_id)
     return repo_id
-
-
-# ---------------------------------------------------------------------------------------------- toy shipped weights
-@functools.cache
-def toy_weights() -> Optional[Path]:
-    """``weights/`` as the offline reproduction ships it (mini-vit, mini-meta-lora, examples), at toy size.
-
-    Made once per test session (about 15 s); None when the Debian fonts it renders glyphs from are missing.
-    """
-    from reproduce.glyphs import missing_fonts
-
-    if missing_fonts():
-        return None
-    from reproduce.pipeline import ReproConfig, run
-    from reproduce.ship import ship
-
-    work = Path(tempfile.mkdtemp(prefix="toy-weights-"))
-    atexit.register(shutil.rmtree, work, True)
-    torch_threads = torch.get_num_threads()
-    try:
-        results = run(work / "repro", ReproConfig.toy())
-        ship(work / "repro", work / "weights", results)
-    finally:
-        torch.set_num_threads(torch_threads)  # the pipeline sets its own thread count
-    return work / "weights"
-
-
-def require_toy_weights() -> Path:
-    weights = toy_weights()
-    if weights is None:
-        from reproduce.glyphs import missing_fonts
-
-        pytest.skip(f"the toy shipped weights need the Debian fonts {missing_fonts()} (see reproduce/)")
-    return weights
 
 
 def plain(markdown: str) -> str:
