@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..adapter import LoRAFormatError
-from ..backbone import DEFAULT_BACKBONE
+from ..adapter import LoRAAdapter, LoRAFormatError
+from ..backbone import DEFAULT_BACKBONE, Backbone
 
 _logger = logging.getLogger("recycle")
 
@@ -44,7 +44,8 @@ def zoo_backbone(zoo: str) -> str:
     return named if isinstance(named, str) and named else DEFAULT_BACKBONE
 
 
-def warn_provenance(adapter, backbone) -> None:
+def warn_provenance(adapter: LoRAAdapter, backbone: Backbone) -> None:
+    """Warn when `adapter` fits `backbone` in shape but was made for another model."""
     from ..provenance import provenance_mismatch
 
     mismatch = provenance_mismatch(adapter.backbone, backbone)
@@ -53,6 +54,7 @@ def warn_provenance(adapter, backbone) -> None:
 
 
 def warn_token_on_command_line(token: object) -> None:
+    """Warn that a token given as an option is visible to others."""
     if token:
         _logger.warning(
             "--token exposes the token in the shell history and the process list; set HF_TOKEN or run "
