@@ -1,5 +1,6 @@
 """Invert the first K LoRAs of a pilot's zoo with a given BN prior and inversion settings: the teachers' accuracy on
-their own surrogates, the CPU time, and a grid of every fourth image (one LoRA per row).
+their own surrogates, the CPU time, a grid of every fourth image (one LoRA per row), and how hard the surrogates'
+5-way 1-shot tasks are for NN against real images of the same classes (`reproduce.surrogates.task_difficulty`).
 
     python docs/experiments/v3-pilots/invert_pilot.py WORK PRIOR OUT K ['{"bn_weight": 0.02, "tv_weight": 0.3}']
 
@@ -19,7 +20,9 @@ from PIL import Image  # noqa: E402
 
 from recycle.backbone import load_backbone  # noqa: E402
 from recycle.invert import invert, load_bn_prior  # noqa: E402
+from recycle.pool import run_settings, write_run  # noqa: E402
 from recycle.zoo import load_zoo  # noqa: E402
+from reproduce.surrogates import task_difficulty  # noqa: E402
 from reproduce.pipeline import ReproConfig  # noqa: E402
 
 logging.basicConfig(level=logging.WARNING)
@@ -31,8 +34,10 @@ backbone = load_backbone(str(work / "mini-vit"), device="cpu")
 prior = load_bn_prior(f"local-dir:{prior_dir}", backbone.device)
 accs, rows = [], []
 start = time.process_time()
-for i, (_, adapter) in enumerate(load_zoo(work / "zoo", backbone)[:k]):
+grid_size = tuple(backbone.model.patch_embed.grid_size)
+for i, (name, adapter) in enumerate(load_zoo(work / "zoo", backbone)[:k]):
     result = invert(backbone, adapter, replace(cfg, seed=i), bn_prior=prior)
+    write_run(out / "pool", result, adapter, name, run_settings(cfg), grid_size, name=name)
     accs.append((result.logits.argmax(-1) == result.labels).float().mean().item())
     rows.append(result.images[::4][:20])
 out.mkdir(parents=True, exist_ok=True)
@@ -40,5 +45,6 @@ grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # rows of im
 Image.fromarray((grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(out / "grid.png")
 res = {"settings": over, "teacher_accuracy": [round(a, 3) for a in accs], "mean": round(sum(accs) / len(accs), 4),
        "cpu_seconds": round(time.process_time() - start)}
+res["nn_1shot"] = task_difficulty(backbone, out / "pool", work / "data" / "zoo", episodes=200)
 (out / "result.json").write_text(json.dumps(res, indent=1))
 print(json.dumps(res), flush=True)
