@@ -168,6 +168,27 @@ def same_class_similarity(features: torch.Tensor, labels: torch.Tensor) -> torch
     return (z @ z.T)[same].mean() if same.any() else features.new_zeros(())
 
 
+def _start(
+    config: InversionConfig,
+    n: int,
+    size: tuple[int, int],
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The optimised tensor of `n` new images and the map from it to images in the teacher's normalised space: the
+    pixels themselves ``(n, 3, H, W)``, clipped to `bounds` (the valid range), or with `config.two_colour` coverage
+    logits ``(n, 1, H, W)`` between fixed random colours per image."""
+    device = mean.device
+    if config.two_colour is None:
+        noise = torch.randn(n, 3, *size, generator=gen).to(device)
+        return torch.maximum(torch.minimum(noise, bounds[1]), bounds[0]), lambda x: x
+    coverage = torch.randn(n, 1, *size, generator=gen).to(device)
+    ink, paper = (c.to(device) for c in ink_and_paper(n, config.two_colour, gen))
+    return coverage, lambda x: (two_colour_images(x, ink, paper) - mean) / std
+
+
 def _total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
@@ -293,18 +314,8 @@ def invert(
         teacher = _Teacher(backbone, head, schedule)
         for b, sl in enumerate(batches):
             y = labels[sl]
-            if config.two_colour is None:  # the pixels themselves, in the teacher's normalised space
-                x = torch.maximum(torch.minimum(torch.randn(y.numel(), 3, h, w, generator=gen).to(device), hi), lo)
-            else:  # coverage logits, with fixed colours per image
-                x = torch.randn(y.numel(), 1, h, w, generator=gen).to(device)
-                ink, paper = (c.to(device) for c in ink_and_paper(y.numel(), config.two_colour, gen))
+            x, normalised = _start(config, y.numel(), (h, w), mean, std, (lo, hi), gen)
             x.requires_grad_(True)
-
-            def normalised(param: torch.Tensor) -> torch.Tensor:
-                if config.two_colour is None:
-                    return param
-                return (two_colour_images(param, ink, paper) - mean) / std
-
             opt = torch.optim.Adam([x], lr=config.lr, betas=config.betas)
             best, best_loss = x.detach().clone(), float("inf")
             for step in range(config.steps):

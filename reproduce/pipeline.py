@@ -358,8 +358,7 @@ def _pretrain_in_phases(
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(phase1 / "model.safetensors"))
         atomic_write_bytes(phase1 / "summary.json", json.dumps(first).encode())  # written last: the phase is done
     _logger.info("foundation: the second phase (font-like views)")
-    summary = {**pretrain_contrastive(model, x, cfg.contrast_font, mean, std), "first_phase": first}
-    return summary
+    return {**pretrain_contrastive(model, x, cfg.contrast_font, mean, std), "first_phase": first}
 
 
 def stage_structure(cfg: ReproConfig, backbone: Backbone, work: Path, data: Path) -> dict:
