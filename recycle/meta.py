@@ -46,7 +46,15 @@ from .fewshot import prototype_logits
 from .adapter import LoRAAdapter
 from .formats import save_adapter
 from .io import atomic_write_bytes
-from .lora import LoRAConfig, inject_lora, lora_parameters, lora_state_dict, lora_suspended, remove_lora
+from .lora import (
+    LoRAConfig,
+    inject_lora,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    lora_suspended,
+    remove_lora,
+)
 from .runtime import check_bf16_flag, mixed_precision
 from .tokens import embed_kept
 
@@ -200,8 +208,8 @@ class MetaResult:
     steps_done: int
     losses: list[float]
     best_val: Optional[float] = None
-    best_step: Optional[int] = None  # 0: the bare backbone validated best, and the exported meta-LoRA is the identity
-    baseline_val: Optional[float] = None  # validation accuracy of the bare backbone (step 0)
+    best_step: Optional[int] = None  # 0: the start validated best, and the exported meta-LoRA is the start (identity)
+    baseline_val: Optional[float] = None  # validation accuracy at step 0: the bare backbone, or the `init` LoRA
 
 
 def _validate(backbone: Backbone, config: MetaConfig, validate: Callable[[LoRAAdapter], float]) -> float:
@@ -260,6 +268,7 @@ def meta_train(
     validate: Optional[Callable[[LoRAAdapter], float]] = None,
     progress: Optional[Callable[[dict], None]] = None,
     info: Optional[dict] = None,
+    init: Optional[LoRAAdapter] = None,
 ) -> MetaResult:
     """Train one meta-LoRA on `backbone` with episodes from `source`; write checkpoints, a JSONL log and the result.
 
@@ -278,6 +287,9 @@ def meta_train(
             ``MetaResult.best_step`` is 0. Never pass the test split.
         progress: called with each step's log record.
         info: provenance recorded in the exported LoRA.
+        init: start the meta-LoRA from this adapter (for example `recycle.adapter.average_loras` of the zoo, a
+            variant beyond the paper) instead of the identity; ``config.lora`` must be its configuration. Step 0's
+            validation then scores `init`, so model selection can still choose "no change" from it.
 
     Under torchrun every rank calls this with the same arguments; `out` must be on a filesystem all ranks share.
     """
@@ -285,6 +297,11 @@ def meta_train(
     if config.episode_batch % world:
         raise ValueError(
             f"episode_batch={config.episode_batch} cannot be split evenly over {world} ranks; use a multiple of {world}"
+        )
+    if init is not None and init.config != config.lora:
+        raise ValueError(
+            f"init: the starting LoRA's configuration ({init.config}) differs from config.lora ({config.lora}); "
+            "meta-train with lora=init.config"
         )
     out = Path(out)
     ckpt, log_path = out / CHECKPOINT, out / LOG
@@ -301,6 +318,8 @@ def meta_train(
     torch.manual_seed(config.seed)
     inject_lora(backbone.model, config.lora)
     try:
+        if init is not None:
+            load_lora_state_dict(backbone.model, init.state)
         backbone.model.to(backbone.device)
         params = lora_parameters(backbone.model)
         for p in params:
@@ -389,9 +408,9 @@ def meta_train(
         state = best_state if best_state is not None else lora_state_dict(backbone.model)
         if extra["best_step"] == 0:
             _logger.warning(
-                "no meta-training step beat the bare backbone on validation (%.4f at step 0): the "
-                "exported meta-LoRA is the identity",
+                "no meta-training step beat the start on validation (%.4f at step 0): the exported meta-LoRA is %s",
                 extra["best_val"],
+                "the identity" if init is None else "the starting LoRA",
             )
         adapter = LoRAAdapter(
             config.lora,
@@ -404,6 +423,7 @@ def meta_train(
                 "best_val": extra["best_val"],
                 "best_step": extra["best_step"],
                 "baseline_val": extra["baseline_val"],
+                **({"init": dict(init.info)} if init is not None else {}),
                 **({"resumed": extra["resumed"]} if extra.get("resumed") else {}),
             },
         )

@@ -495,8 +495,11 @@ def stage_meta(
     out: Path,
     bf16: bool = False,
     temperature: float = 1.0,
+    init: Optional[LoRAAdapter] = None,
 ) -> dict:
     meta_cfg = replace(cfg.meta, masked=masked, bf16=bf16, teacher_temperature=temperature)
+    if init is not None:
+        meta_cfg = replace(meta_cfg, lora=init.config)
     result = meta_train(
         backbone,
         source,
@@ -505,6 +508,7 @@ def stage_meta(
         resume=True,
         validate=_validator(cfg, backbone, data),
         info={"made_by": "reproduce.pipeline", "run": name},
+        init=init,
     )
     log = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]  # steps >= 1
     times = [b["time"] - a["time"] for a, b in zip(log, log[1:]) if b["time"] > a["time"]]
@@ -554,6 +558,10 @@ def run(work: Path, cfg: ReproConfig, until: Optional[str] = None) -> dict:
         return stop.partial
 
 
+# A variant beyond the paper, reported beside it: unmasked meta-training that starts from the zoo's LoRAs-average
+# (`average_loras`, a LoRA of rank 4 x zoo size) instead of the identity.
+FROM_AVERAGE = "recycle-from-average"
+
 STAGES = (
     "data",
     "prior",
@@ -567,6 +575,7 @@ STAGES = (
     "meta-recycle",
     *(f"meta-recycle-{int(r * 100)}" for r in MASKS),
     f"meta-recycle-{int(MASKS[-1] * 100)}-bf16",
+    f"meta-{FROM_AVERAGE}",
     "eval",
     "bf16-check",
 )
@@ -642,22 +651,36 @@ def _run(work: Path, cfg: ReproConfig, until: Optional[str]) -> dict:
     )
     temperature = summaries["temperature"]["chosen"]
 
-    # name -> (episode source, masked, bf16); the last masked run again in bf16, to check that bf16 meta-training
-    # scores as fp32 does
-    runs = {"recycle": (lambda: PoolEpisodes(Pool(pools[0.75]), spec, False), False, False)}
+    # name -> (episode source, masked, bf16, starts from the LoRAs-average); the last masked run again in bf16, to
+    # check that bf16 meta-training scores as fp32 does
+    def unmasked() -> PoolEpisodes:
+        return PoolEpisodes(Pool(pools[MASKS[-1]]), spec, False)
+
+    runs = {"recycle": (unmasked, False, False, False)}
     for r in MASKS:
-        runs[f"recycle-{int(r * 100)}"] = (lambda r=r: PoolEpisodes(Pool(pools[r]), spec, True), True, False)
+        runs[f"recycle-{int(r * 100)}"] = (lambda r=r: PoolEpisodes(Pool(pools[r]), spec, True), True, False, False)
     runs[f"recycle-{int(MASKS[-1] * 100)}-bf16"] = (
         lambda: PoolEpisodes(Pool(pools[MASKS[-1]]), spec, True),
         True,
         True,
+        False,
     )
-    for name, (make_source, masked, bf16) in runs.items():
+    runs[FROM_AVERAGE] = (unmasked, False, False, True)
+    for name, (make_source, masked, bf16, from_average) in runs.items():
         summaries[f"meta-{name}"] = _stage(
             work,
             f"meta-{name}",
             lambda: stage_meta(
-                cfg, backbone, name, make_source(), masked, data, work / f"meta-{name}", bf16, temperature
+                cfg,
+                backbone,
+                name,
+                make_source(),
+                masked,
+                data,
+                work / f"meta-{name}",
+                bf16,
+                temperature,
+                init=average_loras([a for _, a in load_zoo(zoo, backbone)]) if from_average else None,
             ),
             timings,
         )

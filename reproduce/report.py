@@ -9,6 +9,8 @@ def method_name(run: str) -> str:
     """The results' name of a meta-training run: ``recycle-75-bf16`` -> ``LoRA Recycle-75 (bf16)``."""
     if run == "oracle":
         return "Oracle (real zoo images)"
+    if run.endswith("-from-average"):
+        return "LoRA Recycle" + run[len("recycle") : -len("-from-average")] + ", from the LoRAs-average"
     base, bf16, _ = run.partition("-bf16")
     return "LoRA Recycle" + base[len("recycle") :] + (" (bf16)" if bf16 else "")
 
@@ -170,9 +172,10 @@ def prior_source(summaries: dict) -> str:
     )
 
 
-def prior_card(summary: dict, steps: int, source: str) -> str:
+def prior_card(summary: dict, steps: int, source: str, look: dict) -> str:
     """The model card of the shipped glyph BN prior, from the prior stage's summary (``train_acc``, ``classes``,
-    ``recoloured_copies``) and the `source_description`."""
+    ``recoloured_copies``), the `source_description` and the run's inversion settings (``bn_weight``, ``tv_weight``,
+    ``two_colour``)."""
     copies = summary.get("recoloured_copies", 0)
     recoloured = (
         f", together with {copies} copies of each image in random ink and paper colours (either polarity, "
@@ -197,8 +200,15 @@ def prior_card(summary: dict, steps: int, source: str) -> str:
         + f"Trained by `reproduce.pipeline.stage_prior` on the {summary['classes']} pretraining classes of "
         f"`reproduce/` ({source}{recoloured}; never on zoo, validation or test classes), "
         f"{steps} steps, train accuracy {summary['train_acc']:.4f}. The classifier head is not used.\n\n"
-        "Load it with `recycle.invert.load_bn_prior('weights/glyph-prior')`. The app's inversion tab uses it, with "
-        "weight 0.1, whenever the backbone is the shipped `mini-vit`.\n\n"
+        "Load it with `recycle.invert.load_bn_prior('weights/glyph-prior')`. The app's inversion tab uses it "
+        "whenever the backbone is the shipped `mini-vit`, with the settings the run inverted its zoo with "
+        f"(`inversion.json`: BN weight {look['bn_weight']:g}, total variation {look['tv_weight']:g}"
+        + (
+            f", two-colour images of luminance contrast at least {look['two_colour']:g}"
+            if look.get("two_colour")
+            else ""
+        )
+        + ").\n\n"
         "Command: `python -m reproduce.pipeline --work .cache/repro`.\n"
     )
 

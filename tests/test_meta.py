@@ -172,6 +172,26 @@ def test_selection_keeps_the_bare_backbone_when_no_step_beats_it(pool_dir, tiny_
             assert torch.allclose(tiny_clip.embed(x), bare, atol=1e-6)
 
 
+def test_init_starts_from_the_given_lora_and_selection_can_keep_it(pool_dir, tiny_clip, tmp_path):
+    source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
+    config = MetaConfig(steps=4, way=3, shot=1, query=2, val_every=2, lr=1e-2, lora=LoRAConfig(rank=8))
+    start = meta_train(tiny_clip, source, replace(config, steps=3), tmp_path / "start").adapter  # non-zero A and B
+    seen = []
+
+    def validate(adapter):
+        seen.append({k: v.clone() for k, v in adapter.state.items()})
+        return [0.9, 0.5, 0.6][len(seen) - 1]  # step 0 (the start) validates best
+
+    result = meta_train(tiny_clip, source, config, tmp_path / "run", validate=validate, init=start)
+    for key, value in start.state.items():
+        assert torch.equal(seen[0][key], value)  # step 0 scored the starting LoRA, not the identity
+        assert torch.equal(result.adapter.state[key], value)  # and selection kept it
+    assert any(not torch.equal(seen[-1][k], v) for k, v in start.state.items())  # the steps did train it
+    assert result.best_step == 0 and result.adapter.info["init"] == dict(start.info)
+    with pytest.raises(ValueError, match="differs from config.lora"):
+        meta_train(tiny_clip, source, replace(config, lora=LoRAConfig(rank=4)), tmp_path / "bad", init=start)
+
+
 def test_teacher_temperature_sharpens_the_kl_target(pool_dir, tiny_clip):
     source = PoolEpisodes(Pool(pool_dir), EpisodeSpec(3, 1, 2), masked=False)
     episode = source.next("single", random.Random(0))

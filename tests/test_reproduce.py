@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 glyphs = pytest.importorskip("reproduce.glyphs")
@@ -13,10 +14,13 @@ if glyphs.missing_fonts():
         allow_module_level=True,
     )
 
+from recycle.adapter import average_loras  # noqa: E402
 from recycle.backbone import load_backbone  # noqa: E402
+from recycle.checkpoint import checkpoint_lora  # noqa: E402
 from recycle.evaluate import EvalConfig, evaluate  # noqa: E402
 from recycle.formats import read_adapter  # noqa: E402
 from recycle.invert import load_bn_prior  # noqa: E402
+from recycle.zoo import load_zoo  # noqa: E402
 from reproduce.diagnose import report  # noqa: E402
 from reproduce.pipeline import ReproConfig, run  # noqa: E402
 from reproduce.report import method_name  # noqa: E402
@@ -48,6 +52,7 @@ def test_toy_pipeline_runs_every_stage_and_resumes():
         "meta-recycle-50",
         "meta-recycle-75",
         "meta-recycle-75-bf16",
+        "meta-recycle-from-average",
         "eval",
         "bf16-check",
     ]
@@ -80,6 +85,7 @@ def test_toy_pipeline_runs_every_stage_and_resumes():
         "LoRA Recycle-50",
         "LoRA Recycle-75",
         "LoRA Recycle-75 (bf16)",
+        "LoRA Recycle, from the LoRAs-average",
         "Oracle (real zoo images)",
     ]
     splits = json.loads((work / "data" / "splits.json").read_text())
@@ -99,6 +105,14 @@ def test_toy_pipeline_runs_every_stage_and_resumes():
     assert chosen in cfg.temperatures and f"Teacher temperature chosen on validation: {chosen:g}" in table
     assert results["summaries"]["meta-recycle"]["teacher_temperature"] == chosen
     assert results["summaries"]["meta-oracle"]["val_curve"][0][0] == 0  # step 0: the bare backbone
+    # The variant beyond the paper starts from the zoo's average, a LoRA of rank 4 x zoo size, and trains all of it.
+    from_average = read_adapter(work / "meta-recycle-from-average" / "meta-lora")
+    assert from_average.config.rank == cfg.zoo.lora.rank * cfg.zoo.num_loras
+    assert from_average.info["init"] == {"averaged": cfg.zoo.num_loras}
+    step, trained = checkpoint_lora(work / "meta-recycle-from-average")
+    average = average_loras([a for _, a in load_zoo(work / "zoo")])
+    assert step == cfg.meta.steps and set(trained) == set(average.state)
+    assert any(not torch.equal(trained[k], average.state[k]) for k in trained)
     check = results["summaries"]["bf16-check"]  # the final meta-LoRAs, trained: not the identity
     assert check["step"] == cfg.meta.steps and "bf16 against fp32 meta-training" in table
     gap = abs(check["bf16"]["mean"] - check["fp32"]["mean"])
