@@ -145,7 +145,7 @@ class Inversion(LoRALoading):
                 )
             targets, config = self._config(classes, per_class, steps, pruning, lr, seed)
             choice = self.settings.bn_prior_for(name)
-            config = dataclasses.replace(config, flip=choice.flip)
+            config = dataclasses.replace(config, flip=choice.flip, **choice.look)
             if bn_prior:
                 config = dataclasses.replace(config, bn_weight=choice.weight)
             names = loaded.adapter.class_names or []

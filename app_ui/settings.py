@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -13,6 +13,7 @@ from recycle.backbone import DEFAULT_BACKBONE, Backbone, BackboneError, backbone
 from recycle.formats import LoRAAdapter, load_lora
 from recycle.hub import hub_reachable, is_repo_id
 from recycle.invert import DEFAULT_BN_PRIOR, InversionConfig
+from recycle.priors import read_prior_settings
 
 from .errors import InputError, text_field
 from .markup import md_code, md_text
@@ -95,17 +96,21 @@ class AppSettings:
 
     def bn_prior_for(self, backbone: str) -> "PriorChoice":
         """The BN-statistics prior offered for `backbone`: the shipped glyph prior for the shipped mini-vit (exactly
-        that folder: the app's own file, read even with local paths off), else the paper's ImageNet ResNet-50."""
+        that folder: the app's own file, read even with local paths off), with the inversion settings the shipped
+        run inverted with (`shipped_inversion`), else the paper's ImageNet ResNet-50."""
         prior = self.shipped_prior
         if prior is not None and _same_folder(backbone, self.shipped_backbone):
+            look = self.shipped_inversion()
+            weight = look.pop("bn_weight", GLYPH_PRIOR_WEIGHT)
             return PriorChoice(
                 str(prior),
-                GLYPH_PRIOR_WEIGHT,
+                weight,
                 True,
-                f"BN-statistics prior (the shipped `{prior.name}`, weight {GLYPH_PRIOR_WEIGHT:g})",
+                f"BN-statistics prior (the shipped `{prior.name}`, weight {weight:g})",
                 f"A small CNN trained on {self.shipped_backbone.name}'s own pretraining glyphs: "
                 "glyph-like images instead of noise; works offline.",
                 flip=False,
+                look=look,
             )
         return PriorChoice(
             DEFAULT_BN_PRIOR,
@@ -114,6 +119,15 @@ class AppSettings:
             f"BN-statistics prior ({DEFAULT_BN_PRIOR}, from the Hub)",
             "The paper's image prior: more natural images, slower; needs the Hub.",
         )
+
+    def shipped_inversion(self) -> dict[str, Optional[float]]:
+        """The settings the shipped run inverted its zoo with (`recycle.priors.read_prior_settings` of the glyph
+        prior's folder); {} when absent, and {} with a logged warning when unusable."""
+        try:
+            return read_prior_settings(self.weights / "glyph-prior")
+        except ValueError as e:
+            _logger.warning("ignoring the shipped inversion settings: %s", e)
+            return {}
 
 
 GLYPH_PRIOR_WEIGHT = 0.1  # glyph-like surrogates within 100 steps (0.01, the paper's weight for ResNet-50, is weaker)
@@ -131,6 +145,7 @@ class PriorChoice:
     label: str
     info: str
     flip: bool = True
+    look: dict = field(default_factory=dict)  # other InversionConfig settings for this backbone (tv_weight, two_colour)
 
 
 def _same_folder(name: str, folder: Path) -> bool:

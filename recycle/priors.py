@@ -3,14 +3,29 @@ two-colour parametrisation (each image a coverage map between one ink and one pa
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .backbone import BackboneError
+from .io import atomic_write_bytes
 
-__all__ = ["BNPrior", "load_bn_prior", "DEFAULT_BN_PRIOR", "LUMA", "ink_and_paper", "two_colour_images"]
+__all__ = [
+    "BNPrior",
+    "load_bn_prior",
+    "DEFAULT_BN_PRIOR",
+    "LUMA",
+    "ink_and_paper",
+    "two_colour_images",
+    "PRIOR_SETTINGS",
+    "LOOK_SETTINGS",
+    "save_prior_settings",
+    "read_prior_settings",
+]
 
 DEFAULT_BN_PRIOR = "resnet50.tv_in1k"  # torchvision's ImageNet ResNet-50 (V1 weights), as in the paper's code
 
@@ -94,3 +109,47 @@ def two_colour_images(coverage: torch.Tensor, ink: torch.Tensor, paper: torch.Te
     is ``s·ink + (1 − s)·paper`` with ``s = sigmoid(coverage)``."""
     s = torch.sigmoid(coverage)
     return s * ink[:, :, None, None] + (1 - s) * paper[:, :, None, None]
+
+
+PRIOR_SETTINGS = "inversion.json"  # beside a shipped BN prior: the settings its backbone's zoo was inverted with
+LOOK_SETTINGS = ("bn_weight", "tv_weight", "two_colour")  # the `InversionConfig` fields that set how surrogates look
+
+
+def save_prior_settings(folder: Union[str, Path], settings: Mapping[str, Any]) -> dict[str, Optional[float]]:
+    """Write the `LOOK_SETTINGS` of `settings` (an `InversionConfig` as a dict; absent fields take its defaults)
+    into ``folder/inversion.json``; returns what was written."""
+    from .invert import InversionConfig
+
+    look = {k: settings.get(k, getattr(InversionConfig, k)) for k in LOOK_SETTINGS}
+    look = {k: None if v is None else float(v) for k, v in look.items()}  # None: an option left off
+    InversionConfig(**look)  # range-checked there
+    atomic_write_bytes(Path(folder) / PRIOR_SETTINGS, json.dumps(look, indent=1).encode())
+    return look
+
+
+def read_prior_settings(folder: Union[str, Path]) -> dict[str, Optional[float]]:
+    """The `LOOK_SETTINGS` in ``folder/inversion.json``; {} when the file is absent.
+
+    Raises:
+        ValueError: the file is unreadable, not a JSON object, or holds a value `InversionConfig` refuses.
+    """
+    from .invert import InversionConfig
+
+    path = Path(folder) / PRIOR_SETTINGS
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object of {', '.join(LOOK_SETTINGS)}")
+    look = {}
+    for k in LOOK_SETTINGS:
+        if k in raw:
+            v = raw[k]
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise ValueError(f"{path}: {k}={v!r} is not a finite number")
+            look[k] = None if v is None else float(v)
+    InversionConfig(**look)  # range-checked there: its error names the setting
+    return look

@@ -15,6 +15,7 @@ from recycle.backbone import Backbone, load_backbone
 from recycle.evaluate import EvalConfig, evaluate
 from recycle.formats import LoRAAdapter, read_adapter, save_adapter
 from recycle.images import load_image
+from recycle.priors import save_prior_settings
 from recycle.io import atomic_write_bytes
 from recycle.predict import LABEL_SEPARATOR
 from recycle.zoo import load_zoo
@@ -101,9 +102,11 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
         out.mkdir(parents=True)
         for f in ("config.json", "model.safetensors"):
             shutil.copy2(source / f, out / f)
+    # The run's inversion settings beside the prior: the app's inversion tab inverts with them on mini-vit
+    look = save_prior_settings(prior_out, results["config"]["invert"])
     atomic_write_bytes(
         prior_out / "README.md",
-        prior_card(s["prior"], results["config"]["prior_steps"], source_description(s["data"])).encode(),
+        prior_card(s["prior"], results["config"]["prior_steps"], source_description(s["data"]), look).encode(),
     )
     table = results_markdown(results)
     adapter = read_adapter(work / best / "meta-lora")

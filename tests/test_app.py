@@ -23,6 +23,7 @@ from PIL import Image
 import app
 import app_ui
 from app_ui import fewshot
+from app_ui.settings import GLYPH_PRIOR_WEIGHT
 from recycle.backbone import load_backbone
 from recycle.invert import DEFAULT_BN_PRIOR
 from recycle.formats import LoRAAdapter, read_adapter, save_adapter
@@ -383,6 +384,18 @@ def test_offline_inversion_of_the_bundled_lora_uses_the_glyph_prior_by_default(c
         close(demo, client)
 
 
+def test_unusable_shipped_inversion_settings_fall_back_with_a_warning(tmp_path, caplog):
+    weights = tmp_path / "weights"
+    (weights / "glyph-prior").mkdir(parents=True)
+    (weights / "glyph-prior" / "model.safetensors").write_bytes(b"")  # only its presence matters here
+    (weights / "glyph-prior" / "inversion.json").write_text('{"tv_weight": -3}')
+    s = settings(tmp_path, CLIP_NAME, weights)
+    with caplog.at_level("WARNING", logger="recycle.app"):
+        choice = s.bn_prior_for(str(weights / "mini-vit"))
+    assert choice.look == {} and choice.weight == GLYPH_PRIOR_WEIGHT
+    assert "ignoring the shipped inversion settings" in caplog.text and "tv_weight" in caplog.text
+
+
 def test_the_glyph_prior_is_trusted_for_the_shipped_backbone_only(closed_hub, tmp_path):
     """The shipped prior is read from disk for the shipped mini-vit only: a copy of mini-vit elsewhere gets the Hub
     ResNet-50 (unloadable offline, so the run says so), and its folder cannot be typed in as a backbone or a LoRA."""
@@ -395,7 +408,11 @@ def test_the_glyph_prior_is_trusted_for_the_shipped_backbone_only(closed_hub, tm
         choice = s.bn_prior_for(other)
         assert choice.name == DEFAULT_BN_PRIOR and not choice.default and DEFAULT_BN_PRIOR in choice.label
         assert choice.flip  # natural images: the paper's flips
-    assert not s.bn_prior_for(str(weights / "mini-vit")).flip
+    shipped = s.bn_prior_for(str(weights / "mini-vit"))
+    assert not shipped.flip
+    # The shipped run's inversion settings come with it: its BN weight, and the look (TV, two colours) besides.
+    look = json.loads((weights / "glyph-prior" / "inversion.json").read_text())
+    assert shipped.weight == look.pop("bn_weight") and shipped.look == look and set(look) == {"tv_weight", "two_colour"}
     png = next((weights / "examples").rglob("*.png"))
     demo, client = launch(s)
     try:

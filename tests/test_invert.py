@@ -194,3 +194,25 @@ def test_the_diversity_term_spreads_the_images_of_a_class_apart(tiny_clip, teach
     assert similarity(5.0) < similarity(0.0) - 0.05
     with pytest.raises(ValueError, match="diversity_weight"):
         InversionConfig(diversity_weight=-1)
+
+
+def test_prior_settings_round_trip_and_refuse_bad_values(tmp_path):
+    from recycle.priors import PRIOR_SETTINGS, read_prior_settings, save_prior_settings
+
+    assert read_prior_settings(tmp_path) == {}  # no file: no settings
+    written = save_prior_settings(tmp_path, {"bn_weight": 0.02, "tv_weight": 0.3, "two_colour": 0.35, "steps": 7})
+    assert written == {"bn_weight": 0.02, "tv_weight": 0.3, "two_colour": 0.35}  # only how surrogates look
+    assert read_prior_settings(tmp_path) == written
+    assert save_prior_settings(tmp_path, {})["two_colour"] == InversionConfig.two_colour  # defaults fill the gaps
+    path = tmp_path / PRIOR_SETTINGS
+    for text, match in [
+        ("{not json", "unreadable"),
+        ("[0.1]", "expected a JSON object"),
+        ('{"tv_weight": "0.3"}', "tv_weight='0.3' is not a finite number"),
+        ('{"bn_weight": NaN}', "bn_weight=nan is not a finite number"),
+        ('{"two_colour": 2.0}', "two_colour"),
+        ('{"bn_weight": -1}', "bn_weight"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            read_prior_settings(tmp_path)
