@@ -14,6 +14,8 @@ Environment:
   configured (``HF_TOKEN``).
 * ``RECYCLE_ALLOW_LOCAL_PATHS``: ``0`` makes text fields accept only Hub ids (and uploads), for public servers;
   the default is ``1``, except on a Hugging Face Space.
+* ``RECYCLE_PRECISION``: the few-shot tab's arithmetic: ``auto`` (default; a short calibration per backbone picks
+  fp32, bf16 or int8 and the status line says which), ``fp32``, ``bf16`` or ``int8``.
 * ``SPACES_ZERO_GPU``: set by a ZeroGPU Space; prediction and inversion then run under ``spaces.GPU``
   (`app_ui.zerogpu`).
 
@@ -111,7 +113,7 @@ def build_demo(
     """
     settings = settings or AppSettings.from_env()
     policy = PathPolicy(settings.allow_local_paths)
-    cache = cache or ModelCache()
+    cache = cache or ModelCache(precision=settings.precision)
     cache.lora_loader = policy.load_lora
     defaults = resolve_defaults(settings, cache, default_backbone)
     policy.trusted |= {

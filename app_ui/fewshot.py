@@ -258,9 +258,10 @@ class FewShot:
         embedding = "CLIP projection" if model.embedding == "projection" else "[CLS]"
         with_lora = f" with meta-LoRA {md_code(lora)}" if lora else ""
         _, h, w = model.input_size
+        precision, why = self.cache.precision_of(backbone)
         return (
             f"{note}✅ **Ready:** {md_code(backbone)}{with_lora}: {embedding} embedding ({model.embed_dim}-d), "
-            f"{w}×{h} px input, on {model.device}."
+            f"{w}×{h} px input, on {model.device} in {precision}" + (f" ({md_text(why, 200)})." if why else ".")
         )
 
     def classify(

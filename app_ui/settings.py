@@ -14,6 +14,7 @@ from recycle.formats import LoRAAdapter, load_lora
 from recycle.hub import hub_reachable, is_repo_id
 from recycle.invert import DEFAULT_BN_PRIOR, InversionConfig
 from recycle.priors import read_prior_settings
+from recycle.runtime import INFERENCE_PRECISIONS
 
 from .errors import InputError, text_field
 from .markup import md_code, md_text
@@ -43,9 +44,11 @@ class AppSettings:
             except on a Hugging Face Space). When off, only Hub ids, uploads and the app's own files are used.
         pool_repo: a Hub dataset ``ORG/NAME`` that **Add to pool** also pushes each run to, when a Hub token is
             configured (``$RECYCLE_POOL_REPO``; ``HF_TOKEN`` or ``hf auth login`` for the token).
+        precision: the few-shot tab's arithmetic (``$RECYCLE_PRECISION``): ``auto`` (default: a short calibration
+            per backbone picks fp32, bf16 or int8), ``fp32``, ``bf16`` or ``int8``.
 
     Raises:
-        ValueError: `pool_repo` is not a Hub id.
+        ValueError: `pool_repo` is not a Hub id, or `precision` is not one.
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -53,8 +56,13 @@ class AppSettings:
     pool: Path = Path("pool")
     allow_local_paths: bool = True
     pool_repo: Optional[str] = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.precision not in INFERENCE_PRECISIONS:
+            raise ValueError(
+                f"RECYCLE_PRECISION={self.precision[:40]!r} is not a precision: use {', '.join(INFERENCE_PRECISIONS)}"
+            )
         if self.pool_repo is not None and not is_repo_id(self.pool_repo):
             raise ValueError(f"RECYCLE_POOL_REPO={self.pool_repo[:80]!r} is not a Hub dataset id: use ORG/NAME")
 
@@ -66,6 +74,7 @@ class AppSettings:
             "pool": Path(os.environ.get("RECYCLE_POOL", "").strip() or cls.pool).expanduser(),
             "allow_local_paths": _env_flag("RECYCLE_ALLOW_LOCAL_PATHS", default=not os.environ.get("SPACE_ID")),
             "pool_repo": os.environ.get("RECYCLE_POOL_REPO", "").strip() or None,
+            "precision": os.environ.get("RECYCLE_PRECISION", "").strip().lower() or "auto",
         }
         env.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**env)

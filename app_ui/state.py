@@ -15,6 +15,8 @@ from recycle.backbone import Backbone, BackboneError, load_backbone
 from recycle.fewshot import FewShotClassifier
 from recycle.formats import LoRAAdapter, load_lora
 from recycle.invert import DEFAULT_BN_PRIOR, BNPrior, load_bn_prior
+from recycle.quantize import choose_precision
+from recycle.runtime import INFERENCE_PRECISIONS, resolve_inference_precision
 
 _logger = logging.getLogger("recycle.app")
 
@@ -36,10 +38,15 @@ class ModelCache:
         max_classifiers: int = 4,
         device: Optional[str] = None,
         lora_loader: Optional[Callable[[str, Backbone], LoRAAdapter]] = None,
+        precision: str = "fp32",
     ):
+        if precision not in INFERENCE_PRECISIONS:
+            raise ValueError(f"precision={precision!r}: choose from {', '.join(INFERENCE_PRECISIONS)}")
         self.max_backbones = max_backbones
         self.max_classifiers = max_classifiers
         self.device = device
+        self.precision = precision
+        self._precisions: dict[str, tuple[str, str]] = {}  # backbone name -> (fp32 | bf16 | int8, why)
         self.lora_loader = lora_loader or load_lora
         self._lock = threading.Lock()  # guards the tables; held briefly
         self._load_lock = threading.RLock()  # serialises loads, so nothing is loaded twice
@@ -67,14 +74,34 @@ class ModelCache:
             if (hit := self._get(self._backbones, name)) is not None:
                 return hit
             backbone = load_backbone(name, device=self.device)
+            precision = self._choose_precision(backbone)
             with self._lock:
                 self._backbones[name] = backbone
+                self._precisions[name] = precision
                 while len(self._backbones) > self.max_backbones:
                     evicted, _ = self._backbones.popitem(last=False)
+                    self._precisions.pop(evicted, None)
                     for key in [k for k in self._classifiers if k[0] == evicted]:
                         del self._classifiers[key]
                     _logger.info("evicted backbone %s", evicted)
             return backbone
+
+    def _choose_precision(self, backbone: Backbone) -> tuple[str, str]:
+        """The arithmetic predictions run in on `backbone`, decided once when it loads: `precision`, or for
+        ``auto`` a short calibration (`recycle.quantize.choose_precision`). A precision the device cannot run
+        (int8 off the CPU, or without int8 kernels) falls back to fp32, saying why."""
+        if self.precision == "auto":
+            return choose_precision(backbone)
+        try:
+            return resolve_inference_precision(self.precision, backbone.device)
+        except ValueError as e:
+            _logger.warning("%s; using fp32", e)
+            return "fp32", f"{self.precision} cannot run here"
+
+    def precision_of(self, backbone: str) -> tuple[str, str]:
+        """``(fp32 | bf16 | int8, why)`` for a loaded backbone (``("fp32", "")`` for one not loaded)."""
+        with self._lock:
+            return self._precisions.get(backbone, ("fp32", ""))
 
     @contextlib.contextmanager
     def classifier(self, backbone: str, lora: str = "") -> Iterator[FewShotClassifier]:
@@ -91,7 +118,9 @@ class ModelCache:
                 if entry is None:
                     model = self.backbone(backbone)
                     adapter = self.lora_loader(lora, model) if lora else None
-                    entry = (FewShotClassifier(model, adapter), threading.Lock())
+                    precision, _ = self.precision_of(backbone)
+                    classifier = FewShotClassifier(model, adapter, bf16=precision == "bf16", int8=precision == "int8")
+                    entry = (classifier, threading.Lock())
                     with self._lock:
                         self._classifiers[key] = entry
                         while len(self._classifiers) > self.max_classifiers:

@@ -247,14 +247,17 @@ class Backbone(nn.Module):
         """``(B, C, H, W)`` -> pooled feature ``(B, num_features)``."""
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
-    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Output of ``forward_features`` ``(B, N, D)`` (any number of tokens) -> embedding ``(B, embed_dim)``."""
-        feats = self.model.forward_head(features, pre_logits=True)
-        return self.model.head(feats) if self.embedding == "projection" else feats
+    def embed_features(self, features: torch.Tensor, model: Optional[nn.Module] = None) -> torch.Tensor:
+        """Output of ``forward_features`` ``(B, N, D)`` (any number of tokens) -> embedding ``(B, embed_dim)``.
+        `model`: a copy of `self.model` to run instead (e.g. `recycle.quantize.int8_model`)."""
+        model = self.model if model is None else model
+        feats = model.forward_head(features, pre_logits=True)
+        return model.head(feats) if self.embedding == "projection" else feats
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` -> embedding ``(B, embed_dim)``."""
-        return self.embed_features(self.model.forward_features(x))
+    def embed(self, x: torch.Tensor, model: Optional[nn.Module] = None) -> torch.Tensor:
+        """``(B, C, H, W)`` -> embedding ``(B, embed_dim)``; `model` as in `embed_features`."""
+        model = self.model if model is None else model
+        return self.embed_features(model.forward_features(x), model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(x)

@@ -44,10 +44,15 @@ class EvalConfig:
     distance: str = "l2"
     batch_size: int = 64
     bf16: bool = False
+    int8: bool = False  # an int8 copy of the backbone per method (CPU; `recycle.quantize`)
 
     def __post_init__(self):
         EpisodeSpec(self.way, self.shot, self.query)
         check_bf16_flag(self.bf16)
+        if not isinstance(self.int8, bool):
+            raise ValueError(f"invalid setting int8={self.int8!r}: expected True or False")
+        if self.bf16 and self.int8:
+            raise ValueError("choose one of bf16 and int8, not both")
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
 
@@ -107,7 +112,9 @@ def evaluate(
     for method, adapter in methods.items():
         if progress is not None:
             progress(method)
-        clf = FewShotClassifier(backbone, adapter, config.distance, config.batch_size, config.bf16, cache_size=0)
+        clf = FewShotClassifier(
+            backbone, adapter, config.distance, config.batch_size, config.bf16, cache_size=0, int8=config.int8
+        )
         emb = torch.zeros(len(flat), backbone.embed_dim)
         parts = distributed.gather_ordered(
             [clf.embed([images[i] for i in batches[b]]) for b in my_batches], len(batches)

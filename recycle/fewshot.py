@@ -18,6 +18,7 @@ from PIL import Image
 
 from .backbone import Backbone
 from .adapter import LoRAAdapter
+from .quantize import int8_model
 from .runtime import mixed_precision
 
 __all__ = ["DISTANCES", "compute_prototypes", "pairwise_distances", "prototype_logits", "FewShotClassifier"]
@@ -87,6 +88,8 @@ class FewShotClassifier:
         distance: ``"l2"`` (paper), ``"sqeuclidean"`` or ``"cosine"``.
         batch_size: images per forward pass.
         bf16: run the backbone under bfloat16 autocast (CPU or GPU; `recycle.runtime.mixed_precision`).
+        int8: run an int8 copy of the backbone with the LoRA baked in (CPU only; `recycle.quantize.int8_model`,
+            made at the first embedding and cached).
         cache_size: how many embeddings to keep, keyed by image content and LoRA (least recently used go first).
 
     Example:
@@ -102,6 +105,7 @@ class FewShotClassifier:
         batch_size: int = 32,
         bf16: bool = False,
         cache_size: int = 4096,
+        int8: bool = False,
     ):
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; choose from {DISTANCES}")
@@ -109,14 +113,19 @@ class FewShotClassifier:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        if bf16 and int8:
+            raise ValueError("choose one of bf16 and int8, not both")
+        if int8 and backbone.device.type != "cpu":
+            raise ValueError(f"int8 inference runs on the CPU; this backbone is on {backbone.device}")
         self.backbone = backbone
         self.lora = lora
         self.distance = distance
         self.batch_size = batch_size
         self.bf16 = bf16
+        self.int8 = int8
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
-        self._lora_key = lora.fingerprint() if lora is not None else "-"
+        self._lora_key = (lora.fingerprint() if lora is not None else "-") + ("/int8" if int8 else "")
         self.classes: list[Hashable] = []
         self.prototypes: Optional[torch.Tensor] = None
         self.stats = {"embedded": 0, "cache_hits": 0}
@@ -135,6 +144,12 @@ class FewShotClassifier:
     def _forward(self, images: Sequence[Image.Image]) -> torch.Tensor:
         device = self.backbone.device
         out = []
+        if self.int8:  # a private quantised copy: the shared backbone is not held
+            model = int8_model(self.backbone, self.lora)
+            for i in range(0, len(images), self.batch_size):
+                x = self.backbone.preprocess(images[i : i + self.batch_size])
+                out.append(self.backbone.embed(x, model=model).float())
+            return torch.cat(out)
         with self._attached():
             for i in range(0, len(images), self.batch_size):
                 x = self.backbone.preprocess(images[i : i + self.batch_size]).to(device)

@@ -28,6 +28,7 @@ __all__ = [
     "remove_lora",
     "merge_lora",
     "unmerge_lora",
+    "bake_lora",
     "lora_layers",
     "lora_state_dict",
     "load_lora_state_dict",
@@ -375,6 +376,29 @@ def merge_lora(model: nn.Module) -> None:
 def unmerge_lora(model: nn.Module) -> None:
     for _, layer in lora_layers(model):
         layer.unmerge()
+
+
+@torch.no_grad()
+def bake_lora(model: nn.Module) -> list[str]:
+    """Replace every LoRA layer of `model` by a plain `nn.Linear` holding ``W + s·B A`` for good (for a private copy
+    of a model: quantisation or export). Returns the baked paths.
+
+    Raises:
+        ValueError: a merged weight would hold NaN or Inf.
+    """
+    baked = []
+    for name, layer in list(lora_layers(model)):
+        layer.merge()
+        base = layer.base_layer
+        plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        plain = plain.to(device=base.weight.device, dtype=base.weight.dtype)
+        plain.weight.copy_(layer._merged_weight)
+        if base.bias is not None:
+            plain.bias.copy_(base.bias)
+        plain.requires_grad_(False)
+        _set(model, name, plain)
+        baked.append(name)
+    return baked
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -1,9 +1,11 @@
-"""Process-level speed settings: bf16 mixed precision and the C allocator.
+"""Process-level speed settings: bf16 mixed precision, the choice of inference precision, and the C allocator.
 
 * **bf16.** `mixed_precision` runs a frozen backbone's matmuls and attention in bfloat16 under `torch.autocast`;
   trainable parameters (LoRA, pixels), optimiser state and losses stay in float32. On CPUs without native bf16
   instructions bf16 is emulated and slower, so ``"auto"`` (`resolve_precision`) picks it only where the hardware has
   it (`native_bf16`).
+* **Inference precision.** Prediction and evaluation may also run in int8 (`recycle.quantize`);
+  `resolve_inference_precision` chooses among fp32, bf16 and int8 once, from the device and the CPU's instruction sets.
 * **Allocator.** glibc's malloc maps every allocation above 32 MiB afresh and unmaps it on free, so a ViT training
   step on a batch of 224 px images takes millions of page faults (a third of its CPU time in the kernel).
   `tune_allocator` turns that off for the heavy commands; it is never applied on import.
@@ -25,6 +27,9 @@ from torch import nn
 
 __all__ = [
     "PRECISIONS",
+    "INFERENCE_PRECISIONS",
+    "int8_supported",
+    "resolve_inference_precision",
     "native_bf16",
     "cpu_bf16_flags",
     "resolve_precision",
@@ -38,7 +43,8 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # training and inversion
+INFERENCE_PRECISIONS = (*PRECISIONS, "int8")  # prediction and evaluation
 # /proc/cpuinfo flags of native bf16 arithmetic: x86 AVX512-BF16 / AMX-BF16, Arm BF16 ("Features" line).
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 # mallopt parameters (glibc malloc.h).
@@ -72,6 +78,54 @@ def native_bf16(device: Union[str, torch.device] = "cpu") -> bool:
         capability = torch.backends.cpu.get_cpu_capability().upper()
         return bool(cpu_bf16_flags()) or "BF16" in capability or "AMX" in capability
     return False
+
+
+def int8_supported() -> bool:
+    """Whether this CPU has PyTorch's int8 kernels (`recycle.quantize`): x86 with AVX2 or better, or 64-bit ARM."""
+    engines = set(torch.backends.quantized.supported_engines) - {"none"}
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i686", "x86"):
+        return bool(engines & {"x86", "fbgemm", "onednn"}) and ("AVX2" in capability or "AVX512" in capability)
+    if machine in ("aarch64", "arm64"):
+        return "qnnpack" in engines
+    return False
+
+
+def resolve_inference_precision(precision: str, device: Union[str, torch.device]) -> tuple[str, str]:
+    """``"auto"`` / ``"fp32"`` / ``"bf16"`` / ``"int8"`` for inference (few-shot prediction, evaluation) on `device`
+    -> ``(choice, why)``: ``"fp32"``, ``"bf16"`` or ``"int8"``, and the reason in a few words.
+
+    ``auto`` takes int8 on a CPU with int8 kernels (the fastest here with predictions kept:
+    benchmarks/results/fewshot-int8.md), else bf16 where it is native, else fp32. Asked-for int8 where it cannot run
+    is refused; asked-for bf16 without native support runs, with a warning that it is emulated.
+
+    Raises:
+        ValueError: an unknown precision, or int8 off the CPU or on a CPU without int8 kernels.
+    """
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {INFERENCE_PRECISIONS}")
+    device = torch.device(device)
+    cpu, native = device.type == "cpu", native_bf16(device)
+    if precision == "int8" and not cpu:
+        raise ValueError(f"precision int8 runs on the CPU, not on {device}: choose fp32, bf16 or auto")
+    if precision == "int8" and not int8_supported():
+        raise ValueError(
+            f"precision int8: this CPU ({torch.backends.cpu.get_cpu_capability()}, {platform.machine()}) has no "
+            "int8 kernels; choose fp32 or auto"
+        )
+    if precision != "auto":
+        if precision == "bf16" and not native:
+            _logger.warning("bf16 on %s without native bf16 support is emulated and likely slower than fp32", device)
+        return precision, "as asked"
+    if cpu and int8_supported():
+        choice, why = "int8", f"auto: int8 kernels ({torch.backends.cpu.get_cpu_capability()})"
+    elif native:
+        choice, why = "bf16", "auto: native bf16"
+    else:
+        choice, why = "fp32", "auto: no int8 kernels, no native bf16" if cpu else "auto: no native bf16"
+    _logger.info("precision %s on %s (%s)", choice, device, why)
+    return choice, why
 
 
 def resolve_precision(precision: str, device: Union[str, torch.device]) -> bool:

@@ -626,6 +626,22 @@ def test_bad_environment_variables_stop_the_app_with_one_line(env, tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith(f"error: {name}={env[name]!r} is not a")
 
 
+def test_the_precision_comes_from_the_environment_and_a_bad_one_is_named(monkeypatch, tiny_clip_dir):
+    monkeypatch.setenv("RECYCLE_PRECISION", " INT8 ")
+    assert app_ui.AppSettings.from_env().precision == "int8"
+    monkeypatch.setenv("RECYCLE_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="RECYCLE_PRECISION='fp16' is not a precision: use auto, fp32, bf16, int8"):
+        app_ui.AppSettings.from_env()
+    with pytest.raises(ValueError, match="precision='int4'"):
+        app_ui.ModelCache(precision="int4")
+    cache = app_ui.ModelCache(device="cpu", precision="auto")  # calibrated once per backbone, when it loads
+    cache.backbone(str(tiny_clip_dir))
+    precision, why = cache.precision_of(str(tiny_clip_dir))
+    assert precision == "fp32" and "instant" in why  # a tiny model: nothing to gain
+    with cache.classifier(str(tiny_clip_dir)) as classifier:
+        assert not classifier.int8 and not classifier.bf16
+
+
 def test_online_the_examples_bring_the_shipped_model_even_with_local_paths_off(local_hub, tiny_clip_dir, tmp_path):
     """As on a Space: the default backbone loads from a reachable Hub and text fields take Hub ids only, yet an
     example selects the shipped backbone and meta-LoRA it was made for, and the status then names them."""

@@ -10,6 +10,7 @@ from PIL import Image
 from recycle.cli import main
 from recycle.formats import LoRAAdapter, save_adapter
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters, remove_lora
+from recycle.runtime import int8_supported
 from tests.helpers import make_image
 
 
@@ -64,6 +65,10 @@ def test_predict_prints_table_and_writes_json(task, tiny_clip_dir, capsys):
         assert set(p["probs"]) == {"blue", "green", "red"}
         assert sum(p["probs"].values()) == pytest.approx(1.0, abs=1e-5)
         assert p["label"] == max(p["probs"], key=p["probs"].get)
+    if int8_supported():  # the same task in int8: the same answers
+        args = ["predict", "--backbone", str(tiny_clip_dir), "--support", str(task / "support")]
+        assert main([*args, "--query", str(task / "query"), "--json", str(out), "--precision", "int8"]) == 0
+        assert [p["label"] for p in json.loads(out.read_text())] == [p["label"] for p in preds]
 
 
 def _publish_lora(tiny_clip, repo_dir):
@@ -349,6 +354,12 @@ def test_precision_flags_and_allocator_tuning_for_heavy_commands(monkeypatch, tm
         assert parser.parse_args([command, *required, "--precision", "fp32"]).precision == "fp32"
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "--data", "d", "--precision", "fp16"])
+    for command in ("predict", "eval"):  # int8 is for the commands that only embed images
+        required = ["--support", "s", "--query", "q"] if command == "predict" else ["--data", "d"]
+        assert parser.parse_args([command, *required, "--precision", "int8"]).precision == "int8"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["meta-train", "--pool", "p", "--out", "o", "--steps", "1", "--precision", "int8"])
+    capsys.readouterr()
     assert "precision" not in parser.parse_args(["pretune", "--data", "d", "--out", "o", "--num-loras", "1"])
     calls = []
     monkeypatch.setattr(cli, "tune_allocator", lambda: calls.append(1) or {})

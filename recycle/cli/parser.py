@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from .. import __version__
 from ..backbone import DEFAULT_BACKBONE
-from ..runtime import PRECISIONS
+from ..runtime import INFERENCE_PRECISIONS, PRECISIONS
 from . import hub, train, use
 
 # argparse reads "-1:0.75" as an option; pruning specs such as "-1:0.75" and "-2,-1:0.5" are values.
@@ -42,8 +42,11 @@ def _number(low: float, high: float, low_open: bool = False, high_open: bool = F
     return parse
 
 
-def _add_backbone_args(p: argparse.ArgumentParser, precision: bool = True, derived: Optional[str] = None) -> None:
-    """`derived`: where the command finds the backbone when --backbone is not given (the default otherwise)."""
+def _add_backbone_args(
+    p: argparse.ArgumentParser, precision: bool = True, derived: Optional[str] = None, inference: bool = False
+) -> None:
+    """`derived`: where the command finds the backbone when --backbone is not given (the default otherwise);
+    `inference`: the command only embeds images, so int8 is offered too."""
     default = f"{derived}, else {DEFAULT_BACKBONE}" if derived else DEFAULT_BACKBONE
     p.add_argument(
         "--backbone",
@@ -55,10 +58,15 @@ def _add_backbone_args(p: argparse.ArgumentParser, precision: bool = True, deriv
     if precision:
         p.add_argument(
             "--precision",
-            choices=PRECISIONS,
+            choices=INFERENCE_PRECISIONS if inference else PRECISIONS,
             default="auto",
-            help="backbone arithmetic: bf16 autocast or fp32; auto = bf16 where the CPU or GPU has native "
-            "bf16 (default: auto)",
+            help=(
+                "backbone arithmetic: int8 (CPU), bf16 autocast or fp32; auto = int8 on a CPU with int8 kernels, "
+                "else bf16 where it is native, else fp32 (default: auto)"
+                if inference
+                else "backbone arithmetic: bf16 autocast or fp32; auto = bf16 where the CPU or GPU has native "
+                "bf16 (default: auto)"
+            ),
         )
         p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
 
@@ -84,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify every image under --query by its distance to the class prototypes "
         "of --support (one subfolder per class).",
     )
-    _add_backbone_args(p)
+    _add_backbone_args(p, inference=True)
     p.add_argument("--lora", help="LoRA / meta-LoRA: local folder or file, or Hub id ORG/NAME")
     p.add_argument("--support", required=True, help="folder with one subfolder of images per class")
     p.add_argument("--query", required=True, help="folder of query images (searched recursively)")
@@ -258,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score NN (bare backbone), LoRAs-average + NN (with --zoo) and each --lora on "
         "the same seeded episodes of an ImageFolder split.",
     )
-    _add_backbone_args(p)
+    _add_backbone_args(p, inference=True)
     p.add_argument("--data", required=True, help="ImageFolder test split (classes unseen by the LoRAs)")
     p.add_argument("--lora", nargs="+", metavar="[NAME=]SOURCE", help="LoRAs to score, e.g. recycle=out/meta-lora")
     p.add_argument("--zoo", help="zoo folder, for the LoRAs-average + NN baseline")

@@ -12,7 +12,7 @@ from .. import distributed
 from ..images import IMAGE_SUFFIXES
 from ..io import atomic_write_bytes
 from ..predict import SupportError
-from ..runtime import resolve_precision
+from ..runtime import resolve_inference_precision
 from .common import terminal_safe
 
 _logger = logging.getLogger("recycle")
@@ -31,12 +31,14 @@ def predict(args: argparse.Namespace) -> int:
     queries = sorted(p for p in query_root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     backbone = load_backbone(args.backbone, device=args.device)
     lora = load_lora(args.lora, backbone) if args.lora else None
+    precision, _ = resolve_inference_precision(args.precision, backbone.device)
     clf = FewShotClassifier(
         backbone,
         lora,
         distance=args.distance,
         batch_size=args.batch_size,
-        bf16=resolve_precision(args.precision, backbone.device),
+        bf16=precision == "bf16",
+        int8=precision == "int8",
     )
     preds = classify(clf, support, [(str(p.relative_to(query_root)), p) for p in queries])
     files = [terminal_safe(p.file) for p in preds]
@@ -60,7 +62,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
     config = EvalConfig(args.way, args.shot, args.query, args.episodes, args.seed, args.distance)
     backbone = load_backbone(args.backbone, device=args.device)
-    config = replace(config, bf16=resolve_precision(args.precision, backbone.device))
+    precision, _ = resolve_inference_precision(args.precision, backbone.device)
+    config = replace(config, bf16=precision == "bf16", int8=precision == "int8")
     methods = {"NN": None}
     if args.zoo:
         methods["LoRAs-average + NN"] = average_loras([a for _, a in load_zoo(args.zoo, backbone)])
