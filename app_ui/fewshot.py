@@ -15,7 +15,7 @@ import gradio as gr
 from PIL import Image
 
 from recycle.images import IMAGE_SUFFIXES, ImageError, load_image
-from recycle.predict import Prediction, SupportError, classify, clean_class_name, count_correct
+from recycle.predict import Prediction, SupportError, classify, count_correct, support_from_slots
 
 from .errors import USER_ERRORS, as_text, file_paths, reported, text_field, user_text
 from .markup import md_code, md_text
@@ -25,7 +25,6 @@ from .limits import (
     MAX_CARDS,
     MAX_CLASSES,
     MAX_IMAGES,
-    MAX_NAME_LENGTH,
     PREDICT_CONCURRENCY,
     THUMBNAIL_SIZE,
 )
@@ -85,35 +84,14 @@ def find_examples(root: Path, max_classes: int = MAX_CLASSES) -> list[ExampleTas
 
 
 def _read_slots(slots: dict[str, Any]) -> dict[str, list[str]]:
-    """Class slots -> {class name: image paths}. Empty slots (no name, no images) are skipped.
-
-    Raises:
-        SupportError: a slot with images but no name, a name that is too long, or two slots with the same name.
-    """
-    support: dict[str, list[str]] = {}
-    slot_of: dict[str, int] = {}
-    for i in range(1, MAX_CLASSES + 1):
-        raw = as_text(slots.get(f"class_{i}_name"), f"name of class {i}")
-        files = file_paths(slots.get(f"class_{i}_images"))
-        if any(ch in raw for ch in "\n\r\v\f\x85\u2028\u2029"):
-            raise SupportError(f"Class {i}'s name contains a line break; a class name is one line of text.")
-        name = clean_class_name(raw)
-        if not name and not files:
-            if raw.strip():
-                raise SupportError(f"Class {i}'s name has only invisible characters. Give it a visible name.")
-            continue
-        if not name:
-            raise SupportError(f"Class {i} has {len(files)} image(s) but no name. Give every class a name.")
-        if len(name) > MAX_NAME_LENGTH:
-            raise SupportError(f"Class {i}'s name is {len(name)} characters long; at most {MAX_NAME_LENGTH}.")
-        if name in slot_of:
-            raise SupportError(
-                f"Classes {slot_of[name]} and {i} are both named '{name}'. Class names must be unique "
-                "(invisible characters and accents written differently do not count)."
-            )
-        slot_of[name] = i
-        support[name] = files
-    return support
+    """Class slots (``class_{i}_name``, ``class_{i}_images``) -> {class name: image paths}
+    (`recycle.predict.support_from_slots`: empty slots skipped, every bad name refused, naming its slot)."""
+    return support_from_slots(
+        [
+            (as_text(slots.get(f"class_{i}_name"), f"name of class {i}"), file_paths(slots.get(f"class_{i}_images")))
+            for i in range(1, MAX_CLASSES + 1)
+        ]
+    )
 
 
 def _data_uri(image: Image.Image) -> str:

@@ -6,7 +6,6 @@ MAX_CLASSES = 8  # class slots in the few-shot tab
 INITIAL_CLASSES = 3  # slots shown before "Add class" is pressed (more when a bundled example task has more classes)
 MAX_IMAGES = 200  # support + query images in one few-shot request
 MAX_FILE_SIZE = "20mb"  # per uploaded file
-MAX_NAME_LENGTH = 80  # characters in a class name
 MAX_FIELD_LENGTH = 300  # characters in a backbone, LoRA or folder field
 MAX_CARDS = 60  # queries shown with probability bars (all of them are in the table)
 THUMBNAIL_SIZE = 96  # px, longest side of a query thumbnail in the probability cards

@@ -138,6 +138,22 @@ def _git(*args: str) -> str:
         return ""
 
 
+_SIMD_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx", "vnni", "asimd", "sve", "bf16", "i8mm")
+
+
+def cpu_simd_flags() -> str:
+    """The CPU's vector and matrix instruction sets from ``/proc/cpuinfo`` (x86 ``flags``, Arm ``Features``)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return " ".join(sorted(f for f in value.split() if f.startswith(_SIMD_PREFIXES))) or "none"
+    return "unknown"
+
+
 def environment(packages: Sequence[str] = ()) -> dict[str, str]:
     """What a reader needs to compare results: machine, threads, library versions, allocator settings, commit."""
     dirty = [line[2:].strip() for line in _git("status", "--porcelain", "--", "recycle").splitlines()]
@@ -145,12 +161,16 @@ def environment(packages: Sequence[str] = ()) -> dict[str, str]:
         "CPU": f"{_cpu_model()}, {os.cpu_count()} logical CPUs, {len(os.sched_getaffinity(0))} usable",
         "torch CPU capability": torch.backends.cpu.get_cpu_capability(),
         "CPU native bf16 (/proc/cpuinfo)": ", ".join(cpu_bf16_flags()) or "none",
+        "CPU SIMD flags (/proc/cpuinfo)": cpu_simd_flags(),
+        "torch quantized engine": torch.backends.quantized.engine,
         "torch threads (intra / inter-op)": f"{torch.get_num_threads()} / {torch.get_num_interop_threads()}",
         "python": f"{platform.python_version()} ({platform.platform()})",
         "torch": torch.__version__,
         **{name: metadata.version(name) for name in packages},
         "malloc / thread env": ", ".join(
-            f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD"))
+            f"{k}={v}"
+            for k, v in sorted(os.environ.items())
+            if k.startswith(("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD", "ONEDNN_", "DNNL_", "ATEN_CPU_"))
         )
         or "defaults",
         "git commit": (_git("rev-parse", "--short", "HEAD") or "unknown")

@@ -6,7 +6,7 @@ import logging
 import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, TypeVar, Union
 
 import torch
 
@@ -17,6 +17,9 @@ __all__ = [
     "Prediction",
     "SupportError",
     "clean_class_name",
+    "checked_class_name",
+    "support_from_slots",
+    "MAX_NAME_LENGTH",
     "read_support_folder",
     "classify",
     "query_label",
@@ -24,6 +27,7 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 MAX_SIDE = 1024  # decoded images are downscaled to this longest side: models see 224-518 px, memory stays bounded
@@ -49,6 +53,53 @@ def clean_class_name(name: str) -> str:
     text = unicodedata.normalize("NFC", str(name))
     text = "".join(" " if ch.isspace() else ch for ch in text if ch.isspace() or unicodedata.category(ch)[0] != "C")
     return " ".join(text.split())
+
+
+MAX_NAME_LENGTH = 80  # characters in a class name
+_LINE_BREAKS = "\n\r\v\f\x85\u2028\u2029"
+
+
+def checked_class_name(raw: str, which: str) -> str:
+    """`clean_class_name` of a typed or folder name, "" when it is blank or invisible; `which` names the class in
+    messages ("Class 2", "class 'x'").
+
+    Raises:
+        SupportError: a line break, or more than `MAX_NAME_LENGTH` characters.
+    """
+    if any(ch in raw for ch in _LINE_BREAKS):
+        raise SupportError(f"{which}'s name contains a line break; a class name is one line of text.")
+    name = clean_class_name(raw)
+    if len(name) > MAX_NAME_LENGTH:
+        raise SupportError(f"{which}'s name is {len(name)} characters long; at most {MAX_NAME_LENGTH}.")
+    return name
+
+
+def support_from_slots(slots: Sequence[tuple[str, Sequence[T]]]) -> dict[str, list[T]]:
+    """Numbered class slots ``[(typed name, images)]`` -> ``{class name: images}`` (`checked_class_name`); slots
+    with neither a name nor images are skipped.
+
+    Raises:
+        SupportError: naming the slot (from 1): a bad name, a name of invisible characters only, images without a
+            name, or two slots with one name.
+    """
+    support: dict[str, list[T]] = {}
+    slot_of: dict[str, int] = {}
+    for i, (raw, images) in enumerate(slots, 1):
+        name = checked_class_name(raw, f"Class {i}")
+        if not name and not images:
+            if raw.strip():
+                raise SupportError(f"Class {i}'s name has only invisible characters. Give it a visible name.")
+            continue
+        if not name:
+            raise SupportError(f"Class {i} has {len(images)} image(s) but no name. Give every class a name.")
+        if name in slot_of:
+            raise SupportError(
+                f"Classes {slot_of[name]} and {i} are both named '{name}'. Class names must be unique "
+                "(invisible characters and accents written differently do not count)."
+            )
+        slot_of[name] = i
+        support[name] = list(images)
+    return support
 
 
 LABEL_SEPARATOR = "__"  # a query file named ``<class>__<anything>.<ext>`` carries its true class
@@ -108,7 +159,7 @@ def classify(
     """
     cleaned: dict[str, Sequence[ImageSource]] = {}
     for raw, items in support.items():
-        name = clean_class_name(raw)
+        name = checked_class_name(raw, f"class {raw!r}")
         if not name:
             raise SupportError(f"class name {raw!r} is empty; give every class a name")
         if name in cleaned:

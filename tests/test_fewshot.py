@@ -117,3 +117,21 @@ def test_bad_support(tiny_clip):
         clf.predict_proba(images)
     with pytest.raises(ValueError, match="distance"):
         FewShotClassifier(tiny_clip, distance="manhattan")
+
+
+def test_class_slots_are_named_checked_and_numbered_in_errors():
+    from recycle.predict import MAX_NAME_LENGTH, SupportError, support_from_slots
+
+    assert support_from_slots([("  cafe\u0301 ", ["a"]), ("", []), ("dog", ["b", "c"])]) == {
+        "caf\u00e9": ["a"],  # trimmed, and NFC: one way of writing an accent
+        "dog": ["b", "c"],
+    }
+    for slots, message in [
+        ([("a", [1]), ("b\nc", [2])], "Class 2's name contains a line break"),
+        ([("\u200b", [])], "Class 1's name has only invisible characters"),
+        ([("", [1, 2])], r"Class 1 has 2 image\(s\) but no name"),
+        ([("x" * (MAX_NAME_LENGTH + 1), [1])], f"Class 1's name is {MAX_NAME_LENGTH + 1} characters long"),
+        ([("red", [1]), ("", []), ("re\u200bd", [2])], "Classes 1 and 3 are both named 'red'"),
+    ]:
+        with pytest.raises(SupportError, match=message):
+            support_from_slots(slots)
