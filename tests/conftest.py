@@ -22,6 +22,14 @@ from tests.helpers import TINY_CLIP_ARGS, TINY_VIT_ARGS, save_tiny
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _toy_run_folder(tmp_path_factory) -> None:
+    """The toy reproduction (`tests.support.toy`) lives in the session's temporary folder, shared by xdist workers."""
+    from tests.support import toy
+
+    toy.set_root(tmp_path_factory)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     """A CLIP-architecture ViT (pre-norm, projection head to 16-d), 32 px, 16 tokens."""
