@@ -51,7 +51,7 @@ def _server_folders() -> list[tuple[str, str]]:
     what to call a folder inside it."""
     from huggingface_hub import constants
 
-    from recycle.pool_hub import pool_cache_dir
+    from recycle.pool.hub import pool_cache_dir
 
     tmp = tempfile.gettempdir()
     gradio_tmp = os.environ.get("GRADIO_TEMP_DIR") or os.path.join(tmp, "gradio")

@@ -17,7 +17,8 @@ import gradio as gr
 
 from recycle.hub import HubError
 from recycle.pool import EmptyPoolError, Pool, PoolError, PoolIndex, teacher_confidence
-from recycle.pool_hub import HubPoolLimits, fetch_pool, hub_dataset_id, push_pool, remove_downloads
+from recycle.pool.hub import HubPoolLimits, fetch_pool, hub_dataset_id, remove_downloads
+from recycle.pool.hub_publish import push_pool
 
 from .errors import number_field, reported, text_field, user_text
 from .inputs import finite

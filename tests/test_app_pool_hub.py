@@ -13,7 +13,7 @@ from gradio_client.exceptions import AppError
 
 import app_ui
 from recycle.pool import Pool
-from recycle.pool_hub import push_pool
+from recycle.pool.hub_publish import push_pool
 from tests.support.apptools import close, launch, make_pool, plain, settings, tiny_lora
 
 REPO = "org/shared-pool"

@@ -14,7 +14,8 @@ import yaml
 from recycle.cli import main
 from recycle.hub import HubError
 from recycle.pool import Pool, PoolError, teacher_confidence
-from recycle.pool_hub import HubPoolLimits, fetch_pool, hub_dataset_id, pool_dataset_files, push_pool
+from recycle.pool.hub import HubPoolLimits, fetch_pool, hub_dataset_id
+from recycle.pool.hub_publish import pool_dataset_files, push_pool
 from tests.support.apptools import make_pool, tiny_lora
 
 REPO = "org/pool"
@@ -219,7 +220,7 @@ def test_push_pool_command(local_hub, pool_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_older_downloads_are_removed_and_only_inside_the_cache(local_hub, pool_dir, tmp_path):
-    from recycle.pool_hub import remove_downloads
+    from recycle.pool.hub import remove_downloads
 
     runs = [d.name for d in Pool(pool_dir).run_dirs]
     push_pool(pool_dir, REPO, token="test", runs=[runs[0]])

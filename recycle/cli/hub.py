@@ -85,7 +85,7 @@ def push(args: argparse.Namespace) -> int:
 
 
 def push_pool(args: argparse.Namespace) -> int:
-    from ..pool_hub import push_pool
+    from ..pool.hub_publish import push_pool
 
     warn_token_on_command_line(args.token)
     url = push_pool(args.pool, args.repo, token=args.token, private=args.private, runs=args.run or None)
