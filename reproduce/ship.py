@@ -129,7 +129,7 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
         "Command: `python -m reproduce.pipeline --work .cache/repro`.\n\n## Results\n\n" + table
     )
     # A small seeded re-evaluation that CI repeats on freshly rendered test images (tests/test_reproduce.py).
-    recheck_cfg = EvalConfig(5, 1, results["config"]["eval_query"], 100, seed=7)
+    recheck_cfg = EvalConfig(5, 1, results["config"]["eval_query"], 40, seed=7)
     report = evaluate(
         load_backbone(str(vit_out), device="cpu"),
         work / "data" / "test",
