@@ -52,6 +52,7 @@ MASKS = (0.25, 0.5, 0.75)
 
 @dataclass
 class ReproConfig:
+    name: str = "v2"  # the preset (`PRESETS`) these settings came from: the command that remakes a run names it
     # The foundation and its BN prior learn plain glyphs; every downstream split is tinted (a domain shift). The zoo
     # classes get 96 images each (12 per font), the pretraining classes 32: denser teachers' data makes stronger
     # teachers (docs/experiments/v2-pilots, pilot 9); a better-trained foundation serves the tinted domain worse
@@ -102,6 +103,7 @@ class ReproConfig:
     @classmethod
     def toy(cls) -> "ReproConfig":
         return cls(
+            name="toy",
             data=SplitSpec(
                 pretrain=30,
                 zoo=12,
@@ -154,6 +156,7 @@ class ReproConfig:
         validation, where free pixels did not (pilot 3)."""
         v2 = cls()
         return cls(
+            name="v3",
             data=SplitSpec(
                 pretrain=3000,
                 train_aug=1,
@@ -179,6 +182,7 @@ class ReproConfig:
         v3 = cls.v3()
         return replace(
             v3,
+            name="v3-pilot",
             zoo=replace(v3.zoo, num_loras=10),
             oracle_steps=500,
             meta=replace(v3.meta, steps=500, val_every=125, checkpoint_every=125),

@@ -15,6 +15,12 @@ def method_name(run: str) -> str:
     return "LoRA Recycle" + base[len("recycle") :] + (" (bf16)" if bf16 else "")
 
 
+def pipeline_command(results: dict) -> str:
+    """The command that remakes a run's results (its preset, from the config's ``name``)."""
+    name = results["config"].get("name", "v2")
+    return "python -m reproduce.pipeline --work .cache/repro" + ("" if name == "v2" else f" --preset {name}")
+
+
 def cross_name(results: dict) -> str:
     """The cross-domain split's script, as the results name it."""
     return {"hangul": "Hangul", "kana": "Kana"}[results["config"]["data"].get("cross_script", "hangul")]
@@ -172,7 +178,7 @@ def prior_source(summaries: dict) -> str:
     )
 
 
-def prior_card(summary: dict, steps: int, source: str, look: dict) -> str:
+def prior_card(summary: dict, steps: int, source: str, look: dict, command: str) -> str:
     """The model card of the shipped glyph BN prior, from the prior stage's summary (``train_acc``, ``classes``,
     ``recoloured_copies``), the `source_description` and the run's inversion settings (``bn_weight``, ``tv_weight``,
     ``two_colour``)."""
@@ -209,7 +215,7 @@ def prior_card(summary: dict, steps: int, source: str, look: dict) -> str:
             else ""
         )
         + ").\n\n"
-        "Command: `python -m reproduce.pipeline --work .cache/repro`.\n"
+        f"Command: `{command}`.\n"
     )
 
 
@@ -238,8 +244,8 @@ def weights_readme(results: dict, meta_run: str, scores: dict, sizes_mb: dict[st
     return (
         "# weights/\n\n"
         "The weights the app ships with, for when the default backbone (CLIP ViT-B/16 from the Hugging Face Hub) "
-        "cannot be loaded. All of it is written by the offline reproduction, `python -m reproduce.pipeline --work "
-        ".cache/repro --ship weights` (see [`reproduce/README.md`](../reproduce/README.md)); this file too.\n\n"
+        f"cannot be loaded. All of it is written by the offline reproduction, `{pipeline_command(results)} --ship "
+        "weights` (see [`reproduce/README.md`](../reproduce/README.md)); this file too.\n\n"
         + vit_line
         + f"- `mini-meta-lora/` ({sizes_mb['mini-meta-lora']:.2f} MB): its meta-LoRA, recycled data-free from a zoo of "
         f"{s['zoo']['loras']} LoRAs (`{shipped}`, step {best['best_step']}, the best on the validation classes), "

@@ -20,7 +20,7 @@ from recycle.io import atomic_write_bytes
 from recycle.predict import LABEL_SEPARATOR
 from recycle.zoo import load_zoo
 
-from .report import prior_card, results_markdown, source_description, weights_readme
+from .report import pipeline_command, prior_card, results_markdown, source_description, weights_readme
 
 _logger = logging.getLogger("reproduce")
 
@@ -86,6 +86,7 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     from recycle.card import write_model_card
 
     s = results["summaries"]
+    command = pipeline_command(results)
     candidates = [k for k in s if k.startswith("meta-recycle")]
     best = max(candidates, key=lambda k: s[k]["best_val"] or 0.0)
     if s[best]["best_step"] == 0:  # meta_train exported the identity: no step beat the bare backbone on validation
@@ -106,13 +107,13 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     look = save_prior_settings(prior_out, results["config"]["invert"])
     atomic_write_bytes(
         prior_out / "README.md",
-        prior_card(s["prior"], results["config"]["prior_steps"], source_description(s["data"]), look).encode(),
+        prior_card(s["prior"], results["config"]["prior_steps"], source_description(s["data"]), look, command).encode(),
     )
     table = results_markdown(results)
     adapter = read_adapter(work / best / "meta-lora")
     adapter.backbone = "weights/mini-vit"
     save_adapter(adapter, lora_out)
-    write_model_card(lora_out, adapter, command="python -m reproduce.pipeline --work .cache/repro", results_md=table)
+    write_model_card(lora_out, adapter, command=command, results_md=table)
     size = sum(f.stat().st_size for f in vit_out.iterdir()) / 1e6
     (vit_out / "README.md").write_text(
         "# mini-vit: the offline stand-in for a vision foundation model\n\n"
@@ -126,7 +127,7 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
         + f"{s['pretrain']['classes']} classes of {source_description(s['data'])}. Load it with "
         "`recycle.backbone.load_backbone('weights/mini-vit')` or "
         "`timm.create_model('local-dir:weights/mini-vit', pretrained=True)`.\n\n"
-        "Command: `python -m reproduce.pipeline --work .cache/repro`.\n\n## Results\n\n" + table
+        f"Command: `{command}`.\n\n## Results\n\n" + table
     )
     # A small seeded re-evaluation that CI repeats on freshly rendered test images (tests/test_reproduce.py).
     recheck_cfg = EvalConfig(5, 1, results["config"]["eval_query"], 40, seed=7)
@@ -150,7 +151,7 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     write_model_card(
         example_lora,
         zoo_lora,
-        command="python -m reproduce.pipeline --work .cache/repro",
+        command=command,
         results_md=f"`{zoo_name}` of the zoo, tuned on real images of its classes.\n",
     )
     data_spec = results["config"]["data"]

@@ -139,6 +139,7 @@ def test_toy_pipeline_runs_every_stage_and_resumes():
     assert sorted(scores["tasks"]) == sorted(p.name for p in examples.iterdir() if p.is_dir())
     assert scores["test_tasks_total"]["NN"][1] == scores["test_tasks_total"]["meta-LoRA"][1] == 8 * 5 * 3
     readme = (work / "weights" / "README.md").read_text()  # written from the results, never by hand
+    assert "python -m reproduce.pipeline --work .cache/repro --preset toy --ship weights" in readme  # its preset
     shipped_name = method_name(shipped["meta_lora"][len("meta-") :])
     nn = results["summaries"]["eval"]["test-1shot"]["results"]["NN"]
     assert f"the backbone alone (NN) {nn['mean']:.2f} ± {nn['ci95']:.2f}" in readme and f"`{shipped_name}`" in readme
