@@ -26,7 +26,7 @@ from torch import nn
 from .adapter import LoRAAdapter
 from .backbone import Backbone
 from .lora import bake_lora
-from .runtime import int8_supported
+from .runtime import int8_supported, mixed_precision, native_bf16, resolve_inference_precision
 
 __all__ = ["quantize_int8", "int8_model", "clear_int8_cache", "choose_precision", "INT8_CACHE_SIZE"]
 
@@ -128,8 +128,6 @@ def choose_precision(backbone: Backbone, images: int = CALIBRATION_IMAGES) -> tu
     (where it is native) and in int8 (where the CPU has int8 kernels), and take the fastest whose embeddings all keep
     a cosine similarity of at least `MIN_COSINE` to fp32's and that beats fp32 by `MIN_SPEEDUP`. Returns
     ``(choice, why)``. Off the CPU: `recycle.runtime.resolve_inference_precision`'s flag-based choice."""
-    from .runtime import mixed_precision, native_bf16, resolve_inference_precision
-
     if backbone.device.type != "cpu":
         return resolve_inference_precision("auto", backbone.device)
     x = _calibration_batch(backbone, images)
