@@ -248,7 +248,13 @@ def weights_readme(results: dict, meta_run: str, scores: dict, sizes_mb: dict[st
         "weights` (see [`reproduce/README.md`](../reproduce/README.md)); this file too.\n\n"
         + vit_line
         + f"- `mini-meta-lora/` ({sizes_mb['mini-meta-lora']:.2f} MB): its meta-LoRA, recycled data-free from a zoo of "
-        f"{s['zoo']['loras']} LoRAs (`{shipped}`, step {best['best_step']}, the best on the validation classes), "
+        f"{s['zoo']['loras']} LoRAs (`{shipped}`, step {best['best_step']}, the best on the validation classes"
+        + (
+            "; a variant beyond the paper: meta-training that starts from the zoo's LoRAs-average"
+            if meta_run.endswith("-from-average")
+            else ""
+        )
+        + "), "
         "with a model card and `recheck.json`, a seeded re-evaluation that CI repeats;\n"
         f"- `examples/`: {len(tasks)} example tasks for the few-shot tab ({', '.join(tasks)}), drawn by a fixed seeded "
         "rule (`reproduce.ship.write_examples`); their queries' file names carry their classes, so the app counts "

@@ -88,7 +88,10 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
     s = results["summaries"]
     command = pipeline_command(results)
     candidates = [k for k in s if k.startswith("meta-recycle")]
-    best = max(candidates, key=lambda k: s[k]["best_val"] or 0.0)
+    # A run whose best is its step 0 exported its start: the identity, or for the run from the LoRAs-average that
+    # average, which is no meta-LoRA. Meta-trained states come first; the identity only when no run has one.
+    trained = [k for k in candidates if s[k]["best_step"] != 0]
+    best = max(trained or [k for k in candidates if not k.endswith("-from-average")], key=lambda k: s[k]["best_val"])
     if s[best]["best_step"] == 0:  # meta_train exported the identity: no step beat the bare backbone on validation
         _logger.warning(
             "ship: no meta-training run beat the bare backbone on validation; the shipped meta-LoRA is "
