@@ -23,11 +23,21 @@ from .state import ModelCache
 _logger = logging.getLogger("recycle.app")
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None or not value.strip():
+    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off in any case; unset or empty: `default`.
+
+    Raises:
+        ValueError: any other value (a typo must not turn a safety setting around), naming the variable.
+    """
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
         return default
-    return value.strip().lower() not in ("0", "false", "no", "off")
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"{name}={os.environ[name][:40]!r} is not a yes/no value: use 1 or 0")
+    return value in _TRUE
 
 
 @dataclass

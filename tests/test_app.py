@@ -511,6 +511,11 @@ def test_settings_come_from_the_environment(monkeypatch, tiny_clip_dir, tmp_path
     assert s.allow_local_paths and s.pool == Path("pool")
     monkeypatch.setenv("SPACE_ID", "org/space")  # on a Hugging Face Space, local paths are off unless asked for
     assert not app_ui.AppSettings.from_env().allow_local_paths
+    monkeypatch.setenv("RECYCLE_ALLOW_LOCAL_PATHS", " Yes ")
+    assert app_ui.AppSettings.from_env().allow_local_paths
+    monkeypatch.setenv("RECYCLE_ALLOW_LOCAL_PATHS", "fasle")  # a typo never turns a safety setting around
+    with pytest.raises(ValueError, match="RECYCLE_ALLOW_LOCAL_PATHS='fasle' is not a yes/no value: use 1 or 0"):
+        app_ui.AppSettings.from_env()
 
 
 def test_add_class_reveals_one_slot_at_a_time():
