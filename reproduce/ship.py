@@ -80,6 +80,16 @@ def score_examples(backbone: Backbone, lora: LoRAAdapter, examples: Path) -> dic
     return {"tasks": tasks, "test_tasks_total": totals}
 
 
+def shipped_run(summaries: dict) -> str:
+    """The meta-training stage (``meta-recycle…``) whose exported meta-LoRA validated best. A run whose best is its
+    step 0 exported its start: the identity, or for the run from the LoRAs-average that average, which is no
+    meta-LoRA; meta-trained states come first, and the identity only when no run has one."""
+    candidates = [k for k in summaries if k.startswith("meta-recycle")]
+    trained = [k for k in candidates if summaries[k]["best_step"] != 0]
+    pool = trained or [k for k in candidates if not k.endswith("-from-average")]
+    return max(pool, key=lambda k: summaries[k]["best_val"])
+
+
 def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] = None) -> dict:
     """Copy the mini backbone, its glyph BN prior, the best meta-LoRA (chosen on the validation split) and example
     tasks into `weights`, and the results table, JSON and plot into `results_dir`."""
@@ -87,11 +97,7 @@ def ship(work: Path, weights: Path, results: dict, results_dir: Optional[Path] =
 
     s = results["summaries"]
     command = pipeline_command(results)
-    candidates = [k for k in s if k.startswith("meta-recycle")]
-    # A run whose best is its step 0 exported its start: the identity, or for the run from the LoRAs-average that
-    # average, which is no meta-LoRA. Meta-trained states come first; the identity only when no run has one.
-    trained = [k for k in candidates if s[k]["best_step"] != 0]
-    best = max(trained or [k for k in candidates if not k.endswith("-from-average")], key=lambda k: s[k]["best_val"])
+    best = shipped_run(s)
     if s[best]["best_step"] == 0:  # meta_train exported the identity: no step beat the bare backbone on validation
         _logger.warning(
             "ship: no meta-training run beat the bare backbone on validation; the shipped meta-LoRA is "

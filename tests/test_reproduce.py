@@ -24,7 +24,7 @@ from recycle.zoo import load_zoo  # noqa: E402
 from reproduce.diagnose import report  # noqa: E402
 from reproduce.pipeline import ReproConfig, run  # noqa: E402
 from reproduce.report import method_name  # noqa: E402
-from reproduce.ship import ship  # noqa: E402
+from reproduce.ship import ship, shipped_run  # noqa: E402
 from tests.support.toy import require_toy_run  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
@@ -437,3 +437,16 @@ def test_a_two_phase_foundation_resumes_from_its_first_phase(tmp_path, monkeypat
     assert calls == [cfg.contrast, cfg.contrast_font, cfg.contrast_font]  # the first phase ran once
     assert set(summary) >= {"loss", "positive_match", "first_phase"}
     assert isinstance(cfg.contrast_font, ContrastConfig) and cfg.contrast_font.stroke > 0
+
+
+def test_the_shipped_run_is_the_best_meta_trained_one_on_validation():
+    def runs(**best):  # run -> (best validation accuracy, its step)
+        return {f"meta-{k.replace('_', '-')}": {"best_val": v, "best_step": t} for k, (v, t) in best.items()}
+
+    assert shipped_run(runs(recycle=(0.42, 500), recycle_75=(0.44, 250), oracle=(0.9, 9))) == "meta-recycle-75"
+    # the run from the LoRAs-average validating best at step 0 is that average, not a meta-LoRA
+    s = runs(recycle=(0.42, 500), recycle_from_average=(0.46, 0), recycle_75=(0.41, 250))
+    assert shipped_run(s) == "meta-recycle"
+    s = runs(recycle=(0.42, 500), recycle_from_average=(0.47, 750))
+    assert shipped_run(s) == "meta-recycle-from-average"
+    assert shipped_run(runs(recycle=(0.40, 0), recycle_from_average=(0.46, 0))) == "meta-recycle"  # the identity
