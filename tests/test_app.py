@@ -601,18 +601,32 @@ def test_labelled_queries_are_scored_for_the_meta_lora_and_for_the_backbone_alon
     assert "rc-score" not in fewshot.probability_cards(lora[3:], [""], bare[3:], "x")  # no labels, no score
 
 
-@pytest.mark.parametrize(
-    "env",
-    [
-        {"GRADIO_SERVER_PORT": "abc"},
-        {"GRADIO_SERVER_PORT": "99999"},
-        {"GRADIO_SERVER_PORT": "-1"},
-        {"RECYCLE_MALLOC": "junk"},
-        {"RECYCLE_MALLOC": "off"},
-        {"RECYCLE_POOL_REPO": "not/a/repo"},
-    ],
-)
-def test_bad_environment_variables_stop_the_app_with_one_line(env, tmp_path):
+BAD_ENVIRONMENTS = [
+    {"GRADIO_SERVER_PORT": "abc"},
+    {"GRADIO_SERVER_PORT": "99999"},
+    {"GRADIO_SERVER_PORT": "-1"},
+    {"RECYCLE_MALLOC": "junk"},
+    {"RECYCLE_MALLOC": "off"},
+    {"RECYCLE_POOL_REPO": "not/a/repo"},
+    {"RECYCLE_ALLOW_LOCAL_PATHS": "fasle"},
+    {"RECYCLE_PRECISION": "fp16"},
+]
+
+
+@pytest.mark.parametrize("env", BAD_ENVIRONMENTS)
+def test_bad_environment_variables_stop_the_app_with_one_line(env, monkeypatch):
+    """`app.main` stops before building anything, with one line naming the variable."""
+    monkeypatch.setenv("RECYCLE_BACKBONE", "none")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(app, "build_demo", lambda **kwargs: pytest.fail("the app was built"))
+    name = next(iter(env))
+    with pytest.raises(SystemExit) as stop:
+        app.main()
+    assert str(stop.value).startswith(f"error: {name}={env[name]!r} is not a") and "\n" not in str(stop.value)
+
+
+def test_a_bad_environment_variable_ends_the_process_with_one_line_and_no_traceback(tmp_path):
     import os
     import subprocess
     import sys
@@ -624,11 +638,10 @@ def test_bad_environment_variables_stop_the_app_with_one_line(env, tmp_path):
         text=True,
         timeout=120,
         cwd=tmp_path,
-        env={**os.environ, "RECYCLE_BACKBONE": "none", **env},
+        env={**os.environ, "RECYCLE_BACKBONE": "none", "GRADIO_SERVER_PORT": "abc"},
     )
-    name = next(iter(env))
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.strip().splitlines()[-1].startswith(f"error: {name}={env[name]!r} is not a")
+    assert out.stderr.strip().splitlines()[-1].startswith("error: GRADIO_SERVER_PORT='abc' is not a")
 
 
 def test_the_precision_comes_from_the_environment_and_a_bad_one_is_named(monkeypatch, tiny_clip_dir):
