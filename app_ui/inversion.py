@@ -145,9 +145,9 @@ class Inversion(LoRALoading):
                 )
             targets, config = self._config(classes, per_class, steps, pruning, lr, seed)
             choice = self.settings.bn_prior_for(name)
-            config = dataclasses.replace(config, flip=choice.flip, **choice.look)
-            if bn_prior:
-                config = dataclasses.replace(config, bn_weight=choice.weight)
+            config = dataclasses.replace(config, flip=choice.flip)
+            if bn_prior:  # the prior, with the settings its run inverted with (TV, two colours) on the shipped model
+                config = dataclasses.replace(config, bn_weight=choice.weight, **choice.look)
             names = loaded.adapter.class_names or []
             for t in targets:
                 if not 0 <= t < loaded.adapter.num_classes:

@@ -125,7 +125,7 @@ class AppSettings:
                 str(prior),
                 weight,
                 True,
-                f"BN-statistics prior (the shipped `{prior.name}`, weight {weight:g})",
+                f"BN-statistics prior (the shipped `{prior.name}`, weight {weight:g}{_look_text(look)})",
                 f"A small CNN trained on {self.shipped_backbone.name}'s own pretraining glyphs: "
                 "glyph-like images instead of noise; works offline.",
                 flip=False,
@@ -149,6 +149,12 @@ class AppSettings:
             return {}
 
 
+def _look_text(look: dict) -> str:
+    """``", TV 0.3, two colours"``: the shipped run's other image-prior settings, for the checkbox's label."""
+    parts = [f", TV {look['tv_weight']:g}"] if look.get("tv_weight") else []
+    return "".join(parts + ([", two colours"] if look.get("two_colour") else []))
+
+
 GLYPH_PRIOR_WEIGHT = 0.1  # glyph-like surrogates within 100 steps (0.01, the paper's weight for ResNet-50, is weaker)
 
 
@@ -164,7 +170,9 @@ class PriorChoice:
     label: str
     info: str
     flip: bool = True
-    look: dict = field(default_factory=dict)  # other InversionConfig settings for this backbone (tv_weight, two_colour)
+    look: dict = field(
+        default_factory=dict
+    )  # InversionConfig settings that come with the prior (tv_weight, two_colour)
 
 
 def _same_folder(name: str, folder: Path) -> bool:

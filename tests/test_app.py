@@ -24,8 +24,9 @@ import app
 import app_ui
 from app_ui import fewshot
 from app_ui.settings import GLYPH_PRIOR_WEIGHT
+from recycle.priors import read_prior_settings
 from recycle.backbone import load_backbone
-from recycle.invert import DEFAULT_BN_PRIOR
+from recycle.invert import DEFAULT_BN_PRIOR, InversionConfig
 from recycle.formats import LoRAAdapter, read_adapter, save_adapter
 from recycle.lora import LoRAConfig, inject_lora, lora_parameters
 from tests.support.apptools import (
@@ -354,7 +355,13 @@ def test_offline_inversion_of_the_bundled_lora_uses_the_glyph_prior_by_default(c
             for c in client.config["components"]
             if str(c["props"].get("label", "")).startswith("BN-statistics prior")
         )
-        assert checkbox["value"] is True and "glyph-prior" in checkbox["label"] and "weight 0.1" in checkbox["label"]
+        look = read_prior_settings(SHIPPED / "glyph-prior")  # the shipped run's settings (none: weight 0.1 alone)
+        weight = look.pop("bn_weight", GLYPH_PRIOR_WEIGHT)
+        assert (
+            checkbox["value"] is True
+            and "glyph-prior" in checkbox["label"]
+            and f"weight {weight:g}" in checkbox["label"]
+        )
         client.predict(hub_id=str(SHIPPED / "example-lora"), files=[], api_name="/load_lora")
         runs = {}
         for prior in (checkbox["value"], False):  # the default, then without a prior
@@ -372,7 +379,9 @@ def test_offline_inversion_of_the_bundled_lora_uses_the_glyph_prior_by_default(c
             runs[prior] = _zip_run(job.outputs()[-1][3]["value"])
         (with_prior, images), (without, noise) = runs[True], runs[False]
         assert with_prior["settings"]["bn_prior"] == str(SHIPPED / "glyph-prior")
-        assert with_prior["settings"]["bn_weight"] == 0.1 and without["settings"]["bn_prior"] is None
+        assert with_prior["settings"]["bn_weight"] == weight and without["settings"]["bn_prior"] is None
+        for key, value in look.items():  # the look comes with the prior; without it, plain pixels
+            assert with_prior["settings"][key] == value and without["settings"][key] == getattr(InversionConfig, key)
         assert with_prior["settings"]["flip"] is False  # glyphs are not mirror-symmetric
         agree = [int(torch.tensor(i["logits"]).argmax()) == i["label"] for i in with_prior["items"]]
         assert sum(agree) / len(agree) >= 0.8, agree
