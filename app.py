@@ -10,6 +10,7 @@ Environment:
   shipped ``mini-vit`` and its meta-LoRA, and says so.
 * ``RECYCLE_WEIGHTS``: the shipped weights and example tasks (default ``weights/`` next to this file).
 * ``RECYCLE_POOL``: the surrogate pool that inversions are added to (default ``./pool``).
+* ``RECYCLE_POOL_MAX_MB``: **Add to pool** refuses once the pool folder holds this many megabytes (default 2048).
 * ``RECYCLE_POOL_REPO``: a Hub dataset ``ORG/NAME`` that **Add to pool** also pushes to, when a Hub token is
   configured (``HF_TOKEN``).
 * ``RECYCLE_ALLOW_LOCAL_PATHS``: ``0`` makes text fields accept only Hub ids (and uploads), for public servers;

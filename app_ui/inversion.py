@@ -19,7 +19,7 @@ import gradio as gr
 
 from recycle.formats import LoRAAdapter
 from recycle.invert import InversionConfig, InversionProgress, InversionResult, invert
-from recycle.pool import run_settings, teacher_confidence, write_run, zip_run
+from recycle.pool import pool_size, run_settings, teacher_confidence, write_run, zip_run
 from recycle.tokens import PruningConfig, parse_schedule
 
 from .errors import InputError, as_text, kind_of, number_field, reported
@@ -359,6 +359,12 @@ class Inversion(LoRALoading):
                 raise InputError("There is no inversion to add yet: run one first.")
             if run.pooled is not None:
                 return f"Already in the pool as {md_code(run.pooled.name)}."
+            held = pool_size(self.settings.pool)
+            if held >= self.settings.pool_max_mb << 20:
+                raise InputError(
+                    f"The pool at {md_code(self.settings.pool)} is full: it holds {held / 2**20:.0f} MB, its limit is "
+                    f"{self.settings.pool_max_mb} MB (RECYCLE_POOL_MAX_MB). Download this run instead, or free space."
+                )
             run.pooled = write_run(self.settings.pool, run.result, run.lora, run.source, run.settings, run.grid)
             n = run.result.images.shape[0]
             pushed = push_run(self.settings, run.pooled)

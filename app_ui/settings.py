@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from recycle.backbone import DEFAULT_BACKBONE, Backbone, BackboneError, backbone_source
 from recycle.formats import LoRAAdapter, load_lora
@@ -24,6 +24,18 @@ _logger = logging.getLogger("recycle.app")
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _env_int(name: str, default: int) -> Union[int, str]:
+    """A whole-number environment variable; unset or empty: `default`; anything else is returned as text, for
+    `AppSettings` to refuse by name."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        return value[:40]
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -56,6 +68,8 @@ class AppSettings:
             configured (``$RECYCLE_POOL_REPO``; ``HF_TOKEN`` or ``hf auth login`` for the token).
         precision: the few-shot tab's arithmetic (``$RECYCLE_PRECISION``): ``auto`` (default: a short calibration
             per backbone picks fp32, bf16 or int8), ``fp32``, ``bf16`` or ``int8``.
+        pool_max_mb: **Add to pool** refuses once the pool folder holds this many megabytes
+            (``$RECYCLE_POOL_MAX_MB``, default 2048).
 
     Raises:
         ValueError: `pool_repo` is not a Hub id, or `precision` is not one.
@@ -67,8 +81,13 @@ class AppSettings:
     allow_local_paths: bool = True
     pool_repo: Optional[str] = None
     precision: str = "auto"
+    pool_max_mb: int = 2048
 
     def __post_init__(self) -> None:
+        if isinstance(self.pool_max_mb, bool) or not isinstance(self.pool_max_mb, int) or self.pool_max_mb < 1:
+            raise ValueError(
+                f"RECYCLE_POOL_MAX_MB={self.pool_max_mb!r} is not a whole number of megabytes (at least 1)"
+            )
         if self.precision not in INFERENCE_PRECISIONS:
             raise ValueError(
                 f"RECYCLE_PRECISION={self.precision[:40]!r} is not a precision: use {', '.join(INFERENCE_PRECISIONS)}"
@@ -85,6 +104,7 @@ class AppSettings:
             "allow_local_paths": _env_flag("RECYCLE_ALLOW_LOCAL_PATHS", default=not os.environ.get("SPACE_ID")),
             "pool_repo": os.environ.get("RECYCLE_POOL_REPO", "").strip() or None,
             "precision": os.environ.get("RECYCLE_PRECISION", "").strip().lower() or "auto",
+            "pool_max_mb": _env_int("RECYCLE_POOL_MAX_MB", cls.pool_max_mb),
         }
         env.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**env)

@@ -656,6 +656,12 @@ def test_a_bad_environment_variable_ends_the_process_with_one_line_and_no_traceb
 def test_the_precision_comes_from_the_environment_and_a_bad_one_is_named(monkeypatch, tiny_clip_dir):
     monkeypatch.setenv("RECYCLE_PRECISION", " INT8 ")
     assert app_ui.AppSettings.from_env().precision == "int8"
+    monkeypatch.setenv("RECYCLE_POOL_MAX_MB", "500")
+    assert app_ui.AppSettings.from_env().pool_max_mb == 500
+    monkeypatch.setenv("RECYCLE_POOL_MAX_MB", "lots")
+    with pytest.raises(ValueError, match="RECYCLE_POOL_MAX_MB='lots' is not a whole number of megabytes"):
+        app_ui.AppSettings.from_env()
+    monkeypatch.delenv("RECYCLE_POOL_MAX_MB")
     monkeypatch.setenv("RECYCLE_PRECISION", "fp16")
     with pytest.raises(ValueError, match="RECYCLE_PRECISION='fp16' is not a precision: use auto, fp32, bf16, int8"):
         app_ui.AppSettings.from_env()

@@ -182,6 +182,22 @@ def test_latest_results_are_kept_for_a_few_sessions_only(tiny_clip_dir, loras, t
     assert [z.is_file() for z in zips] == [False, False, True, True]  # a's first run was replaced, b's evicted
 
 
+def test_a_full_pool_refuses_new_runs_and_keeps_what_it_holds(tiny_clip_dir, loras, tmp_path):
+    s = settings(tmp_path, str(tiny_clip_dir), pool_max_mb=1)
+    inversion = app_ui.Inversion(app_ui.ModelCache(), app_ui.PathPolicy(True), s, str(tiny_clip_dir))
+    request = gr.Request(session_hash="a")
+    inversion.load(None, str(loras["peft"]), [], request)
+    for _ in inversion.run(None, [0], 1, 2, "none", False, 0.25, 0, request, progress=lambda *a, **k: None):
+        pass
+    (s.pool / "old-run").mkdir(parents=True)
+    (s.pool / "old-run" / "data.bin").write_bytes(b"x" * (1 << 20))  # the pool now holds its limit
+    with pytest.raises(gr.Error, match=r"is full: it holds 1 MB, its limit is 1 MB \(RECYCLE_POOL_MAX_MB\)"):
+        inversion.add_to_pool(request)
+    assert sorted(p.name for p in s.pool.iterdir()) == ["old-run"]  # nothing added, nothing lost
+    (s.pool / "old-run" / "data.bin").unlink()
+    assert inversion.add_to_pool(request).startswith("✅ Added 1 images")
+
+
 HOSTILE_NAMES = ["[x](http://evil.example)", "# big", "<img src=x onerror=alert(1)>", "a\n\n- item", "*em* `code`"]
 
 

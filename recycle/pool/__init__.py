@@ -25,9 +25,10 @@ from .manifest import (
     teacher_confidence,
 )
 from .read import Pool, PoolClass, PoolIndex, PoolItem
-from .write import run_folder_name, run_settings, write_run, zip_run
+from .write import pool_size, run_folder_name, run_settings, write_run, zip_run
 
 __all__ = [
+    "pool_size",
     "PoolError",
     "EmptyPoolError",
     "PoolItem",

@@ -90,6 +90,22 @@ def write_run(
         ) from None
 
 
+def pool_size(root: Union[str, Path]) -> int:
+    """Bytes of the regular files under the pool folder `root` (0 when it does not exist); links are not followed."""
+    total, stack = 0, [Path(root)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:  # missing, or not a folder
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
 def zip_run(run_dir: Path, zip_path: Path) -> Path:
     """A run folder as one zip file whose entries sit under the run's name; returns `zip_path`."""
     import zipfile
