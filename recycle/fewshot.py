@@ -144,8 +144,13 @@ class FewShotClassifier:
     def _forward(self, images: Sequence[Image.Image]) -> torch.Tensor:
         device = self.backbone.device
         out = []
+        model = None
         if self.int8:  # a private quantised copy: the shared backbone is not held
-            model = int8_model(self.backbone, self.lora)
+            try:
+                model = int8_model(self.backbone, self.lora)
+            except ValueError as e:  # non-finite weights: the fp32 path reports them as it always does
+                _logger.warning("int8 unavailable for this model (%s); embedding in fp32", e)
+        if model is not None:
             for i in range(0, len(images), self.batch_size):
                 x = self.backbone.preprocess(images[i : i + self.batch_size])
                 out.append(self.backbone.embed(x, model=model).float())

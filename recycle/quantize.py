@@ -54,7 +54,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
     Raises:
         RuntimeError: this CPU or PyTorch build has no int8 kernels.
-        ValueError: a LoRA's merged weight would hold NaN or Inf.
+        ValueError: the weights, or a LoRA's merged weights, hold NaN or Inf.
     """
     if not int8_supported():
         raise RuntimeError(
@@ -63,6 +63,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         )
     bake_lora(model)
     model = model.cpu().float().eval()
+    if not all(bool(torch.isfinite(t).all()) for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()):
+        raise ValueError("the model holds NaN or Inf weights, which int8 cannot represent")
     with _quiet_ao():
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # Hermetic runs: no telemetry, no stray Hub traffic, a private cache. Set before huggingface_hub is imported.
@@ -11,12 +14,17 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # The CLI's heavy commands tune glibc malloc for the whole process (`recycle.runtime.tune_allocator`); tests call
 # them in-process, so keep the test process on glibc's defaults (test_runtime checks the tuning in subprocesses).
 os.environ.setdefault("RECYCLE_MALLOC", "default")
+# Each test process (each pytest-xdist worker) gets its own Gradio upload folder: the apps clean theirs up
+# (`delete_cache`), and must never delete another process's uploads.
+os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix=f"gradio-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
 
 import pytest
 import torch
 
 from recycle.backbone import Backbone, load_backbone
 from tests.helpers import TINY_CLIP_ARGS, TINY_VIT_ARGS, save_tiny
+
+atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], True)
 
 # Tiny models gain nothing from intra-op threads, and spinning threads slow badly when the cores are shared.
 torch.set_num_threads(1)

@@ -119,7 +119,7 @@ def test_few_shot_from_an_example(served, browser):
     browser.wait_for(_has_text("with meta-LoRA"), what="the status naming the meta-LoRA")
     assert str(backbone) in browser.text()
     _click(browser, "Run")
-    cards = browser.wait_for("document.querySelectorAll('.rc-card').length", what="the prediction cards")
+    cards = browser.wait_for("document.querySelectorAll('.rc-card').length", timeout=120, what="the prediction cards")
     browser.idle()
     assert cards == len(task.queries)
     text = browser.text()
