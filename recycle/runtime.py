@@ -96,9 +96,9 @@ def resolve_inference_precision(precision: str, device: Union[str, torch.device]
     """``"auto"`` / ``"fp32"`` / ``"bf16"`` / ``"int8"`` for inference (few-shot prediction, evaluation) on `device`
     -> ``(choice, why)``: ``"fp32"``, ``"bf16"`` or ``"int8"``, and the reason in a few words.
 
-    ``auto`` takes int8 on a CPU with int8 kernels (the fastest here with predictions kept:
-    benchmarks/results/fewshot-int8.md), else bf16 where it is native, else fp32. Asked-for int8 where it cannot run
-    is refused; asked-for bf16 without native support runs, with a warning that it is emulated.
+    ``auto`` takes int8 on a CPU with int8 kernels (`benchmarks/bench_int8.py` measures the three), else bf16 where
+    it is native, else fp32. Asked-for int8 where it cannot run is refused; asked-for bf16 without native support
+    runs, with a warning that it is emulated.
 
     Raises:
         ValueError: an unknown precision, or int8 off the CPU or on a CPU without int8 kernels.
