@@ -72,7 +72,7 @@ class AppSettings:
             (``$RECYCLE_POOL_MAX_MB``, default 2048).
 
     Raises:
-        ValueError: `pool_repo` is not a Hub id, or `precision` is not one.
+        ValueError: `pool_repo` is not a Hub id, `precision` is not one, or `pool_max_mb` is not a whole number >= 1.
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -190,9 +190,8 @@ class PriorChoice:
     label: str
     info: str
     flip: bool = True
-    look: dict = field(
-        default_factory=dict
-    )  # InversionConfig settings that come with the prior (tv_weight, two_colour)
+    # InversionConfig settings that come with the prior (tv_weight, two_colour)
+    look: dict = field(default_factory=dict)
 
 
 def _same_folder(name: str, folder: Path) -> bool:

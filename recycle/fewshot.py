@@ -143,24 +143,24 @@ class FewShotClassifier:
     @torch.inference_mode()
     def _forward(self, images: Sequence[Image.Image]) -> torch.Tensor:
         device = self.backbone.device
+        model = self._int8_model() if self.int8 else None
         out = []
-        model = None
-        if self.int8:  # a private quantised copy: the shared backbone is not held
-            try:
-                model = int8_model(self.backbone, self.lora)
-            except ValueError as e:  # non-finite weights: the fp32 path reports them as it always does
-                _logger.warning("int8 unavailable for this model (%s); embedding in fp32", e)
-        if model is not None:
-            for i in range(0, len(images), self.batch_size):
-                x = self.backbone.preprocess(images[i : i + self.batch_size])
-                out.append(self.backbone.embed(x, model=model).float())
-            return torch.cat(out)
-        with self._attached():
+        # An int8 copy is private: the shared backbone is held (with the LoRA attached) only for the fp32/bf16 path.
+        with self._attached() if model is None else contextlib.nullcontext():
             for i in range(0, len(images), self.batch_size):
                 x = self.backbone.preprocess(images[i : i + self.batch_size]).to(device)
                 with mixed_precision(self.backbone.model, device, self.bf16):
-                    out.append(self.backbone.embed(x).float().cpu())
+                    out.append(self.backbone.embed(x, model=model).float().cpu())
         return torch.cat(out)
+
+    def _int8_model(self) -> Optional[torch.nn.Module]:
+        """The int8 copy with this classifier's LoRA baked in, or None when the weights are not finite (the fp32
+        path then reports them as it always does)."""
+        try:
+            return int8_model(self.backbone, self.lora)
+        except ValueError as e:
+            _logger.warning("int8 unavailable for this model (%s); embedding in fp32", e)
+            return None
 
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> ``(N, D)`` float32 embeddings on the CPU, reusing cached ones."""
