@@ -207,9 +207,9 @@ def tune_allocator() -> dict[str, int]:
         The mallopt settings applied (empty when skipped or not on glibc).
     """
     global _allocator_settings
+    choice = malloc_choice()  # a bad value is refused before anything is set, on every call
     if _allocator_settings is not None:
         return _allocator_settings
-    choice = malloc_choice()  # a bad value is refused before anything is set
     _allocator_settings = {}
     if choice == "default":
         _logger.info("allocator: glibc defaults kept (RECYCLE_MALLOC=default)")

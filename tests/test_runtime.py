@@ -138,3 +138,15 @@ def test_tune_allocator_stops_the_page_faults_of_large_allocations():
     assert tuned_settings == "['M_MMAP_MAX', 'M_TRIM_THRESHOLD']"
     assert default_faults > 5 * 15000 and opted_out_faults > 5 * 15000  # 64 MiB = 16384 pages, each time afresh
     assert tuned_faults < 1000
+
+
+def test_tune_allocator_refuses_a_bad_setting_even_after_tuning(monkeypatch):
+    """A process that already tuned the allocator still refuses a bad ``RECYCLE_MALLOC`` on the next call."""
+    import recycle.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_allocator_settings", {"M_MMAP_MAX": 0})
+    monkeypatch.setenv("RECYCLE_MALLOC", "off")
+    with pytest.raises(ValueError, match="RECYCLE_MALLOC='off' is not a setting"):
+        runtime.tune_allocator()
+    monkeypatch.setenv("RECYCLE_MALLOC", "tuned")
+    assert runtime.tune_allocator() == {"M_MMAP_MAX": 0}
