@@ -15,7 +15,8 @@ Imports go one way: ``app.py`` → ``app_ui`` → ``recycle``.
 from __future__ import annotations
 
 from .errors import USER_ERRORS, InputError
-from .fewshot import EMPTY_CARDS, ExampleTask, FewShot, find_examples
+from .examples import ExampleTask, find_examples
+from .fewshot import EMPTY_CARDS, FewShot
 from .hub_loras import HubLoRAList
 from .invert import PRUNING_PRESETS, Inversion
 from .limits import (

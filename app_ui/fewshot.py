@@ -1,5 +1,4 @@
-"""The few-shot tab and the shared status line: class slots in, probability cards and a table out; the bundled
-example tasks."""
+"""The few-shot tab and the shared status line: class slots in, probability cards and a table out."""
 
 from __future__ import annotations
 
@@ -14,9 +13,10 @@ from typing import Any, Optional
 import gradio as gr
 from PIL import Image
 
-from recycle.images import IMAGE_SUFFIXES, ImageError, load_image
+from recycle.images import ImageError, load_image
 from recycle.predict import Prediction, SupportError, classify, count_correct, support_from_slots
 
+from .examples import ExampleTask
 from .errors import USER_ERRORS, as_text, file_paths, reported, text_field, user_text
 from .markup import md_code, md_text
 from .limits import (
@@ -32,55 +32,6 @@ from .settings import AppSettings, Defaults, PathPolicy
 from .state import ModelCache
 
 _logger = logging.getLogger("recycle.app")
-
-
-@dataclass
-class ExampleTask:
-    """A bundled few-shot task: ``examples/<name>/{support,query}/<class>/*.png``."""
-
-    name: str
-    label: str
-    support: dict[str, list[str]]
-    queries: list[str]
-
-
-_TASK_LABELS = {
-    "han": "Han characters (held-out classes)",
-    "hangul": "Hangul (an unseen script)",
-    "kana": "Kana (an unseen script)",
-    "han-plain": "Han characters, plain (the foundation's own style)",
-}
-
-
-def _task_label(name: str) -> str:
-    """``han-3`` -> "Han characters (held-out classes) #3"; a name of no known kind is shown capitalised."""
-    if name in _TASK_LABELS:
-        return _TASK_LABELS[name]
-    base, _, number = name.rpartition("-")
-    if base in _TASK_LABELS and number.isdigit():
-        return f"{_TASK_LABELS[base]} #{number}"
-    return name.replace("_", " ").capitalize()
-
-
-def find_examples(root: Path, max_classes: int = MAX_CLASSES) -> list[ExampleTask]:
-    """The bundled example tasks under `root` (none if the folder does not exist), sorted by name."""
-    tasks = []
-    if not root.is_dir():
-        return tasks
-    for task in sorted(p for p in root.iterdir() if p.is_dir()):
-        support = {
-            c.name: sorted(str(f) for f in c.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-            for c in sorted(p for p in (task / "support").glob("*") if p.is_dir())
-        }
-        support = {c: files for c, files in support.items() if files}
-        queries = sorted(str(f) for f in (task / "query").glob("*/*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not 2 <= len(support) <= max_classes or not queries:
-            _logger.warning("skipping example task %s: needs 2-%d classes and queries", task, max_classes)
-            continue
-        shots = max(map(len, support.values()))
-        label = f"{_task_label(task.name)} · {len(support)}-way {shots}-shot"
-        tasks.append(ExampleTask(task.name, label, support, queries))
-    return tasks
 
 
 def _read_slots(slots: dict[str, Any]) -> dict[str, list[str]]:
