@@ -44,7 +44,7 @@ from recycle.tokens import PruningConfig
 
 from .foundation import ContrastConfig, pretrain_contrastive
 from .glyphs import SplitSpec, build, recolour
-from .report import method_name, plot, results_markdown
+from .report import method_name, plot, results_markdown, targets_markdown
 
 _logger = logging.getLogger("reproduce")
 MASKS = (0.25, 0.5, 0.75)
@@ -710,7 +710,11 @@ def _run(work: Path, cfg: ReproConfig, until: Optional[str]) -> dict:
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
     }
     atomic_write_bytes(work / "results.json", json.dumps(results, indent=1).encode())
-    atomic_write_bytes(work / "results.md", results_markdown(results).encode())
+    written = results_markdown(results)
+    goals = targets_markdown(results)
+    if goals:
+        written += f"\n## Targets\n\n5-way test episodes, 1-shot unless named; from the numbers above.\n\n{goals}"
+    atomic_write_bytes(work / "results.md", written.encode())
     plot(results, work / "results.png")
     return results
 

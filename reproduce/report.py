@@ -110,6 +110,72 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+TARGET_MINUTES = 150  # the pipeline's time budget on 2 quiet cores
+
+
+def _apart(a: dict, b: dict) -> bool:
+    """Whether two 95% intervals (``mean``, ``ci95``) do not overlap, `a` above `b`."""
+    return a["mean"] - a["ci95"] > b["mean"] + b["ci95"]
+
+
+def targets(results: dict) -> list[tuple[str, str, bool]]:
+    """The miniature's targets, each as (target, what was measured, met), computed from the results (5-way test
+    episodes; the 1-shot rows unless named). Empty for a run without the rows they compare."""
+    s = results["summaries"]
+    ev = s["eval"]
+    one, five = ev["test-1shot"]["results"], ev["test-5shot"]["results"]
+    needed = ("NN", "LoRAs-average + NN", "LoRA Recycle", "LoRA Recycle-75", "Oracle (real zoo images)")
+    if not all(m in one for m in needed):
+        return []
+    nn, avg, rec, rec75, oracle = (one[m] for m in needed)
+    speed = s["meta-recycle"]["step_seconds_median"] / s["meta-recycle-75"]["step_seconds_median"]
+    rows = [
+        ("NN ≥ 45 at 1-shot", f"{nn['mean']:.2f}", nn["mean"] >= 45),
+        ("Oracle − NN ≥ 8", f"{oracle['mean'] - nn['mean']:+.2f}", oracle["mean"] - nn["mean"] >= 8),
+        (
+            "LoRA Recycle − NN ≥ 5, intervals apart",
+            f"{rec['mean'] - nn['mean']:+.2f} ({'apart' if _apart(rec, nn) else 'overlapping'})",
+            rec["mean"] - nn["mean"] >= 5 and _apart(rec, nn),
+        ),
+        (
+            "LoRA Recycle above LoRAs-average + NN, intervals apart",
+            f"{rec['mean'] - avg['mean']:+.2f} "
+            f"({'apart' if _apart(rec, avg) else 'overlapping' if rec['mean'] > avg['mean'] else 'below'})",
+            _apart(rec, avg),
+        ),
+        (
+            "LoRA Recycle − NN ≥ 2 at 5-shot",
+            f"{five['LoRA Recycle']['mean'] - five['NN']['mean']:+.2f}",
+            five["LoRA Recycle"]["mean"] - five["NN"]["mean"] >= 2,
+        ),
+        (
+            "75% masked within 1 point of unmasked, step ≥ 2.5× faster",
+            f"{rec75['mean'] - rec['mean']:+.2f}, {speed:.2f}×",
+            rec75["mean"] - rec["mean"] >= -1 and speed >= 2.5,
+        ),
+    ]
+    check = results["config"]["data"].get("check_style")
+    if check and f"test-{check}-1shot" in ev:
+        plain = ev[f"test-{check}-1shot"]["results"]
+        gap = plain["LoRA Recycle"]["mean"] - plain["NN"]["mean"]
+        rows.append((f"No damage: LoRA Recycle ≥ NN − 1 on Han {check} 1-shot", f"{gap:+.2f}", gap >= -1))
+    agreement = s["invert"]["teacher_accuracy"]
+    rows.append(("Teacher agreement ≥ 0.85", f"{agreement:.3f}", agreement >= 0.85))
+    minutes = results["total_seconds"] / 60
+    rows.append((f"Pipeline ≤ {TARGET_MINUTES} minutes", f"{minutes:.1f}", minutes <= TARGET_MINUTES))
+    return rows
+
+
+def targets_markdown(results: dict) -> str:
+    """`targets` as a table (empty string when there are none)."""
+    rows = targets(results)
+    if not rows:
+        return ""
+    lines = ["| target | measured | |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {'met' if ok else 'missed'} |" for t, m, ok in rows]
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: dict, path: Path) -> None:
     """Accuracy at each masking level (bars) and meta-training speed-up over unmasked (line)."""
     import matplotlib

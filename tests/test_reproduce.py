@@ -23,7 +23,7 @@ from recycle.invert import load_bn_prior  # noqa: E402
 from recycle.zoo import load_zoo  # noqa: E402
 from reproduce.diagnose import report  # noqa: E402
 from reproduce.pipeline import ReproConfig, run  # noqa: E402
-from reproduce.report import method_name  # noqa: E402
+from reproduce.report import method_name, targets  # noqa: E402
 from reproduce.ship import ship, shipped_run  # noqa: E402
 from tests.support.toy import require_toy_run  # noqa: E402
 
@@ -101,6 +101,7 @@ def test_toy_pipeline_runs_every_stage_and_resumes():
     assert {k: v["episodes"] for k, v in difficulty.items()} == {"surrogate": 3, "real": 3}
     table = (work / "results.md").read_text()
     assert "How hard the surrogate tasks are" in table and "Ceiling check" in table
+    assert "## Targets" in table and "| Pipeline ≤ 150 minutes |" in table and "No damage" in table
     chosen = results["summaries"]["temperature"]["chosen"]
     assert chosen in cfg.temperatures and f"Teacher temperature chosen on validation: {chosen:g}" in table
     assert results["summaries"]["meta-recycle"]["teacher_temperature"] == chosen
@@ -450,3 +451,45 @@ def test_the_shipped_run_is_the_best_meta_trained_one_on_validation():
     s = runs(recycle=(0.42, 500), recycle_from_average=(0.47, 750))
     assert shipped_run(s) == "meta-recycle-from-average"
     assert shipped_run(runs(recycle=(0.40, 0), recycle_from_average=(0.46, 0))) == "meta-recycle"  # the identity
+
+
+def test_targets_are_met_or_missed_by_the_numbers():
+    """Each target's verdict follows its measured numbers: intervals that overlap are not "apart", a 75% run one
+    point behind is within reach only with a 2.5x faster step, and damage on the plain split is judged at -1."""
+
+    def r(mean: float, ci: float = 0.5) -> dict:
+        return {"mean": mean, "ci95": ci}
+
+    one = {"NN": r(46), "LoRAs-average + NN": r(49), "LoRA Recycle": r(51.2), "LoRA Recycle-75": r(50.3)}
+    one["Oracle (real zoo images)"] = r(55)
+    results = {
+        "config": {"data": {"check_style": "plain"}},
+        "total_seconds": 149 * 60,
+        "summaries": {
+            "eval": {
+                "test-1shot": {"results": one},
+                "test-5shot": {"results": {"NN": r(60), "LoRA Recycle": r(62.5)}},
+                "test-plain-1shot": {"results": {"NN": r(70), "LoRA Recycle": r(69.1)}},
+            },
+            "meta-recycle": {"step_seconds_median": 0.25},
+            "meta-recycle-75": {"step_seconds_median": 0.1},
+            "invert": {"teacher_accuracy": 0.9},
+        },
+    }
+    assert all(ok for _, _, ok in targets(results))
+    one["LoRA Recycle"] = r(51.2, 5.0)  # +5.2, but its interval reaches NN's and the average's
+    one["Oracle (real zoo images)"] = r(53.9)
+    results["summaries"]["meta-recycle-75"]["step_seconds_median"] = 0.11  # 2.27x
+    results["summaries"]["eval"]["test-plain-1shot"]["results"]["LoRA Recycle"] = r(68.9)
+    results["total_seconds"] = 151 * 60
+    missed = {t for t, _, ok in targets(results) if not ok}
+    assert missed == {
+        "Oracle − NN ≥ 8",
+        "LoRA Recycle − NN ≥ 5, intervals apart",
+        "LoRA Recycle above LoRAs-average + NN, intervals apart",
+        "75% masked within 1 point of unmasked, step ≥ 2.5× faster",
+        "No damage: LoRA Recycle ≥ NN − 1 on Han plain 1-shot",
+        "Pipeline ≤ 150 minutes",
+    }
+    del one["LoRA Recycle-75"]
+    assert targets(results) == []  # a run without the rows it compares has no targets
