@@ -1,6 +1,6 @@
 """Why does (or doesn't) meta-training beat the bare backbone? Checks on a finished `reproduce.pipeline` work folder.
 
-    python -m reproduce.diagnose --work .cache/repro [--steps 200] [--out reproduce/results/diagnose.md]
+    python -m reproduce.diagnose --work .cache/repro [--preset v3] [--steps 200] [--out reproduce/results/diagnose.md]
 
 1. **Ceiling check.** The pipeline's oracle: a meta-LoRA trained exactly as the recycled ones (same schedule), but
    on the *real* images of the zoo classes, scored on the validation episodes the pipeline selects on (read from
@@ -31,7 +31,7 @@ from recycle.io import atomic_write_bytes
 from recycle.episodes import FolderEpisodes
 from recycle.meta import meta_train
 
-from .pipeline import MASKS, ReproConfig, val_curve
+from .pipeline import MASKS, PRESETS, ReproConfig, val_curve
 
 
 def meta_curve(work: Path, cfg: ReproConfig, train: Path, val: Path, steps: int, every: int) -> list[tuple[int, float]]:
@@ -77,8 +77,9 @@ def _curve_table(curve: list[tuple[int, float]], label: str) -> list[str]:
 
 
 def report(work: Path, steps: int, cfg: Optional[ReproConfig] = None) -> str:
-    """The Markdown report; `cfg` must be the configuration the work folder was made with (default: the full one)."""
-    cfg = cfg or ReproConfig()
+    """The Markdown report; `cfg` must be the configuration the work folder was made with (default: the v3 preset)."""
+    cfg = cfg or ReproConfig.v3()
+    source = " and ".join(s.capitalize() for s in (cfg.data.source_script, *cfg.data.source_extra))
     torch.set_num_threads(cfg.threads)
     every = max(1, steps // 4)
     data = work / "data"
@@ -92,7 +93,7 @@ def report(work: Path, steps: int, cfg: Optional[ReproConfig] = None) -> str:
     lines = [
         "# Diagnostics",
         "",
-        f"Command: `python -m reproduce.diagnose --work {work} --steps {steps}`",
+        f"Command: `python -m reproduce.diagnose --work {work} --preset {cfg.name} --steps {steps}`",
         "",
         "## 1. Ceiling check: the oracle, meta-trained on the zoo classes' real images",
         "",
@@ -105,7 +106,7 @@ def report(work: Path, steps: int, cfg: Optional[ReproConfig] = None) -> str:
         "## 2. A domain the backbone has not seen: Hangul",
         "",
         f"The same meta-training ({steps} steps) on the real images of the first half of the Hangul classes (the "
-        f"backbone was pretrained on Han only), scored on the other half ({episodes}).",
+        f"backbone was pretrained on {source}, never on Hangul), scored on the other half ({episodes}).",
         "",
         *_curve_table(domain, "held-out Hangul accuracy"),
         "",
@@ -126,11 +127,12 @@ def report(work: Path, steps: int, cfg: Optional[ReproConfig] = None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path(".cache/repro"), help="a finished pipeline work folder")
-    parser.add_argument("--steps", type=int, default=200, help="meta-training steps for the ceiling check")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="v3", help="the work folder's preset")
+    parser.add_argument("--steps", type=int, default=200, help="meta-training steps for the domain check")
     parser.add_argument("--out", type=Path, help="also write the report here (Markdown)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    text = report(args.work, args.steps)
+    text = report(args.work, args.steps, PRESETS[args.preset]())
     print(text)
     if args.out:
         atomic_write_bytes(args.out, text.encode())

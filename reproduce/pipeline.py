@@ -1,14 +1,16 @@
 """Reproduce LoRA Recycle in miniature, fully offline, stage by stage (finished stages are skipped).
 
-    python -m reproduce.pipeline --work .cache/repro            # the full run (about 100 minutes on 2 CPU cores)
+    python -m reproduce.pipeline --work .cache/repro            # the full v3 run (about 2 hours on 2 CPU cores)
     python -m reproduce.pipeline --work /tmp/toy --toy          # a smoke run at toy size (about a minute)
     python -m reproduce.pipeline --work .cache/repro --ship weights   # then copy the results into weights/
 
-Stages: render glyphs (plain pretraining classes; tinted zoo, validation, test and cross-domain classes) → train a
-BN-prior CNN on the plain source → pretrain the "foundation" ViT on it → pre-tune a LoRA zoo on tinted tasks → the
-ceiling check (an oracle meta-trained on the zoo classes' real images) → invert every LoRA (pruning in the last block;
-masks at 25/50/75%) → choose the KL temperature on validation → meta-train meta-LoRAs (unmasked, 25, 50, 75% masked,
-75% in bf16) → evaluate 5-way 1/5-shot on held-out Han characters and on Hangul. Every number in the results comes
+Stages (the default preset, v3): render glyphs (a plain source of Han and kana; tinted zoo, validation, test and
+cross-domain classes; the test classes plain too) → train a BN-prior CNN on part of the source → pretrain the
+"foundation" ViT on it by contrast between views → pre-tune a LoRA zoo on tinted tasks → the ceiling check (an oracle
+meta-trained on the zoo classes' real images) and the structure check → invert every LoRA (pruning in the last
+block; masks at 25/50/75%) → choose the KL temperature on validation → meta-train meta-LoRAs (unmasked, 25, 50, 75%
+masked, 75% in bf16, and from the LoRAs-average) → evaluate 5-way 1/5-shot on held-out Han characters, on Hangul
+and on the held-out characters rendered plain. Every number in the results comes
 from this script; `results.json` and `results.md` are written to the work folder.
 """
 
@@ -723,7 +725,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path(".cache/repro"), help="work folder (resumable)")
     parser.add_argument("--toy", action="store_true", help="a smoke run at toy size (the same as --preset toy)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="v2", help="the regime (default: %(default)s)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="v3", help="the regime (default: %(default)s)")
     parser.add_argument(
         "--until", metavar="STAGE", choices=STAGES, help="stop after this stage (a pilot): structure, meta-recycle, ..."
     )

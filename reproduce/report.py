@@ -18,7 +18,7 @@ def method_name(run: str) -> str:
 def pipeline_command(results: dict) -> str:
     """The command that remakes a run's results (its preset, from the config's ``name``)."""
     name = results["config"].get("name", "v2")
-    return "python -m reproduce.pipeline --work .cache/repro" + ("" if name == "v2" else f" --preset {name}")
+    return f"python -m reproduce.pipeline --work .cache/repro --preset {name}"
 
 
 def cross_name(results: dict) -> str:

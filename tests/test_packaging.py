@@ -98,11 +98,24 @@ def test_license_file_matches_the_declared_license():
 
 
 def test_the_readme_results_table_is_the_reproductions_own():
-    """The results table quoted in the README is the one reproduce/ wrote, row for row."""
+    """The tables quoted in the README (the results and the targets) are the ones reproduce/ wrote, row for row."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     written = (ROOT / "reproduce" / "results" / "results.md").read_text(encoding="utf-8")
-    rows = [line for line in written.splitlines() if line.startswith("|")]
-    assert len(rows) >= 4 and "\n".join(rows) in readme
+    tables = re.findall(r"(?:^\|.*\n)+", written, re.M)
+    assert len(tables) == 2 and len(tables[0].splitlines()) >= 4
+    for table in tables:
+        assert table in readme
+
+
+def test_every_number_in_the_reproductions_readme_comes_from_a_results_file():
+    """A decimal quoted in reproduce/README.md appears in the results, the diagnostics or the experiment notes."""
+    text = (ROOT / "reproduce" / "README.md").read_text(encoding="utf-8")
+    sources = [ROOT / "reproduce" / "results" / f for f in ("results.md", "diagnose.md")]
+    sources += sorted((ROOT / "docs" / "experiments").rglob("*.md"))
+    written = "\n".join(p.read_text(encoding="utf-8") for p in sources if p.is_file())
+    known = set(re.findall(r"\d+\.\d+", written))
+    quoted = set(re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", text))
+    assert quoted and quoted <= known, sorted(quoted - known)
 
 
 def test_the_public_api_resolves_from_the_package_and_the_readme_example_uses_it():
