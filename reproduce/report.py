@@ -82,6 +82,14 @@ def results_markdown(results: dict) -> str:
             f"oracle {100 * oracle['best_val']:.2f} at step {oracle['best_step']} "
             f"({100 * (oracle['best_val'] - oracle['baseline_val']):+.2f})."
         )
+    chosen = [(method_name(k[len("meta-") :]), v) for k, v in s.items() if k.startswith("meta-recycle")]
+    if chosen and all(v.get("best_val") is not None for _, v in chosen):  # model selection, per meta-training run
+        lines.append(
+            f"Chosen on validation (best step, {c['way']}-way 1-shot; NN {100 * oracle['baseline_val']:.2f}; step 0 "
+            "is the run's start): "
+            + ", ".join(f"{m} {100 * v['best_val']:.2f} (step {v['best_step']})" for m, v in chosen)
+            + "."
+        )
     if "temperature" in s:
         t = s["temperature"]
         lines.append(
