@@ -50,6 +50,7 @@ from benchmarks.bench_fewshot import MODEL_NAME, Task, make_adapter, make_task
 from benchmarks.common import (
     REPO,
     Summary,
+    contention_of,
     environment,
     markdown_table,
     report_header,
@@ -354,6 +355,12 @@ def report(results: list[dict], app: Optional[dict], args: argparse.Namespace, s
             )
             + "\n\n"
             + _verdict(result)
+            + "\n\n"
+            + contention_of(
+                sum(x["others_cpu"] for ts in result["timings"].values() for x in ts),
+                sum(x["wall"] for ts in result["timings"].values() for x in ts),
+                column=False,
+            )
             + "\n\nSelf CPU seconds by op group, one 10-query forward with the meta-LoRA (`torch.profiler`):\n\n"
             + markdown_table(["ops", *result["profiles"]], _profile_rows(result))
         )

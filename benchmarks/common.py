@@ -301,11 +301,17 @@ class Mark:
 def contention(timings: Iterable[Timing]) -> str:
     """A sentence on how much of the machine other processes took during `timings` (summed)."""
     ts = list(timings)
-    others, wall = sum(t.others_cpu for t in ts), sum(t.wall for t in ts)
+    return contention_of(sum(t.others_cpu for t in ts), sum(t.wall for t in ts))
+
+
+def contention_of(others: float, wall: float, column: bool = True) -> str:
+    """`contention`'s sentence from the summed CPU seconds of other processes and the summed wall time (`column`:
+    the table has an "others' CPU" column to point to)."""
     return (
         f"During the timed calls other processes used {others:.0f} CPU-s in {wall:.0f} s of wall time, i.e. "
-        f"{100 * others / (wall * os.cpu_count()):.0f}% of the machine's {os.cpu_count()} CPUs (column "
-        '"others\' CPU"); wall-clock ratios are only as good as that share is small and even across settings.'
+        f"{100 * others / (wall * os.cpu_count()):.0f}% of the machine's {os.cpu_count()} CPUs"
+        + (' (column "others\' CPU")' if column else "")
+        + "; wall-clock ratios are only as good as that share is small and even across settings."
     )
 
 
