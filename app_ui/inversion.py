@@ -125,9 +125,11 @@ class Inversion(LoRALoading):
         lr: Any,
         seed: Any,
         request: gr.Request = None,
+        force: bool = False,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple]:
-        """Invert the session's LoRA with live previews; the last update adds the masked images and the zip.
+        """Invert the session's LoRA with live previews; the last update adds the masked images and the zip. A LoRA
+        made for another base is refused unless `force` ("Invert anyway") is ticked.
 
         Yields:
             (images gallery, masked gallery, status markdown, zip file, "add to pool" button update).
@@ -142,6 +144,12 @@ class Inversion(LoRALoading):
                 raise InputError(
                     f"The backbone changed to `{name}` since the LoRA was loaded for "
                     f"`{loaded.backbone}`; load the LoRA again."
+                )
+            if loaded.mismatch and force is not True:
+                switch = f" Switch the backbone to {loaded.made_for}, or" if loaded.made_for else ""
+                raise InputError(
+                    f"This LoRA fits the backbone {name} in shape only: {loaded.mismatch}, so its surrogates would "
+                    f'mean nothing.{switch} tick "Invert anyway" if you know it fits.'
                 )
             targets, config = self._config(classes, per_class, steps, pruning, lr, seed)
             choice = self.settings.bn_prior_for(name)
@@ -362,7 +370,7 @@ class Inversion(LoRALoading):
             held = pool_size(self.settings.pool)
             if held >= self.settings.pool_max_mb << 20:
                 raise InputError(
-                    f"The pool at {md_code(self.settings.pool)} is full: it holds {held / 2**20:.0f} MB, its limit is "
+                    f"The pool at {self.settings.pool} is full: it holds {held / 2**20:.0f} MB, its limit is "
                     f"{self.settings.pool_max_mb} MB (RECYCLE_POOL_MAX_MB). Download this run instead, or free space."
                 )
             run.pooled = write_run(self.settings.pool, run.result, run.lora, run.source, run.settings, run.grid)

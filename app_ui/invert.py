@@ -46,6 +46,7 @@ class InvertTab:
     load: gr.Button
     card: gr.Markdown
     switch: gr.Button
+    force: gr.Checkbox
     classes: gr.CheckboxGroup
     per_class: gr.Slider
     steps: gr.Slider
@@ -117,6 +118,11 @@ def invert_tab(
             load = gr.Button("Load LoRA", variant="secondary")
             card = gr.Markdown("No LoRA loaded yet.", elem_id="lora-card")
             switch = gr.Button("Switch the backbone", visible=False, variant="secondary")
+            force = gr.Checkbox(
+                False,
+                label="Invert anyway",
+                info="Only for a LoRA that was made for another base but that you know fits this backbone.",
+            )
             gr.Markdown("### 2 · Settings")
             classes = gr.CheckboxGroup([], label="Classes to invert", info="Load a LoRA to see its classes.")
             with gr.Row():
@@ -160,31 +166,32 @@ def invert_tab(
                 download = gr.DownloadButton("Download zip", interactive=False)
             pool_note = gr.Markdown("")
     t = InvertTab(
-        hub_id,
-        files,
-        hub_search,
-        hub_list,
-        hub_found,
-        hub_note,
-        load,
-        card,
-        switch,
-        classes,
-        per_class,
-        steps,
-        pruning,
-        bn_prior,
-        lr,
-        seed,
-        invert_button,
-        stop,
-        stop_note,
-        run_status,
-        images,
-        masked,
-        add,
-        download,
-        pool_note,
+        hub_id=hub_id,
+        files=files,
+        hub_search=hub_search,
+        hub_list=hub_list,
+        hub_found=hub_found,
+        hub_note=hub_note,
+        load=load,
+        card=card,
+        switch=switch,
+        force=force,
+        classes=classes,
+        per_class=per_class,
+        steps=steps,
+        pruning=pruning,
+        bn_prior=bn_prior,
+        lr=lr,
+        seed=seed,
+        invert=invert_button,
+        stop=stop,
+        stop_note=stop_note,
+        run_status=run_status,
+        images=images,
+        masked=masked,
+        add=add,
+        download=download,
+        pool_note=pool_note,
     )
 
     lora_in, lora_out = [backbone, hub_id, files], [card, classes]
@@ -203,7 +210,7 @@ def invert_tab(
     )
     invert_button.click(
         inversion.run,
-        inputs=[backbone, classes, per_class, steps, pruning, bn_prior, lr, seed],
+        inputs=[backbone, classes, per_class, steps, pruning, bn_prior, lr, seed, force],
         outputs=[images, masked, run_status, download, add],
         api_name="invert",
         concurrency_id="invert",

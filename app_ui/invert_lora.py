@@ -12,7 +12,7 @@ import gradio as gr
 
 from recycle.backbone import Backbone
 from recycle.formats import LoRAAdapter, LoRAFormatError, read_adapter, stage_lora_files
-from recycle.provenance import provenance_mismatch
+from recycle.provenance import fit_mismatch
 
 from .errors import InputError, file_paths, reported, text_field, user_text
 from .limits import MAX_LORA_FILES, SESSIONS
@@ -27,6 +27,7 @@ class LoadedLoRA:
     source: str  # Hub id, path, or "upload: <file names>"
     backbone: str  # the backbone it was loaded (and checked) for
     made_for: Optional[str] = None  # the backbone it names, when that is not the selected one and may be chosen
+    mismatch: Optional[str] = None  # why it was made for another base (`provenance.fit_mismatch`), or None
 
 
 class LoRALoading:
@@ -72,7 +73,10 @@ class LoRALoading:
                     "meta-LoRA, for example, has none). Load a LoRA tuned with a head."
                 )
             fit = self._fit(adapter, model, name)
-            self.loras.set(session_id(request), LoadedLoRA(adapter, source, name, self._offer(adapter, name, fit)))
+            mismatch = fit_mismatch(adapter, model) if "in shape only" in fit else None
+            self.loras.set(
+                session_id(request), LoadedLoRA(adapter, source, name, self._offer(adapter, name, fit), mismatch)
+            )
             names = adapter.class_names or []
             c = adapter.config
             card = "\n".join(
@@ -128,12 +132,16 @@ class LoRALoading:
                 f"⚠️ It does **not fit** the selected backbone {md_code(name)}: {md_text(user_text(e), 1000)}. "
                 "Choose the backbone it was made for at the top of the page, then load it again."
             )
-        mismatch = provenance_mismatch(adapter.backbone, model)
+        mismatch = fit_mismatch(adapter, model)
         if mismatch:  # the shapes fit, but the weights are another model's (e.g. a ViT-B/16 LoRA on CLIP ViT-B/16)
+            switch = (
+                f" Switch the backbone at the top of the page to {md_code(adapter.backbone)}, then load it again;"
+                if adapter.backbone
+                else ""
+            )
             return (
-                f"⚠️ It fits the selected backbone {md_code(name)} in shape only: it was made for "
-                f"{md_code(adapter.backbone or '')}, another model, so its outputs would mean nothing here. Switch "
-                f"the backbone at the top of the page to {md_code(adapter.backbone or '')}, then load it again."
+                f"⚠️ It fits the selected backbone {md_code(name)} in shape only: {md_text(mismatch, 400)}, so its "
+                f"outputs would mean nothing here.{switch} **Invert** refuses it unless you tick **Invert anyway**."
             )
         return f"✅ Fits the selected backbone {md_code(name)}: choose the classes and press **Invert**."
 

@@ -151,11 +151,14 @@ class LoRAAdapter:
     def attached(self, backbone, merged: bool = False) -> Iterator[Optional[nn.Linear]]:
         """Attach this LoRA to `backbone` (a `Backbone`) for the duration of the block; yields the head or None.
 
-        Holds the backbone's lock, so classifiers and teachers can share one backbone safely. ``merged=True`` folds
-        the update into the base weights (inference at the bare model's speed); the original weights are restored
-        exactly afterwards.
+        Holds the backbone's lock, so classifiers and teachers can share one backbone safely. The model runs in
+        eval mode meanwhile (a teacher is deterministic: no LoRA or backbone dropout) and gets its mode back after.
+        ``merged=True`` folds the update into the base weights (inference at the bare model's speed); the original
+        weights are restored exactly afterwards.
         """
         with backbone.lock:
+            was_training = backbone.model.training
+            backbone.model.eval()
             self.inject(backbone.model)
             try:
                 if merged:
@@ -167,6 +170,7 @@ class LoRAAdapter:
                 yield head.to(backbone.device) if head is not None else None
             finally:
                 remove_lora(backbone.model)
+                backbone.model.train(was_training)
 
     def build_head(self, num_features: int) -> Optional[nn.Linear]:
         """The head as an `nn.Linear` on a ``num_features`` pre-logits feature, or None if there is none."""

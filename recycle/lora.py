@@ -214,6 +214,7 @@ def wrap_module(
     if not isinstance(base, nn.Linear):
         raise ValueError(f"{path} is a {type(base).__name__}, not a Linear: LoRA cannot be added there")
     layer = LoRALinear(base, rank, scaling, slices, dropout)
+    layer.train(base.training)  # the host's mode: a model in eval mode gets a LoRA without dropout
     _set(model, path, layer)
     return layer
 

@@ -10,9 +10,20 @@ local folders are never called a mismatch, since a copy of a model has another p
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
-__all__ = ["canonical_ids", "backbone_ids", "provenance_mismatch", "EQUIVALENT"]
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "canonical_ids",
+    "backbone_ids",
+    "provenance_mismatch",
+    "family_mismatch",
+    "fit_mismatch",
+    "require_fit",
+    "EQUIVALENT",
+]
 
 # Hub repositories (transformers' layout) and the timm models holding the same weights.
 EQUIVALENT = {
@@ -71,3 +82,54 @@ def provenance_mismatch(made_for: Optional[str], backbone) -> Optional[str]:
     if not wanted or not have or wanted & have:
         return None
     return f"it was made for '{made_for}', not for the selected backbone '{backbone.name}'"
+
+
+def _backbone_family(backbone) -> Optional[str]:
+    """The model family of a loaded backbone: a transformers folder's ``model_type`` (``vit``, ``deit``), or, for a
+    timm model, ``deit`` when its architecture is one of timm's DeiTs and ``vit`` otherwise; None when unknown."""
+    cfg = getattr(getattr(backbone, "model", None), "pretrained_cfg", None) or {}
+    if cfg.get("source") == "transformers":
+        kind = cfg.get("model_type")
+        return kind if isinstance(kind, str) else None
+    arch = cfg.get("architecture")
+    if not isinstance(arch, str):
+        return None
+    return "deit" if arch.startswith("deit") else "vit"
+
+
+def family_mismatch(adapter, backbone) -> Optional[str]:
+    """A sentence saying that the LoRA's model family (the ``vit.`` / ``deit.`` prefix of a transformers adapter's
+    keys, or its folder's config.json) is not the backbone's, or None when they agree or either is unknown."""
+    made = adapter.info.get("model_type") if isinstance(getattr(adapter, "info", None), dict) else None
+    have = _backbone_family(backbone)
+    if not isinstance(made, str) or have is None or made == have:
+        return None
+    return f"it was made for a {made.upper()} model (its keys say so), and the selected backbone is a {have.upper()}"
+
+
+def fit_mismatch(adapter, backbone) -> Optional[str]:
+    """Why the LoRA `adapter` was made for another base than `backbone`, though its shapes may fit: the named bases
+    differ (`provenance_mismatch`), or the model families do (`family_mismatch`); None when nothing says so."""
+    return provenance_mismatch(adapter.backbone, backbone) or family_mismatch(adapter, backbone)
+
+
+def require_fit(adapter, backbone, force: bool = False, override: str = "--force", name: str = "the LoRA") -> None:
+    """Refuse to run `adapter` as a teacher on `backbone` when it was made for another base (`fit_mismatch`); the
+    message names both bases and the way out. With `force`, log a warning instead.
+
+    Raises:
+        LoRAFormatError: the LoRA was made for another base, and `force` is off.
+    """
+    from .adapter import LoRAFormatError
+
+    mismatch = fit_mismatch(adapter, backbone)
+    if mismatch is None:
+        return
+    if force:
+        _logger.warning("%s fits the backbone in shape, but %s; using it anyway (%s)", name, mismatch, override)
+        return
+    switch = f"choose the backbone it was made for ('{adapter.backbone}'), or " if adapter.backbone else ""
+    raise LoRAFormatError(
+        f"{name} fits the backbone in shape, but {mismatch}, so its outputs would mean nothing there: {switch}use "
+        f"{override} if you know it fits"
+    )

@@ -11,12 +11,6 @@ from ..backbone import DEFAULT_BACKBONE, Backbone
 _logger = logging.getLogger("recycle")
 
 
-def terminal_safe(text: str) -> str:
-    """`text` with every unprintable character (CR, ESC of ANSI sequences, bidi controls, ...) written as its
-    Python escape, so a file or class name cannot move the cursor or recolour the terminal."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
-
-
 def backbone_of(lora: str) -> str:
     """The backbone LoRA `lora` names (read without a backbone), or the default when it names none."""
     from ..formats import load_lora
@@ -46,9 +40,9 @@ def zoo_backbone(zoo: str) -> str:
 
 def warn_provenance(adapter: LoRAAdapter, backbone: Backbone) -> None:
     """Warn when `adapter` fits `backbone` in shape but was made for another model."""
-    from ..provenance import provenance_mismatch
+    from ..provenance import fit_mismatch
 
-    mismatch = provenance_mismatch(adapter.backbone, backbone)
+    mismatch = fit_mismatch(adapter, backbone)
     if mismatch:
         _logger.warning("the LoRA fits the backbone in shape, but %s; its outputs will mean nothing there", mismatch)
 

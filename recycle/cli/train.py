@@ -10,8 +10,9 @@ from pathlib import Path
 
 from .. import distributed
 from ..backbone import DEFAULT_BACKBONE, BackboneError
+from ..provenance import require_fit
 from ..runtime import resolve_precision
-from .common import backbone_of, warn_provenance, zoo_backbone
+from .common import backbone_of, zoo_backbone
 
 _logger = logging.getLogger("recycle")
 
@@ -83,7 +84,12 @@ def invert(args: argparse.Namespace) -> int:
     config = replace(config, bf16=resolve_precision(args.precision, backbone.device))
     adapter = None if args.zoo else load_lora(args.lora, backbone)
     if adapter is not None:
-        warn_provenance(adapter, backbone)
+        require_fit(adapter, backbone, args.force, name=f"LoRA '{args.lora}'")
+    else:
+        from ..zoo import load_zoo
+
+        for name, zoo_adapter in load_zoo(args.zoo, backbone):
+            require_fit(zoo_adapter, backbone, args.force, name=f"the zoo's LoRA '{name}'")
     try:
         prior = None if args.bn_prior.lower() == "none" else load_bn_prior(args.bn_prior, backbone.device)
     except BackboneError as e:
