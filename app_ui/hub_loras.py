@@ -71,12 +71,7 @@ class HubLoRAList:
                     f" whose name contains {md_code(text)}." if text else "."
                 )
                 return none, gr.update(choices=[], value=None)
-            rows = [
-                f"| {md_code(x.repo)} | {x.num_classes} | "
-                + md_text(", ".join((x.classes or [])[:6]) + ("…" if len(x.classes or []) > 6 else ""))
-                + " |"
-                for x in found
-            ]
+            rows = [f"| {md_code(x.repo)} | {x.num_classes} | {_names(x)} |" for x in found]
             table = "\n".join(
                 [
                     f"{len(found)} LoRAs for {md_code(base)} (vetted: safetensors, LoRA, a head). Pick one "
@@ -90,3 +85,13 @@ class HubLoRAList:
             return table, gr.update(
                 choices=[(f"{x.repo} · {x.num_classes} classes", x.repo) for x in found], value=None
             )
+
+
+def _names(lora) -> str:
+    """A listing's names cell: the first class names, or, where the LoRA names none, the datasets its card names
+    (what its classes come from), never invented names."""
+    source = "; from " + ", ".join(md_code(d[:80]) for d in lora.datasets[:3]) if lora.datasets else ""
+    if lora.classes:
+        names = ", ".join(c[:40] for c in lora.classes[:6]) + ("…" if len(lora.classes) > 6 else "")
+        return md_text(names) + source
+    return "unnamed" + source

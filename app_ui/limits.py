@@ -14,6 +14,7 @@ MAX_INVERT_STEPS = 2000
 MAX_SEED = 2**63 - 1
 MAX_LORA_FILES = 4  # files in one LoRA upload
 MAX_POOL_GALLERY = 48  # images shown per page of a class in the pool browser
+MAX_POOL_PAGE_PIXELS = 8_000_000  # pixels decoded per pool page (unmasked and masked): large images make shorter pages
 MAX_POOL_SOURCES = 200  # source LoRAs listed in the pool browser's dropdown
 MAX_POOL_MANIFEST_BYTES = 8 << 20  # bytes of one run's manifest read by the pool browser
 MAX_POOL_RUN_ITEMS = 5000  # images in one run's manifest read by the pool browser

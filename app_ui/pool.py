@@ -27,6 +27,7 @@ from .limits import (
     MAX_HUB_POOL_BYTES,
     MAX_HUB_POOL_FILES,
     MAX_POOL_GALLERY,
+    MAX_POOL_PAGE_PIXELS,
     MAX_POOL_MANIFEST_BYTES,
     MAX_POOL_RUN_ITEMS,
     MAX_POOL_RUNS,
@@ -245,10 +246,12 @@ class PoolBrowser:
         if not match:
             raise PoolError(f"The pool has no class {str(label)[:80]!r} from LoRA {str(source)[:80]!r}. Press Refresh.")
         cls = match[0]
-        pages = max(1, math.ceil(len(cls.items) / MAX_POOL_GALLERY))
+        largest = max(math.prod(pool.runs[r]["image_size"]) for r in {ref.run for ref in cls.items})
+        per_page = max(1, min(MAX_POOL_GALLERY, MAX_POOL_PAGE_PIXELS // (2 * largest)))  # unmasked and masked
+        pages = max(1, math.ceil(len(cls.items) / per_page))
         page = min(page, pages)
-        first = (page - 1) * MAX_POOL_GALLERY
-        items = cls.items[first : first + MAX_POOL_GALLERY]
+        first = (page - 1) * per_page
+        items = cls.items[first : first + per_page]
         images, masked, conf, conf_kept = [], [], [], []
         for ref in items:
             item = pool.item(ref)
@@ -344,7 +347,9 @@ def pool_tab(browser: PoolBrowser, policy: PathPolicy, settings: AppSettings, de
         source = gr.Dropdown([], label="Source LoRA", interactive=True, scale=3)
         label = gr.Dropdown([], label="Class", interactive=True, scale=2)
         page = finite(
-            gr.Number(1, label=f"Page ({MAX_POOL_GALLERY} images each)", precision=0, minimum=1, scale=1, min_width=120)
+            gr.Number(
+                1, label=f"Page (up to {MAX_POOL_GALLERY} images)", precision=0, minimum=1, scale=1, min_width=120
+            )
         )
     details = gr.Markdown("")
     with gr.Row(equal_height=False):

@@ -24,6 +24,7 @@ _PUBLIC = {
     "load_lora": "formats",
     "read_adapter": "formats",
     "save_adapter": "formats",
+    "save_transformers_peft": "formats",
     "load_image": "images",
     "FewShotClassifier": "fewshot",
     "InversionConfig": "invert",
@@ -54,6 +55,7 @@ __all__ = [
     "meta_train",
     "read_adapter",
     "save_adapter",
+    "save_transformers_peft",
 ]
 
 if TYPE_CHECKING:
@@ -61,7 +63,7 @@ if TYPE_CHECKING:
     from .backbone import Backbone, load_backbone
     from .evaluate import EvalConfig
     from .fewshot import FewShotClassifier
-    from .formats import load_lora, read_adapter, save_adapter
+    from .formats import load_lora, read_adapter, save_adapter, save_transformers_peft
     from .images import load_image
     from .invert import InversionConfig, load_bn_prior
     from .meta import MetaConfig, meta_train

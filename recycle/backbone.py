@@ -111,7 +111,7 @@ def _check_before_build(name: str, kwargs: dict, pretrained: bool, what: str) ->
         return
     try:
         cfg = modelcheck.check_config(config, what)
-        meta = modelcheck.build_on_meta(name, kwargs, str(config))
+        meta = modelcheck.build_on_meta(name, kwargs, str(config), what)
         modelcheck.check_model_kind(meta, what, str(config))
         if pretrained and weights is None:
             raise modelcheck.ModelCheckError(f"{config.parent} has no .safetensors weights")

@@ -16,7 +16,7 @@ from .backbone import hub_repo_id
 from .adapter import LoRAAdapter
 from .io import atomic_write_bytes
 
-__all__ = ["card_data", "write_model_card"]
+__all__ = ["card_data", "write_model_card", "write_export_card"]
 
 TAGS = ["lora-recycle", "few-shot", "timm", "lora"]
 
@@ -94,6 +94,47 @@ def write_model_card(
     card = ModelCard(
         "\n".join(["---", card_data(adapter, license).to_yaml(), "---", "", *_body(adapter, command, results_md)])
     )
+    path = Path(folder) / "README.md"
+    atomic_write_bytes(path, str(card).encode())
+    return path
+
+
+def write_export_card(folder: Path, adapter: LoRAAdapter, base_model: Optional[str], model_class: str) -> Path:
+    """Write ``README.md`` for a LoRA exported as a PEFT adapter of a transformers model (``model_class``, e.g.
+    ``ViTForImageClassification``), with the metadata PEFT's own ``save_pretrained`` writes: ``library_name: peft``,
+    ``base_model`` and the tags ``base_model:adapter:<base>``, ``lora`` and ``transformers``. `base_model` is left
+    out of the metadata unless it is a Hub id (the Hub refuses a card whose base is not a repository). Returns the
+    path."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .hub import is_repo_id
+
+    hub_base = base_model if isinstance(base_model, str) and is_repo_id(base_model) else None
+    tags = ["lora", "transformers", "lora-recycle"] + ([f"base_model:adapter:{hub_base}"] if hub_base else [])
+    data = ModelCardData(
+        base_model=hub_base,
+        library_name="peft",
+        tags=sorted(tags),
+        pipeline_tag="image-classification" if adapter.head_weight is not None else "image-feature-extraction",
+    )
+    load = hub_base or "<the base model>"
+    body = [
+        "# LoRA (exported by LoRA Recycle)",
+        "",
+        f"A PEFT LoRA adapter of `{load}`, written by `recycle export` from "
+        + ("a meta-LoRA distilled with LoRA Recycle." if "meta_training" in adapter.info else "a LoRA."),
+        "",
+        "```python",
+        "from peft import PeftModel",
+        f"from transformers import {model_class}",
+        "",
+        f'model = PeftModel.from_pretrained({model_class}.from_pretrained("{load}"), "<this folder or repo>")',
+        "```",
+        "",
+    ]
+    if adapter.class_names:
+        body += [f"Classes: {', '.join(adapter.class_names[:50])}{' ...' if len(adapter.class_names) > 50 else ''}", ""]
+    card = ModelCard("\n".join(["---", data.to_yaml(), "---", "", *body]))
     path = Path(folder) / "README.md"
     atomic_write_bytes(path, str(card).encode())
     return path

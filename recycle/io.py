@@ -61,3 +61,9 @@ def shown(value, limit: int = 60) -> str:
     """`value`'s repr, cut to `limit` characters, for error messages about untrusted data."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every unprintable character (CR, ESC of ANSI sequences, bidi controls, ...) written as its
+    Python escape, so a file or class name cannot move the cursor or recolour the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)

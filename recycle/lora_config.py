@@ -3,7 +3,6 @@ when made, and the target names (`TARGETS`)."""
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -18,8 +17,11 @@ def _is_rank(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+MAX_ALPHA = 1e6  # a larger LoRA alpha scales updates past float32's range once merged
+
+
 def _is_alpha(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_ALPHA
 
 
 @dataclass
@@ -49,7 +51,7 @@ class LoRAConfig:
         if not _is_rank(self.rank):
             raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         if self.alpha is not None and not _is_alpha(self.alpha):
-            raise ValueError(f"LoRA alpha must be a positive finite number, got {self.alpha!r}")
+            raise ValueError(f"LoRA alpha must be a positive number of at most {MAX_ALPHA:g}, got {self.alpha!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         if self.blocks is not None:

@@ -10,7 +10,6 @@ the weights read.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from .io import loads_strict
+from .safetensors_header import HeaderError, check_entries, parse_header
 
 __all__ = [
     "ModelCheckError",
@@ -69,23 +69,6 @@ LIMITS: dict[str, tuple[type, float, float]] = {
 }
 # Any other number in a config: finite and within these bounds; lists and nesting are bounded too.
 _OTHER_INT, _OTHER_FLOAT, _MAX_LIST, _MAX_NESTING, _MAX_TEXT = 100_000, 1e6, 64, 4, 10_000
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "U16": 2,
-    "U32": 4,
-    "U64": 8,
-}
 
 
 class ModelCheckError(ValueError):
@@ -233,7 +216,7 @@ def check_config(path: Path, what: str = "backbone") -> dict:
     return cfg
 
 
-def build_on_meta(name: str, kwargs: dict, where: str) -> nn.Module:
+def build_on_meta(name: str, kwargs: dict, where: str, what: Optional[str] = None) -> nn.Module:
     """The timm model `name` built on the ``meta`` device (shapes only, no memory), with its size bounded.
 
     Raises:
@@ -246,6 +229,14 @@ def build_on_meta(name: str, kwargs: dict, where: str) -> nn.Module:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False, **kwargs)
     except Exception as e:  # noqa: BLE001 - whatever timm raises on these arguments, the config is at fault
+        if what is not None and kwargs:  # e.g. a ResNet given a ViT's arguments: say what kind of model it is
+            try:
+                with torch.device("meta"):
+                    plain = timm.create_model(name, pretrained=False)
+            except Exception:  # noqa: BLE001 - not buildable at all: the message below says so
+                plain = None
+            if plain is not None:
+                check_model_kind(plain, what, where)
         raise ModelCheckError(
             f"{where}: timm cannot build this model from its config ({type(e).__name__}: {str(e)[:200]})"
         ) from None
@@ -294,13 +285,9 @@ def _read_header(path: Path) -> tuple[dict, int]:
     except OSError as e:
         raise ModelCheckError(f"{where} cannot be read ({e.strerror or e})") from None
     try:
-        header = json.loads(text)
-    except (ValueError, RecursionError):
-        raise ModelCheckError(f"{where}: its safetensors header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise ModelCheckError(f"{where}: its safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    return header, size - 8 - length
+        return parse_header(text, where), size - 8 - length
+    except HeaderError as e:
+        raise ModelCheckError(str(e)) from None
 
 
 def check_weights_header(path: Path, model: nn.Module, classifier: Optional[str] = None) -> None:
@@ -324,30 +311,11 @@ def check_weights_header(path: Path, model: nn.Module, classifier: Optional[str]
             f"{where} holds {data_size:,} bytes of tensors, more than the model its config.json "
             f"describes can use ({most:,})"
         )
-    spans = []
-    for name, info in header.items():
-        if not (
-            isinstance(info, dict)
-            and isinstance(info.get("dtype"), str)
-            and isinstance(info.get("shape"), list)
-            and isinstance(info.get("data_offsets"), list)
-            and len(info["data_offsets"]) == 2
-            and all(
-                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in info["shape"] + info["data_offsets"]
-            )
-        ):
-            raise ModelCheckError(f"{where}: tensor {name[:120]!r} has a malformed header entry")
-        if info["dtype"] not in _DTYPE_BYTES:
-            raise ModelCheckError(f"{where}: tensor {name[:120]!r} has the unsupported dtype {info['dtype'][:20]!r}")
-        shape = tuple(info["shape"])
-        begin, end = info["data_offsets"]
-        if end - begin != math.prod(shape) * _DTYPE_BYTES[info["dtype"]] or end > data_size:
-            raise ModelCheckError(
-                f"{where}: tensor {name[:120]!r} declares shape {list(shape)} but its data "
-                f"(bytes {begin} to {end} of {data_size}) does not match; the file is truncated "
-                "or corrupt"
-            )
-        spans.append((begin, end))
+    try:
+        entries = check_entries(header, data_size, where)
+    except HeaderError as e:
+        raise ModelCheckError(str(e)) from None
+    for name, (shape, _) in entries.items():
         in_classifier = bool(classifier) and (name == classifier or name.startswith(classifier + "."))
         if name not in expected:
             if in_classifier:
@@ -373,15 +341,4 @@ def check_weights_header(path: Path, model: nn.Module, classifier: Optional[str]
     if missing:
         raise ModelCheckError(
             f"{where} lacks {len(missing)} tensor(s) of the model its config.json describes, e.g. {missing[0][:120]!r}"
-        )
-    spans.sort()
-    position = 0
-    for begin, end in spans:
-        if begin != position:
-            raise ModelCheckError(f"{where}: its tensors' data overlap or leave gaps; the file is corrupt")
-        position = end
-    if position != data_size:
-        raise ModelCheckError(
-            f"{where}: its tensors declare {position} bytes of data, the file holds {data_size}; "
-            "it is truncated or corrupt"
         )

@@ -48,6 +48,9 @@ def _quiet_ao() -> "contextlib.AbstractContextManager[None]":
         yield
 
 
+MAX_INT8_MAGNITUDE = 1e6  # no trained ViT holds a weight this large; int8's dynamic scales overflow far beyond it
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """`model` (modified in place and returned) with its LoRA layers baked in and every `nn.Linear` in int8
     (weights per output channel, activations per batch). Give it a private copy: the result runs on the CPU only.
@@ -63,8 +66,14 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         )
     bake_lora(model)
     model = model.cpu().float().eval()
-    if not all(bool(torch.isfinite(t).all()) for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()):
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
         raise ValueError("the model holds NaN or Inf weights, which int8 cannot represent")
+    largest = max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
+    if largest > MAX_INT8_MAGNITUDE:  # its activations would overflow int8's run-time scales
+        raise ValueError(
+            f"the model holds weights up to {largest:.3g} in magnitude (int8: at most {MAX_INT8_MAGNITUDE:g})"
+        )
     with _quiet_ao():
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
@@ -147,7 +156,11 @@ def choose_precision(backbone: Backbone, images: int = CALIBRATION_IMAGES) -> tu
         return "fp32", f"auto: fp32 is instant here ({1000 * base_s:.0f} ms per {images} images)"
     best, best_s, why = "fp32", base_s, "auto: nothing beat fp32 here with embeddings kept"
     for precision in [p for p, ok in (("bf16", native_bf16("cpu")), ("int8", int8_supported())) if ok]:
-        seconds, out = run(precision)
+        try:
+            seconds, out = run(precision)
+        except ValueError as e:  # int8 refuses weights it cannot represent: fp32 then reports them
+            _logger.info("calibration %s: unavailable (%s)", precision, e)
+            continue
         cosine = nn.functional.cosine_similarity(out, base).min().item()
         _logger.info("calibration %s: %.3f s vs fp32 %.3f s, min cosine %.4f", precision, seconds, base_s, cosine)
         if cosine >= MIN_COSINE and base_s / seconds >= MIN_SPEEDUP and seconds < best_s:

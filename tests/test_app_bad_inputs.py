@@ -461,9 +461,13 @@ CASES: dict[str, tuple[Callable, str]] = {
     ),
     "r as a string": (lambda w, t, h: _upload_peft(w, t, **_config(r="8")), r"'r' must be a positive integer, got '8'"),
     "r as null": (lambda w, t, h: _upload_peft(w, t, **_config(r=None)), r"'r' must be a positive integer, got None"),
+    "lora_alpha of 1e308": (
+        lambda w, t, h: _upload_peft(w, t, **_config(lora_alpha=1e308)),
+        r"'lora_alpha' must be a positive number of at most 1e\+06, got 1e\+308",
+    ),
     "non-numeric lora_alpha": (
         lambda w, t, h: _upload_peft(w, t, **_config(lora_alpha="high")),
-        r"'lora_alpha' must be a positive number, got 'high'",
+        r"'lora_alpha' must be a positive number of at most 1e\+06, got 'high'",
     ),
     "string where an object is expected": (
         lambda w, t, h: _upload_peft(w, t, **_config(rank_pattern="qkv")),
@@ -641,6 +645,26 @@ CASES: dict[str, tuple[Callable, str]] = {
         ),
         r"the manifest lists 200,000 images, more than the 5,000",
     ),
+    "kept patches beyond the grid": (
+        lambda w, t, h: _open_pool(
+            w, _pool_copy(w, t, lambda r: _edit_manifest(r, lambda m: m["items"][0].update(kept=[10**6])))
+        ),
+        r"invalid kept \(patch indices must be distinct and below the \d+x\d+ grid",
+    ),
+    "teacher logit beyond float32": (
+        lambda w, t, h: _open_pool(
+            w, _pool_copy(w, t, lambda r: _edit_manifest(r, lambda m: m["items"][0]["logits"].__setitem__(0, 1e39)))
+        ),
+        r"invalid logits \(a teacher logit beyond float32's range\)",
+    ),
+    "pool image bomb with a valid checksum": (
+        lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: _swap_image(r, _png_bomb()))),
+        r"000000\.png is 10000x10000 pixels, but the run's images are 32x32",
+    ),
+    "text file as a pool image with a valid checksum": (
+        lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: _swap_image(r, b"not an image at all"))),
+        r"pool run '.*': images/000000\.png is not an image",
+    ),
     "pool image deleted": (
         lambda w, t, h: _open_pool(w, _pool_copy(w, t, lambda r: (r / "masked" / "000001.png").unlink())),
         r"masked/000001\.png is listed in the manifest but missing",
@@ -651,6 +675,24 @@ CASES: dict[str, tuple[Callable, str]] = {
 def _edit_manifest(run: Path, edit: Callable[[dict], None]) -> None:
     manifest = json.loads((run / "manifest.json").read_text())
     edit(manifest)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _png_bomb() -> bytes:
+    """A PNG of 10000 x 10000 black pixels (100 MP) in a few kilobytes."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return blank_png(Path(tmp) / "bomb.png", 10000, 10000).read_bytes()
+
+
+def _swap_image(run: Path, data: bytes) -> None:
+    """Replace the run's first image with `data`, and its checksum in the manifest with the new one."""
+    import hashlib
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / manifest["items"][0]["image"]).write_bytes(data)
+    manifest["items"][0]["sha256"]["image"] = hashlib.sha256(data).hexdigest()
     (run / "manifest.json").write_text(json.dumps(manifest))
 
 

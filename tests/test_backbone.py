@@ -451,3 +451,17 @@ def test_a_hub_weights_file_larger_than_any_accepted_model_is_never_downloaded(
     from pathlib import Path
 
     assert not list(Path(constants.HF_HUB_CACHE).rglob("model.safetensors"))
+
+
+def test_a_cnn_given_as_the_backbone_is_named_as_one(tmp_path):
+    """A timm ResNet folder as the backbone: timm cannot take a ViT's arguments for it, and the message says what it
+    is rather than passing on timm's TypeError."""
+    import timm
+    from timm.models import save_for_hf
+
+    args = dict(layers=[1, 1, 1, 1], num_classes=3)
+    save_for_hf(
+        timm.create_model("resnet18", pretrained=False, **args), str(tmp_path), safe_serialization=True, model_args=args
+    )
+    with pytest.raises(BackboneError, match=r"describes a ResNet; LoRA Recycle needs a timm ViT as the backbone"):
+        load_backbone(str(tmp_path), device="cpu")

@@ -311,7 +311,7 @@ def test_adversarial_pattern_costs_linear_time(tiny_clip, tmp_path):
         (lambda c: c.update(r="8"), r"'r' must be a positive integer, got '8'"),
         (lambda c: c.update(r=None), r"'r' must be a positive integer, got None"),
         (lambda c: c.update(r=True), r"'r' must be a positive integer, got True"),
-        (lambda c: c.update(lora_alpha="big"), r"'lora_alpha' must be a positive number, got 'big'"),
+        (lambda c: c.update(lora_alpha="big"), r"'lora_alpha' must be a positive number of at most 1e\+06, got 'big'"),
         (lambda c: c.update(rank_pattern="fc2"), r"rank_pattern must be an object"),
         (lambda c: c.update(rank_pattern={"blocks.0.attn.qkv": "8"}), r"rank_pattern\['blocks.0.attn.qkv'\] must be"),
         (lambda c: c.update(alpha_pattern={"qkv": [1]}), r"alpha_pattern\['qkv'\] must be a positive number"),

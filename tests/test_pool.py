@@ -186,6 +186,19 @@ def _edit_manifest(pool_dir, edit):
         ),
         (lambda t, m, r: json.dumps({**m, "items": [{**m["items"][0], "label": 99}]}), r"malformed.*invalid label 99"),
         (
+            lambda t, m, r: json.dumps({**m, "items": [{**m["items"][0], "kept": [0, 10**6]}]}),
+            r"invalid kept \(patch indices must be distinct and below the 4x4 grid's 16\)",
+        ),
+        (
+            lambda t, m, r: json.dumps({**m, "items": [{**m["items"][0], "kept": [3, 3]}]}),
+            r"invalid kept",
+        ),
+        (
+            lambda t, m, r: json.dumps({**m, "items": [{**m["items"][0], "logits": [1e39] * 3}]}),
+            r"invalid logits \(a teacher logit beyond float32's range\)",
+        ),
+        (lambda t, m, r: json.dumps({**m, "image_size": [10**6, 10**6]}), r"invalid image_size"),
+        (
             lambda t, m, r: json.dumps({**m, "source": {**m["source"], "class_names": [1, 2, 3]}}),
             r"malformed.*invalid class_names",
         ),

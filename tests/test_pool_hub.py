@@ -113,6 +113,8 @@ def test_push_of_one_run_adds_it_and_keeps_the_others(local_hub, pool_dir, tmp_p
     runs = [d.name for d in Pool(pool_dir).run_dirs]
     push_pool(pool_dir, REPO, token="test", runs=[runs[0]])
     assert [p.name for p in (_dataset(local_hub) / "data").iterdir()] == [runs[0]]
+    card = (_dataset(local_hub) / "README.md").read_text()
+    assert f"### {runs[0]}" in card and runs[1] not in card  # the card lists the pushed runs only
     push_pool(pool_dir, REPO, token="test", runs=[runs[1]])
     assert sorted(p.name for p in (_dataset(local_hub) / "data").iterdir()) == runs
     with pytest.raises(PoolError, match="has no run 'nope'"):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from recycle import quantize
+from recycle.backbone import Backbone
 from recycle.evaluate import EvalConfig
 from recycle.fewshot import FewShotClassifier
 from recycle.lora import LoRALinear, bake_lora, lora_layers
@@ -94,3 +95,23 @@ def test_calibration_keeps_fp32_when_it_is_instant_or_nothing_keeps_the_embeddin
     monkeypatch.setattr(quantize, "MIN_SPEEDUP", 0.0)  # any candidate that is faster than fp32 wins
     choice, why = quantize.choose_precision(tiny_clip)
     assert choice in ("fp32", "bf16", "int8") and why.startswith("auto:")
+
+
+@needs_int8
+def test_int8_refuses_weights_too_large_for_its_scales_and_calibration_skips_it(tiny_clip, monkeypatch):
+    """Huge but finite weights (a LoRA's B x 1e30, a backbone at 3e38) would overflow int8's run-time scales: the
+    int8 copy is refused with the reason, the classifier embeds in fp32 instead, and `auto` never picks it."""
+    import copy
+
+    from recycle.quantize import MAX_INT8_MAGNITUDE, choose_precision, quantize_int8
+
+    model = copy.deepcopy(tiny_clip.model)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[0, 0] = 3e38
+    with pytest.raises(ValueError, match=r"weights up to 3e\+38 in magnitude \(int8: at most 1e\+06\)"):
+        quantize_int8(model)
+    assert MAX_INT8_MAGNITUDE == 1e6
+    huge = Backbone(model, "huge")
+    assert FewShotClassifier(huge, int8=True)._int8_model() is None  # the fp32 path then reports what it finds
+    monkeypatch.setattr("recycle.quantize.INSTANT_S", 0.0)
+    assert choose_precision(huge)[0] in ("fp32", "bf16")

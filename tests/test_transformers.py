@@ -293,6 +293,34 @@ def test_peft_adapters_give_peft_logits(hf_vit_dir, hf_adapter, which):
         assert (backbone.model(_inputs()) - peft_logits).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("layout", ["installed", "other"])
+def test_a_guide_adapter_with_dropout_is_a_deterministic_teacher(hf_vit_dir, tmp_path, layout):
+    """The PEFT guide trains with ``lora_dropout=0.1``: inversion must still run its teacher in eval mode, equal to
+    transformers + PEFT, and store the logits PEFT gives on the saved images."""
+    from recycle.invert import InversionConfig, invert
+
+    model = _peft_model(hf_vit_dir, 3, lora_dropout=0.1, **_recipe("guide", LAYOUT))
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    if layout == "other":
+        folder = rename_adapter(folder, tmp_path / "other", OTHER)
+    backbone = load_backbone(str(hf_vit_dir), device="cpu")
+    backbone.model.train()  # as meta-training leaves a shared backbone: attaching must not inherit it
+    adapter = load_lora(folder, backbone)
+    with torch.no_grad():
+        reference = model(pixel_values=_inputs()).logits
+    first, second = _recycle_logits(backbone, adapter, _inputs()), _recycle_logits(backbone, adapter, _inputs())
+    assert torch.equal(first, second)
+    assert (first - reference).abs().max() < 1e-4
+    assert backbone.model.training  # the host's mode comes back after the block
+    result = invert(backbone, adapter, InversionConfig(per_class=2, steps=3, flip=False, seed=0))
+    mean = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        on_saved = model(pixel_values=(result.images - mean) / std).logits
+    assert (result.logits - on_saved).abs().max() < 1e-4
+
+
 def test_scales_survive_rank_and_alpha_patterns_and_rslora(hf_vit_dir, tmp_path):
     lora = _recipe("variant", LAYOUT)
     model = _peft_model(hf_vit_dir, 2, **lora)
@@ -333,6 +361,18 @@ def test_refused_adapters_say_why(hf_vit_dir, hf_adapter, tmp_path):
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     with pytest.raises(LoRAFormatError, match=r"never loaded.*save_pretrained"):
         load_lora(pickled, backbone)
+    with pytest.raises(LoRAFormatError, match=r"'lora_alpha' must be a positive number of at most 1e\+06"):
+        load_lora(variant(lora_alpha=1e308), backbone)
+    tensors = load_file(installed / "adapter_model.safetensors")
+    twice = variant()  # the same module with and without the "vit." prefix, other weights
+    extra = {k.replace(".vit.", ".", 1): v + 1 for k, v in tensors.items() if "layer.0." in k or "layers.0." in k}
+    save_file({**tensors, **extra}, twice / "adapter_model.safetensors")
+    with pytest.raises(LoRAFormatError, match=r"layer 0's \w+ module appears twice"):
+        load_lora(twice, backbone)
+    head_only = variant()
+    save_file({k: v for k, v in tensors.items() if "classifier" in k}, head_only / "adapter_model.safetensors")
+    with pytest.raises(LoRAFormatError, match=r"holds no LoRA pairs \(only a classifier\)"):
+        load_lora(head_only, backbone)
 
 
 def test_head_less_clip_adapters_load_but_cannot_be_inverted(tiny_clip, tmp_path):
@@ -465,7 +505,7 @@ def test_cli_inverts_a_peft_adapter_on_its_own_backbone(hf_vit_dir, hf_adapter, 
     assert len(pool.runs) == 2 and [c.name for c in pool.classes] == ["apple", "plum"]
 
 
-def test_cli_export_round_trips_through_peft(hf_vit_dir, hf_adapter, tiny_clip_dir, tmp_path, capsys):
+def test_cli_export_round_trips_through_peft(hf_vit_dir, hf_adapter, tiny_clip_dir, tmp_path, capsys, caplog):
     from recycle.cli import main
 
     installed, other, peft_logits = hf_adapter
@@ -477,6 +517,58 @@ def test_cli_export_round_trips_through_peft(hf_vit_dir, hf_adapter, tiny_clip_d
     model = peft.PeftModel.from_pretrained(base, tmp_path / "x").eval()
     with torch.no_grad():
         assert (model(pixel_values=_inputs()).logits - peft_logits).abs().max() < 1e-4
+    # Each module keeps the rank it was read with (the variant's q/k/v are separate rank-4 LoRAs, fused on reading).
+    original = load_file(installed / "adapter_model.safetensors")
+    exported = load_file(tmp_path / "x" / "adapter_model.safetensors")
+    rank = {k.replace(".default", ""): v.shape for k, v in original.items() if "lora_A" in k}
+    assert sorted(rank) == sorted(k for k in exported if "lora_A" in k)
+    assert all(exported[k].shape == rank[k] for k in rank)
+    # A card the Hub accepts, which tags the base as PEFT does: a local base is named by --base-model.
+    assert (
+        main(
+            [
+                "export",
+                "--lora",
+                str(other),
+                "--backbone",
+                str(hf_vit_dir),
+                "--out",
+                str(tmp_path / "z"),
+                "--base-model",
+                "google/tiny-vit",
+            ]
+        )
+        == 0
+    )
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "z" / "README.md")
+    assert card.data.base_model == "google/tiny-vit" and card.data.library_name == "peft"
+    assert "base_model:adapter:google/tiny-vit" in card.data.tags and "lora" in card.data.tags
+    assert json.loads((tmp_path / "z" / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "google/tiny-vit"
+    )
+    assert "README.md" in {p.name for p in (tmp_path / "x").iterdir()}  # a local base: a card without base_model
+    assert ModelCard.load(tmp_path / "x" / "README.md").data.base_model is None
+    assert "--base-model ORG/NAME" in caplog.text
+    other_layout = "old" if LAYOUT == "new" else "new"
+    assert (
+        main(
+            [
+                "export",
+                "--lora",
+                str(other),
+                "--backbone",
+                str(hf_vit_dir),
+                "--out",
+                str(tmp_path / "w"),
+                "--layout",
+                other_layout,
+            ]
+        )
+        == 0
+    )
+    assert "PEFT here cannot load this" in caplog.text
     assert (
         main(["export", "--lora", str(installed), "--backbone", str(tiny_clip_dir), "--out", str(tmp_path / "y")]) == 1
     )
@@ -711,6 +803,99 @@ def test_cli_zoo_from_the_hub_then_invert_meta_train_and_export(hub_with_loras, 
     assert "cannot be reached" in capsys.readouterr().err and not (tmp_path / "zoo2").exists()
 
 
+def _hostile_header(folder: Path, tensors: dict, metadata_pad: int = 0, junk: int = 0) -> None:
+    """Write ``adapter_model.safetensors`` from a raw header `tensors` ({name: (dtype, shape, offsets)}), with
+    `metadata_pad` bytes of metadata and `junk` bytes after a data section of the declared size."""
+    import struct
+
+    header = {k: {"dtype": d, "shape": list(shape), "data_offsets": list(o)} for k, (d, shape, o) in tensors.items()}
+    if metadata_pad:
+        header["__metadata__"] = {"pad": "." * metadata_pad}
+    text = json.dumps(header).encode()
+    data = min(max((o[1] for _, _, o in tensors.values()), default=0), 8 << 20)  # a bomb's file stays small
+    (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + bytes(data + junk))
+
+
+def test_hostile_hub_loras_are_refused_from_their_headers_and_cost_little(
+    local_hub, hf_vit_dir, tmp_path, monkeypatch, capsys
+):
+    """Vetting reads at most a bounded header per repo; gathering downloads only the usable LoRAs, once each, and
+    leaves nothing of the refused ones."""
+    import shutil
+
+    from recycle.cli import main
+    from recycle.hub_loras import find_hub_loras
+
+    adapter = tmp_path / "guide"
+    _peft_model(hf_vit_dir, 4, **_recipe("guide", LAYOUT)).save_pretrained(adapter)
+    root = local_hub.root
+    shutil.copytree(hf_vit_dir, root / "google" / "tiny-vit")
+    _publish(root, "alice/food-lora", adapter, card_base="google/tiny-vit")
+    (root / "alice" / "food-lora" / "README.md").write_text(
+        "---\nbase_model: google/tiny-vit\nlibrary_name: peft\ndatasets: [food101]\n---\n"
+    )
+    junk = _publish(root, "mallory/junk-tail", adapter, card_base="google/tiny-vit")
+    with open(junk / "adapter_model.safetensors", "ab") as f:
+        f.write(bytes(3 << 20))  # a valid header, then megabytes the header does not declare
+    head = "base_model.model.classifier.modules_to_save.default.weight"
+    pair = "base_model.model.vit.encoder.layer.0.attention.attention.query.lora_A.weight"
+    label_bomb = _publish(root, "mallory/label-bomb", adapter, card_base="google/tiny-vit")
+    _hostile_header(
+        label_bomb, {pair: ("F32", [4, 64], [0, 1024]), head: ("F32", [10**12, 64], [1024, 1024 + 256 * 10**12])}
+    )
+    big_header = _publish(root, "mallory/big-header", adapter, card_base="google/tiny-vit")
+    _hostile_header(big_header, {pair: ("F32", [4, 64], [0, 1024])}, metadata_pad=3 << 20)
+    stranger = _publish(root, "mallory/stranger-tensor", adapter, card_base="google/tiny-vit")
+    _hostile_header(stranger, {pair: ("F32", [4, 64], [0, 1024]), "optimizer.state": ("F32", [2], [1024, 1032])})
+    heavy = _publish(root, "mallory/heavy", adapter, card_base="google/tiny-vit")
+    _hostile_header(heavy, {pair: ("F32", [4, 64], [0, 1024]), head: ("F32", [3, 400_000], [1024, 1024 + 4_800_000])})
+
+    found = {x.repo: x for x in find_hub_loras("google/tiny-vit", include_unusable=True)}
+    assert found["alice/food-lora"].usable and found["alice/food-lora"].datasets == ["food101"]
+    assert "truncated or corrupt" in found["mallory/junk-tail"].problem
+    assert (
+        "truncated or corrupt" in found["mallory/label-bomb"].problem and found["mallory/label-bomb"].num_classes == 0
+    )
+    assert "more than the 1,048,576 accepted" in found["mallory/big-header"].problem
+    assert "no LoRA reader takes: 'optimizer.state'" in found["mallory/stranger-tensor"].problem
+    assert found["mallory/heavy"].usable
+    assert all(x.bytes_read <= 70_000 for x in found.values())  # a header, never the weights
+    monkeypatch.setenv("RECYCLE_HUB_MAX_LORA_MB", "1")
+    heavy_found = {x.repo: x for x in find_hub_loras("google/tiny-vit", include_unusable=True)}["mallory/heavy"]
+    assert "more than the 1 MiB accepted (RECYCLE_HUB_MAX_LORA_MB)" in heavy_found.problem
+    monkeypatch.delenv("RECYCLE_HUB_MAX_LORA_MB")
+
+    zoo = tmp_path / "zoo"
+    assert main(["zoo", "--hub", "google/tiny-vit", "--out", str(zoo)]) == 0
+    out = capsys.readouterr().out
+    assert "; from food101)" in out and "MiB moved" in out
+    assert sorted(p.name for p in zoo.iterdir() if p.is_dir()) == ["alice--food-lora"]
+    manifest = json.loads((zoo / "zoo.json").read_text())
+    usable = (adapter / "adapter_model.safetensors").stat().st_size + (adapter / "adapter_config.json").stat().st_size
+    assert manifest["bytes_moved"] <= usable + 6 * (1 << 20) and manifest["loras"][0]["datasets"] == ["food101"]
+    from huggingface_hub import constants, scan_cache_dir
+
+    cache = scan_cache_dir(constants.HF_HUB_CACHE)
+    cached = {f.file_name for repo in cache.repos for rev in repo.revisions for f in rev.files}
+    assert "adapter_model.safetensors" not in cached  # stored once, in the zoo
+
+
+def test_a_timm_name_finds_the_loras_of_its_transformers_twin(local_hub, hf_vit_dir, tmp_path):
+    from recycle.hub_loras import find_hub_loras
+
+    adapter = tmp_path / "guide"
+    _peft_model(hf_vit_dir, 4, **_recipe("guide", LAYOUT)).save_pretrained(adapter)
+    _publish(
+        local_hub.root,
+        "alice/in21k-lora",
+        adapter,
+        card_base="google/vit-base-patch16-224-in21k",
+        base_model_name_or_path="google/vit-base-patch16-224-in21k",
+    )
+    for name in ("vit_base_patch16_224.orig_in21k", "timm/vit_base_patch16_224.orig_in21k"):
+        assert [x.repo for x in find_hub_loras(name)] == ["alice/in21k-lora"]
+
+
 def test_app_lists_the_hubs_loras_for_the_backbone_and_loads_one(hub_with_loras, tmp_path):
     pytest.importorskip("gradio")
     from tests.support.apptools import close, launch, plain, settings
@@ -802,11 +987,24 @@ def test_app_offers_to_switch_to_the_backbone_a_lora_was_made_for(hub_with_loras
 
     from app_ui import Inversion, ModelCache, PathPolicy
 
+    import gradio as gr
+
     inversion = Inversion(ModelCache(), PathPolicy(True), settings(tmp_path, clip), clip)
     request = SimpleNamespace(session_hash="s1")
-    inversion.load(clip, "alice/food-lora", [], request)
+    loaded_card = plain(inversion.load(clip, "alice/food-lora", [], request)[0])
+    assert (inversion.loras.get("s1").mismatch is not None) == ("in shape only" in loaded_card)
     offer = inversion.switch_offer(request)
     assert offer["visible"] is True and offer["value"] == "Switch the backbone to google/tiny-vit"
+    # Invert refuses it without "Invert anyway", naming both bases and the switch; with it, the run starts.
+    if inversion.loras.get("s1").mismatch:  # the guide's LoRA, which fits CLIP's shapes
+        refused = inversion.run(clip, [0], 1, 10, "-1:0.75", False, 0.25, 0, request, force=False)
+        with pytest.raises(gr.Error) as err:
+            next(refused)
+        assert "in shape only" in err.value.message and "google/tiny-vit" in err.value.message
+        assert 'Switch the backbone to google/tiny-vit, or tick "Invert anyway"' in err.value.message
+        forced = inversion.run(clip, [0], 1, 10, "-1:0.75", False, 0.25, 0, request, force=True)
+        assert "Preparing" in next(forced)[2]
+        forced.close()
     inversion.load("google/tiny-vit", "alice/food-lora", [], request)
     assert inversion.switch_offer(request)["visible"] is False
 
@@ -869,7 +1067,7 @@ def test_some_layers_and_unequal_q_v_ranks(hf_vit_dir, tmp_path):
         load_lora(tmp_path / "b", backbone)
 
 
-def test_deit_backbones_adapters_and_export(tmp_path):
+def test_deit_backbones_adapters_and_export(tmp_path, hf_vit_dir, capsys):
     """DeiT: the distillation token after [CLS]; a PEFT LoRA on DeiTForImageClassification; its export loads back."""
     from recycle.cli import main
 
@@ -927,3 +1125,17 @@ def test_deit_backbones_adapters_and_export(tmp_path):
     ).eval()
     with torch.no_grad():
         assert (again(pixel_values=x).logits - expected).abs().max() < 1e-4
+
+    # The fit check: the DeiT LoRA on a ViT base, and a ViT LoRA on the DeiT base, fit in shape and are refused for
+    # inversion by their key prefix, until --force.
+    capsys.readouterr()
+    common = ["--out", str(tmp_path / "pool"), "--per-class", "1", "--steps", "2", "--bn-prior", "none", "--quiet"]
+    deit_on_vit = ["invert", "--lora", str(tmp_path / "lora"), "--backbone", str(hf_vit_dir)] + common
+    assert main(deit_on_vit) == 1
+    err = capsys.readouterr().err
+    assert "made for a DEIT model" in err and "selected backbone is a VIT" in err and "--force" in err
+    _peft_model(hf_vit_dir, 1, **_recipe("guide", LAYOUT)).save_pretrained(tmp_path / "vit-lora")
+    vit_on_deit = ["invert", "--lora", str(tmp_path / "vit-lora"), "--backbone", str(tmp_path / "deit")] + common
+    assert main(vit_on_deit) == 1 and "made for a VIT model" in capsys.readouterr().err
+    assert main(deit_on_vit + ["--force"]) == 0
+    assert main(["invert", "--lora", str(tmp_path / "lora"), "--backbone", str(tmp_path / "deit")] + common) == 0

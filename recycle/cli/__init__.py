@@ -23,7 +23,7 @@ from ..images import ImageError
 from ..pool import PoolError
 from ..predict import SupportError
 from ..runtime import tune_allocator
-from .common import terminal_safe
+from ..io import terminal_safe
 from .parser import build_parser
 
 __all__ = ["main", "build_parser"]

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..io import terminal_safe
 from .common import backbone_of, warn_provenance, warn_token_on_command_line
 
 _logger = logging.getLogger("recycle")
@@ -20,7 +21,8 @@ def gather(args: argparse.Namespace) -> int:
         args.hub, args.out, limit=args.limit, search=args.search, progress=lambda lora: print(describe([lora]))
     )
     print(
-        f"zoo {args.out}: {len(manifest['loras'])} LoRAs from the Hub for {args.hub}; invert them with "
+        f"zoo {args.out}: {len(manifest['loras'])} LoRAs from the Hub for {terminal_safe(args.hub)} "
+        f"({manifest['bytes_moved'] / 2**20:.2f} MiB moved); invert them with "
         f"`recycle invert --zoo {args.out} --out POOL` (the backbone is read from zoo.json)"
     )
     return 0
@@ -45,6 +47,7 @@ def _installed_vit_layout() -> str:
 def export(args: argparse.Namespace) -> int:
     from ..backbone import load_backbone
     from ..formats import load_lora
+    from ..card import write_export_card
     from ..formats import save_transformers_peft
 
     if args.backbone is None:
@@ -61,18 +64,45 @@ def export(args: argparse.Namespace) -> int:
     with adapter.attached(backbone):  # refuses, with the reason, a LoRA that does not fit this backbone
         adapter.build_head(backbone.num_features)
     warn_provenance(adapter, backbone)
-    base = cfg.get("hf_hub_id") or adapter.info.get("base_model") or args.backbone
-    layout = _installed_vit_layout() if args.layout == "auto" else args.layout
+    base = _hub_base(args, cfg, adapter)
+    installed = _installed_vit_layout()
+    layout = installed if args.layout == "auto" else args.layout
+    if layout != installed:
+        _logger.warning(
+            "the installed transformers names ViT modules in the %r layout: PEFT here cannot load this %r export "
+            "(it is for the transformers releases that use those names)",
+            installed,
+            layout,
+        )
     model_type = cfg.get("model_type", "vit")
     out = save_transformers_peft(adapter, args.out, layout=layout, base_model=base, model_type=model_type)
     kind = ("DeiT" if model_type == "deit" else "ViT") + (
         "ForImageClassification" if adapter.head_weight is not None else "Model"
     )
+    write_export_card(out, adapter, base, kind)
     print(
         f"wrote {out} ({layout} module names): load it with PeftModel.from_pretrained({kind}.from_pretrained("
         f"'{base}'), '{out}')"
     )
     return 0
+
+
+def _hub_base(args: argparse.Namespace, cfg: dict, adapter) -> str:
+    """The base model the export names: ``--base-model``, else the Hub repo the backbone's weights came from, else the
+    Hub id the LoRA names; a local path only when none is known (with a warning: the card then names no base)."""
+    from ..hub import is_repo_id
+
+    for candidate in (getattr(args, "base_model", None), cfg.get("hf_hub_id"), adapter.info.get("base_model")):
+        if isinstance(candidate, str) and is_repo_id(candidate):
+            return candidate
+    if getattr(args, "base_model", None):
+        raise ValueError(f"--base-model {args.base_model[:80]!r}: expected a Hub id ORG/NAME")
+    _logger.warning(
+        "the base %s is a local folder with no Hub id: the export names it by path and its card names no "
+        "base_model; pass --base-model ORG/NAME to name the Hub repository it came from",
+        terminal_safe(args.backbone),
+    )
+    return args.backbone
 
 
 def push(args: argparse.Namespace) -> int:

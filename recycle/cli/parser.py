@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         "already in the pool; shared by the ranks under torchrun",
     )
     p.add_argument("--out", required=True, help="pool folder (created or grown)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="invert a LoRA made for another base (named, or of another model family) on this backbone anyway",
+    )
     p.add_argument("--classes", nargs="+", help="class names or head indices (default: all)")
     p.add_argument("--per-class", type=int, default=10, help="images per class (default: 10)")
     p.add_argument("--steps", type=int, default=2000, help="optimisation steps (default: 2000, the paper's)")
@@ -308,7 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lora", required=True, help="LoRA or meta-LoRA: local folder or file, or Hub id ORG/NAME")
     p.add_argument("--backbone", help="the transformers ViT it was made on (default: the one the LoRA names)")
-    p.add_argument("--out", required=True, help="folder to write adapter_config.json and adapter_model.safetensors to")
+    p.add_argument(
+        "--out", required=True, help="folder to write adapter_config.json, adapter_model.safetensors and README.md to"
+    )
+    p.add_argument(
+        "--base-model",
+        metavar="ORG/NAME",
+        help="the Hub id of the base model, for the adapter config and the card (default: the Hub repo the "
+        "backbone came from, or the one the LoRA names)",
+    )
     p.add_argument(
         "--layout",
         choices=("auto", "new", "old"),

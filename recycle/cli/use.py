@@ -13,7 +13,7 @@ from ..images import IMAGE_SUFFIXES
 from ..io import atomic_write_bytes
 from ..predict import SupportError
 from ..runtime import resolve_inference_precision
-from .common import terminal_safe
+from ..io import terminal_safe
 
 _logger = logging.getLogger("recycle")
 

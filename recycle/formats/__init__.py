@@ -15,8 +15,8 @@ and non-finite values.
 from ..adapter import LoRAAdapter, LoRAFormatError
 from .load import load_lora, read_adapter, stage_lora_files
 from .peft_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .peft_timm import save_adapter
-from .peft_transformers import is_transformers_adapter, save_transformers_peft
+from .peft_timm import save_adapter, timm_key_kind
+from .peft_transformers import is_transformers_adapter, save_transformers_peft, transformers_key_kind
 from .safety import PICKLE_SUFFIXES
 
 __all__ = [
@@ -31,4 +31,10 @@ __all__ = [
     "stage_lora_files",
     "save_transformers_peft",
     "is_transformers_adapter",
+    "tensor_key_kind",
 ]
+
+
+def tensor_key_kind(key: str):
+    """``"lora"`` or ``"head"`` for a tensor name some PEFT reader here takes, else None."""
+    return transformers_key_kind(key) or timm_key_kind(key)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Union
 
 from ..adapter import LoRAFormatError
+from ..lora_config import MAX_ALPHA
 from ..io import loads_strict, shown
 
 __all__ = [
@@ -89,10 +90,11 @@ class ModulePattern:
 
 
 def _number(value: object, field: str, name: str, integer: bool = False) -> Union[int, float]:
-    """A config number: an int (for ranks) or a finite positive number; anything else is refused by name."""
+    """A config number: an int (for ranks) or a positive number of at most `MAX_ALPHA` (for alphas); anything else
+    is refused by name."""
     ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
-        kind = "a positive integer" if integer else "a positive number"
+    if not ok or not math.isfinite(value) or value <= 0 or (not integer and value > MAX_ALPHA):
+        kind = "a positive integer" if integer else f"a positive number of at most {MAX_ALPHA:g}"
         raise LoRAFormatError(f"{name}: {field} must be {kind}, got {shown(value)}")
     return value
 

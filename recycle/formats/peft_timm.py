@@ -17,7 +17,7 @@ import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -34,7 +34,7 @@ from .peft_config import (
     peft_scale_settings,
 )
 
-__all__ = ["FORMAT_VERSION", "save_adapter", "from_peft"]
+__all__ = ["FORMAT_VERSION", "save_adapter", "from_peft", "timm_key_kind"]
 
 FORMAT_VERSION = 1
 _PEFT_PREFIXES = ("base_model.model.timm_model.", "base_model.model.", "timm_model.")
@@ -120,6 +120,20 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
+_HEAD_NAMES = ("head.weight", "head.bias", "head.fc.weight", "head.fc.bias")
+_PAIR = re.compile(r"(blocks\.\d{1,4}\.[\w.]+)\.(lora_A|lora_B)\.weight")
+
+
+def _key(key: str) -> str:
+    return _strip_prefix(key).replace(".default.", ".").replace(".modules_to_save.", ".")
+
+
+def timm_key_kind(key: str) -> Optional[str]:
+    """``"lora"`` or ``"head"`` for a tensor name this reader takes (timm module paths), else None."""
+    k = _key(key)
+    return "lora" if _PAIR.fullmatch(k) else "head" if k in _HEAD_NAMES else None
+
+
 def from_peft(cfg: dict, tensors: dict[str, torch.Tensor], meta: dict, name: str) -> LoRAAdapter:
     """An adapter from a PEFT config, its tensors and the ``recycle`` metadata (empty for others' files)."""
     check_peft_config(cfg, name)
@@ -129,11 +143,11 @@ def from_peft(cfg: dict, tensors: dict[str, torch.Tensor], meta: dict, name: str
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     head: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        k = _strip_prefix(key).replace(".default.", ".").replace(".modules_to_save.", ".")
-        m = re.fullmatch(r"(blocks\.\d{1,4}\.[\w.]+)\.(lora_A|lora_B)\.weight", k)
+        k = _key(key)
+        m = _PAIR.fullmatch(k)
         if m:
             pairs.setdefault(m.group(1), {})[m.group(2)] = t
-        elif k in ("head.weight", "head.bias", "head.fc.weight", "head.fc.bias"):
+        elif k in _HEAD_NAMES:
             head[k.rsplit(".", 1)[1]] = t
         else:
             raise LoRAFormatError(

@@ -45,7 +45,14 @@ from .peft_config import (
     peft_scale_settings,
 )
 
-__all__ = ["is_transformers_adapter", "from_transformers_peft", "save_transformers_peft", "CLIP_BASES", "LAYOUTS"]
+__all__ = [
+    "is_transformers_adapter",
+    "transformers_key_kind",
+    "from_transformers_peft",
+    "save_transformers_peft",
+    "CLIP_BASES",
+    "LAYOUTS",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -131,13 +138,20 @@ def _match(module: str) -> Optional[tuple[str, int, str]]:
     return None
 
 
+def transformers_key_kind(key: str) -> Optional[str]:
+    """``"lora"`` or ``"head"`` for a tensor name this reader takes (transformers ViT or CLIP module names), else
+    None."""
+    module = _module_key(key)
+    m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", module)
+    if m and _match(m.group(1)):
+        return "lora"
+    return "head" if module in ("classifier.weight", "classifier.bias") else None
+
+
 def is_transformers_adapter(tensors: dict) -> bool:
-    """True when a PEFT adapter's keys name transformers ViT or CLIP modules (not timm's ``blocks.{i}``)."""
-    for key in tensors:
-        m = re.fullmatch(r"(.+)\.lora_[AB]\.weight", _module_key(key))
-        if m and _match(m.group(1)):
-            return True
-    return False
+    """True when a PEFT adapter's keys name transformers ViT or CLIP modules, or its ``classifier`` (not timm's
+    ``blocks.{i}`` and ``head``)."""
+    return any(transformers_key_kind(key) is not None for key in tensors)
 
 
 def _class_names(folder: Optional[Path], backbone, n: int, name: str, base: Optional[str]) -> Optional[list[str]]:
@@ -159,6 +173,19 @@ def _class_names(folder: Optional[Path], backbone, n: int, name: str, base: Opti
         return None
     names = cfg.get("label_names")
     return list(names) if isinstance(names, (list, tuple)) and len(names) == n else None
+
+
+def _model_type(folder: Optional[Path], name: str) -> Optional[str]:
+    """The ``model_type`` (``vit`` or ``deit``) of the config.json beside an adapter, or None when there is none."""
+    from ..transformers_vit import TransformersViTError, read_json
+
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        kind = read_json(folder / "config.json", name).get("model_type")
+    except (TransformersViTError, AttributeError) as e:
+        raise LoRAFormatError(str(e)) from None
+    return kind if kind in ("vit", "deit") else None
 
 
 def from_transformers_peft(
@@ -194,10 +221,15 @@ def from_transformers_peft(
                 f"{name}: unsupported tensor {shown(key, 100)} (a transformers ViT adapter may "
                 "hold LoRA pairs on the attention and MLP layers and the classifier)"
             )
+    if not pairs:
+        raise LoRAFormatError(f"{name}: the adapter holds no LoRA pairs" + (" (only a classifier)" if head else ""))
     families = {_match(p)[0] for p in pairs}
     if len(families) != 1:
         raise LoRAFormatError(f"{name}: the adapter mixes module names of {sorted(families)}")
     family = families.pop()
+    prefixes = {m.split(".", 1)[0] for m in pairs if m.startswith(("vit.", "deit."))}
+    if len(prefixes) > 1:
+        raise LoRAFormatError(f"{name}: the adapter mixes ViT and DeiT module names ({', '.join(sorted(prefixes))})")
     if family == "clip" and head:
         raise LoRAFormatError(
             f"{name}: a classifier on a CLIP adapter (CLIPForImageClassification pools the patch "
@@ -215,6 +247,11 @@ def from_transformers_peft(
             raise LoRAFormatError(f"{name}: {module} has rank {rank} but the config says {declared}")
         alpha = float(pattern_value(alpha_patterns, module, alpha_default))
         _, block, part = _match(module)
+        if part in blocks.get(block, {}):
+            raise LoRAFormatError(
+                f"{name}: layer {block}'s {part} module appears twice ({shown(module, 100)} and another spelling of "
+                "it); an adapter holds each module once"
+            )
         blocks.setdefault(block, {})[part] = (a, b, alpha / math.sqrt(rank) if use_rslora else alpha / rank)
     if not blocks:
         raise LoRAFormatError(f"{name}: the file holds no LoRA weights")
@@ -291,6 +328,9 @@ def from_transformers_peft(
         "layout": family,
         "base_model": base,
     }
+    model_type = _model_type(folder, name) or (prefixes.pop() if prefixes else None)
+    if model_type is not None and family != "clip":
+        info["model_type"] = model_type  # compared with the backbone's by `provenance.family_mismatch`
     _logger.info("read %s: %s layout, targets %s, %d blocks, %d classes", name, family, targets, len(blocks), n)
     names = _class_names(folder, backbone, n, name, base) if n else None
     return LoRAAdapter(
@@ -302,6 +342,20 @@ def from_transformers_peft(
         class_names=names,
         info=info,
     )
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Class names made unique for ``label2id``: a repeated name gets " (2)", " (3)", ... and a warning."""
+    seen: Counter = Counter()
+    out = []
+    for name in names:
+        seen[name] += 1
+        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    if len(set(out)) < len(out):  # a suffixed name that was already taken: number every class
+        out = [f"{name} ({i})" for i, name in enumerate(names)]
+    if out != list(names):
+        _logger.warning("the LoRA's class names repeat; the export names them uniquely: %s", shown(out, 200))
+    return out
 
 
 def save_transformers_peft(
@@ -320,7 +374,8 @@ def save_transformers_peft(
     the transformers that will load it: ``new`` (``layers.{i}.attention.q_proj`` ..., later transformers 5 releases)
     or ``old`` (``encoder.layer.{i}.attention.attention.query`` ..., transformers 4 and 5.0). A fused ``qkv`` LoRA
     is written as q, k and v LoRAs sharing its A (a part whose B is zero is left out); each module keeps its scale
-    through ``rank_pattern`` and ``alpha_pattern``.
+    through ``rank_pattern`` and ``alpha_pattern``. Each part keeps only the rank its B uses: q/k/v read from separate
+    LoRAs come back at their own ranks, a meta-LoRA trained on the fused qkv at its full rank.
 
     Raises:
         ValueError: an unknown layout.
@@ -335,7 +390,7 @@ def save_transformers_peft(
     per_module: dict[str, tuple[int, float]] = {}
 
     def put(module: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a.clone()  # q, k and v share A: one copy each
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.clone()  # rows of a shared A: one copy each
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.clone()
         per_module[module] = (int(a.shape[0]), scaling * a.shape[0])
 
@@ -352,8 +407,9 @@ def save_transformers_peft(
                 d = b.shape[0] // 3
                 for i, p in enumerate("qkv"):
                     part = b[i * d : (i + 1) * d]
-                    if part.abs().max() > 0:
-                        put(block + names[p], a, part, scaling)
+                    used = part.abs().amax(dim=0) > 0  # the rank this part's update uses: B·A = B[:, used]·A[used]
+                    if used.any():
+                        put(block + names[p], a[used], part[:, used], scaling)
             else:
                 for p in ("q", "v"):
                     put(block + names[p], group["lora_A"][p], group["lora_B"][p], scaling)
@@ -400,7 +456,7 @@ def save_transformers_peft(
     atomic_write_bytes(directory / ADAPTER_WEIGHTS, weights)
     atomic_write_bytes(directory / ADAPTER_CONFIG, dumps_strict(peft_config, indent=2, sort_keys=True).encode())
     if adapter.class_names and adapter.head_weight is not None:
-        labels = {str(i): c for i, c in enumerate(adapter.class_names)}
+        labels = {str(i): c for i, c in enumerate(_unique(adapter.class_names))}
         atomic_write_bytes(
             directory / "config.json",
             dumps_strict({"id2label": labels, "label2id": {c: int(i) for i, c in labels.items()}}, indent=2).encode(),

@@ -153,15 +153,11 @@ def fetch_pool(
     )
     if not runs:
         raise PoolError(f"Hub dataset '{repo_id}' holds no pool runs ({DATA_DIR}/<run>/manifest.json)")
-    patterns = (
-        list(_PATTERNS)
-        if len(runs) <= limits.max_runs
-        else [
-            f"{DATA_DIR}/{run}/{tail}"
-            for run in runs[: limits.max_runs]
-            for tail in ("manifest.json", "images/*.png", "masked/*.png")
-        ]
-    )
+    if len(runs) > limits.max_runs:  # refused here, since a pattern per run would make every match quadratic
+        raise PoolError(
+            f"Hub dataset '{repo_id}' holds {len(runs):,} pool runs, more than the {limits.max_runs:,} accepted"
+        )
+    patterns = list(_PATTERNS)
     # The same matching as snapshot_download's allow_patterns, so these are the files it will fetch.
     wanted = {p: s for p, s in sizes.items() if any(fnmatch.fnmatch(p, pattern) for pattern in patterns)}
     if len(wanted) > limits.max_files:

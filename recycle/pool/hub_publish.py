@@ -202,7 +202,7 @@ def pool_dataset_files(
                 files[f"{base}/{item[key]}"] = data
         lines = "".join(dumps_strict(row) + "\n" for row in run_metadata(name, manifest))
         files[f"{base}/metadata.jsonl"] = lines.encode()
-    files["README.md"] = dataset_card(pool, list(range(len(names))), repo_id).encode()  # the whole local pool
+    files["README.md"] = dataset_card(pool, wanted, repo_id).encode()  # the pushed runs only
     return files
 
 

@@ -16,6 +16,9 @@ POOL_VERSION = 1
 # 200 MB); callers serving untrusted requests pass smaller bounds.
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_RUN_ITEMS = 100_000
+MAX_IMAGE_SIDE = 1024  # a run's images are the backbone's input size: every decode is bounded by it
+MAX_PATCHES = 16_384  # the patch grid a run's kept indices refer to
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 class PoolError(ValueError):
@@ -53,6 +56,19 @@ def _numbers(values: object, kind: type) -> bool:
         isinstance(values, list)
         and bool(values)
         and all(isinstance(v, kinds) and not isinstance(v, bool) for v in values)
+    )
+
+
+def _finite32(values: list) -> bool:
+    """Every number is finite in float32 (a manifest's 1e39 would become infinity when loaded)."""
+    return all(abs(v) <= _FLOAT32_MAX for v in values)
+
+
+def _pair(value: object, high: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= high for v in value)
     )
 
 
@@ -98,6 +114,16 @@ def read_run_manifest(path: Path, max_bytes: int = MAX_MANIFEST_BYTES, max_items
         _expect(isinstance(fingerprint, str) and isinstance(source.get("name", ""), str), "source")
         _expect(isinstance(class_names, list) and all(isinstance(c, str) for c in class_names), "class_names")
         _expect(isinstance(m["items"], list), "items")
+        _expect(
+            _pair(m.get("image_size"), MAX_IMAGE_SIDE),
+            f"image_size {str(m.get('image_size'))[:40]} (two sides of 1 to {MAX_IMAGE_SIDE} pixels)",
+        )
+        grid = m.get("patch_grid")
+        _expect(
+            grid is None or (_pair(grid, MAX_PATCHES) and grid[0] * grid[1] <= MAX_PATCHES),
+            f"patch_grid {str(grid)[:40]}",
+        )
+        patches = grid[0] * grid[1] if grid is not None else None
         for item in m["items"]:
             _expect(isinstance(item, dict), "item")
             label = item["label"]
@@ -107,8 +133,15 @@ def read_run_manifest(path: Path, max_bytes: int = MAX_MANIFEST_BYTES, max_items
             for key in ("logits", "logits_kept"):
                 if key in item:
                     _expect(_numbers(item[key], float) and len(item[key]) == len(class_names), key)
+                    _expect(_finite32(item[key]), f"{key} (a teacher logit beyond float32's range)")
             if "kept" in item:
-                _expect(_numbers(item["kept"], int), "kept")
+                kept = item["kept"]
+                _expect(_numbers(kept, int), "kept")
+                _expect(patches is not None, "kept (the manifest has no patch_grid to check them against)")
+                _expect(
+                    len(set(kept)) == len(kept) and min(kept) >= 0 and max(kept) < patches,
+                    f"kept (patch indices must be distinct and below the {grid[0]}x{grid[1]} grid's {patches})",
+                )
             for key in ("image", "masked"):
                 if key in item:
                     if not run_file(path.parent, item[key]).is_file():

@@ -192,7 +192,20 @@ class Pool:
             raise PoolError(f"{path}: cannot read ({e})") from None
         if hashlib.sha256(data).hexdigest() != item["sha256"][key]:
             raise PoolError(f"{path}: checksum mismatch, the file is corrupt or was modified")
-        arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0
+        run = self.run_dirs[ref.run].name
+        h, w = self.runs[ref.run]["image_size"]
+        try:
+            img = Image.open(io.BytesIO(data))  # reads the header only: the size is checked before decoding
+            if img.size != (w, h):
+                raise PoolError(
+                    f"pool run '{run}': {item[key]} is {img.size[0]}x{img.size[1]} pixels, but the run's images are "
+                    f"{w}x{h}; it is not this run's image"
+                )
+            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        except PoolError:
+            raise
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            raise PoolError(f"pool run '{run}': {item[key]} is not an image") from None
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
     def kept(self, ref: PoolItem) -> torch.Tensor:

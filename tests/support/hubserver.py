@@ -17,10 +17,10 @@ Endpoints, each one what huggingface_hub 2.4.0 calls (read from its source):
   ``filter`` value must be one of the repo's tags; ``search`` is a case-insensitive substring of the repo id. Tags are
   derived as the Hub derives them: the library (the card's ``library_name``, else ``peft`` for a repo holding
   ``adapter_config.json``, ``timm`` or ``transformers`` from ``config.json``), the card's ``tags``, ``safetensors``
-  when a ``.safetensors`` file is present, ``license:X``, and for each card ``base_model`` B ``base_model:B`` plus
-  ``base_model:adapter:B`` (peft repos) or ``base_model:finetune:B``. With ``expand``, an item holds ``id``/``_id``
-  and the expanded fields only (``siblings``, ``sha``, ``tags``, ``downloads``, ...). One page, sorted by id (every
-  repo has 0 downloads).
+  when a ``.safetensors`` file is present, ``license:X``, ``dataset:D`` for each card ``datasets`` D, and for each
+  card ``base_model`` B ``base_model:B`` plus ``base_model:adapter:B`` (peft repos) or ``base_model:finetune:B``.
+  With ``expand``, an item holds ``id``/``_id`` and the expanded fields only (``siblings``, ``sha``, ``tags``,
+  ``downloads``, ...). One page, sorted by id (every repo has 0 downloads).
 - ``GET /{repo}/resolve/{rev}/{path}`` with ``Range: bytes=A-B``: 206 with those bytes and ``Content-Range``, as
   ``parse_safetensors_file_metadata`` reads a header without downloading the weights.
 - ``GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=``: ``list_repo_tree``, ``list_repo_files``,
@@ -283,6 +283,8 @@ def repo_tags(repo_dir: Path, files: list[str]) -> list[str]:
         tags.append("safetensors")
     if isinstance(meta.get("license"), str):
         tags.append(f"license:{meta['license']}")
+    datasets = meta.get("datasets") or []
+    tags += [f"dataset:{d}" for d in (datasets if isinstance(datasets, list) else [datasets]) if isinstance(d, str)]
     bases = meta.get("base_model") or []
     relation = "adapter" if library == "peft" else "finetune"
     for base in bases if isinstance(bases, list) else [bases]:
