@@ -31,6 +31,7 @@ __all__ = [
     "PoolEpisodes",
     "FolderEpisodes",
     "ZooEpisodes",
+    "PoolTeachers",
 ]
 
 T = TypeVar("T")
@@ -274,3 +275,39 @@ class ZooEpisodes:
             [kept[i] for i in s_idx] if kept else None,
             [kept[i] for i in q_idx] if kept else None,
         )
+
+
+class PoolTeachers:
+    """The teachers of a pool's single-LoRA episodes, to score images the pool does not hold (random views of its
+    surrogates): each pool class's source LoRA, found by fingerprint, run in eval mode on a separate copy of the
+    backbone, as `ZooEpisodes` runs them."""
+
+    def __init__(self, backbone: Backbone, adapters: Sequence[LoRAAdapter]):
+        self.teacher_backbone = Backbone(copy.deepcopy(backbone.model).cpu(), backbone.name).to(backbone.device)
+        self.teacher_backbone.model.eval()
+        self.adapters = {a.fingerprint(): a for a in adapters}
+        if not self.adapters:
+            raise ValueError("no teacher LoRAs were given")
+
+    def covers(self, pool: "Pool") -> list[str]:
+        """The names of the pool's sources no teacher here is for (empty when every source has one)."""
+        return sorted({s["name"] for f, s in pool.sources().items() if f not in self.adapters})
+
+    @torch.no_grad()
+    def logits(self, episode: PoolEpisode, images: torch.Tensor) -> torch.Tensor:
+        """The source LoRA's logits on `images` ``(n, 3, H, W)`` in [0, 1], restricted to the episode's classes in
+        task order: ``(n, way)``.
+
+        Raises:
+            ValueError: the episode's classes come from several LoRAs, or from one no teacher here is for.
+        """
+        sources = {c.source for c in episode.classes}
+        if len(sources) != 1 or next(iter(sources)) not in self.adapters:
+            raise ValueError("a teacher scores single-LoRA episodes of the LoRAs it was given")
+        adapter = self.adapters[sources.pop()]
+        tb = self.teacher_backbone
+        mean = torch.tensor(tb.mean, device=tb.device).view(1, 3, 1, 1)
+        std = torch.tensor(tb.std, device=tb.device).view(1, 3, 1, 1)
+        with adapter.attached(tb) as head:
+            out = head(tb.pre_logits((images.to(tb.device) - mean) / std))
+        return out[:, [c.label for c in episode.classes]].float().cpu()

@@ -41,7 +41,7 @@ from safetensors.torch import save as safetensors_bytes
 from . import distributed
 from .backbone import Backbone
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_log
-from .episodes import EpisodeSource, PoolEpisode
+from .episodes import EpisodeSource, PoolEpisode, PoolTeachers
 from .fewshot import prototype_logits
 from .adapter import LoRAAdapter
 from .formats import save_adapter
@@ -57,6 +57,7 @@ from .lora import (
 )
 from .runtime import mixed_precision
 from .tokens import embed_kept
+from .views import ViewConfig, kept_pixels, random_views
 
 __all__ = ["MetaConfig", "cyclic_lr", "flip_kept", "episode_loss", "meta_train", "MetaResult"]
 
@@ -95,25 +96,37 @@ def episode_loss(
     generator: Optional[torch.Generator] = None,
     teacher_temperature: float = 1.0,
     bf16: bool = False,
+    views: Optional[ViewConfig] = None,
+    teachers: Optional[PoolTeachers] = None,
 ) -> tuple[torch.Tensor, float]:
     """ProtoNet loss of the LoRA-equipped `backbone` on one episode, and its query accuracy.
 
     KL(softmax(teacher / T) ‖ student) on the queries when the episode carries teacher logits (single-LoRA), else
-    cross-entropy. With `bf16`, the backbone runs under bf16 autocast; the embeddings, prototypes and loss are
-    float32.
+    cross-entropy. With `views`, every support and query image is replaced by a random view of it
+    (`recycle.views.random_views`; masked images keep their kept patches in place), and with `teachers` the KL target
+    is the source LoRA's output on the queries' views. With `bf16`, the backbone runs under bf16 autocast; the
+    embeddings, prototypes and loss are float32.
     """
     n_s, n_q = episode.support.shape[0], episode.query.shape[0]
     flips = (torch.rand(n_s + n_q, generator=generator) < 0.5) if flip else torch.zeros(n_s + n_q, dtype=torch.bool)
     images = torch.cat([episode.support, episode.query])
     kept = None if episode.support_kept is None else list(episode.support_kept) + list(episode.query_kept)
+    if views is not None:
+        valid = None
+        if kept is not None:
+            valid = kept_pixels(kept, tuple(backbone.model.patch_embed.grid_size), tuple(images.shape[-2:]))
+        images = random_views(images, views, generator, valid)
+    teacher_logits = episode.teacher_logits
+    if teachers is not None and teacher_logits is not None:
+        teacher_logits = teachers.logits(episode, images[n_s:])
     with mixed_precision(backbone.model, backbone.device, bf16):
         emb = _embed(backbone, images, kept, flips)
     emb = emb.float()
     way = int(episode.support_labels.max()) + 1
     device = emb.device
     logits = prototype_logits(emb[:n_s], episode.support_labels.to(device), emb[n_s:], distance, way)
-    if episode.teacher_logits is not None:
-        target = (episode.teacher_logits.to(device) / teacher_temperature).softmax(-1)
+    if teacher_logits is not None:
+        target = (teacher_logits.to(device) / teacher_temperature).softmax(-1)
         loss = F.kl_div(logits.log_softmax(-1), target, reduction="batchmean")
     else:
         loss = F.cross_entropy(logits, episode.query_labels.to(device))
@@ -160,7 +173,13 @@ def _episode_rngs(
 
 
 def _batch_gradients(
-    backbone: Backbone, source: EpisodeSource, config: MetaConfig, step: int, py: random.Random, gen: torch.Generator
+    backbone: Backbone,
+    source: EpisodeSource,
+    config: MetaConfig,
+    step: int,
+    py: random.Random,
+    gen: torch.Generator,
+    teachers: Optional[PoolTeachers] = None,
 ) -> list[tuple[float, float, str]]:
     """Add to the LoRA gradients the gradient of (sum of losses) / episode_batch over this rank's episodes of `step`;
     returns ``(loss, accuracy, kind)`` of each (a non-finite loss is returned, not back-propagated)."""
@@ -170,7 +189,15 @@ def _batch_gradients(
             kind = "cross" if rng.random() < config.cross_fraction else "single"
             episode = source.next(kind, rng)
             loss, acc = episode_loss(
-                backbone, episode, config.distance, config.flip, episode_gen, config.teacher_temperature, config.bf16
+                backbone,
+                episode,
+                config.distance,
+                config.flip,
+                episode_gen,
+                config.teacher_temperature,
+                config.bf16,
+                config.views,
+                teachers,
             )
             if torch.isfinite(loss):
                 (loss / config.episode_batch if config.episode_batch > 1 else loss).backward()
@@ -188,6 +215,7 @@ def meta_train(
     progress: Optional[Callable[[dict], None]] = None,
     info: Optional[dict] = None,
     init: Optional[LoRAAdapter] = None,
+    teachers: Optional[PoolTeachers] = None,
 ) -> MetaResult:
     """Train one meta-LoRA on `backbone` with episodes from `source`; write checkpoints, a JSONL log and the result.
 
@@ -209,6 +237,8 @@ def meta_train(
         init: start the meta-LoRA from this adapter (for example `recycle.adapter.average_loras` of the zoo, a
             variant beyond the paper) instead of the identity; ``config.lora`` must be its configuration. Step 0's
             validation then scores `init`, so model selection can still choose "no change" from it.
+        teachers: the pool's source LoRAs, needed with ``config.teacher_on_views``: they score each single-LoRA
+            episode's query views.
 
     Under torchrun every rank calls this with the same arguments; `out` must be on a filesystem all ranks share.
     """
@@ -217,6 +247,8 @@ def meta_train(
         raise ValueError(
             f"episode_batch={config.episode_batch} cannot be split evenly over {world} ranks; use a multiple of {world}"
         )
+    if config.teacher_on_views and teachers is None:
+        raise ValueError("teacher_on_views: meta_train needs the pool's teachers (recycle.episodes.PoolTeachers)")
     if init is not None and init.config != config.lora:
         raise ValueError(
             f"init: the starting LoRA's configuration ({init.config}) differs from config.lora ({config.lora}); "
@@ -283,7 +315,10 @@ def meta_train(
                     g["lr"] = lr
                 opt.zero_grad(set_to_none=True)
                 episodes = distributed.gather_ordered(
-                    _batch_gradients(backbone, source, config, step, py, gen), config.episode_batch
+                    _batch_gradients(
+                        backbone, source, config, step, py, gen, teachers if config.teacher_on_views else None
+                    ),
+                    config.episode_batch,
                 )
                 loss = sum(e[0] for e in episodes) / len(episodes)
                 if not math.isfinite(loss):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from .episodes import EpisodeSpec
 from .lora_config import LoRAConfig
 from .runtime import check_bf16_flag
+from .views import ViewConfig
 
 __all__ = ["MetaConfig", "cyclic_lr", "MAX_META_LR", "MAX_TEACHER_TEMPERATURE"]
 
@@ -49,9 +51,25 @@ class MetaConfig:
     seed: int = 0
     episode_batch: int = 1  # episodes per optimiser step (loss averaged); split across ranks under torchrun
     bf16: bool = False  # the backbone's forward and backward under bf16 autocast (`recycle.runtime.mixed_precision`)
+    # A random view of every support and query image (`recycle.views`): warps, stroke weight, blur, new colours, so
+    # that one surrogate stands for many renderings of its class. The teacher's stored logits stay the target of a
+    # single-LoRA episode (a view keeps the class, as a flip does). None: the images as inverted.
+    views: Optional[ViewConfig] = None
+    # With views: the single-LoRA episodes' KL target is the source LoRA's output on each query's view
+    # (`recycle.episodes.PoolTeachers`, which meta_train then needs) instead of the logits stored for the surrogate.
+    teacher_on_views: bool = False
 
     def __post_init__(self):
         check_bf16_flag(self.bf16)
+        if isinstance(self.views, dict):
+            self.views = ViewConfig(**self.views)
+        if self.views is not None and not isinstance(self.views, ViewConfig):
+            raise ValueError(f"invalid meta-training setting views={self.views!r}: expected a ViewConfig or None")
+        if self.teacher_on_views not in (True, False) or (self.teacher_on_views and self.views is None):
+            raise ValueError(
+                f"invalid meta-training setting teacher_on_views={self.teacher_on_views!r}: expected True (with views) "
+                "or False"
+            )
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.lora.items()})
         checks = [

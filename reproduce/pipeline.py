@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from recycle.backbone import Backbone, load_backbone
 from recycle.adapter import average_loras
-from recycle.episodes import FolderEpisodes, PoolEpisodes, image_folder
+from recycle.episodes import FolderEpisodes, PoolEpisodes, PoolTeachers, image_folder
 from recycle.evaluate import EvalConfig, evaluate
 from recycle.formats import LoRAAdapter, read_adapter
 from recycle.io import atomic_write_bytes
@@ -433,10 +433,11 @@ def stage_surrogates(cfg: ReproConfig, backbone: Backbone, pool: Path, real: Pat
 
     surrogate_figure(pool, real, work / "surrogates.png")
     m = cfg.meta
-    return {
-        "shot": m.shot,
-        "nn_accuracy": task_difficulty(backbone, pool, real, cfg.episodes // 3, m.way, m.shot, m.query, seed=3),
-    }
+    n = cfg.episodes // 3
+    out = {"shot": m.shot, "nn_accuracy": task_difficulty(backbone, pool, real, n, m.way, m.shot, m.query, seed=3)}
+    if m.views is not None:  # as meta-training draws its episodes
+        out["nn_accuracy_views"] = task_difficulty(backbone, pool, real, n, m.way, m.shot, m.query, 3, views=m.views)
+    return out
 
 
 def _teacher_accuracy(pool: Pool, key: str) -> float:
@@ -461,7 +462,9 @@ def val_curve(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["val_acc"]) for r in records if "val_acc" in r]
 
 
-def stage_temperature(cfg: ReproConfig, backbone: Backbone, pool: Path, data: Path, out: Path) -> dict:
+def stage_temperature(
+    cfg: ReproConfig, backbone: Backbone, pool: Path, data: Path, out: Path, teachers: Optional[PoolTeachers] = None
+) -> dict:
     """Choose the KL target's temperature on validation: ``temperature_steps`` of masked meta-training on `pool` per
     candidate, scored on the validation classes; the best score after step 0 wins."""
     validate = _validator(cfg, backbone, data)
@@ -483,6 +486,7 @@ def stage_temperature(cfg: ReproConfig, backbone: Backbone, pool: Path, data: Pa
             run_dir,
             resume=True,
             validate=validate,
+            teachers=teachers,
         )
         curve = val_curve(run_dir)
         scores[f"{t:g}"] = {"nn": curve[0][1], "best": max(a for s, a in curve if s > 0)}
@@ -502,8 +506,11 @@ def stage_meta(
     bf16: bool = False,
     temperature: float = 1.0,
     init: Optional[LoRAAdapter] = None,
+    teachers: Optional[PoolTeachers] = None,
 ) -> dict:
     meta_cfg = replace(cfg.meta, masked=masked, bf16=bf16, teacher_temperature=temperature)
+    if teachers is None:  # episodes without stored teachers (the oracle's real images) need none
+        meta_cfg = replace(meta_cfg, teacher_on_views=False)
     if init is not None:
         meta_cfg = replace(meta_cfg, lora=init.config)
     result = meta_train(
@@ -515,6 +522,7 @@ def stage_meta(
         validate=_validator(cfg, backbone, data),
         info={"made_by": "reproduce.pipeline", "run": name},
         init=init,
+        teachers=teachers,
     )
     log = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]  # steps >= 1
     times = [b["time"] - a["time"] for a, b in zip(log, log[1:]) if b["time"] > a["time"]]
@@ -551,6 +559,46 @@ def stage_bf16_check(cfg: ReproConfig, backbone: Backbone, work: Path, data: Pat
         "difference": round(diff, 2),
         "within_fp32_ci": abs(diff) <= r["fp32"]["ci95"],
     }
+
+
+FOUNDATION_FIELDS = (
+    "data",
+    "vit",
+    "foundation",
+    "contrast",
+    "contrast_font",
+    "pretrain_steps",
+    "pretrain_batch",
+    "pretrain_lr",
+    "prior_steps",
+    "prior_recolour",
+)
+
+
+def reuse_foundation(work: Path, cfg: ReproConfig, weights: Path, recorded: Path) -> dict:
+    """Seed `work` with a shipped foundation and BN prior (``weights/mini-vit``, ``weights/glyph-prior``) instead of
+    pretraining them again, when the run that made them (its ``results.json``, `recorded`) used the same settings
+    for everything they depend on (`FOUNDATION_FIELDS`). Their stage markers record that run's stage times and
+    summaries, so the results' total still counts them. Returns the fields compared.
+
+    Raises:
+        ValueError: the recorded run used other settings, or a folder is missing.
+    """
+    done = json.loads(recorded.read_text())
+    now = json.loads(json.dumps(asdict(cfg), default=str))
+    differ = [k for k in FOUNDATION_FIELDS if done["config"].get(k) != now.get(k)]
+    if differ:
+        raise ValueError(f"cannot reuse {weights}: {recorded} was made with other settings for {', '.join(differ)}")
+    for stage, source, target in (("pretrain", "mini-vit", "mini-vit"), ("prior", "glyph-prior", "prior")):
+        if (work / f"{stage}.done.json").is_file():
+            continue
+        if not (weights / source / "model.safetensors").is_file():
+            raise ValueError(f"cannot reuse {weights}: {weights / source} holds no model.safetensors")
+        shutil.rmtree(work / target, ignore_errors=True)
+        shutil.copytree(weights / source, work / target, ignore=shutil.ignore_patterns("README.md", "inversion.json"))
+        summary = {**done["summaries"][stage], "reused_from": f"{weights / source} (made by {done['config']['name']})"}
+        atomic_write_bytes(work / f"{stage}.done.json", json.dumps(summary, indent=1).encode())
+    return {"fields": list(FOUNDATION_FIELDS), "from": str(recorded)}
 
 
 def run(work: Path, cfg: ReproConfig, until: Optional[str] = None) -> dict:
@@ -649,10 +697,14 @@ def _run(work: Path, cfg: ReproConfig, until: Optional[str]) -> dict:
     summaries["surrogates"] = _stage(
         work, "surrogates", lambda: stage_surrogates(cfg, backbone, pools[MASKS[-1]], data / "zoo", work), timings
     )
+
+    def teachers() -> Optional[PoolTeachers]:  # the zoo's LoRAs, when meta-training scores views with them
+        return PoolTeachers(backbone, [a for _, a in load_zoo(zoo, backbone)]) if cfg.meta.teacher_on_views else None
+
     summaries["temperature"] = _stage(
         work,
         "temperature",
-        lambda: stage_temperature(cfg, backbone, pools[MASKS[-1]], data, work / "temperature"),
+        lambda: stage_temperature(cfg, backbone, pools[MASKS[-1]], data, work / "temperature", teachers()),
         timings,
     )
     temperature = summaries["temperature"]["chosen"]
@@ -687,6 +739,7 @@ def _run(work: Path, cfg: ReproConfig, until: Optional[str]) -> dict:
                 bf16,
                 temperature,
                 init=average_loras([a for _, a in load_zoo(zoo, backbone)]) if from_average else None,
+                teachers=teachers(),
             ),
             timings,
         )
@@ -730,9 +783,20 @@ def main() -> None:
         "--until", metavar="STAGE", choices=STAGES, help="stop after this stage (a pilot): structure, meta-recycle, ..."
     )
     parser.add_argument("--ship", type=Path, metavar="WEIGHTS", help="copy the results into this folder (weights/)")
+    parser.add_argument(
+        "--reuse-foundation",
+        type=Path,
+        metavar="WEIGHTS",
+        help="start from the foundation and BN prior shipped in WEIGHTS (made by reproduce/results/results.json's "
+        "run, with the same settings) instead of pretraining them again; their recorded stage times still count",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    results = run(args.work, PRESETS["toy" if args.toy else args.preset](), until=args.until)
+    cfg = PRESETS["toy" if args.toy else args.preset]()
+    if args.reuse_foundation:
+        args.work.mkdir(parents=True, exist_ok=True)
+        reuse_foundation(args.work, cfg, args.reuse_foundation, Path(__file__).parent / "results" / "results.json")
+    results = run(args.work, cfg, until=args.until)
     if args.until:
         print(json.dumps(results["summaries"][args.until], indent=1))
         return

@@ -115,6 +115,12 @@ def results_markdown(results: dict) -> str:
             f"episodes and {nn['real']['mean']:.2f} ± {nn['real']['ci95']:.2f} on real episodes of the same "
             "classes ([figure](surrogates.png))."
         )
+        if "nn_accuracy_views" in s["surrogates"]:
+            v = s["surrogates"]["nn_accuracy_views"]["surrogate"]
+            lines.append(
+                f"With meta-training's random views of each surrogate, as its episodes are drawn: NN scores "
+                f"{v['mean']:.2f} ± {v['ci95']:.2f} on them."
+            )
     return "\n".join(lines) + "\n"
 
 

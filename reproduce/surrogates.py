@@ -21,6 +21,7 @@ from recycle.fewshot import FewShotClassifier, prototype_logits
 from recycle.formats import LoRAAdapter
 from recycle.images import load_image
 from recycle.pool import Pool, PoolItem
+from recycle.views import ViewConfig, random_views
 
 __all__ = ["surrogate_figure", "task_difficulty"]
 
@@ -85,9 +86,13 @@ def task_difficulty(
     query: int = 15,
     seed: int = 0,
     lora: Optional[LoRAAdapter] = None,
+    views: Optional[ViewConfig] = None,
 ) -> dict:
     """Nearest-prototype accuracy (%, mean and 95% CI) of `backbone` (+ `lora`) on single-LoRA surrogate episodes
-    and on real episodes of the same classes, drawn by the same rule: ``{"surrogate": {...}, "real": {...}}``."""
+    and on real episodes of the same classes, drawn by the same rule: ``{"surrogate": {...}, "real": {...}}``.
+
+    With `views`, each surrogate episode's images are random views (`recycle.views.random_views`), drawn afresh per
+    episode as meta-training draws them; real episodes stay as rendered."""
     pool = Pool(pool_root)
     per = shot + query
     rng = random.Random(seed)
@@ -108,14 +113,24 @@ def task_difficulty(
     clf = FewShotClassifier(backbone, lora, cache_size=0)
     synth_keys = sorted({(r, i) for r, cls in plan for _, idx, _ in cls for i in idx})
     real_keys = sorted({f for _, cls in plan for _, _, files in cls for f in files})
-    synth_emb = dict(zip(synth_keys, clf.embed([_to_pil(pool.load(PoolItem(r, i))) for r, i in synth_keys])))
+    if views is None:
+        synth_emb = dict(zip(synth_keys, clf.embed([_to_pil(pool.load(PoolItem(r, i))) for r, i in synth_keys])))
+    else:
+        synth_img = {(r, i): pool.load(PoolItem(r, i)) for r, i in synth_keys}
+        gen = torch.Generator().manual_seed(seed)
     real_emb = dict(zip(real_keys, clf.embed([load_image(f) for f in real_keys])))
     labels_s = torch.arange(way).repeat_interleave(shot)
     labels_q = torch.arange(way).repeat_interleave(query)
     accs: dict[str, list[float]] = {"surrogate": [], "real": []}
     for r, cls in plan:
+        if views is None:
+            surrogate = [[synth_emb[(r, i)] for i in idx] for _, idx, _ in cls]
+        else:
+            images = random_views(torch.stack([synth_img[(r, i)] for _, idx, _ in cls for i in idx]), views, gen)
+            flat = clf.embed([_to_pil(x) for x in images])
+            surrogate = [flat[c * per : (c + 1) * per] for c in range(way)]
         for kind, emb in (
-            ("surrogate", [[synth_emb[(r, i)] for i in idx] for _, idx, _ in cls]),
+            ("surrogate", surrogate),
             ("real", [[real_emb[f] for f in files] for _, _, files in cls]),
         ):
             s = torch.stack([e for c in emb for e in c[:shot]])

@@ -17,17 +17,22 @@ from recycle.tokens import keep_mask
 from tests.helpers import colour_task, train_tiny_lora
 
 
+ZOO: list = []  # the pool's two LoRAs, made by `pool_dir`
+
+
 @pytest.fixture(scope="module")
 def pool_dir(tmp_path_factory, tiny_clip_dir):
     """Two tiny LoRAs (3 colours each), inverted with pruning into one pool."""
     backbone = load_backbone(str(tiny_clip_dir), device="cpu")
     root = tmp_path_factory.mktemp("pool")
     images, labels = colour_task(n_classes=6, per_class=4)
+    ZOO.clear()
     for k, classes in enumerate([(0, 1, 2), (3, 4, 5)]):
         sel = [i for i, y in enumerate(labels) if y in classes]
         adapter = train_tiny_lora(backbone, [images[i] for i in sel], [classes.index(labels[i]) for i in sel], seed=k)
         result = invert(backbone, adapter, InversionConfig(per_class=5, steps=30, lr=0.1, pruning={1: 0.5}, seed=k))
         write_run(root, result, adapter, f"zoo/lora_{k}", {"steps": 30}, (4, 4))
+        ZOO.append(adapter)
     return root
 
 
@@ -302,3 +307,29 @@ def test_float_settings_must_be_finite_and_in_range(field, value):
         MetaConfig(**{field: value})
     with pytest.raises(ValueError, match=r"invalid inversion setting (lr|bn_weight)=.*expected"):
         InversionConfig(**({"lr": value} if field == "lr" else {"bn_weight": value}))
+
+
+def test_pool_teachers_score_views_as_the_stored_logits_score_the_surrogates(pool_dir, tiny_clip, tmp_path):
+    """On a surrogate itself the teacher gives the logits the pool stored; on a view it gives new ones; meta-training
+    with teacher_on_views needs the teachers, and runs with them."""
+    from recycle.episodes import PoolTeachers
+    from recycle.views import ViewConfig, random_views
+
+    teachers = PoolTeachers(tiny_clip, ZOO)
+    pool = Pool(pool_dir)
+    assert teachers.covers(pool) == [] and PoolTeachers(tiny_clip, ZOO[:1]).covers(pool) == ["zoo/lora_1"]
+    episode = pool.sample_episode(EpisodeSpec(3, 1, 2), "single", rng=random.Random(0))
+    stored = episode.teacher_logits
+    assert (teachers.logits(episode, episode.query) - stored).abs().max() < 0.02  # the PNG's 8-bit rounding only
+    views = random_views(episode.query, ViewConfig(stroke=1.0, recolour=1.0), torch.Generator().manual_seed(0))
+    assert (teachers.logits(episode, views) - stored).abs().max() > 0.2
+    cross = pool.sample_episode(EpisodeSpec(3, 1, 2), "cross", rng=random.Random(0))
+    with pytest.raises(ValueError, match="single-LoRA episodes"):
+        teachers.logits(cross, cross.query)
+    config = MetaConfig(steps=2, way=3, query=2, views={"stroke": 0.5}, teacher_on_views=True, checkpoint_every=2)
+    source = PoolEpisodes(pool, config.spec, False)
+    with pytest.raises(ValueError, match="needs the pool's teachers"):
+        meta_train(tiny_clip, source, config, tmp_path / "a")
+    assert meta_train(tiny_clip, source, config, tmp_path / "b", teachers=teachers).steps_done == 2
+    with pytest.raises(ValueError, match="teacher_on_views"):
+        MetaConfig(teacher_on_views=True)  # without views
