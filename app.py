@@ -63,6 +63,7 @@ from app_ui import (  # noqa: E402
     PathPolicy,
     PoolBrowser,
     find_examples,
+    shipped_test_split,
     md_code,
     resolve_defaults,
 )
@@ -124,7 +125,8 @@ def build_demo(
         str(settings.shipped_lora),
         str(settings.example_lora or ""),
     } - {""}
-    fewshot = FewShot(cache, defaults, policy)
+    shipped = (str(settings.shipped_backbone), str(settings.shipped_lora))
+    fewshot = FewShot(cache, defaults, policy, shipped, shipped_test_split(settings.examples))
     inversion = Inversion(cache, policy, settings, defaults.backbone)
     browser = PoolBrowser(policy, settings)
     wrap_handlers(fewshot, inversion)  # on ZeroGPU hardware, prediction and inversion run under spaces.GPU
@@ -149,14 +151,10 @@ def build_demo(
             with gr.Tab(TABS["pool"], id="pool") as pool_tab_:
                 pool = pool_tab(browser, policy, settings, demo, pool_tab_)
 
-        gr.on(
-            [demo.load, backbone.change, fs.lora.submit],
-            fewshot.status,
-            inputs=[backbone, fs.lora],
-            outputs=status,
-            api_name="status",
-            **LOADING,
-        )
+        gr.on([demo.load, fs.lora.submit], fewshot.status, [backbone, fs.lora], status, api_name="status", **LOADING)
+        backbone.change(  # the shipped meta-LoRA leaves with its backbone, then the status follows the change
+            fewshot.lora_for_backbone, [backbone, fs.lora], fs.lora, api_visibility="private", queue=False
+        ).then(fewshot.status, [backbone, fs.lora], status, api_visibility="private", **LOADING)
         demo.load(_select_tab, None, tabs, api_visibility="private", queue=False)
         inv.add.click(inversion.add_to_pool, None, inv.pool_note, api_name="add_to_pool", **BROWSE).then(
             browser.refresh, inputs=pool.folder, outputs=pool.outputs(PoolView), api_visibility="private", **BROWSE

@@ -15,7 +15,7 @@ Imports go one way: ``app.py`` → ``app_ui`` → ``recycle``.
 from __future__ import annotations
 
 from .errors import USER_ERRORS, InputError
-from .examples import ExampleTask, find_examples
+from .examples import ExampleTask, find_examples, shipped_test_split
 from .fewshot import EMPTY_CARDS, FewShot
 from .hub_loras import HubLoRAList
 from .invert import PRUNING_PRESETS, Inversion
@@ -48,6 +48,7 @@ __all__ = [
     "PriorChoice",
     "ExampleTask",
     "find_examples",
+    "shipped_test_split",
     "resolve_defaults",
     "USER_ERRORS",
     "EMPTY_CARDS",

@@ -3,9 +3,11 @@ few-shot tab."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from recycle.images import IMAGE_SUFFIXES
 
@@ -61,3 +63,21 @@ def find_examples(root: Path, max_classes: int = MAX_CLASSES) -> list[ExampleTas
         label = f"{_task_label(task.name)} · {len(support)}-way {shots}-shot"
         tasks.append(ExampleTask(task.name, label, support, queries))
     return tasks
+
+
+def shipped_test_split(root: Path) -> Optional[dict]:
+    """What the shipped meta-LoRA and the backbone alone scored on the miniature's test split, as the reproduction
+    wrote it into ``examples/scores.json`` (``test_split``): ``{"way", "shot", "episodes", "method", "meta-LoRA":
+    {"mean", "ci95"}, "NN": {...}}``, or None when it is missing or malformed."""
+    path = root / "scores.json"
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return None
+        split = json.loads(path.read_text("utf-8")).get("test_split")
+        ok = isinstance(split, dict) and all(
+            isinstance(split.get(k), dict) and isinstance(split[k].get("mean"), (int, float))
+            for k in ("meta-LoRA", "NN")
+        )
+        return split if ok and isinstance(split.get("episodes"), int) else None
+    except (OSError, ValueError, AttributeError):
+        return None

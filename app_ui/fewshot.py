@@ -67,33 +67,49 @@ def _bar(value: float, kind: str) -> str:
     )
 
 
+def _test_split_line(split: dict, queries: int) -> str:
+    """What the shipped pair measured on the miniature's test split, so that one task reads as one sample."""
+    lora, nn = split["meta-LoRA"], split["NN"]
+    return (
+        f'<div class="rc-summary">On the miniature\'s test split ({split["episodes"]} tasks, {split["way"]}-way '
+        f"{split['shot']}-shot), this meta-LoRA scores <b>{lora['mean']:.1f}%</b> ± {lora.get('ci95', 0):.1f} and the "
+        f"backbone alone <b>{nn['mean']:.1f}%</b> ± {nn.get('ci95', 0):.1f}: one task of {queries} queries is one "
+        "sample of that.</div>"
+    )
+
+
 def probability_cards(
-    predictions: list[Prediction], thumbnails: list[str], bare: Optional[list[Prediction]] = None, lora: str = ""
+    predictions: list[Prediction],
+    thumbnails: list[str],
+    bare: Optional[list[Prediction]] = None,
+    lora: str = "",
+    test_split: Optional[dict] = None,
 ) -> str:
     """HTML: one card per query with its thumbnail, its predicted class and a probability bar per class; with `bare`
-    (the backbone alone), a second bar per class and both predictions, side by side."""
+    (the backbone alone), a second bar per class and both predictions, side by side. When the queries' file names
+    carry their classes, the score comes first, in large type; with `test_split` (the shipped pair's measured test
+    accuracy), beside what the miniature's test split measured."""
     esc = lambda s: html.escape(str(s))  # noqa: E731
     parts = ['<div class="rc-cards">']
     score, bare_score = count_correct(predictions), count_correct(bare) if bare is not None else None
-    if bare is not None:
-        agree = sum(p.label == b.label for p, b in zip(predictions, bare))
-        correct = (
-            f' The queries\' file names carry their classes: <b class="rc-score">{score[0]} of {score[1]}</b> '
-            f'correct with the meta-LoRA, <b class="rc-score-bare">{bare_score[0]} of {bare_score[1]}</b> with '
-            "the backbone alone."
-            if score
+    if score:
+        scoreline = f'<b class="rc-score">{score[0]} of {score[1]}</b> correct' + (
+            f' with the meta-LoRA · <b class="rc-score-bare">{bare_score[0]} of {bare_score[1]}</b> with the '
+            "backbone alone"
+            if bare_score
             else ""
         )
+        parts.append(f'<div class="rc-scoreline">{scoreline}</div>')
+        if test_split is not None:
+            parts.append(_test_split_line(test_split, score[1]))
+    if bare is not None:
+        agree = sum(p.label == b.label for p, b in zip(predictions, bare))
         parts.append(
             f'<div class="rc-summary">With the meta-LoRA <code>{esc(Path(lora).name or lora)}</code> and '
-            f"with the backbone alone, <b>{agree} of {len(predictions)}</b> predictions agree.{correct} "
-            '<span class="rc-key"><i class="rc-swatch rc-main"></i>with meta-LoRA</span>'
+            f"with the backbone alone, <b>{agree} of {len(predictions)}</b> predictions agree"
+            + (" (the queries' file names carry their classes)." if score else ".")
+            + ' <span class="rc-key"><i class="rc-swatch rc-main"></i>with meta-LoRA</span>'
             '<span class="rc-key"><i class="rc-swatch rc-bare"></i>backbone alone</span></div>'
-        )
-    elif score:
-        parts.append(
-            f'<div class="rc-summary">The queries\' file names carry their classes: <b class="rc-score">'
-            f"{score[0]} of {score[1]}</b> correct.</div>"
         )
     for i, (p, thumb) in enumerate(zip(predictions[:MAX_CARDS], thumbnails)):
         b = bare[i] if bare is not None else None
@@ -152,10 +168,26 @@ EMPTY_CARDS = '<div class="rc-empty">Predictions appear here: one card per query
 class FewShot:
     """Handlers of the few-shot tab and the shared status line."""
 
-    def __init__(self, cache: ModelCache, defaults: Defaults, policy: PathPolicy):
+    def __init__(
+        self,
+        cache: ModelCache,
+        defaults: Defaults,
+        policy: PathPolicy,
+        shipped: Optional[tuple[str, str]] = None,
+        test_split: Optional[dict] = None,
+    ):
         self.cache = cache
         self.defaults = defaults
         self.policy = policy
+        self.shipped = shipped  # (backbone, meta-LoRA) shipped together: the meta-LoRA fits that backbone only
+        self.test_split = test_split  # what that pair measured on the miniature's test split
+
+    def lora_for_backbone(self, backbone: Optional[str], lora: Optional[str]) -> Any:
+        """The meta-LoRA field after the backbone changed: emptied when it holds the shipped meta-LoRA and the new
+        backbone is not the one it was made for (it would not fit), else left as it is."""
+        if self.shipped is not None and (lora or "").strip() == self.shipped[1] and (backbone or "") != self.shipped[0]:
+            return ""
+        return gr.update()
 
     @property
     def default_backbone(self) -> str:
@@ -216,7 +248,8 @@ class FewShot:
                 with self.cache.classifier(backbone, "") as classifier:
                     bare = classify(classifier, support, query_items)
             thumbnails = [_thumbnail(path) for _, path in query_items[:MAX_CARDS]]
-            return probability_cards(predictions, thumbnails, bare, lora), _table(predictions, bare)
+            split = self.test_split if self.shipped is not None and (backbone, lora) == self.shipped else None
+            return probability_cards(predictions, thumbnails, bare, lora, split), _table(predictions, bare)
 
     @staticmethod
     def add_class(shown: int) -> tuple:

@@ -283,8 +283,10 @@ def test_offline_default_uses_the_shipped_weights_and_offers_examples(closed_hub
         truth = [Path(q).name.split("__")[0] for q in task.queries]
         lora_ok = sum(row[1] == t for row, t in zip(table["data"], truth))
         bare_ok = sum(row[-1] == t for row, t in zip(table["data"], truth))
-        assert f'<b class="rc-score">{lora_ok} of 15</b>' in cards
+        assert f'<div class="rc-scoreline"><b class="rc-score">{lora_ok} of 15</b>' in cards  # first, and large
         assert f'<b class="rc-score-bare">{bare_ok} of 15</b>' in cards
+        split = app_ui.shipped_test_split(weights / "examples")  # the shipped pair: what its test split measured
+        assert split is not None and f"this meta-LoRA scores <b>{split['meta-LoRA']['mean']:.1f}%</b>" in cards
     finally:
         close(demo, client)
 
@@ -605,6 +607,11 @@ def test_labelled_queries_are_scored_for_the_meta_lora_and_for_the_backbone_alon
     cards = fewshot.probability_cards(lora, [""] * 4, bare, "weights/mini-meta-lora")
     assert '<b class="rc-score">2 of 3</b> correct with the meta-LoRA' in cards
     assert '<b class="rc-score-bare">1 of 3</b> with the backbone alone' in cards
+    assert "test split" not in cards  # only the shipped pair's measurement is shown, and only for that pair
+    split = {"way": 5, "shot": 1, "episodes": 600, "meta-LoRA": {"mean": 46.59, "ci95": 0.94}, "NN": {"mean": 44.42}}
+    with_split = fewshot.probability_cards(lora, [""] * 4, bare, "x", split)
+    assert "test split (600 tasks, 5-way 1-shot), this meta-LoRA scores <b>46.6%</b>" in with_split
+    assert with_split.index("rc-scoreline") < with_split.index("test split")
     alone = fewshot.probability_cards(bare, [""] * 4)
     assert '<b class="rc-score">1 of 3</b> correct' in alone
     assert "rc-score" not in fewshot.probability_cards(lora[3:], [""], bare[3:], "x")  # no labels, no score
@@ -696,3 +703,16 @@ def test_online_the_examples_bring_the_shipped_model_even_with_local_paths_off(l
         assert "Not ready" in refused  # any other local path stays refused
     finally:
         close(demo, client)
+
+
+def test_choosing_another_backbone_clears_the_shipped_meta_lora_only():
+    """The shipped meta-LoRA was made for the shipped backbone: another backbone empties its field (the status would
+    otherwise turn "Not ready"), while any other LoRA stays for the user to judge."""
+    from app_ui import FewShot, ModelCache, PathPolicy
+    from app_ui.settings import Defaults
+
+    shipped = ("/srv/weights/mini-vit", "/srv/weights/mini-meta-lora")
+    fs = FewShot(ModelCache(), Defaults(shipped[0], shipped[1]), PathPolicy(True), shipped)
+    assert fs.lora_for_backbone("clip-b16", shipped[1]) == ""
+    assert fs.lora_for_backbone(shipped[0], shipped[1]) == gr.update()
+    assert fs.lora_for_backbone("clip-b16", "org/meta-lora") == gr.update()

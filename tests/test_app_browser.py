@@ -125,7 +125,8 @@ def test_few_shot_from_an_example(served, browser):
     text = browser.text()
     assert "predictions agree" in text and "backbone alone" in text
     if all("__" in Path(q).name for q in task.queries):  # labelled queries: both models' correct answers counted
-        assert re.search(r"\d+ of \d+ correct with the meta-LoRA, \d+ of \d+ with the backbone alone", text)
+        assert re.search(r"\d+ of \d+ correct with the meta-LoRA · \d+ of \d+ with the backbone alone", text)
+        assert "On the miniature's test split" in text
     browser.screenshot(SCREENSHOTS / "few-shot.png")
 
 
