@@ -501,6 +501,10 @@ CASES: dict[str, tuple[Callable, str]] = {
         lambda w, t, h: (_upload_peft(w, t, edit_meta=lambda m: m["config"].update(rank=10**9)), _invert(w)),
         r"metadata says rank 1000000000 for blocks\.0\.attn\.qkv, but its tensors have rank 4",
     ),
+    "metadata targets fc1 over qkv tensors": (
+        lambda w, t, h: _upload_peft(w, t, edit_meta=lambda m: m["config"].update(targets=["fc1"])),
+        r"metadata names the targets fc1, but its tensors are LoRAs on qkv; .*inconsistent",
+    ),
     "rank 100000 in the metadata over rank-4 tensors": (
         lambda w, t, h: _upload_peft(w, t, edit_meta=lambda m: m["config"].update(rank=100_000)),
         r"metadata says rank 100000 for blocks\.0\.attn\.qkv, but its tensors have rank 4; .*inconsistent",

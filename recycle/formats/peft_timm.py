@@ -197,6 +197,11 @@ def from_peft(cfg: dict, tensors: dict[str, torch.Tensor], meta: dict, name: str
             config = LoRAConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ours.items()})
         except (TypeError, ValueError) as e:
             raise LoRAFormatError(f"{name}: invalid LoRA config in the file's metadata: {e}") from None
+        if set(config.targets) != targets:
+            raise LoRAFormatError(
+                f"{name}: the file's metadata names the targets {', '.join(sorted(config.targets))}, but its tensors "
+                f"are LoRAs on {', '.join(sorted(targets))}; the file is inconsistent, so it is refused"
+            )
         for path, (tensor_rank, _) in sorted(ranks.items()):  # the metadata must describe the tensors it sits on
             override = config.extra.get(path) if isinstance(config.extra, dict) else None
             declared = override.get("rank", config.rank) if isinstance(override, dict) else config.rank
