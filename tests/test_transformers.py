@@ -878,6 +878,16 @@ def test_hostile_hub_loras_are_refused_from_their_headers_and_cost_little(
     cache = scan_cache_dir(constants.HF_HUB_CACHE)
     cached = {f.file_name for repo in cache.repos for rev in repo.revisions for f in rev.files}
     assert "adapter_model.safetensors" not in cached  # stored once, in the zoo
+    # Its export names the Hub base, and the Hub (here the fake one, as the real one does) accepts its card.
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "export"
+    assert (
+        main(["export", "--lora", str(zoo / "alice--food-lora"), "--backbone", "google/tiny-vit", "--out", str(out)])
+        == 0
+    )
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "google/tiny-vit"
+    ModelCard.load(out / "README.md").validate()
 
 
 def test_a_timm_name_finds_the_loras_of_its_transformers_twin(local_hub, hf_vit_dir, tmp_path):
@@ -997,6 +1007,11 @@ def test_app_offers_to_switch_to_the_backbone_a_lora_was_made_for(hub_with_loras
     assert offer["visible"] is True and offer["value"] == "Switch the backbone to google/tiny-vit"
     # Invert refuses it without "Invert anyway", naming both bases and the switch; with it, the run starts.
     if inversion.loras.get("s1").mismatch:  # the guide's LoRA, which fits CLIP's shapes
+        from recycle.cli import main
+
+        args = ["--out", str(tmp_path / "pool"), "--per-class", "1", "--steps", "1", "--bn-prior", "none", "--quiet"]
+        assert main(["invert", "--lora", "alice/food-lora", "--backbone", clip] + args) == 1  # by Hub id, from the CLI
+        assert main(["invert", "--lora", "alice/food-lora", "--backbone", clip, "--force"] + args) == 0
         refused = inversion.run(clip, [0], 1, 10, "-1:0.75", False, 0.25, 0, request, force=False)
         with pytest.raises(gr.Error) as err:
             next(refused)
