@@ -524,22 +524,8 @@ def test_cli_export_round_trips_through_peft(hf_vit_dir, hf_adapter, tiny_clip_d
     assert sorted(rank) == sorted(k for k in exported if "lora_A" in k)
     assert all(exported[k].shape == rank[k] for k in rank)
     # A card the Hub accepts, which tags the base as PEFT does: a local base is named by --base-model.
-    assert (
-        main(
-            [
-                "export",
-                "--lora",
-                str(other),
-                "--backbone",
-                str(hf_vit_dir),
-                "--out",
-                str(tmp_path / "z"),
-                "--base-model",
-                "google/tiny-vit",
-            ]
-        )
-        == 0
-    )
+    export = ["export", "--lora", str(other), "--backbone", str(hf_vit_dir), "--out"]
+    assert main(export + [str(tmp_path / "z"), "--base-model", "google/tiny-vit"]) == 0
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(tmp_path / "z" / "README.md")
@@ -552,22 +538,7 @@ def test_cli_export_round_trips_through_peft(hf_vit_dir, hf_adapter, tiny_clip_d
     assert ModelCard.load(tmp_path / "x" / "README.md").data.base_model is None
     assert "--base-model ORG/NAME" in caplog.text
     other_layout = "old" if LAYOUT == "new" else "new"
-    assert (
-        main(
-            [
-                "export",
-                "--lora",
-                str(other),
-                "--backbone",
-                str(hf_vit_dir),
-                "--out",
-                str(tmp_path / "w"),
-                "--layout",
-                other_layout,
-            ]
-        )
-        == 0
-    )
+    assert main(export + [str(tmp_path / "w"), "--layout", other_layout]) == 0
     assert "PEFT here cannot load this" in caplog.text
     assert (
         main(["export", "--lora", str(installed), "--backbone", str(tiny_clip_dir), "--out", str(tmp_path / "y")]) == 1
