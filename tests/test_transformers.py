@@ -858,7 +858,11 @@ def test_hostile_hub_loras_are_refused_from_their_headers_and_cost_little(
         == 0
     )
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "google/tiny-vit"
-    ModelCard.load(out / "README.md").validate()
+    assert ModelCard.load(out / "README.md").data.base_model == "google/tiny-vit"
+    from recycle.hub import push_folder
+
+    push_folder(out, "alice/food-lora-export", token="test")  # the Hub refuses a commit whose card it rejects
+    assert (local_hub.root / "alice" / "food-lora-export" / "README.md").is_file()
 
 
 def test_a_timm_name_finds_the_loras_of_its_transformers_twin(local_hub, hf_vit_dir, tmp_path):
