@@ -104,7 +104,9 @@ def family_mismatch(adapter, backbone) -> Optional[str]:
     have = _backbone_family(backbone)
     if not isinstance(made, str) or have is None or made == have:
         return None
-    return f"it was made for a {made.upper()} model (its keys say so), and the selected backbone is a {have.upper()}"
+    return (
+        f"it was made for a {made.upper()} model (its adapter says so), and the selected backbone is a {have.upper()}"
+    )
 
 
 def fit_mismatch(adapter, backbone) -> Optional[str]:
