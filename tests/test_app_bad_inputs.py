@@ -811,3 +811,32 @@ def test_steps_as_numeric_text_are_read_as_numbers(world):
     """'1e1' is a number: the inversion runs with 10 steps."""
     _load(world, files=[world.peft / "adapter_config.json", world.peft / "adapter_model.safetensors"])
     _invert(world, steps="1e1", lr="0.25")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads resident memory from /proc")
+def test_hostile_pools_are_refused_before_any_bomb_is_decoded(world, tmp_path, monkeypatch):
+    """Pools holding 100-megapixel PNG bombs (with valid checksums) are opened 10 times: no bomb is ever decoded (the
+    server runs in this process, so every decode goes through PIL here), and the server keeps no more than 50 MB."""
+    from PIL import ImageFile
+
+    decoded = []
+    load = ImageFile.ImageFile.load
+
+    def counting_load(self):
+        decoded.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    bombs = [_pool_copy(world, tmp_path / f"p{i}", lambda r: _swap_image(r, _png_bomb())) for i in range(2)]
+    with pytest.raises(AppError):
+        _open_pool(world, bombs[0])  # warm-up
+    gc.collect()
+    start = _rss_mb()
+    for i in range(10):
+        with pytest.raises(AppError, match=r"10000x10000 pixels, but the run's images are"):
+            _open_pool(world, bombs[i % 2])
+    gc.collect()
+    assert _rss_mb() - start < 50
+    assert (10000, 10000) not in decoded
+    quick_good_request(world.client, world.pics)
+    assert decoded  # the good request's images went through the counter: the bombs never did
