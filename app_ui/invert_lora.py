@@ -72,8 +72,7 @@ class LoRALoading:
                     "This LoRA has no classification head, so there is nothing to invert (a "
                     "meta-LoRA, for example, has none). Load a LoRA tuned with a head."
                 )
-            fit = self._fit(adapter, model, name)
-            mismatch = fit_mismatch(adapter, model) if "in shape only" in fit else None
+            fit, mismatch = self._fit(adapter, model, name)
             self.loras.set(
                 session_id(request), LoadedLoRA(adapter, source, name, self._offer(adapter, name, fit), mismatch)
             )
@@ -123,7 +122,9 @@ class LoRALoading:
         return loaded.made_for if loaded is not None and loaded.made_for else (backbone or self.default_backbone)
 
     @staticmethod
-    def _fit(adapter: LoRAAdapter, model: Backbone, name: str) -> str:
+    def _fit(adapter: LoRAAdapter, model: Backbone, name: str) -> tuple[str, Optional[str]]:
+        """What the card says of the LoRA's fit, and why it was made for another base when its shapes fit but
+        `provenance.fit_mismatch` says so (None otherwise)."""
         try:
             with adapter.attached(model):
                 adapter.build_head(model.num_features)
@@ -131,7 +132,7 @@ class LoRALoading:
             return (
                 f"⚠️ It does **not fit** the selected backbone {md_code(name)}: {md_text(user_text(e), 1000)}. "
                 "Choose the backbone it was made for at the top of the page, then load it again."
-            )
+            ), None
         mismatch = fit_mismatch(adapter, model)
         if mismatch:  # the shapes fit, but the weights are another model's (e.g. a ViT-B/16 LoRA on CLIP ViT-B/16)
             switch = (
@@ -142,8 +143,8 @@ class LoRALoading:
             return (
                 f"⚠️ It fits the selected backbone {md_code(name)} in shape only: {md_text(mismatch, 400)}, so its "
                 f"outputs would mean nothing here.{switch} **Invert** refuses it unless you tick **Invert anyway**."
-            )
-        return f"✅ Fits the selected backbone {md_code(name)}: choose the classes and press **Invert**."
+            ), mismatch
+        return f"✅ Fits the selected backbone {md_code(name)}: choose the classes and press **Invert**.", None
 
     def prior_checkbox(self, backbone: Optional[str]) -> dict:
         """The BN-prior checkbox for `backbone`: which prior it uses (label and info), ticked where that is the

@@ -235,6 +235,13 @@ class Backbone(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` in [0, 1] -> the model's normalised input, on the model's device."""
+        device = self.device
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        return (x.to(device) - mean) / std
+
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> normalised batch ``(B, C, H, W)``, with timm's eval transform for this model.
 

@@ -306,8 +306,6 @@ class PoolTeachers:
             raise ValueError("a teacher scores single-LoRA episodes of the LoRAs it was given")
         adapter = self.adapters[sources.pop()]
         tb = self.teacher_backbone
-        mean = torch.tensor(tb.mean, device=tb.device).view(1, 3, 1, 1)
-        std = torch.tensor(tb.std, device=tb.device).view(1, 3, 1, 1)
         with adapter.attached(tb) as head:
-            out = head(tb.pre_logits((images.to(tb.device) - mean) / std))
+            out = head(tb.pre_logits(tb.normalize(images)))
         return out[:, [c.label for c in episode.classes]].float().cpu()

@@ -62,7 +62,7 @@ class HubLoRA:
         classes: class names (``id2label``), or None when the repo names none.
         problem: why it cannot be used, or None when it can.
         weights_bytes: the size of its adapter weights file (0 when unknown).
-        bytes_read: what vetting read of it from the Hub (JSON files and the header).
+        bytes_read: what vetting read of its safetensors header from the Hub.
         datasets: the ``datasets`` its model card names, which say what its classes come from.
     """
 
@@ -248,8 +248,7 @@ def find_hub_loras(
         base = base[len(prefix) :] if base.lower().startswith(prefix) else base
     base = base.split("@")[0]
     # A timm name or Hub id with known equivalents (`provenance.EQUIVALENT`) finds the LoRAs of each.
-    bases = list(dict.fromkeys([base] + sorted(i for i in canonical_ids(base) if is_repo_id(i))))
-    bases = [b for b in bases if is_repo_id(b)]
+    bases = [b for b in dict.fromkeys([base, *sorted(canonical_ids(base))]) if is_repo_id(b)]
     if not bases:
         raise HubError(f"'{base}' is not a Hub id of the form ORG/NAME; LoRAs on the Hub name their base by Hub id")
     base = next((b for b in bases if not b.startswith("timm/")), bases[0])
@@ -306,8 +305,8 @@ def gather_zoo(
     ``zoo.json`` (each LoRA's repo, revision and classes). LoRAs already in the folder are kept.
 
     Only vetted repos are downloaded, each file once, straight into its folder (not also into the Hub cache); a
-    folder whose LoRA the full reader then refuses is deleted. The manifest's ``bytes_moved`` counts every byte
-    fetched: the vetting reads of every candidate and the downloads.
+    folder whose LoRA the full reader then refuses is deleted. The manifest's ``bytes_moved`` counts the header reads
+    of every candidate and the downloaded files (not the small JSON files vetting reads).
 
     Returns:
         The zoo manifest.

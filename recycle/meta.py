@@ -76,11 +76,8 @@ def _embed(
 ) -> torch.Tensor:
     """Normalise, flip the marked images (and their kept indices), and embed: ``(n, 3, H, W)`` -> ``(n, D)``."""
     device = backbone.device
-    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
     x = images.to(device)
-    x = torch.where(flips.view(-1, 1, 1, 1).to(device), x.flip(3), x)
-    x = (x - mean) / std
+    x = backbone.normalize(torch.where(flips.view(-1, 1, 1, 1).to(device), x.flip(3), x))
     if kept is None:
         return backbone.embed(x)
     grid = tuple(backbone.model.patch_embed.grid_size)

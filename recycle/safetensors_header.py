@@ -29,6 +29,9 @@ DTYPE_BYTES = {
     "BOOL": 1,
     "F8_E4M3": 1,
     "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
 }
 _MAX_NAME = 1000  # characters in a tensor name
 _MAX_DIMS = 8

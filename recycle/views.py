@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .priors import ink_and_paper
 
-__all__ = ["ViewConfig", "two_tone", "random_views", "kept_pixels"]
+__all__ = ["ViewConfig", "two_tone", "random_views", "kept_pixels", "warp_grid", "change_strokes", "random_blur"]
 
 
 @dataclass(frozen=True)
@@ -94,19 +94,45 @@ def two_tone(
     return paper, ink, coverage, residual
 
 
-def _warp_grid(n: int, h: int, w: int, config: ViewConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """A sampling grid ``(n, H, W, 2)`` for `F.grid_sample`: rotation, zoom, shift, then a smooth elastic field."""
-    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(config.rotate)
-    lo, hi = config.scale
+def warp_grid(
+    n: int,
+    size: tuple[int, int],
+    rotate: float,
+    scale: tuple[float, float],
+    shift: float,
+    elastic: float,
+    generator: Optional[torch.Generator],
+) -> torch.Tensor:
+    """A random sampling grid ``(n, H, W, 2)`` for `F.grid_sample`: a rotation of up to `rotate` degrees, a zoom in
+    `scale`, a shift of up to `shift` of the side, then a smooth elastic field of up to `elastic` pixels."""
+    h, w = size
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(rotate)
+    lo, hi = scale
     zoom = lo + (hi - lo) * torch.rand(n, generator=generator)
-    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * 2 * config.shift  # grid coordinates span [-1, 1]
+    offset = (torch.rand(n, 2, generator=generator) * 2 - 1) * 2 * shift  # grid coordinates span [-1, 1]
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1), torch.stack([sin, cos, offset[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
-    if config.elastic > 0:
-        field = (torch.rand(n, 2, 4, 4, generator=generator) * 2 - 1) * (2 * config.elastic / w)
+    if elastic > 0:
+        field = (torch.rand(n, 2, 4, 4, generator=generator) * 2 - 1) * (2 * elastic / w)
         grid = grid + F.interpolate(field, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
     return grid
+
+
+def change_strokes(coverage: torch.Tensor, stroke: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Ink coverage ``(n, 1, H, W)`` moved by a random amount of up to `stroke` toward its 3x3 dilation (thicker
+    strokes) or erosion (thinner), per image."""
+    n = coverage.shape[0]
+    amount = ((torch.rand(n, generator=generator) * 2 - 1) * stroke).view(-1, 1, 1, 1).to(coverage.device)
+    dilated = F.max_pool2d(coverage, 3, 1, 1)
+    eroded = -F.max_pool2d(-coverage, 3, 1, 1)
+    return coverage + amount.clamp(min=0) * (dilated - coverage) + (-amount).clamp(min=0) * (eroded - coverage)
+
+
+def random_blur(x: torch.Tensor, blur: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Maps ``(n, 1, H, W)`` blended by a random amount of up to `blur` toward their 3x3 box blur, per image."""
+    amount = (torch.rand(x.shape[0], generator=generator) * blur).view(-1, 1, 1, 1).to(x.device)
+    return x + amount * (F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1) - x)
 
 
 def random_views(
@@ -124,18 +150,14 @@ def random_views(
     device = x.device
     paper, ink, coverage, residual = two_tone(x.float(), valid)
     if config.geometric and valid is None:
-        grid = _warp_grid(n, h, w, config, generator).to(device)
+        c = config
+        grid = warp_grid(n, (h, w), c.rotate, c.scale, c.shift, c.elastic, generator).to(device)
         both = F.grid_sample(torch.cat([coverage, residual], 1), grid, padding_mode="border", align_corners=False)
         coverage, residual = both[:, :1], both[:, 1:]
     if config.stroke > 0:
-        amount = ((torch.rand(n, generator=generator) * 2 - 1) * config.stroke).view(-1, 1, 1, 1).to(device)
-        dilated = F.max_pool2d(coverage, 3, 1, 1)
-        eroded = -F.max_pool2d(-coverage, 3, 1, 1)
-        coverage = coverage + amount.clamp(min=0) * (dilated - coverage) + (-amount).clamp(min=0) * (eroded - coverage)
+        coverage = change_strokes(coverage, config.stroke, generator)
     if config.blur > 0:
-        amount = (torch.rand(n, generator=generator) * config.blur).view(-1, 1, 1, 1).to(device)
-        blurred = F.avg_pool2d(F.pad(coverage, (1, 1, 1, 1), mode="replicate"), 3, 1)
-        coverage = coverage + amount * (blurred - coverage)
+        coverage = random_blur(coverage, config.blur, generator)
     kept_colours = paper[:, :, None, None] + coverage * (ink - paper)[:, :, None, None] + residual
     if config.recolour > 0:
         new_ink, new_paper = (c.to(device) for c in ink_and_paper(n, config.min_contrast, generator))

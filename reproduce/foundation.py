@@ -17,6 +17,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from recycle.views import change_strokes, random_blur, warp_grid
+
 from .glyphs import recolour
 
 _logger = logging.getLogger(__name__)
@@ -74,27 +76,12 @@ def views(x: torch.Tensor, config: ContrastConfig, generator: torch.Generator) -
     """
     b, _, h, w = x.shape
     gray = x.float().mean(1, keepdim=True) / 255
-    angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(config.rotate)
-    lo, hi = config.scale
-    scale = lo + (hi - lo) * torch.rand(b, generator=generator)
-    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * 2 * config.shift  # affine_grid spans [-1, 1]
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
-    if config.elastic > 0:  # a smooth field: uniform offsets on a 4x4 grid, bicubic to full size, in grid units
-        field = (torch.rand(b, 2, 4, 4, generator=generator) * 2 - 1) * (2 * config.elastic / w)
-        grid = grid + F.interpolate(field, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    grid = warp_grid(b, (h, w), config.rotate, config.scale, config.shift, config.elastic, generator)
     gray = F.grid_sample(gray, grid, padding_mode="border", align_corners=False)
-    if config.stroke > 0:  # ink = 1 - gray; a positive amount moves toward dilation, a negative toward erosion
-        ink = 1 - gray
-        amount = ((torch.rand(b, generator=generator) * 2 - 1) * config.stroke).view(-1, 1, 1, 1)
-        dilated = F.max_pool2d(ink, 3, 1, 1)
-        eroded = -F.max_pool2d(-ink, 3, 1, 1)
-        ink = ink + amount.clamp(min=0) * (dilated - ink) + (-amount).clamp(min=0) * (eroded - ink)
-        gray = 1 - ink
+    if config.stroke > 0:  # on the ink, 1 - gray
+        gray = 1 - change_strokes(1 - gray, config.stroke, generator)
     if config.blur > 0:
-        amount = (torch.rand(b, generator=generator) * config.blur).view(-1, 1, 1, 1)
-        gray = gray + amount * (F.avg_pool2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), 3, 1) - gray)
+        gray = random_blur(gray, config.blur, generator)
     plain = (gray * 255).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1)
     coloured = recolour(plain, generator, config.min_contrast)
     pick = (torch.rand(b, generator=generator) < config.colour).view(-1, 1, 1, 1)

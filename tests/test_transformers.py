@@ -579,9 +579,9 @@ def test_app_fit_check_names_the_backbone_a_lora_was_made_for(tiny_clip_dir, loc
     shutil.copytree(tiny_clip_dir, local_hub.root / "timm" / "vit_base_patch16_clip_224.openai")
     clip = load_backbone("hf-hub:timm/vit_base_patch16_clip_224.openai", device="cpu")
     adapter = train_tiny_lora(clip, *colour_task(), steps=1)
-    ok = Inversion._fit(replace(adapter, backbone="clip-b16"), clip, "clip-b16")
+    ok, _ = Inversion._fit(replace(adapter, backbone="clip-b16"), clip, "clip-b16")
     assert ok.startswith("✅")
-    other = Inversion._fit(replace(adapter, backbone="google/vit-base-patch16-224-in21k"), clip, "clip-b16")
+    other, _ = Inversion._fit(replace(adapter, backbone="google/vit-base-patch16-224-in21k"), clip, "clip-b16")
     from tests.support.apptools import plain
 
     other = plain(other)

@@ -46,9 +46,8 @@ def _installed_vit_layout() -> str:
 
 def export(args: argparse.Namespace) -> int:
     from ..backbone import load_backbone
-    from ..formats import load_lora
     from ..card import write_export_card
-    from ..formats import save_transformers_peft
+    from ..formats import load_lora, save_transformers_peft
 
     if args.backbone is None:
         args.backbone = backbone_of(args.lora)

@@ -12,6 +12,8 @@ Refused with a reason: pickles, non-LoRA PEFT types, DoRA and bias variants, sha
 and non-finite values.
 """
 
+from typing import Optional
+
 from ..adapter import LoRAAdapter, LoRAFormatError
 from .load import load_lora, read_adapter, stage_lora_files
 from .peft_config import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -35,6 +37,6 @@ __all__ = [
 ]
 
 
-def tensor_key_kind(key: str):
+def tensor_key_kind(key: str) -> Optional[str]:
     """``"lora"`` or ``"head"`` for a tensor name some PEFT reader here takes, else None."""
     return transformers_key_kind(key) or timm_key_kind(key)

@@ -157,9 +157,8 @@ def fetch_pool(
         raise PoolError(
             f"Hub dataset '{repo_id}' holds {len(runs):,} pool runs, more than the {limits.max_runs:,} accepted"
         )
-    patterns = list(_PATTERNS)
     # The same matching as snapshot_download's allow_patterns, so these are the files it will fetch.
-    wanted = {p: s for p, s in sizes.items() if any(fnmatch.fnmatch(p, pattern) for pattern in patterns)}
+    wanted = {p: s for p, s in sizes.items() if any(fnmatch.fnmatch(p, pattern) for pattern in _PATTERNS)}
     if len(wanted) > limits.max_files:
         raise PoolError(
             f"Hub dataset '{repo_id}' has {len(wanted):,} pool files, more than the {limits.max_files:,} accepted"
@@ -183,7 +182,7 @@ def fetch_pool(
     if not done.is_file():
         try:
             snapshot_download(
-                repo_id, repo_type="dataset", revision=sha, allow_patterns=patterns, local_dir=str(target)
+                repo_id, repo_type="dataset", revision=sha, allow_patterns=list(_PATTERNS), local_dir=str(target)
             )
         except hf_errors.HfHubHTTPError as e:
             raise HubError(f"download of dataset '{repo_id}' failed: {e}") from None
